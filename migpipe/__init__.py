@@ -1,0 +1,3 @@
+"""migpipe: QEMU migration streams, understood, filtered and moved."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from migpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Command-line entry point: parses arguments and calls one function per command.
+
+Every MigpipeError becomes one line on stderr and exit status 1; usage errors exit 2.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from migpipe import __version__
+from migpipe.errors import MigpipeError
+from migpipe.files import open_input, open_output, read_chunks
+from migpipe.stream.parser import iter_records
+from migpipe.stream.writer import StreamWriter
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' -> bytes (binary multiples, as QEMU's -m)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """'zero=0.6,text=0.2,random=0.2' -> weights by page kind."""
+    try:
+        pairs = (item.split("=", 1) for item in text.split(","))
+        return {kind.strip(): float(weight) for kind, weight in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a page mix: {text!r}") from None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from migpipe.inspect import StreamStats
+
+    stats = StreamStats(args.page_size)
+    error = None
+    with open_input(args.stream) as f:
+        try:
+            for record in iter_records(read_chunks(f), page_size=args.page_size):
+                stats.add(record)
+        except MigpipeError as e:
+            error = e
+    if args.json:
+        report = stats.as_dict()
+        report["error"] = (
+            None if error is None else {"message": error.message, "offset": error.offset}
+        )
+        print(json.dumps(report, indent=2))
+    else:
+        print(stats.render())
+    if error is not None:
+        raise error
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from migpipe.extracted import extract
+
+    with open_input(args.stream) as f:
+        manifest = extract(
+            iter_records(read_chunks(f), page_size=args.page_size), args.directory, args.page_size
+        )
+    for block in manifest["blocks"]:
+        print(
+            f"{block['file']:<40} {block['used_length']:>14,} bytes "
+            f"{block['pages_received']:>10,} pages received"
+        )
+    print(f"{'device-state.bin':<40} {manifest['device_state_bytes']:>14,} bytes")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.source is not None:
+        from migpipe.extracted import rebuild
+
+        records = rebuild(args.source)
+    else:
+        from migpipe.synthetic import GuestModel, SyntheticGuest
+
+        model = GuestModel(
+            ram_size=args.size,
+            mix=args.mix or GuestModel().mix,
+            iterations=args.iterations,
+            dirty_share=args.dirty,
+            rewrite_share=args.rewrite,
+            seed=args.seed,
+        )
+        records = SyntheticGuest(model).records()
+    writer = StreamWriter()
+    buffer = bytearray()
+    with open_output(args.output, force=args.force) as out:
+        for record in records:
+            writer.write(buffer, record)
+            if len(buffer) >= 1 << 20:
+                out.write(buffer)
+                buffer.clear()
+        out.write(buffer)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from migpipe.demo import run_demo
+
+    return run_demo(args.size, args.iterations, args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migpipe", description="Understand, filter and move QEMU migration streams."
+    )
+    parser.add_argument("--version", action="version", version=f"migpipe {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    page_size = {"type": int, "default": 4096, "help": "target page size (4096 on x86)"}
+
+    inspect = command("inspect", cmd_inspect, "Report what a migration stream holds.")
+    inspect.add_argument("stream", nargs="?", default="-", help="stream file, or - for stdin")
+    inspect.add_argument("--json", action="store_true", help="machine-readable report")
+    inspect.add_argument("--page-size", **page_size)
+
+    extract = command(
+        "extract",
+        cmd_extract,
+        "Write a stream's final RAM images, device state and manifest to DIR.",
+    )
+    extract.add_argument("stream", help="stream file, or - for stdin")
+    extract.add_argument("directory", type=Path)
+    extract.add_argument("--page-size", **page_size)
+
+    generate = command(
+        "generate", cmd_generate, "Write a stream from an extracted directory or a synthetic guest."
+    )
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="DIR",
+        help="rebuild a loadable stream from `migpipe extract` output",
+    )
+    source.add_argument("--synthetic", action="store_true", help="a synthetic guest")
+    generate.add_argument("-o", "--output", help="output file (default: stdout)")
+    generate.add_argument("--force", action="store_true", help="replace an existing output")
+    generate.add_argument("--size", type=parse_size, default=64 << 20, help="guest RAM (64M)")
+    generate.add_argument("--iterations", type=int, default=3, help="precopy passes (3)")
+    generate.add_argument(
+        "--dirty",
+        type=float,
+        default=0.05,
+        help="share of RAM re-dirtied before each later pass (0.05)",
+    )
+    generate.add_argument(
+        "--rewrite",
+        type=float,
+        default=0.2,
+        help="share of dirtied pages rewritten whole; the rest change sparsely (0.2)",
+    )
+    generate.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=None,
+        help="page kinds, e.g. zero=0.6,text=0.125,structured=0.13,random=0.145",
+    )
+    generate.add_argument("--seed", type=int, default=1)
+
+    demo = command(
+        "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
+    )
+    demo.add_argument("--size", type=parse_size, default=256 << 20, help="guest RAM (256M)")
+    demo.add_argument("--iterations", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MigpipeError as e:
+        print(f"migpipe {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        print(f"migpipe {args.command}: error: output closed early (broken pipe)", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,70 @@
+"""Guest RAM as a stream leaves it: one image per RAM block, updated record by record.
+
+Images are anything that supports slice assignment (a bytearray, or an mmap of a file for
+`extract`), so the same replay code serves in-memory checks and multi-GiB extractions.
+"""
+
+import zlib
+from collections.abc import Callable, MutableSequence
+
+from migpipe.errors import MigpipeError
+from migpipe.stream.records import (
+    CompressedPage,
+    MemSize,
+    NormalPage,
+    Record,
+    XbzrlePage,
+    ZeroPage,
+)
+from migpipe.stream.xbzrle import apply_delta
+
+Image = MutableSequence[int]
+
+
+class RamImages:
+    """Replays page records into block images created on MEM_SIZE by `make_image(name, size)`."""
+
+    def __init__(self, make_image: Callable[[str, int], Image], page_size: int = 4096) -> None:
+        self._make_image = make_image
+        self._page_size = page_size
+        self.images: dict[str, Image] = {}
+        self.sizes: dict[str, int] = {}
+        self.pages_received: dict[str, int] = {}
+
+    def apply(self, record: Record) -> None:
+        kind = type(record)
+        if kind is MemSize:
+            self._announce(record)
+            return
+        if kind not in (ZeroPage, NormalPage, XbzrlePage, CompressedPage):
+            return
+        image = self.images[record.block]
+        start = record.offset
+        stop = start + self._page_size
+        self.pages_received[record.block] += 1
+        if kind is NormalPage:
+            image[start:stop] = record.data
+        elif kind is ZeroPage:
+            image[start:stop] = bytes([record.fill]) * self._page_size
+        elif kind is XbzrlePage:
+            with memoryview(image) as view:
+                apply_delta(record.data, view[start:stop])
+        else:
+            page = zlib.decompress(record.data)
+            if len(page) != self._page_size:
+                raise MigpipeError(f"compressed page inflates to {len(page)} bytes")
+            image[start:stop] = page
+
+    def _announce(self, record: MemSize) -> None:
+        for block in record.blocks:
+            known = self.sizes.get(block.name)
+            if known is None:
+                self.images[block.name] = self._make_image(block.name, block.used_length)
+                self.sizes[block.name] = block.used_length
+                self.pages_received[block.name] = 0
+            elif known != block.used_length:
+                raise MigpipeError(f"RAM block {block.name!r} changed size mid-stream")
+
+
+def in_memory(name: str, size: int) -> bytearray:
+    return bytearray(size)

@@ -1,0 +1,618 @@
+"""An incremental, sans-IO parser for QEMU migration streams.
+
+Feed it bytes in chunks of any size, split anywhere; ask it for the records it can now complete.
+It never does I/O, never blocks and never guesses: when a record is incomplete it waits for more
+bytes, and when the input is closed before the stream ended it raises a truncation error.
+
+RAM is parsed record by record. Device-state bodies have no length in QEMU's format, so they are
+carried as opaque bytes whose end is found by the section footer (0x7E + section id) followed by
+something that can only be the next top-level item (see migpipe-stream(5) for the exact rule).
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+
+from migpipe.errors import MigpipeError
+from migpipe.stream import format as fmt
+from migpipe.stream.records import (
+    Command,
+    CompressedPage,
+    ConfigSubsection,
+    Configuration,
+    EndOfSection,
+    Eof,
+    FileHeader,
+    MemSize,
+    MultifdFlush,
+    NormalPage,
+    OpaqueData,
+    RamBlock,
+    Record,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    VmDescription,
+    XbzrlePage,
+    ZeroPage,
+)
+
+BE16, BE32, BE64 = fmt.BE16, fmt.BE32, fmt.BE64
+
+MAX_MACHINE_NAME = 256
+MAX_CAPABILITIES = 64
+MAX_RAM_BLOCKS = 4096
+DEFAULT_MAX_VMDESC = 64 << 20
+# Longest look-ahead the footer check needs: type, id, counted idstr, instance and version.
+_MAX_LOOKAHEAD = 1 + 4 + 1 + 255 + 4 + 4
+
+_CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
+_PAGE_KINDS = frozenset({fmt.RAM_ZERO, fmt.RAM_PAGE, fmt.RAM_XBZRLE, fmt.RAM_COMPRESS_PAGE})
+
+# A step parses what it can, appends records and returns whether it made progress.
+_Step = Callable[[list[Record]], bool]
+
+
+class StreamParser:
+    """Turns QEMU migration stream bytes into records (see migpipe.stream.records)."""
+
+    def __init__(
+        self, *, page_size: int = fmt.DEFAULT_PAGE_SIZE, max_vmdesc: int = DEFAULT_MAX_VMDESC
+    ) -> None:
+        if page_size < 1024 or page_size & (page_size - 1):
+            raise MigpipeError(f"page size {page_size} is not a power of two >= 1024")
+        self._page_size = page_size
+        self._page_mask = page_size - 1
+        self._max_vmdesc = max_vmdesc
+        self._buf = b""  # immutable, so a page is copied out once, by slicing
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pos = 0
+        self._base = 0  # absolute stream offset of _buf[0]
+        self._wanted = 0  # absolute offset the next record needs to reach, when known
+        self._closed = False
+        self._step: _Step = self._step_header
+        self._where = "the file header"  # what a truncation would have cut
+        self._sections: dict[int, str] = {}
+        self._section_id = 0  # the section whose body or footer comes next
+        self._blocks: dict[str, int] = {}
+        self._last_block: str | None = None
+        self._last_block_length = 0
+        self._ignore_shared = False
+        self._postcopy_huge_pages = False
+        self._opaque_left = 0
+        self._scan_from = 0
+        self.done = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def offset(self) -> int:
+        """Absolute offset of the first byte not yet turned into a record."""
+        return self._base + self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise MigpipeError("data fed to the parser after the input was closed")
+        if data:
+            self._pending.append(bytes(data))
+            self._pending_size += len(data)
+
+    def close(self) -> None:
+        """Declare the end of the input; an unfinished stream then raises on next_records()."""
+        self._closed = True
+
+    def next_records(self) -> list[Record]:
+        """Every record that the bytes fed so far complete (an empty list means: feed more)."""
+        if not self._closed and self._base + len(self._buf) + self._pending_size < self._wanted:
+            return []  # a long record is still arriving: do not re-join for nothing
+        self._take_pending()
+        out: list[Record] = []
+        while self._step(out):
+            pass
+        if self._closed and not self.done:
+            self._fail(f"stream truncated in {self._where}", self._pos)
+        return out
+
+    # -- buffer helpers ---------------------------------------------------------------------
+
+    def _take_pending(self) -> None:
+        """Drop parsed bytes and append fed ones (one copy of each fed byte at most)."""
+        if not self._pending:
+            return
+        pos = self._pos
+        self._buf = b"".join([self._buf[pos:], *self._pending])
+        self._pending.clear()
+        self._pending_size = 0
+        self._base += pos
+        self._scan_from = max(0, self._scan_from - pos)
+        self._pos = 0
+
+    def _fail(self, message: str, at: int) -> None:
+        raise MigpipeError(message, self._base + at)
+
+    def _have(self, n: int) -> bool:
+        return len(self._buf) - self._pos >= n
+
+    def _counted(self, at: int) -> tuple[str, int] | None:
+        """A counted string (length byte + bytes) at `at`, and the offset after it."""
+        buf = self._buf
+        if at >= len(buf):
+            return None
+        end = at + 1 + buf[at]
+        if end > len(buf):
+            return None
+        return buf[at + 1 : end].decode("latin-1"), end
+
+    # -- header and configuration -------------------------------------------------------------
+
+    def _step_header(self, out: list[Record]) -> bool:
+        if not self._have(8):
+            return False
+        (magic,) = BE32.unpack_from(self._buf, self._pos)
+        (version,) = BE32.unpack_from(self._buf, self._pos + 4)
+        if magic != fmt.MAGIC:
+            self._fail(f"not a QEMU migration stream: bad magic 0x{magic:08x}", self._pos)
+        if version != fmt.VERSION:
+            why = "obsolete" if version == fmt.VERSION_OBSOLETE else "unsupported"
+            self._fail(f"{why} stream version {version} (only 3 is understood)", self._pos + 4)
+        out.append(FileHeader(version))
+        self._pos += 8
+        self._step, self._where = self._step_configuration, "the configuration"
+        return True
+
+    def _step_configuration(self, out: list[Record]) -> bool:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            return False
+        if buf[pos] != fmt.ITEM_CONFIGURATION:  # send-configuration=off (machine types <= 2.3)
+            self._step, self._where = self._step_item, "a section header"
+            return True
+        if not self._have(5):
+            return False
+        (length,) = BE32.unpack_from(buf, pos + 1)
+        if length > MAX_MACHINE_NAME:
+            self._fail(f"machine name of {length} bytes is implausible", pos + 1)
+        p = pos + 5 + length
+        if p > len(buf):
+            return False
+        machine = buf[pos + 5 : p].decode("latin-1")
+        subsections = []
+        while True:
+            if p >= len(buf):
+                return False  # the byte after decides whether another subsection follows
+            if buf[p] != fmt.ITEM_SUBSECTION:
+                break
+            parsed = self._config_subsection(p)
+            if parsed is None:
+                return False
+            subsection, p = parsed
+            subsections.append(subsection)
+        out.append(Configuration(machine, tuple(subsections)))
+        self._pos = p
+        self._step, self._where = self._step_item, "a section header"
+        return True
+
+    def _config_subsection(self, at: int) -> tuple[ConfigSubsection, int] | None:
+        buf = self._buf
+        named = self._counted(at + 1)
+        if named is None:
+            return None
+        name, p = named
+        if p + 4 > len(buf):
+            return None
+        (version,) = BE32.unpack_from(buf, p)
+        p += 4
+        if name == fmt.CONFIG_CAPABILITIES:
+            end = self._capabilities_end(p)
+        elif name in _CONFIG_PAYLOAD_SIZES:
+            end = p + _CONFIG_PAYLOAD_SIZES[name]
+        else:
+            self._fail(f"unknown configuration subsection {name!r}", at)
+        if end is None or end > len(buf):
+            return None
+        payload = buf[p:end]
+        if name == fmt.CONFIG_CAPABILITIES:
+            self._apply_capabilities(payload, p)
+        return ConfigSubsection(name, version, payload), end
+
+    def _capabilities_end(self, at: int) -> int | None:
+        buf = self._buf
+        if at + 4 > len(buf):
+            return None
+        (count,) = BE32.unpack_from(buf, at)
+        if count > MAX_CAPABILITIES:
+            self._fail(f"{count} validated capabilities is implausible", at)
+        p = at + 4
+        for _ in range(count):
+            if p >= len(buf):
+                return None
+            p += 1 + buf[p]
+        return p
+
+    def _apply_capabilities(self, payload: bytes, at: int) -> None:
+        names = capability_names(payload)
+        if "mapped-ram" in names:
+            self._fail("mapped-ram streams are not supported yet", at)
+        self._ignore_shared = "x-ignore-shared" in names
+
+    # -- top-level items ------------------------------------------------------------------------
+
+    def _step_item(self, out: list[Record]) -> bool:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            return False
+        kind = buf[pos]
+        if kind in (fmt.ITEM_SECTION_START, fmt.ITEM_SECTION_FULL):
+            return self._section_header(out, kind)
+        if kind in (fmt.ITEM_SECTION_PART, fmt.ITEM_SECTION_END):
+            if not self._have(5):
+                return False
+            (sid,) = BE32.unpack_from(buf, pos + 1)
+            idstr = self._sections.get(sid)
+            if idstr is None:
+                self._fail(f"section id {sid} was never started", pos)
+            record = SectionPart(sid) if kind == fmt.ITEM_SECTION_PART else SectionEnd(sid)
+            out.append(record)
+            self._pos = pos + 5
+            self._enter_body(sid, idstr)
+            return True
+        if kind == fmt.ITEM_COMMAND:
+            return self._command(out)
+        if kind == fmt.ITEM_EOF:
+            out.append(Eof())
+            self._pos = pos + 1
+            self._step, self._where = self._step_after_eof, "the VM description"
+            return True
+        self._fail(f"unknown section type 0x{kind:02x}", pos)
+        return False  # unreachable; _fail raises
+
+    def _section_header(self, out: list[Record], kind: int) -> bool:
+        buf, pos = self._buf, self._pos
+        if not self._have(6):
+            return False
+        (sid,) = BE32.unpack_from(buf, pos + 1)
+        named = self._counted(pos + 5)
+        if named is None:
+            return False
+        idstr, p = named
+        if p + 8 > len(buf):
+            return False
+        instance_id, version_id = BE32.unpack_from(buf, p)[0], BE32.unpack_from(buf, p + 4)[0]
+        is_start = kind == fmt.ITEM_SECTION_START
+        if idstr == fmt.RAM_IDSTR and not is_start:
+            self._fail("RAM sent as a full (non-iterative) section", pos)
+        if idstr == fmt.RAM_IDSTR and version_id != fmt.RAM_SECTION_VERSION:
+            self._fail(f"ram section version {version_id} (only 4 is understood)", p + 4)
+        header = SectionStart if is_start else SectionFull
+        out.append(header(sid, idstr, instance_id, version_id))
+        self._sections[sid] = idstr
+        self._pos = p + 8
+        self._enter_body(sid, idstr)
+        return True
+
+    def _enter_body(self, sid: int, idstr: str) -> None:
+        self._section_id = sid
+        if idstr == fmt.RAM_IDSTR:
+            self._step, self._where = self._step_ram, "a RAM section"
+        else:
+            self._scan_from = self._pos
+            self._step = self._step_device_state
+            self._where = f"the device state of section {sid} ({idstr!r})"
+
+    def _command(self, out: list[Record]) -> bool:
+        buf, pos = self._buf, self._pos
+        if not self._have(5):
+            return False
+        cmd, length = BE16.unpack_from(buf, pos + 1)[0], BE16.unpack_from(buf, pos + 3)[0]
+        if not self._command_plausible(cmd, length):
+            name = fmt.command_name(cmd)
+            self._fail(f"invalid migration command {name} with {length} payload bytes", pos)
+        if not self._have(5 + length):
+            return False
+        data = buf[pos + 5 : pos + 5 + length]
+        out.append(Command(cmd, data))
+        self._pos = pos + 5 + length
+        if cmd == fmt.CMD_POSTCOPY_ADVISE and length == 16:
+            summary, target = BE64.unpack_from(data, 0)[0], BE64.unpack_from(data, 8)[0]
+            self._postcopy_huge_pages = summary != target
+        if cmd == fmt.CMD_PACKAGED:
+            self._opaque_left = BE32.unpack_from(data)[0]
+            self._step, self._where = self._step_packaged, "a postcopy package"
+        return True
+
+    @staticmethod
+    def _command_plausible(cmd: int, length: int) -> bool:
+        entry = fmt.COMMANDS.get(cmd)
+        if entry is None:
+            return False
+        fixed = entry[1]
+        if fixed is not None:
+            return length == fixed
+        if cmd == fmt.CMD_POSTCOPY_ADVISE:
+            return length in (0, 16)
+        return True
+
+    def _step_packaged(self, out: list[Record]) -> bool:
+        """The PACKAGED blob: a nested stream of device state, carried as is."""
+        available = len(self._buf) - self._pos
+        take = min(available, self._opaque_left)
+        if self._opaque_left and not take:
+            return False
+        if take:
+            out.append(OpaqueData(self._buf[self._pos : self._pos + take]))
+            self._pos += take
+            self._opaque_left -= take
+        if not self._opaque_left:
+            self._step, self._where = self._step_item, "a section header"
+        return True
+
+    # -- device state ---------------------------------------------------------------------------
+
+    def _step_device_state(self, out: list[Record]) -> bool:
+        """Carry a body we cannot parse up to its footer, emitting what is certainly body."""
+        buf, pos = self._buf, self._pos
+        needle = bytes([fmt.ITEM_SECTION_FOOTER]) + BE32.pack(self._section_id)
+        at = buf.find(needle, max(pos, self._scan_from))
+        while at >= 0:
+            verdict = self._next_item_plausible(at + 5)
+            if verdict is None and not self._closed:
+                self._emit_opaque(out, at)  # wait for the bytes that decide
+                self._scan_from = self._pos
+                return at > pos
+            if verdict is not False:
+                self._emit_opaque(out, at)
+                self._step, self._where = self._step_footer, "a section footer"
+                return True
+            at = buf.find(needle, at + 1)
+        keep = max(pos, len(buf) - len(needle) + 1)  # a footer may straddle the next chunk
+        self._scan_from = keep
+        if keep > pos:
+            self._emit_opaque(out, keep)
+            return True
+        return False
+
+    def _emit_opaque(self, out: list[Record], upto: int) -> None:
+        if upto > self._pos:
+            out.append(OpaqueData(self._buf[self._pos : upto]))
+            self._pos = upto
+
+    def _next_item_plausible(self, at: int) -> bool | None:
+        """Whether `at` can start the item after a footer; None when the bytes are not here yet."""
+        buf = self._buf
+        end = len(buf)
+        if at >= end:
+            return None
+        kind = buf[at]
+        if kind == fmt.ITEM_EOF:
+            if at + 1 == end:
+                return True if self._closed else None
+            if at + 7 > end:
+                return None if not self._closed else False
+            return buf[at + 1] == fmt.ITEM_VMDESCRIPTION and buf[at + 6] == ord("{")
+        if kind in (fmt.ITEM_SECTION_START, fmt.ITEM_SECTION_FULL):
+            if at + 6 > end:
+                return None
+            n = buf[at + 5]
+            if at + 6 + n + 8 > end:
+                return None
+            idstr = buf[at + 6 : at + 6 + n]
+            return n > 0 and all(0x20 <= c < 0x7F for c in idstr)
+        if kind in (fmt.ITEM_SECTION_PART, fmt.ITEM_SECTION_END):
+            if at + 5 > end:
+                return None
+            return BE32.unpack_from(buf, at + 1)[0] in self._sections
+        if kind == fmt.ITEM_COMMAND:
+            if at + 5 > end:
+                return None
+            cmd, length = BE16.unpack_from(buf, at + 1)[0], BE16.unpack_from(buf, at + 3)[0]
+            return self._command_plausible(cmd, length)
+        return False
+
+    def _step_footer(self, out: list[Record]) -> bool:
+        buf, pos = self._buf, self._pos
+        if not self._have(5):
+            return False
+        (sid,) = BE32.unpack_from(buf, pos + 1)
+        if buf[pos] != fmt.ITEM_SECTION_FOOTER or sid != self._section_id:
+            self._fail(
+                f"bad section footer: expected 7e {self._section_id:08x}, "
+                f"found {buf[pos : pos + 5].hex(' ')}",
+                pos,
+            )
+        out.append(SectionFooter(sid))
+        self._pos = pos + 5
+        self._step, self._where = self._step_item, "a section header"
+        return True
+
+    # -- RAM ----------------------------------------------------------------------------------
+
+    def _step_ram(self, out: list[Record]) -> bool:
+        """The hot loop: one RAM record per iteration, locals only, no per-record calls."""
+        buf = self._buf
+        pos = start = self._pos
+        end = len(buf)
+        mask = self._page_mask
+        page_size = self._page_size
+        blocks = self._blocks
+        last, last_length = self._last_block, self._last_block_length
+        append = out.append
+        unpack64 = BE64.unpack_from
+        try:
+            while end - pos >= 8:
+                (word,) = unpack64(buf, pos)
+                flags = word & mask
+                kind = flags & ~fmt.RAM_CONTINUE
+                p = pos + 8
+                if kind in _PAGE_KINDS:
+                    if flags & fmt.RAM_CONTINUE:
+                        if last is None:
+                            self._fail("CONTINUE page record before any RAM block was named", pos)
+                        name, length, named = last, last_length, False
+                    else:
+                        if p >= end:
+                            break
+                        q = p + 1 + buf[p]
+                        if q > end:
+                            break
+                        name = buf[p + 1 : q].decode("latin-1")
+                        length = blocks.get(name)
+                        if length is None:
+                            self._fail(f"page for RAM block {name!r}, never announced", pos)
+                        p, named = q, True
+                    offset = word ^ flags
+                    if offset >= length:
+                        self._fail(
+                            f"page offset 0x{offset:x} is beyond RAM block {name!r} "
+                            f"of 0x{length:x} bytes",
+                            pos,
+                        )
+                    if kind == fmt.RAM_PAGE:
+                        q = p + page_size
+                        if q > end:
+                            break
+                        append(NormalPage(name, offset, buf[p:q], named))
+                    elif kind == fmt.RAM_ZERO:
+                        if p >= end:
+                            break
+                        q = p + 1
+                        append(ZeroPage(name, offset, buf[p], named))
+                    elif kind == fmt.RAM_XBZRLE:
+                        if p + 3 > end:
+                            break
+                        if buf[p] != fmt.XBZRLE_ENCODING_FLAG:
+                            self._fail(f"XBZRLE page with unknown encoding 0x{buf[p]:02x}", pos)
+                        q = p + 3 + ((buf[p + 1] << 8) | buf[p + 2])
+                        if q - p - 3 > page_size:
+                            self._fail(f"XBZRLE page of {q - p - 3} bytes (limit {page_size})", pos)
+                        if q > end:
+                            break
+                        append(XbzrlePage(name, offset, buf[p + 3 : q], named))
+                    else:
+                        if p + 4 > end:
+                            break
+                        (clen,) = BE32.unpack_from(buf, p)
+                        if clen > fmt.zlib_bound(page_size):
+                            self._fail(f"compressed page of {clen} bytes is too large", pos)
+                        q = p + 4 + clen
+                        if q > end:
+                            break
+                        append(CompressedPage(name, offset, buf[p + 4 : q], named))
+                    last, last_length, pos = name, length, q
+                    continue
+                if flags & fmt.RAM_CONTINUE:
+                    self._fail(f"CONTINUE flag on a RAM record of flags 0x{flags:x}", pos)
+                if kind == fmt.RAM_EOS:
+                    if word != fmt.RAM_EOS:
+                        self._fail("end-of-section record with an address", pos)
+                    append(EndOfSection())
+                    pos = p
+                    self._step, self._where = self._step_footer, "a section footer"
+                    return True
+                if kind == fmt.RAM_MEM_SIZE:
+                    parsed = self._mem_size(pos, word ^ flags)
+                    if parsed is None:
+                        break
+                    record, pos = parsed
+                    blocks = self._blocks
+                    append(record)
+                elif kind == fmt.RAM_MULTIFD_FLUSH and word == kind:
+                    append(MultifdFlush())
+                    pos = p
+                elif kind == fmt.RAM_HOOK:
+                    self._fail("RDMA hook RAM records are not supported", pos)
+                elif kind == fmt.RAM_FULL:
+                    self._fail("obsolete RAM_SAVE_FLAG_FULL record", pos)
+                else:
+                    self._fail(f"unknown RAM record flags 0x{flags:x}", pos)
+            return pos > start
+        finally:
+            self._pos = pos
+            self._last_block, self._last_block_length = last, last_length
+
+    def _mem_size(self, at: int, total: int) -> tuple[MemSize, int] | None:
+        """The MEM_SIZE record: the block list, whose lengths must add up to `total`."""
+        buf = self._buf
+        p = at + 8
+        remaining = total
+        blocks: list[RamBlock] = []
+        while remaining > 0:
+            if len(blocks) >= MAX_RAM_BLOCKS:
+                self._fail(f"more than {MAX_RAM_BLOCKS} RAM blocks", at)
+            named = self._counted(p)
+            if named is None or named[1] + 8 > len(buf):
+                return None
+            name, p = named
+            (used,) = BE64.unpack_from(buf, p)
+            p += 8
+            if self._postcopy_huge_pages:
+                self._fail("postcopy with huge-page-backed RAM blocks is not supported", at)
+            addr = None
+            if self._ignore_shared:
+                if p + 8 > len(buf):
+                    return None
+                (addr,) = BE64.unpack_from(buf, p)
+                p += 8
+            if used > remaining:
+                self._fail(
+                    f"RAM block list exceeds the MEM_SIZE total 0x{total:x} at block {name!r}", at
+                )
+            remaining -= used
+            blocks.append(RamBlock(name, used, None, addr, None))
+        self._blocks = {block.name: block.used_length for block in blocks}
+        return MemSize(total, tuple(blocks)), p
+
+    # -- after EOF --------------------------------------------------------------------------------
+
+    def _step_after_eof(self, out: list[Record]) -> bool:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            if self._closed:
+                self.done = True  # suppress-vmdesc or postcopy: no VM description follows
+            return False
+        if buf[pos] != fmt.ITEM_VMDESCRIPTION:
+            self._fail(f"unexpected byte 0x{buf[pos]:02x} after the end-of-stream marker", pos)
+        if not self._have(5):
+            return False
+        (length,) = BE32.unpack_from(buf, pos + 1)
+        if length > self._max_vmdesc:
+            limit = self._max_vmdesc
+            self._fail(f"VM description of {length} bytes exceeds the {limit}-byte limit", pos)
+        if not self._have(5 + length):
+            self._wanted = self._base + pos + 5 + length
+            return False
+        out.append(VmDescription(buf[pos + 5 : pos + 5 + length]))
+        self._pos = pos + 5 + length
+        self._step, self._where = self._step_done, "nothing"
+        self.done = True
+        return True
+
+    def _step_done(self, out: list[Record]) -> bool:
+        if self._pos < len(self._buf):
+            self._fail("trailing bytes after the end of the stream", self._pos)
+        return False
+
+
+def capability_names(payload: bytes) -> list[str]:
+    """The capability names listed in a configuration/capabilities subsection payload."""
+    (count,) = BE32.unpack_from(payload)
+    names, p = [], 4
+    for _ in range(count):
+        n = payload[p]
+        names.append(payload[p + 1 : p + 1 + n].decode("latin-1"))
+        p += 1 + n
+    return names
+
+
+def iter_records(chunks: Iterable[bytes], **options: int) -> Iterator[Record]:
+    """Every record of a whole stream given as chunks; raises MigpipeError on bad input."""
+    parser = StreamParser(**options)
+    for chunk in chunks:
+        parser.feed(chunk)
+        yield from parser.next_records()
+    parser.close()
+    yield from parser.next_records()
+
+
+def parse_bytes(data: bytes, **options: int) -> list[Record]:
+    return list(iter_records([data], **options))
