@@ -149,3 +149,19 @@ Record = (
     | VmDescription
 )
 PAGE_RECORD_TYPES = (ZeroPage, NormalPage, XbzrlePage, CompressedPage)
+
+
+def _same_record(self: tuple, other: object) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)
+
+
+def _different_record(self: tuple, other: object) -> bool:
+    return not _same_record(self, other)
+
+
+# NamedTuples compare as plain tuples, which would make Eof() == EndOfSection() and
+# SectionPart(2) == SectionFooter(2); records of different kinds must never be equal.
+for _record_type in Record.__args__:
+    _record_type.__eq__ = _same_record
+    _record_type.__ne__ = _different_record
+    _record_type.__hash__ = tuple.__hash__
