@@ -1,0 +1,180 @@
+"""inspect, extract, generate and the XBZRLE decoder, through the API and the real CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migpipe.errors import MigpipeError
+from migpipe.extracted import extract, image_file_name, rebuild
+from migpipe.inspect import StreamStats
+from migpipe.stream.parser import parse_bytes
+from migpipe.stream.writer import write_records
+from migpipe.stream.xbzrle import apply_delta
+from migpipe.synthetic import GuestModel, SyntheticGuest
+
+PAGE = 4096
+
+
+def migpipe(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "migpipe", *args], input=stdin, capture_output=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def guest() -> SyntheticGuest:
+    return SyntheticGuest(GuestModel(ram_size=2 << 20, iterations=4, dirty_share=0.1, seed=5))
+
+
+@pytest.fixture(scope="module")
+def stream(guest: SyntheticGuest) -> bytes:
+    return write_records(guest.records())
+
+
+# -- XBZRLE decoding follows the destination's acceptance rules --------------------------------
+
+
+def test_xbzrle_example_from_qemu_docs() -> None:
+    page = bytearray(PAGE)
+    apply_delta(bytes([0xE9, 0x07, 0x0F, *range(1, 16)]), page)  # 1001 unchanged, 15 new
+    assert page[1001:1016] == bytes(range(1, 16))
+    assert page.count(0) == PAGE - 15
+
+
+def test_xbzrle_empty_delta_leaves_the_page() -> None:
+    page = bytearray(b"\x55" * PAGE)
+    apply_delta(b"", page)
+    assert page == b"\x55" * PAGE
+
+
+@pytest.mark.parametrize(
+    "delta,why",
+    [
+        (bytes([0x00]), "truncated zero run"),  # fewer than two bytes before a zero run
+        (bytes([0x00, 0x01, 0xAA, 0x00, 0x01, 0xBB]), "empty zero run"),  # zrun 0 after the first
+        (bytes([0x00, 0x00, 0x00]), "literal run empty"),  # nzrun 0
+        (bytes([0x80, 0x80, 0x01, 0x01]), "longer than two bytes"),  # 3-byte ULEB
+        (bytes([0xFF, 0x1F, 0x02, 0xAA, 0xBB]), "past the page"),  # 4095 + 2 > 4096
+        (bytes([0x00, 0x05, 0xAA]), "past the page"),  # literal longer than the delta
+        (bytes([0x00, 0x01, 0xAA, 0x05]), "truncated zero run"),  # trailing zero run alone
+    ],
+)
+def test_xbzrle_deltas_qemu_rejects(delta: bytes, why: str) -> None:
+    with pytest.raises(MigpipeError, match=why):
+        apply_delta(delta, bytearray(PAGE))
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+
+def test_stats_count_what_the_generator_sent(guest: SyntheticGuest, stream: bytes) -> None:
+    stats = StreamStats()
+    for record in parse_bytes(stream):
+        stats.add(record)
+    assert stats.total_bytes == len(stream)
+    assert stats.passes == 4
+    ram_pages = sum(size for _, size in guest.blocks) // PAGE
+    dirtied = int((2 << 20) // PAGE * 0.1)
+    assert stats.pages["zero"] + stats.pages["normal"] == ram_pages + 3 * dirtied
+    assert stats.pages_resent > 0 and stats.max_sends >= 2
+    assert stats.ram_bytes + stats.device_bytes + stats.other_bytes == len(stream)
+    assert stats.blocks["pc.ram"] == 2 << 20
+
+
+def test_cli_inspect_json(stream: bytes) -> None:
+    result = migpipe("inspect", "--json", stdin=stream)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["error"] is None
+    assert report["bytes"] == len(stream)
+    assert report["passes"] == 4
+    assert [s["idstr"] for s in report["sections"]][:2] == ["ram", "timer"]
+
+
+def test_cli_inspect_truncated_reports_then_fails(stream: bytes) -> None:
+    cut = len(stream) // 2
+    result = migpipe("inspect", stdin=stream[:cut])
+    assert result.returncode == 1
+    assert b"pages:" in result.stdout  # everything up to the fault is still reported
+    error = result.stderr.decode().strip()
+    assert error.count("\n") == 0 and "truncated" in error and "offset" in error
+    assert "Traceback" not in error
+
+
+def test_cli_inspect_garbage_is_one_line() -> None:
+    result = migpipe("inspect", stdin=b"not a migration stream at all")
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == (
+        "migpipe inspect: error: not a QEMU migration stream: bad magic 0x6e6f7420 "
+        "(at byte offset 0)"
+    )
+
+
+# -- extract and generate ----------------------------------------------------------------------
+
+
+def test_extract_holds_the_final_memory(guest: SyntheticGuest, stream: bytes, tmp_path: Path):
+    manifest = extract(parse_bytes(stream), tmp_path)
+    for name, image in guest.images.items():
+        assert (tmp_path / image_file_name(name)).read_bytes() == image
+    assert manifest["machine"] == "pc-i440fx-7.2"
+    assert {b["name"] for b in manifest["blocks"]} == set(guest.images)
+    device_state = (tmp_path / "device-state.bin").read_bytes()
+    assert device_state.startswith(b"\x04")  # the first FULL section after RAM's END
+    assert stream.endswith(device_state)
+
+
+def test_generate_from_extracted_rebuilds_the_same_memory(stream: bytes, tmp_path: Path):
+    extract(parse_bytes(stream), tmp_path / "a")
+    rebuilt = write_records(rebuild(tmp_path / "a"))
+    stats = StreamStats()
+    for record in parse_bytes(rebuilt):
+        stats.add(record)
+    assert stats.passes == 1 and stats.pages_resent == 0  # compact: each page once
+    extract(parse_bytes(rebuilt), tmp_path / "b")
+    for image in (tmp_path / "a").glob("*.img"):
+        assert (tmp_path / "b" / image.name).read_bytes() == image.read_bytes()
+    assert (tmp_path / "b" / "device-state.bin").read_bytes() == (
+        tmp_path / "a" / "device-state.bin"
+    ).read_bytes()
+
+
+def test_cli_extract_and_generate(stream: bytes, tmp_path: Path) -> None:
+    source = tmp_path / "vm.stream"
+    source.write_bytes(stream)
+    result = migpipe("extract", str(source), str(tmp_path / "dir"))
+    assert result.returncode == 0, result.stderr
+    assert b"pc.ram.img" in result.stdout
+    out = tmp_path / "again.stream"
+    result = migpipe("generate", "--from", str(tmp_path / "dir"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert parse_bytes(out.read_bytes())[-1].json == parse_bytes(stream)[-1].json
+    refused = migpipe("generate", "--from", str(tmp_path / "dir"), "-o", str(out))
+    assert refused.returncode == 1 and b"exists" in refused.stderr
+
+
+def test_cli_generate_synthetic_is_deterministic() -> None:
+    args = ("generate", "--synthetic", "--size", "1M", "--iterations", "2", "--seed", "9")
+    first, second = migpipe(*args), migpipe(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert migpipe(*args[:-1], "10").stdout != first.stdout
+    assert write_records(parse_bytes(first.stdout)) == first.stdout
+
+
+def test_cli_extract_of_a_stream_cut_before_ram_end(stream: bytes, tmp_path: Path) -> None:
+    source = tmp_path / "cut.stream"
+    source.write_bytes(stream[: len(stream) // 3])
+    result = migpipe("extract", str(source), str(tmp_path / "dir"))
+    assert result.returncode == 1 and b"truncated" in result.stderr
+    assert not (tmp_path / "dir" / "manifest.json").exists()
+
+
+def test_demo_runs_and_checks() -> None:
+    result = migpipe("demo", "--size", "4M")
+    assert result.returncode == 0, result.stderr
+    assert b"byte-identical" in result.stdout
+    assert b"equals the guest's memory" in result.stdout
