@@ -16,6 +16,7 @@ from migpipe.errors import MigpipeError
 from migpipe.ramimage import RamImages
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
+    Command,
     ConfigSubsection,
     Configuration,
     EndOfSection,
@@ -27,6 +28,7 @@ from migpipe.stream.records import (
     Record,
     SectionEnd,
     SectionFooter,
+    SectionFull,
     SectionPart,
     SectionStart,
     ZeroPage,
@@ -106,6 +108,13 @@ def extract(
                         "extract handles streams whose only iterative section is RAM; "
                         f"found section {record.section_id} before RAM ended"
                     )
+                elif kind is SectionFull:
+                    raise MigpipeError(
+                        f"extract cannot place device state ({record.idstr!r}) sent before RAM "
+                        "ended (early-setup devices, QEMU 8.0+ virtio-mem)"
+                    )
+                elif kind is Command:
+                    _keep_command(manifest, record)
                 elif kind is SectionEnd:
                     phase = "ram-end"
                 elif kind is SectionFooter and phase == "ram-end":
@@ -126,6 +135,23 @@ def extract(
         block["pages_received"] = ram.pages_received[block["name"]]
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+# Commands that only make sense with a live return path; a stream loaded from a file has none.
+_RETURN_PATH_COMMANDS = {"OPEN_RETURN_PATH", "PING"}
+
+
+def _keep_command(manifest: dict, record: Command) -> None:
+    """Commands before RAM's END: kept to be sent again, dropped (return path), or refused."""
+    name = fmt.command_name(record.command)
+    if name in _RETURN_PATH_COMMANDS:
+        manifest.setdefault("dropped_commands", []).append(name)
+    elif name.startswith("POSTCOPY") or name in ("PACKAGED", "ENABLE_COLO"):
+        raise MigpipeError(f"extract handles precopy streams; this one has {name}")
+    else:
+        manifest.setdefault("commands", []).append(
+            {"command": record.command, "data": record.data.hex()}
+        )
 
 
 def load_manifest(directory: Path) -> dict:
@@ -161,7 +187,10 @@ def rebuild(directory: Path) -> Iterator[Record]:
     yield EndOfSection()
     yield SectionFooter(sid)
     count = 0
+    sent = {b["name"] for b in manifest["blocks"] if b["pages_received"]}
     for block in blocks:
+        if block.name not in sent:  # e.g. shared memory under x-ignore-shared: not ours to write
+            continue
         with open(directory / image_file_name(block.name), "rb") as image:
             if os.fstat(image.fileno()).st_size != block.used_length:
                 raise MigpipeError(f"{image.name}: size differs from the manifest")
@@ -181,6 +210,8 @@ def rebuild(directory: Path) -> Iterator[Record]:
     if count:
         yield EndOfSection()
         yield SectionFooter(sid)
+    for command in manifest.get("commands", []):
+        yield Command(command["command"], bytes.fromhex(command["data"]))
     yield SectionEnd(sid)
     yield EndOfSection()
     yield SectionFooter(sid)

@@ -53,6 +53,9 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
     if path.exists() and not force:
         raise MigpipeError(f"{path} exists; use --force to replace it")
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    umask = os.umask(0o022)  # mkstemp makes 0600; give the file the mode open() would
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

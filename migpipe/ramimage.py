@@ -38,6 +38,16 @@ class RamImages:
             return
         if kind not in (ZeroPage, NormalPage, XbzrlePage, CompressedPage):
             return
+        try:
+            self._apply_page(record)
+        except (MigpipeError, zlib.error) as e:
+            why = e.message if isinstance(e, MigpipeError) else f"corrupt compressed page ({e})"
+            raise MigpipeError(
+                f"{why}, for page 0x{record.offset:x} of RAM block {record.block!r}"
+            ) from None
+
+    def _apply_page(self, record: Record) -> None:
+        kind = type(record)
         image = self.images[record.block]
         start = record.offset
         stop = start + self._page_size

@@ -178,3 +178,47 @@ def test_demo_runs_and_checks() -> None:
     assert result.returncode == 0, result.stderr
     assert b"byte-identical" in result.stdout
     assert b"equals the guest's memory" in result.stdout
+
+
+def test_extract_names_a_corrupt_compressed_page(tmp_path: Path) -> None:
+    from test_stream_parser import ram_stream
+
+    from migpipe.stream.records import CompressedPage
+
+    data = write_records(ram_stream([CompressedPage("pc.ram", 2 * PAGE, b"\x78\x9c junk", True)]))
+    where = r"corrupt compressed page.*0x2000 of RAM block .pc.ram."
+    with pytest.raises(MigpipeError, match=where):
+        extract(parse_bytes(data), tmp_path)
+
+
+def test_extract_drops_return_path_commands_and_refuses_early_device_state(tmp_path: Path):
+    from test_stream_parser import ram_stream
+
+    from migpipe.stream import format as fmt
+    from migpipe.stream.records import Command, OpaqueData, SectionFooter, SectionFull
+
+    records = ram_stream([])
+    records[2:2] = [Command(1, b""), Command(2, fmt.BE32.pack(1))]
+    manifest = extract(parse_bytes(write_records(records)), tmp_path / "ok")
+    assert manifest["dropped_commands"] == ["OPEN_RETURN_PATH", "PING"]
+    assert not any(isinstance(r, Command) for r in rebuild(tmp_path / "ok"))
+    early = [SectionFull(9, "virtio-mem-early", 0, 1), OpaqueData(b"\x01\x02"), SectionFooter(9)]
+    records[2:2] = early
+    with pytest.raises(MigpipeError, match="sent before RAM ended"):
+        extract(parse_bytes(write_records(records)), tmp_path / "early")
+
+
+def test_generated_files_get_the_usual_mode(tmp_path: Path) -> None:
+    out = tmp_path / "s.stream"
+    result = migpipe("generate", "--synthetic", "--size", "256K", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -307,3 +307,29 @@ def test_vmdescription_length_is_bounded() -> None:
 def test_mapped_ram_is_refused_clearly() -> None:
     data = write_records(ram_stream([], capabilities=("mapped-ram",)))
     expect_error(data, "mapped-ram streams are not supported")
+
+
+def test_continue_after_a_repeated_block_list_round_trips() -> None:
+    """QEMU's receiver keeps its last block across MEM_SIZE; so must parser and writer."""
+    records = ram_stream([ZeroPage("pc.ram", 0, 0, True)])
+    at = records.index(SectionPart(2)) + 2
+    records[at:at] = [records[3], ZeroPage("pc.ram", PAGE, 0, False)]
+    data = write_records(records)
+    assert write_records(parse_bytes(data)) == data
+
+
+def test_target_page_bits_sets_the_page_size() -> None:
+    records = ram_stream([NormalPage("pc.ram", 8192, b"\x42" * 8192, True)])
+    bits = ConfigSubsection(fmt.CONFIG_TARGET_PAGE_BITS, 1, fmt.BE32.pack(13))
+    records[1] = Configuration(records[1].machine, (bits,))
+    data = write_records(records)
+    pages = [r for r in parse_bytes(data) if isinstance(r, NormalPage)]
+    assert len(pages[0].data) == 8192
+    assert write_records(parse_bytes(data)) == data
+
+
+def test_part_for_a_full_section_is_refused() -> None:
+    data = bytearray(write_records(ram_stream([])))
+    at = data.index(b"\x02\x00\x00\x00\x02")
+    data[at + 4] = 0x03
+    expect_error(bytes(data), "never started")

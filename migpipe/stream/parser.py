@@ -44,8 +44,6 @@ MAX_MACHINE_NAME = 256
 MAX_CAPABILITIES = 64
 MAX_RAM_BLOCKS = 4096
 DEFAULT_MAX_VMDESC = 64 << 20
-# Longest look-ahead the footer check needs: type, id, counted idstr, instance and version.
-_MAX_LOOKAHEAD = 1 + 4 + 1 + 255 + 4 + 4
 
 _CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
 _PAGE_KINDS = frozenset({fmt.RAM_ZERO, fmt.RAM_PAGE, fmt.RAM_XBZRLE, fmt.RAM_COMPRESS_PAGE})
@@ -60,10 +58,7 @@ class StreamParser:
     def __init__(
         self, *, page_size: int = fmt.DEFAULT_PAGE_SIZE, max_vmdesc: int = DEFAULT_MAX_VMDESC
     ) -> None:
-        if page_size < 1024 or page_size & (page_size - 1):
-            raise MigpipeError(f"page size {page_size} is not a power of two >= 1024")
-        self._page_size = page_size
-        self._page_mask = page_size - 1
+        self._set_page_size(page_size, None)
         self._max_vmdesc = max_vmdesc
         self._buf = b""  # immutable, so a page is copied out once, by slicing
         self._pending: list[bytes] = []
@@ -74,7 +69,7 @@ class StreamParser:
         self._closed = False
         self._step: _Step = self._step_header
         self._where = "the file header"  # what a truncation would have cut
-        self._sections: dict[int, str] = {}
+        self._live_sections: dict[int, str] = {}  # sections opened by START: PART/END follow
         self._section_id = 0  # the section whose body or footer comes next
         self._blocks: dict[str, int] = {}
         self._last_block: str | None = None
@@ -128,6 +123,14 @@ class StreamParser:
         self._base += pos
         self._scan_from = max(0, self._scan_from - pos)
         self._pos = 0
+
+    def _set_page_size(self, page_size: int, at: int | None) -> None:
+        """The target page size: from the caller, or from the stream's target-page-bits."""
+        if page_size < 1024 or page_size & (page_size - 1):
+            message = f"target page size {page_size} is not a power of two >= 1024"
+            raise MigpipeError(message, None if at is None else self._base + at)
+        self._page_size = page_size
+        self._page_mask = page_size - 1
 
     def _fail(self, message: str, at: int) -> None:
         raise MigpipeError(message, self._base + at)
@@ -215,6 +218,8 @@ class StreamParser:
         payload = buf[p:end]
         if name == fmt.CONFIG_CAPABILITIES:
             self._apply_capabilities(payload, p)
+        elif name == fmt.CONFIG_TARGET_PAGE_BITS:
+            self._set_page_size(1 << min(BE32.unpack(payload)[0], 30), p)
         return ConfigSubsection(name, version, payload), end
 
     def _capabilities_end(self, at: int) -> int | None:
@@ -250,7 +255,7 @@ class StreamParser:
             if not self._have(5):
                 return False
             (sid,) = BE32.unpack_from(buf, pos + 1)
-            idstr = self._sections.get(sid)
+            idstr = self._live_sections.get(sid)
             if idstr is None:
                 self._fail(f"section id {sid} was never started", pos)
             record = SectionPart(sid) if kind == fmt.ITEM_SECTION_PART else SectionEnd(sid)
@@ -287,7 +292,8 @@ class StreamParser:
             self._fail(f"ram section version {version_id} (only 4 is understood)", p + 4)
         header = SectionStart if is_start else SectionFull
         out.append(header(sid, idstr, instance_id, version_id))
-        self._sections[sid] = idstr
+        if is_start:
+            self._live_sections[sid] = idstr
         self._pos = p + 8
         self._enter_body(sid, idstr)
         return True
@@ -402,7 +408,7 @@ class StreamParser:
         if kind in (fmt.ITEM_SECTION_PART, fmt.ITEM_SECTION_END):
             if at + 5 > end:
                 return None
-            return BE32.unpack_from(buf, at + 1)[0] in self._sections
+            return BE32.unpack_from(buf, at + 1)[0] in self._live_sections
         if kind == fmt.ITEM_COMMAND:
             if at + 5 > end:
                 return None
@@ -520,7 +526,9 @@ class StreamParser:
                     record, pos = parsed
                     blocks = self._blocks
                     append(record)
-                elif kind == fmt.RAM_MULTIFD_FLUSH and word == kind:
+                elif kind == fmt.RAM_MULTIFD_FLUSH:
+                    if word != kind:
+                        self._fail("multifd flush record with an address", pos)
                     append(MultifdFlush())
                     pos = p
                 elif kind == fmt.RAM_HOOK:

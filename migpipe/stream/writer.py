@@ -144,7 +144,6 @@ class StreamWriter:
                 out += BE64.pack(block.addr)
             if block.mapped_ram is not None:
                 out += block.mapped_ram
-        self._last_block = None  # QEMU forgets its last block when it (re)sends the list
 
     def _flag_only(self, out: bytearray, record: EndOfSection | MultifdFlush) -> None:
         out += _FLAG_WORDS[type(record)]
