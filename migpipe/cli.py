@@ -10,12 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from migpipe import __version__
-from migpipe.errors import MigpipeError
+from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, MigpipeError
 from migpipe.files import open_input, open_output, read_chunks
 from migpipe.stream.parser import iter_records
 from migpipe.stream.writer import StreamWriter
 
-EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -109,6 +108,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def filter_chain(args: argparse.Namespace) -> list:
+    """--filters plus the convenience flags, as one chain (page filters first)."""
+    from migpipe.filter import parse_chain
+
+    items = [args.filters] if args.filters else []
+    if args.xbzrle:
+        items.insert(0, "xbzrle")
+    if args.compress:
+        items.append(args.compress)
+    return parse_chain(",".join(items))
+
+
+def run_trio(function, *args) -> object:
+    """trio.run, with an exception group from the nursery reduced to its first real error."""
+    import trio
+
+    try:
+        return trio.run(function, *args, strict_exception_groups=True)
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        for leaf in leaves:
+            if isinstance(leaf, MigpipeError | KeyboardInterrupt):
+                raise leaf from None
+        raise leaves[0] from None
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from migpipe.pipeline import encode
+
+    chain = filter_chain(args)
+    with open_input(args.input) as source, open_output(args.output, force=args.force) as sink:
+        totals = run_trio(encode, source.fileno(), sink.fileno(), chain)
+    report(args, totals)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from migpipe.pipeline import decode
+
+    with open_input(args.input) as source, open_output(args.output, force=args.force) as sink:
+        totals = run_trio(decode, source.fileno(), sink.fileno())
+    report(args, totals)
+    return 0
+
+
+def report(args: argparse.Namespace, totals) -> None:
+    figures = {
+        "qemu_bytes": totals.qemu_bytes,
+        "wire_bytes": totals.wire_bytes,
+        "ratio": round(totals.qemu_bytes / totals.wire_bytes, 4) if totals.wire_bytes else None,
+        "page_records": totals.page_records,
+        "frames": totals.frames,
+        "qemu_crc32": f"{totals.crc32:08x}",
+    }
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from migpipe.demo import run_demo
 
@@ -179,6 +244,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", type=int, default=1)
 
+    def transport(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--in",
+            dest="input",
+            default="-",
+            metavar="FILE",
+            help="read from FILE (default: stdin)",
+        )
+        sub.add_argument(
+            "--out",
+            dest="output",
+            default=None,
+            metavar="FILE",
+            help="write to FILE, complete or not at all (default: stdout)",
+        )
+        sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
+        sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+
+    encode = command(
+        "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."
+    )
+    transport(encode)
+    encode.add_argument(
+        "--filters",
+        default="",
+        metavar="CHAIN",
+        help="comma-separated filters, e.g. xbzrle,zstd:3 or lz4",
+    )
+    encode.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] or lz4[:LEVEL]")
+    encode.add_argument("--xbzrle", action="store_true", help="send re-sent pages as deltas")
+
+    decode = command(
+        "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
+    )
+    transport(decode)
+
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
     )
@@ -194,9 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except MigpipeError as e:
         print(f"migpipe {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return e.status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         print(f"migpipe {args.command}: error: output closed early (broken pipe)", file=sys.stderr)
+        return EXIT_PEER_GONE
+    except OSError as e:
+        print(f"migpipe {args.command}: error: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR

@@ -5,13 +5,23 @@ MigpipeError, so the CLI can print one line and exit non-zero instead of a trace
 """
 
 
+# Exit statuses, one per kind of failure a script may want to tell apart (see migpipe(1)).
+EXIT_ERROR = 1  # bad input or a failed operation
+EXIT_USAGE = 2
+EXIT_CORRUPT = 3  # the wire failed a check: checksum, frame order, totals
+EXIT_TRUNCATED = 4  # the wire or stream ended early
+EXIT_PEER_GONE = 5  # the other end of a pipe or connection went away
+EXIT_INCOMPATIBLE = 6  # newer wire version, unknown filter
+
+
 class MigpipeError(Exception):
     """A failure explained for the user, with the stream offset where it was found, if any."""
 
-    def __init__(self, message: str, offset: int | None = None) -> None:
+    def __init__(self, message: str, offset: int | None = None, status: int = EXIT_ERROR) -> None:
         super().__init__(message, offset)
         self.message = message
         self.offset = offset
+        self.status = status
 
     def __str__(self) -> str:
         if self.offset is None:

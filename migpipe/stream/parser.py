@@ -79,6 +79,7 @@ class StreamParser:
         self._opaque_left = 0
         self._scan_from = 0
         self.done = False
+        self.eof_offset: int | None = None  # where the EOF item starts, once parsed
 
     # -- public API -------------------------------------------------------------------------
 
@@ -266,6 +267,7 @@ class StreamParser:
         if kind == fmt.ITEM_COMMAND:
             return self._command(out)
         if kind == fmt.ITEM_EOF:
+            self.eof_offset = self._base + pos
             out.append(Eof())
             self._pos = pos + 1
             self._step, self._where = self._step_after_eof, "the VM description"

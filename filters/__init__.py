@@ -1,0 +1,1 @@
+"""migpipe's own filters, registered under the `migpipe.filters` entry-point group."""

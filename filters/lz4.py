@@ -1,0 +1,48 @@
+"""lz4: each frame payload as one lz4 frame (the standard frame format), blocks unlinked.
+
+Unlinked blocks cost about 1.5% of ratio and buy 13% faster compression and 45% faster
+decompression (see perf-anchors); frames are independent so two threads work at once.
+"""
+
+import lz4.frame
+
+from migpipe.errors import MigpipeError
+from migpipe.filter import ByteFilter
+
+
+class Lz4(ByteFilter):
+    name = "lz4"
+
+    def __init__(self, level: int = 0) -> None:
+        if not 0 <= level <= 16:
+            raise MigpipeError(f"lz4 level {level} is outside 0..16")
+        self.level = level
+
+    @classmethod
+    def from_argument(cls, argument: str | None) -> "Lz4":
+        if argument is None:
+            return cls()
+        try:
+            return cls(int(argument))
+        except ValueError:
+            raise MigpipeError(f"lz4 level must be a number, not {argument!r}") from None
+
+    def params(self) -> dict[str, int]:
+        return {"level": self.level}
+
+    def encode(self, payload: bytes) -> bytes:
+        return lz4.frame.compress(
+            payload, compression_level=self.level, block_linked=False, store_size=True
+        )
+
+    def decode(self, data: bytes, limit: int) -> bytes:
+        try:
+            size = lz4.frame.get_frame_info(data)["content_size"]
+            if not 0 <= size <= limit:
+                raise MigpipeError(f"lz4 frame declares {size} bytes (limit {limit})")
+            payload = lz4.frame.decompress(data)
+        except RuntimeError as e:
+            raise MigpipeError(f"corrupt lz4 frame: {e}") from None
+        if len(payload) != size:
+            raise MigpipeError(f"lz4 frame gave {len(payload)} bytes, declared {size}")
+        return payload

@@ -1,0 +1,104 @@
+"""The filter interface and the registry that finds filters by name.
+
+Two kinds of filters, applied in this order on encode and in reverse on decode:
+- page filters see RAM records in stream order and may replace them (XBZRLE deltas);
+- byte filters see one frame payload at a time, independently, so frames are processed by
+  several worker threads at once (compression, encryption).
+
+Filters are found through the `migpipe.filters` entry-point group, where migpipe's own filters
+are registered too, so a third-party package adds one without touching migpipe.
+"""
+
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from migpipe.errors import MigpipeError
+from migpipe.stream.records import Record
+
+ENTRY_POINT_GROUP = "migpipe.filters"
+
+
+class Filter:
+    """Common to both kinds: a name, parameters that travel in the wire header, a CLI form."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_argument(cls, argument: str | None) -> "Filter":
+        """The filter for `NAME` or `NAME:ARGUMENT` on the command line."""
+        if argument is not None:
+            raise MigpipeError(f"filter {cls.name!r} takes no argument (got {argument!r})")
+        return cls()
+
+    def params(self) -> dict[str, Any]:
+        """What the decoder needs to rebuild this filter; written into the wire header."""
+        return {}
+
+
+class ByteFilter(Filter):
+    """Transforms frame payloads. Both methods are called from several threads at once."""
+
+    def encode(self, payload: bytes) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes, limit: int) -> bytes:
+        """The payload back; more than `limit` bytes is corruption (never allocate past it)."""
+        raise NotImplementedError
+
+
+class PageFilter(Filter):
+    """Transforms the record sequence; one encoder or decoder instance per stream, in order."""
+
+    def encoder(self) -> "RecordTransform":
+        raise NotImplementedError
+
+    def decoder(self) -> "RecordTransform":
+        raise NotImplementedError
+
+
+class RecordTransform:
+    def transform(self, records: list[Record]) -> list[Record]:
+        raise NotImplementedError
+
+
+def registry() -> dict[str, type[Filter]]:
+    found: dict[str, type[Filter]] = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = entry.load()
+        except Exception as e:  # a broken third-party plugin must not break migpipe
+            raise MigpipeError(f"filter plugin {entry.name!r} failed to load: {e}") from None
+        found[entry.name] = cls
+    return found
+
+
+def create(name: str, params: dict[str, Any]) -> Filter:
+    """A filter from a wire header entry."""
+    cls = registry().get(name)
+    if cls is None:
+        raise MigpipeError(f"unknown filter {name!r} (installed: {', '.join(sorted(registry()))})")
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise MigpipeError(f"bad parameters for filter {name!r}: {e}") from None
+
+
+def parse_chain(text: str) -> list[Filter]:
+    """`xbzrle,zstd:3` -> filters, page filters first (they must see records, not bytes)."""
+    known = registry()
+    chain: list[Filter] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, argument = item.partition(":")
+        cls = known.get(name)
+        if cls is None:
+            raise MigpipeError(f"unknown filter {name!r} (installed: {', '.join(sorted(known))})")
+        chain.append(cls.from_argument(argument or None))
+    check_order(chain)
+    return chain
+
+
+def check_order(chain: Sequence[Filter]) -> None:
+    kinds = [isinstance(f, PageFilter) for f in chain]
+    if kinds != sorted(kinds, reverse=True):
+        raise MigpipeError("page filters (xbzrle) must come before byte filters (zstd, lz4, ...)")

@@ -1,0 +1,197 @@
+"""migpipe's wire format: a header naming the filter chain, checksummed frames, a trailer.
+
+Sans-IO, like the stream parser: WireReader turns bytes into events, the encode functions turn
+events into bytes. The format is specified in migpipe-wire(5); in short:
+
+    header  = magic(8) version(1) flags(1) be16 n, n bytes of JSON, be32 CRC-32 of all before
+    frame   = type(1) be32 sequence be32 length be32 CRC-32(type..length + payload), payload
+    trailer = a frame of type TRAILER whose payload holds the totals of the QEMU stream
+
+A FINAL frame carries the end of the QEMU stream (its EOF item and what follows), so a decoder
+can withhold it until the trailer has confirmed everything: a destination never sees a complete
+stream unless the whole stream arrived intact.
+"""
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
+from migpipe.stream.format import BE16, BE32, BE64
+
+MAGIC = b"\x89MGP\r\n\x1a\n"  # high bit and CR/LF/^Z catch 7-bit and text-mode mangling
+VERSION = 1
+FRAME_DATA = 0x44  # 'D'
+FRAME_FINAL = 0x46  # 'F'
+FRAME_TRAILER = 0x54  # 'T'
+FRAME_TYPES = {FRAME_DATA: "data", FRAME_FINAL: "final", FRAME_TRAILER: "trailer"}
+FRAME_HEADER_SIZE = 13
+MAX_FRAME = 64 << 20
+TRAILER_SIZE = 28
+
+
+@dataclass(frozen=True)
+class WireHeader:
+    filters: tuple[tuple[str, dict[str, Any]], ...]
+    page_size: int = 4096
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    sequence: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Trailer:
+    """Totals of the QEMU stream as the encoder read it."""
+
+    qemu_bytes: int
+    page_records: int
+    data_frames: int
+    qemu_crc32: int
+
+
+def encode_header(header: WireHeader) -> bytes:
+    text = json.dumps(
+        {"filters": [[name, params] for name, params in header.filters],
+         "page_size": header.page_size},
+        sort_keys=True, separators=(",", ":"),
+    ).encode()  # fmt: skip
+    head = MAGIC + bytes([VERSION, 0]) + BE16.pack(len(text)) + text
+    return head + BE32.pack(zlib.crc32(head))
+
+
+def encode_frame(kind: int, sequence: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """The 13-byte frame header; the caller writes the payload after it (no copy here)."""
+    head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(len(payload))
+    return head + BE32.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
+    payload = (
+        BE64.pack(trailer.qemu_bytes)
+        + BE64.pack(trailer.page_records)
+        + BE64.pack(trailer.data_frames)
+        + BE32.pack(trailer.qemu_crc32)
+    )
+    return encode_frame(FRAME_TRAILER, sequence, payload) + payload
+
+
+class WireReader:
+    """Turns wire bytes into a WireHeader, then Frames, then a Trailer; checks every byte."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._base = 0
+        self._closed = False
+        self._sequence = 0
+        self.header: WireHeader | None = None
+        self.trailer: Trailer | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _fail(self, message: str, at: int = 0, status: int = EXIT_CORRUPT) -> None:
+        raise MigpipeError(message, self._base + at, status)
+
+    def next_events(self) -> list[WireHeader | Frame | Trailer]:
+        """Everything the bytes so far complete; raises MigpipeError on any fault."""
+        events: list[WireHeader | Frame | Trailer] = []
+        pos = 0
+        try:
+            while True:
+                if self.header is None:
+                    parsed = self._parse_header(pos)
+                elif self.trailer is None:
+                    parsed = self._parse_frame(pos)
+                else:
+                    if pos < len(self._buf):
+                        self._fail("trailing bytes after the wire trailer", pos)
+                    break
+                if parsed is None:
+                    break
+                event, pos = parsed
+                events.append(event)
+        finally:
+            del self._buf[:pos]
+            self._base += pos
+        if self._closed and self.trailer is None:
+            what = "header" if self.header is None else f"frame {self._sequence}"
+            message = f"wire stream truncated in {what} (no trailer: the encoder did not finish)"
+            self._fail(message, len(self._buf), EXIT_TRUNCATED)
+        return events
+
+    def _parse_header(self, pos: int) -> tuple[WireHeader, int] | None:
+        buf = self._buf
+        if len(buf) - pos < 12:
+            if len(buf) > pos and not MAGIC.startswith(bytes(buf[pos : pos + 8])):
+                self._fail("not a migpipe wire stream (bad magic)", pos)
+            return None
+        if buf[pos : pos + 8] != MAGIC:
+            self._fail("not a migpipe wire stream (bad magic)", pos)
+        if buf[pos + 8] != VERSION:
+            self._fail(
+                f"wire version {buf[pos + 8]} is not {VERSION}: "
+                "encoded by a different migpipe version", pos + 8, EXIT_INCOMPATIBLE,
+            )  # fmt: skip
+        (length,) = BE16.unpack_from(buf, pos + 10)
+        end = pos + 12 + length
+        if len(buf) < end + 4:
+            return None
+        if zlib.crc32(buf[pos:end]) != BE32.unpack_from(buf, end)[0]:
+            self._fail("wire header checksum mismatch", pos)
+        try:
+            fields = json.loads(buf[pos + 12 : end])
+            header = WireHeader(
+                tuple((name, dict(params)) for name, params in fields["filters"]),
+                int(fields["page_size"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            self._fail(f"malformed wire header ({e})", pos + 12)
+        self.header = header
+        return header, end + 4
+
+    def _parse_frame(self, pos: int) -> tuple[Frame | Trailer, int] | None:
+        buf = self._buf
+        if len(buf) - pos < FRAME_HEADER_SIZE:
+            return None
+        kind = buf[pos]
+        sequence, length, crc = (
+            BE32.unpack_from(buf, pos + 1)[0],
+            BE32.unpack_from(buf, pos + 5)[0],
+            BE32.unpack_from(buf, pos + 9)[0],
+        )
+        if kind not in FRAME_TYPES:
+            self._fail(f"bad frame type 0x{kind:02x}", pos)
+        if length > MAX_FRAME:
+            self._fail(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit", pos)
+        end = pos + FRAME_HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        with memoryview(buf) as view:
+            actual = zlib.crc32(
+                view[pos + FRAME_HEADER_SIZE : end], zlib.crc32(view[pos : pos + 9])
+            )
+        if actual != crc:
+            self._fail(f"checksum mismatch in frame {sequence}", pos)
+        if sequence != self._sequence:
+            self._fail(f"frame {sequence} where frame {self._sequence} was due", pos)
+        self._sequence += 1
+        payload = bytes(buf[pos + FRAME_HEADER_SIZE : end])
+        if kind != FRAME_TRAILER:
+            return Frame(kind, sequence, payload), end
+        if length != TRAILER_SIZE:
+            self._fail(f"trailer of {length} bytes (expected {TRAILER_SIZE})", pos)
+        self.trailer = Trailer(
+            BE64.unpack_from(payload, 0)[0],
+            BE64.unpack_from(payload, 8)[0],
+            BE64.unpack_from(payload, 16)[0],
+            BE32.unpack_from(payload, 24)[0],
+        )
+        return self.trailer, end
