@@ -1,0 +1,120 @@
+"""encode | decode over real pipes: byte-identical, and never a complete stream from a bad wire."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migpipe import wire
+from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
+from migpipe.stream.writer import write_records
+from migpipe.synthetic import GuestModel, SyntheticGuest
+
+CHAINS = [[], ["--compress", "zstd:1"], ["--compress", "lz4"], ["--filters", "zstd:3"]]
+
+
+def migpipe(*args: str, stdin: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "migpipe", *args], input=stdin, capture_output=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def stream() -> bytes:
+    return write_records(
+        SyntheticGuest(GuestModel(ram_size=8 << 20, iterations=3, dirty_share=0.1)).records()
+    )
+
+
+@pytest.fixture(scope="module", params=CHAINS, ids=lambda c: " ".join(c) or "pass-through")
+def encoded(request: pytest.FixtureRequest, stream: bytes) -> bytes:
+    result = migpipe("encode", *request.param, stdin=stream)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def decode(wire_bytes: bytes) -> subprocess.CompletedProcess:
+    return migpipe("decode", stdin=wire_bytes)
+
+
+def eof_at(stream: bytes) -> int:
+    """Where QEMU's EOF item starts: just before the VM description."""
+    return stream.rindex(b"\x00\x06\x00\x00")
+
+
+def assert_never_complete(result: subprocess.CompletedProcess, stream: bytes) -> None:
+    """Whatever decode wrote must stop before the EOF item: QEMU cannot finish loading it."""
+    assert result.returncode != 0
+    assert len(result.stdout) <= eof_at(stream)
+    assert stream.startswith(result.stdout)
+    message = result.stderr.decode().strip()
+    assert message.count("\n") == 0 and "Traceback" not in message, message
+
+
+def test_round_trip_is_byte_identical(encoded: bytes, stream: bytes) -> None:
+    result = decode(encoded)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == stream
+
+
+def test_compression_shrinks_the_wire(stream: bytes) -> None:
+    sizes = {codec: len(migpipe("encode", "--compress", codec, stdin=stream).stdout)
+             for codec in ("zstd:1", "lz4")}  # fmt: skip
+    assert all(size < len(stream) * 0.8 for size in sizes.values()), sizes
+
+
+def test_every_flipped_frame_byte_is_caught(encoded: bytes, stream: bytes) -> None:
+    positions = range(0, len(encoded), max(1, len(encoded) // 12))
+    for at in [*positions, len(encoded) - 1]:
+        corrupt = bytearray(encoded)
+        corrupt[at] ^= 0x10
+        assert_never_complete(decode(bytes(corrupt)), stream)
+
+
+def test_truncated_wire_never_completes(encoded: bytes, stream: bytes) -> None:
+    for cut in [0, 5, 40, len(encoded) // 2, len(encoded) - wire.TRAILER_SIZE - 14,
+                len(encoded) - 1]:  # fmt: skip
+        result = decode(encoded[:cut])
+        assert_never_complete(result, stream)
+        assert result.returncode in (EXIT_TRUNCATED, EXIT_CORRUPT)
+    assert decode(encoded[: len(encoded) - 1]).returncode == EXIT_TRUNCATED
+
+
+def test_frames_out_of_order_are_refused(stream: bytes) -> None:
+    encoded = migpipe("encode", stdin=stream).stdout
+    header_end = encoded.index(b"}") + 5
+    first_length = int.from_bytes(encoded[header_end + 5 : header_end + 9], "big")
+    first_end = header_end + wire.FRAME_HEADER_SIZE + first_length
+    second_length = int.from_bytes(encoded[first_end + 5 : first_end + 9], "big")
+    second_end = first_end + wire.FRAME_HEADER_SIZE + second_length
+    swapped = (encoded[:header_end] + encoded[first_end:second_end]
+               + encoded[header_end:first_end] + encoded[second_end:])  # fmt: skip
+    result = decode(swapped)
+    assert_never_complete(result, stream)
+    assert b"frame 1 where frame 0 was due" in result.stderr
+
+
+def test_unknown_filter_and_newer_version(stream: bytes) -> None:
+    header = wire.encode_header(wire.WireHeader((("rot13", {}),)))
+    result = decode(header + wire.encode_trailer(0, wire.Trailer(0, 0, 0, 0)))
+    assert result.returncode == EXIT_INCOMPATIBLE
+    assert b"unknown filter 'rot13'" in result.stderr
+    newer = bytearray(migpipe("encode", stdin=stream).stdout)
+    newer[8] = wire.VERSION + 1
+    result = decode(bytes(newer))
+    assert result.returncode == EXIT_INCOMPATIBLE and result.stdout == b""
+
+
+def test_encode_refuses_bad_qemu_input_and_unknown_filters(stream: bytes) -> None:
+    result = migpipe("encode", stdin=stream[: len(stream) // 2])
+    assert result.returncode == 1 and b"truncated" in result.stderr
+    result = migpipe("encode", "--filters", "rot13", stdin=stream)
+    assert result.returncode == EXIT_INCOMPATIBLE and b"unknown filter" in result.stderr
+
+
+def test_decode_output_file_appears_only_when_complete(encoded: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "stream"
+    result = migpipe("decode", "--out", str(out), stdin=encoded[:-3])
+    assert result.returncode != 0 and not out.exists()
+    assert not list(tmp_path.iterdir())
