@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import EXIT_INCOMPATIBLE, MigpipeError
 from migpipe.stream.records import Record
 
 ENTRY_POINT_GROUP = "migpipe.filters"
@@ -77,7 +77,10 @@ def create(name: str, params: dict[str, Any]) -> Filter:
     """A filter from a wire header entry."""
     cls = registry().get(name)
     if cls is None:
-        raise MigpipeError(f"unknown filter {name!r} (installed: {', '.join(sorted(registry()))})")
+        installed = ", ".join(sorted(registry()))
+        raise MigpipeError(
+            f"unknown filter {name!r} (installed: {installed})", None, EXIT_INCOMPATIBLE
+        )
     try:
         return cls(**params)
     except TypeError as e:
@@ -92,7 +95,10 @@ def parse_chain(text: str) -> list[Filter]:
         name, _, argument = item.partition(":")
         cls = known.get(name)
         if cls is None:
-            raise MigpipeError(f"unknown filter {name!r} (installed: {', '.join(sorted(known))})")
+            installed = ", ".join(sorted(known))
+            raise MigpipeError(
+                f"unknown filter {name!r} (installed: {installed})", None, EXIT_INCOMPATIBLE
+            )
         chain.append(cls.from_argument(argument or None))
     check_order(chain)
     return chain
