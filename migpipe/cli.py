@@ -168,7 +168,7 @@ def report(args: argparse.Namespace, totals) -> None:
         "ratio": round(totals.qemu_bytes / totals.wire_bytes, 4) if totals.wire_bytes else None,
         "page_records": totals.page_records,
         "frames": totals.frames,
-        "qemu_crc32": f"{totals.crc32:08x}",
+        "qemu_digest": f"{totals.digest:08x}",
     }
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")

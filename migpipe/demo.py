@@ -1,7 +1,8 @@
-"""The built-in example: a synthetic guest's migration stream through migpipe, checked.
+"""The built-in example: a synthetic guest's migration stream through the tunnel, checked.
 
-It generates a multi-pass precopy stream, parses and rewrites it (which must give the very same
-bytes), replays it into RAM images (which must equal the guest's memory), and prints what it saw.
+It generates a multi-pass precopy stream, encodes it to migpipe's wire with zstd and decodes it
+again (which must give the very same bytes), replays the result into RAM images (which must
+equal the guest's memory), and prints what it saw.
 """
 
 import filecmp
@@ -10,18 +11,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from migpipe.cli import run_trio
 from migpipe.extracted import extract, image_file_name
 from migpipe.files import read_chunks
+from migpipe.filter import parse_chain
 from migpipe.inspect import StreamStats
-from migpipe.stream.parser import StreamParser, iter_records
+from migpipe.pipeline import Totals, decode, encode
+from migpipe.stream.parser import iter_records
 from migpipe.stream.writer import StreamWriter
 from migpipe.synthetic import GuestModel, SyntheticGuest
 
+CHAIN = "zstd:1"
 
-def _write_stream(records, path: Path) -> None:
+
+def _write_stream(guest: SyntheticGuest, path: Path) -> None:
     writer, buffer = StreamWriter(), bytearray()
     with open(path, "wb") as out:
-        for record in records:
+        for record in guest.records():
             writer.write(buffer, record)
             if len(buffer) >= 1 << 20:
                 out.write(buffer)
@@ -29,59 +35,54 @@ def _write_stream(records, path: Path) -> None:
         out.write(buffer)
 
 
-def _round_trip(source: Path, target: Path) -> float:
-    """parse -> write, chunk by chunk as a pipeline does; returns seconds taken."""
-    parser, writer, buffer = StreamParser(), StreamWriter(), bytearray()
+def _through(function, source: Path, target: Path, *args) -> tuple[Totals, float]:
     started = time.perf_counter()
     with open(source, "rb") as f, open(target, "wb") as out:
-        for chunk in read_chunks(f):
-            parser.feed(chunk)
-            writer.write_all(buffer, parser.next_records())
-            out.write(buffer)
-            buffer.clear()
-        parser.close()
-        writer.write_all(buffer, parser.next_records())
-        out.write(buffer)
-    return time.perf_counter() - started
+        totals = run_trio(function, f.fileno(), out.fileno(), *args)
+    return totals, time.perf_counter() - started
+
+
+def _mismatched_images(guest: SyntheticGuest, directory: Path) -> list[str]:
+    mismatched = []
+    for name, image in guest.images.items():
+        with open(directory / image_file_name(name), "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if mapped[:] != image:
+                mismatched.append(name)
+            mapped.close()
+    return mismatched
 
 
 def run_demo(size: int, iterations: int, seed: int) -> int:
-    model = GuestModel(ram_size=size, iterations=iterations, seed=seed)
-    guest = SyntheticGuest(model)
+    guest = SyntheticGuest(GuestModel(ram_size=size, iterations=iterations, seed=seed))
     with tempfile.TemporaryDirectory(prefix="migpipe-demo-") as tmp:
         work = Path(tmp)
-        original, rewritten = work / "guest.stream", work / "rewritten.stream"
-        _write_stream(guest.records(), original)
-        seconds = _round_trip(original, rewritten)
-        identical = filecmp.cmp(original, rewritten, shallow=False)
+        original, wire, decoded = work / "guest.stream", work / "wire", work / "decoded.stream"
+        _write_stream(guest, original)
+        encoded, encode_seconds = _through(encode, original, wire, parse_chain(CHAIN))
+        _, decode_seconds = _through(decode, wire, decoded)
+        identical = filecmp.cmp(original, decoded, shallow=False)
         stats = StreamStats()
-        with open(rewritten, "rb") as f:
-            records = iter_records(read_chunks(f))
-            extract((stats.add(r) or r for r in records), work / "extracted")
-        mismatched = []
-        for name, image in guest.images.items():
-            with open(work / "extracted" / image_file_name(name), "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                if mapped[:] != image:
-                    mismatched.append(name)
-                mapped.close()
-        stream_bytes = original.stat().st_size
+        with open(decoded, "rb") as f:
+            records = (stats.add(r) or r for r in iter_records(read_chunks(f)))
+            extract(records, work / "extracted")
+        mismatched = _mismatched_images(guest, work / "extracted")
+    stream_bytes = encoded.qemu_bytes
     rows = [
         ("synthetic guest", f"{size >> 20} MiB RAM, {iterations} passes, seed {seed}"),
-        ("stream", f"{stream_bytes:,} bytes"),
+        ("QEMU stream", f"{stream_bytes:,} bytes"),
         ("pages", ", ".join(f"{k} {v:,}" for k, v in stats.pages.items() if v)),
         ("passes over RAM", f"{stats.passes}"),
         ("pages sent more than once", f"{stats.pages_resent:,} (up to {stats.max_sends}x)"),
         ("device state", f"{stats.device_bytes:,} bytes"),
-        ("parse + write", f"{stream_bytes / seconds / 1e6:,.0f} MB/s"),
-        ("rewritten stream", "byte-identical" if identical else "DIFFERENT"),
-        (
-            "replayed RAM",
-            "equals the guest's memory"
-            if not mismatched
-            else f"DIFFERS in {', '.join(mismatched)}",
-        ),
-    ]
+        (f"wire ({CHAIN})", f"{encoded.wire_bytes:,} bytes, "
+                            f"ratio {stream_bytes / encoded.wire_bytes:.2f}"),
+        ("encode", f"{stream_bytes / encode_seconds / 1e6:,.0f} MB/s"),
+        ("decode", f"{stream_bytes / decode_seconds / 1e6:,.0f} MB/s"),
+        ("decoded stream", "byte-identical" if identical else "DIFFERENT"),
+        ("replayed RAM", "equals the guest's memory" if not mismatched
+         else f"DIFFERS in {', '.join(mismatched)}"),
+    ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

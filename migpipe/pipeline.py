@@ -1,10 +1,17 @@
 """encode and decode: a QEMU stream to migpipe's wire and back, as a pipeline.
 
 The state of each direction (Encoder, Decoder) is plain synchronous code over bytes. The
-pipeline around it is trio: one task reads and parses, WORKERS tasks run the byte filters in
-worker threads (zstd, lz4 and the checksums release the GIL, so both cores work), one task
+pipeline around it is trio: one task reads and parses, WORKERS tasks run the byte filters and
+checksums in worker threads (zstd, lz4 and CRC-32 release the GIL, so both cores work), one task
 writes frames in order. Bounded channels between them give backpressure and bound memory to
 about IN_FLIGHT frames per stage.
+
+Bytes are copied as little as possible: this VM pays dearly for first-touched memory, so a
+frame's QEMU bytes stay views of the chunks they were read in until the frame is written.
+
+End to end, each frame's QEMU bytes get a CRC-32 (computed by the workers, in parallel), and
+the trailer carries a digest chained over every frame's (length, CRC-32): decode recomputes it
+from what it rebuilt, so a filter that went wrong is caught as surely as a flipped wire bit.
 """
 
 import os
@@ -16,6 +23,7 @@ import trio
 
 from migpipe import filter as filters
 from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, MigpipeError
+from migpipe.stream.format import BE32, BE64
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_RECORD_TYPES, Eof, Record
 from migpipe.stream.writer import StreamWriter
@@ -37,31 +45,49 @@ FRAME_TARGET = 1 << 20
 IN_FLIGHT = 4
 WORKERS = 2
 
+Pieces = list[memoryview]
+
 
 @dataclass
 class Totals:
-    """What crossed: the QEMU stream's size, pages, CRC-32, and the wire's size."""
+    """What crossed: the QEMU stream's size, pages and digest, and the wire's size."""
 
     qemu_bytes: int = 0
     page_records: int = 0
     frames: int = 0
     wire_bytes: int = 0
-    crc32: int = 0
+    digest: int = 0
 
     def count_pages(self, records: list[Record]) -> None:
         self.page_records += sum(1 for r in records if type(r) in PAGE_RECORD_TYPES)
 
+    def chain(self, length: int, crc: int) -> None:
+        """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
+        self.digest = zlib.crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
 
-def _count(totals: Totals, data: bytes | bytearray) -> None:
-    totals.qemu_bytes += len(data)
-    totals.crc32 = zlib.crc32(data, totals.crc32)
+
+def crc_of(pieces: Sequence[memoryview | bytes]) -> int:
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return crc
+
+
+@dataclass
+class Outgoing:
+    """A frame on its way: its QEMU bytes, and the payload when page filters rewrote them."""
+
+    kind: int
+    sequence: int
+    qemu: Pieces
+    records: bytes | None  # serialised filtered records; None means the payload is `qemu`
 
 
 class Encoder:
-    """QEMU stream bytes in, frame payloads out; everything from the EOF item on is FINAL.
+    """QEMU stream bytes in, frames out; everything from the EOF item on goes in the FINAL frame.
 
-    Without page filters the payloads are the QEMU bytes themselves (only parsed, to check
-    them and find EOF); with page filters they are the filtered records, re-serialised.
+    Frames end where the parser has reached, so each frame holds whole records; without page
+    filters a frame's payload is its QEMU bytes, unchanged (only parsed, to check them).
     """
 
     def __init__(self, chain: Sequence[filters.Filter], page_size: int = 4096) -> None:
@@ -69,69 +95,76 @@ class Encoder:
         self._parser = StreamParser(page_size=page_size)
         self._transforms = [f.encoder() for f in chain if isinstance(f, filters.PageFilter)]
         self._writer = StreamWriter()
-        self._raw = bytearray()  # received, not yet parsed (raw mode only)
-        self._raw_start = 0  # stream offset of _raw[0]
-        self._payload = bytearray()
-        self._final = bytearray()
-        self._in_final = False
+        self._pieces: Pieces = []  # QEMU bytes read, not yet in a frame
+        self._pieces_start = 0  # stream offset of the first of them
+        self._records = bytearray()  # page-filter mode: serialised records of the next frame
+        self._final_records = bytearray()
+        self._sequence = 0
 
-    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
-        _count(self.totals, chunk)
+    def feed(self, chunk: bytes) -> list[Outgoing]:
+        self.totals.qemu_bytes += len(chunk)
+        self._pieces.append(memoryview(chunk))
         self._parser.feed(chunk)
-        if not self._transforms:
-            self._raw += chunk
         self._take(self._parser.next_records())
-        return self._ready(FRAME_TARGET)
+        boundary = self._parser.eof_offset
+        if boundary is None:
+            boundary = self._parser.offset
+        elif self._pieces_start < boundary:
+            return [self._frame(FRAME_DATA, boundary)]  # the last data before the EOF item
+        else:
+            return []  # from EOF on, everything waits for the FINAL frame
+        if boundary - self._pieces_start >= FRAME_TARGET:
+            return [self._frame(FRAME_DATA, boundary)]
+        return []
 
-    def finish(self) -> list[tuple[int, bytes]]:
+    def finish(self) -> list[Outgoing]:
         self._parser.close()
         self._take(self._parser.next_records())
-        if not self._in_final:
+        eof = self._parser.eof_offset
+        if eof is None:
             raise MigpipeError("QEMU stream ended without its EOF item", self.totals.qemu_bytes)
-        payloads = self._ready(1)
-        payloads.append((FRAME_FINAL, bytes(self._final)))
-        return payloads
+        frames = [self._frame(FRAME_DATA, eof)] if self._pieces_start < eof else []
+        self._records = self._final_records
+        frames.append(self._frame(FRAME_FINAL, self.totals.qemu_bytes))
+        return frames
 
     def trailer(self) -> Trailer:
         t = self.totals
-        return Trailer(t.qemu_bytes, t.page_records, t.frames, t.crc32)
+        return Trailer(t.qemu_bytes, t.page_records, t.frames, t.digest)
 
     def _take(self, records: list[Record]) -> None:
         self.totals.count_pages(records)
         if not self._transforms:
-            self._take_raw()
             return
         for transform in self._transforms:
             records = transform.transform(records)
-        if not self._in_final and any(type(r) is Eof for r in records):
-            at = next(i for i, r in enumerate(records) if type(r) is Eof)
-            self._writer.write_all(self._payload, records[:at])
-            self._in_final = True
+        at = next((i for i, r in enumerate(records) if type(r) is Eof), None)
+        if at is not None:
+            self._writer.write_all(self._records, records[:at])
             records = records[at:]
-        self._writer.write_all(self._final if self._in_final else self._payload, records)
+        target = self._final_records if self._parser.eof_offset is not None else self._records
+        self._writer.write_all(target, records)
 
-    def _take_raw(self) -> None:
-        """Move parsed bytes to the payload, splitting at the EOF item."""
-        eof = self._parser.eof_offset
-        if self._in_final:
-            self._final += self._raw
-            self._raw.clear()
-            return
-        upto = (eof if eof is not None else self._parser.offset) - self._raw_start
-        self._payload += self._raw[:upto]
-        del self._raw[:upto]
-        self._raw_start += upto
-        if eof is not None:
-            self._in_final = True
-            self._final += self._raw
-            self._raw.clear()
-
-    def _ready(self, minimum: int) -> list[tuple[int, bytes]]:
-        if len(self._payload) < minimum:
-            return []
-        payload = bytes(self._payload)
-        self._payload.clear()
-        return [(FRAME_DATA, payload)]
+    def _frame(self, kind: int, upto: int) -> Outgoing:
+        """The QEMU bytes up to stream offset `upto` (and their records) as the next frame."""
+        qemu: Pieces = []
+        left = upto - self._pieces_start
+        while left:
+            piece = self._pieces[0]
+            if len(piece) <= left:
+                qemu.append(self._pieces.pop(0))
+                left -= len(piece)
+            else:
+                qemu.append(piece[:left])
+                self._pieces[0] = piece[left:]
+                left = 0
+        self._pieces_start = upto
+        records = None
+        if self._transforms:
+            records, self._records = bytes(self._records), bytearray()
+        frame = Outgoing(kind, self._sequence, qemu, records)
+        self._sequence += 1
+        return frame
 
 
 class Decoder:
@@ -148,38 +181,45 @@ class Decoder:
         self._held: bytes | None = None
         self.totals = Totals()
 
-    def unfilter(self, data: bytes) -> bytes:
-        """Undo the byte filters (thread-safe: called from the worker threads)."""
+    def unfilter(self, frame: Frame) -> tuple[Frame, int | None]:
+        """Undo the byte filters; thread-safe (the workers call it), and CRC raw QEMU bytes."""
+        data = frame.payload
         for byte_filter in reversed(self.byte_filters):
             data = byte_filter.decode(data, MAX_FRAME)
-        return data
+        crc = None if self._parser is not None else zlib.crc32(data)
+        return Frame(frame.kind, frame.sequence, data), crc
 
-    def payload(self, kind: int, payload: bytes) -> bytes:
+    def payload(self, frame: Frame, crc: int | None) -> bytes:
         """The QEMU bytes to write now for one frame, in frame order."""
         if self._held is not None:
             raise MigpipeError("data frame after the final frame", status=EXIT_CORRUPT)
-        self.totals.frames += 1
+        data = frame.payload
         if self._parser is not None:
-            self._parser.feed(payload)
+            self._parser.feed(data)
             records = self._parser.next_records()
             for transform in self._transforms:
                 records = transform.transform(records)
             self.totals.count_pages(records)
             out = bytearray()
             self._writer.write_all(out, records)
-            payload = bytes(out)
-        _count(self.totals, payload)
-        if kind == FRAME_FINAL:
-            if not payload.startswith(b"\x00"):
+            data = bytes(out)
+            crc = zlib.crc32(data)
+        self.totals.frames += 1
+        self.totals.qemu_bytes += len(data)
+        self.totals.chain(len(data), crc)
+        if frame.kind == FRAME_FINAL:
+            if not data.startswith(b"\x00"):
                 raise MigpipeError(
                     "final frame does not start with QEMU's EOF item", status=EXIT_CORRUPT
                 )
-            self._held = payload
+            self._held = data
             return b""
-        return payload
+        return data
 
-    def finish(self, trailer: Trailer) -> bytes:
+    def finish(self, trailer: Trailer | None) -> bytes:
         """Check the totals against the trailer; only then release the stream's end."""
+        if trailer is None:
+            raise MigpipeError("wire ended without a trailer", status=EXIT_CORRUPT)
         if self._parser is not None:
             self._parser.close()
             self._parser.next_records()
@@ -187,19 +227,18 @@ class Decoder:
         problems = []
         if self._held is None:
             problems.append("no final frame")
-        if (t.qemu_bytes, t.crc32) != (trailer.qemu_bytes, trailer.qemu_crc32):
+        if (t.qemu_bytes, t.digest) != (trailer.qemu_bytes, trailer.qemu_digest):
             problems.append(
-                f"rebuilt {t.qemu_bytes} bytes with CRC-32 {t.crc32:08x}, the encoder read "
-                f"{trailer.qemu_bytes} with {trailer.qemu_crc32:08x}"
+                f"rebuilt {t.qemu_bytes} bytes with digest {t.digest:08x}, the encoder read "
+                f"{trailer.qemu_bytes} with {trailer.qemu_digest:08x}"
             )
         if t.frames != trailer.data_frames:
             problems.append(f"{t.frames} data frames, the encoder sent {trailer.data_frames}")
         if self._parser is not None and t.page_records != trailer.page_records:
             problems.append(f"{t.page_records} pages, the encoder read {trailer.page_records}")
         if problems:
-            raise MigpipeError(
-                "wire totals do not match: " + "; ".join(problems), status=EXIT_CORRUPT
-            )
+            message = "wire totals do not match: " + "; ".join(problems)
+            raise MigpipeError(message, status=EXIT_CORRUPT)
         return self._held
 
 
@@ -210,22 +249,24 @@ def _read(fd: int) -> bytes:
     try:
         return os.read(fd, CHUNK)
     except ConnectionResetError as e:
-        raise MigpipeError(
-            f"input connection reset ({e.strerror})", status=EXIT_PEER_GONE
-        ) from None
+        message = f"input connection reset ({e.strerror})"
+        raise MigpipeError(message, status=EXIT_PEER_GONE) from None
 
 
-def _write(fd: int, *parts: bytes | bytearray) -> None:
+def _write(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    """writev all of `parts`, however the kernel splits it."""
+    views = [memoryview(p) for p in parts if len(p)]
     try:
-        for part in parts:
-            with memoryview(part) as view:
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+        while views:
+            written = os.writev(fd, views[:1024])
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if written:
+                views[0] = views[0][written:]
     except (BrokenPipeError, ConnectionResetError):
-        raise MigpipeError(
-            "output closed by the reader (broken pipe)", status=EXIT_PEER_GONE
-        ) from None
+        message = "output closed by the reader (broken pipe)"
+        raise MigpipeError(message, status=EXIT_PEER_GONE) from None
 
 
 async def _ordered(produce, work, write) -> None:
@@ -259,42 +300,48 @@ async def _ordered(produce, work, write) -> None:
 
 async def encode(in_fd: int, out_fd: int, chain: Sequence[filters.Filter]) -> Totals:
     encoder = Encoder(chain)
+    totals = encoder.totals
     byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
     header = WireHeader(tuple((f.name, f.params()) for f in chain))
-    sequence = 0
 
-    def read_and_parse() -> tuple[list[tuple[int, bytes]], bool]:
+    def read_and_parse() -> tuple[list[Outgoing], bool]:
         chunk = _read(in_fd)
         return (encoder.feed(chunk), False) if chunk else (encoder.finish(), True)
 
-    def frame(item: tuple[int, int, bytes]) -> tuple[bytes, bytes]:
-        kind, seq, payload = item
-        for byte_filter in byte_filters:
-            payload = byte_filter.encode(payload)
-        return encode_frame(kind, seq, payload), payload
+    def frame(out: Outgoing) -> tuple[list, int, int]:
+        qemu_length = sum(len(p) for p in out.qemu)
+        qemu_crc = crc_of(out.qemu)
+        payload: Sequence = out.qemu if out.records is None else [out.records]
+        if byte_filters:
+            data = b"".join(payload)
+            for byte_filter in byte_filters:
+                data = byte_filter.encode(data)
+            payload = [data]
+        head = encode_frame(out.kind, out.sequence, payload)
+        return [head, *payload], qemu_length, qemu_crc
 
     async def produce(submit) -> None:
-        nonlocal sequence
         head = encode_header(header)
-        encoder.totals.wire_bytes += len(head)
-        await trio.to_thread.run_sync(_write, out_fd, head)
+        totals.wire_bytes += len(head)
+        await trio.to_thread.run_sync(_write, out_fd, [head])
         finished = False
         while not finished:
-            payloads, finished = await trio.to_thread.run_sync(read_and_parse)
-            for kind, payload in payloads:
-                await submit((kind, sequence, payload))
-                sequence += 1
-                encoder.totals.frames += 1
+            frames, finished = await trio.to_thread.run_sync(read_and_parse)
+            for out in frames:
+                await submit(out)
 
-    async def write(parts: tuple[bytes, bytes]) -> None:
-        encoder.totals.wire_bytes += len(parts[0]) + len(parts[1])
-        await trio.to_thread.run_sync(_write, out_fd, *parts)
+    async def write(item: tuple[list, int, int]) -> None:
+        parts, qemu_length, qemu_crc = item
+        totals.frames += 1
+        totals.chain(qemu_length, qemu_crc)
+        totals.wire_bytes += sum(len(p) for p in parts)
+        await trio.to_thread.run_sync(_write, out_fd, parts)
 
     await _ordered(produce, frame, write)
-    trailer = encode_trailer(sequence, encoder.trailer())
-    await trio.to_thread.run_sync(_write, out_fd, trailer)
-    encoder.totals.wire_bytes += len(trailer)
-    return encoder.totals
+    trailer = encode_trailer(totals.frames, encoder.trailer())
+    await trio.to_thread.run_sync(_write, out_fd, [trailer])
+    totals.wire_bytes += len(trailer)
+    return totals
 
 
 async def decode(in_fd: int, out_fd: int) -> Totals:
@@ -313,9 +360,6 @@ async def decode(in_fd: int, out_fd: int) -> Totals:
             reader.close()
         return reader.next_events(), not chunk
 
-    def unfilter(frame: Frame) -> tuple[int, bytes]:
-        return frame.kind, decoder.unfilter(frame.payload)
-
     async def produce(submit) -> None:
         nonlocal decoder, trailer
         finished = False
@@ -329,13 +373,16 @@ async def decode(in_fd: int, out_fd: int) -> Totals:
                 else:
                     trailer = event
 
-    async def write(item: tuple[int, bytes]) -> None:
+    def unfilter(frame: Frame) -> tuple[Frame, int | None]:
+        return decoder.unfilter(frame)
+
+    async def write(item: tuple[Frame, int | None]) -> None:
         data = decoder.payload(*item)
         if data:
-            await trio.to_thread.run_sync(_write, out_fd, data)
+            await trio.to_thread.run_sync(_write, out_fd, [data])
 
     await _ordered(produce, unfilter, write)
     final = decoder.finish(trailer)  # raises unless every check passed
-    await trio.to_thread.run_sync(_write, out_fd, final)
+    await trio.to_thread.run_sync(_write, out_fd, [final])
     decoder.totals.wire_bytes = wire_bytes
     return decoder.totals

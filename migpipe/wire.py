@@ -14,6 +14,7 @@ stream unless the whole stream arrived intact.
 
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +47,16 @@ class Frame:
 
 @dataclass(frozen=True)
 class Trailer:
-    """Totals of the QEMU stream as the encoder read it."""
+    """Totals of the QEMU stream as the encoder read it.
+
+    qemu_digest is a CRC-32 chained over every data and final frame's (be64 length, be32 CRC-32
+    of its QEMU bytes): decode recomputes it from the bytes it rebuilt.
+    """
 
     qemu_bytes: int
     page_records: int
     data_frames: int
-    qemu_crc32: int
+    qemu_digest: int
 
 
 def encode_header(header: WireHeader) -> bytes:
@@ -64,10 +69,13 @@ def encode_header(header: WireHeader) -> bytes:
     return head + BE32.pack(zlib.crc32(head))
 
 
-def encode_frame(kind: int, sequence: int, payload: bytes | bytearray | memoryview) -> bytes:
-    """The 13-byte frame header; the caller writes the payload after it (no copy here)."""
-    head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(len(payload))
-    return head + BE32.pack(zlib.crc32(payload, zlib.crc32(head)))
+def encode_frame(kind: int, sequence: int, payload: Sequence[bytes | memoryview]) -> bytes:
+    """The 13-byte frame header for a payload given in pieces (written after it, uncopied)."""
+    head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(sum(len(p) for p in payload))
+    crc = zlib.crc32(head)
+    for piece in payload:
+        crc = zlib.crc32(piece, crc)
+    return head + BE32.pack(crc)
 
 
 def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
@@ -75,9 +83,9 @@ def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
         BE64.pack(trailer.qemu_bytes)
         + BE64.pack(trailer.page_records)
         + BE64.pack(trailer.data_frames)
-        + BE32.pack(trailer.qemu_crc32)
+        + BE32.pack(trailer.qemu_digest)
     )
-    return encode_frame(FRAME_TRAILER, sequence, payload) + payload
+    return encode_frame(FRAME_TRAILER, sequence, [payload]) + payload
 
 
 class WireReader:
@@ -183,7 +191,8 @@ class WireReader:
         if sequence != self._sequence:
             self._fail(f"frame {sequence} where frame {self._sequence} was due", pos)
         self._sequence += 1
-        payload = bytes(buf[pos + FRAME_HEADER_SIZE : end])
+        with memoryview(buf) as view:
+            payload = bytes(view[pos + FRAME_HEADER_SIZE : end])
         if kind != FRAME_TRAILER:
             return Frame(kind, sequence, payload), end
         if length != TRAILER_SIZE:
