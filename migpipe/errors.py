@@ -4,7 +4,6 @@ Every failure a user can cause (bad input, a truncated stream, a wrong option) i
 MigpipeError, so the CLI can print one line and exit non-zero instead of a traceback.
 """
 
-
 # Exit statuses, one per kind of failure a script may want to tell apart (see migpipe(1)).
 EXIT_ERROR = 1  # bad input or a failed operation
 EXIT_USAGE = 2
