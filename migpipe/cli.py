@@ -4,9 +4,11 @@ Every MigpipeError becomes one line on stderr and exit status 1; usage errors ex
 """
 
 import argparse
+import contextlib
 import json
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from migpipe import __version__
@@ -142,12 +144,35 @@ def _leaves(group: BaseExceptionGroup):
             yield exc
 
 
+@contextlib.contextmanager
+def wire_end(args: argparse.Namespace, role: str) -> Iterator[int]:
+    """The fd of the wire side: a connection when asked for one, else the --in/--out file."""
+    from migpipe import transport
+
+    if args.connect:
+        with transport.connect(args.connect, args.connect_timeout) as sock:
+            yield sock.fileno()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)  # the peer's read sees the end of the wire
+    elif args.listen:
+        with transport.listen(args.listen) as sock:
+            yield sock.fileno()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+    elif role == "input":
+        with open_input(args.input) as f:
+            yield f.fileno()
+    else:
+        with open_output(args.output, force=args.force) as f:
+            yield f.fileno()
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from migpipe.pipeline import encode
 
     chain = filter_chain(args)
-    with open_input(args.input) as source, open_output(args.output, force=args.force) as sink:
-        totals = run_trio(encode, source.fileno(), sink.fileno(), chain)
+    with open_input(args.input) as source, wire_end(args, "output") as wire:
+        totals = run_trio(encode, source.fileno(), wire, chain)
     report(args, totals)
     return 0
 
@@ -155,8 +180,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     from migpipe.pipeline import decode
 
-    with open_input(args.input) as source, open_output(args.output, force=args.force) as sink:
-        totals = run_trio(decode, source.fileno(), sink.fileno())
+    with wire_end(args, "input") as wire, open_output(args.output, force=args.force) as sink:
+        totals = run_trio(decode, wire, sink.fileno())
     report(args, totals)
     return 0
 
@@ -261,6 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
         sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+        link = sub.add_mutually_exclusive_group()
+        link.add_argument(
+            "--connect",
+            metavar="ADDR",
+            help="carry the wire over a connection to HOST:PORT or unix:PATH",
+        )
+        link.add_argument(
+            "--listen",
+            metavar="ADDR",
+            help="accept the wire's one connection on [HOST:]PORT or unix:PATH",
+        )
+        sub.add_argument(
+            "--connect-timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="keep retrying --connect this long while nobody listens (30)",
+        )
 
     encode = command(
         "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."

@@ -6,6 +6,7 @@ when the wire between encode and decode is corrupted or cut.
 """
 
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -44,3 +45,19 @@ def test_a_damaged_wire_never_completes_a_migration(
     sender = f"{MIGPIPE} encode | {MANGLE} {mode} 3000000 | {MIGPIPE} decode > {{fifo}}"
     with pytest.raises(qemuvm.MigrationFailed):
         qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender, timeout=60)
+
+
+def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    link = f"127.0.0.1:{port}"
+    migration = qemuvm.migrate_through(
+        guest_elf, "dirty", tmp_path,
+        sender=f"{MIGPIPE} encode --compress zstd:1 --connect {link}",
+        incoming=f"exec:{MIGPIPE} decode --listen {link}",
+    )  # fmt: skip
+    assert migration.sender_status == 0
+    replay = oracle.replay(migration.source_stream)
+    assert replay.pages_resent > 0
+    assert oracle.first_difference(migration.dest_memory, replay.image) is None
