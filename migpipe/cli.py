@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     chain = filter_chain(args)
     with open_input(args.input) as source, wire_end(args, "output") as wire:
-        totals = run_trio(encode, source.fileno(), wire, chain)
+        totals = run_trio(encode, source.fileno(), wire, chain, progress(args, "encode"))
     report(args, totals)
     return 0
 
@@ -181,22 +182,35 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from migpipe.pipeline import decode
 
     with wire_end(args, "input") as wire, open_output(args.output, force=args.force) as sink:
-        totals = run_trio(decode, wire, sink.fileno())
+        totals = run_trio(decode, wire, sink.fileno(), progress(args, "decode"))
     report(args, totals)
     return 0
 
 
+def progress(args: argparse.Namespace, label: str):
+    """A progress line on stderr: asked for, or by default when stderr is a terminal."""
+    from migpipe.progress import Progress
+
+    wanted = sys.stderr.isatty() if args.progress is None else args.progress
+    return Progress(label) if wanted else None
+
+
 def report(args: argparse.Namespace, totals) -> None:
+    """--stats-json: the final figures, in QEMU's query-migrate words where they exist."""
+    if not args.stats_json:
+        return
     figures = {
         "qemu_bytes": totals.qemu_bytes,
         "wire_bytes": totals.wire_bytes,
         "ratio": round(totals.qemu_bytes / totals.wire_bytes, 4) if totals.wire_bytes else None,
-        "page_records": totals.page_records,
+        "pages": totals.pages,
         "frames": totals.frames,
         "qemu_digest": f"{totals.digest:08x}",
+        "filter_seconds": {k: round(v, 4) for k, v in totals.filter_seconds.items()},
+        "filters": totals.filter_counters,
+        "wall_seconds": round(time.monotonic() - args.started, 4),
     }
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+    Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -286,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
         sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+        sub.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress on stderr (default: when stderr is a terminal)",
+        )
         link = sub.add_mutually_exclusive_group()
         link.add_argument(
             "--connect",
@@ -334,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.started = time.monotonic()
     try:
         return args.handler(args)
     except MigpipeError as e:

@@ -58,8 +58,16 @@ class PageFilter(Filter):
 
 
 class RecordTransform:
+    """One direction of a page filter for one stream: records in, records out, in order."""
+
+    name: str  # the filter's name, for --stats-json
+
     def transform(self, records: list[Record]) -> list[Record]:
         raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        """Figures for --stats-json (hits, misses, ...)."""
+        return {}
 
 
 def registry() -> dict[str, type[Filter]]:

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from migpipe.stream import format as fmt
 from migpipe.stream.parser import capability_names
 from migpipe.stream.records import (
+    PAGE_KIND_NAMES,
     Command,
-    CompressedPage,
     Configuration,
     MemSize,
-    NormalPage,
     Record,
     SectionEnd,
     SectionFooter,
@@ -23,17 +22,10 @@ from migpipe.stream.records import (
     SectionPart,
     SectionStart,
     VmDescription,
-    XbzrlePage,
     ZeroPage,
 )
 from migpipe.stream.writer import StreamWriter
 
-PAGE_KIND_NAMES = {
-    ZeroPage: "zero",
-    NormalPage: "normal",
-    XbzrlePage: "xbzrle",
-    CompressedPage: "compressed",
-}
 _CHUNK_PAGES = 256  # re-send counters are kept per 1 MiB of guest RAM actually seen
 
 

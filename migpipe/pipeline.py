@@ -15,17 +15,20 @@ from what it rebuilt, so a filter that went wrong is caught as surely as a flipp
 """
 
 import os
+import threading
+import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from migpipe import filter as filters
-from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, MigpipeError
+from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TRUNCATED, MigpipeError
+from migpipe.progress import Progress
 from migpipe.stream.format import BE32, BE64
 from migpipe.stream.parser import StreamParser
-from migpipe.stream.records import PAGE_RECORD_TYPES, Eof, Record
+from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
 from migpipe.wire import (
     FRAME_DATA,
@@ -50,16 +53,32 @@ Pieces = list[memoryview]
 
 @dataclass
 class Totals:
-    """What crossed: the QEMU stream's size, pages and digest, and the wire's size."""
+    """What crossed: the QEMU stream's size, pages and digest, the wire's size, filter time."""
 
     qemu_bytes: int = 0
     page_records: int = 0
     frames: int = 0
     wire_bytes: int = 0
     digest: int = 0
+    pages: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(PAGE_KIND_NAMES.values(), 0)
+    )
+    filter_seconds: dict[str, float] = field(default_factory=dict)
+    filter_counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_pages(self, records: list[Record]) -> None:
-        self.page_records += sum(1 for r in records if type(r) in PAGE_RECORD_TYPES)
+        pages, names = self.pages, PAGE_KIND_NAMES
+        for record in records:
+            name = names.get(type(record))
+            if name is not None:
+                pages[name] += 1
+        self.page_records = sum(pages.values())
+
+    def timed(self, name: str, seconds: float) -> None:
+        """Add a filter's CPU time; workers call this from several threads."""
+        with self._lock:
+            self.filter_seconds[name] = self.filter_seconds.get(name, 0.0) + seconds
 
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
@@ -129,6 +148,8 @@ class Encoder:
         return frames
 
     def trailer(self) -> Trailer:
+        for transform in self._transforms:
+            self.totals.filter_counters[transform.name] = transform.counters()
         t = self.totals
         return Trailer(t.qemu_bytes, t.page_records, t.frames, t.digest)
 
@@ -137,7 +158,9 @@ class Encoder:
         if not self._transforms:
             return
         for transform in self._transforms:
+            started = time.perf_counter()
             records = transform.transform(records)
+            self.totals.timed(transform.name, time.perf_counter() - started)
         at = next((i for i, r in enumerate(records) if type(r) is Eof), None)
         if at is not None:
             self._writer.write_all(self._records, records[:at])
@@ -170,7 +193,7 @@ class Encoder:
 class Decoder:
     """Frame payloads in, QEMU stream bytes out; the FINAL part is released only by finish()."""
 
-    def __init__(self, header: WireHeader) -> None:
+    def __init__(self, header: WireHeader, totals: Totals | None = None) -> None:
         chain = [filters.create(name, params) for name, params in header.filters]
         filters.check_order(chain)
         self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
@@ -179,13 +202,15 @@ class Decoder:
         self._parser = StreamParser(page_size=header.page_size) if self._transforms else None
         self._writer = StreamWriter()
         self._held: bytes | None = None
-        self.totals = Totals()
+        self.totals = totals or Totals()
 
     def unfilter(self, frame: Frame) -> tuple[Frame, int | None]:
         """Undo the byte filters; thread-safe (the workers call it), and CRC raw QEMU bytes."""
         data = frame.payload
         for byte_filter in reversed(self.byte_filters):
+            started = time.perf_counter()
             data = byte_filter.decode(data, MAX_FRAME)
+            self.totals.timed(byte_filter.name, time.perf_counter() - started)
         crc = None if self._parser is not None else zlib.crc32(data)
         return Frame(frame.kind, frame.sequence, data), crc
 
@@ -198,7 +223,9 @@ class Decoder:
             self._parser.feed(data)
             records = self._parser.next_records()
             for transform in self._transforms:
+                started = time.perf_counter()
                 records = transform.transform(records)
+                self.totals.timed(transform.name, time.perf_counter() - started)
             self.totals.count_pages(records)
             out = bytearray()
             self._writer.write_all(out, records)
@@ -223,6 +250,8 @@ class Decoder:
         if self._parser is not None:
             self._parser.close()
             self._parser.next_records()
+        for transform in self._transforms:
+            self.totals.filter_counters[transform.name] = transform.counters()
         t = self.totals
         problems = []
         if self._held is None:
@@ -298,7 +327,21 @@ async def _ordered(produce, work, write) -> None:
             await produce(submit)
 
 
-async def encode(in_fd: int, out_fd: int, chain: Sequence[filters.Filter]) -> Totals:
+async def _with_progress(progress: Progress | None, totals: Totals, pipeline) -> None:
+    """Run the pipeline, redrawing progress beside it when asked to."""
+    if progress is None:
+        await pipeline()
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(progress.run, totals)
+        await pipeline()
+        nursery.cancel_scope.cancel()
+    progress.finish(totals)
+
+
+async def encode(
+    in_fd: int, out_fd: int, chain: Sequence[filters.Filter], progress: Progress | None = None
+) -> Totals:
     encoder = Encoder(chain)
     totals = encoder.totals
     byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
@@ -315,7 +358,9 @@ async def encode(in_fd: int, out_fd: int, chain: Sequence[filters.Filter]) -> To
         if byte_filters:
             data = b"".join(payload)
             for byte_filter in byte_filters:
+                started = time.perf_counter()
                 data = byte_filter.encode(data)
+                totals.timed(byte_filter.name, time.perf_counter() - started)
             payload = [data]
         head = encode_frame(out.kind, out.sequence, payload)
         return [head, *payload], qemu_length, qemu_crc
@@ -337,23 +382,22 @@ async def encode(in_fd: int, out_fd: int, chain: Sequence[filters.Filter]) -> To
         totals.wire_bytes += sum(len(p) for p in parts)
         await trio.to_thread.run_sync(_write, out_fd, parts)
 
-    await _ordered(produce, frame, write)
+    await _with_progress(progress, totals, lambda: _ordered(produce, frame, write))
     trailer = encode_trailer(totals.frames, encoder.trailer())
     await trio.to_thread.run_sync(_write, out_fd, [trailer])
     totals.wire_bytes += len(trailer)
     return totals
 
 
-async def decode(in_fd: int, out_fd: int) -> Totals:
+async def decode(in_fd: int, out_fd: int, progress: Progress | None = None) -> Totals:
     reader = WireReader()
     decoder: Decoder | None = None
+    totals = Totals()  # until the header names the filters; then the decoder's
     trailer: Trailer | None = None
-    wire_bytes = 0
 
     def read_frames() -> tuple[list, bool]:
-        nonlocal wire_bytes
         chunk = _read(in_fd)
-        wire_bytes += len(chunk)
+        totals.wire_bytes += len(chunk)
         if chunk:
             reader.feed(chunk)
         else:
@@ -367,7 +411,7 @@ async def decode(in_fd: int, out_fd: int) -> Totals:
             events, finished = await trio.to_thread.run_sync(read_frames)
             for event in events:
                 if isinstance(event, WireHeader):
-                    decoder = Decoder(event)
+                    decoder = Decoder(event, totals)
                 elif isinstance(event, Frame):
                     await submit(event)
                 else:
@@ -381,8 +425,9 @@ async def decode(in_fd: int, out_fd: int) -> Totals:
         if data:
             await trio.to_thread.run_sync(_write, out_fd, [data])
 
-    await _ordered(produce, unfilter, write)
+    await _with_progress(progress, totals, lambda: _ordered(produce, unfilter, write))
+    if decoder is None:
+        raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
     final = decoder.finish(trailer)  # raises unless every check passed
     await trio.to_thread.run_sync(_write, out_fd, [final])
-    decoder.totals.wire_bytes = wire_bytes
-    return decoder.totals
+    return totals

@@ -9,7 +9,7 @@ from collections.abc import Callable, MutableSequence
 
 from migpipe.errors import MigpipeError
 from migpipe.stream.records import (
-    CompressedPage,
+    PAGE_KIND_NAMES,
     MemSize,
     NormalPage,
     Record,
@@ -36,7 +36,7 @@ class RamImages:
         if kind is MemSize:
             self._announce(record)
             return
-        if kind not in (ZeroPage, NormalPage, XbzrlePage, CompressedPage):
+        if kind not in PAGE_KIND_NAMES:
             return
         try:
             self._apply_page(record)

@@ -1,5 +1,6 @@
 """encode | decode over real pipes: byte-identical, and never a complete stream from a bad wire."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,21 @@ def test_decode_output_file_appears_only_when_complete(encoded: bytes, tmp_path:
     result = migpipe("decode", "--out", str(out), stdin=encoded[:-3])
     assert result.returncode != 0 and not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_stats_json_and_progress(stream: bytes, tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    result = migpipe("encode", "--compress", "zstd:1", "--progress", "--stats-json", str(stats),
+                     stdin=stream)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(stats.read_text())
+    assert figures["qemu_bytes"] == len(stream)
+    assert figures["wire_bytes"] == len(result.stdout)
+    assert figures["pages"]["zero"] > 0 and figures["pages"]["normal"] > 0
+    assert figures["filter_seconds"]["zstd"] > 0
+    assert figures["wall_seconds"] > 0
+    progress = result.stderr.decode()
+    assert progress.startswith("\rencode: ") and progress.endswith("\n")
+    assert f"{len(stream) / 1e6:,.1f} MB stream" in progress.rsplit("\r", 1)[-1]
+    quiet = migpipe("encode", stdin=stream)  # stderr is not a terminal: no progress by default
+    assert quiet.stderr == b""

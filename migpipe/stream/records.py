@@ -148,7 +148,14 @@ Record = (
     | Eof
     | VmDescription
 )
-PAGE_RECORD_TYPES = (ZeroPage, NormalPage, XbzrlePage, CompressedPage)
+# The words QEMU's query-migrate uses where they mean the same (normal, xbzrle; zero pages are
+# its "duplicate").
+PAGE_KIND_NAMES = {
+    ZeroPage: "zero",
+    NormalPage: "normal",
+    XbzrlePage: "xbzrle",
+    CompressedPage: "compressed",
+}
 
 
 def _same_record(self: tuple, other: object) -> bool:
