@@ -17,20 +17,9 @@ from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, MigpipeError
 from migpipe.files import open_input, open_output, read_chunks
 from migpipe.stream.parser import iter_records
 from migpipe.stream.writer import StreamWriter
+from migpipe.units import parse_size
 
 EXIT_INTERRUPTED = 130
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes (binary multiples, as QEMU's -m)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -116,7 +105,9 @@ def filter_chain(args: argparse.Namespace) -> list:
     from migpipe.filter import parse_chain
 
     items = [args.filters] if args.filters else []
-    if args.xbzrle:
+    if args.xbzrle_cache is not None:
+        items.insert(0, f"xbzrle:{args.xbzrle_cache}")
+    elif args.xbzrle:
         items.insert(0, "xbzrle")
     if args.compress:
         items.append(args.compress)
@@ -337,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] or lz4[:LEVEL]")
     encode.add_argument("--xbzrle", action="store_true", help="send re-sent pages as deltas")
+    encode.add_argument(
+        "--xbzrle-cache",
+        metavar="SIZE",
+        help="xbzrle's page cache on each end (implies --xbzrle; default 64M)",
+    )
 
     decode = command(
         "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."

@@ -50,6 +50,9 @@ class ByteFilter(Filter):
 class PageFilter(Filter):
     """Transforms the record sequence; one encoder or decoder instance per stream, in order."""
 
+    # XBZRLE encoding bytes this filter puts on the wire besides QEMU's own (see XbzrlePage).
+    wire_encodings: ClassVar[frozenset[int]] = frozenset()
+
     def encoder(self) -> "RecordTransform":
         raise NotImplementedError
 
@@ -70,25 +73,24 @@ class RecordTransform:
         return {}
 
 
-def registry() -> dict[str, type[Filter]]:
-    found: dict[str, type[Filter]] = {}
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+def installed() -> list[str]:
+    return sorted({entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load(name: str) -> type[Filter]:
+    """The filter class registered as `name`; only that plugin is imported."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
         try:
-            cls = entry.load()
-        except Exception as e:  # a broken third-party plugin must not break migpipe
-            raise MigpipeError(f"filter plugin {entry.name!r} failed to load: {e}") from None
-        found[entry.name] = cls
-    return found
+            return entry.load()
+        except Exception as e:  # a broken plugin must fail clearly, and only when used
+            raise MigpipeError(f"filter plugin {name!r} failed to load: {e}") from None
+    message = f"unknown filter {name!r} (installed: {', '.join(installed())})"
+    raise MigpipeError(message, None, EXIT_INCOMPATIBLE)
 
 
 def create(name: str, params: dict[str, Any]) -> Filter:
     """A filter from a wire header entry."""
-    cls = registry().get(name)
-    if cls is None:
-        installed = ", ".join(sorted(registry()))
-        raise MigpipeError(
-            f"unknown filter {name!r} (installed: {installed})", None, EXIT_INCOMPATIBLE
-        )
+    cls = load(name)
     try:
         return cls(**params)
     except TypeError as e:
@@ -97,17 +99,10 @@ def create(name: str, params: dict[str, Any]) -> Filter:
 
 def parse_chain(text: str) -> list[Filter]:
     """`xbzrle,zstd:3` -> filters, page filters first (they must see records, not bytes)."""
-    known = registry()
     chain: list[Filter] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, argument = item.partition(":")
-        cls = known.get(name)
-        if cls is None:
-            installed = ", ".join(sorted(known))
-            raise MigpipeError(
-                f"unknown filter {name!r} (installed: {installed})", None, EXIT_INCOMPATIBLE
-            )
-        chain.append(cls.from_argument(argument or None))
+        chain.append(load(name).from_argument(argument or None))
     check_order(chain)
     return chain
 

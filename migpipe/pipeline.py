@@ -26,7 +26,7 @@ import trio
 from migpipe import filter as filters
 from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TRUNCATED, MigpipeError
 from migpipe.progress import Progress
-from migpipe.stream.format import BE32, BE64
+from migpipe.stream.format import BE32, BE64, XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
@@ -199,7 +199,12 @@ class Decoder:
         self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
         self._transforms = [f.decoder() for f in chain if isinstance(f, filters.PageFilter)]
         self._transforms.reverse()
-        self._parser = StreamParser(page_size=header.page_size) if self._transforms else None
+        self._parser = None
+        if self._transforms:
+            encodings = frozenset({XBZRLE_ENCODING_FLAG}).union(
+                *(f.wire_encodings for f in chain if isinstance(f, filters.PageFilter))
+            )
+            self._parser = StreamParser(page_size=header.page_size, xbzrle_encodings=encodings)
         self._writer = StreamWriter()
         self._held: bytes | None = None
         self.totals = totals or Totals()
@@ -221,6 +226,7 @@ class Decoder:
         data = frame.payload
         if self._parser is not None:
             self._parser.feed(data)
+            self._parser.mark_record_boundary()  # frames end between records
             records = self._parser.next_records()
             for transform in self._transforms:
                 started = time.perf_counter()

@@ -22,7 +22,8 @@ MANGLE = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_na
 @pytest.mark.parametrize(
     "kind,filters",
     [("dirty", ""), ("dirty", "--compress zstd:1"), ("xbzrle", "--compress lz4"),
-     ("xbzrle", "--filters zstd:3")],
+     ("xbzrle", "--filters zstd:3"), ("dirty", "--xbzrle"), ("dirty", "--filters xbzrle,zstd:1"),
+     ("xbzrle", "--xbzrle --xbzrle-cache 1M --compress lz4")],
 )  # fmt: skip
 def test_migration_through_the_tunnel(
     guest_elf: Path, tmp_path: Path, kind: str, filters: str

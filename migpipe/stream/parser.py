@@ -56,10 +56,16 @@ class StreamParser:
     """Turns QEMU migration stream bytes into records (see migpipe.stream.records)."""
 
     def __init__(
-        self, *, page_size: int = fmt.DEFAULT_PAGE_SIZE, max_vmdesc: int = DEFAULT_MAX_VMDESC
+        self,
+        *,
+        page_size: int = fmt.DEFAULT_PAGE_SIZE,
+        max_vmdesc: int = DEFAULT_MAX_VMDESC,
+        xbzrle_encodings: frozenset[int] = frozenset({fmt.XBZRLE_ENCODING_FLAG}),
     ) -> None:
+        """`xbzrle_encodings` beyond QEMU's own are for migpipe's wire, where filters add theirs."""
         self._set_page_size(page_size, None)
         self._max_vmdesc = max_vmdesc
+        self._xbzrle_encodings = xbzrle_encodings
         self._buf = b""  # immutable, so a page is copied out once, by slicing
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -80,6 +86,7 @@ class StreamParser:
         self._scan_from = 0
         self.done = False
         self.eof_offset: int | None = None  # where the EOF item starts, once parsed
+        self._boundary = -1  # absolute offset known to fall between records
 
     # -- public API -------------------------------------------------------------------------
 
@@ -98,6 +105,15 @@ class StreamParser:
     def close(self) -> None:
         """Declare the end of the input; an unfinished stream then raises on next_records()."""
         self._closed = True
+
+    def mark_record_boundary(self) -> None:
+        """Declare that the bytes fed so far end between two records.
+
+        migpipe's wire frames do. A device-state footer right at that point is then taken as
+        the footer without looking ahead at the next item, so the records of one frame come
+        out with that frame, not with the next.
+        """
+        self._boundary = self._base + len(self._buf) + self._pending_size
 
     def next_records(self) -> list[Record]:
         """Every record that the bytes fed so far complete (an empty list means: feed more)."""
@@ -391,7 +407,7 @@ class StreamParser:
         buf = self._buf
         end = len(buf)
         if at >= end:
-            return None
+            return True if self._base + at == self._boundary else None
         kind = buf[at]
         if kind == fmt.ITEM_EOF:
             if at + 1 == end:
@@ -492,14 +508,14 @@ class StreamParser:
                     elif kind == fmt.RAM_XBZRLE:
                         if p + 3 > end:
                             break
-                        if buf[p] != fmt.XBZRLE_ENCODING_FLAG:
+                        if buf[p] not in self._xbzrle_encodings:
                             self._fail(f"XBZRLE page with unknown encoding 0x{buf[p]:02x}", pos)
                         q = p + 3 + ((buf[p + 1] << 8) | buf[p + 2])
                         if q - p - 3 > page_size:
                             self._fail(f"XBZRLE page of {q - p - 3} bytes (limit {page_size})", pos)
                         if q > end:
                             break
-                        append(XbzrlePage(name, offset, buf[p + 3 : q], named))
+                        append(XbzrlePage(name, offset, buf[p + 3 : q], named, buf[p]))
                     else:
                         if p + 4 > end:
                             break

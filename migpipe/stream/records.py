@@ -89,12 +89,16 @@ class NormalPage(NamedTuple):
 
 
 class XbzrlePage(NamedTuple):
-    """A delta against the destination's current copy of the page (see migpipe-stream(5))."""
+    """A delta against the destination's current copy of the page (see migpipe-stream(5)).
+
+    QEMU's encoding byte is always 1; migpipe's xbzrle filter uses its own value on the wire.
+    """
 
     block: str
     offset: int
     data: bytes
     named: bool = False
+    encoding: int = 1
 
 
 class CompressedPage(NamedTuple):

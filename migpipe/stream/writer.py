@@ -171,7 +171,7 @@ class StreamWriter:
 
     def _xbzrle_page(self, out: bytearray, record: XbzrlePage) -> None:
         self._page_word(out, record, fmt.RAM_XBZRLE)
-        out.append(fmt.XBZRLE_ENCODING_FLAG)
+        out.append(record.encoding)
         out += BE16.pack(len(record.data)) + record.data
 
     def _compressed_page(self, out: bytearray, record: CompressedPage) -> None:

@@ -1,0 +1,180 @@
+"""xbzrle: a page QEMU sends again travels as a delta against the copy that last crossed.
+
+Both ends keep the same cache of pages, in bytes that crossed the wire (never live guest
+memory, so nothing can race the guest): an LRU of at most `cache` bytes, keyed by (block,
+offset), updated by every page record in stream order. Because the decoder sees the very same
+record sequence (it rebuilds it), its cache mirrors the encoder's exactly, so a delta always
+applies to the page it was computed against, and memory stays bounded by `cache` on both sides.
+
+A re-sent page whose delta (QEMU's XBZRLE encoding) is smaller than the page goes on the wire
+as an XBZRLE record with encoding byte WIRE_ENCODING, never seen by QEMU: decode turns it back
+into the original page record. An unchanged page costs 11 bytes instead of 4 KiB.
+"""
+
+import zlib
+from collections import OrderedDict
+
+from migpipe.errors import EXIT_CORRUPT, MigpipeError
+from migpipe.filter import PageFilter, RecordTransform
+from migpipe.stream.records import CompressedPage, NormalPage, Record, XbzrlePage, ZeroPage
+from migpipe.stream.xbzrle import apply_delta, encode_deltas
+from migpipe.units import parse_size
+
+WIRE_ENCODING = 0x02  # QEMU uses 0x01; 0x02 marks migpipe's own deltas on migpipe's wire
+DEFAULT_CACHE = 64 << 20  # QEMU's default xbzrle-cache-size
+PAGE = 4096
+XBZRLE_HEADER = 3  # encoding byte + be16 length: a delta must beat the page by more than this
+
+
+class PageCache:
+    """The pages that crossed, LRU-bounded; encoder and decoder update it identically."""
+
+    def __init__(self, size: int) -> None:
+        self.capacity = max(1, size // PAGE)
+        self._pages: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.evictions = 0
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        return self._pages.get(key)
+
+    def put(self, key: tuple[str, int], page: bytes) -> None:
+        pages = self._pages
+        if key in pages:
+            pages.move_to_end(key)
+        elif len(pages) >= self.capacity:
+            pages.popitem(last=False)
+            self.evictions += 1
+        pages[key] = page
+
+    def forget(self, key: tuple[str, int]) -> None:
+        self._pages.pop(key, None)
+
+    def observe(self, record: Record) -> None:
+        """Update the cache for a page record of QEMU's own (as both ends see it)."""
+        kind = type(record)
+        key = (record.block, record.offset)
+        if kind is NormalPage:
+            self.put(key, record.data)
+        elif kind is ZeroPage:
+            self.put(key, _fill_page(record.fill))
+        elif kind is XbzrlePage:  # QEMU's own delta: follow it if we hold the page
+            old = self.get(key)
+            if old is None:
+                return
+            page = bytearray(old)
+            apply_delta(record.data, page)
+            self.put(key, bytes(page))
+        elif kind is CompressedPage:
+            self.put(key, zlib.decompress(record.data))
+
+
+_FILLED: dict[int, bytes] = {}
+
+
+def _fill_page(fill: int) -> bytes:
+    page = _FILLED.get(fill)
+    if page is None:
+        page = _FILLED[fill] = bytes([fill]) * PAGE
+    return page
+
+
+class _Encoder(RecordTransform):
+    name = "xbzrle"
+
+    def __init__(self, cache_size: int) -> None:
+        self.cache = PageCache(cache_size)
+        self.hits = self.misses = self.overflows = self.unchanged = 0
+
+    def transform(self, records: list[Record]) -> list[Record]:
+        out: list[Record] = []
+        positions, olds, news = [], [], []
+        cache = self.cache
+        for record in records:
+            kind = type(record)
+            if kind is NormalPage:
+                old = cache.get((record.block, record.offset))
+                if old is None:
+                    self.misses += 1
+                else:
+                    positions.append(len(out))
+                    olds.append(old)
+                    news.append(record.data)
+            if kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
+                cache.observe(record)
+            out.append(record)
+        if positions:
+            deltas = encode_deltas(olds, news, PAGE - XBZRLE_HEADER - 1)
+            for at, delta in zip(positions, deltas, strict=True):
+                if delta is None:
+                    self.overflows += 1
+                    continue
+                self.hits += 1
+                self.unchanged += not delta
+                page = out[at]
+                out[at] = XbzrlePage(page.block, page.offset, delta, page.named, WIRE_ENCODING)
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "overflows": self.overflows,
+                "unchanged": self.unchanged, "evictions": self.cache.evictions}  # fmt: skip
+
+
+class _Decoder(RecordTransform):
+    name = "xbzrle"
+
+    def __init__(self, cache_size: int) -> None:
+        self.cache = PageCache(cache_size)
+        self.deltas = 0
+
+    def transform(self, records: list[Record]) -> list[Record]:
+        out: list[Record] = []
+        cache = self.cache
+        for record in records:
+            kind = type(record)
+            if kind is XbzrlePage and record.encoding == WIRE_ENCODING:
+                old = cache.get((record.block, record.offset))
+                if old is None:
+                    raise MigpipeError(
+                        f"xbzrle delta for page 0x{record.offset:x} of {record.block!r}, "
+                        "which is not in the cache: the two ends disagree", status=EXIT_CORRUPT,
+                    )  # fmt: skip
+                page = bytearray(old)
+                apply_delta(record.data, page)
+                record = NormalPage(record.block, record.offset, bytes(page), record.named)
+                self.deltas += 1
+                kind = NormalPage
+            if kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
+                cache.observe(record)
+            out.append(record)
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return {"deltas": self.deltas, "evictions": self.cache.evictions}
+
+
+class Xbzrle(PageFilter):
+    name = "xbzrle"
+    wire_encodings = frozenset({WIRE_ENCODING})
+
+    def __init__(self, cache: int = DEFAULT_CACHE) -> None:
+        if cache < PAGE:
+            raise MigpipeError(f"xbzrle cache of {cache} bytes holds no page")
+        self.cache = cache
+
+    @classmethod
+    def from_argument(cls, argument: str | None) -> "Xbzrle":
+        if argument is None:
+            return cls()
+        try:
+            return cls(parse_size(argument))
+        except ValueError:
+            raise MigpipeError(f"xbzrle cache size must be a size, not {argument!r}") from None
+
+    def params(self) -> dict[str, int]:
+        return {"cache": self.cache}
+
+    def encoder(self) -> RecordTransform:
+        return _Encoder(self.cache)
+
+    def decoder(self) -> RecordTransform:
+        return _Decoder(self.cache)
