@@ -1,8 +1,8 @@
 """The built-in example: a synthetic guest's migration stream through the tunnel, checked.
 
-It generates a multi-pass precopy stream, encodes it to migpipe's wire with zstd and decodes it
-again (which must give the very same bytes), replays the result into RAM images (which must
-equal the guest's memory), and prints what it saw.
+It generates a multi-pass precopy stream, encodes it to migpipe's wire with XBZRLE deltas and
+zstd, decodes it again (which must give the very same bytes), replays the result into RAM
+images (which must equal the guest's memory), and prints what it saw.
 """
 
 import filecmp
@@ -21,7 +21,7 @@ from migpipe.stream.parser import iter_records
 from migpipe.stream.writer import StreamWriter
 from migpipe.synthetic import GuestModel, SyntheticGuest
 
-CHAIN = "zstd:1"
+CHAIN = "xbzrle,zstd:1"
 
 
 def _write_stream(guest: SyntheticGuest, path: Path) -> None:
