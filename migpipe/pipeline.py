@@ -19,7 +19,7 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -210,14 +210,22 @@ class Decoder:
         self.totals = totals or Totals()
 
     def unfilter(self, frame: Frame) -> tuple[Frame, int | None]:
-        """Undo the byte filters; thread-safe (the workers call it), and CRC raw QEMU bytes."""
+        """Check and undo one frame (thread-safe: the workers call it, in parallel).
+
+        Returns the frame with its QEMU bytes, and their CRC-32 when it is known here (without
+        page filters); with page filters it is computed after rebuilding, in order.
+        """
+        crc = frame.verified()
         data = frame.payload
         for byte_filter in reversed(self.byte_filters):
             started = time.perf_counter()
             data = byte_filter.decode(data, MAX_FRAME)
             self.totals.timed(byte_filter.name, time.perf_counter() - started)
-        crc = None if self._parser is not None else zlib.crc32(data)
-        return Frame(frame.kind, frame.sequence, data), crc
+        if self._parser is not None:
+            return replace(frame, payload=data), None
+        if self.byte_filters:
+            crc = zlib.crc32(data)
+        return replace(frame, payload=data), crc
 
     def payload(self, frame: Frame, crc: int | None) -> bytes:
         """The QEMU bytes to write now for one frame, in frame order."""
@@ -361,14 +369,15 @@ async def encode(
         qemu_length = sum(len(p) for p in out.qemu)
         qemu_crc = crc_of(out.qemu)
         payload: Sequence = out.qemu if out.records is None else [out.records]
+        payload_crc = qemu_crc if out.records is None else None  # the same bytes: CRC once
         if byte_filters:
             data = b"".join(payload)
             for byte_filter in byte_filters:
                 started = time.perf_counter()
                 data = byte_filter.encode(data)
                 totals.timed(byte_filter.name, time.perf_counter() - started)
-            payload = [data]
-        head = encode_frame(out.kind, out.sequence, payload)
+            payload, payload_crc = [data], None
+        head = encode_frame(out.kind, out.sequence, payload, payload_crc)
         return [head, *payload], qemu_length, qemu_crc
 
     async def produce(submit) -> None:

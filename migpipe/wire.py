@@ -4,7 +4,8 @@ Sans-IO, like the stream parser: WireReader turns bytes into events, the encode 
 events into bytes. The format is specified in migpipe-wire(5); in short:
 
     header  = magic(8) version(1) flags(1) be16 n, n bytes of JSON, be32 CRC-32 of all before
-    frame   = type(1) be32 sequence be32 length be32 CRC-32(type..length + payload), payload
+    frame   = type(1) be32 sequence be32 length be32 CRC-32(payload) be32 CRC-32(bytes 0..12),
+              payload
     trailer = a frame of type TRAILER whose payload holds the totals of the QEMU stream
 
 A FINAL frame carries the end of the QEMU stream (its EOF item and what follows), so a decoder
@@ -27,7 +28,7 @@ FRAME_DATA = 0x44  # 'D'
 FRAME_FINAL = 0x46  # 'F'
 FRAME_TRAILER = 0x54  # 'T'
 FRAME_TYPES = {FRAME_DATA: "data", FRAME_FINAL: "final", FRAME_TRAILER: "trailer"}
-FRAME_HEADER_SIZE = 13
+FRAME_HEADER_SIZE = 17
 MAX_FRAME = 64 << 20
 TRAILER_SIZE = 28
 
@@ -40,9 +41,25 @@ class WireHeader:
 
 @dataclass(frozen=True)
 class Frame:
+    """A frame whose header was checked; its payload CRC is checked by `verified()`.
+
+    The payload check is separate so that it runs in the worker threads, in parallel, and so
+    that without byte filters the same CRC serves as the CRC of the QEMU bytes.
+    """
+
     kind: int
     sequence: int
     payload: bytes
+    crc: int
+    offset: int  # of the frame in the wire, for error messages
+
+    def verified(self) -> int:
+        """The payload's CRC-32, after checking it against the header's."""
+        crc = zlib.crc32(self.payload)
+        if crc != self.crc:
+            raise MigpipeError(f"checksum mismatch in frame {self.sequence}", self.offset,
+                               EXIT_CORRUPT)  # fmt: skip
+        return crc
 
 
 @dataclass(frozen=True)
@@ -69,13 +86,20 @@ def encode_header(header: WireHeader) -> bytes:
     return head + BE32.pack(zlib.crc32(head))
 
 
-def encode_frame(kind: int, sequence: int, payload: Sequence[bytes | memoryview]) -> bytes:
-    """The 13-byte frame header for a payload given in pieces (written after it, uncopied)."""
+def encode_frame(
+    kind: int, sequence: int, payload: Sequence[bytes | memoryview], crc: int | None = None
+) -> bytes:
+    """The frame header for a payload given in pieces (written after it, uncopied).
+
+    `crc` is the payload's CRC-32 when the caller has it already.
+    """
+    if crc is None:
+        crc = 0
+        for piece in payload:
+            crc = zlib.crc32(piece, crc)
     head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(sum(len(p) for p in payload))
-    crc = zlib.crc32(head)
-    for piece in payload:
-        crc = zlib.crc32(piece, crc)
-    return head + BE32.pack(crc)
+    head += BE32.pack(crc)
+    return head + BE32.pack(zlib.crc32(head))
 
 
 def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
@@ -169,32 +193,29 @@ class WireReader:
         buf = self._buf
         if len(buf) - pos < FRAME_HEADER_SIZE:
             return None
+        (header_crc,) = BE32.unpack_from(buf, pos + 13)
+        if zlib.crc32(buf[pos : pos + 13]) != header_crc:
+            self._fail(f"checksum mismatch in the header of frame {self._sequence}", pos)
         kind = buf[pos]
-        sequence, length, crc = (
-            BE32.unpack_from(buf, pos + 1)[0],
-            BE32.unpack_from(buf, pos + 5)[0],
-            BE32.unpack_from(buf, pos + 9)[0],
-        )
+        (sequence,) = BE32.unpack_from(buf, pos + 1)
+        (length,) = BE32.unpack_from(buf, pos + 5)
+        (crc,) = BE32.unpack_from(buf, pos + 9)
         if kind not in FRAME_TYPES:
             self._fail(f"bad frame type 0x{kind:02x}", pos)
+        if sequence != self._sequence:
+            self._fail(f"frame {sequence} where frame {self._sequence} was due", pos)
         if length > MAX_FRAME:
             self._fail(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit", pos)
         end = pos + FRAME_HEADER_SIZE + length
         if len(buf) < end:
             return None
-        with memoryview(buf) as view:
-            actual = zlib.crc32(
-                view[pos + FRAME_HEADER_SIZE : end], zlib.crc32(view[pos : pos + 9])
-            )
-        if actual != crc:
-            self._fail(f"checksum mismatch in frame {sequence}", pos)
-        if sequence != self._sequence:
-            self._fail(f"frame {sequence} where frame {self._sequence} was due", pos)
         self._sequence += 1
         with memoryview(buf) as view:
             payload = bytes(view[pos + FRAME_HEADER_SIZE : end])
+        frame = Frame(kind, sequence, payload, crc, self._base + pos)
         if kind != FRAME_TRAILER:
-            return Frame(kind, sequence, payload), end
+            return frame, end  # its payload is checked by the worker that unfilters it
+        frame.verified()
         if length != TRAILER_SIZE:
             self._fail(f"trailer of {length} bytes (expected {TRAILER_SIZE})", pos)
         self.trailer = Trailer(
