@@ -419,6 +419,11 @@ done:
 
 /* ---- encode_batch ---------------------------------------------------------------------- */
 
+/* Pages per GIL-free stretch.  Small enough that the buffer views and the packed deltas of a
+ * stretch stay in cache (4096-page stretches measured 15-25% slower), large enough that taking
+ * the GIL back costs nothing measurable. */
+#define SUB_BATCH 256
+
 PyDoc_STRVAR(encode_batch_doc,
 "encode_batch(olds, news, limit=None) -> list[bytes | None]\n\n"
 "encode() for many page pairs in one call, without the GIL while encoding, so the per-call\n"
@@ -443,106 +448,108 @@ xbzrle_encode_batch(PyObject *module, PyObject *args, PyObject *kwargs)
     }
 
     PyObject *result = NULL;
-    Py_buffer *views = NULL; /* 2 per page: old, new */
-    Py_ssize_t *lens = NULL, *offs = NULL;
-    size_t *limits = NULL;
-    unsigned char *arena = NULL;
+    Py_buffer *views = PyMem_Malloc(sizeof(Py_buffer) * 2 * SUB_BATCH); /* old, new per page */
+    Py_ssize_t lens[SUB_BATCH];
+    size_t offs[SUB_BATCH], limits[SUB_BATCH];
+    size_t arena_size = 64 * 1024;
+    unsigned char *arena = malloc(arena_size);
     Py_ssize_t held = 0, n = PySequence_Fast_GET_SIZE(fast_old);
+    size_t fixed_limit = 0;
+    int per_page_limit = limit_obj == Py_None;
 
+    if (views == NULL || arena == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     if (PySequence_Fast_GET_SIZE(fast_new) != n) {
         PyErr_Format(PyExc_ValueError, "%zd old pages but %zd new pages", n,
                      PySequence_Fast_GET_SIZE(fast_new));
-        goto done;
+        goto fail;
     }
-    size_t fixed_limit = 0;
-    int per_page_limit = limit_obj == Py_None;
     if (!per_page_limit && parse_limit(limit_obj, 0, &fixed_limit) < 0)
-        goto done;
-    views = PyMem_Malloc(sizeof(Py_buffer) * 2 * (size_t)(n ? n : 1));
-    lens = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
-    offs = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
-    limits = PyMem_Malloc(sizeof(size_t) * (size_t)(n ? n : 1));
-    if (!views || !lens || !offs || !limits) {
-        PyErr_NoMemory();
-        goto done;
-    }
+        goto fail;
+    if ((result = PyList_New(n)) == NULL)
+        goto fail;
 
-    PyObject **old_items = PySequence_Fast_ITEMS(fast_old);
-    PyObject **new_items = PySequence_Fast_ITEMS(fast_new);
-    size_t largest_cap = 0;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        if (PyObject_GetBuffer(old_items[k], &views[2 * k], PyBUF_SIMPLE) < 0)
-            goto done;
-        held++;
-        if (PyObject_GetBuffer(new_items[k], &views[2 * k + 1], PyBUF_SIMPLE) < 0)
-            goto done;
-        held++;
-        if (check_pair(&views[2 * k], &views[2 * k + 1], k) < 0)
-            goto done;
-        limits[k] = per_page_limit ? (size_t)views[2 * k + 1].len : fixed_limit;
-        size_t cap = output_cap((size_t)views[2 * k + 1].len, limits[k]);
-        if (cap > largest_cap)
-            largest_cap = cap;
-    }
-
-    /* One arena for all deltas, packed end to end; room for the largest possible one is
-     * ensured before each page, so the arena grows with the real output, not n * limit. */
-    size_t arena_size = largest_cap + 64 * 1024, used = 0;
-    int out_of_memory = 0;
-    arena = malloc(arena_size);
-    if (arena == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < n; k++) {
-        const Py_buffer *prev = &views[2 * k], *cur = &views[2 * k + 1];
-        size_t cap = output_cap((size_t)cur->len, limits[k]);
-        if (used + cap > arena_size) {
-            size_t grown = arena_size * 2 > used + cap ? arena_size * 2 : used + cap;
-            unsigned char *bigger = realloc(arena, grown);
+    for (Py_ssize_t first = 0; first < n; first += SUB_BATCH) {
+        Py_ssize_t count = n - first < SUB_BATCH ? n - first : SUB_BATCH;
+        PyObject **old_items = PySequence_Fast_ITEMS(fast_old) + first;
+        PyObject **new_items = PySequence_Fast_ITEMS(fast_new) + first;
+        size_t largest_cap = 0;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            if (PyObject_GetBuffer(old_items[k], &views[2 * k], PyBUF_SIMPLE) < 0)
+                goto fail;
+            held++;
+            if (PyObject_GetBuffer(new_items[k], &views[2 * k + 1], PyBUF_SIMPLE) < 0)
+                goto fail;
+            held++;
+            if (check_pair(&views[2 * k], &views[2 * k + 1], first + k) < 0)
+                goto fail;
+            limits[k] = per_page_limit ? (size_t)views[2 * k + 1].len : fixed_limit;
+            size_t cap = output_cap((size_t)views[2 * k + 1].len, limits[k]);
+            if (cap > largest_cap)
+                largest_cap = cap;
+        }
+        if (largest_cap > arena_size) {
+            unsigned char *bigger = realloc(arena, largest_cap);
             if (bigger == NULL) {
-                out_of_memory = 1;
-                break;
+                PyErr_NoMemory();
+                goto fail;
             }
             arena = bigger;
-            arena_size = grown;
+            arena_size = largest_cap;
         }
-        Py_ssize_t len = xb_encode(prev->buf, cur->buf, (size_t)cur->len, arena + used, cap);
-        lens[k] = len;
-        offs[k] = (Py_ssize_t)used;
-        if (len > 0)
-            used += (size_t)len;
-    }
-    Py_END_ALLOW_THREADS
 
-    if (out_of_memory) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = PyList_New(n);
-    if (result == NULL)
-        goto done;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *item;
-        if (lens[k] == XB_OVERFLOW)
-            item = Py_NewRef(Py_None);
-        else if ((item = PyBytes_FromStringAndSize((const char *)arena + offs[k], lens[k])) ==
-                 NULL) {
-            Py_CLEAR(result);
-            goto done;
+        /* The deltas are packed end to end; before each page the arena is grown, if need be,
+         * to hold the longest delta that page could give. */
+        size_t used = 0;
+        int out_of_memory = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < count; k++) {
+            const Py_buffer *prev = &views[2 * k], *cur = &views[2 * k + 1];
+            size_t cap = output_cap((size_t)cur->len, limits[k]);
+            if (used + cap > arena_size) {
+                size_t grown = arena_size * 2 > used + cap ? arena_size * 2 : used + cap;
+                unsigned char *bigger = realloc(arena, grown);
+                if (bigger == NULL) {
+                    out_of_memory = 1;
+                    break;
+                }
+                arena = bigger;
+                arena_size = grown;
+            }
+            lens[k] = xb_encode(prev->buf, cur->buf, (size_t)cur->len, arena + used, cap);
+            offs[k] = used;
+            if (lens[k] > 0)
+                used += (size_t)lens[k];
         }
-        PyList_SET_ITEM(result, k, item);
-    }
+        Py_END_ALLOW_THREADS
+        if (out_of_memory) {
+            PyErr_NoMemory();
+            goto fail;
+        }
 
+        for (Py_ssize_t k = 0; k < count; k++) {
+            PyObject *item;
+            if (lens[k] == XB_OVERFLOW)
+                item = Py_NewRef(Py_None);
+            else if ((item = PyBytes_FromStringAndSize((const char *)arena + offs[k],
+                                                       lens[k])) == NULL)
+                goto fail;
+            PyList_SET_ITEM(result, first + k, item);
+        }
+        for (Py_ssize_t h = 0; h < held; h++)
+            PyBuffer_Release(&views[h]);
+        held = 0;
+    }
+    goto done;
+
+fail:
+    Py_CLEAR(result);
 done:
     for (Py_ssize_t h = 0; h < held; h++)
         PyBuffer_Release(&views[h]);
     free(arena);
-    PyMem_Free(limits);
-    PyMem_Free(offs);
-    PyMem_Free(lens);
     PyMem_Free(views);
     Py_DECREF(fast_new);
     Py_DECREF(fast_old);

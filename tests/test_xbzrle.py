@@ -266,6 +266,11 @@ def test_batch_bad_arguments() -> None:
             encode_batch([bytes(PAGE)], [], None)
         with pytest.raises(ValueError, match="differ in length"):
             encode_batch([bytes(PAGE), bytes(PAGE)], [bytes(PAGE), bytes(8)], None)
+        pages = [bytes(PAGE)] * 600  # past the C loop's first GIL-free stretch
+        with pytest.raises(ValueError, match="differ in length"):
+            encode_batch(pages, [*pages[:500], bytes(8), *pages[501:]], None)
+        with pytest.raises(TypeError):
+            encode_batch(pages, [*pages[:599], 7], None)
 
 
 def test_max_page_is_encodable() -> None:
