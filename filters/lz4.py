@@ -7,7 +7,7 @@ decompression (see perf-anchors); frames are independent so two threads work at 
 import lz4.frame
 
 from migpipe.errors import MigpipeError
-from migpipe.filter import ByteFilter
+from migpipe.filter import ByteFilter, number_argument
 
 
 class Lz4(ByteFilter):
@@ -20,12 +20,7 @@ class Lz4(ByteFilter):
 
     @classmethod
     def from_argument(cls, argument: str | None) -> "Lz4":
-        if argument is None:
-            return cls()
-        try:
-            return cls(int(argument))
-        except ValueError:
-            raise MigpipeError(f"lz4 level must be a number, not {argument!r}") from None
+        return cls() if argument is None else cls(number_argument(cls.name, "level", argument))
 
     def params(self) -> dict[str, int]:
         return {"level": self.level}

@@ -9,7 +9,7 @@ import threading
 import zstandard
 
 from migpipe.errors import MigpipeError
-from migpipe.filter import ByteFilter
+from migpipe.filter import ByteFilter, number_argument
 
 _local = threading.local()  # zstandard (de)compressor objects are not thread-safe
 
@@ -24,12 +24,7 @@ class Zstd(ByteFilter):
 
     @classmethod
     def from_argument(cls, argument: str | None) -> "Zstd":
-        if argument is None:
-            return cls()
-        try:
-            return cls(int(argument))
-        except ValueError:
-            raise MigpipeError(f"zstd level must be a number, not {argument!r}") from None
+        return cls() if argument is None else cls(number_argument(cls.name, "level", argument))
 
     def params(self) -> dict[str, int]:
         return {"level": self.level}

@@ -36,6 +36,14 @@ class Filter:
         return {}
 
 
+def number_argument(name: str, what: str, argument: str) -> int:
+    """`3` in `zstd:3`, as an int, or a clear error naming the filter."""
+    try:
+        return int(argument)
+    except ValueError:
+        raise MigpipeError(f"{name} {what} must be a number, not {argument!r}") from None
+
+
 class ByteFilter(Filter):
     """Transforms frame payloads. Both methods are called from several threads at once."""
 

@@ -91,6 +91,18 @@ class MigrationFailed(QemuError):
         self.desc = desc
 
 
+class NotConverged(QemuError):
+    """A live migration reached its Pacing's `give_up_pass` without completing, so the harness
+    cancelled it (the source keeps running). `passes` is QEMU's dirty-sync count then, `seconds`
+    the time from `migrate` to that pass, `info` query-migrate's result at that moment."""
+
+    def __init__(self, message: str, passes: int, seconds: float, info: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.passes = passes
+        self.seconds = seconds
+        self.info = info
+
+
 class QmpError(QemuError):
     """A QMP command returned an error."""
 
@@ -384,6 +396,9 @@ class Pacing:
     switchover_pass=3: 5 syncs (1 setup, bulk, 2 live, final), now and then 6-8 when late
     passes are very short (XBZRLE). `switchover_pass=None` leaves convergence to QEMU, e.g. for
     a rate-limited link where the test wants to see whether it converges by itself.
+
+    `give_up_pass` bounds a migration that may never converge: when MIGRATION_PASS reaches it
+    and QEMU has not completed, the harness cancels the migration and raises NotConverged.
     """
 
     max_bandwidth: int
@@ -392,6 +407,7 @@ class Pacing:
     final_downtime_ms: int = 60_000
     xbzrle: bool = False
     stop_first: bool = False  # pause the source before migrating: one pass, memory frozen
+    give_up_pass: int | None = None
 
 
 PACINGS: dict[str, Pacing] = {
@@ -451,7 +467,10 @@ def run_migration(
     """Migrate `src` with `exec:COMMAND` and wait until QEMU completed *and* COMMAND exited.
 
     Returns query-migrate's result and COMMAND's exit status (dash has no pipefail: that is the
-    status of its last stage). Raises MigrationFailed if QEMU reports the migration failed.
+    status of its last stage). Raises MigrationFailed if QEMU reports the migration failed, and
+    NotConverged (after `migrate_cancel` and QEMU's "cancelled", source still running) if it
+    reaches `pacing.give_up_pass` without completing; a migration that completes anyway, its
+    final sync being that pass, is returned as usual.
     """
     report = src.workdir / f"{src.name}.exit"
     report.unlink(missing_ok=True)
@@ -460,22 +479,37 @@ def run_migration(
     fd = os.open(report, os.O_RDWR | os.O_NONBLOCK)
     deadline = _deadline(timeout)
     try:
+        start = time.monotonic()
         src.qmp.execute("migrate", uri=f"exec:( {command}\n); echo $? > {shlex.quote(str(report))}")
         switched = pacing.switchover_pass is None
+        given_up: NotConverged | None = None
         while True:
             event = src.qmp.wait_event(
                 ("MIGRATION", "MIGRATION_PASS"), timeout=_remaining(deadline, "the migration")
             )
             if event["event"] == "MIGRATION_PASS":
-                if not switched and event["data"]["pass"] >= (pacing.switchover_pass or 0):
+                passes = event["data"]["pass"]
+                if not switched and passes >= (pacing.switchover_pass or 0):
                     src.qmp.execute(
                         "migrate-set-parameters", **{"downtime-limit": pacing.final_downtime_ms}
                     )
                     switched = True
+                give_up = pacing.give_up_pass
+                if given_up is None and give_up is not None and passes >= give_up:
+                    seconds = time.monotonic() - start
+                    info = src.qmp.execute("query-migrate")
+                    src.qmp.execute("migrate_cancel")
+                    given_up = NotConverged(
+                        f"{src.name}: migration not converged after {passes} passes "
+                        f"({seconds:.1f} s); cancelled",
+                        passes, seconds, info,
+                    )  # fmt: skip
                 continue
             status = event["data"]["status"]
             if status == "completed":
                 break
+            if status == "cancelled" and given_up is not None:
+                raise given_up
             if status in ("failed", "cancelled"):
                 desc = src.qmp.execute("query-migrate").get("error-desc", status)
                 raise src.failure(f"{src.name}: migration {status}: {desc}", desc)
@@ -639,6 +673,8 @@ def migrate_through(
         start = time.monotonic()
         try:
             info, status = run_migration(src, command, pacing, timeout=timeout)
+        except NotConverged:
+            raise  # the destination's complaint about the cut stream is expected, not news
         except QemuError as exc:
             # The destination's complaint usually explains the source's failure.
             if dest.wait_exit(5) is not None or isinstance(exc, MigrationFailed):
