@@ -6,7 +6,7 @@ decompression (see perf-anchors); frames are independent so two threads work at 
 
 import lz4.frame
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import EXIT_CORRUPT, MigpipeError
 from migpipe.filter import ByteFilter, number_argument
 
 
@@ -31,13 +31,18 @@ class Lz4(ByteFilter):
         )
 
     def decode(self, data: bytes, limit: int) -> bytes:
+        """Refuses frames without a content size: decompression must be bounded beforehand."""
         try:
             size = lz4.frame.get_frame_info(data)["content_size"]
-            if not 0 <= size <= limit:
-                raise MigpipeError(f"lz4 frame declares {size} bytes (limit {limit})")
-            payload = lz4.frame.decompress(data)
+            if not 0 < size <= limit:
+                raise MigpipeError(f"lz4 frame declares {size} bytes (limit {limit})",
+                                   status=EXIT_CORRUPT)  # fmt: skip
+            decompressor = lz4.frame.LZ4FrameDecompressor()
+            payload = decompressor.decompress(data, max_length=size)
+            complete = decompressor.eof and not decompressor.unused_data
         except RuntimeError as e:
-            raise MigpipeError(f"corrupt lz4 frame: {e}") from None
-        if len(payload) != size:
-            raise MigpipeError(f"lz4 frame gave {len(payload)} bytes, declared {size}")
+            raise MigpipeError(f"corrupt lz4 frame: {e}", status=EXIT_CORRUPT) from None
+        if not complete or len(payload) != size:
+            raise MigpipeError(f"corrupt lz4 frame: {len(payload)} bytes of {size}, or extra data",
+                               status=EXIT_CORRUPT)  # fmt: skip
         return payload

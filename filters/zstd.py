@@ -8,7 +8,7 @@ import threading
 
 import zstandard
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import EXIT_CORRUPT, MigpipeError
 from migpipe.filter import ByteFilter, number_argument
 
 _local = threading.local()  # zstandard (de)compressor objects are not thread-safe
@@ -40,10 +40,11 @@ class Zstd(ByteFilter):
         try:
             size = zstandard.frame_content_size(data)
             if size < 0 or size > limit:
-                raise MigpipeError(f"zstd frame declares {size} bytes (limit {limit})")
+                raise MigpipeError(f"zstd frame declares {size} bytes (limit {limit})",
+                                   status=EXIT_CORRUPT)  # fmt: skip
             decompressor = _local.__dict__.get("decompressor")
             if decompressor is None:
                 decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-            return decompressor.decompress(data, max_output_size=limit)
+            return decompressor.decompress(data, max_output_size=limit, allow_extra_data=False)
         except zstandard.ZstdError as e:
-            raise MigpipeError(f"corrupt zstd frame: {e}") from None
+            raise MigpipeError(f"corrupt zstd frame: {e}", status=EXIT_CORRUPT) from None

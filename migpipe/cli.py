@@ -1,6 +1,7 @@
 """Command-line entry point: parses arguments and calls one function per command.
 
-Every MigpipeError becomes one line on stderr and exit status 1; usage errors exit 2.
+Every MigpipeError becomes one line on stderr and its exit status (see migpipe.errors and
+migpipe(1)); usage errors exit 2.
 """
 
 import argparse
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from migpipe import __version__
-from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, MigpipeError
+from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError
 from migpipe.files import open_input, open_output, read_chunks
 from migpipe.stream.parser import iter_records
 from migpipe.stream.writer import StreamWriter
@@ -141,6 +142,10 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator[int]:
     """The fd of the wire side: a connection when asked for one, else the --in/--out file."""
     from migpipe import transport
 
+    given = args.input != "-" if role == "input" else args.output is not None
+    if (args.connect or args.listen) and given:
+        option = "--in" if role == "input" else "--out"
+        raise MigpipeError(f"{option} and --connect/--listen both name the wire", None, EXIT_USAGE)
     if args.connect:
         with transport.connect(args.connect, args.connect_timeout) as sock:
             yield sock.fileno()

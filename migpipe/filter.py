@@ -102,7 +102,8 @@ def create(name: str, params: dict[str, Any]) -> Filter:
     try:
         return cls(**params)
     except TypeError as e:
-        raise MigpipeError(f"bad parameters for filter {name!r}: {e}") from None
+        message = f"bad parameters for filter {name!r}: {e}"
+        raise MigpipeError(message, None, EXIT_INCOMPATIBLE) from None
 
 
 def parse_chain(text: str) -> list[Filter]:
@@ -118,4 +119,5 @@ def parse_chain(text: str) -> list[Filter]:
 def check_order(chain: Sequence[Filter]) -> None:
     kinds = [isinstance(f, PageFilter) for f in chain]
     if kinds != sorted(kinds, reverse=True):
-        raise MigpipeError("page filters (xbzrle) must come before byte filters (zstd, lz4, ...)")
+        message = "page filters (xbzrle) must come before byte filters (zstd, lz4, ...)"
+        raise MigpipeError(message, None, EXIT_INCOMPATIBLE)

@@ -263,7 +263,8 @@ class Decoder:
             raise MigpipeError("wire ended without a trailer", status=EXIT_CORRUPT)
         if self._parser is not None:
             self._parser.close()
-            self._parser.next_records()
+            if self._parser.next_records():
+                raise MigpipeError("wire ended inside a record", status=EXIT_CORRUPT)
         for transform in self._transforms:
             self.totals.filter_counters[transform.name] = transform.counters()
         t = self.totals

@@ -29,7 +29,7 @@ FRAME_FINAL = 0x46  # 'F'
 FRAME_TRAILER = 0x54  # 'T'
 FRAME_TYPES = {FRAME_DATA: "data", FRAME_FINAL: "final", FRAME_TRAILER: "trailer"}
 FRAME_HEADER_SIZE = 17
-MAX_FRAME = 64 << 20
+MAX_FRAME = 65 << 20  # the largest VM description the parser accepts (64 MiB) fits one frame
 TRAILER_SIZE = 28
 
 
@@ -178,12 +178,18 @@ class WireReader:
             return None
         if zlib.crc32(buf[pos:end]) != BE32.unpack_from(buf, end)[0]:
             self._fail("wire header checksum mismatch", pos)
+        if buf[pos + 9] != 0:
+            self._fail(f"unknown wire header flags 0x{buf[pos + 9]:02x}", pos + 9,
+                       EXIT_INCOMPATIBLE)  # fmt: skip
         try:
             fields = json.loads(buf[pos + 12 : end])
             header = WireHeader(
                 tuple((name, dict(params)) for name, params in fields["filters"]),
-                int(fields["page_size"]),
+                fields["page_size"],
             )
+            size = header.page_size
+            if type(size) is not int or size < 1024 or size & (size - 1):
+                raise ValueError(f"page size {size!r}")
         except (ValueError, KeyError, TypeError) as e:
             self._fail(f"malformed wire header ({e})", pos + 12)
         self.header = header

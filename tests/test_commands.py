@@ -97,7 +97,7 @@ def test_cli_inspect_json(stream: bytes) -> None:
 def test_cli_inspect_truncated_reports_then_fails(stream: bytes) -> None:
     cut = len(stream) // 2
     result = migpipe("inspect", stdin=stream[:cut])
-    assert result.returncode == 1
+    assert result.returncode == 4  # EXIT_TRUNCATED
     assert b"pages:" in result.stdout  # everything up to the fault is still reported
     error = result.stderr.decode().strip()
     assert error.count("\n") == 0 and "truncated" in error and "offset" in error
@@ -169,7 +169,7 @@ def test_cli_extract_of_a_stream_cut_before_ram_end(stream: bytes, tmp_path: Pat
     source = tmp_path / "cut.stream"
     source.write_bytes(stream[: len(stream) // 3])
     result = migpipe("extract", str(source), str(tmp_path / "dir"))
-    assert result.returncode == 1 and b"truncated" in result.stderr
+    assert result.returncode == 4  # EXIT_TRUNCATED and b"truncated" in result.stderr
     assert not (tmp_path / "dir" / "manifest.json").exists()
 
 

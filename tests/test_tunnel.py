@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def test_unknown_filter_and_newer_version(stream: bytes) -> None:
 
 def test_encode_refuses_bad_qemu_input_and_unknown_filters(stream: bytes) -> None:
     result = migpipe("encode", stdin=stream[: len(stream) // 2])
-    assert result.returncode == 1 and b"truncated" in result.stderr
+    assert result.returncode == EXIT_TRUNCATED and b"truncated" in result.stderr
     result = migpipe("encode", "--filters", "rot13", stdin=stream)
     assert result.returncode == EXIT_INCOMPATIBLE and b"unknown filter" in result.stderr
 
@@ -137,3 +138,39 @@ def test_stats_json_and_progress(stream: bytes, tmp_path: Path) -> None:
     assert f"{len(stream) / 1e6:,.1f} MB stream" in progress.rsplit("\r", 1)[-1]
     quiet = migpipe("encode", stdin=stream)  # stderr is not a terminal: no progress by default
     assert quiet.stderr == b""
+
+
+def test_hostile_compressed_payloads_are_refused() -> None:
+    """An lz4 frame without a content size, or junk after a zstd frame: corrupt, exit 3."""
+    import lz4.frame
+    import zstandard
+
+    from filters.lz4 import Lz4
+    from filters.zstd import Zstd
+    from migpipe.errors import MigpipeError
+
+    bomb = lz4.frame.compress(bytes(100 << 20), store_size=False)  # 400 KB -> 100 MiB
+    with pytest.raises(MigpipeError) as caught:
+        Lz4().decode(bomb, wire.MAX_FRAME)
+    assert caught.value.status == EXIT_CORRUPT
+    padded = zstandard.ZstdCompressor().compress(b"page" * 1024) + b"junk"
+    with pytest.raises(MigpipeError) as caught:
+        Zstd().decode(padded, wire.MAX_FRAME)
+    assert caught.value.status == EXIT_CORRUPT
+
+
+def test_header_flags_and_page_size_are_checked(stream: bytes) -> None:
+    encoded = bytearray(migpipe("encode", stdin=stream).stdout)
+    flagged = bytearray(encoded)
+    flagged[9] = 0x80
+    end = flagged.index(b"}") + 1
+    flagged[end : end + 4] = zlib.crc32(flagged[:end]).to_bytes(4, "big")
+    result = decode(bytes(flagged))
+    assert result.returncode == EXIT_INCOMPATIBLE and b"flags" in result.stderr
+    header = wire.encode_header(wire.WireHeader((), 3))
+    assert decode(header).returncode == EXIT_CORRUPT
+
+
+def test_conflicting_wire_options_are_a_usage_error(stream: bytes) -> None:
+    result = migpipe("encode", "--out", "x", "--connect", "127.0.0.1:1", stdin=stream)
+    assert result.returncode == 2 and b"--out and --connect/--listen" in result.stderr

@@ -12,7 +12,7 @@ something that can only be the next top-level item (see migpipe-stream(5) for th
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import EXIT_TRUNCATED, MigpipeError
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
     Command,
@@ -124,7 +124,8 @@ class StreamParser:
         while self._step(out):
             pass
         if self._closed and not self.done:
-            self._fail(f"stream truncated in {self._where}", self._pos)
+            at = self._base + self._pos
+            raise MigpipeError(f"stream truncated in {self._where}", at, EXIT_TRUNCATED)
         return out
 
     # -- buffer helpers ---------------------------------------------------------------------
