@@ -2,9 +2,10 @@
 
 Both ends keep the same cache of pages, in bytes that crossed the wire (never live guest
 memory, so nothing can race the guest): an LRU of at most `cache` bytes, keyed by (block,
-offset), updated by every page record in stream order. Because the decoder sees the very same
-record sequence (it rebuilds it), its cache mirrors the encoder's exactly, so a delta always
-applies to the page it was computed against, and memory stays bounded by `cache` on both sides.
+offset), updated by every page record in stream order (zero pages only update entries).
+Because the decoder sees the very same record sequence (it rebuilds it), its cache mirrors the
+encoder's exactly, so a delta always applies to the page it was computed against, and memory
+stays bounded by `cache` on both sides.
 
 A re-sent page whose delta (QEMU's XBZRLE encoding) is smaller than the page goes on the wire
 as an XBZRLE record with encoding byte WIRE_ENCODING, never seen by QEMU: decode turns it back
@@ -56,7 +57,10 @@ class PageCache:
         if kind is NormalPage:
             self.put(key, record.data)
         elif kind is ZeroPage:
-            self.put(key, _fill_page(record.fill))
+            # Update, never insert: a guest's bulk pass is mostly zero pages, which would
+            # otherwise fill the LRU and evict the pages worth a delta.
+            if key in self._pages:
+                self.put(key, _fill_page(record.fill))
         elif kind is XbzrlePage:  # QEMU's own delta: follow it if we hold the page
             old = self.get(key)
             if old is None:

@@ -113,3 +113,37 @@ def test_qemu_xbzrle_records_pass_through(stream: bytes) -> None:
     encoded = migpipe("encode", "--xbzrle", stdin=data)
     assert encoded.returncode == 0, encoded.stderr
     assert migpipe("decode", stdin=encoded.stdout).stdout == data
+
+
+def test_every_frame_rebuilds_exactly_its_own_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input chunks ending anywhere in the device state before EOF (a bug seen live: a frame
+    ended in a device-state body, and decode gave its last 4 bytes out with the next frame)."""
+    import zlib
+
+    from migpipe.pipeline import FRAME_FINAL, Decoder, Encoder, Totals
+    from migpipe.wire import Frame, Trailer, WireHeader
+
+    monkeypatch.setattr("migpipe.pipeline.FRAME_TARGET", 1)  # every chunk ends a frame
+
+    model = GuestModel(ram_size=256 << 10, iterations=3, dirty_share=0.3)
+    stream = write_records(SyntheticGuest(model).records())
+    chain = [Xbzrle()]
+    eof = stream.rindex(b"\x00\x06\x00\x00")
+    device_state = stream.rindex(b"\x04\x00\x00\x00\x03")  # the first FULL section
+    splits = {*range(device_state - 8, eof + 8, 7), *range(eof - 64, eof + 8)}
+    for split in sorted(splits):
+        encoder = Encoder(chain)
+        frames = encoder.feed(stream[:split]) + encoder.feed(stream[split:]) + encoder.finish()
+        sent = Totals()  # what the pipeline's writer adds up as the frames go out
+        for frame in frames:
+            qemu = b"".join(frame.qemu)
+            sent.chain(len(qemu), zlib.crc32(qemu))
+        trailer = Trailer(len(stream), encoder.totals.page_records, len(frames), sent.digest)
+        decoder = Decoder(WireHeader((("xbzrle", {}),)))
+        for frame in frames:
+            wire_frame = Frame(frame.kind, frame.sequence, frame.records,
+                               zlib.crc32(frame.records), 0)  # fmt: skip
+            rebuilt = decoder.payload(wire_frame, None)
+            if frame.kind == FRAME_FINAL:
+                rebuilt = decoder.finish(trailer)
+            assert rebuilt == b"".join(frame.qemu), f"split {split}, frame {frame.sequence}"

@@ -391,7 +391,9 @@ class StreamParser:
                 self._step, self._where = self._step_footer, "a section footer"
                 return True
             at = buf.find(needle, at + 1)
-        keep = max(pos, len(buf) - len(needle) + 1)  # a footer may straddle the next chunk
+        keep = len(buf)
+        if self._base + keep != self._boundary:  # else nothing straddles: records end there
+            keep = max(pos, keep - len(needle) + 1)  # a footer may straddle the next chunk
         self._scan_from = keep
         if keep > pos:
             self._emit_opaque(out, keep)
