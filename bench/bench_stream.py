@@ -18,6 +18,7 @@ lengths, to show that memory does not grow with the stream. Standard library and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,11 +37,11 @@ if str(REPO) not in sys.path:  # run as a script from a checkout, migpipe not in
     sys.path.insert(0, str(REPO))
 
 from migpipe import __version__  # noqa: E402
-from migpipe.cli import parse_size  # noqa: E402
 from migpipe.files import read_chunks  # noqa: E402
 from migpipe.stream.parser import StreamParser  # noqa: E402
 from migpipe.stream.writer import StreamWriter  # noqa: E402
 from migpipe.synthetic import FIRMWARE_BLOCKS, PAGE, GuestModel, SyntheticGuest  # noqa: E402
+from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -274,6 +275,23 @@ def filesystem_of(directory: Path) -> str:
     return kind
 
 
+@contextlib.contextmanager
+def synthetic_stream(
+    title: str, size: int, seed: int, runs: int, tmpdir: Path | None
+) -> Iterator[tuple[Path, GuestModel, Path, Composition]]:
+    """A temporary directory with a synthetic stream of about `size` bytes; prints the banner."""
+    with tempfile.TemporaryDirectory(prefix="migpipe-bench-", dir=tmpdir) as tmp:
+        directory = Path(tmp).resolve()
+        print(f"migpipe {title} benchmark: about {size / MIB:,.0f} MiB of stream, "
+              f"median of {runs} runs")  # fmt: skip
+        for line in machine_facts(directory):
+            print(line)
+        print()
+        model = guest_for(size, seed)
+        stream = directory / "guest.stream"
+        yield directory, model, stream, generate(model, stream)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -292,19 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs and --size must be positive")
     size = QUICK_SIZE if args.quick else args.size
 
-    with tempfile.TemporaryDirectory(prefix="migpipe-bench-", dir=args.tmpdir) as tmp:
-        directory = Path(tmp).resolve()
-        print(
-            f"migpipe stream benchmark: about {size / MIB:,.0f} MiB of stream, "
-            f"median of {args.runs} runs"
-        )
-        for line in machine_facts(directory):
-            print(line)
-        print()
-
-        model = guest_for(size, args.seed)
-        stream = directory / "guest.stream"
-        composition = generate(model, stream)
+    with synthetic_stream("stream", size, args.seed, args.runs, args.tmpdir) as prepared:
+        directory, model, stream, composition = prepared
         print(
             f"stream: {composition.total:,} bytes from a synthetic guest of "
             f"{model.ram_size / MIB:,.0f} MiB RAM ({model.iterations} passes, "

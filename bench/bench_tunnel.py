@@ -34,7 +34,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -46,9 +45,9 @@ for entry in (str(REPO), str(BENCH)):
     if entry not in sys.path:  # run as a script from a checkout, migpipe not installed
         sys.path.insert(0, entry)
 
-from bench_stream import child_env, generate, guest_for, machine_facts, warm  # noqa: E402
+from bench_stream import child_env, synthetic_stream, warm  # noqa: E402
 
-from migpipe.cli import parse_size  # noqa: E402
+from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -325,19 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs and --size must be positive")
     size = QUICK_SIZE if args.quick else args.size
 
-    with tempfile.TemporaryDirectory(prefix="migpipe-bench-", dir=args.tmpdir) as tmp:
-        directory = Path(tmp).resolve()
-        print(
-            f"migpipe tunnel benchmark: about {size / MIB:,.0f} MiB of stream, "
-            f"median of {args.runs} runs"
-        )
-        for line in machine_facts(directory):
-            print(line)
-        print()
-
-        model = guest_for(size, args.seed)
-        stream = directory / "guest.stream"
-        composition = generate(model, stream)
+    with synthetic_stream("tunnel", size, args.seed, args.runs, args.tmpdir) as prepared:
+        directory, model, stream, composition = prepared
         total = composition.total
         with open(stream, "rb") as f:
             expected_crc = 0
