@@ -38,6 +38,7 @@ from migpipe.wire import (
     Trailer,
     WireHeader,
     WireReader,
+    crc_of,
     encode_frame,
     encode_header,
     encode_trailer,
@@ -83,13 +84,6 @@ class Totals:
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
         self.digest = zlib.crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
-
-
-def crc_of(pieces: Sequence[memoryview | bytes]) -> int:
-    crc = 0
-    for piece in pieces:
-        crc = zlib.crc32(piece, crc)
-    return crc
 
 
 @dataclass

@@ -86,6 +86,14 @@ def encode_header(header: WireHeader) -> bytes:
     return head + BE32.pack(zlib.crc32(head))
 
 
+def crc_of(pieces: Sequence[bytes | memoryview]) -> int:
+    """The CRC-32 of the concatenation of `pieces`, without concatenating them."""
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return crc
+
+
 def encode_frame(
     kind: int, sequence: int, payload: Sequence[bytes | memoryview], crc: int | None = None
 ) -> bytes:
@@ -94,9 +102,7 @@ def encode_frame(
     `crc` is the payload's CRC-32 when the caller has it already.
     """
     if crc is None:
-        crc = 0
-        for piece in payload:
-            crc = zlib.crc32(piece, crc)
+        crc = crc_of(payload)
     head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(sum(len(p) for p in payload))
     head += BE32.pack(crc)
     return head + BE32.pack(zlib.crc32(head))
