@@ -18,8 +18,9 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import trio
 
@@ -50,6 +51,7 @@ IN_FLIGHT = 4
 WORKERS = 2
 
 Pieces = list[memoryview]
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,10 +78,14 @@ class Totals:
                 pages[name] += 1
         self.page_records = sum(pages.values())
 
-    def timed(self, name: str, seconds: float) -> None:
-        """Add a filter's CPU time; workers call this from several threads."""
+    def timed(self, name: str, function: Callable[..., T], *args: object) -> T:
+        """Call a filter's `function`, adding its time to the filter's; thread-safe."""
+        started = time.perf_counter()
+        result = function(*args)
+        seconds = time.perf_counter() - started
         with self._lock:
             self.filter_seconds[name] = self.filter_seconds.get(name, 0.0) + seconds
+        return result
 
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
@@ -152,9 +158,7 @@ class Encoder:
         if not self._transforms:
             return
         for transform in self._transforms:
-            started = time.perf_counter()
-            records = transform.transform(records)
-            self.totals.timed(transform.name, time.perf_counter() - started)
+            records = self.totals.timed(transform.name, transform.transform, records)
         at = next((i for i, r in enumerate(records) if type(r) is Eof), None)
         if at is not None:
             self._writer.write_all(self._records, records[:at])
@@ -212,9 +216,7 @@ class Decoder:
         crc = frame.verified()
         data = frame.payload
         for byte_filter in reversed(self.byte_filters):
-            started = time.perf_counter()
-            data = byte_filter.decode(data, MAX_FRAME)
-            self.totals.timed(byte_filter.name, time.perf_counter() - started)
+            data = self.totals.timed(byte_filter.name, byte_filter.decode, data, MAX_FRAME)
         if self._parser is not None:
             return replace(frame, payload=data), None
         if self.byte_filters:
@@ -231,9 +233,7 @@ class Decoder:
             self._parser.mark_record_boundary()  # frames end between records
             records = self._parser.next_records()
             for transform in self._transforms:
-                started = time.perf_counter()
-                records = transform.transform(records)
-                self.totals.timed(transform.name, time.perf_counter() - started)
+                records = self.totals.timed(transform.name, transform.transform, records)
             self.totals.count_pages(records)
             out = bytearray()
             self._writer.write_all(out, records)
@@ -368,9 +368,7 @@ async def encode(
         if byte_filters:
             data = b"".join(payload)
             for byte_filter in byte_filters:
-                started = time.perf_counter()
-                data = byte_filter.encode(data)
-                totals.timed(byte_filter.name, time.perf_counter() - started)
+                data = totals.timed(byte_filter.name, byte_filter.encode, data)
             payload, payload_crc = [data], None
         head = encode_frame(out.kind, out.sequence, payload, payload_crc)
         return [head, *payload], qemu_length, qemu_crc
