@@ -15,9 +15,8 @@ from pathlib import Path
 
 from migpipe import __version__
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError
-from migpipe.files import open_input, open_output, read_chunks
+from migpipe.files import open_input, open_output, read_chunks, write_stream
 from migpipe.stream.parser import iter_records
-from migpipe.stream.writer import StreamWriter
 from migpipe.units import parse_size
 
 EXIT_INTERRUPTED = 130
@@ -89,15 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         records = SyntheticGuest(model).records()
-    writer = StreamWriter()
-    buffer = bytearray()
     with open_output(args.output, force=args.force) as out:
-        for record in records:
-            writer.write(buffer, record)
-            if len(buffer) >= 1 << 20:
-                out.write(buffer)
-                buffer.clear()
-        out.write(buffer)
+        write_stream(records, out)
     return 0
 
 
@@ -146,16 +138,13 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator[int]:
     if (args.connect or args.listen) and given:
         option = "--in" if role == "input" else "--out"
         raise MigpipeError(f"{option} and --connect/--listen both name the wire", None, EXIT_USAGE)
-    if args.connect:
-        with transport.connect(args.connect, args.connect_timeout) as sock:
+    if args.connect or args.listen:
+        link = (transport.connect(args.connect, args.connect_timeout) if args.connect
+                else transport.listen(args.listen))  # fmt: skip
+        with link as sock:
             yield sock.fileno()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)  # the peer's read sees the end of the wire
-    elif args.listen:
-        with transport.listen(args.listen) as sock:
-            yield sock.fileno()
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
     elif role == "input":
         with open_input(args.input) as f:
             yield f.fileno()

@@ -13,26 +13,14 @@ from pathlib import Path
 
 from migpipe.cli import run_trio
 from migpipe.extracted import extract, image_file_name
-from migpipe.files import read_chunks
+from migpipe.files import read_chunks, write_stream
 from migpipe.filter import parse_chain
 from migpipe.inspect import StreamStats
 from migpipe.pipeline import Totals, decode, encode
 from migpipe.stream.parser import iter_records
-from migpipe.stream.writer import StreamWriter
 from migpipe.synthetic import GuestModel, SyntheticGuest
 
 CHAIN = "xbzrle,zstd:1"
-
-
-def _write_stream(guest: SyntheticGuest, path: Path) -> None:
-    writer, buffer = StreamWriter(), bytearray()
-    with open(path, "wb") as out:
-        for record in guest.records():
-            writer.write(buffer, record)
-            if len(buffer) >= 1 << 20:
-                out.write(buffer)
-                buffer.clear()
-        out.write(buffer)
 
 
 def _through(function, source: Path, target: Path, *args) -> tuple[Totals, float]:
@@ -58,7 +46,8 @@ def run_demo(size: int, iterations: int, seed: int) -> int:
     with tempfile.TemporaryDirectory(prefix="migpipe-demo-") as tmp:
         work = Path(tmp)
         original, wire, decoded = work / "guest.stream", work / "wire", work / "decoded.stream"
-        _write_stream(guest, original)
+        with open(original, "wb") as out:
+            write_stream(guest.records(), out)
         encoded, encode_seconds = _through(encode, original, wire, parse_chain(CHAIN))
         _, decode_seconds = _through(decode, wire, decoded)
         identical = filecmp.cmp(original, decoded, shallow=False)

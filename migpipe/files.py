@@ -6,11 +6,13 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from migpipe.errors import MigpipeError
+from migpipe.stream.records import Record
+from migpipe.stream.writer import StreamWriter
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20  # pipe-max-size on stock Linux; 16x fewer wake-ups than the 64 KiB default
@@ -36,6 +38,17 @@ def open_input(path: str) -> Iterator[BinaryIO]:
         raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
     with f:
         yield f
+
+
+def write_stream(records: Iterable[Record], out: BinaryIO) -> None:
+    """Write records as QEMU stream bytes, in 1 MiB batches."""
+    writer, buffer = StreamWriter(), bytearray()
+    for record in records:
+        writer.write(buffer, record)
+        if len(buffer) >= CHUNK:
+            out.write(buffer)
+            buffer.clear()
+    out.write(buffer)
 
 
 def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
