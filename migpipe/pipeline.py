@@ -14,7 +14,6 @@ the trailer carries a digest chained over every frame's (length, CRC-32): decode
 from what it rebuilt, so a filter that went wrong is caught as surely as a flipped wire bit.
 """
 
-import os
 import threading
 import time
 import zlib
@@ -25,7 +24,8 @@ from typing import TypeVar
 import trio
 
 from migpipe import filter as filters
-from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TRUNCATED, MigpipeError
+from migpipe.channel import Channel, as_channel
+from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
 from migpipe.progress import Progress
 from migpipe.stream.format import BE32, BE64, XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
@@ -45,7 +45,6 @@ from migpipe.wire import (
     encode_trailer,
 )
 
-CHUNK = 1 << 20
 FRAME_TARGET = 1 << 20
 IN_FLIGHT = 4
 WORKERS = 2
@@ -283,30 +282,6 @@ class Decoder:
 # -- the I/O edge -------------------------------------------------------------------------------
 
 
-def _read(fd: int) -> bytes:
-    try:
-        return os.read(fd, CHUNK)
-    except ConnectionResetError as e:
-        message = f"input connection reset ({e.strerror})"
-        raise MigpipeError(message, status=EXIT_PEER_GONE) from None
-
-
-def _write(fd: int, parts: Sequence[bytes | memoryview]) -> None:
-    """writev all of `parts`, however the kernel splits it."""
-    views = [memoryview(p) for p in parts if len(p)]
-    try:
-        while views:
-            written = os.writev(fd, views[:1024])
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if written:
-                views[0] = views[0][written:]
-    except (BrokenPipeError, ConnectionResetError):
-        message = "output closed by the reader (broken pipe)"
-        raise MigpipeError(message, status=EXIT_PEER_GONE) from None
-
-
 async def _ordered(produce, work, write) -> None:
     """Run producer -> WORKERS parallel workers -> in-order writer, with bounded channels."""
     work_send, work_recv = trio.open_memory_channel(IN_FLIGHT)
@@ -349,15 +324,19 @@ async def _with_progress(progress: Progress | None, totals: Totals, pipeline) ->
 
 
 async def encode(
-    in_fd: int, out_fd: int, chain: Sequence[filters.Filter], progress: Progress | None = None
+    source: int | Channel,
+    wire: int | Channel,
+    chain: Sequence[filters.Filter],
+    progress: Progress | None = None,
 ) -> Totals:
+    source, wire = as_channel(source), as_channel(wire)
     encoder = Encoder(chain)
     totals = encoder.totals
     byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
     header = WireHeader(tuple((f.name, f.params()) for f in chain))
 
     def read_and_parse() -> tuple[list[Outgoing], bool]:
-        chunk = _read(in_fd)
+        chunk = source.read()
         return (encoder.feed(chunk), False) if chunk else (encoder.finish(), True)
 
     def frame(out: Outgoing) -> tuple[list, int, int]:
@@ -376,7 +355,7 @@ async def encode(
     async def produce(submit) -> None:
         head = encode_header(header)
         totals.wire_bytes += len(head)
-        await trio.to_thread.run_sync(_write, out_fd, [head])
+        await trio.to_thread.run_sync(wire.write, [head])
         finished = False
         while not finished:
             frames, finished = await trio.to_thread.run_sync(read_and_parse)
@@ -388,23 +367,26 @@ async def encode(
         totals.frames += 1
         totals.chain(qemu_length, qemu_crc)
         totals.wire_bytes += sum(len(p) for p in parts)
-        await trio.to_thread.run_sync(_write, out_fd, parts)
+        await trio.to_thread.run_sync(wire.write, parts)
 
     await _with_progress(progress, totals, lambda: _ordered(produce, frame, write))
     trailer = encode_trailer(totals.frames, encoder.trailer())
-    await trio.to_thread.run_sync(_write, out_fd, [trailer])
+    await trio.to_thread.run_sync(wire.write, [trailer])
     totals.wire_bytes += len(trailer)
     return totals
 
 
-async def decode(in_fd: int, out_fd: int, progress: Progress | None = None) -> Totals:
+async def decode(
+    wire: int | Channel, sink: int | Channel, progress: Progress | None = None
+) -> Totals:
+    wire, sink = as_channel(wire), as_channel(sink)
     reader = WireReader()
     decoder: Decoder | None = None
     totals = Totals()  # until the header names the filters; then the decoder's
     trailer: Trailer | None = None
 
     def read_frames() -> tuple[list, bool]:
-        chunk = _read(in_fd)
+        chunk = wire.read()
         totals.wire_bytes += len(chunk)
         if chunk:
             reader.feed(chunk)
@@ -431,11 +413,11 @@ async def decode(in_fd: int, out_fd: int, progress: Progress | None = None) -> T
     async def write(item: tuple[Frame, int | None]) -> None:
         data = decoder.payload(*item)
         if data:
-            await trio.to_thread.run_sync(_write, out_fd, [data])
+            await trio.to_thread.run_sync(sink.write, [data])
 
     await _with_progress(progress, totals, lambda: _ordered(produce, unfilter, write))
     if decoder is None:
         raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
     final = decoder.finish(trailer)  # raises unless every check passed
-    await trio.to_thread.run_sync(_write, out_fd, [final])
+    await trio.to_thread.run_sync(sink.write, [final])
     return totals
