@@ -7,7 +7,8 @@ decompression (see perf-anchors); frames are independent so two threads work at 
 import lz4.frame
 
 from migpipe.errors import EXIT_CORRUPT, MigpipeError
-from migpipe.filter import ByteFilter, number_argument
+from migpipe.filter import ByteFilter, Position, number_argument
+from migpipe.keys import Secrets
 
 
 class Lz4(ByteFilter):
@@ -19,18 +20,18 @@ class Lz4(ByteFilter):
         self.level = level
 
     @classmethod
-    def from_argument(cls, argument: str | None) -> "Lz4":
+    def from_argument(cls, argument: str | None, secrets: Secrets) -> "Lz4":
         return cls() if argument is None else cls(number_argument(cls.name, "level", argument))
 
     def params(self) -> dict[str, int]:
         return {"level": self.level}
 
-    def encode(self, payload: bytes) -> bytes:
+    def encode(self, payload: bytes, position: Position) -> bytes:
         return lz4.frame.compress(
             payload, compression_level=self.level, block_linked=False, store_size=True
         )
 
-    def decode(self, data: bytes, limit: int) -> bytes:
+    def decode(self, data: bytes, limit: int, position: Position) -> bytes:
         """Refuses frames without a content size: decompression must be bounded beforehand."""
         try:
             size = lz4.frame.get_frame_info(data)["content_size"]

@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 from migpipe.errors import EXIT_CORRUPT, MigpipeError
 from migpipe.filter import PageFilter, RecordTransform
+from migpipe.keys import Secrets
 from migpipe.stream.records import CompressedPage, NormalPage, Record, XbzrlePage, ZeroPage
 from migpipe.stream.xbzrle import apply_delta, encode_deltas
 from migpipe.units import parse_size
@@ -166,7 +167,7 @@ class Xbzrle(PageFilter):
         self.cache = cache
 
     @classmethod
-    def from_argument(cls, argument: str | None) -> "Xbzrle":
+    def from_argument(cls, argument: str | None, secrets: Secrets) -> "Xbzrle":
         if argument is None:
             return cls()
         try:

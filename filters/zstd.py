@@ -9,7 +9,8 @@ import threading
 import zstandard
 
 from migpipe.errors import EXIT_CORRUPT, MigpipeError
-from migpipe.filter import ByteFilter, number_argument
+from migpipe.filter import ByteFilter, Position, number_argument
+from migpipe.keys import Secrets
 
 _local = threading.local()  # zstandard (de)compressor objects are not thread-safe
 
@@ -23,20 +24,20 @@ class Zstd(ByteFilter):
         self.level = level
 
     @classmethod
-    def from_argument(cls, argument: str | None) -> "Zstd":
+    def from_argument(cls, argument: str | None, secrets: Secrets) -> "Zstd":
         return cls() if argument is None else cls(number_argument(cls.name, "level", argument))
 
     def params(self) -> dict[str, int]:
         return {"level": self.level}
 
-    def encode(self, payload: bytes) -> bytes:
+    def encode(self, payload: bytes, position: Position) -> bytes:
         compressors = _local.__dict__.setdefault("compressors", {})
         compressor = compressors.get(self.level)
         if compressor is None:
             compressor = compressors[self.level] = zstandard.ZstdCompressor(level=self.level)
         return compressor.compress(payload)
 
-    def decode(self, data: bytes, limit: int) -> bytes:
+    def decode(self, data: bytes, limit: int, position: Position) -> bytes:
         try:
             size = zstandard.frame_content_size(data)
             if size < 0 or size > limit:

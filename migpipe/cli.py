@@ -104,7 +104,23 @@ def filter_chain(args: argparse.Namespace) -> list:
         items.insert(0, "xbzrle")
     if args.compress:
         items.append(args.compress)
-    return parse_chain(",".join(items))
+    if args.encrypt:
+        items.append("encrypt")
+    return parse_chain(",".join(items), secrets(args, confirm=True))
+
+
+def secrets(args: argparse.Namespace, *, confirm: bool = False):
+    """Where the key comes from (read only if a filter needs it; never from argv)."""
+    from migpipe.keys import Secrets
+
+    return Secrets(
+        key_file=args.key_file,
+        key_fd=args.key_fd,
+        passphrase_file=args.passphrase_file,
+        passphrase_fd=args.passphrase_fd,
+        ask_passphrase=args.ask_passphrase,
+        confirm=confirm,
+    )
 
 
 def run_trio(function, *args) -> object:
@@ -167,7 +183,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from migpipe.pipeline import decode
 
     with wire_end(args, "input") as wire, open_output(args.output, force=args.force) as sink:
-        totals = run_trio(decode, wire, sink.fileno(), progress(args, "decode"))
+        totals = run_trio(decode, wire, sink.fileno(), progress(args, "decode"), secrets(args))
     report(args, totals)
     return 0
 
@@ -196,6 +212,24 @@ def report(args: argparse.Namespace, totals) -> None:
         "wall_seconds": round(time.monotonic() - args.started, 4),
     }
     Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from migpipe.keys import keygen
+
+    keygen(args.file)
+    print(f"wrote {args.file} (mode 0600); copy it to the other end the way you copy ssh keys")
+    return 0
+
+
+def key_options(sub: argparse.ArgumentParser) -> None:
+    """Where the encrypt filter's key comes from; one of them, never the secret itself."""
+    keys = sub.add_mutually_exclusive_group()
+    keys.add_argument("--key-file", metavar="FILE", help="key made by `migpipe keygen` (0600)")
+    keys.add_argument("--key-fd", type=int, metavar="N", help="read the key file from fd N")
+    keys.add_argument("--passphrase-file", metavar="FILE", help="passphrase: first line of FILE")
+    keys.add_argument("--passphrase-fd", type=int, metavar="N", help="passphrase from fd N")
+    keys.add_argument("--ask-passphrase", action="store_true", help="passphrase from the terminal")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -323,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] or lz4[:LEVEL]")
     encode.add_argument("--xbzrle", action="store_true", help="send re-sent pages as deltas")
     encode.add_argument(
+        "--encrypt", action="store_true", help="encrypt and authenticate (AES-256-GCM); needs a key"
+    )
+    key_options(encode)
+    encode.add_argument(
         "--xbzrle-cache",
         metavar="SIZE",
         help="xbzrle's page cache on each end (implies --xbzrle; default 64M)",
@@ -332,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
         "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
     )
     transport(decode)
+    key_options(decode)
+
+    keygen = command("keygen", cmd_keygen, "Write a new random key file (mode 0600) for encrypt.")
+    keygen.add_argument("file", type=Path, help="where to write it; never replaces a file")
 
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."

@@ -11,6 +11,7 @@ EXIT_CORRUPT = 3  # the wire failed a check: checksum, frame order, totals
 EXIT_TRUNCATED = 4  # the wire or stream ended early
 EXIT_PEER_GONE = 5  # the other end of a pipe or connection went away
 EXIT_INCOMPATIBLE = 6  # newer wire version, unknown filter
+EXIT_KEY = 7  # no key, or a key that does not open the stream
 
 
 class MigpipeError(Exception):

@@ -11,9 +11,10 @@ are registered too, so a third-party package adds one without touching migpipe.
 
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from migpipe.errors import EXIT_INCOMPATIBLE, MigpipeError
+from migpipe.keys import Secrets
 from migpipe.stream.records import Record
 
 ENTRY_POINT_GROUP = "migpipe.filters"
@@ -23,17 +24,27 @@ class Filter:
     """Common to both kinds: a name, parameters that travel in the wire header, a CLI form."""
 
     name: ClassVar[str]
+    stage: ClassVar[int]  # chains run in stage order: pages, then compression, then encryption
 
     @classmethod
-    def from_argument(cls, argument: str | None) -> "Filter":
+    def from_argument(cls, argument: str | None, secrets: Secrets) -> "Filter":
         """The filter for `NAME` or `NAME:ARGUMENT` on the command line."""
         if argument is not None:
             raise MigpipeError(f"filter {cls.name!r} takes no argument (got {argument!r})")
         return cls()
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any], secrets: Secrets) -> "Filter":
+        """The filter a wire header describes (`params()` of the encoder's instance)."""
+        return cls(**params)
+
     def params(self) -> dict[str, Any]:
         """What the decoder needs to rebuild this filter; written into the wire header."""
         return {}
+
+    def bind(self, header: bytes) -> None:
+        """Called with the encoded wire (or file) header before the first payload, on both
+        ends, so that a filter which authenticates can cover the header too."""
 
 
 def number_argument(name: str, what: str, argument: str) -> int:
@@ -44,19 +55,34 @@ def number_argument(name: str, what: str, argument: str) -> int:
         raise MigpipeError(f"{name} {what} must be a number, not {argument!r}") from None
 
 
+class Position(NamedTuple):
+    """Where a payload sits: its number in the wire (or file), and whether it ends the stream.
+
+    Filters that authenticate bind each payload to its position, so that reordered, repeated,
+    dropped or foreign payloads, and a stream cut short, are detected.
+    """
+
+    index: int
+    final: bool
+
+
 class ByteFilter(Filter):
     """Transforms frame payloads. Both methods are called from several threads at once."""
 
-    def encode(self, payload: bytes) -> bytes:
+    stage = 1
+
+    def encode(self, payload: bytes, position: Position) -> bytes:
         raise NotImplementedError
 
-    def decode(self, data: bytes, limit: int) -> bytes:
+    def decode(self, data: bytes, limit: int, position: Position) -> bytes:
         """The payload back; more than `limit` bytes is corruption (never allocate past it)."""
         raise NotImplementedError
 
 
 class PageFilter(Filter):
     """Transforms the record sequence; one encoder or decoder instance per stream, in order."""
+
+    stage = 0
 
     # XBZRLE encoding bytes this filter puts on the wire besides QEMU's own (see XbzrlePage).
     wire_encodings: ClassVar[frozenset[int]] = frozenset()
@@ -96,28 +122,31 @@ def load(name: str) -> type[Filter]:
     raise MigpipeError(message, None, EXIT_INCOMPATIBLE)
 
 
-def create(name: str, params: dict[str, Any]) -> Filter:
+def create(name: str, params: dict[str, Any], secrets: Secrets | None = None) -> Filter:
     """A filter from a wire header entry."""
     cls = load(name)
     try:
-        return cls(**params)
+        return cls.from_params(params, secrets or Secrets())
     except TypeError as e:
         message = f"bad parameters for filter {name!r}: {e}"
         raise MigpipeError(message, None, EXIT_INCOMPATIBLE) from None
 
 
-def parse_chain(text: str) -> list[Filter]:
+def parse_chain(text: str, secrets: Secrets | None = None) -> list[Filter]:
     """`xbzrle,zstd:3` -> filters, page filters first (they must see records, not bytes)."""
     chain: list[Filter] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, argument = item.partition(":")
-        chain.append(load(name).from_argument(argument or None))
+        chain.append(load(name).from_argument(argument or None, secrets or Secrets()))
     check_order(chain)
     return chain
 
 
 def check_order(chain: Sequence[Filter]) -> None:
-    kinds = [isinstance(f, PageFilter) for f in chain]
-    if kinds != sorted(kinds, reverse=True):
-        message = "page filters (xbzrle) must come before byte filters (zstd, lz4, ...)"
+    stages = [f.stage for f in chain]
+    if stages != sorted(stages):
+        message = (
+            "filters run in this order: page filters (xbzrle), then compression (zstd, lz4), "
+            "then encryption (encrypt)"
+        )
         raise MigpipeError(message, None, EXIT_INCOMPATIBLE)

@@ -26,6 +26,8 @@ import trio
 from migpipe import filter as filters
 from migpipe.channel import Channel, as_channel
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
+from migpipe.filter import Position
+from migpipe.keys import Secrets
 from migpipe.progress import Progress
 from migpipe.stream.format import BE32, BE64, XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
@@ -190,9 +192,13 @@ class Encoder:
 class Decoder:
     """Frame payloads in, QEMU stream bytes out; the FINAL part is released only by finish()."""
 
-    def __init__(self, header: WireHeader, totals: Totals | None = None) -> None:
-        chain = [filters.create(name, params) for name, params in header.filters]
+    def __init__(
+        self, header: WireHeader, totals: Totals | None = None, secrets: Secrets | None = None
+    ) -> None:
+        chain = [filters.create(name, params, secrets) for name, params in header.filters]
         filters.check_order(chain)
+        for f in chain:
+            f.bind(header.encoded)
         self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
         self._transforms = [f.decoder() for f in chain if isinstance(f, filters.PageFilter)]
         self._transforms.reverse()
@@ -214,8 +220,11 @@ class Decoder:
         """
         crc = frame.verified()
         data = frame.payload
+        position = Position(frame.sequence, frame.kind == FRAME_FINAL)
         for byte_filter in reversed(self.byte_filters):
-            data = self.totals.timed(byte_filter.name, byte_filter.decode, data, MAX_FRAME)
+            data = self.totals.timed(
+                byte_filter.name, byte_filter.decode, data, MAX_FRAME, position
+            )
         if self._parser is not None:
             return replace(frame, payload=data), None
         if self.byte_filters:
@@ -346,14 +355,18 @@ async def encode(
         payload_crc = qemu_crc if out.records is None else None  # the same bytes: CRC once
         if byte_filters:
             data = b"".join(payload)
+            position = Position(out.sequence, out.kind == FRAME_FINAL)
             for byte_filter in byte_filters:
-                data = totals.timed(byte_filter.name, byte_filter.encode, data)
+                data = totals.timed(byte_filter.name, byte_filter.encode, data, position)
             payload, payload_crc = [data], None
         head = encode_frame(out.kind, out.sequence, payload, payload_crc)
         return [head, *payload], qemu_length, qemu_crc
 
+    head = encode_header(header)
+    for f in chain:
+        f.bind(head)
+
     async def produce(submit) -> None:
-        head = encode_header(header)
         totals.wire_bytes += len(head)
         await trio.to_thread.run_sync(wire.write, [head])
         finished = False
@@ -377,7 +390,10 @@ async def encode(
 
 
 async def decode(
-    wire: int | Channel, sink: int | Channel, progress: Progress | None = None
+    wire: int | Channel,
+    sink: int | Channel,
+    progress: Progress | None = None,
+    secrets: Secrets | None = None,
 ) -> Totals:
     wire, sink = as_channel(wire), as_channel(sink)
     reader = WireReader()
@@ -401,7 +417,7 @@ async def decode(
             events, finished = await trio.to_thread.run_sync(read_frames)
             for event in events:
                 if isinstance(event, WireHeader):
-                    decoder = Decoder(event, totals)
+                    decoder = Decoder(event, totals, secrets)
                 elif isinstance(event, Frame):
                     await submit(event)
                 else:

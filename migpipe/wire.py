@@ -16,7 +16,7 @@ stream unless the whole stream arrived intact.
 import json
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
@@ -37,6 +37,7 @@ TRAILER_SIZE = 28
 class WireHeader:
     filters: tuple[tuple[str, dict[str, Any]], ...]
     page_size: int = 4096
+    encoded: bytes = field(default=b"", compare=False, repr=False)  # as read, for Filter.bind
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class WireReader:
             header = WireHeader(
                 tuple((name, dict(params)) for name, params in fields["filters"]),
                 fields["page_size"],
+                bytes(buf[pos : end + 4]),
             )
             size = header.page_size
             if type(size) is not int or size < 1024 or size & (size - 1):

@@ -14,6 +14,8 @@ import oracle
 import pytest
 import qemuvm
 
+from migpipe.keys import keygen
+
 pytestmark = pytest.mark.qemu
 MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"
 MANGLE = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_name('mangle.py')))}"
@@ -58,6 +60,18 @@ def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
         sender=f"{MIGPIPE} encode --compress zstd:1 --connect {link}",
         incoming=f"exec:{MIGPIPE} decode --listen {link}",
     )  # fmt: skip
+    assert migration.sender_status == 0
+    replay = oracle.replay(migration.source_stream)
+    assert replay.pages_resent > 0
+    assert oracle.first_difference(migration.dest_memory, replay.image) is None
+
+
+def test_encrypted_migration(guest_elf: Path, tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    keygen(key)
+    sender = (f"{MIGPIPE} encode --filters xbzrle,zstd,encrypt --key-file {key} | "
+              f"{MIGPIPE} decode --key-file {key} > {{fifo}}")  # fmt: skip
+    migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0

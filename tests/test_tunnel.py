@@ -148,14 +148,15 @@ def test_hostile_compressed_payloads_are_refused() -> None:
     from filters.lz4 import Lz4
     from filters.zstd import Zstd
     from migpipe.errors import MigpipeError
+    from migpipe.filter import Position
 
     bomb = lz4.frame.compress(bytes(100 << 20), store_size=False)  # 400 KB -> 100 MiB
     with pytest.raises(MigpipeError) as caught:
-        Lz4().decode(bomb, wire.MAX_FRAME)
+        Lz4().decode(bomb, wire.MAX_FRAME, Position(0, False))
     assert caught.value.status == EXIT_CORRUPT
     padded = zstandard.ZstdCompressor().compress(b"page" * 1024) + b"junk"
     with pytest.raises(MigpipeError) as caught:
-        Zstd().decode(padded, wire.MAX_FRAME)
+        Zstd().decode(padded, wire.MAX_FRAME, Position(0, False))
     assert caught.value.status == EXIT_CORRUPT
 
 

@@ -1,0 +1,147 @@
+"""encrypt: authenticated encryption of every payload, in the spirit of age's STREAM.
+
+Each stream gets a fresh random file key, wrapped (AEAD-encrypted) by a key derived from the
+user's secret and a random salt, and carried in the header; the payload key is derived from the
+file key and a hash of the whole header, so any change to the header (filter chain, page size,
+wrapped key) makes every payload fail. Each payload is sealed with a nonce made of its position
+(11-byte big-endian index, 1-byte last flag): reordered, repeated, dropped and foreign payloads
+fail authentication, and a stream cut short lacks the payload flagged last. The construction
+is specified in migpipe-wire(5).
+"""
+
+import base64
+import hashlib
+import secrets as random
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_KEY, EXIT_USAGE, MigpipeError
+from migpipe.filter import ByteFilter, Position
+from migpipe.keys import KEY_SIZE, Secrets, UserKey
+
+CIPHERS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
+CIPHER_NAMES = {"aes": "aes-256-gcm", "chacha20": "chacha20-poly1305"} | {c: c for c in CIPHERS}
+TAG_SIZE = 16
+SALT_SIZE = 16
+SCRYPT_LOG_N = 17  # 128 MiB and about 0.4 s here: each guess costs an attacker as much
+SCRYPT_LOG_N_MAX = 20  # refused above this on decode: a forged header must not cost 1 GiB+
+WRAP_INFO = b"migpipe encrypt v1 key wrap "
+PAYLOAD_INFO = b"migpipe encrypt v1 payload key "
+WRAP_NONCE = bytes(12)  # each wrapping key (fresh salt) seals exactly one message
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: Any, size: int, what: str) -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError):
+        data = b""
+    if len(data) != size:
+        raise MigpipeError(f"encrypt: malformed {what} in the header", status=EXIT_CORRUPT)
+    return data
+
+
+def _wrapping_key(user: UserKey, salt: bytes, log_n: int | None) -> bytes:
+    if user.kind == "passphrase":
+        return Scrypt(salt=salt, length=KEY_SIZE, n=1 << log_n, r=8, p=1).derive(user.secret)
+    return HKDF(hashes.SHA256(), KEY_SIZE, salt, WRAP_INFO).derive(user.secret)
+
+
+class Encrypt(ByteFilter):
+    name = "encrypt"
+    stage = 2  # after compression: ciphertext does not compress
+
+    def __init__(self, cipher: str, file_key: bytes, wrapping: dict[str, Any]) -> None:
+        self.cipher = cipher
+        self._file_key = file_key
+        self._wrapping = wrapping  # kdf, salt, wrapped key (and scrypt's log_n) for the header
+        self._aead: AESGCM | ChaCha20Poly1305 | None = None
+
+    @classmethod
+    def from_argument(cls, argument: str | None, secrets: Secrets) -> "Encrypt":
+        cipher = CIPHER_NAMES.get(argument or "aes")
+        if cipher is None:
+            raise MigpipeError(
+                f"encrypt: unknown cipher {argument!r} (aes-256-gcm or chacha20-poly1305)",
+                status=EXIT_USAGE,
+            )
+        user = secrets.user_key("encrypt")
+        file_key, salt = random.token_bytes(KEY_SIZE), random.token_bytes(SALT_SIZE)
+        log_n = SCRYPT_LOG_N if user.kind == "passphrase" else None
+        wrapped = AESGCM(_wrapping_key(user, salt, log_n)).encrypt(
+            WRAP_NONCE, file_key, WRAP_INFO + cipher.encode()
+        )
+        wrapping = {
+            "kdf": "scrypt" if log_n else "key",
+            "salt": _b64(salt),
+            "wrapped": _b64(wrapped),
+        }
+        if log_n:
+            wrapping["log_n"] = log_n
+        return cls(cipher, file_key, wrapping)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], secrets: Secrets) -> "Encrypt":
+        """Unwraps the file key with the user's secret: a wrong secret fails here, clearly."""
+        cipher, kdf = params.get("cipher"), params.get("kdf")
+        log_n = params.get("log_n")
+        expected = {"cipher", "kdf", "salt", "wrapped", *(["log_n"] if kdf == "scrypt" else [])}
+        if cipher not in CIPHERS or kdf not in ("key", "scrypt") or set(params) != expected:
+            message = f"encrypt: unknown cipher {cipher!r}, kdf {kdf!r} or fields {sorted(params)}"
+            raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+        if kdf == "scrypt" and not (type(log_n) is int and 10 <= log_n <= SCRYPT_LOG_N_MAX):
+            raise MigpipeError(f"encrypt: scrypt cost 2^{log_n} is outside 2^10..2^"
+                               f"{SCRYPT_LOG_N_MAX}", status=EXIT_CORRUPT)  # fmt: skip
+        salt = _unb64(params["salt"], SALT_SIZE, "salt")
+        wrapped = _unb64(params["wrapped"], KEY_SIZE + TAG_SIZE, "wrapped key")
+        user = secrets.user_key("this stream is encrypted and")
+        if (user.kind == "passphrase") != (kdf == "scrypt"):
+            needed = "a passphrase" if kdf == "scrypt" else "a key file (--key-file/--key-fd)"
+            raise MigpipeError(f"this stream was encrypted with {needed}", status=EXIT_KEY)
+        try:
+            file_key = AESGCM(_wrapping_key(user, salt, log_n)).decrypt(
+                WRAP_NONCE, wrapped, WRAP_INFO + cipher.encode()
+            )
+        except InvalidTag:
+            raise MigpipeError(
+                "encrypt: the key does not open this stream (wrong key or passphrase, "
+                "or an altered header)",
+                status=EXIT_KEY,
+            ) from None
+        return cls(cipher, file_key, {k: v for k, v in params.items() if k != "cipher"})
+
+    def params(self) -> dict[str, Any]:
+        return {"cipher": self.cipher, **self._wrapping}
+
+    def bind(self, header: bytes) -> None:
+        info = PAYLOAD_INFO + hashlib.sha256(header).digest()
+        payload_key = HKDF(hashes.SHA256(), KEY_SIZE, None, info).derive(self._file_key)
+        self._aead = CIPHERS[self.cipher](payload_key)
+
+    @staticmethod
+    def _nonce(position: Position) -> bytes:
+        return position.index.to_bytes(11, "big") + (b"\x01" if position.final else b"\x00")
+
+    def encode(self, payload: bytes, position: Position) -> bytes:
+        return self._aead.encrypt(self._nonce(position), payload, None)
+
+    def decode(self, data: bytes, limit: int, position: Position) -> bytes:
+        if not TAG_SIZE <= len(data) <= limit + TAG_SIZE:
+            raise MigpipeError(f"encrypt: payload {position.index} of {len(data)} bytes "
+                               "cannot be a sealed payload", status=EXIT_CORRUPT)  # fmt: skip
+        try:
+            return self._aead.decrypt(self._nonce(position), data, None)
+        except InvalidTag:
+            what = "last payload" if position.final else f"payload {position.index}"
+            raise MigpipeError(
+                f"encrypt: {what} failed authentication (altered, reordered, repeated, "
+                "or from another stream)", status=EXIT_CORRUPT,
+            ) from None  # fmt: skip

@@ -1,0 +1,183 @@
+"""The user's secret: a key file, or a passphrase, from a file, a descriptor or the terminal.
+
+Secrets never come from argv or the environment (both are visible to other users through /proc)
+and are never logged. A key or passphrase file that its group or others can read is refused, as
+ssh refuses such private keys: a migration stream holds a guest's whole memory.
+
+Key files hold one line `migpipe-key-v1:` + 32 random bytes in unpadded base64url; lines starting
+with '#' are comments. `migpipe keygen` writes them with mode 0600.
+"""
+
+import base64
+import contextlib
+import datetime
+import getpass
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from migpipe.errors import EXIT_KEY, EXIT_USAGE, MigpipeError
+
+KEY_PREFIX = "migpipe-key-v1:"
+KEY_SIZE = 32
+MAX_SECRET_FILE = 64 << 10
+
+
+@dataclass(frozen=True)
+class UserKey:
+    """What the user holds: a 32-byte key (kind 'key') or a passphrase (kind 'passphrase')."""
+
+    kind: str
+    secret: bytes = field(repr=False)
+
+
+@dataclass
+class Secrets:
+    """Where the user's secret comes from; read once, and only when a filter asks for it."""
+
+    key_file: str | None = None
+    key_fd: int | None = None
+    passphrase_file: str | None = None
+    passphrase_fd: int | None = None
+    ask_passphrase: bool = False
+    confirm: bool = False  # ask twice (encode/save: a typo would make the stream unreadable)
+    _cached: UserKey | None = field(default=None, repr=False)
+
+    def user_key(self, purpose: str) -> UserKey:
+        """The secret, or a clear error naming the options that give one."""
+        if self._cached is None:
+            self._cached = self._load(purpose)
+        return self._cached
+
+    def _load(self, purpose: str) -> UserKey:
+        if self.key_file is not None:
+            return parse_key(read_private_file(self.key_file, "key file"), self.key_file)
+        if self.key_fd is not None:
+            return parse_key(read_private_fd(self.key_fd, "--key-fd"), f"fd {self.key_fd}")
+        if self.passphrase_file is not None:
+            text = read_private_file(self.passphrase_file, "passphrase file")
+            return passphrase(text, self.passphrase_file)
+        if self.passphrase_fd is not None:
+            text = read_private_fd(self.passphrase_fd, "--passphrase-fd")
+            return passphrase(text, f"fd {self.passphrase_fd}")
+        if self.ask_passphrase:
+            return passphrase(self._prompt(), "the terminal")
+        raise MigpipeError(
+            f"{purpose} needs a key: give --key-file FILE, --key-fd N, --passphrase-file FILE, "
+            "--passphrase-fd N or --ask-passphrase",
+            status=EXIT_KEY,
+        )
+
+    def _prompt(self) -> bytes:
+        try:
+            text = getpass.getpass("migpipe passphrase: ")
+            if self.confirm and getpass.getpass("migpipe passphrase (again): ") != text:
+                raise MigpipeError("the passphrases do not match", status=EXIT_USAGE)
+        except EOFError:
+            raise MigpipeError("no passphrase given", status=EXIT_USAGE) from None
+        return text.encode()
+
+
+def _check_private(mode: int, what: str) -> None:
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise MigpipeError(
+            f"{what} can be read by its group or others (mode {stat.S_IMODE(mode):04o}); "
+            "chmod 600 it"
+        )
+
+
+def read_private_file(path: str, what: str) -> bytes:
+    """A secret file's bytes, refused when others could read it too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MigpipeError(f"cannot open {what} {path}: {e.strerror}") from None
+    try:
+        _check_private(os.fstat(fd).st_mode, f"{what} {path}")
+        return _read_bounded(fd, f"{what} {path}")
+    finally:
+        os.close(fd)
+
+
+def read_private_fd(fd: int, what: str) -> bytes:
+    """A secret handed over as a descriptor (by a daemon, or a shell's `3<file`)."""
+    try:
+        _check_private(os.fstat(fd).st_mode, f"the file behind {what} {fd}")
+    except OSError as e:
+        raise MigpipeError(f"{what} {fd}: {e.strerror}") from None
+    return _read_bounded(fd, f"{what} {fd}")
+
+
+def _read_bounded(fd: int, what: str) -> bytes:
+    data = bytearray()
+    while chunk := os.read(fd, MAX_SECRET_FILE + 1 - len(data)):
+        data += chunk
+        if len(data) > MAX_SECRET_FILE:
+            raise MigpipeError(f"{what} is larger than {MAX_SECRET_FILE} bytes: not a secret")
+    return bytes(data)
+
+
+def parse_key(data: bytes, where: str) -> UserKey:
+    for line in data.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(KEY_PREFIX):
+            encoded = line[len(KEY_PREFIX) :]
+            with contextlib.suppress(ValueError):
+                key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                if len(key) == KEY_SIZE:
+                    return UserKey("key", key)
+        break
+    raise MigpipeError(f"{where} is not a migpipe key file (make one with `migpipe keygen`)")
+
+
+def passphrase(data: bytes, where: str) -> UserKey:
+    """The first line, without its line ending; an empty passphrase is refused."""
+    text = data.split(b"\n", 1)[0].removesuffix(b"\r")
+    if not text:
+        raise MigpipeError(f"the passphrase from {where} is empty")
+    return UserKey("passphrase", text)
+
+
+def format_key(key: bytes) -> str:
+    created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    encoded = base64.urlsafe_b64encode(key).decode().rstrip("=")
+    return f"# migpipe key, created {created}\n{KEY_PREFIX}{encoded}\n"
+
+
+def keygen(path: Path) -> None:
+    """Write a new random key to `path`, mode 0600, complete or not at all, never replacing.
+
+    The key is written to a private temporary file, synced, then hard-linked into place: link()
+    fails if the name exists, so an existing key (and every stream it protects) is never lost.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, format_key(secrets.token_bytes(KEY_SIZE)).encode())
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise MigpipeError(f"{path} exists; keygen never replaces a key") from None
+        except OSError as e:
+            raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
