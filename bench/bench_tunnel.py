@@ -47,6 +47,7 @@ for entry in (str(REPO), str(BENCH)):
 
 from bench_stream import child_env, synthetic_stream, warm  # noqa: E402
 
+from migpipe.keys import keygen  # noqa: E402
 from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
@@ -189,16 +190,22 @@ def build_rows(stream: Path) -> list[Row]:
     path = str(stream)
     migpipe = [sys.executable, "-m", "migpipe"]
     rows: list[Row] = []
+    key = stream.with_name("key")
+    if not key.exists():
+        keygen(key)
+    keyed = ["--key-file", str(key)]
     codecs: list[tuple[str, Argv]] = [("pass-through", [])]
     codecs += [(codec, ["--compress", codec]) for codec in ("lz4", "zstd:1", "zstd:3")]
+    codecs += [(chain, ["--filters", chain, *keyed]) for chain in ("encrypt", "zstd:1,encrypt")]
     for label, options in codecs:
         encode = [*migpipe, "encode", *options]
         rows.append(Row(f"migpipe encode {label}", [["cat", path], encode],
                         rss_stages={"encode": 1}))  # fmt: skip
     for label, options in codecs:
         encode = [*migpipe, "encode", *options]
+        decode = [*migpipe, "decode", *(keyed if "encrypt" in label else [])]
         rows.append(
-            Row(f"migpipe encode | decode {label}", [["cat", path], encode, [*migpipe, "decode"]],
+            Row(f"migpipe encode | decode {label}", [["cat", path], encode, decode],
                 rss_stages={"encode": 1, "decode": 2}, roundtrip=True)
         )  # fmt: skip
     dd_in = ["dd", f"if={path}", "bs=1M", "status=none"]
@@ -276,6 +283,11 @@ def targets(rows: list[Row], total: int) -> list[str]:
          "dd bs=1M | dd bs=1M (1 MiB pipe)", 0.5, False),
         ("zstd:1 vs zstd -1 -T0", "migpipe encode zstd:1", "zstd -1 -T0 -c", 1.5, True),
         ("lz4 vs lz4 -1", "migpipe encode lz4", "lz4 -1 -c", 2.0, True),
+        # encryption may cost at most 10% of encode's wall time: speed >= 1/1.1 of without
+        ("encrypt vs pass-through", "migpipe encode encrypt", "migpipe encode pass-through",
+         0.91, False),
+        ("zstd:1,encrypt vs zstd:1", "migpipe encode zstd:1,encrypt", "migpipe encode zstd:1",
+         0.91, False),
     ]  # fmt: skip
     for label, ours, theirs, goal, same_ratio in comparisons:
         mine, peer = rate(ours), rate(theirs)
