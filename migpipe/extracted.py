@@ -9,7 +9,7 @@ compact single-pass stream that a QEMU of the same machine type loads.
 import json
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from migpipe.errors import MigpipeError
@@ -68,6 +68,65 @@ class _FileImages:
                 mapping.close()
 
 
+class Skeleton:
+    """Everything of a stream but its RAM pages: what a compact stream needs around them.
+
+    `add` takes every record in order and says which ones are device state (everything after
+    RAM's END section, kept verbatim by the caller); the manifest collects the rest.
+    """
+
+    def __init__(self, page_size: int = fmt.DEFAULT_PAGE_SIZE) -> None:
+        self.manifest: dict = {"format": FORMAT, "page_size": page_size, "subsections": []}
+        self._ram_section: int | None = None
+        self.phase = "ram"  # then "ram-end" inside RAM's END section, then "device-state"
+
+    def add(self, record: Record) -> bool:
+        """Note `record`; True when it is device state, for the caller to keep."""
+        if self.phase == "device-state":
+            return True
+        kind, manifest = type(record), self.manifest
+        if kind is FileHeader:
+            manifest["version"] = record.version
+        elif kind is Configuration:
+            manifest["machine"] = record.machine
+            manifest["subsections"] = [
+                {"name": s.name, "version": s.version, "payload": s.payload.hex()}
+                for s in record.subsections
+            ]
+        elif kind is SectionStart and record.idstr == fmt.RAM_IDSTR:
+            self._ram_section = record.section_id
+            manifest["ram_section"] = record._asdict()
+        elif kind in (SectionStart, SectionPart, SectionEnd) and (
+            record.section_id != self._ram_section
+        ):
+            raise MigpipeError(
+                "only streams whose one iterative section is RAM can be stored page by page; "
+                f"found section {record.section_id} before RAM ended"
+            )
+        elif kind is SectionFull:
+            raise MigpipeError(
+                f"cannot place device state ({record.idstr!r}) sent before RAM ended "
+                "(early-setup devices, QEMU 8.0+ virtio-mem)"
+            )
+        elif kind is Command:
+            _keep_command(manifest, record)
+        elif kind is SectionEnd:
+            self.phase = "ram-end"
+        elif kind is SectionFooter and self.phase == "ram-end":
+            self.phase = "device-state"
+        elif kind is MemSize:
+            manifest["blocks"] = [
+                {"name": b.name, "used_length": b.used_length, "addr": b.addr}
+                for b in record.blocks
+            ]
+        return False
+
+    def finish(self) -> dict:
+        if self.phase != "device-state":
+            raise MigpipeError("stream ended before RAM's END section")
+        return self.manifest
+
+
 def extract(
     records: Iterable[Record], directory: Path, page_size: int = fmt.DEFAULT_PAGE_SIZE
 ) -> dict:
@@ -76,60 +135,23 @@ def extract(
     files = _FileImages(directory)
     ram = RamImages(files, page_size)
     writer = StreamWriter()
-    manifest: dict = {"format": FORMAT, "page_size": page_size, "subsections": []}
-    ram_section: int | None = None
-    phase = "ram"  # then "ram-end" inside RAM's END section, then "device-state"
+    skeleton = Skeleton(page_size)
     device_bytes = bytearray()
+    device_state_bytes = 0
     try:
         with open(directory / DEVICE_STATE, "wb") as device_state:
             for record in records:
-                kind = type(record)
-                if phase == "device-state":
+                if skeleton.add(record):
                     device_bytes.clear()
                     writer.write(device_bytes, record)
                     device_state.write(device_bytes)
-                    manifest["device_state_bytes"] += len(device_bytes)
-                    continue
-                if kind is FileHeader:
-                    manifest["version"] = record.version
-                elif kind is Configuration:
-                    manifest["machine"] = record.machine
-                    manifest["subsections"] = [
-                        {"name": s.name, "version": s.version, "payload": s.payload.hex()}
-                        for s in record.subsections
-                    ]
-                elif kind is SectionStart and record.idstr == fmt.RAM_IDSTR:
-                    ram_section = record.section_id
-                    manifest["ram_section"] = record._asdict()
-                elif kind in (SectionStart, SectionPart, SectionEnd) and (
-                    record.section_id != ram_section
-                ):
-                    raise MigpipeError(
-                        "extract handles streams whose only iterative section is RAM; "
-                        f"found section {record.section_id} before RAM ended"
-                    )
-                elif kind is SectionFull:
-                    raise MigpipeError(
-                        f"extract cannot place device state ({record.idstr!r}) sent before RAM "
-                        "ended (early-setup devices, QEMU 8.0+ virtio-mem)"
-                    )
-                elif kind is Command:
-                    _keep_command(manifest, record)
-                elif kind is SectionEnd:
-                    phase = "ram-end"
-                elif kind is SectionFooter and phase == "ram-end":
-                    phase = "device-state"
-                    manifest["device_state_bytes"] = 0
-                elif kind is MemSize:
-                    manifest["blocks"] = [
-                        {"name": b.name, "used_length": b.used_length, "addr": b.addr}
-                        for b in record.blocks
-                    ]
-                ram.apply(record)
+                    device_state_bytes += len(device_bytes)
+                else:
+                    ram.apply(record)
     finally:
         files.close()
-    if phase != "device-state":
-        raise MigpipeError("stream ended before RAM's END section")
+    manifest = skeleton.finish()
+    manifest["device_state_bytes"] = device_state_bytes
     for block in manifest["blocks"]:
         block["file"] = image_file_name(block["name"])
         block["pages_received"] = ram.pages_received[block["name"]]
@@ -168,6 +190,30 @@ def rebuild(directory: Path) -> Iterator[Record]:
     """A single-pass stream holding exactly the directory's images and device state."""
     manifest = load_manifest(directory)
     page_size = manifest["page_size"]
+
+    def pages(block: RamBlock) -> Iterator[tuple[int, bytes]]:
+        with open(directory / image_file_name(block.name), "rb") as image:
+            if os.fstat(image.fileno()).st_size != block.used_length:
+                raise MigpipeError(f"{image.name}: size differs from the manifest")
+            for offset in range(0, block.used_length, page_size):
+                yield offset, image.read(page_size)
+
+    def device_state() -> Iterator[bytes]:
+        with open(directory / DEVICE_STATE, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+    return compact_stream(manifest, pages, device_state())
+
+
+def compact_stream(
+    manifest: dict,
+    pages: Callable[[RamBlock], Iterable[tuple[int, bytes]]],
+    device_state: Iterable[bytes],
+) -> Iterator[Record]:
+    """A single-pass stream from a skeleton's manifest, each block's (offset, page) in order
+    (only blocks that received pages are asked), and the device state's bytes."""
+    page_size = manifest["page_size"]
     zero = bytes(page_size)
     section = manifest["ram_section"]
     sid = section["section_id"]
@@ -191,22 +237,18 @@ def rebuild(directory: Path) -> Iterator[Record]:
     for block in blocks:
         if block.name not in sent:  # e.g. shared memory under x-ignore-shared: not ours to write
             continue
-        with open(directory / image_file_name(block.name), "rb") as image:
-            if os.fstat(image.fileno()).st_size != block.used_length:
-                raise MigpipeError(f"{image.name}: size differs from the manifest")
-            for offset in range(0, block.used_length, page_size):
-                if count % PAGES_PER_SECTION == 0:
-                    if count:
-                        yield EndOfSection()
-                        yield SectionFooter(sid)
-                    yield SectionPart(sid)
-                count += 1
-                page = image.read(page_size)
-                yield (
-                    ZeroPage(block.name, offset)
-                    if page == zero
-                    else NormalPage(block.name, offset, page)
-                )
+        for offset, page in pages(block):
+            if count % PAGES_PER_SECTION == 0:
+                if count:
+                    yield EndOfSection()
+                    yield SectionFooter(sid)
+                yield SectionPart(sid)
+            count += 1
+            yield (
+                ZeroPage(block.name, offset)
+                if page == zero
+                else NormalPage(block.name, offset, page)
+            )
     if count:
         yield EndOfSection()
         yield SectionFooter(sid)
@@ -215,6 +257,5 @@ def rebuild(directory: Path) -> Iterator[Record]:
     yield SectionEnd(sid)
     yield EndOfSection()
     yield SectionFooter(sid)
-    with open(directory / DEVICE_STATE, "rb") as device_state:
-        while chunk := device_state.read(1 << 20):
-            yield OpaqueData(chunk)
+    for chunk in device_state:
+        yield OpaqueData(chunk)

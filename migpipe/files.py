@@ -57,23 +57,29 @@ def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
-    """A file that appears under `path` only once complete and synced, never half-written.
+def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """A temporary name beside `path`, renamed to `path` when the block ends without error.
 
-    An existing file is refused unless `force`, and even then it is replaced only by the final
-    rename, so a failure at any point leaves it untouched.
+    The caller writes the temporary file and syncs its data; the rename and the directory sync
+    happen here. An existing file is refused unless `force`, and even then it is replaced only
+    by the final rename, so a failure (or a SIGKILL) at any point leaves it untouched; what is
+    left behind then is a `.NAME.*.partial` file that no reader takes for a complete one.
     """
     if path.exists() and not force:
         raise MigpipeError(f"{path} exists; use --force to replace it")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    umask = os.umask(0o022)  # mkstemp makes 0600; give the file the mode open() would
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:
+        raise MigpipeError(f"cannot create a file in {path.parent}: {e.strerror}") from None
+    temporary = Path(name)
+    try:
+        umask = os.umask(0o022)  # mkstemp makes 0600; give the file the mode open() would
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+    finally:
+        os.close(fd)
+    try:
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -84,6 +90,15 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
+    """A file that appears under `path` only once complete and synced, never half-written."""
+    with atomic_path(path, force=force) as temporary, open(temporary, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
