@@ -222,6 +222,27 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def filter_options(sub: argparse.ArgumentParser) -> None:
+    """The filter chain's options (encode, save, migrate), and where the key comes from."""
+    sub.add_argument(
+        "--filters",
+        default="",
+        metavar="CHAIN",
+        help="comma-separated filters, e.g. xbzrle,zstd:3,encrypt or lz4",
+    )
+    sub.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] or lz4[:LEVEL]")
+    sub.add_argument("--xbzrle", action="store_true", help="send re-sent pages as deltas")
+    sub.add_argument(
+        "--xbzrle-cache",
+        metavar="SIZE",
+        help="xbzrle's page cache on each end (implies --xbzrle; default 64M)",
+    )
+    sub.add_argument(
+        "--encrypt", action="store_true", help="encrypt and authenticate (AES-256-GCM); needs a key"
+    )
+    key_options(sub)
+
+
 def key_options(sub: argparse.ArgumentParser) -> None:
     """Where the encrypt filter's key comes from; one of them, never the secret itself."""
     keys = sub.add_mutually_exclusive_group()
@@ -230,6 +251,63 @@ def key_options(sub: argparse.ArgumentParser) -> None:
     keys.add_argument("--passphrase-file", metavar="FILE", help="passphrase: first line of FILE")
     keys.add_argument("--passphrase-fd", type=int, metavar="N", help="passphrase from fd N")
     keys.add_argument("--ask-passphrase", action="store_true", help="passphrase from the terminal")
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from migpipe.savefile import save
+
+    chain = filter_chain(args)
+    with input_fd(args) as source:
+        totals = run_trio(save, source, Path(args.file), chain, args.layout, args.force,
+                          progress(args, "save"), args.cache)  # fmt: skip
+    report(args, totals)
+    if args.summary:
+        print_save_summary(Path(args.file), totals)
+    return 0
+
+
+def print_save_summary(path: Path, totals) -> None:
+    size = path.stat().st_size
+    used = path.stat().st_blocks * 512
+    fixed = totals.filter_counters.get("fixed")
+    lines = [f"saved {totals.qemu_bytes:,} stream bytes to {path}: {size:,} bytes "
+             f"({used:,} on disk)"]  # fmt: skip
+    if fixed:
+        lines.append(
+            f"pages received {fixed['pages_received']:,}, stored {fixed['pages_stored']:,}, "
+            f"overwritten in place {fixed['pages_overwritten']:,}; extent writes "
+            f"{fixed['extent_writes']:,} (rewrites {fixed['extent_rewrites']:,}, read back "
+            f"{fixed['extent_reloads']:,})"
+        )
+    print("\n".join(lines), file=sys.stderr)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from migpipe.savefile import restore
+
+    with output_fd(args) as sink:
+        totals = run_trio(restore, Path(args.file), sink, secrets(args), progress(args, "restore"))
+    report(args, totals)
+    return 0
+
+
+@contextlib.contextmanager
+def input_fd(args: argparse.Namespace) -> Iterator[int]:
+    """--fd N (handed over by a daemon or QEMU's exec:), or standard input."""
+    if args.fd is not None:
+        yield args.fd
+    else:
+        with open_input("-") as f:
+            yield f.fileno()
+
+
+@contextlib.contextmanager
+def output_fd(args: argparse.Namespace) -> Iterator[int]:
+    if args.fd is not None:
+        yield args.fd
+    else:
+        with open_output(None) as f:
+            yield f.fileno()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -302,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", type=int, default=1)
 
+    def reporting(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+        sub.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress on stderr (default: when stderr is a terminal)",
+        )
+
     def transport(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--in",
@@ -318,13 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="write to FILE, complete or not at all (default: stdout)",
         )
         sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
-        sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
-        sub.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="progress on stderr (default: when stderr is a terminal)",
-        )
+        reporting(sub)
         link = sub.add_mutually_exclusive_group()
         link.add_argument(
             "--connect",
@@ -348,29 +429,35 @@ def build_parser() -> argparse.ArgumentParser:
         "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."
     )
     transport(encode)
-    encode.add_argument(
-        "--filters",
-        default="",
-        metavar="CHAIN",
-        help="comma-separated filters, e.g. xbzrle,zstd:3 or lz4",
-    )
-    encode.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] or lz4[:LEVEL]")
-    encode.add_argument("--xbzrle", action="store_true", help="send re-sent pages as deltas")
-    encode.add_argument(
-        "--encrypt", action="store_true", help="encrypt and authenticate (AES-256-GCM); needs a key"
-    )
-    key_options(encode)
-    encode.add_argument(
-        "--xbzrle-cache",
-        metavar="SIZE",
-        help="xbzrle's page cache on each end (implies --xbzrle; default 64M)",
-    )
+    filter_options(encode)
 
     decode = command(
         "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
     )
     transport(decode)
     key_options(decode)
+
+    save = command("save", cmd_save, "Save a QEMU stream to a file, complete or not at all.")
+    save.add_argument("file", help="the file to write (appears only once complete)")
+    save.add_argument("--fd", type=int, metavar="N", help="read the stream from fd N (stdin)")
+    save.add_argument(
+        "--layout",
+        choices=("stream", "fixed"),
+        default="stream",
+        help="stream: the stream as sent (default); fixed: each RAM page stored once",
+    )
+    save.add_argument("--cache", type=parse_size, default=64 << 20,
+                      help="fixed layout: RAM extents kept in memory (64M)")  # fmt: skip
+    save.add_argument("--force", action="store_true", help="replace an existing FILE")
+    save.add_argument("--summary", action="store_true", help="print what was stored, on stderr")
+    reporting(save)
+    filter_options(save)
+
+    restore = command("restore", cmd_restore, "Write the QEMU stream saved in a file.")
+    restore.add_argument("file", help="a file written by migpipe save (or migpipe encode)")
+    restore.add_argument("--fd", type=int, metavar="N", help="write the stream to fd N (stdout)")
+    reporting(restore)
+    key_options(restore)
 
     keygen = command("keygen", cmd_keygen, "Write a new random key file (mode 0600) for encrypt.")
     keygen.add_argument("file", type=Path, help="where to write it; never replaces a file")

@@ -47,23 +47,10 @@ class RamImages:
             ) from None
 
     def _apply_page(self, record: Record) -> None:
-        kind = type(record)
-        image = self.images[record.block]
         start = record.offset
-        stop = start + self._page_size
         self.pages_received[record.block] += 1
-        if kind is NormalPage:
-            image[start:stop] = record.data
-        elif kind is ZeroPage:
-            image[start:stop] = bytes([record.fill]) * self._page_size
-        elif kind is XbzrlePage:
-            with memoryview(image) as view:
-                apply_delta(record.data, view[start:stop])
-        else:
-            page = zlib.decompress(record.data)
-            if len(page) != self._page_size:
-                raise MigpipeError(f"compressed page inflates to {len(page)} bytes")
-            image[start:stop] = page
+        with memoryview(self.images[record.block]) as view:
+            apply_page(record, view[start : start + self._page_size])
 
     def _announce(self, record: MemSize) -> None:
         for block in record.blocks:
@@ -78,3 +65,19 @@ class RamImages:
 
 def in_memory(name: str, size: int) -> bytearray:
     return bytearray(size)
+
+
+def apply_page(record: Record, page: memoryview) -> None:
+    """Bring `page` (the page's current bytes, writable) to what a page record says."""
+    kind = type(record)
+    if kind is NormalPage:
+        page[:] = record.data
+    elif kind is ZeroPage:
+        page[:] = bytes([record.fill]) * len(page)
+    elif kind is XbzrlePage:
+        apply_delta(record.data, page)
+    else:
+        data = zlib.decompress(record.data)
+        if len(data) != len(page):
+            raise MigpipeError(f"compressed page inflates to {len(data)} bytes")
+        page[:] = data

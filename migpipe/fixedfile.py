@@ -1,0 +1,567 @@
+"""The fixed save layout: every RAM page has one place in the file, however often it was sent.
+
+Guest RAM is cut into extents of EXTENT_PAGES pages of one block; each extent owns a slot of
+fixed size in the file, big enough for the extent whatever the filters make of it. The extent
+is stored as a small plaintext (which pages were sent, which are zero, the data of the others)
+run through the byte filters (compression, encryption), so a slot usually holds far less than
+its size and the rest stays a hole: the file's size is bounded by the guest's RAM plus device
+state plus metadata, and its disk usage by what the filters left.
+
+A guest that keeps dirtying memory during the save makes QEMU send pages again; the extents
+being filled stay in an LRU cache, and an extent evicted and hit again is read back, unsealed,
+patched and written again (read-modify-write), always to its own slot. Each write gets a new
+write number, which is the filters' position, so an encrypting filter never reuses a nonce and
+an old copy of a slot cannot pass for the current one. The index at the end (sealed last, with
+the final flag) lists every slot's write number, length and CRC, the device state's chunks and
+the stream's skeleton; the superblock at offset 0, written last of all, points at it. The
+format is specified in migpipe-file(5).
+"""
+
+import json
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import trio
+
+from migpipe import filter as filters
+from migpipe.channel import Channel, as_channel
+from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
+from migpipe.extracted import Skeleton, compact_stream
+from migpipe.filter import Position
+from migpipe.keys import Secrets
+from migpipe.pipeline import Totals
+from migpipe.progress import Progress
+from migpipe.ramimage import apply_page
+from migpipe.stream.format import BE16, BE32, BE64
+from migpipe.stream.parser import StreamParser
+from migpipe.stream.records import PAGE_KIND_NAMES, MemSize, RamBlock, Record
+from migpipe.stream.writer import StreamWriter
+
+MAGIC = b"\x89MGF\r\n\x1a\n"
+VERSION = 1
+UNIT = 4096  # every slot, chunk and the index start at a multiple of this (O_DIRECT-friendly)
+EXTENT_PAGES = 256
+DEVICE_CHUNK = 1 << 20
+DEFAULT_CACHE = 64 << 20
+LOCATOR = 32  # be64 index offset, length, write number; be32 CRC-32 of it; be32 CRC of these
+IN_FLIGHT = 4
+MAX_INDEX = 256 << 20
+SLOT_ENTRY = struct.Struct(">QII")  # write number, stored length, CRC-32
+CHUNK_ENTRY = struct.Struct(">QIIQ")  # offset, stored length, CRC-32, write number
+
+
+def _align(n: int) -> int:
+    return -(-n // UNIT) * UNIT
+
+
+@dataclass
+class Slot:
+    """Where an extent's latest copy is: its write number (0: never written), length, CRC."""
+
+    write: int = 0
+    length: int = 0
+    crc: int = 0
+
+
+@dataclass
+class FixedCounters:
+    pages_received: int = 0
+    pages_stored: int = 0  # distinct pages in the file
+    pages_overwritten: int = 0  # received again: stored in place of their earlier copy
+    extent_writes: int = 0
+    extent_rewrites: int = 0  # writes of an extent already in the file
+    extent_reloads: int = 0  # read back from the file to be patched
+
+
+class Layout:
+    """The geometry shared by saver and restorer: block -> first slot, slot -> place and room.
+
+    Slots are laid out block after block; a block's last extent may hold fewer pages, and its
+    slot is only as large as they need, so small blocks (firmware, option ROMs) stay small.
+    """
+
+    def __init__(self, blocks: Sequence[RamBlock], page_size: int) -> None:
+        self.page_size = page_size
+        self.first_slot: dict[str, int] = {}
+        self.offsets: list[int] = []
+        self.rooms: list[int] = []
+        offset = UNIT
+        per_extent = EXTENT_PAGES * page_size
+        for block in blocks:
+            self.first_slot[block.name] = len(self.offsets)
+            for start in range(0, block.used_length, per_extent):
+                pages = -(-min(per_extent, block.used_length - start) // page_size)
+                self.offsets.append(offset)
+                self.rooms.append(slot_room(pages, page_size))
+                offset += self.rooms[-1]
+        self.slots = len(self.offsets)
+        self.data_end = offset
+
+
+def slot_room(pages: int, page_size: int) -> int:
+    """Room for an extent of `pages` after any compressor's worst-case growth (zstd and lz4
+    grow incompressible data by under 1/255) and an AEAD tag."""
+    plain = EXTENT_PAGES // 4 + pages * page_size
+    return _align(plain + plain // 128 + 1024)
+
+
+# -- an extent's plaintext ----------------------------------------------------------------------
+
+
+class Extent:
+    """One extent in memory: its pages, and which of them the stream has sent."""
+
+    __slots__ = ("data", "present")
+
+    def __init__(self, page_size: int) -> None:
+        self.data = bytearray(EXTENT_PAGES * page_size)
+        self.present = 0  # bit i: page i was sent
+
+    def pack(self, page_size: int) -> bytes:
+        """present bitmap, zero bitmap (32 bytes each, bit i = page i), then the data of every
+        sent page that is not all zero, in page order."""
+        zero_page = bytes(page_size)
+        zero, parts = 0, []
+        view = memoryview(self.data)
+        for i in range(EXTENT_PAGES):
+            if self.present >> i & 1:
+                page = view[i * page_size : (i + 1) * page_size]
+                if page == zero_page:
+                    zero |= 1 << i
+                else:
+                    parts.append(page)
+        size = EXTENT_PAGES // 8
+        return b"".join([self.present.to_bytes(size, "little"), zero.to_bytes(size, "little"),
+                         *parts])  # fmt: skip
+
+    @classmethod
+    def unpack(cls, plain: bytes, page_size: int, where: str) -> "Extent":
+        size = EXTENT_PAGES // 8
+        extent = cls(page_size)
+        extent.present = int.from_bytes(plain[:size], "little")
+        zero = int.from_bytes(plain[size : 2 * size], "little")
+        if zero & ~extent.present:
+            raise MigpipeError(f"{where}: zero pages that were never sent", status=EXIT_CORRUPT)
+        pos = 2 * size
+        for i in range(EXTENT_PAGES):
+            if extent.present >> i & 1 and not zero >> i & 1:
+                extent.data[i * page_size : (i + 1) * page_size] = plain[pos : pos + page_size]
+                pos += page_size
+        if pos != len(plain):
+            raise MigpipeError(f"{where}: {len(plain)} bytes where the bitmaps call for {pos}",
+                               status=EXIT_CORRUPT)  # fmt: skip
+        return extent
+
+    def pages(self, page_size: int, base: int, limit: int) -> Iterator[tuple[int, bytes]]:
+        view = memoryview(self.data)
+        for i in range(EXTENT_PAGES):
+            if self.present >> i & 1 and base + i * page_size < limit:
+                yield base + i * page_size, bytes(view[i * page_size : (i + 1) * page_size])
+
+
+# -- sealing: the byte filters over a piece of the file -----------------------------------------
+
+
+class Sealer:
+    """The chain's byte filters, applied to one piece (extent, chunk, index) at a time."""
+
+    def __init__(self, chain: Sequence[filters.Filter], setup: bytes, totals: Totals) -> None:
+        self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
+        for f in chain:
+            f.bind(setup)
+        self.totals = totals
+
+    def seal(self, plain: bytes, position: Position) -> bytes:
+        data = plain
+        for f in self.byte_filters:
+            data = self.totals.timed(f.name, f.encode, data, position)
+        return data
+
+    def open(self, stored: bytes, limit: int, position: Position) -> bytes:
+        data = stored
+        for f in reversed(self.byte_filters):
+            data = self.totals.timed(f.name, f.decode, data, limit, position)
+        return data
+
+
+def encode_setup(chain: Sequence[filters.Filter], page_size: int) -> bytes:
+    text = json.dumps(
+        {"filters": [[f.name, f.params()] for f in chain], "page_size": page_size,
+         "extent_pages": EXTENT_PAGES, "unit": UNIT},
+        sort_keys=True, separators=(",", ":"),
+    ).encode()  # fmt: skip
+    head = MAGIC + bytes([VERSION, 0]) + BE16.pack(len(text)) + text
+    return head + BE32.pack(zlib.crc32(head))
+
+
+def encode_locator(offset: int, length: int, write: int, crc: int) -> bytes:
+    body = BE64.pack(offset) + BE64.pack(length) + BE64.pack(write) + BE32.pack(crc)
+    return body + BE32.pack(zlib.crc32(body))
+
+
+# -- save ---------------------------------------------------------------------------------------
+
+
+class FixedSaver:
+    """Records in, slots out: the synchronous core of `save --layout fixed` (one thread calls
+    it; sealing and writing run on a small pool of worker threads)."""
+
+    def __init__(
+        self, fd: int, chain: Sequence[filters.Filter], totals: Totals, cache: int = DEFAULT_CACHE
+    ) -> None:
+        if any(isinstance(f, filters.PageFilter) for f in chain):
+            message = "the fixed layout stores each page once: xbzrle has nothing to do there"
+            raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+        self.fd = fd
+        self.totals = totals
+        self.counters = FixedCounters()
+        self.page_size = 4096
+        self.setup = encode_setup(chain, self.page_size)
+        self.sealer = Sealer(chain, self.setup, totals)
+        self.skeleton = Skeleton(self.page_size)
+        self.writer = StreamWriter()
+        self.layout: Layout | None = None
+        self.table: list[Slot] = []
+        self.cache: OrderedDict[int, Extent] = OrderedDict()
+        self.cache_extents = max(2, cache // (EXTENT_PAGES * self.page_size))
+        self.in_flight: dict[int, tuple[Future, bytes]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="migpipe-seal")
+        self.lock = threading.Lock()
+        self.writes = 0
+        self.device_state = bytearray()
+        self.chunks: list[tuple[int, int, int, int]] = []  # offset, length, crc, write number
+        self.next_offset = 0
+
+    def add(self, records: list[Record]) -> None:
+        self.totals.count_pages(records)
+        for record in records:
+            if self.skeleton.add(record):
+                self.writer.write(self.device_state, record)
+                if len(self.device_state) >= DEVICE_CHUNK:
+                    self._write_chunk()
+            elif type(record) in PAGE_KIND_NAMES:
+                self._page(record)
+            elif type(record) is MemSize:
+                self._announce(record)
+
+    def _announce(self, record: MemSize) -> None:
+        if self.layout is not None:
+            raise MigpipeError("a second RAM block list: the fixed layout cannot follow RAM "
+                               "blocks that change mid-stream")  # fmt: skip
+        self.layout = Layout(record.blocks, self.page_size)
+        self.sizes = {b.name: b.used_length for b in record.blocks}
+        self.table = [Slot() for _ in range(self.layout.slots)]
+        self.next_offset = self.layout.data_end
+
+    def _page(self, record: Record) -> None:
+        size = self.sizes.get(record.block) if self.layout else None
+        if size is None or record.offset + self.page_size > size:
+            raise MigpipeError(f"page 0x{record.offset:x} of RAM block {record.block!r} is "
+                               "outside the blocks announced", status=EXIT_CORRUPT)  # fmt: skip
+        per_extent = EXTENT_PAGES * self.page_size
+        slot = self.layout.first_slot[record.block] + record.offset // per_extent
+        index = record.offset % per_extent // self.page_size
+        extent = self._extent(slot)
+        counters = self.counters
+        counters.pages_received += 1
+        if extent.present >> index & 1:
+            counters.pages_overwritten += 1
+        else:
+            extent.present |= 1 << index
+            counters.pages_stored += 1
+        with memoryview(extent.data) as view:
+            start = index * self.page_size
+            apply_page(record, view[start : start + self.page_size])
+
+    def _extent(self, slot: int) -> Extent:
+        extent = self.cache.get(slot)
+        if extent is not None:
+            self.cache.move_to_end(slot)
+            return extent
+        if len(self.cache) >= self.cache_extents:
+            self._evict(*self.cache.popitem(last=False))
+        if slot in self.in_flight:  # still being written: take the plaintext back
+            extent = Extent.unpack(self.in_flight[slot][1], self.page_size, "extent")
+        elif self.table[slot].write:
+            self.counters.extent_reloads += 1
+            extent = self._read_back(slot)
+        else:
+            extent = Extent(self.page_size)
+        self.cache[slot] = extent
+        return extent
+
+    def _read_back(self, slot: int) -> Extent:
+        entry = self.table[slot]
+        stored = os.pread(self.fd, entry.length, self.layout.offsets[slot])
+        plain = self.sealer.open(stored, self.layout.rooms[slot], Position(entry.write, False))
+        return Extent.unpack(plain, self.page_size, f"extent {slot}")
+
+    def _number(self) -> int:
+        self.writes += 1
+        return self.writes
+
+    def _evict(self, slot: int, extent: Extent) -> None:
+        previous = self.in_flight.pop(slot, None)
+        if previous is not None:
+            previous[0].result()  # one slot's writes stay in order
+        while len(self.in_flight) >= IN_FLIGHT:
+            oldest = next(iter(self.in_flight))
+            self.in_flight.pop(oldest)[0].result()
+        plain = extent.pack(self.page_size)
+        write = self._number()
+        offset = self.layout.offsets[slot]
+        future = self.pool.submit(self._seal_and_write, slot, plain, write, offset)
+        self.in_flight[slot] = (future, plain)
+
+    def _seal_and_write(self, slot: int, plain: bytes, write: int, offset: int) -> None:
+        stored = self.sealer.seal(plain, Position(write, False))
+        if len(stored) > self.layout.rooms[slot]:
+            raise MigpipeError(f"a filter made extent {slot} larger ({len(stored)} bytes) than "
+                               f"its slot ({self.layout.rooms[slot]})")  # fmt: skip
+        _pwrite_all(self.fd, stored, offset)
+        with self.lock:
+            entry = self.table[slot]
+            self.counters.extent_writes += 1
+            self.counters.extent_rewrites += entry.write != 0
+            entry.write, entry.length, entry.crc = write, len(stored), zlib.crc32(stored)
+
+    def _write_chunk(self) -> None:
+        if not self.device_state:
+            return
+        write = self._number()
+        stored = self.sealer.seal(bytes(self.device_state), Position(write, False))
+        self.device_state.clear()
+        _pwrite_all(self.fd, stored, self.next_offset)
+        self.chunks.append((self.next_offset, len(stored), zlib.crc32(stored), write))
+        self.next_offset = _align(self.next_offset + len(stored))
+
+    def finish(self) -> int:
+        """Write what is left, the index and the superblock; returns the file's size."""
+        manifest = self.skeleton.finish()
+        if self.layout is None:
+            raise MigpipeError("the stream has no RAM block list")
+        while self.cache:
+            self._evict(*self.cache.popitem(last=False))
+        for future, _ in self.in_flight.values():
+            future.result()
+        self.in_flight.clear()
+        self.pool.shutdown()
+        self._write_chunk()
+        for block in manifest["blocks"]:
+            first = self.layout.first_slot[block["name"]]
+            count = -(-block["used_length"] // (EXTENT_PAGES * self.page_size))
+            block["pages_received"] = sum(
+                self.table[s].write != 0 for s in range(first, first + count)
+            )  # a block none of whose extents was written gets no pages on restore
+        index = encode_index(manifest, self.table, self.chunks)
+        write = self._number()
+        stored = self.sealer.seal(index, Position(write, True))
+        offset = self.next_offset
+        _pwrite_all(self.fd, stored, offset)
+        end = offset + len(stored)
+        os.fdatasync(self.fd)  # everything the superblock points at is on disk before it
+        superblock = self.setup + encode_locator(offset, len(stored), write, zlib.crc32(stored))
+        _pwrite_all(self.fd, superblock.ljust(UNIT, b"\0"), 0)
+        os.ftruncate(self.fd, max(end, self.layout.data_end))
+        return max(end, self.layout.data_end)
+
+    def abort(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def encode_index(manifest: dict, table: list[Slot], chunks: list) -> bytes:
+    """be32 n, n bytes of JSON (skeleton, slot and chunk counts), then 16 bytes per slot
+    (be64 write number, be32 length, be32 CRC-32), then 24 per device-state chunk (be64 offset,
+    be32 length, be32 CRC-32, be64 write number)."""
+    meta = {"skeleton": manifest, "slots": len(table), "chunks": len(chunks)}
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    parts = [BE32.pack(len(text)), text]
+    parts += [SLOT_ENTRY.pack(s.write, s.length, s.crc) for s in table]
+    parts += [CHUNK_ENTRY.pack(*chunk) for chunk in chunks]
+    return b"".join(parts)
+
+
+async def save_fixed(
+    source: int | Channel,
+    fd: int,
+    chain: Sequence[filters.Filter],
+    progress: Progress | None = None,
+    cache: int = DEFAULT_CACHE,
+) -> Totals:
+    """Parse the QEMU stream from `source` into the fixed layout in `fd` (an empty file)."""
+    source = as_channel(source)
+    totals = Totals()
+    saver = FixedSaver(fd, chain, totals, cache)
+    parser = StreamParser(page_size=saver.page_size)
+
+    def run() -> None:
+        try:
+            while chunk := source.read():
+                totals.qemu_bytes += len(chunk)
+                parser.feed(chunk)
+                saver.add(parser.next_records())
+            parser.close()
+            saver.add(parser.next_records())
+            if parser.eof_offset is None:
+                raise MigpipeError("QEMU stream ended without its EOF item", totals.qemu_bytes,
+                                   EXIT_TRUNCATED)  # fmt: skip
+            totals.wire_bytes = saver.finish()
+        except BaseException:
+            saver.abort()
+            raise
+        totals.filter_counters["fixed"] = vars(saver.counters)
+
+    if progress is None:
+        await trio.to_thread.run_sync(run)
+    else:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(progress.run, totals)
+            await trio.to_thread.run_sync(run)
+            nursery.cancel_scope.cancel()
+        progress.finish(totals)
+    return totals
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+
+class FixedReader:
+    """A fixed-layout file, checked piece by piece as it is read."""
+
+    def __init__(self, fd: int, secrets: Secrets | None, totals: Totals) -> None:
+        self.fd = fd
+        head = os.pread(fd, UNIT, 0)
+        if not head.startswith(MAGIC):
+            raise MigpipeError("not a migpipe fixed-layout file (bad magic)", 0, EXIT_CORRUPT)
+        if head[8] != VERSION:
+            raise MigpipeError(f"fixed-layout version {head[8]} is not {VERSION}", 8,
+                               EXIT_INCOMPATIBLE)  # fmt: skip
+        (length,) = BE16.unpack_from(head, 10)
+        end = 12 + length
+        if end + 4 + LOCATOR > UNIT or zlib.crc32(head[:end]) != BE32.unpack_from(head, end)[0]:
+            raise MigpipeError("fixed-layout header checksum mismatch", 0, EXIT_CORRUPT)
+        if head[9]:
+            raise MigpipeError(f"unknown header flags 0x{head[9]:02x}", 9, EXIT_INCOMPATIBLE)
+        setup_bytes = head[: end + 4]
+        try:
+            setup = json.loads(head[12:end])
+            self.page_size = setup["page_size"]
+            if (setup["extent_pages"], setup["unit"], self.page_size) != (EXTENT_PAGES, UNIT, 4096):
+                raise ValueError("geometry")
+            chain = [filters.create(name, params, secrets) for name, params in setup["filters"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MigpipeError(f"malformed fixed-layout header ({e})", 12, EXIT_CORRUPT) from None
+        filters.check_order(chain)
+        self.sealer = Sealer(chain, setup_bytes, totals)
+        locator = head[end + 4 : end + 4 + LOCATOR]
+        if zlib.crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
+            raise MigpipeError("fixed-layout locator checksum mismatch", end + 4, EXIT_CORRUPT)
+        offset, length, write = (BE64.unpack_from(locator, i)[0] for i in (0, 8, 16))
+        if length > MAX_INDEX:
+            raise MigpipeError(f"index of {length} bytes", end + 4, EXIT_CORRUPT)
+        stored = self._read(offset, length, "the index")
+        if zlib.crc32(stored) != BE32.unpack_from(locator, 24)[0]:
+            raise MigpipeError("index checksum mismatch", offset, EXIT_CORRUPT)
+        self._parse_index(self.sealer.open(stored, MAX_INDEX, Position(write, True)), offset)
+
+    def _read(self, offset: int, length: int, what: str) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise MigpipeError(f"file truncated in {what}", offset + len(data), EXIT_TRUNCATED)
+        return data
+
+    def _parse_index(self, index: bytes, at: int) -> None:
+        try:
+            (n,) = BE32.unpack_from(index, 0)
+            meta = json.loads(index[4 : 4 + n])
+            self.manifest = meta["skeleton"]
+            pos = 4 + n
+            self.table = []
+            for _ in range(meta["slots"]):
+                write, length, crc = SLOT_ENTRY.unpack_from(index, pos)
+                self.table.append(Slot(write, length, crc))
+                pos += SLOT_ENTRY.size
+            self.chunks = []
+            for _ in range(meta["chunks"]):
+                self.chunks.append(CHUNK_ENTRY.unpack_from(index, pos))
+                pos += CHUNK_ENTRY.size
+            if pos != len(index):
+                raise ValueError(f"{len(index) - pos} bytes left over")
+            blocks = [RamBlock(b["name"], b["used_length"], None, b["addr"])
+                      for b in self.manifest["blocks"]]  # fmt: skip
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise MigpipeError(f"malformed index ({e})", at, EXIT_CORRUPT) from None
+        self.layout = Layout(blocks, self.page_size)
+        if self.layout.slots != len(self.table):
+            raise MigpipeError("index and RAM blocks disagree on the slots", at, EXIT_CORRUPT)
+
+    def extent(self, slot: int) -> Extent | None:
+        entry = self.table[slot]
+        if not entry.write:
+            return None
+        where = f"extent {slot}"
+        room, offset = self.layout.rooms[slot], self.layout.offsets[slot]
+        if entry.length > room:
+            raise MigpipeError(f"{where} longer than its slot", offset, EXIT_CORRUPT)
+        stored = self._read(offset, entry.length, where)
+        if zlib.crc32(stored) != entry.crc:
+            raise MigpipeError(f"checksum mismatch in {where}", offset, EXIT_CORRUPT)
+        plain = self.sealer.open(stored, room, Position(entry.write, False))
+        return Extent.unpack(plain, self.page_size, where)
+
+    def pages(self, block: RamBlock) -> Iterator[tuple[int, bytes]]:
+        per_extent = EXTENT_PAGES * self.page_size
+        first = self.layout.first_slot[block.name]
+        for n in range(-(-block.used_length // per_extent)):
+            extent = self.extent(first + n)
+            if extent is not None:
+                yield from extent.pages(self.page_size, n * per_extent, block.used_length)
+
+    def device_state(self) -> Iterator[bytes]:
+        for offset, length, crc, write in self.chunks:
+            stored = self._read(offset, length, "device state")
+            if zlib.crc32(stored) != crc:
+                raise MigpipeError("checksum mismatch in device state", offset, EXIT_CORRUPT)
+            yield self.sealer.open(stored, DEVICE_CHUNK * 2, Position(write, False))
+
+    def records(self) -> Iterator[Record]:
+        return compact_stream(self.manifest, self.pages, self.device_state())
+
+
+async def restore_fixed(
+    fd: int, sink: int | Channel, secrets: Secrets | None = None, progress: Progress | None = None
+) -> Totals:
+    """The compact stream of a fixed-layout file; every piece is checked before it is written,
+    so the stream's end (in the last device-state chunk) comes out only if all of it passed."""
+    sink = as_channel(sink)
+    totals = Totals()
+
+    def run() -> None:
+        reader = FixedReader(fd, secrets, totals)
+        writer, buffer = StreamWriter(), bytearray()
+        for record in reader.records():
+            writer.write(buffer, record)
+            if len(buffer) >= DEVICE_CHUNK:
+                sink.write([buffer])
+                totals.qemu_bytes += len(buffer)
+                buffer = bytearray()
+        sink.write([buffer])
+        totals.qemu_bytes += len(buffer)
+
+    await trio.to_thread.run_sync(run)
+    if progress is not None:
+        progress.finish(totals)
+    return totals

@@ -1,0 +1,96 @@
+"""save and restore: a guest's migration stream parked in a file, and brought back.
+
+A saved file is written under a temporary name, synced, and renamed into place only when
+complete, so no reader ever finds a half-written file under the name asked for; restore checks
+everything before it releases the stream's end, as decode does, so a damaged file never gives
+a destination QEMU a stream it could complete.
+
+Two layouts: `stream` is migpipe's wire format (migpipe-wire(5)) in a file, the stream exactly
+as QEMU sent it, frame by frame; `fixed` (migpipe.fixedfile, migpipe-file(5)) gives every RAM
+page one place, so a page sent ten times is stored once.
+"""
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from migpipe import filter as filters
+from migpipe import wire
+from migpipe.channel import Channel, FdChannel
+from migpipe.errors import MigpipeError
+from migpipe.files import atomic_path
+from migpipe.keys import Secrets
+from migpipe.pipeline import Totals, decode, encode
+from migpipe.progress import Progress
+
+LAYOUTS = ("stream", "fixed")
+QEMU_MAGIC = b"QEVM"
+LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
+
+
+def file_kind(path: Path) -> str:
+    """'stream', 'fixed', 'libvirt' or 'qemu' (a raw QEMU stream), from the first bytes."""
+    from migpipe.fixedfile import MAGIC as FIXED_MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
+    if head.startswith(wire.MAGIC):
+        return "stream"
+    if head.startswith(FIXED_MAGIC):
+        return "fixed"
+    if head.startswith(LIBVIRT_MAGICS):
+        return "libvirt"
+    if head.startswith(QEMU_MAGIC):
+        return "qemu"
+    if head.strip(b"\0") == b"" and path.stat().st_size:
+        raise MigpipeError(f"{path}: an unfinished migpipe save (its header was never written)")
+    raise MigpipeError(f"{path}: not a file migpipe saved, nor a QEMU or libvirt save image", 0)
+
+
+async def save(
+    source: int | Channel,
+    path: Path,
+    chain: Sequence[filters.Filter],
+    layout: str = "stream",
+    force: bool = False,
+    progress: Progress | None = None,
+    cache: int = 64 << 20,
+) -> Totals:
+    """Write the stream from `source` to `path` in `layout`; the file appears only complete."""
+    with atomic_path(path, force=force) as temporary:
+        fd = os.open(temporary, os.O_RDWR | os.O_CLOEXEC)  # fixed: extents are read back
+        try:
+            if layout == "fixed":
+                from migpipe.fixedfile import save_fixed
+
+                totals = await save_fixed(source, fd, chain, progress, cache)
+            else:
+                totals = await encode(source, FdChannel(fd), chain, progress)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    return totals
+
+
+async def restore(
+    path: Path,
+    sink: int | Channel,
+    secrets: Secrets | None = None,
+    progress: Progress | None = None,
+) -> Totals:
+    """Write the QEMU stream saved in `path` to `sink`; its end only once all of it checked."""
+    kind = file_kind(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if kind == "stream":
+            return await decode(FdChannel(fd), sink, progress, secrets)
+        if kind == "fixed":
+            from migpipe.fixedfile import restore_fixed
+
+            return await restore_fixed(fd, sink, secrets, progress)
+        raise MigpipeError(f"{path}: restoring a {kind} file is not supported yet")
+    finally:
+        os.close(fd)

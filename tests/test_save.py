@@ -1,0 +1,195 @@
+"""save and restore: both layouts, with compression and encryption; never a half file; a damaged
+file never restores into a stream a QEMU could complete."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import oracle
+import pytest
+
+from migpipe.keys import keygen
+from migpipe.stream.writer import write_records
+from migpipe.synthetic import GuestModel, SyntheticGuest
+
+RAM = 8 << 20
+
+
+def migpipe(*args: str, stdin: bytes = b"", **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "migpipe", *args], input=stdin,
+                          capture_output=True, check=False, **kwargs)  # fmt: skip
+
+
+def synthetic(iterations: int, dirty: float = 0.3, ram: int = RAM) -> bytes:
+    model = GuestModel(ram_size=ram, iterations=iterations, dirty_share=dirty, seed=7)
+    return write_records(SyntheticGuest(model).records())
+
+
+@pytest.fixture(scope="module")
+def stream() -> bytes:
+    return synthetic(iterations=4)
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "key"
+    keygen(path)
+    return path
+
+
+def eof_at(stream: bytes) -> int:
+    return stream.rindex(b"\x00\x06\x00\x00")
+
+
+CHAINS = [[], ["--compress", "zstd:1"], ["--compress", "lz4"], ["--compress", "zstd", "--encrypt"]]
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: " ".join(c) or "plain")
+def test_round_trip(tmp_path: Path, stream: bytes, key: Path, layout: str, chain: list) -> None:
+    saved = tmp_path / "vm.mig"
+    keyed = ["--key-file", str(key)]
+    result = migpipe("save", str(saved), "--layout", layout, *chain, *keyed, stdin=stream)
+    assert result.returncode == 0, result.stderr
+    restored = migpipe("restore", str(saved), *keyed)
+    assert restored.returncode == 0, restored.stderr
+    if layout == "stream":
+        assert restored.stdout == stream
+    else:  # each page once, holding what the stream left in it
+        original, compact = oracle.replay(stream), oracle.replay(restored.stdout)
+        assert original.pages_resent > 0 and compact.max_sends == 1
+        assert oracle.first_difference(compact.image, original.image) is None
+        assert restored.stdout[eof_at(restored.stdout) :] == stream[eof_at(stream) :]
+    if "--encrypt" in chain:
+        assert stream[100_000:100_064] not in saved.read_bytes()
+
+
+def test_fixed_layout_size_stays_bounded(tmp_path: Path) -> None:
+    """Twelve passes re-dirtying most of RAM: the stream grows with them, the file does not."""
+    sizes = {}
+    for passes in (2, 12):
+        data = synthetic(iterations=passes, dirty=0.8)
+        saved = tmp_path / f"{passes}.mig"
+        result = migpipe("save", str(saved), "--layout", "fixed", "--cache", "1M", stdin=data)
+        assert result.returncode == 0, result.stderr
+        sizes[passes] = (len(data), saved.stat().st_size)
+    assert sizes[12][0] > 3 * sizes[2][0]  # the stream
+    assert sizes[12][1] == sizes[2][1] <= RAM * 1.02 + (1 << 20)  # the file
+
+
+def test_summary_and_stats(tmp_path: Path, stream: bytes) -> None:
+    stats = tmp_path / "stats.json"
+    result = migpipe("save", str(tmp_path / "vm.mig"), "--layout", "fixed", "--cache", "2M",
+                     "--summary", "--stats-json", str(stats), stdin=stream)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.decode()
+    assert f"saved {len(stream):,} stream bytes" in summary
+    figures = json.loads(stats.read_text())["filters"]["fixed"]
+    replay = oracle.replay(stream)
+    assert figures["pages_stored"] == sum(replay.blocks.values()) // 4096
+    assert figures["pages_overwritten"] == figures["pages_received"] - figures["pages_stored"] > 0
+    assert figures["extent_reloads"] > 0  # a 2 MiB cache for 8 MiB of RAM: read-modify-write
+    assert f"overwritten in place {figures['pages_overwritten']:,}" in summary
+
+
+def test_existing_file_needs_force_and_survives_a_failure(tmp_path: Path, stream: bytes) -> None:
+    saved = tmp_path / "vm.mig"
+    saved.write_bytes(b"the previous save")
+    result = migpipe("save", str(saved), stdin=stream)
+    assert result.returncode == 1 and b"exists; use --force" in result.stderr
+    result = migpipe("save", str(saved), "--force", stdin=stream[: len(stream) // 2])
+    assert result.returncode == 4 and b"truncated" in result.stderr
+    assert saved.read_bytes() == b"the previous save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.mig"]
+    assert migpipe("save", str(saved), "--force", stdin=stream).returncode == 0
+    assert migpipe("restore", str(saved)).stdout == stream
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_sigkill_at_many_points_leaves_nothing_under_the_name(
+    tmp_path: Path, stream: bytes, layout: str
+) -> None:
+    saved = tmp_path / "vm.mig"
+    saved.write_bytes(b"old")
+    for fed in (0, 1, 4096, len(stream) // 3, len(stream) - 1, len(stream)):
+        saver = subprocess.Popen(
+            [sys.executable, "-m", "migpipe", "save", str(saved), "--force", "--layout", layout],
+            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        saver.stdin.write(stream[:fed])
+        saver.stdin.flush()
+        saver.send_signal(signal.SIGKILL)
+        saver.stdin.close()
+        assert saver.wait() == -signal.SIGKILL
+        assert saved.read_bytes() == b"old", fed
+        for partial in tmp_path.glob(".vm.mig.*.partial"):  # what a killed save leaves behind
+            result = migpipe("restore", str(partial))
+            assert result.returncode != 0 and len(result.stdout) <= eof_at(stream)
+            partial.unlink()
+
+
+def _file_size_limit(limit: int):
+    def set_limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_a_full_disk_fails_cleanly(tmp_path: Path, stream: bytes, layout: str) -> None:
+    saved = tmp_path / "vm.mig"
+    result = migpipe("save", str(saved), "--layout", layout, stdin=stream,
+                     preexec_fn=_file_size_limit(len(stream) // 4))  # fmt: skip
+    assert result.returncode == 1
+    message = result.stderr.decode()
+    assert message.count("\n") == 1 and "File too large" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_damaged_files_never_restore_complete(tmp_path: Path, stream: bytes, layout: str) -> None:
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), "--layout", layout, "--compress", "lz4",
+                   stdin=stream).returncode == 0  # fmt: skip
+    data = saved.read_bytes()
+    used = [i for i in range(0, len(data), 4096) if data[i : i + 4096].strip(b"\0")]
+    damaged = tmp_path / "damaged.mig"
+    for at in [9, 40, *used[1 :: max(1, len(used) // 8)], used[-1] + 100]:
+        corrupt = bytearray(data)
+        corrupt[at] ^= 0x20
+        damaged.write_bytes(corrupt)
+        result = migpipe("restore", str(damaged))
+        assert result.returncode != 0, at
+        assert stream[eof_at(stream) :] not in result.stdout, at
+        assert b"Traceback" not in result.stderr and result.stderr.count(b"\n") == 1
+    for cut in (0, 4096, len(data) // 2, len(data) - 1):
+        damaged.write_bytes(data[:cut])
+        result = migpipe("restore", str(damaged))
+        assert result.returncode != 0 and stream[eof_at(stream) :] not in result.stdout, cut
+
+
+def test_unfinished_fixed_file_is_refused(tmp_path: Path, stream: bytes) -> None:
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), "--layout", "fixed", stdin=stream).returncode == 0
+    with open(saved, "r+b") as f:  # as if the save died before its last write, the superblock
+        f.write(bytes(4096))
+    result = migpipe("restore", str(saved))
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"an unfinished migpipe save" in result.stderr
+
+
+def test_restore_to_an_fd(tmp_path: Path, stream: bytes) -> None:
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), stdin=stream).returncode == 0
+    read, write = os.pipe()
+    restorer = subprocess.Popen([sys.executable, "-m", "migpipe", "restore", str(saved), "--fd",
+                                 str(write)], pass_fds=[write])  # fmt: skip
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        assert f.read() == stream
+    assert restorer.wait() == 0
