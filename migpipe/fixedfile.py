@@ -275,9 +275,9 @@ class FixedSaver:
         else:
             extent.present |= 1 << index
             counters.pages_stored += 1
-        with memoryview(extent.data) as view:
-            start = index * self.page_size
-            apply_page(record, view[start : start + self.page_size])
+        start = index * self.page_size
+        with memoryview(extent.data) as view, view[start : start + self.page_size] as page:
+            apply_page(record, page)
 
     def _extent(self, slot: int) -> Extent:
         extent = self.cache.get(slot)

@@ -49,8 +49,11 @@ class RamImages:
     def _apply_page(self, record: Record) -> None:
         start = record.offset
         self.pages_received[record.block] += 1
-        with memoryview(self.images[record.block]) as view:
-            apply_page(record, view[start : start + self._page_size])
+        with (
+            memoryview(self.images[record.block]) as view,
+            view[start : start + self._page_size] as page,  # released even if apply_page fails
+        ):
+            apply_page(record, page)
 
     def _announce(self, record: MemSize) -> None:
         for block in record.blocks:
