@@ -35,10 +35,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from migpipe.inspect import StreamStats
 
     stats = StreamStats(args.page_size)
-    error = None
-    with open_input(args.stream) as f:
+    error, about = None, {}
+    with contextlib.ExitStack() as stack:
+        if args.stream == "-":
+            chunks = read_chunks(stack.enter_context(open_input("-")))
+        else:
+            from migpipe.savefile import saved_stream
+
+            chunks = saved_stream(Path(args.stream), secrets(args), about)
         try:
-            for record in iter_records(read_chunks(f), page_size=args.page_size):
+            for record in iter_records(chunks, page_size=args.page_size):
                 stats.add(record)
         except MigpipeError as e:
             error = e
@@ -49,10 +55,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         print(json.dumps(report, indent=2))
     else:
+        if about.get("layout") not in (None, "qemu"):
+            print(describe_file(about))
         print(stats.render())
     if error is not None:
         raise error
     return 0
+
+
+def describe_file(about: dict) -> str:
+    chain = ", ".join(name for name, _ in about.get("filters", [])) or "no filters"
+    if "filters" not in about:
+        chain = "unreadable"
+    line = (f"file: {about['layout']} layout, {chain}; {about['file_bytes']:,} bytes "
+            f"({about['disk_bytes']:,} on disk)")  # fmt: skip
+    if "slots" in about:
+        line += (f"; {about['slots_written']:,} of {about['slots']:,} extent slots written, "
+                 f"{about['writes']:,} writes")  # fmt: skip
+    elif "frames" in about:
+        line += f"; {about['frames']:,} frames"
+    return line + "\n"
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -334,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("stream", nargs="?", default="-", help="stream file, or - for stdin")
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
     inspect.add_argument("--page-size", **page_size)
+    key_options(inspect)
 
     extract = command(
         "extract",

@@ -9,6 +9,7 @@ Filters are found through the `migpipe.filters` entry-point group, where migpipe
 are registered too, so a third-party package adds one without touching migpipe.
 """
 
+import functools
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, NamedTuple
@@ -111,6 +112,7 @@ def installed() -> list[str]:
     return sorted({entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)})
 
 
+@functools.cache  # scanning the installed distributions' entry points takes milliseconds
 def load(name: str) -> type[Filter]:
     """The filter class registered as `name`; only that plugin is imported."""
     for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):

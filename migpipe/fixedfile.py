@@ -540,6 +540,16 @@ class FixedReader:
     def records(self) -> Iterator[Record]:
         return compact_stream(self.manifest, self.pages, self.device_state())
 
+    def describe(self) -> dict:
+        """What the file says about itself, for inspect."""
+        return {
+            "filters": [[f.name, f.params()] for f in self.sealer.byte_filters],
+            "slots": len(self.table),
+            "slots_written": sum(1 for slot in self.table if slot.write),
+            "writes": max((slot.write for slot in self.table), default=0),
+            "device_state_chunks": len(self.chunks),
+        }
+
 
 async def restore_fixed(
     fd: int, sink: int | Channel, secrets: Secrets | None = None, progress: Progress | None = None

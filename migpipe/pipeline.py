@@ -14,10 +14,11 @@ the trailer carries a digest chained over every frame's (length, CRC-32): decode
 from what it rebuilt, so a filter that went wrong is caught as surely as a flipped wire bit.
 """
 
+import itertools
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -286,6 +287,36 @@ class Decoder:
             message = "wire totals do not match: " + "; ".join(problems)
             raise MigpipeError(message, status=EXIT_CORRUPT)
         return self._held
+
+
+def decode_chunks(
+    chunks: Iterable[bytes], secrets: Secrets | None = None, described: dict | None = None
+) -> Iterator[bytes]:
+    """The QEMU stream from wire bytes, synchronously, in one thread (for inspect and tests);
+    the same checks as decode, and the stream's end only after the trailer matched.
+    `described` (if given) receives the header's filters and the wire's totals."""
+    reader, decoder, trailer = WireReader(), None, None
+    wire_bytes = 0
+    for chunk in itertools.chain(chunks, [b""]):  # b"": the end
+        wire_bytes += len(chunk)
+        if chunk:
+            reader.feed(chunk)
+        else:
+            reader.close()
+        for event in reader.next_events():
+            if isinstance(event, WireHeader):
+                decoder = Decoder(event, secrets=secrets)
+                if described is not None:
+                    described["filters"] = [[name, params] for name, params in event.filters]
+            elif isinstance(event, Frame):
+                yield decoder.payload(*decoder.unfilter(event))
+            else:
+                trailer = event
+    if decoder is None:
+        raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
+    yield decoder.finish(trailer)
+    if described is not None:
+        described.update(wire_bytes=wire_bytes, frames=decoder.totals.frames)
 
 
 # -- the I/O edge -------------------------------------------------------------------------------

@@ -11,17 +11,18 @@ page one place, so a page sent ten times is stored once.
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from migpipe import filter as filters
 from migpipe import wire
 from migpipe.channel import Channel, FdChannel
 from migpipe.errors import MigpipeError
-from migpipe.files import atomic_path
+from migpipe.files import atomic_path, read_chunks
 from migpipe.keys import Secrets
-from migpipe.pipeline import Totals, decode, encode
+from migpipe.pipeline import Totals, decode, decode_chunks, encode
 from migpipe.progress import Progress
+from migpipe.stream.writer import StreamWriter
 
 LAYOUTS = ("stream", "fixed")
 QEMU_MAGIC = b"QEVM"
@@ -48,6 +49,36 @@ def file_kind(path: Path) -> str:
     if head.strip(b"\0") == b"" and path.stat().st_size:
         raise MigpipeError(f"{path}: an unfinished migpipe save (its header was never written)")
     raise MigpipeError(f"{path}: not a file migpipe saved, nor a QEMU or libvirt save image", 0)
+
+
+def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[bytes]:
+    """The QEMU stream a saved file holds, checked as restore checks it, for `inspect`;
+    `about` receives what the file itself says (layout, filters, sizes)."""
+    kind = file_kind(path)
+    about.update(layout=kind, file_bytes=path.stat().st_size,
+                 disk_bytes=path.stat().st_blocks * 512)  # fmt: skip
+    if kind == "stream":
+        with open(path, "rb") as f:
+            yield from decode_chunks(read_chunks(f), secrets, about)
+    elif kind == "fixed":
+        from migpipe.fixedfile import FixedReader
+
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            reader = FixedReader(fd, secrets, Totals())
+            about.update(reader.describe())
+            writer = StreamWriter()
+            for record in reader.records():
+                buffer = bytearray()
+                writer.write(buffer, record)
+                yield bytes(buffer)
+        finally:
+            os.close(fd)
+    elif kind == "qemu":
+        with open(path, "rb") as f:
+            yield from read_chunks(f)
+    else:
+        raise MigpipeError(f"{path}: inspecting a {kind} save image is not supported yet")
 
 
 async def save(

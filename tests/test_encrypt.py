@@ -16,7 +16,7 @@ from migpipe import wire
 from migpipe.errors import EXIT_CORRUPT, EXIT_KEY, MigpipeError
 from migpipe.filter import parse_chain
 from migpipe.keys import Secrets, keygen
-from migpipe.pipeline import Decoder, encode
+from migpipe.pipeline import decode_chunks, encode
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
 
@@ -49,22 +49,11 @@ def encode_bytes(stream: bytes, chain: str, secrets: Secrets, tmp_path: Path) ->
 
 
 def decode_bytes(data: bytes, secrets: Secrets) -> tuple[bytes, MigpipeError | None]:
-    """What decode would write, and its error: the sans-IO decoder, synchronously."""
-    out, reader, decoder, trailer = bytearray(), wire.WireReader(), None, None
+    """What decode would write, and its error."""
+    out = bytearray()
     try:
-        reader.feed(data)
-        events = reader.next_events()
-        reader.close()
-        for event in events + reader.next_events():
-            if isinstance(event, wire.WireHeader):
-                decoder = Decoder(event, secrets=secrets)
-            elif isinstance(event, wire.Frame):
-                out += decoder.payload(*decoder.unfilter(event))
-            else:
-                trailer = event
-        if decoder is None:
-            raise MigpipeError("no header")
-        out += decoder.finish(trailer)
+        for piece in decode_chunks([data], secrets):
+            out += piece
     except MigpipeError as e:
         return bytes(out), e
     return bytes(out), None
@@ -212,7 +201,7 @@ def test_a_forged_last_payload(sealed) -> None:
 def test_every_truncation_point(key: Path, tmp_path: Path, small_frames: None) -> None:
     stream = small_stream()
     secrets = Secrets(key_file=str(key))
-    data = encode_bytes(stream, "encrypt", secrets, tmp_path)
+    data = encode_bytes(stream, "zstd:1,encrypt", secrets, tmp_path)  # 14 frames, 29 KB
     eof = stream.rindex(b"\x00\x06\x00\x00")
     for cut in range(len(data)):
         out, error = decode_bytes(data[:cut], secrets)

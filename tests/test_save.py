@@ -193,3 +193,25 @@ def test_restore_to_an_fd(tmp_path: Path, stream: bytes) -> None:
     with os.fdopen(read, "rb") as f:
         assert f.read() == stream
     assert restorer.wait() == 0
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_inspect_reads_saved_files(tmp_path: Path, stream: bytes, key: Path, layout: str) -> None:
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), "--layout", layout, "--compress", "zstd:1", "--encrypt",
+                   "--key-file", str(key), stdin=stream).returncode == 0  # fmt: skip
+    result = migpipe("inspect", str(saved), "--json", "--key-file", str(key))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["file"]["layout"] == layout and report["error"] is None
+    assert [name for name, _ in report["file"]["filters"]] == ["zstd", "encrypt"]
+    pages = oracle.replay(stream).pages_by_kind
+    if layout == "stream":  # what QEMU sent
+        assert report["pages"]["normal"] == pages["page"] and report["bytes"] == len(stream)
+    else:  # each page once
+        ram_pages = sum(size // 4096 for size in oracle.replay(stream).blocks.values())
+        assert sum(report["pages"].values()) == ram_pages
+    text = migpipe("inspect", str(saved), "--key-file", str(key)).stdout.decode()
+    assert text.startswith(f"file: {layout} layout, zstd, encrypt; ")
+    locked = migpipe("inspect", str(saved))
+    assert locked.returncode == 7 and b"needs a key" in locked.stderr
