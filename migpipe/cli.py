@@ -307,8 +307,11 @@ def print_save_summary(path: Path, totals) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     from migpipe.savefile import restore
 
+    shown = progress(args, "restore")
+    if shown is not None:
+        shown.size = Path(args.file).stat().st_size  # the file's share read so far: an ETA
     with output_fd(args) as sink:
-        totals = run_trio(restore, Path(args.file), sink, secrets(args), progress(args, "restore"))
+        totals = run_trio(restore, Path(args.file), sink, secrets(args), shown)
     report(args, totals)
     return 0
 

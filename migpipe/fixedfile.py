@@ -35,7 +35,7 @@ from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, Migp
 from migpipe.extracted import Skeleton, compact_stream
 from migpipe.filter import Position
 from migpipe.keys import Secrets
-from migpipe.pipeline import Totals
+from migpipe.pipeline import Totals, with_progress
 from migpipe.progress import Progress
 from migpipe.ramimage import apply_page
 from migpipe.stream.format import BE16, BE32, BE64
@@ -424,14 +424,7 @@ async def save_fixed(
             raise
         totals.filter_counters["fixed"] = vars(saver.counters)
 
-    if progress is None:
-        await trio.to_thread.run_sync(run)
-    else:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(progress.run, totals)
-            await trio.to_thread.run_sync(run)
-            nursery.cancel_scope.cancel()
-        progress.finish(totals)
+    await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
     return totals
 
 
@@ -443,6 +436,7 @@ class FixedReader:
 
     def __init__(self, fd: int, secrets: Secrets | None, totals: Totals) -> None:
         self.fd = fd
+        self.totals = totals
         head = os.pread(fd, UNIT, 0)
         if not head.startswith(MAGIC):
             raise MigpipeError("not a migpipe fixed-layout file (bad magic)", 0, EXIT_CORRUPT)
@@ -479,6 +473,7 @@ class FixedReader:
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
         data = os.pread(self.fd, length, offset)
+        self.totals.wire_bytes += len(data)
         if len(data) != length:
             raise MigpipeError(f"file truncated in {what}", offset + len(data), EXIT_TRUNCATED)
         return data
@@ -505,6 +500,8 @@ class FixedReader:
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise MigpipeError(f"malformed index ({e})", at, EXIT_CORRUPT) from None
         self.layout = Layout(blocks, self.page_size)
+        stored = sum(slot.length for slot in self.table) + sum(c[1] for c in self.chunks)
+        self.totals.wire_expected = self.totals.wire_bytes + stored
         if self.layout.slots != len(self.table):
             raise MigpipeError("index and RAM blocks disagree on the slots", at, EXIT_CORRUPT)
 
@@ -571,7 +568,5 @@ async def restore_fixed(
         sink.write([buffer])
         totals.qemu_bytes += len(buffer)
 
-    await trio.to_thread.run_sync(run)
-    if progress is not None:
-        progress.finish(totals)
+    await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
     return totals

@@ -64,6 +64,7 @@ class Totals:
     page_records: int = 0
     frames: int = 0
     wire_bytes: int = 0
+    wire_expected: int | None = None  # when a reader knows what it will read (progress's ETA)
     digest: int = 0
     pages: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(PAGE_KIND_NAMES.values(), 0)
@@ -351,7 +352,7 @@ async def _ordered(produce, work, write) -> None:
             await produce(submit)
 
 
-async def _with_progress(progress: Progress | None, totals: Totals, pipeline) -> None:
+async def with_progress(progress: Progress | None, totals: Totals, pipeline) -> None:
     """Run the pipeline, redrawing progress beside it when asked to."""
     if progress is None:
         await pipeline()
@@ -413,7 +414,7 @@ async def encode(
         totals.wire_bytes += sum(len(p) for p in parts)
         await trio.to_thread.run_sync(wire.write, parts)
 
-    await _with_progress(progress, totals, lambda: _ordered(produce, frame, write))
+    await with_progress(progress, totals, lambda: _ordered(produce, frame, write))
     trailer = encode_trailer(totals.frames, encoder.trailer())
     await trio.to_thread.run_sync(wire.write, [trailer])
     totals.wire_bytes += len(trailer)
@@ -462,7 +463,7 @@ async def decode(
         if data:
             await trio.to_thread.run_sync(sink.write, [data])
 
-    await _with_progress(progress, totals, lambda: _ordered(produce, unfilter, write))
+    await with_progress(progress, totals, lambda: _ordered(produce, unfilter, write))
     if decoder is None:
         raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
     final = decoder.finish(trailer)  # raises unless every check passed
