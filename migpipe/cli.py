@@ -6,6 +6,7 @@ migpipe(1)); usage errors exit 2.
 
 import argparse
 import contextlib
+import functools
 import json
 import socket
 import sys
@@ -50,6 +51,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             error = e
     if args.json:
         report = stats.as_dict()
+        report["file"] = about or None
         report["error"] = (
             None if error is None else {"message": error.message, "offset": error.offset}
         )
@@ -210,6 +212,55 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from migpipe.drive import migrate, summary
+
+    if args.peer and (args.connect or args.listen or args.output is not None):
+        raise MigpipeError("COMMAND and --out/--connect/--listen both name the wire", None,
+                           EXIT_USAGE)  # fmt: skip
+    chain = filter_chain(args)
+    link = functools.partial(peer_link, args)
+    outcome = run_trio(migrate, args.qmp, link, chain, progress(args, "migrate"))
+    answer = outcome.confirmation
+    report(args, outcome.totals, qemu=outcome.qemu,
+           destination={"status": answer.status, "error": answer.error})  # fmt: skip
+    print(summary("migrate", outcome), file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def peer_link(args: argparse.Namespace) -> Iterator:
+    """migrate's way to the destination: COMMAND's stdin, or wire_end's connection or file."""
+    from migpipe import drive
+
+    if args.peer:
+        with drive.command_link(args.peer) as link:
+            yield link
+    else:
+        with wire_end(args, "output") as wire:
+            yield drive.FdLink(wire)
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    from migpipe.drive import incoming, summary
+
+    @contextlib.contextmanager
+    def wire_and_answer() -> Iterator[tuple[int, int | None]]:
+        """The wire, and where the source hears how the load went: back on the connection,
+        or on stdout when the wire is stdin (under `migrate -- ssh dst migpipe incoming`)."""
+        with wire_end(args, "input") as wire:
+            if args.connect or args.listen:
+                yield wire, wire
+            else:
+                yield wire, sys.stdout.fileno() if args.input == "-" else None
+
+    outcome = run_trio(incoming, args.qmp, wire_and_answer, secrets(args),
+                       progress(args, "incoming"))  # fmt: skip
+    report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
+    print(summary("incoming", outcome), file=sys.stderr)
+    return 0
+
+
 def progress(args: argparse.Namespace, label: str):
     """A progress line on stderr: asked for, or by default when stderr is a terminal."""
     from migpipe.progress import Progress
@@ -218,7 +269,7 @@ def progress(args: argparse.Namespace, label: str):
     return Progress(label) if wanted else None
 
 
-def report(args: argparse.Namespace, totals) -> None:
+def report(args: argparse.Namespace, totals, **more: object) -> None:
     """--stats-json: the final figures, in QEMU's query-migrate words where they exist."""
     if not args.stats_json:
         return
@@ -232,6 +283,7 @@ def report(args: argparse.Namespace, totals) -> None:
         "filter_seconds": {k: round(v, 4) for k, v in totals.filter_seconds.items()},
         "filters": totals.filter_counters,
         "wall_seconds": round(time.monotonic() - args.started, 4),
+        **more,
     }
     Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
 
@@ -415,22 +467,25 @@ def build_parser() -> argparse.ArgumentParser:
             help="progress on stderr (default: when stderr is a terminal)",
         )
 
-    def transport(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--in",
-            dest="input",
-            default="-",
-            metavar="FILE",
-            help="read from FILE (default: stdin)",
-        )
-        sub.add_argument(
-            "--out",
-            dest="output",
-            default=None,
-            metavar="FILE",
-            help="write to FILE, complete or not at all (default: stdout)",
-        )
-        sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
+    def transport(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
+        """The wire's options; `wire` ("input", "output") when the other side is QEMU's."""
+        if wire != "output":
+            sub.add_argument(
+                "--in",
+                dest="input",
+                default="-",
+                metavar="FILE",
+                help="read from FILE (default: stdin)",
+            )
+        if wire != "input":
+            sub.add_argument(
+                "--out",
+                dest="output",
+                default=None,
+                metavar="FILE",
+                help="write to FILE, complete or not at all (default: stdout)",
+            )
+            sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
         reporting(sub)
         link = sub.add_mutually_exclusive_group()
         link.add_argument(
@@ -462,6 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transport(decode)
     key_options(decode)
+
+    qmp_socket = {"required": True, "metavar": "SOCKET", "help": "QEMU's QMP UNIX socket"}
+    migrate = command(
+        "migrate", cmd_migrate, "Migrate a running QEMU, driven over QMP, through encode."
+    )
+    migrate.add_argument("--qmp", **qmp_socket)
+    transport(migrate, "output")
+    filter_options(migrate)
+    migrate.add_argument(
+        "peer",
+        nargs="*",
+        metavar="-- COMMAND",
+        help="send the wire to COMMAND's stdin (e.g. ssh dst migpipe incoming --qmp SOCKET)",
+    )
+
+    incoming = command(
+        "incoming", cmd_incoming, "Load a migration through decode into QEMU (-incoming defer)."
+    )
+    incoming.add_argument("--qmp", **qmp_socket)
+    transport(incoming, "input")
+    key_options(incoming)
 
     save = command("save", cmd_save, "Save a QEMU stream to a file, complete or not at all.")
     save.add_argument("file", help="the file to write (appears only once complete)")

@@ -441,6 +441,12 @@ PACINGS: dict[str, Pacing] = {
 }
 
 
+def qmp_socket_args(path: Path) -> list[str]:
+    """QEMU arguments for a second QMP monitor on the UNIX socket `path` (one client at a time,
+    e.g. `migpipe migrate --qmp PATH`), beside the harness's own; both receive every event."""
+    return ["-qmp", f"unix:{path},server=on,wait=off"]
+
+
 def guest_args(guest_elf: Path, kind: str) -> list[str]:
     """QEMU arguments that boot the test guest in the behaviour `kind` needs."""
     return ["-kernel", str(guest_elf), "-append", GUEST_APPEND[kind]]
@@ -454,13 +460,15 @@ def source_vm(
     *,
     pacing: Pacing | None = None,
     name: str = "source",
+    args: Sequence[str] = (),
 ) -> Iterator[Vm]:
     """A running source VM whose guest has filled its memory, set up for `kind`'s migration.
 
     It starts paused (-S) so the console is connected before the guest can print READY.
+    `args` are more QEMU arguments (e.g. `qmp_socket_args`, for a client other than the harness).
     """
     pacing = pacing or PACINGS[kind]
-    with Vm(workdir, name, [*guest_args(guest_elf, kind), "-S"], console=True) as vm:
+    with Vm(workdir, name, [*guest_args(guest_elf, kind), "-S", *args], console=True) as vm:
         vm.qmp.execute("cont")
         vm.wait_console(READY)
         caps = [{"capability": "events", "state": True}]

@@ -1,0 +1,199 @@
+"""A QMP client for migpipe's own use: drive a running QEMU through its monitor socket.
+
+QMP is one JSON object per line over a UNIX socket: a greeting, `qmp_capabilities`, then
+commands answered by `return` or `error` replies that carry the command's `id`, with `event`
+messages arriving at any time in between. QmpProtocol does that framing and matching without
+I/O. Qmp runs it over a trio socket with one reader task, so one task can send a command
+(`migrate_cancel`) while another waits for events (MIGRATION), and it can attach a file
+descriptor to a command as SCM_RIGHTS (`getfd`), which is how libvirt hands QEMU its pipes.
+"""
+
+import array
+import contextlib
+import itertools
+import json
+import math
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from migpipe.errors import MigpipeError
+
+TIMEOUT = 30.0  # a failsafe: QEMU answers commands at once unless its main loop is stuck
+MAX_LINE = 16 << 20  # far above any reply migpipe asks for; a peer that never ends a line
+
+
+class QmpError(MigpipeError):
+    """QEMU refused a command; `desc` is QEMU's own explanation, `error_class` its class."""
+
+    def __init__(self, command: str, error: dict[str, Any]) -> None:
+        self.error_class = str(error.get("class", ""))
+        self.desc = str(error.get("desc", ""))
+        super().__init__(f"QEMU refused {command}: {self.desc or self.error_class}")
+
+
+class QmpProtocol:
+    """QMP's framing without I/O: commands to bytes, bytes to messages (dicts)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
+
+    def command(self, name: str, arguments: dict[str, Any]) -> tuple[int, bytes]:
+        """A command's id (its reply will carry it) and its line."""
+        ident = next(self._ids)
+        message: dict[str, Any] = {"execute": name, "id": ident}
+        if arguments:
+            message["arguments"] = arguments
+        return ident, json.dumps(message).encode() + b"\n"
+
+    def receive_data(self, data: bytes) -> list[dict[str, Any]]:
+        """The complete messages `data` ends; a partial line waits for the next call."""
+        self._buffer += data
+        messages = []
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):
+                raise MigpipeError(f"not a QMP message: {line[:80]!r}")
+            messages.append(message)
+        if len(self._buffer) > MAX_LINE:
+            raise MigpipeError(f"a QMP message longer than {MAX_LINE} bytes")
+        return messages
+
+
+class _Reply:
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.message: dict[str, Any] | MigpipeError = {}
+
+
+class Qmp:
+    """One QMP connection; make it with `connect`. Events queue until `next_event` takes them."""
+
+    def __init__(self, sock: trio.socket.SocketType, where: str) -> None:
+        self._sock = sock
+        self._where = where
+        self._protocol = QmpProtocol()
+        self._sending = trio.Lock()
+        self._replies: dict[int, _Reply] = {}
+        self._events_in, self._events = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._greeted = trio.Event()
+        self._closed: MigpipeError | None = None
+        self.greeting: dict[str, Any] = {}
+
+    async def execute(self, command: str, **arguments: Any) -> Any:
+        """Run `command` and return its `return` value; QmpError carries QEMU's refusal."""
+        return await self._call(command, arguments, None)
+
+    async def getfd(self, name: str, fd: int) -> None:
+        """Give QEMU a duplicate of `fd` under `name` (QEMU's `fd:NAME`); ours stays open."""
+        await self._call("getfd", {"fdname": name}, fd)
+
+    async def next_event(self, name: str) -> dict[str, Any]:
+        """The next event called `name`, in arrival order; other events are dropped."""
+        async for event in self._events:
+            if event.get("event") == name:
+                return event
+        raise self._lost()
+
+    async def _call(self, command: str, arguments: dict[str, Any], fd: int | None) -> Any:
+        if self._closed is not None:
+            raise self._lost()
+        ident, line = self._protocol.command(command, arguments)
+        reply = self._replies[ident] = _Reply()
+        try:
+            with trio.fail_after(TIMEOUT):
+                async with self._sending:
+                    await self._send(line, fd)
+                await reply.arrived.wait()
+        except trio.TooSlowError:
+            raise MigpipeError(f"QEMU did not answer {command} within {TIMEOUT:g} s") from None
+        finally:
+            del self._replies[ident]  # a late reply finds no waiter and is dropped
+        message = reply.message
+        if isinstance(message, MigpipeError):
+            raise self._lost()
+        if "error" in message:
+            raise QmpError(command, message["error"])
+        return message.get("return")
+
+    async def _send(self, line: bytes, fd: int | None) -> None:
+        try:
+            if fd is not None:  # the descriptor rides with the line's first bytes
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                line = line[await self._sock.sendmsg([line], rights) :]
+            while line:
+                line = line[await self._sock.send(line) :]
+        except OSError as e:
+            raise MigpipeError(f"QMP connection to {self._where} lost: {e.strerror or e}") from None
+
+    async def _read(self) -> None:
+        """Deliver replies and queue events until the connection ends; then fail the waiters."""
+        try:
+            while data := await self._sock.recv(65536):
+                for message in self._protocol.receive_data(data):
+                    self._deliver(message)
+            self._closed = MigpipeError(f"QEMU closed its QMP connection ({self._where})")
+        except OSError as e:
+            self._closed = MigpipeError(f"QMP connection to {self._where} lost: {e.strerror}")
+        except MigpipeError as e:
+            self._closed = e
+        for reply in self._replies.values():
+            reply.message = self._closed
+            reply.arrived.set()
+        self._events_in.close()
+        self._greeted.set()
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        if "event" in message:
+            self._events_in.send_nowait(message)
+        elif "QMP" in message:
+            self.greeting = message
+            self._greeted.set()
+        else:
+            reply = self._replies.get(message.get("id"))  # type: ignore[arg-type]
+            if reply is not None:
+                reply.message = message
+                reply.arrived.set()
+
+    def _lost(self) -> MigpipeError:
+        closed = self._closed or MigpipeError(f"QMP connection to {self._where} closed")
+        return MigpipeError(closed.message)
+
+
+@contextlib.asynccontextmanager
+async def connect(path: str, timeout: float = TIMEOUT) -> AsyncIterator[Qmp]:
+    """A ready QMP connection to the UNIX socket `path` (greeted, capabilities negotiated)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        try:
+            await sock.connect(path)
+        except OSError as e:
+            raise MigpipeError(f"cannot connect to QMP at {path}: {e.strerror or e}") from None
+        qmp = Qmp(sock, path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(qmp._read)
+            with trio.move_on_after(timeout):
+                await qmp._greeted.wait()
+            if qmp._closed is not None:
+                raise qmp._lost()
+            if "QMP" not in qmp.greeting:
+                # QEMU serves one QMP client per socket; a second one waits, ungreeted.
+                raise MigpipeError(
+                    f"no QMP greeting from {path} within {timeout:g} s "
+                    "(is another client connected to it?)"
+                )
+            await qmp.execute("qmp_capabilities")
+            try:
+                yield qmp
+            finally:
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,319 @@
+"""`migpipe migrate --qmp` and `migpipe incoming --qmp` driving two real QEMU 7.2 processes.
+
+migpipe holds each QEMU's second QMP monitor (a UNIX socket) and passes it one end of a pipe with
+`getfd`, as libvirt does; the harness keeps its own monitor to watch events and pace the guest's
+convergence. The oracle is what the source sent: here QEMU writes straight into migpipe, so the
+test keeps a copy of the wire instead, and decodes it afterwards. Decode checks what it rebuilds
+against the digest encode took of QEMU's bytes, so the decoded copy is the source's stream, and
+tests/oracle.py replays it independently of migpipe's parser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import oracle
+import pytest
+import qemuvm
+
+from migpipe.errors import EXIT_PEER_GONE, MigpipeError
+from migpipe.qmp import QmpProtocol
+from migpipe.transport import connect
+
+MIGPIPE = [sys.executable, "-m", "migpipe"]
+TIMEOUT = qemuvm.MIGRATION_TIMEOUT  # failsafes only: every wait below ends on an event
+FINAL = ("completed", "failed", "cancelled")
+
+
+class Migpipe:
+    """A migpipe command run in the background; killed if the test leaves it running."""
+
+    def __init__(self, *args: str | Path) -> None:
+        self.process = subprocess.Popen(
+            [*MIGPIPE, *map(str, args)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def finish(self) -> tuple[int, str]:
+        """Exit status and stderr, once it has exited."""
+        _, err = self.process.communicate(timeout=TIMEOUT)
+        return self.process.returncode, err.decode()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.communicate()
+
+
+@contextlib.contextmanager
+def running(*commands: Migpipe) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for command in commands:
+            if command.process.poll() is None:
+                command.kill()
+
+
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def destination(workdir: Path, qmp_socket: Path, name: str) -> Iterator[qemuvm.Vm]:
+    """A paused destination waiting with `-incoming defer`, for migpipe to start the load."""
+    args = ["-S", "-incoming", "defer", *qemuvm.qmp_socket_args(qmp_socket)]
+    with qemuvm.Vm(workdir, name, args) as vm:
+        yield vm
+
+
+def _copy(source: socket.socket, sink: socket.socket, record: Path | None) -> None:
+    with open(record or "/dev/null", "wb") as copy:
+        while data := source.recv(1 << 20):
+            sink.sendall(data)
+            copy.write(data)
+    sink.shutdown(socket.SHUT_WR)  # pass the half-close on: decode needs the wire's end
+
+
+@contextlib.contextmanager
+def recording_relay(upstream: str, record: Path) -> Iterator[str]:
+    """A TCP relay to `upstream`: yields the address to connect to instead, and keeps a copy of
+    the bytes flowing upstream (the wire) in `record`; the answer flows back untouched."""
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+
+    def relay() -> None:
+        with server:
+            down, _ = server.accept()
+        with down, connect(upstream, TIMEOUT) as up:
+            back = threading.Thread(target=_copy, args=(up, down, None))
+            back.start()
+            _copy(down, up, record)
+            back.join()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    yield address
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+def pace(src: qemuvm.Vm, pacing: qemuvm.Pacing) -> str:
+    """Follow on the harness's monitor a migration that migpipe drives, doing the pacing's part
+    (raise the downtime limit at its switch-over pass, as run_migration does); QEMU's final
+    status."""
+    deadline = time.monotonic() + TIMEOUT
+    switched = False
+    while True:
+        event = src.qmp.wait_event(
+            ("MIGRATION", "MIGRATION_PASS"), timeout=deadline - time.monotonic()
+        )
+        if event["event"] == "MIGRATION_PASS":
+            if not switched and event["data"]["pass"] >= (pacing.switchover_pass or 0):
+                src.qmp.execute(
+                    "migrate-set-parameters", **{"downtime-limit": pacing.final_downtime_ms}
+                )
+                switched = True
+        elif event["data"]["status"] in FINAL:
+            return event["data"]["status"]
+
+
+def sent_stream(wire: Path, workdir: Path) -> oracle.Replay:
+    """The oracle's replay of the QEMU stream a saved wire carried (decoded by migpipe, which
+    checks it against the source's digest)."""
+    stream = workdir / f"{wire.name}.stream"
+    decode = [*MIGPIPE, "decode", "--in", str(wire), "--out", str(stream)]
+    subprocess.run(decode, check=True, timeout=TIMEOUT)
+    return oracle.replay(stream)
+
+
+def driven_source(guest_elf: Path, workdir: Path) -> AbstractContextManager[qemuvm.Vm]:
+    """A source VM whose guest dirties memory, with a QMP socket for migpipe at WORKDIR/src.qmp."""
+    qmp = qemuvm.qmp_socket_args(workdir / "src.qmp")
+    return qemuvm.source_vm(guest_elf, "dirty", workdir, args=qmp)
+
+
+def start_migrate(workdir: Path, *args: str | Path) -> Migpipe:
+    """`migpipe migrate` from the driven source in workdir."""
+    return Migpipe("migrate", "--qmp", workdir / "src.qmp", *args)
+
+
+def test_migrate_to_incoming_over_tcp(guest_elf: Path, tmp_path: Path) -> None:
+    dst_qmp, wire = tmp_path / "dst.qmp", tmp_path / "wire"
+    listen = free_port()
+    out_stats, in_stats = tmp_path / "migrate.json", tmp_path / "incoming.json"
+    with (
+        destination(tmp_path, dst_qmp, "dest") as dest,
+        driven_source(guest_elf, tmp_path) as src,
+        recording_relay(listen, wire) as relay,
+    ):
+        incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen,
+                           "--stats-json", in_stats)  # fmt: skip
+        migrate = start_migrate(tmp_path, "--filters", "xbzrle,zstd", "--connect", relay,
+                                "--stats-json", out_stats)  # fmt: skip
+        with running(incoming, migrate):
+            assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
+            status, err = migrate.finish()
+            assert status == 0, err
+            status, in_err = incoming.finish()
+            assert status == 0, in_err
+        assert src.qmp.execute("query-status")["status"] == "postmigrate"
+        assert dest.qmp.execute("query-status")["status"] == "paused"
+        memory = dest.pmemsave(tmp_path / "dest.mem")
+
+    replay = sent_stream(wire, tmp_path)
+    assert replay.pages_resent > 0  # a live, multi-pass migration
+    assert oracle.first_difference(memory, replay.image) is None
+    sent, received = json.loads(out_stats.read_text()), json.loads(in_stats.read_text())
+    assert sent["qemu_bytes"] == received["qemu_bytes"] == (tmp_path / "wire.stream").stat().st_size
+    assert sent["qemu_digest"] == received["qemu_digest"]
+    assert sent["wire_bytes"] == wire.stat().st_size == received["wire_bytes"]
+    assert sent["qemu"]["status"] == "completed"
+    assert sent["qemu"]["ram"]["dirty-sync-count"] >= 3
+    assert sent["destination"] == {"status": "completed", "error": ""}
+    assert received["runstate"] == "paused"
+    assert "downtime" in err and "destination: completed" in err and "ratio" in err
+
+
+def test_a_failure_midway_leaves_the_source_running_for_a_second_attempt(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    wire = tmp_path / "wire"
+    with driven_source(guest_elf, tmp_path) as src:
+        # 1. The destination's migpipe dies while QEMU iterates (a 1 ms downtime limit keeps it
+        #    from switching over): the source cancels, and its VM keeps running.
+        listen = free_port()
+        with destination(tmp_path, tmp_path / "dst1.qmp", "dest1") as dest:
+            incoming = Migpipe("incoming", "--qmp", tmp_path / "dst1.qmp", "--listen", listen)
+            migrate = start_migrate(tmp_path, "--compress", "lz4", "--connect", listen)
+            with running(incoming, migrate):
+                src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, TIMEOUT)
+                incoming.kill()
+                status, err = migrate.finish()
+            assert status == EXIT_PEER_GONE, err
+            assert err.count("\n") == 1 and err.startswith("migpipe migrate: error: "), err
+            assert "the source VM is running" in err
+            ended = src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] in FINAL)
+            assert ended["data"]["status"] == "cancelled"
+            assert src.qmp.execute("query-status")["status"] == "running"
+            assert dest.wait_exit(TIMEOUT) not in (None, 0)  # the load failed: QEMU exited
+        src.qmp.events.clear()  # the first attempt's leftovers
+
+        # 2. The same source to a fresh destination, this time through a command (as with ssh).
+        with destination(tmp_path, tmp_path / "dst2.qmp", "dest2") as dest:
+            incoming_command = [*MIGPIPE, "incoming", "--qmp", str(tmp_path / "dst2.qmp")]
+            peer = f"tee {shlex.quote(str(wire))} | {shlex.join(incoming_command)}"
+            migrate = start_migrate(tmp_path, "--compress", "lz4", "--", "sh", "-c", peer)
+            with running(migrate):
+                assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
+                status, err = migrate.finish()
+            assert status == 0, err
+            assert "destination: completed" in err
+            assert dest.qmp.execute("query-status")["status"] == "paused"
+            memory = dest.pmemsave(tmp_path / "dest2.mem")
+    replay = sent_stream(wire, tmp_path)
+    assert replay.pages_resent > 0
+    assert oracle.first_difference(memory, replay.image) is None
+
+
+def test_a_damaged_wire_fails_the_load_and_the_source_keeps_running(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    dst_qmp, incoming_err = tmp_path / "dst.qmp", tmp_path / "incoming.err"
+    flip = [sys.executable, str(Path(__file__).with_name("mangle.py")), "flip", "3000000"]
+    mangle = shlex.join(flip)  # well inside the bulk pass's frames
+    incoming = shlex.join([*MIGPIPE, "incoming", "--qmp", str(dst_qmp)])
+    peer = f"{mangle} 2>/dev/null | {incoming} 2>{shlex.quote(str(incoming_err))}"
+    with (
+        destination(tmp_path, dst_qmp, "dest") as dest,
+        driven_source(guest_elf, tmp_path) as src,
+    ):
+        migrate = start_migrate(tmp_path, "--compress", "zstd", "--", "sh", "-c", peer)
+        with running(migrate):
+            status, err = migrate.finish()
+        assert status == EXIT_PEER_GONE, err
+        assert err.endswith("; the source VM is running\n"), err
+        assert src.qmp.execute("query-status")["status"] == "running"
+        assert dest.wait_exit(TIMEOUT) not in (None, 0)  # QEMU failed the load, never ran it
+    line = incoming_err.read_text()
+    assert line.startswith("migpipe incoming: error: ") and line.count("\n") == 1, line
+    assert "checksum" in line and "QEMU failed the load" in line
+
+
+def test_the_destinations_answer_decides_after_qemu_completed(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """QEMU completes once the stream is in migpipe's pipe, before the destination has loaded it:
+    a destination that then fails must get the source resumed (libvirt's Confirm phase), and
+    one that cannot say how it went must leave the source paused, never running twice."""
+    failing = 'cat > /dev/null; echo \'{"status": "failed", "error": "disk full"}\''
+    with driven_source(guest_elf, tmp_path) as src:
+        migrate = start_migrate(tmp_path, "--", "sh", "-c", failing)
+        with running(migrate):
+            assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
+            status, err = migrate.finish()
+        assert (status, err) == (1, "migpipe migrate: error: the destination failed: disk full; "
+                                    "the source VM is running\n")  # fmt: skip
+        assert src.qmp.execute("query-status")["status"] == "running"
+
+        src.qmp.events.clear()
+        migrate = start_migrate(tmp_path, "--", "sh", "-c", "cat > /dev/null; exit 3")
+        with running(migrate):
+            assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
+            status, err = migrate.finish()
+        assert status == 1
+        assert err.startswith("migpipe migrate: error: sh exited with status 3: QEMU completed, "
+                              "the source VM stays paused")  # fmt: skip
+        assert src.qmp.execute("query-status")["status"] == "postmigrate"
+
+
+def test_qmp_framing() -> None:
+    protocol = QmpProtocol()
+    ident, line = protocol.command("getfd", {"fdname": "x"})
+    assert json.loads(line) == {"execute": "getfd", "id": ident, "arguments": {"fdname": "x"}}
+    assert line.endswith(b"\n") and protocol.command("stop", {})[0] == ident + 1
+    data = (b'{"QMP": {"version": {}}}\r\n{"event": "MIGRATION", "data": {"status": "active"}}'
+            b'\r\n\r\n{"return": {}, "id": 1}\r\n{"error": {"desc": "no"}, "id": 2}\r\n'
+            b'{"ret')  # fmt: skip
+    messages = [m for i in range(len(data)) for m in protocol.receive_data(data[i : i + 1])]
+    assert messages == [
+        {"QMP": {"version": {}}},
+        {"event": "MIGRATION", "data": {"status": "active"}},
+        {"return": {}, "id": 1},
+        {"error": {"desc": "no"}, "id": 2},
+    ]
+    with pytest.raises(MigpipeError, match="not a QMP message"):
+        protocol.receive_data(b'urn": }\n')  # the partial line, ended badly
+
+
+def run_migpipe(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MIGPIPE, *map(str, args)], capture_output=True, text=True,
+                          timeout=TIMEOUT, check=False)  # fmt: skip
+
+
+def test_refusals_are_one_clear_line(qemu_binary: str, tmp_path: Path) -> None:
+    """No QMP socket, and a QEMU that was not started to wait for a migration."""
+    missing = run_migpipe("migrate", "--qmp", tmp_path / "none.qmp", "--out", tmp_path / "w")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("migpipe migrate: error: cannot connect to QMP at ")
+    assert not (tmp_path / "w").exists()
+    sock = tmp_path / "vm.qmp"
+    with qemuvm.Vm(tmp_path, "plain", ["-S", *qemuvm.qmp_socket_args(sock)]) as vm:
+        refused = run_migpipe("incoming", "--qmp", sock, "--in", "/dev/null")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "migpipe incoming: error: QEMU is prelaunch, not inmigrate: start it with "
+            "-incoming defer\n"
+        )
+        assert vm.qmp.execute("query-status")["status"] == "prelaunch"
