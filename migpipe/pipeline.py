@@ -112,8 +112,10 @@ class Encoder:
     filters a frame's payload is its QEMU bytes, unchanged (only parsed, to check them).
     """
 
-    def __init__(self, chain: Sequence[filters.Filter], page_size: int = 4096) -> None:
-        self.totals = Totals()
+    def __init__(
+        self, chain: Sequence[filters.Filter], page_size: int = 4096, totals: Totals | None = None
+    ) -> None:
+        self.totals = totals or Totals()
         self._parser = StreamParser(page_size=page_size)
         self._transforms = [f.encoder() for f in chain if isinstance(f, filters.PageFilter)]
         self._writer = StreamWriter()

@@ -215,3 +215,40 @@ def test_inspect_reads_saved_files(tmp_path: Path, stream: bytes, key: Path, lay
     assert text.startswith(f"file: {layout} layout, zstd, encrypt; ")
     locked = migpipe("inspect", str(saved))
     assert locked.returncode == 7 and b"needs a key" in locked.stderr
+
+
+@pytest.mark.parametrize("image_format", ["raw", "gzip", "lzop", "zstd"])
+def test_libvirt_save_image(tmp_path: Path, stream: bytes, image_format: str) -> None:
+    xml = tmp_path / "vm.xml"
+    xml.write_text("<domain type='qemu'><name>vm</name></domain>")
+    image = tmp_path / "vm.img"
+    result = migpipe("save", str(image), "--libvirt-xml", str(xml), "--image-format",
+                     image_format, "--paused", stdin=stream)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = image.read_bytes()
+    assert data.startswith(b"LibvirtQemudSave") and b"<name>vm</name>" in data[92:1000]
+    assert int.from_bytes(data[24:28], sys.byteorder) == 0  # was_running: --paused
+    restored = migpipe("restore", str(image))
+    assert restored.returncode == 0 and restored.stdout == stream
+    text = migpipe("inspect", str(image)).stdout.decode()
+    assert text.startswith(f"file: libvirt save image, {image_format} body, guest paused")
+
+
+def test_libvirt_images_that_must_not_restore(tmp_path: Path, stream: bytes) -> None:
+    xml = tmp_path / "vm.xml"
+    xml.write_text("<domain/>")
+    image = tmp_path / "vm.img"
+    assert migpipe("save", str(image), "--libvirt-xml", str(xml), "--image-format", "gzip",
+                   stdin=stream).returncode == 0  # fmt: skip
+    data = image.read_bytes()
+    tail = stream[eof_at(stream) :]
+    damaged = tmp_path / "damaged.img"
+    for bad in (data[: len(data) - 9],  # the gzip trailer (CRC, size) cut off
+                data[:-5] + bytes([data[-5] ^ 1]) + data[-4:],  # a flipped CRC bit
+                b"LibvirtQemudPart" + data[16:]):  # fmt: skip
+        damaged.write_bytes(bad)
+        result = migpipe("restore", str(damaged))
+        assert result.returncode != 0 and tail not in result.stdout, result.stderr
+    result = migpipe("save", str(tmp_path / "x.img"), "--libvirt-xml", str(xml), "--compress=lz4",
+                     stdin=stream)  # fmt: skip
+    assert result.returncode == 2 and b"takes no migpipe filters" in result.stderr
