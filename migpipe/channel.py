@@ -15,7 +15,7 @@ CHUNK = 1 << 20
 
 
 class Channel(Protocol):
-    def read(self) -> bytes:
+    def read(self) -> bytes | bytearray:
         """Up to CHUNK bytes as soon as some are there; b"" at the end."""
         ...
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from migpipe import __version__
+from migpipe.channel import Channel
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError
 from migpipe.files import open_input, open_output, read_chunks, write_stream
 from migpipe.stream.parser import iter_records
@@ -174,18 +175,24 @@ def _leaves(group: BaseExceptionGroup):
 
 
 @contextlib.contextmanager
-def wire_end(args: argparse.Namespace, role: str) -> Iterator[int]:
-    """The fd of the wire side: a connection when asked for one, else the --in/--out file."""
+def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
+    """The wire side: a connection (TLS when asked) when asked for one, else --in/--out."""
     from migpipe import transport
 
     given = args.input != "-" if role == "input" else args.output is not None
     if (args.connect or args.listen) and given:
         option = "--in" if role == "input" else "--out"
         raise MigpipeError(f"{option} and --connect/--listen both name the wire", None, EXIT_USAGE)
+    wrap = tls_wrapper(args)  # bad credentials fail before the network is touched
     if args.connect or args.listen:
         link = (transport.connect(args.connect, args.connect_timeout) if args.connect
                 else transport.listen(args.listen))  # fmt: skip
         with link as sock:
+            if wrap is not None:
+                with wrap(sock) as channel:
+                    yield channel
+                    channel.finish()  # close_notify, then the peer's read sees the end
+                return
             yield sock.fileno()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)  # the peer's read sees the end of the wire
@@ -195,6 +202,24 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator[int]:
     else:
         with open_output(args.output, force=args.force) as f:
             yield f.fileno()
+
+
+def tls_wrapper(args: argparse.Namespace):
+    """What turns the connected socket into a TLS channel, or None without --tls-creds."""
+    if args.tls_creds is None:
+        if args.tls_hostname or args.tls12:
+            raise MigpipeError("--tls-hostname and --tls12 need --tls-creds", status=EXIT_USAGE)
+        return None
+    if not (args.connect or args.listen):
+        raise MigpipeError("--tls-creds needs --connect or --listen", status=EXIT_USAGE)
+    from migpipe import tls
+
+    if args.connect:
+        context = tls.client_context(args.tls_creds, tls12=args.tls12)
+        host = tls.server_name(args.connect, args.tls_hostname)
+        return lambda sock: tls.wrap_client(sock, context, host)
+    context = tls.server_context(args.tls_creds, tls12=args.tls12)
+    return lambda sock: tls.wrap_server(sock, context)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -411,6 +436,15 @@ def output_fd(args: argparse.Namespace) -> Iterator[int]:
             yield f.fileno()
 
 
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    from migpipe.tlsinit import instructions, tls_init
+
+    names = [name.strip() for name in args.server_name.split(",")]
+    tls_init(args.directory, args.ca, names, args.client_name, args.days, force=args.force)
+    print(instructions(args.directory))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from migpipe.demo import run_demo
 
@@ -529,6 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help="keep retrying --connect this long while nobody listens (30)",
         )
+        sub.add_argument(
+            "--tls-creds",
+            type=Path,
+            metavar="DIR",
+            help="TLS on --connect/--listen with the x509 files in DIR (see tls-init)",
+        )
+        sub.add_argument(
+            "--tls-hostname",
+            metavar="NAME",
+            help="the name the server certificate must carry (default: the --connect host)",
+        )
+        sub.add_argument("--tls12", action="store_true", help="also accept TLS 1.2")
 
     encode = command(
         "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."
@@ -593,6 +639,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = command("keygen", cmd_keygen, "Write a new random key file (mode 0600) for encrypt.")
     keygen.add_argument("file", type=Path, help="where to write it; never replaces a file")
+
+    tls_init = command(
+        "tls-init", cmd_tls_init, "Make a CA and the server and client certificates for TLS."
+    )
+    tls_init.add_argument("directory", type=Path, help="where to write them (created 0700)")
+    tls_init.add_argument("--ca", required=True, metavar="NAME", help="the CA's common name")
+    tls_init.add_argument("--server-name", required=True, metavar="NAME[,NAME...]",
+                          help="the listening host's DNS names and IP addresses")  # fmt: skip
+    tls_init.add_argument("--client-name", required=True, metavar="NAME",
+                          help="the connecting host's name")  # fmt: skip
+    tls_init.add_argument("--days", type=int, default=1095, help="validity in days (1095)")
+    tls_init.add_argument("--force", action="store_true", help="replace existing credentials")
 
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."

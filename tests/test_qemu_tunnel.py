@@ -15,6 +15,7 @@ import pytest
 import qemuvm
 
 from migpipe.keys import keygen
+from migpipe.tlsinit import tls_init
 
 pytestmark = pytest.mark.qemu
 MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"
@@ -72,6 +73,24 @@ def test_encrypted_migration(guest_elf: Path, tmp_path: Path) -> None:
     sender = (f"{MIGPIPE} encode --filters xbzrle,zstd,encrypt --key-file {key} | "
               f"{MIGPIPE} decode --key-file {key} > {{fifo}}")  # fmt: skip
     migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender)
+    assert migration.sender_status == 0
+    replay = oracle.replay(migration.source_stream)
+    assert replay.pages_resent > 0
+    assert oracle.first_difference(migration.dest_memory, replay.image) is None
+
+
+def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
+    creds = tmp_path / "pki"
+    tls_init(creds, "migpipe test CA", ["localhost"], "source", 1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tls = f"--tls-creds {creds}"
+    migration = qemuvm.migrate_through(
+        guest_elf, "dirty", tmp_path,
+        sender=f"{MIGPIPE} encode --filters xbzrle,lz4 --connect localhost:{port} {tls}",
+        incoming=f"exec:{MIGPIPE} decode --listen 127.0.0.1:{port} {tls}",
+    )  # fmt: skip
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0

@@ -1,0 +1,215 @@
+"""`migpipe tls-init`: a small CA and the server and client certificates that migpipe's TLS needs.
+
+The files follow the x509 layout QEMU's `tls-creds-x509` and libvirt read (see migpipe.tls), so
+one directory can serve migpipe and QEMU alike. Keys are EC P-256, which every TLS stack takes in
+TLS 1.3 and 1.2 (GnuTLS for QEMU and libvirt, OpenSSL for migpipe); Ed25519 handshakes as well
+with migpipe's OpenSSL, but older peers and tools lack it.
+
+Each file is written complete or not at all (a temporary file, synced, then renamed), private
+keys with mode 0600 and certificates with 0644. An existing set is never touched without
+--force: replacing a CA silently would lock out every host that trusts the old one.
+"""
+
+import datetime
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.files import atomic_path
+from migpipe.tls import CA_CERT, CLIENT, SERVER
+
+CA_KEY = "ca-key.pem"
+DEFAULT_DAYS = 1095
+KEY_MODE, CERT_MODE, DIR_MODE = 0o600, 0o644, 0o700
+MAX_DAYS = 36500
+FILES = (CA_CERT, CA_KEY, SERVER.cert, SERVER.key, CLIENT.cert, CLIENT.key)
+HOST_NAME = re.compile(r"[A-Za-z0-9_*]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  # ASCII: IDNs as xn--
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate with its private key."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def san_entry(name: str) -> x509.GeneralName:
+    """An IP address SAN for an address, a DNS name SAN for a host name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not HOST_NAME.fullmatch(name):
+        raise MigpipeError(f"{name!r} is neither a host name nor an IP address", status=EXIT_USAGE)
+    return x509.DNSName(name)
+
+
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _issue(
+    subject: str,
+    issuer: Issued | None,
+    days: int,
+    extensions: Sequence[x509.ExtensionType],
+    *,
+    ca: bool = False,
+) -> Issued:
+    """A certificate for a new key, signed by `issuer` (or by itself when there is none).
+
+    A CA may sign end-entity certificates only (path length 0) and nothing else; an end entity
+    may only sign handshakes. Both limits are critical extensions, so every verifier applies them.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    signer = issuer.key if issuer else key
+    usage = x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_subject(subject))
+        .issuer_name(issuer.cert.subject if issuer else _subject(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # a peer's clock a little behind
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+        )
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return Issued(builder.sign(signer, hashes.SHA256()), key)
+
+
+def make_ca(name: str, days: int) -> Issued:
+    return _issue(name, None, days, [], ca=True)
+
+
+def make_server(ca: Issued, names: Sequence[str], days: int) -> Issued:
+    """The listening end's certificate: its first name as the CN, all of them as SANs.
+
+    Clients check the SANs (host names as DNS names, addresses as IP addresses), not the CN.
+    """
+    extensions = [
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+        x509.SubjectAlternativeName([san_entry(n) for n in names]),
+    ]
+    return _issue(names[0], ca, days, extensions)
+
+
+def make_client(ca: Issued, name: str, days: int) -> Issued:
+    """The connecting end's certificate; its CN is what a DN allow-list (QEMU's tls-authz) names."""
+    return _issue(name, ca, days, [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])])
+
+
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_file(path: Path, data: bytes, mode: int, *, force: bool) -> None:
+    """`data` under `path` with exactly `mode`, whatever the umask, complete or not at all."""
+    with atomic_path(path, force=force) as temporary:
+        fd = os.open(temporary, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)  # before the first byte: a key is never readable by others
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prepare_directory(directory: Path, *, force: bool) -> None:
+    """Create `directory` (0700) if needed; refuse if any file of the set is already there."""
+    if not directory.exists():
+        try:
+            directory.mkdir(parents=True)
+            directory.chmod(DIR_MODE)  # whatever the umask
+        except OSError as e:
+            raise MigpipeError(f"cannot create {directory}: {e.strerror}") from None
+    existing = [name for name in FILES if (directory / name).exists()]
+    if existing and not force:
+        raise MigpipeError(
+            f"{directory / existing[0]} exists; tls-init never replaces credentials "
+            "without --force (hosts that trust the old CA would be locked out)",
+            status=EXIT_USAGE,
+        )
+
+
+def tls_init(
+    directory: Path,
+    ca_name: str,
+    server_names: Sequence[str],
+    client_name: str,
+    days: int = DEFAULT_DAYS,
+    *,
+    force: bool = False,
+) -> list[Path]:
+    """Write a CA and a server and client certificate into `directory`; the paths written."""
+    if not server_names or not all(server_names) or not client_name:
+        raise MigpipeError("--server-name and --client-name need a name", status=EXIT_USAGE)
+    if not 1 <= days <= MAX_DAYS:
+        raise MigpipeError(f"--days must be 1 to {MAX_DAYS}, not {days}", status=EXIT_USAGE)
+    for name in server_names:
+        san_entry(name)  # refuses a bad name before anything is written
+    prepare_directory(directory, force=force)
+    ca = make_ca(ca_name, days)
+    server = make_server(ca, server_names, days)
+    client = make_client(ca, client_name, days)
+    contents = {
+        CA_KEY: (pem_key(ca.key), KEY_MODE),
+        SERVER.key: (pem_key(server.key), KEY_MODE),
+        CLIENT.key: (pem_key(client.key), KEY_MODE),
+        CA_CERT: (pem_cert(ca.cert), CERT_MODE),
+        SERVER.cert: (pem_cert(server.cert), CERT_MODE),
+        CLIENT.cert: (pem_cert(client.cert), CERT_MODE),
+    }
+    for name, (data, mode) in contents.items():
+        write_file(directory / name, data, mode, force=force)
+    return [directory / name for name in contents]
+
+
+def instructions(directory: Path) -> str:
+    """What to copy where, for the person who just ran tls-init."""
+
+    def files(*names: str) -> str:
+        return ", ".join(str(directory / name) for name in names)
+
+    return (
+        f"wrote {files(*FILES)}\n"
+        f"to the {SERVER.end}, e.g. decode on the destination, copy "
+        f"{files(CA_CERT, SERVER.cert, SERVER.key)} into its --tls-creds directory\n"
+        f"to the {CLIENT.end}, e.g. encode on the source, copy "
+        f"{files(CA_CERT, CLIENT.cert, CLIENT.key)} into its --tls-creds directory\n"
+        f"keep the keys mode 0600 (scp -p does); keep {CA_KEY} off both hosts: "
+        "it is needed only to sign new certificates"
+    )

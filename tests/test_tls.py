@@ -1,0 +1,511 @@
+"""TLS for the wire's connection: real sockets, real handshakes, and every way a setup goes wrong.
+
+Credentials come from `tls-init` (the CLI, so the command is tested too); bad ones are built with
+cryptography directly, signed by the same CA, so that only the one thing under test is wrong.
+Each failure must be one clear line with status EXIT_TLS on both ends where both can tell, and
+nothing may reach the reading end.
+"""
+
+import datetime
+import os
+import select
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from migpipe import tls, tlsinit
+from migpipe.channel import CHUNK
+from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError
+from migpipe.pipeline import decode, encode
+from migpipe.stream.writer import write_records
+from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.wire import WireHeader, WireReader, encode_header
+
+MIGPIPE = [sys.executable, "-m", "migpipe"]
+JOIN = 60  # seconds a test waits for its other end before calling it hung
+
+
+def tls_init(directory: Path, *more: str) -> subprocess.CompletedProcess:
+    argv = [*MIGPIPE, "tls-init", str(directory), "--ca", "Test CA",
+            "--server-name", "localhost,127.0.0.1", "--client-name", "source", *more]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls") / "creds"
+    result = tls_init(directory)
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture
+def creds(made: Path, tmp_path: Path) -> Path:
+    """A private copy of a good set, for a test to spoil."""
+    return Path(shutil.copytree(made, tmp_path / "creds"))
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete set from another CA, with the same names."""
+    directory = tmp_path_factory.mktemp("tls") / "other"
+    assert tls_init(directory).returncode == 0
+    return directory
+
+
+# -- two ends over a real loopback connection ----------------------------------------------------
+
+
+class End(threading.Thread):
+    """One end of the connection in a thread: what `work` returned, or what it raised."""
+
+    def __init__(self, work: Callable[[socket.socket], object], sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.work, self.sock = work, sock
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.sock:
+                self.result = self.work(self.sock)
+        except BaseException as e:  # handed to the test thread
+            self.error = e
+
+
+def connected(
+    server: Callable[[socket.socket], object], client: Callable[[socket.socket], object]
+) -> tuple[End, End]:
+    """Run `server` on the accepted end and `client` on the connecting end, to completion."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_end = End(client, socket.create_connection(listener.getsockname()))
+        client_end.start()
+        server_end = End(server, listener.accept()[0])
+        server_end.start()
+    for end in (server_end, client_end):
+        end.join(JOIN)
+        assert not end.is_alive(), "an end hung"
+    return server_end, client_end
+
+
+def read_all(channel: tls.TlsChannel) -> list[bytes]:
+    chunks = []
+    while chunk := channel.read():
+        chunks.append(chunk)
+    return chunks
+
+
+def serve(creds: Path, *, tls12: bool = False, write: Sequence[bytes] = ()):
+    """A TLS listening end: writes `write` (then finishes), or else reads everything."""
+
+    def work(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds, tls12=tls12)) as channel:
+            if write:
+                channel.write(write)
+                channel.finish()
+                return None
+            return read_all(channel)
+
+    return work
+
+
+def dial(creds: Path | tls.TlsContext, host: str = "localhost", *, write=(b"x",), tls12=False):
+    """A TLS connecting end: writes `write` (then finishes), or reads everything if empty."""
+
+    def work(sock: socket.socket) -> object:
+        context = (
+            creds if isinstance(creds, tls.TlsContext) else tls.client_context(creds, tls12=tls12)
+        )
+        with tls.wrap_client(sock, context, host) as channel:
+            if not write:
+                return read_all(channel)
+            version = channel.socket.version()
+            channel.write(write)
+            channel.finish()
+            return version
+
+    return work
+
+
+def assert_tls_error(end: End, *words: str) -> None:
+    assert isinstance(end.error, MigpipeError), repr(end.error)
+    assert end.error.status == EXIT_TLS, end.error
+    message = str(end.error)
+    assert message.startswith("TLS: ") and "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 131 + seed) & 0xFF for i in range(256)) * (size // 256)
+
+
+# -- data through TlsChannel --------------------------------------------------------------------
+
+
+def test_round_trip_client_to_server(creds: Path) -> None:
+    parts = [b"h" * 17, payload(3 << 20), memoryview(payload(5000, 1)), b"t" * 28]
+    server, client = connected(serve(creds), dial(creds, write=parts))
+    assert client.error is None and client.result == "TLSv1.3"
+    assert server.error is None
+    chunks = server.result
+    assert b"".join(chunks) == b"".join(parts)
+    assert max(len(c) for c in chunks) <= CHUNK
+
+
+def test_round_trip_server_to_client(creds: Path) -> None:
+    """encode --listen / decode --connect: the connecting end reads."""
+    parts = [payload(2 << 20, 2), b"end"]
+    server, client = connected(serve(creds, write=parts), dial(creds, write=()))
+    assert server.error is None and client.error is None
+    assert b"".join(client.result) == b"".join(parts)
+
+
+def test_an_answer_after_the_end_of_the_wire(creds: Path) -> None:
+    """finish() ends one direction only: the writer can still read the reader's answer."""
+
+    def reader(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)) as channel:
+            received = read_all(channel)
+            channel.write([b"stream received"])
+            channel.finish()
+            return received
+
+    def writer(sock: socket.socket) -> object:
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost") as channel:
+            channel.write([payload(1 << 20)])
+            channel.finish()
+            return read_all(channel)
+
+    server, client = connected(reader, writer)
+    assert server.error is None and client.error is None
+    assert b"".join(server.result) == payload(1 << 20)
+    assert client.result == [b"stream received"]
+
+
+def test_read_gathers_every_record_already_there(creds: Path) -> None:
+    """Many 16 KiB records in one read, not one record per call; then a clean end."""
+    parts = [b"h" * 17, payload(40 << 10), b"x" * 100, payload(50 << 10, 3)]
+    sent = b"".join(parts)
+
+    def reader(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)) as channel:
+            poller = select.poll()  # the writer's FIN follows its data: all of it is here then
+            poller.register(channel.socket, select.POLLRDHUP)
+            assert poller.poll(JOIN * 1000)
+            return channel.read(), channel.read()
+
+    server, client = connected(reader, dial(creds, write=parts))
+    assert client.error is None and server.error is None
+    first, second = server.result
+    assert first == sent and len(sent) > 5 * tls.RECORD
+    assert second == b""
+
+
+def test_the_real_pipeline_over_tls(creds: Path, tmp_path: Path) -> None:
+    """encode into a TlsChannel and decode out of one, as --connect/--listen with TLS will."""
+    stream = write_records(SyntheticGuest(GuestModel(ram_size=8 << 20, iterations=2)).records())
+    source, sink = tmp_path / "stream", tmp_path / "out"
+    source.write_bytes(stream)
+
+    def decoding(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)) as wire, open(sink, "wb") as out:
+            return trio.run(decode, wire, out.fileno())
+
+    def encoding(sock: socket.socket) -> object:
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost") as wire:
+            with open(source, "rb") as f:
+                totals = trio.run(encode, f.fileno(), wire, [])
+            wire.finish()
+            return totals
+
+    server, client = connected(decoding, encoding)
+    assert client.error is None and server.error is None
+    assert sink.read_bytes() == stream
+    assert server.result.digest == client.result.digest
+
+
+# -- handshakes that must fail ------------------------------------------------------------------
+
+
+def test_server_from_another_ca(creds: Path, other_ca: Path) -> None:
+    server, client = connected(serve(other_ca), dial(creds))
+    assert_tls_error(client, "the server certificate for 'localhost' is not signed by the CA in",
+                     str(creds / "ca-cert.pem"))  # fmt: skip
+    assert_tls_error(server, "the connecting end (--connect) refused our certificate",
+                     str(other_ca / "server-cert.pem"), "not signed by the CA")  # fmt: skip
+    assert server.result is None  # nothing was read
+
+
+def test_client_from_another_ca(creds: Path, other_ca: Path) -> None:
+    """TLS 1.3 lets the client finish first: it must still hear the server's refusal."""
+    for name in ("client-cert.pem", "client-key.pem"):
+        shutil.copy2(other_ca / name, creds / name)
+    server, client = connected(serve(creds), dial(creds))
+    assert_tls_error(server, "the client certificate is not signed by the CA in",
+                     str(creds / "ca-cert.pem"))  # fmt: skip
+    assert_tls_error(client, "the listening end (--listen) refused our certificate",
+                     str(creds / "client-cert.pem"), "not signed by the CA")  # fmt: skip
+    assert server.result is None
+
+
+def issue(
+    creds: Path, role: tls.Role, names: Sequence[str] = ("localhost",), days=(-1, 365)
+) -> x509.Certificate:
+    """Replace `role`'s certificate and key in `creds` with one signed by the same CA."""
+    ca_key = serialization.load_pem_private_key((creds / tlsinit.CA_KEY).read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((creds / tls.CA_CERT).read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    purpose = x509.oid.ExtendedKeyUsageOID
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days[0]))
+        .not_valid_after(now + datetime.timedelta(days=days[1]))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(
+            [purpose.SERVER_AUTH if role is tls.SERVER else purpose.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([tlsinit.san_entry(n) for n in names]), False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    tlsinit.write_file(creds / role.cert, tlsinit.pem_cert(cert), 0o644, force=True)
+    tlsinit.write_file(creds / role.key, tlsinit.pem_key(key), 0o600, force=True)
+    return cert
+
+
+def test_expired_server_certificate(creds: Path) -> None:
+    issue(creds, tls.SERVER, days=(-30, -1))
+    server, client = connected(serve(creds), dial(creds))
+    assert_tls_error(client, "the server certificate for 'localhost' has expired", "renew it")
+    assert_tls_error(server, "refused our certificate", "it has expired")
+    assert server.result is None
+
+
+def test_expired_client_certificate(creds: Path) -> None:
+    issue(creds, tls.CLIENT, ["source"], days=(-30, -1))
+    server, client = connected(serve(creds), dial(creds))
+    assert_tls_error(server, "the client certificate has expired")
+    assert_tls_error(client, "the listening end (--listen) refused our certificate",
+                     "it has expired")  # fmt: skip
+    assert server.result is None
+
+
+def test_hostname_mismatch(creds: Path) -> None:
+    server, client = connected(serve(creds), dial(creds, "b.example"))
+    assert_tls_error(client, "the server certificate does not carry the name 'b.example'",
+                     "--tls-hostname")  # fmt: skip
+    assert_tls_error(server, "refused our certificate")
+    assert server.result is None
+
+
+def test_ip_address_needs_an_ip_san(creds: Path) -> None:
+    """A certificate that names the host only by DNS does not vouch for its address."""
+    issue(creds, tls.SERVER, ["localhost"])
+    server, client = connected(serve(creds), dial(creds, "127.0.0.1"))
+    assert_tls_error(client, "does not carry the IP address '127.0.0.1'", "--tls-hostname")
+    assert server.result is None
+    issue(creds, tls.SERVER, ["localhost", "127.0.0.1"])  # tls-init --server-name may list it
+    server, client = connected(serve(creds), dial(creds, "127.0.0.1"))
+    assert client.error is None and server.result == [b"x"]
+
+
+def test_server_name_comes_from_the_connect_address() -> None:
+    assert tls.server_name("dst.example:4444", None) == "dst.example"
+    assert tls.server_name("[fd00::2]:4444", None) == "fd00::2"
+    assert tls.server_name("10.0.0.2:4444", "dst.example") == "dst.example"
+    assert tls.server_name("unix:/run/wire.sock", "dst.example") == "dst.example"
+    with pytest.raises(MigpipeError, match="UNIX socket needs --tls-hostname") as failure:
+        tls.server_name("unix:/run/wire.sock", None)
+    assert failure.value.status == EXIT_USAGE
+
+
+def test_revoked_server_certificate(creds: Path) -> None:
+    cert = issue(creds, tls.SERVER, ["localhost"])
+    ca_key = serialization.load_pem_private_key((creds / tlsinit.CA_KEY).read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((creds / tls.CA_CERT).read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    revoked = x509.RevokedCertificateBuilder(cert.serial_number, now).build()
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(days=1))
+        .next_update(now + datetime.timedelta(days=30))
+        .add_revoked_certificate(revoked)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (creds / tls.CA_CRL).write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    server, client = connected(serve(creds), dial(creds))
+    assert_tls_error(client, "the server certificate for 'localhost' is revoked in",
+                     str(creds / tls.CA_CRL))  # fmt: skip
+    assert_tls_error(server, "refused our certificate", "revoked")
+    assert server.result is None
+
+
+def test_client_without_a_certificate(creds: Path) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # trusts the CA, has no certificate
+    context.load_verify_locations(str(creds / tls.CA_CERT))
+    server, client = connected(serve(creds), dial(tls.TlsContext(context, creds, tls.CLIENT)))
+    assert_tls_error(server, "the client sent no certificate", "client-cert.pem")
+    assert_tls_error(client, "requires a client certificate and this end sent none")
+    assert server.result is None
+
+
+def test_plain_client_to_a_tls_listener(creds: Path) -> None:
+    """migpipe encode without --tls-creds: its wire header is not a TLS ClientHello."""
+
+    def plain_encode(sock: socket.socket) -> object:
+        sock.sendall(encode_header(WireHeader(())))
+        return sock.recv(100)  # the listener's answer: it closes
+
+    server, client = connected(serve(creds), plain_encode)
+    assert_tls_error(server, "the connecting end (--connect) does not speak TLS",
+                     "without --tls-creds")  # fmt: skip
+    assert server.result is None
+    assert client.error is not None or client.result == b""  # a reset, or an end: no reply
+
+
+def test_tls_client_to_a_plain_listener(creds: Path) -> None:
+    """A plain decode takes the ClientHello for a wire, finds no magic, and hangs up."""
+
+    def plain_decode(sock: socket.socket) -> object:
+        reader = WireReader()
+        with pytest.raises(MigpipeError, match="bad magic"):
+            reader.feed(sock.recv(1 << 16))
+            reader.next_events()
+        return "refused"
+
+    server, client = connected(plain_decode, dial(creds))
+    assert server.error is None and server.result == "refused"
+    assert_tls_error(client, "the listening end (--listen) closed the connection during the "
+                     "handshake", "--tls-creds")  # fmt: skip
+
+
+def test_a_silent_listener_times_out(creds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tls, "HANDSHAKE_TIMEOUT", 0.2)
+    release = threading.Event()
+
+    def silent(sock: socket.socket) -> object:
+        return release.wait(JOIN)  # accepts, never answers, until the client gave up
+
+    def client(sock: socket.socket) -> object:
+        try:
+            return dial(creds)(sock)
+        finally:
+            release.set()
+
+    _, client_end = connected(silent, client)
+    assert_tls_error(client_end, "no TLS handshake from the listening end (--listen) within 0.2 s")
+
+
+def test_tls12_only_when_both_ends_ask(creds: Path) -> None:
+    def tls12_client(sock: socket.socket) -> object:
+        context = tls.client_context(creds, tls12=True)
+        context.context.maximum_version = ssl.TLSVersion.TLSv1_2  # an old peer
+        return dial(context)(sock)
+
+    server, client = connected(serve(creds), tls12_client)
+    for end in (server, client):
+        assert_tls_error(end, "no TLS version this end accepts", "--tls12")
+    assert server.result is None
+    server, client = connected(serve(creds, tls12=True), tls12_client)
+    assert client.error is None and client.result == "TLSv1.2"
+    assert server.error is None and server.result == [b"x"]
+
+
+# -- credentials that are refused before any connection --------------------------------------------
+
+
+def test_private_key_readable_by_others_is_refused(creds: Path) -> None:
+    (creds / "server-key.pem").chmod(0o644)
+    with pytest.raises(MigpipeError, match=r"server-key.pem can be read by its group or others "
+                       r"\(mode 0644\); chmod 600 it"):  # fmt: skip
+        tls.server_context(creds)
+    tls.client_context(creds)  # the client's own key is still fine
+
+
+@pytest.mark.parametrize(
+    ("spoil", "side", "words"),
+    [
+        (lambda d: (d / "ca-cert.pem").unlink(), "client", "cannot read {d}/ca-cert.pem"),
+        (lambda d: (d / "client-cert.pem").unlink(), "client", "{d}/client-cert.pem is missing"),
+        (lambda d: (d / "server-key.pem").unlink(), "server", "{d}/server-key.pem: No such"),
+        (lambda d: (d / "ca-cert.pem").write_text("junk\n"), "server", "{d}/ca-cert.pem holds no"),
+        (lambda d: shutil.copy2(d / "client-key.pem", d / "server-key.pem"), "server",
+         "{d}/server-key.pem is not the key of {d}/server-cert.pem"),
+        (lambda d: shutil.rmtree(d), "client", "credentials directory {d} does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_credentials_are_named(creds: Path, spoil, side: str, words: str) -> None:
+    spoil(creds)
+    make = tls.client_context if side == "client" else tls.server_context
+    with pytest.raises(MigpipeError) as failure:
+        make(creds)
+    assert words.format(d=creds) in str(failure.value)
+
+
+# -- tls-init --------------------------------------------------------------------------------------
+
+
+def test_tls_init_modes_and_instructions(tmp_path: Path) -> None:
+    directory = tmp_path / "new" / "creds"
+    old = os.umask(0)  # the modes must not depend on the umask
+    try:
+        result = tls_init(directory)
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for name in tlsinit.FILES:
+        mode = stat.S_IMODE((directory / name).stat().st_mode)
+        assert mode == (0o600 if name.endswith("-key.pem") else 0o644), name
+    assert sorted(p.name for p in directory.iterdir()) == sorted(tlsinit.FILES)  # no leftovers
+    assert "listening end (--listen)" in result.stdout and "server-key.pem" in result.stdout
+    assert f"keep {tlsinit.CA_KEY} off both hosts" in result.stdout
+    server = x509.load_pem_x509_certificate((directory / "server-cert.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    client = x509.load_pem_x509_certificate((directory / "client-cert.pem").read_bytes())
+    assert client.subject.rfc4514_string() == "CN=source"
+
+
+def test_tls_init_never_overwrites_without_force(made: Path, tmp_path: Path) -> None:
+    directory = Path(shutil.copytree(made, tmp_path / "creds"))
+    (directory / "client-key.pem").unlink()  # even a partial set is kept
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    result = tls_init(directory)
+    assert result.returncode == EXIT_USAGE
+    assert "ca-cert.pem exists; tls-init never replaces credentials without --force" in (
+        result.stderr
+    )
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    result = tls_init(directory, "--force", "--days", "30")
+    assert result.returncode == 0, result.stderr
+    assert (directory / "ca-cert.pem").read_bytes() != before["ca-cert.pem"]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(tlsinit.FILES)
+
+
+def test_tls_init_refuses_what_is_not_a_host_name(tmp_path: Path) -> None:
+    directory = tmp_path / "creds"
+    argv = [*MIGPIPE, "tls-init", str(directory), "--ca", "CA", "--server-name", "dst,my host",
+            "--client-name", "source host"]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert result.returncode == EXIT_USAGE
+    assert "'my host' is neither a host name nor an IP address" in result.stderr
+    assert not directory.exists()
