@@ -16,7 +16,7 @@ from pathlib import Path
 
 from migpipe import __version__
 from migpipe.channel import Channel
-from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError
+from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import open_input, open_output, read_chunks, write_stream
 from migpipe.stream.parser import iter_records
 from migpipe.units import parse_size
@@ -159,19 +159,11 @@ def run_trio(function, *args) -> object:
     try:
         return trio.run(function, *args, strict_exception_groups=True)
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        for leaf in leaves:
+        errors = list(leaves(group))
+        for leaf in errors:
             if isinstance(leaf, MigpipeError | KeyboardInterrupt):
                 raise leaf from None
-        raise leaves[0] from None
-
-
-def _leaves(group: BaseExceptionGroup):
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
+        raise errors[0] from None
 
 
 @contextlib.contextmanager
@@ -302,18 +294,7 @@ def report(args: argparse.Namespace, totals, **more: object) -> None:
     """--stats-json: the final figures, in QEMU's query-migrate words where they exist."""
     if not args.stats_json:
         return
-    figures = {
-        "qemu_bytes": totals.qemu_bytes,
-        "wire_bytes": totals.wire_bytes,
-        "ratio": round(totals.qemu_bytes / totals.wire_bytes, 4) if totals.wire_bytes else None,
-        "pages": totals.pages,
-        "frames": totals.frames,
-        "qemu_digest": f"{totals.digest:08x}",
-        "filter_seconds": {k: round(v, 4) for k, v in totals.filter_seconds.items()},
-        "filters": totals.filter_counters,
-        "wall_seconds": round(time.monotonic() - args.started, 4),
-        **more,
-    }
+    figures = {**totals.figures(time.monotonic() - args.started), **more}
     Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
 
 
@@ -442,6 +423,17 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.server_name.split(",")]
     tls_init(args.directory, args.ca, names, args.client_name, args.days, force=args.force)
     print(instructions(args.directory))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from migpipe.service import Service, run
+
+    def ready() -> None:  # after the socket is in place: a supervisor may connect now
+        print(f"migpipe serve: listening on {args.socket}", flush=True)
+
+    service = Service(allow_uids=args.allow_uid, max_jobs=args.max_jobs)
+    run_trio(run, Path(args.socket), service, ready)
     return 0
 
 
@@ -658,6 +650,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=parse_size, default=256 << 20, help="guest RAM (256M)")
     demo.add_argument("--iterations", type=int, default=4)
     demo.add_argument("--seed", type=int, default=1)
+
+    serve = command(
+        "serve", cmd_serve, "Run encode and decode jobs on fds that daemons pass over a socket."
+    )
+    serve.add_argument("--socket", required=True, metavar="PATH",
+                       help="the UNIX socket to listen on (mode 0600)")  # fmt: skip
+    serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                       help="also serve this uid (repeatable; the socket becomes 0666 and "
+                       "SO_PEERCRED decides)")  # fmt: skip
+    serve.add_argument("--max-jobs", type=int, default=64, metavar="N",
+                       help="jobs running at once, over all connections (64)")  # fmt: skip
     return parser
 
 

@@ -4,6 +4,8 @@ Every failure a user can cause (bad input, a truncated stream, a wrong option) i
 MigpipeError, so the CLI can print one line and exit non-zero instead of a traceback.
 """
 
+from collections.abc import Iterator
+
 # Exit statuses, one per kind of failure a script may want to tell apart (see migpipe(1)).
 EXIT_ERROR = 1  # bad input or a failed operation
 EXIT_USAGE = 2
@@ -13,6 +15,15 @@ EXIT_PEER_GONE = 5  # the other end of a pipe or connection went away
 EXIT_INCOMPATIBLE = 6  # newer wire version, unknown filter
 EXIT_KEY = 7  # no key, or a key that does not open the stream
 EXIT_TLS = 8  # a TLS handshake failed: certificate, CA, host name, or no TLS peer
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, in order; `exc` itself otherwise."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
 
 
 class MigpipeError(Exception):

@@ -90,6 +90,21 @@ class Totals:
             self.filter_seconds[name] = self.filter_seconds.get(name, 0.0) + seconds
         return result
 
+    def figures(self, seconds: float) -> dict:
+        """The final figures, in QEMU's query-migrate words where they exist: what
+        `--stats-json` writes, and what the service's JOB_COMPLETED carries."""
+        return {
+            "qemu_bytes": self.qemu_bytes,
+            "wire_bytes": self.wire_bytes,
+            "ratio": round(self.qemu_bytes / self.wire_bytes, 4) if self.wire_bytes else None,
+            "pages": self.pages,
+            "frames": self.frames,
+            "qemu_digest": f"{self.digest:08x}",
+            "filter_seconds": {k: round(v, 4) for k, v in self.filter_seconds.items()},
+            "filters": self.filter_counters,
+            "wall_seconds": round(seconds, 4),
+        }
+
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
         self.digest = zlib.crc32(BE64.pack(length) + BE32.pack(crc), self.digest)

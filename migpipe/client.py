@@ -1,0 +1,185 @@
+"""A small synchronous client for `migpipe serve` (migpipe-serve(1)), for daemons and tests.
+
+It uses blocking sockets, because that is what daemons written in Python use. From trio, call
+it through `trio.to_thread.run_sync`. A Client is not thread-safe: use one per thread.
+
+    with migpipe.client.connect("/run/migpipe.sock") as service:
+        service.add_fd("src", src_fd)  # sent with SCM_RIGHTS; close your copy afterwards
+        service.add_fd("dst", dst_fd)
+        job = service.start_job("encode", input="src", output="dst", filters=["zstd:1"])
+        figures = service.wait_job(job)["figures"]
+
+Events that arrive while a command waits for its reply are kept. wait_job and wait_event find
+them later, and the latest JOB_PROGRESS of each job is in `progress`.
+"""
+
+import itertools
+import json
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from migpipe.serviceproto import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS
+
+MAX_MESSAGE = 16 << 20  # the service's replies are small; this only bounds a confused peer
+
+
+class ServiceError(Exception):
+    """An error reply: QMP's error class ("GenericError", "CommandNotFound") and its text."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(error_class, desc)
+        self.error_class = error_class
+        self.desc = desc
+
+    def __str__(self) -> str:
+        return f"{self.desc} ({self.error_class})"
+
+
+class JobError(ServiceError):
+    """A job that ended in JOB_FAILED or JOB_CANCELLED; `data` is that event's data."""
+
+    def __init__(self, event: str, data: dict[str, Any]) -> None:
+        super().__init__(event, data.get("error", "cancelled"))
+        self.data = data
+
+
+class Client:
+    """One connection to the service; its fds and jobs last as long as it does.
+
+    `timeout` (seconds, None for none) bounds each call that has no timeout of its own.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
+        self._sock = sock
+        self.timeout = timeout
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
+        self._events: deque[dict[str, Any]] = deque()
+        self.progress: dict[str, dict[str, Any]] = {}  # job id -> its latest JOB_PROGRESS data
+        first = self._receive(self._deadline(None))
+        if "error" in first:  # refused (SO_PEERCRED)
+            raise ServiceError(first["error"]["class"], first["error"]["desc"])
+        self.greeting: dict[str, Any] = first["migpipe"]
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect; the service closes this connection's fds and cancels its jobs."""
+        self._sock.close()
+
+    def execute(
+        self,
+        command: str,
+        fds: Sequence[int] = (),
+        timeout: float | None = None,
+        **arguments: Any,
+    ) -> Any:
+        """Run `command` and return its "return" value; ServiceError for an error reply."""
+        id = next(self._ids)
+        data = json.dumps({"execute": command, "arguments": arguments, "id": id}).encode() + b"\n"
+        deadline = self._deadline(timeout)
+        self._sock.settimeout(self._left(deadline))
+        sent = socket.send_fds(self._sock, [data], list(fds)) if fds else 0
+        self._sock.sendall(data[sent:])
+        while "event" in (message := self._receive(deadline)):
+            self._keep(message)
+        if "error" in message:
+            raise ServiceError(message["error"]["class"], message["error"]["desc"])
+        if message.get("id") != id:
+            raise ServiceError("GenericError", f"a reply to another command: {message}")
+        return message["return"]
+
+    def add_fd(self, name: str, fd: int) -> dict[str, Any]:
+        """Pass `fd` under `name` (the service gets its own copy: close yours when done)."""
+        return self.execute("add-fd", fds=[fd], name=name)
+
+    def remove_fd(self, name: str) -> None:
+        self.execute("remove-fd", name=name)
+
+    def start_job(self, kind: str, **arguments: Any) -> str:
+        """Start a job on fds added before; returns its id. The job takes those fds."""
+        return self.execute("start-job", kind=kind, **arguments)["id"]
+
+    def cancel_job(self, id: str) -> None:
+        self.execute("cancel-job", id=id)
+
+    def query_jobs(self) -> list[dict[str, Any]]:
+        return self.execute("query-jobs")
+
+    def wait_job(self, id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The JOB_COMPLETED data of job `id`; JobError if it failed or was cancelled."""
+        ended = self.wait_event(lambda e: e["event"] in JOB_ENDS and e["data"]["id"] == id, timeout)
+        if ended["event"] != JOB_COMPLETED:
+            raise JobError(ended["event"], ended["data"])
+        return ended["data"]
+
+    def wait_event(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The first event, kept or new, for which `match` is true (TimeoutError after
+        `timeout` seconds). Events that do not match stay kept, except JOB_PROGRESS, which
+        only updates `progress`."""
+        for kept in self._events:
+            if match(kept):
+                self._events.remove(kept)
+                return kept
+        deadline = self._deadline(timeout)
+        while True:
+            message = self._receive(deadline)
+            if "event" not in message:
+                raise ServiceError("GenericError", f"a reply to no command: {message}")
+            if match(message):
+                if message["event"] == JOB_PROGRESS:
+                    self.progress[message["data"]["id"]] = message["data"]
+                return message
+            self._keep(message)
+
+    def _keep(self, message: dict[str, Any]) -> None:
+        if message["event"] == JOB_PROGRESS:
+            self.progress[message["data"]["id"]] = message["data"]
+        else:
+            self._events.append(message)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def _receive(self, deadline: float | None) -> dict[str, Any]:
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > MAX_MESSAGE:
+                raise ServiceError("GenericError", "the service sent an overlong line")
+            self._sock.settimeout(self._left(deadline))
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError:
+                raise TimeoutError("no message from the migpipe service in time") from None
+            if not chunk:
+                raise ConnectionError("the migpipe service closed the connection")
+            self._buffer += chunk
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        return json.loads(line)
+
+
+def connect(path: str, timeout: float | None = None) -> Client:
+    """A Client connected to the service at `path`, its greeting read; `timeout` bounds every
+    call that has none of its own."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        return Client(sock, timeout)
+    except BaseException:
+        sock.close()
+        raise

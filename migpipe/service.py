@@ -1,0 +1,673 @@
+"""`migpipe serve`: encode and decode jobs on file descriptors that daemons pass over a socket.
+
+Management daemons (libvirt, vdsm, KubeVirt) do not run shell pipelines. They open files and
+sockets themselves, with their own credentials and security labels, and hand the fds to a
+helper. This service takes fds over a UNIX socket with SCM_RIGHTS (`add-fd`), names them, and
+runs jobs on them (`start-job`). It reports progress and outcomes as events. The protocol is
+migpipe.serviceproto; this module is its I/O and the jobs.
+
+These are the rules a daemon has to reason about:
+- Only the service's own uid, root and `--allow-uid` uids may connect. SO_PEERCRED decides.
+- fds and jobs belong to the connection that added or started them, as QMP's fds belong to the
+  monitor connection. When that connection closes, its unused fds are closed and its jobs
+  cancelled, so a daemon that dies never leaves a helper feeding a half-migrated guest.
+- A job takes its fds when it starts and closes them when it ends, however it ends.
+- Each job runs in its own cancel scope, in its connection's nursery. A failed job produces a
+  JOB_FAILED event and nothing else: neither its connection nor the service goes down.
+"""
+
+import array
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import trio
+
+from migpipe.channel import CHUNK, Channel, FdChannel
+from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
+from migpipe.files import enlarge_pipe
+from migpipe.filter import Filter, parse_chain
+from migpipe.keys import Secrets
+from migpipe.pipeline import WORKERS, Totals, decode, encode
+from migpipe.progress import INTERVAL, Progress
+from migpipe.serviceproto import (
+    COMMANDS,
+    INPUT,
+    JOB_CANCELLED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_PROGRESS,
+    MAX_FDS_PER_MESSAGE,
+    MAX_LINE,
+    NO_ID,
+    OUTPUT,
+    SECRET,
+    STRING,
+    STRINGS,
+    Arg,
+    Command,
+    CommandError,
+    FdInfo,
+    Line,
+    LineTooLong,
+    Reader,
+    Schema,
+    check_arguments,
+    encode_message,
+    error_reply,
+    event,
+    greeting,
+    job_status,
+    parse_command,
+    reply,
+)
+
+DEFAULT_MAX_JOBS = 64
+DEFAULT_MAX_FDS = 64  # named fds that one connection may hold
+OUTBOX = 64  # messages queued for one client; progress events are dropped beyond it
+FLUSH_SECONDS = 5.0  # how long a flooding client gets to read its error before the close
+ACCEPT_BACKOFF = 0.1  # out of fds or memory: retry accept() after this long
+BACKLOG = 64
+GONE = (trio.BrokenResourceError, trio.ClosedResourceError)  # a closed socket or queue
+THREADS_PER_JOB = WORKERS + 2  # a pipeline's reader, workers and writer can all be in threads
+ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+FILE_TYPES = (
+    (stat.S_ISFIFO, "pipe"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISREG, "file"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISLNK, "symbolic link"),
+)
+
+
+# -- fds -----------------------------------------------------------------------------------------
+
+
+def describe_fd(fd: int) -> FdInfo:
+    """What an fd refers to and how it is open (an O_PATH fd reads and writes nothing)."""
+    mode = os.fstat(fd).st_mode
+    kind = next((name for test, name in FILE_TYPES if test(mode)), "special file")
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_PATH:
+        return FdInfo(kind, readable=False, writable=False)
+    access = flags & os.O_ACCMODE
+    return FdInfo(kind, readable=access != os.O_WRONLY, writable=access != os.O_RDONLY)
+
+
+def received_fds(ancillary: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class LoopChannel:
+    """A pipe, socket or character device that the trio loop waits on.
+
+    A job's cancel scope must be able to stop a job whose peer has stalled. A blocking read in
+    a worker thread (FdChannel) cannot be interrupted. So the pipeline's worker threads hop back
+    into the job's task for each read and write (trio.from_thread.run runs it there), and there
+    the wait is cancellable. The fd is non-blocking and owned by the job.
+    """
+
+    def __init__(self, fd: int, what: str) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._what = what
+
+    def read(self) -> bytes:
+        return trio.from_thread.run(self._read)
+
+    def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        trio.from_thread.run(self._write, parts)
+
+    async def _read(self) -> bytes:
+        while True:
+            try:
+                return os.read(self._fd, CHUNK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._fd)
+            except ConnectionResetError:
+                message = f"{self._what}: connection reset by the peer"
+                raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+
+    async def _write(self, parts: Sequence[bytes | memoryview]) -> None:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                try:
+                    view = view[os.write(self._fd, view) :]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._fd)
+                except (BrokenPipeError, ConnectionResetError):
+                    message = f"{self._what} was closed by its reader"
+                    raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+
+
+# -- job kinds -----------------------------------------------------------------------------------
+
+
+class TakenFd(NamedTuple):
+    name: str
+    number: int
+    info: FdInfo
+
+
+def release(fds: Iterable[TakenFd]) -> None:
+    """Close a job's fds. Sockets are shut down for writing first, so that the peer sees the
+    end of the stream even when the client kept a copy of the socket."""
+    for taken in fds:
+        if taken.info.type == "socket":
+            with contextlib.suppress(OSError):
+                sock = socket.socket(fileno=taken.number)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                finally:
+                    sock.detach()
+    close_all(taken.number for taken in fds)
+
+
+@dataclass
+class JobSetup:
+    """What a job kind prepares a job from: its checked arguments and the fds it takes."""
+
+    arguments: dict[str, Any]
+    fds: dict[str, TakenFd]  # by argument ("input", "output", "key", ...)
+
+    def channel(self, argument: str) -> Channel:
+        taken = self.fds[argument]
+        if taken.info.type in ("file", "block device"):
+            return FdChannel(taken.number)  # never stalls for long, and epoll refuses them
+        enlarge_pipe(taken.number)
+        return LoopChannel(taken.number, f"{argument} fd '{taken.name}'")
+
+    def secrets(self) -> Secrets:
+        key, passphrase = self.fds.get("key"), self.fds.get("passphrase")
+        if key and passphrase:
+            raise MigpipeError("give 'key' or 'passphrase', not both")
+        return Secrets(key_fd=key and key.number, passphrase_fd=passphrase and passphrase.number)
+
+    def filters(self) -> list[Filter]:
+        items = self.arguments.get("filters", [])
+        if joined := [item for item in items if "," in item]:
+            raise MigpipeError(f"one filter per item of 'filters', not {joined[0]!r}")
+        return parse_chain(",".join(items), self.secrets())
+
+
+Runner = Callable[[Progress], Awaitable[Totals]]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job: the arguments start-job takes for it besides "kind", and `prepare`,
+    which checks what can be checked before anything runs (raising MigpipeError for an error
+    reply) and returns the coroutine function that runs the job."""
+
+    arguments: Schema
+    prepare: Callable[[JobSetup], Runner]
+    reads_wire: bool  # bytes in are wire bytes (decode, restore), else QEMU stream bytes
+
+
+def _encode(job: JobSetup) -> Runner:
+    chain = job.filters()
+    return lambda progress: encode(job.channel("input"), job.channel("output"), chain, progress)
+
+
+def _decode(job: JobSetup) -> Runner:
+    secrets = job.secrets()
+    return lambda progress: decode(job.channel("input"), job.channel("output"), progress, secrets)
+
+
+ENDS: Schema = {"input": Arg(STRING, fd=INPUT), "output": Arg(STRING, fd=OUTPUT)}
+KEYS: Schema = {
+    "key": Arg(STRING, required=False, fd=SECRET),
+    "passphrase": Arg(STRING, required=False, fd=SECRET),
+}
+JOB_KINDS: dict[str, JobKind] = {
+    "encode": JobKind({**ENDS, "filters": Arg(STRINGS, required=False), **KEYS}, _encode, False),
+    "decode": JobKind({**ENDS, **KEYS}, _decode, True),
+}
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+class JobProgress(Progress):
+    """The pipeline's live figures, kept for query-jobs and sent as JOB_PROGRESS every
+    INTERVAL, in place of the terminal line Progress draws."""
+
+    def __init__(self, tick: Callable[[], None]) -> None:
+        self.totals: Totals | None = None
+        self._tick = tick
+
+    async def run(self, totals: Totals) -> None:
+        self.totals = totals
+        while True:
+            await trio.sleep(INTERVAL)
+            self._tick()
+
+    def finish(self, totals: Totals) -> None:
+        self.totals = totals
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    reads_wire: bool
+    run: Runner
+    fds: list[TakenFd]
+    progress: JobProgress
+    started: float = field(default_factory=time.monotonic)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def status(self, state: str | None = None) -> dict[str, Any]:
+        totals = self.progress.totals
+        qemu, wire = (totals.qemu_bytes, totals.wire_bytes) if totals else (0, 0)
+        bytes_in, bytes_out = (wire, qemu) if self.reads_wire else (qemu, wire)
+        state = state or ("cancelling" if self.scope.cancel_called else "running")
+        seconds = time.monotonic() - self.started
+        return job_status(self.id, self.kind, state, bytes_in, bytes_out, seconds)
+
+
+def job_failure(exc: BaseException) -> Exception | None:
+    """What to report for a job's exception: its first MigpipeError, else its first other
+    error; None when it holds nothing but cancellation (which must propagate)."""
+    errors = [leaf for leaf in leaves(exc) if isinstance(leaf, Exception)]
+    chosen = [e for e in errors if isinstance(e, MigpipeError)] or errors
+    return chosen[0] if chosen else None
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+class Service:
+    """Accepts connections and keeps the limits and counters shared by all of them."""
+
+    def __init__(
+        self,
+        allow_uids: Iterable[int] = (),
+        max_jobs: int = DEFAULT_MAX_JOBS,
+        max_fds: int = DEFAULT_MAX_FDS,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_jobs < 1:
+            raise MigpipeError(f"--max-jobs must be at least 1, not {max_jobs}", status=EXIT_USAGE)
+        allow_uids = set(allow_uids)
+        # Root could reach the service anyway (it passes file modes, and can ptrace it), so
+        # refusing it would protect nothing and only break root-run daemons like libvirtd.
+        self.allowed = {0, os.geteuid(), *allow_uids}
+        # connect() needs write permission on the socket file, and one file cannot name several
+        # uids without ACLs: with --allow-uid the file is 0666, and SO_PEERCRED is the gate.
+        self.socket_mode = 0o666 if allow_uids - {0, os.geteuid()} else 0o600
+        self.max_jobs = max_jobs
+        self.max_fds = max_fds
+        self.jobs = 0
+        self.connections = 0
+        self.log = log or _log_stderr
+        self._job_numbers = itertools.count(1)
+        self._changed = trio.Event()
+
+    async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on `path` until cancelled, then remove the socket (if it is still ours)."""
+        limiter = trio.to_thread.current_default_thread_limiter()
+        # A stalled job keeps a thread waiting for its peer (LoopChannel): enough tokens that
+        # max_jobs stalled jobs never starve a running one of threads.
+        limiter.total_tokens = max(limiter.total_tokens, self.max_jobs * THREADS_PER_JOB)
+        sock, identity = bind_private(path, self.socket_mode)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as e:
+                        if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            raise
+                        self.log(f"cannot accept a connection ({e.strerror}); retrying")
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    nursery.start_soon(self._serve_connection, stream)
+        finally:
+            listener.socket.close()
+            with contextlib.suppress(OSError):
+                here = os.lstat(path)
+                if (here.st_dev, here.st_ino) == identity:
+                    os.unlink(path)
+
+    async def wait_idle(self) -> None:
+        """Until no connection is open and no job runs (for tests, and embedders draining)."""
+        while self.connections or self.jobs:
+            await self._changed.wait()
+
+    def log_exception(self, what: str, error: BaseException) -> None:
+        self.log(f"{what}:\n" + "".join(traceback.format_exception(error)).rstrip())
+
+    def new_job_id(self) -> str:
+        return f"job-{next(self._job_numbers)}"
+
+    def count(self, connections: int = 0, jobs: int = 0) -> None:
+        self.connections += connections
+        self.jobs += jobs
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        self.count(connections=1)
+        try:
+            pid, uid, _ = struct.unpack(
+                "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+            if uid in self.allowed:
+                await Connection(self, stream).run()
+            else:
+                self.log(f"refused a connection from uid {uid} (pid {pid})")
+                refusal = error_reply(NO_ID, f"uid {uid} may not use this migpipe service")
+                with trio.move_on_after(FLUSH_SECONDS):
+                    await stream.send_all(encode_message(refusal))
+        except Exception as e:  # a bug in one connection's handling must not end the service
+            self.log_exception("internal error, connection closed", e)
+        finally:
+            stream.socket.close()
+            self.count(connections=-1)
+
+
+def _log_stderr(message: str) -> None:
+    print(f"migpipe serve: {message}", file=sys.stderr, flush=True)
+
+
+class Connection:
+    """One client's session: its named fds, its jobs, and one queue for all it is sent."""
+
+    def __init__(self, service: Service, stream: trio.SocketStream) -> None:
+        self.service = service
+        self.stream = stream
+        self.fds: dict[str, tuple[int, FdInfo]] = {}
+        self.jobs: dict[str, Job] = {}
+        self._reader = Reader()
+        self._outbox, self._outgoing = trio.open_memory_channel[dict[str, Any]](OUTBOX)
+        self._job_nursery: trio.Nursery | None = None
+        self._replied = trio.Event()  # set once the current command's reply is queued
+        self._handlers: dict[str, Callable[[Command], Any]] = {
+            "qmp_capabilities": self._qmp_capabilities,
+            "query-commands": self._query_commands,
+            "add-fd": self._add_fd,
+            "remove-fd": self._remove_fd,
+            "query-fds": self._query_fds,
+            "start-job": self._start_job,
+            "query-jobs": self._query_jobs,
+            "cancel-job": self._cancel_job,
+        }
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as session:
+                session.start_soon(self._write_all, session.cancel_scope)
+                await self._outbox.send(greeting())
+                async with trio.open_nursery() as self._job_nursery:
+                    await self._read_all()
+                    self._job_nursery.cancel_scope.cancel()  # the connection's jobs end with it
+                # The writer sends what is queued (the replies to a client that only shut down
+                # its sending side, a flood's error), then ends; a client gone is noticed then.
+                self._outbox.close()
+                session.cancel_scope.deadline = trio.current_time() + FLUSH_SECONDS
+        finally:
+            close_all(fd for fd, _ in self.fds.values())
+            close_all(self._reader.close())
+
+    async def _write_all(self, session: trio.CancelScope) -> None:
+        try:
+            async for message in self._outgoing:
+                await self.stream.send_all(encode_message(message))
+        except GONE:
+            session.cancel()  # the client is gone
+
+    async def _read_all(self) -> None:
+        """Serve commands until the client stops sending, or floods the socket."""
+        sock = self.stream.socket
+        while True:
+            try:
+                data, ancillary, flags, _ = await sock.recvmsg(
+                    MAX_LINE, ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError:  # reset by the peer
+                return
+            fds = received_fds(ancillary)
+            if not data:
+                close_all(fds)
+                return
+            self._reader.feed(data, fds, bool(flags & socket.MSG_CTRUNC))
+            try:
+                while (line := self._reader.next_line()) is not None:
+                    await self._handle(line)
+            except LineTooLong as e:
+                await self._outbox.send(error_reply(NO_ID, e.desc))
+                return
+
+    async def _handle(self, line: Line) -> None:
+        command = None
+        self._replied = trio.Event()
+        try:
+            command = parse_command(line)
+            if command is None:
+                return
+            result = reply(command.id, self._handlers[command.name](command))
+        except (CommandError, MigpipeError, OSError) as e:
+            close_all(line.fds)  # a refused command never keeps its fds
+            id = command.id if command is not None else getattr(e, "id", NO_ID)
+            if isinstance(e, CommandError):
+                result = error_reply(id, e.desc, e.error_class)
+            elif isinstance(e, MigpipeError):
+                result = error_reply(id, str(e))
+            else:
+                result = error_reply(id, e.strerror or str(e))
+        try:
+            await self._outbox.send(result)
+        finally:
+            self._replied.set()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def _qmp_capabilities(self, command: Command) -> dict:
+        if enable := command.arguments.get("enable"):
+            raise CommandError(f"no capability '{enable[0]}' to enable: this service has none")
+        return {}
+
+    def _query_commands(self, command: Command) -> list[dict[str, str]]:
+        return [{"name": name} for name in COMMANDS]
+
+    def _add_fd(self, command: Command) -> dict[str, Any]:
+        name = command.arguments["name"]
+        if name in self.fds:
+            raise CommandError(f"an fd named '{name}' is already added; remove-fd it first")
+        if len(self.fds) >= self.service.max_fds:
+            raise CommandError(f"this connection holds {len(self.fds)} fds, the most it may; "
+                               "remove-fd some, or start the jobs that use them")  # fmt: skip
+        fd = command.fds[0]
+        info = describe_fd(fd)
+        self.fds[name] = (fd, info)
+        return info.as_dict(name)
+
+    def _fd(self, name: str) -> tuple[int, FdInfo]:
+        if name not in self.fds:
+            raise CommandError(f"no fd named '{name}' (add-fd adds one, query-fds lists them)")
+        return self.fds[name]
+
+    def _remove_fd(self, command: Command) -> dict:
+        fd, _ = self._fd(command.arguments["name"])
+        del self.fds[command.arguments["name"]]
+        os.close(fd)
+        return {}
+
+    def _query_fds(self, command: Command) -> list[dict[str, Any]]:
+        return [info.as_dict(name) for name, (_, info) in self.fds.items()]
+
+    def _start_job(self, command: Command) -> dict[str, str]:
+        arguments, kind = command.arguments, command.arguments["kind"]
+        spec = JOB_KINDS.get(kind)
+        if spec is None:
+            raise CommandError(f"unknown job kind '{kind}' (kinds: {', '.join(JOB_KINDS)})")
+        check_arguments("start-job", {"kind": Arg(STRING), **spec.arguments}, arguments)
+        if self.service.jobs >= self.service.max_jobs:
+            raise CommandError(f"the service runs {self.service.jobs} jobs, the most it may "
+                               "(migpipe serve --max-jobs); wait for one to end")  # fmt: skip
+        roles = {a: arg.fd for a, arg in spec.arguments.items() if arg.fd and a in arguments}
+        names = [arguments[argument] for argument in roles]
+        if twice := next((name for name in names if names.count(name) > 1), None):
+            raise CommandError(f"fd '{twice}' is given twice; each argument needs its own fd")
+        taken: dict[str, TakenFd] = {}
+        for argument, role in roles.items():
+            name = arguments[argument]
+            fd, info = self._fd(name)
+            role.check(argument, name, info)
+            taken[argument] = TakenFd(name, fd, info)
+        run = spec.prepare(JobSetup(arguments, taken))
+        for t in taken.values():  # from here on the job owns them
+            del self.fds[t.name]
+        progress = JobProgress(lambda: self._progress(job))
+        job = Job(self.service.new_job_id(), kind, spec.reads_wire, run, list(taken.values()),
+                  progress)  # fmt: skip
+        self.jobs[job.id] = job
+        self.service.count(jobs=1)
+        assert self._job_nursery is not None
+        self._job_nursery.start_soon(self._run_job, job, self._replied)
+        return {"id": job.id}
+
+    def _query_jobs(self, command: Command) -> list[dict[str, Any]]:
+        return [job.status() for job in self.jobs.values()]
+
+    def _cancel_job(self, command: Command) -> dict:
+        job = self.jobs.get(command.arguments["id"])
+        if job is None:
+            raise CommandError(f"no job '{command.arguments['id']}' on this connection "
+                               "(query-jobs lists them; ended jobs are gone)")  # fmt: skip
+        job.scope.cancel()
+        return {}
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def _run_job(self, job: Job, replied: trio.Event) -> None:
+        """Run one job; its end is an event, its fds closed whatever happened."""
+        totals, failure = None, None
+        try:
+            with job.scope:
+                await replied.wait()  # its events come after the reply that names it
+                try:
+                    totals = await job.run(job.progress)
+                except BaseException as exc:
+                    failure = job_failure(exc)
+                    if failure is None:
+                        raise
+        finally:
+            release(job.fds)
+            del self.jobs[job.id]
+            self.service.count(jobs=-1)
+        if job.scope.cancel_called:
+            name, data = JOB_CANCELLED, job.status("cancelled")
+        elif failure is not None:
+            name, data = JOB_FAILED, {**job.status("failed"), **self._describe(failure)}
+        else:
+            assert totals is not None
+            data = job.status("completed")
+            name, data = JOB_COMPLETED, {**data, "figures": totals.figures(data["seconds"])}
+        with contextlib.suppress(*GONE):
+            await self._outbox.send(event(name, data))
+
+    def _describe(self, error: Exception) -> dict[str, Any]:
+        status, offset = EXIT_ERROR, None
+        if isinstance(error, MigpipeError):
+            text, status, offset = error.message, error.status, error.offset
+        elif isinstance(error, OSError):
+            text = error.strerror or str(error)
+        else:
+            self.service.log_exception("internal error in a job", error)
+            text = f"internal error: {type(error).__name__}: {error}"
+        return {"error": text, "exit-status": status, "offset": offset}
+
+    def _progress(self, job: Job) -> None:
+        """Progress is a sample: dropped, never waited for, when the client reads slowly."""
+        with contextlib.suppress(trio.WouldBlock, *GONE):
+            self._outbox.send_nowait(event(JOB_PROGRESS, job.status()))
+
+
+# -- the socket ----------------------------------------------------------------------------------
+
+
+def bind_private(path: Path, mode: int) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening socket at `path` that was never reachable with a wider mode than `mode`,
+    whatever the umask: it is bound in a fresh private (0700) directory, chmod-ed, listening,
+    and only then renamed into place. The rename replaces a stale socket, never a live one or
+    another kind of file. Returns the socket and the (device, inode) it has at `path`."""
+    _check_free(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    private = inside = None
+    try:
+        private = tempfile.mkdtemp(prefix=".migpipe-serve.", dir=path.parent)
+        inside = os.path.join(private, "socket")
+        sock.bind(inside)
+        os.chmod(inside, mode)
+        sock.listen(BACKLOG)
+        os.rename(inside, path)
+        here = os.stat(path)
+    except OSError as e:
+        sock.close()
+        raise MigpipeError(f"cannot listen on {path}: {e.strerror or e}") from None
+    finally:
+        if private is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(inside)  # only there if the rename failed
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
+    return sock, (here.st_dev, here.st_ino)
+
+
+def _check_free(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise MigpipeError(f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return  # left behind by a service that died: replaced by the rename
+        except OSError as e:
+            raise MigpipeError(f"cannot tell whether {path} is in use: {e.strerror}") from None
+    raise MigpipeError(f"another service is listening on {path}")
+
+
+async def run(path: Path, service: Service, on_ready: Callable[[], None]) -> None:
+    """Serve until SIGTERM or SIGINT; then cancel every job and remove the socket."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.serve, path)
+            on_ready()
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,886 @@
+"""migpipe serve, its protocol and migpipe.client, over real UNIX sockets, pipes and files.
+
+The service runs in-process in its own thread's trio loop, so each test can wait for it to
+be idle (no connection, no job) and then count the process's open fds: every scenario must
+leave exactly the fds it found. One test runs `migpipe serve` itself as a subprocess.
+"""
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from migpipe import client as service_client
+from migpipe.channel import FdChannel
+from migpipe.client import Client, JobError, ServiceError
+from migpipe.errors import EXIT_KEY, EXIT_PEER_GONE, MigpipeError
+from migpipe.keys import keygen
+from migpipe.pipeline import decode
+from migpipe.service import Service, bind_private, describe_fd
+from migpipe.serviceproto import (
+    COMMAND_NOT_FOUND,
+    COMMANDS,
+    GENERIC_ERROR,
+    INPUT,
+    JOB_CANCELLED,
+    JOB_FAILED,
+    JOB_PROGRESS,
+    MAX_FDS_PER_MESSAGE,
+    MAX_LINE,
+    NO_ID,
+    OUTPUT,
+    SECRET,
+    CommandError,
+    FdInfo,
+    Line,
+    LineTooLong,
+    Reader,
+    encode_message,
+    error_reply,
+    event,
+    greeting,
+    parse_command,
+    reply,
+)
+from migpipe.stream.writer import write_records
+from migpipe.synthetic import GuestModel, SyntheticGuest
+
+MIGPIPE = [sys.executable, "-m", "migpipe"]
+TIMEOUT = 60.0  # only ever reached when something is broken; nothing waits for it to pass
+IDLE_TIMEOUT = 10.0  # the same, for the service to notice that every client has gone
+NOBODY, DAEMON = 65534, 1
+
+
+@pytest.fixture(scope="module")
+def stream() -> bytes:
+    return write_records(SyntheticGuest(GuestModel(ram_size=4 << 20, iterations=3)).records())
+
+
+@pytest.fixture(scope="module")
+def small_stream() -> bytes:
+    return write_records(SyntheticGuest(GuestModel(ram_size=256 << 10, iterations=2)).records())
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Harness:
+    """A Service in its own thread's trio loop, as `migpipe serve` runs it."""
+
+    def __init__(self, path: Path, **options: object) -> None:
+        self.path = path
+        self.log: list[str] = []
+        self.service = Service(**options, log=self.log.append)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,))
+
+    async def _main(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            await nursery.start(self.service.serve, self.path)
+            self._ready.set()
+
+    def __enter__(self) -> "Harness":
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.from_thread.run_sync(self._scope.cancel, trio_token=self.token)
+        self._thread.join(TIMEOUT)
+
+    def connect(self) -> Client:
+        return service_client.connect(str(self.path), timeout=TIMEOUT)
+
+    def raw(self) -> "Raw":
+        return Raw(str(self.path))
+
+    def wait_idle(self) -> None:
+        async def idle() -> None:
+            with trio.fail_after(IDLE_TIMEOUT):  # a test that failed may leave a client open
+                await self.service.wait_idle()
+
+        trio.from_thread.run(idle, trio_token=self.token)
+
+
+class Raw:
+    """A client that sends whatever bytes and fds a test wants, and reads lines back."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        assert "migpipe" in self.read()
+
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        sent = socket.send_fds(self.sock, [data], fds) if fds else 0
+        self.sock.sendall(data[sent:])
+
+    def read(self) -> dict:
+        line = self.file.readline()
+        assert line, "the service closed the connection"
+        return json.loads(line)
+
+    def closed_by_service(self) -> bool:
+        """EOF, or a reset: a socket closed with unread data in it resets its peer."""
+        try:
+            return self.file.readline() == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def serving(path: Path, **options: object) -> Iterator[Harness]:
+    """A running service; on the way out, once it is idle, no fd may be left open."""
+    with Harness(path, **options) as harness:
+        before = open_fds()
+        yield harness
+        harness.wait_idle()
+        assert open_fds() == before, "fds leaked"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Harness]:
+    with serving(tmp_path / "migpipe.sock") as harness:
+        yield harness
+
+
+def give(session: Client, name: str, fd: int) -> None:
+    """Pass `fd` to the service and close our copy: from now on only the service has it."""
+    try:
+        session.add_fd(name, fd)
+    finally:
+        os.close(fd)
+
+
+def sink() -> int:
+    """A write-only file with no name, where output no test reads goes."""
+    return os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_WRONLY, 0o600)
+
+
+def reader_gone(write_end: int) -> bool:
+    """True when every read end of the pipe is closed (the service closed its copy too).
+    Closes `write_end`."""
+    try:
+        os.write(write_end, b"x")
+    except BrokenPipeError:
+        return True
+    finally:
+        os.close(write_end)
+    return False
+
+
+def stall(session: Client, jobs: dict[str, int], prefix: bytes) -> None:
+    """Wait until each job has read all of `prefix` from its input: with nothing more there,
+    it is now blocked reading, which is what cancelling must interrupt."""
+
+    def all_read() -> bool:
+        return all(session.progress.get(job, {}).get("bytes-in") == len(prefix) for job in jobs)
+
+    for w in jobs.values():
+        os.write(w, prefix)  # a pipe holds 64 KiB
+    while not all_read():
+        session.wait_event(lambda e: e["event"] == JOB_PROGRESS)
+
+
+def read_all(fd: int) -> bytes:
+    """Everything up to EOF, which comes once every write end (the service's too) is closed."""
+    out = bytearray()
+    with select.epoll() as poll:
+        poll.register(fd, select.EPOLLIN)
+        while poll.poll(TIMEOUT) and (chunk := os.read(fd, 1 << 20)):
+            out += chunk
+        assert poll.poll(0), "no EOF: a write end is still open"
+    os.close(fd)
+    return bytes(out)
+
+
+def feeder(fd: int, data: bytes) -> threading.Thread:
+    """Write `data` into a pipe and close it, in a thread (pipes hold far less)."""
+
+    def run() -> None:
+        with contextlib.suppress(BrokenPipeError):  # a job that failed stopped reading
+            _write_all(fd, data)
+        os.close(fd)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def decoded(wire: Path, tmp_path: Path) -> bytes:
+    """A wire file decoded in-process, for checking what jobs wrote."""
+    out = tmp_path / f"{wire.name}.decoded"
+    with open(wire, "rb") as src, open(out, "wb") as dst:
+        trio.run(decode, FdChannel(src.fileno()), FdChannel(dst.fileno()))
+    return out.read_bytes()
+
+
+# -- the protocol without sockets ----------------------------------------------------------------
+
+
+def test_fds_belong_to_the_line_their_chunk_ends_in() -> None:
+    reader = Reader()
+    reader.feed(b'{"a": 1}\n{"b"', fds=[10])  # a recvmsg stops after the fds' message
+    assert reader.next_line() == Line(b'{"a": 1}')
+    assert reader.next_line() is None
+    reader.feed(b": 2}\n")
+    assert reader.next_line() == Line(b'{"b": 2}', (10,))
+    reader.feed(b"x\ny\n", fds=[11, 12], fds_truncated=True)
+    assert reader.next_line() == Line(b"x")
+    assert reader.next_line() == Line(b"y", (11, 12), True)
+    reader.feed(b'{"c"', fds=[13])
+    assert reader.close() == [13]  # EOF inside a line: its fds are the caller's to close
+
+
+@given(
+    st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=12),
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1),
+)
+def test_lines_come_out_whole_however_the_bytes_are_cut(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(line + b"\n" for line in lines)
+    reader, out, at = Reader(), [], 0
+    for size in itertools.cycle(cuts):
+        if at >= len(data):
+            break
+        reader.feed(data[at : at + size])
+        at += size
+        while (line := reader.next_line()) is not None:
+            out.append(line.text)
+    assert out == lines
+
+
+def test_a_line_longer_than_the_limit_is_a_flood() -> None:
+    reader = Reader()
+    reader.feed(b"ok\n" + b"x" * MAX_LINE, fds=[5])
+    assert reader.next_line() == Line(b"ok")
+    reader.feed(b"x")
+    with pytest.raises(LineTooLong, match=f"longer than {MAX_LINE} bytes"):
+        reader.next_line()
+    reader.feed(b"more\n", fds=[6])  # after a flood nothing is read; fds are only held
+    assert reader.close() == [5, 6]
+    whole = Reader()
+    whole.feed(b"y" * (MAX_LINE + 1) + b"\n")
+    with pytest.raises(LineTooLong):
+        whole.next_line()
+
+
+@pytest.mark.parametrize(
+    ("text", "fds", "error_class", "desc", "id"),
+    [
+        (b"{", (), GENERIC_ERROR, "JSON parse error", NO_ID),
+        (b"\xff{}", (), GENERIC_ERROR, "not UTF-8 (byte 0)", NO_ID),
+        (b"[" * 60000, (), GENERIC_ERROR, "JSON parse error", NO_ID),
+        (b"[1, 2]", (), GENERIC_ERROR, "a JSON object, not a list", NO_ID),
+        (b'{"execute": "query-fds", "arguments": {"a": NaN}}', (), GENERIC_ERROR, "NaN", NO_ID),
+        (b'{"execute": 5, "id": "x"}', (), GENERIC_ERROR, "'execute' must be given", "x"),
+        (b'{"execute": "eject", "id": 7}', (), COMMAND_NOT_FOUND, "unknown command 'eject'", 7),
+        (b'{"execute": "query-fds", "exec-oob": 1}', (), GENERIC_ERROR, "member 'exec-oob'", NO_ID),
+        (b'{"execute": "query-fds", "arguments": []}', (), GENERIC_ERROR, "not a list", NO_ID),
+        (b'{"execute": "query-fds", "arguments": {"x": 1}}', (), GENERIC_ERROR,
+         "'query-fds' has no argument 'x' (it takes: none)", NO_ID),
+        (b'{"execute": "add-fd", "arguments": {}}', (3,), GENERIC_ERROR,
+         "'add-fd' needs argument 'name'", NO_ID),
+        (b'{"execute": "add-fd", "arguments": {"name": 5}}', (3,), GENERIC_ERROR,
+         "argument 'name' of 'add-fd' must be an fd name", NO_ID),
+        (b'{"execute": "add-fd", "arguments": {"name": "a b"}}', (3,), GENERIC_ERROR,
+         "must be an fd name", NO_ID),
+        (b'{"execute": "add-fd", "arguments": {"name": "a"}}', (), GENERIC_ERROR,
+         "exactly one fd attached (SCM_RIGHTS), got 0", NO_ID),
+        (b'{"execute": "add-fd", "arguments": {"name": "a"}}', (3, 4), GENERIC_ERROR,
+         "got 2; they were closed", NO_ID),
+        (b'{"execute": "query-fds"}', (3,), GENERIC_ERROR, "takes no fd; the 1 attached", NO_ID),
+        (b"  ", (3,), GENERIC_ERROR, "fds arrived with an empty line", NO_ID),
+        (b'{"execute": "start-job", "arguments": {"kind": 1}}', (), GENERIC_ERROR,
+         "argument 'kind' of 'start-job' must be a string, not an integer", NO_ID),
+    ],
+)  # fmt: skip
+def test_bad_commands(
+    text: bytes, fds: tuple[int, ...], error_class: str, desc: str, id: object
+) -> None:
+    with pytest.raises(CommandError) as raised:
+        parse_command(Line(text, fds))
+    assert raised.value.error_class == error_class
+    assert desc in raised.value.desc
+    assert raised.value.id == id
+
+
+def test_good_commands() -> None:
+    assert parse_command(Line(b"   ")) is None
+    add = parse_command(Line(b'{"execute": "add-fd", "arguments": {"name": "src"}, "id": 1}', (9,)))
+    assert (add.name, add.arguments, add.id, add.fds) == ("add-fd", {"name": "src"}, 1, (9,))
+    job = parse_command(Line(b'{"execute": "start-job", "arguments": {"kind": "x", "input": 1}}'))
+    assert job.arguments == {"kind": "x", "input": 1}  # the job kind checks the rest
+    with pytest.raises(CommandError, match=f"more than {MAX_FDS_PER_MESSAGE} fds"):
+        parse_command(Line(b'{"execute": "add-fd", "arguments": {"name": "a"}}', (3,), True))
+
+
+def test_messages() -> None:
+    hello = greeting()["migpipe"]
+    assert set(hello) == {"version", "capabilities"} and hello["capabilities"] == []
+    assert set(hello["version"]) == {"major", "minor", "micro", "package"}
+    assert reply(NO_ID, {}) == {"return": {}}
+    assert reply("a", [1]) == {"return": [1], "id": "a"}
+    assert error_reply(3, "no") == {"error": {"class": GENERIC_ERROR, "desc": "no"}, "id": 3}
+    stamped = event("JOB_PROGRESS", {"id": "job-1"}, now=12.25)
+    assert stamped["timestamp"] == {"seconds": 12, "microseconds": 250000}
+    line = encode_message(stamped)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and json.loads(line) == stamped
+
+
+def test_what_fds_are(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    path_only = os.open(tmp_path, os.O_PATH)
+    zero = os.open("/dev/zero", os.O_RDWR)
+    left, right = socket.socketpair()
+    try:
+        assert describe_fd(r) == FdInfo("pipe", readable=True, writable=False)
+        assert describe_fd(w) == FdInfo("pipe", readable=False, writable=True)
+        assert describe_fd(directory) == FdInfo("directory", readable=True, writable=False)
+        assert describe_fd(path_only) == FdInfo("directory", readable=False, writable=False)
+        assert describe_fd(zero) == FdInfo("character device", readable=True, writable=True)
+        assert describe_fd(left.fileno()) == FdInfo("socket", readable=True, writable=True)
+    finally:
+        for fd in (r, w, directory, path_only, zero):
+            os.close(fd)
+        left.close()
+        right.close()
+    with pytest.raises(CommandError, match=r"fd 'd' \(argument 'input', read from\) is a dir"):
+        INPUT.check("input", "d", FdInfo("directory", True, False))
+    with pytest.raises(CommandError, match=r"'f' .* is not open for writing"):
+        OUTPUT.check("output", "f", FdInfo("file", True, False))
+    with pytest.raises(CommandError, match="is a pipe; it must be one of: file"):
+        SECRET.check("key", "k", FdInfo("pipe", True, False))
+    INPUT.check("input", "s", FdInfo("socket", True, True))
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+def test_encode_then_decode_reproduces_the_stream(
+    service: Harness, stream: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "in").write_bytes(stream)
+    with service.connect() as session:
+        src = os.open(tmp_path / "in", os.O_RDONLY)
+        assert session.add_fd("src", src) == {
+            "name": "src", "type": "file", "readable": True, "writable": False
+        }  # fmt: skip
+        os.close(src)
+        give(session, "dst", os.open(tmp_path / "wire", os.O_WRONLY | os.O_CREAT, 0o600))
+        job = session.start_job("encode", input="src", output="dst", filters=["xbzrle", "zstd"])
+        assert session.execute("query-fds") == []  # the job took them
+        encoded = session.wait_job(job)
+        assert encoded["state"] == "completed"
+        assert encoded["bytes-in"] == encoded["figures"]["qemu_bytes"] == len(stream)
+        assert encoded["bytes-out"] == (tmp_path / "wire").stat().st_size
+
+        r, w = os.pipe()
+        give(session, "wire", os.open(tmp_path / "wire", os.O_RDONLY))
+        give(session, "out", w)
+        job = session.start_job("decode", input="wire", output="out")
+        assert read_all(r) == stream
+        rebuilt = session.wait_job(job)
+        assert rebuilt["figures"]["qemu_digest"] == encoded["figures"]["qemu_digest"]
+        assert rebuilt["bytes-in"] == encoded["bytes-out"]
+        assert session.query_jobs() == []
+
+
+def test_encrypted_jobs_take_their_key_as_an_fd(
+    service: Harness, small_stream: bytes, tmp_path: Path
+) -> None:
+    keygen(tmp_path / "key")
+    (tmp_path / "in").write_bytes(small_stream)
+    with service.connect() as session:
+        give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+        give(session, "dst", os.open(tmp_path / "wire", os.O_WRONLY | os.O_CREAT, 0o600))
+        give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
+        job = session.start_job(
+            "encode", input="src", output="dst", filters=["zstd:1", "encrypt"], key="key"
+        )
+        session.wait_job(job)
+        assert small_stream[:4096] not in (tmp_path / "wire").read_bytes()
+
+        give(session, "wire", os.open(tmp_path / "wire", os.O_RDONLY))
+        give(session, "out", sink())
+        with pytest.raises(JobError) as failed:  # no key
+            session.wait_job(session.start_job("decode", input="wire", output="out"))
+        assert failed.value.data["exit-status"] == EXIT_KEY
+
+        r, w = os.pipe()
+        give(session, "wire", os.open(tmp_path / "wire", os.O_RDONLY))
+        give(session, "out", w)
+        give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
+        job = session.start_job("decode", input="wire", output="out", key="key")
+        assert read_all(r) == small_stream
+        session.wait_job(job)
+
+
+def test_an_output_socket_ends_even_if_the_client_kept_a_copy(
+    service: Harness, small_stream: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "in").write_bytes(small_stream)
+    ours, theirs = socket.socketpair()
+    with service.connect() as session, ours, theirs:
+        give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+        session.add_fd("dst", ours.fileno())  # and we keep `ours` open
+        job = session.start_job("encode", input="src", output="dst")
+        wire = theirs.makefile("rb").read()  # EOF: the job shut the socket down for writing
+        assert len(wire) == session.wait_job(job)["bytes-out"]
+
+
+def test_32_jobs_at_once(service: Harness, small_stream: bytes, tmp_path: Path) -> None:
+    feeds, jobs = [], []
+    with service.connect() as session:
+        for n in range(32):
+            r, w = os.pipe()
+            give(session, f"in{n}", r)
+            give(session, f"out{n}", os.open(tmp_path / f"wire{n}", os.O_WRONLY | os.O_CREAT))
+            jobs.append(session.start_job("encode", input=f"in{n}", output=f"out{n}",
+                                          filters=["xbzrle", "zstd:1"]))  # fmt: skip
+            feeds.append(w)
+        running = session.query_jobs()
+        assert [j["id"] for j in running] == jobs  # all 32 started before any had input
+        assert {j["state"] for j in running} == {"running"}
+        threads = [feeder(w, small_stream) for w in feeds]
+        for job in jobs:
+            assert session.wait_job(job)["figures"]["qemu_bytes"] == len(small_stream)
+        for thread in threads:
+            thread.join()
+    for n in range(32):
+        assert decoded(tmp_path / f"wire{n}", tmp_path) == small_stream
+
+
+def test_stalled_jobs_do_not_starve_the_others(small_stream: bytes, tmp_path: Path) -> None:
+    """More stalled jobs than trio's default 40 worker threads, and one more job still runs."""
+    (tmp_path / "in").write_bytes(small_stream)
+    writers = {}
+    with serving(tmp_path / "s.sock", max_jobs=50) as service:
+        with service.connect() as session:
+            for n in range(45):
+                r, w = os.pipe()
+                give(session, f"in{n}", r)
+                give(session, f"out{n}", sink())
+                writers[session.start_job("encode", input=f"in{n}", output=f"out{n}")] = w
+            stall(session, writers, small_stream[:4096])
+            give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+            give(session, "dst", sink())
+            job = session.start_job("encode", input="src", output="dst")
+            assert session.wait_job(job)["bytes-in"] == len(small_stream)
+            assert len(session.query_jobs()) == 45
+        service.wait_idle()
+        # leaving the connection cancelled the 45: their input pipes have no reader any more
+        assert all([reader_gone(w) for w in writers.values()])
+
+
+def test_cancel_job(service: Harness, small_stream: bytes) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with service.connect() as session:
+        give(session, "in", in_r)
+        give(session, "out", out_w)
+        job = session.start_job("encode", input="in", output="out")
+        stall(session, {job: in_w}, small_stream[:4096])
+        session.cancel_job(job)
+        with pytest.raises(JobError) as ended:
+            session.wait_job(job)
+        assert ended.value.error_class == JOB_CANCELLED
+        assert ended.value.data["state"] == "cancelled"
+        assert session.query_jobs() == []
+        with pytest.raises(ServiceError, match=f"no job '{job}' on this connection"):
+            session.cancel_job(job)
+        # the job closed both its fds when it ended, with the connection still open
+        read_all(out_r)  # asserts EOF
+        assert reader_gone(in_w)
+
+
+def test_progress_events(service: Harness, stream: bytes) -> None:
+    r, w = os.pipe()
+    half = threading.Event()
+
+    def feed() -> None:
+        _write_all(w, stream[: len(stream) // 2])
+        half.wait(TIMEOUT)
+        _write_all(w, stream[len(stream) // 2 :])
+        os.close(w)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    with service.connect() as session:
+        give(session, "in", r)
+        give(session, "out", sink())
+        job = session.start_job("encode", input="in", output="out", filters=["zstd:1"])
+        progress = session.wait_event(
+            lambda e: e["event"] == JOB_PROGRESS and e["data"]["bytes-in"] > 0
+        )
+        half.set()
+        assert progress["data"]["id"] == job and progress["data"]["state"] == "running"
+        assert progress["data"]["bytes-in"] <= len(stream) // 2
+        assert set(progress["timestamp"]) == {"seconds", "microseconds"}
+        assert session.progress[job] == progress["data"]
+        assert session.wait_job(job)["bytes-in"] == len(stream)
+    writer.join()
+
+
+def test_leaving_closes_fds_and_cancels_jobs_others_keep_going(
+    service: Harness, small_stream: bytes
+) -> None:
+    unused_r, unused_w = os.pipe()
+    in_r, in_w = os.pipe()
+    other = service.connect()
+    session = service.connect()
+    give(session, "unused", unused_r)
+    give(session, "in", in_r)
+    give(session, "out", sink())
+    job = session.start_job("encode", input="in", output="out")
+    stall(session, {job: in_w}, small_stream[:4096])
+    assert [j["id"] for j in session.query_jobs()] == [job]
+    assert other.query_jobs() == []  # jobs belong to their connection
+    session.close()  # mid-job
+    assert other.execute("query-fds") == []
+    other.close()
+    service.wait_idle()
+    assert reader_gone(unused_w)
+    assert reader_gone(in_w)
+
+
+def test_bad_input_gets_an_error_and_the_connection_lives(service: Harness) -> None:
+    raw = service.raw()
+    cases = [
+        (b"{nonsense\n", GENERIC_ERROR, "JSON parse error"),
+        (b'"hello"\n', GENERIC_ERROR, "a JSON object, not a string"),
+        (b'{"execute": "migrate", "id": 1}\n', COMMAND_NOT_FOUND, "unknown command 'migrate'"),
+        (b'{"execute": "remove-fd", "arguments": {"name": ["x"]}}\n', GENERIC_ERROR,
+         "must be a string, not a list"),
+        (b'{"execute": "cancel-job", "arguments": {"id": "job-1", "force": true}}\n',
+         GENERIC_ERROR, "no argument 'force'"),
+        (b'{"execute": "start-job", "arguments": {"kind": "teleport"}}\n', GENERIC_ERROR,
+         "unknown job kind 'teleport' (kinds: encode, decode)"),
+        (b'{"execute": "start-job", "arguments": {"kind": "encode", "input": "a"}}\n',
+         GENERIC_ERROR, "'start-job' needs argument 'output'"),
+        (b'{"execute": "start-job", "arguments": {"kind": "decode", "input": "a", "output": "b",'
+         b' "filters": []}}\n', GENERIC_ERROR, "'start-job' has no argument 'filters'"),
+        (b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n', GENERIC_ERROR,
+         "no capability 'oob'"),
+    ]  # fmt: skip
+    for text, error_class, desc in cases:
+        raw.send(text)
+        answer = raw.read()
+        assert answer["error"]["class"] == error_class, text
+        assert desc in answer["error"]["desc"], (text, answer)
+    raw.send(b'{"execute": "query-fds", "id": "still here"}\n')
+    assert raw.read() == {"return": [], "id": "still here"}
+    raw.close()
+
+
+def test_replies_are_sent_before_the_connection_closes(service: Harness) -> None:
+    raw = service.raw()
+    raw.send(b'{"execute": "query-fds", "id": 1}\n{"execute": "query-jobs", "id": 2}\n')
+    raw.sock.shutdown(socket.SHUT_WR)  # a client that only stops sending still gets its replies
+    assert raw.read() == {"return": [], "id": 1}
+    assert raw.read() == {"return": [], "id": 2}
+    assert raw.closed_by_service()
+    raw.close()
+
+
+def test_a_flood_is_disconnected_and_others_are_served(service: Harness) -> None:
+    r, w = os.pipe()
+    other = service.connect()
+    raw = service.raw()
+    flood = b'{"execute": "add-fd", "arguments": {"name": "' + b"x" * (MAX_LINE + 1024)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        raw.send(flood, [r])  # the service may hang up before it has all of it
+    os.close(r)
+    assert f"longer than {MAX_LINE} bytes" in raw.read()["error"]["desc"]
+    assert raw.closed_by_service()
+    raw.close()
+    assert other.execute("query-fds") == []
+    other.close()
+    service.wait_idle()
+    assert reader_gone(w)  # the fd that came with the flood was closed
+
+
+def test_fds_on_the_wrong_command_are_closed(service: Harness) -> None:
+    pipes = [os.pipe() for _ in range(3)]
+    raw = service.raw()
+    raw.send(b'{"execute": "add-fd", "arguments": {"name": "a"}}\n')
+    assert "got 0" in raw.read()["error"]["desc"]
+    raw.send(b'{"execute": "add-fd", "arguments": {"name": "a"}}\n', [pipes[0][0], pipes[1][0]])
+    assert "got 2; they were closed" in raw.read()["error"]["desc"]
+    raw.send(b'{"execute": "query-jobs", "id": 4}\n', [pipes[2][0]])
+    assert raw.read() == {
+        "error": {"class": GENERIC_ERROR,
+                  "desc": "'query-jobs' takes no fd; the 1 attached were closed"},
+        "id": 4,
+    }  # fmt: skip
+    for r, _ in pipes:
+        os.close(r)
+    raw.send(b'{"execute": "query-fds"}\n')
+    assert raw.read() == {"return": []}
+    assert all([reader_gone(w) for _, w in pipes])
+    raw.close()
+
+
+def test_too_many_fds_in_one_message(service: Harness) -> None:
+    pipes = [os.pipe() for _ in range(MAX_FDS_PER_MESSAGE + 4)]
+    raw = service.raw()
+    raw.send(b'{"execute": "add-fd", "arguments": {"name": "a"}}\n', [r for r, _ in pipes])
+    assert f"more than {MAX_FDS_PER_MESSAGE} fds" in raw.read()["error"]["desc"]
+    for r, _ in pipes:
+        os.close(r)
+    assert all([reader_gone(w) for _, w in pipes])  # those received closed, the rest dropped
+    raw.close()
+
+
+def test_a_closed_fd_cannot_be_sent(service: Harness) -> None:
+    with service.connect() as session:
+        r, w = os.pipe()
+        os.close(r)
+        os.close(w)
+        with pytest.raises(OSError) as raised:
+            session.add_fd("gone", r)
+        assert raised.value.errno == errno.EBADF  # sendmsg fails whole: nothing reached it
+        assert session.execute("query-fds") == []
+
+
+def test_fds_of_the_wrong_kind_are_refused_at_start(service: Harness, tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"data")
+    (tmp_path / "key").write_bytes(b"not a key\n")
+    (tmp_path / "key").chmod(0o600)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    fds = {
+        "dir": os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY),
+        "readonly": os.open(tmp_path / "file", os.O_RDONLY),
+        "path": os.open(tmp_path / "file", os.O_PATH),
+        "pipe-in": in_r,
+        "pipe-out": out_w,
+        "key": os.open(tmp_path / "key", os.O_RDONLY),
+    }
+    with service.connect() as session:
+        for name, fd in fds.items():
+            give(session, name, fd)
+        with pytest.raises(ServiceError, match="an fd named 'dir' is already added"):
+            give(session, "dir", sink())
+        refused = [
+            ({"input": "dir", "output": "pipe-out"}, "'dir' (argument 'input', read from) is a "
+             "directory; it must be one of: block device, character device, file, pipe, socket"),
+            ({"input": "pipe-in", "output": "readonly"}, "'readonly' (argument 'output', "
+             "written to) is not open for writing"),
+            ({"input": "path", "output": "pipe-out"}, "'path' (argument 'input', read from) is "
+             "not open for reading"),
+            ({"input": "pipe-out", "output": "pipe-out"}, "fd 'pipe-out' is given twice"),
+            ({"input": "nope", "output": "pipe-out"}, "no fd named 'nope'"),
+            ({"input": "pipe-in", "output": "pipe-out", "key": "pipe-in"}, "given twice"),
+            ({"input": "pipe-in", "output": "pipe-out", "key": "readonly",
+              "passphrase": "key"}, "give 'key' or 'passphrase', not both"),
+            ({"input": "pipe-in", "output": "pipe-out", "filters": ["gzip"]},
+             "unknown filter 'gzip'"),
+            ({"input": "pipe-in", "output": "pipe-out", "filters": ["zstd,lz4"]},
+             "one filter per item of 'filters'"),
+            ({"input": "pipe-in", "output": "pipe-out", "filters": "zstd"},
+             "must be a list of strings, not a string"),
+            ({"input": "pipe-in", "output": "pipe-out", "filters": ["encrypt"], "key": "key"},
+             "is not a migpipe key file"),
+            ({"input": "pipe-in", "output": "pipe-out", "filters": ["encrypt"]}, "needs a key"),
+        ]  # fmt: skip
+        for arguments, desc in refused:
+            with pytest.raises(ServiceError) as raised:
+                session.start_job("encode", **arguments)
+            assert desc in raised.value.desc, (arguments, raised.value.desc)
+        # a refused start-job takes no fd
+        assert {fd["name"] for fd in session.execute("query-fds")} == set(fds)
+        session.remove_fd("pipe-in")
+        assert reader_gone(in_w)  # remove-fd closed it
+        with pytest.raises(ServiceError, match="no fd named 'pipe-in'"):
+            session.remove_fd("pipe-in")
+    service.wait_idle()
+    read_all(out_r)  # leaving closed 'pipe-out', never used
+
+
+def test_job_failures_are_events_and_the_service_goes_on(
+    service: Harness, small_stream: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "garbage").write_bytes(os.urandom(1 << 16))
+    (tmp_path / "in").write_bytes(small_stream)
+    with service.connect() as session:
+        give(session, "garbage", os.open(tmp_path / "garbage", os.O_RDONLY))
+        give(session, "out", sink())
+        with pytest.raises(JobError) as failed:
+            session.wait_job(session.start_job("decode", input="garbage", output="out"))
+        assert failed.value.error_class == JOB_FAILED
+        assert failed.value.data["exit-status"] not in (0, None) and failed.value.desc
+
+        r, w = os.pipe()
+        os.close(r)  # nobody will read the output
+        give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+        give(session, "dst", w)
+        with pytest.raises(JobError) as failed:
+            session.wait_job(session.start_job("encode", input="src", output="dst"))
+        assert failed.value.data["exit-status"] == EXIT_PEER_GONE
+        assert failed.value.desc == "output fd 'dst' was closed by its reader"
+
+        give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+        give(session, "dst", sink())
+        done = session.wait_job(session.start_job("encode", input="src", output="dst"))
+        assert done["bytes-in"] == len(small_stream)
+
+
+def test_job_and_fd_limits(tmp_path: Path) -> None:
+    writers = []
+    with serving(tmp_path / "s.sock", max_jobs=2, max_fds=4) as service:
+        with service.connect() as session:
+            for n in range(3):
+                r, w = os.pipe()
+                give(session, f"in{n}", r)
+                writers.append(w)
+            give(session, "out0", sink())
+            with pytest.raises(ServiceError, match="holds 4 fds, the most it may"):
+                give(session, "more", sink())
+            first = session.start_job("encode", input="in0", output="out0")
+            give(session, "out1", sink())
+            give(session, "out2", sink())
+            session.start_job("encode", input="in1", output="out1")
+            with pytest.raises(ServiceError, match="runs 2 jobs, the most it may"):
+                session.start_job("encode", input="in2", output="out2")
+            session.cancel_job(first)
+            with pytest.raises(JobError):
+                session.wait_job(first)
+            session.start_job("encode", input="in2", output="out2")
+            assert len(session.query_jobs()) == 2
+        service.wait_idle()
+        assert all([reader_gone(w) for w in writers])
+
+
+def test_capabilities_and_commands(service: Harness) -> None:
+    with service.connect() as session:
+        assert session.execute("qmp_capabilities") == {}  # accepted, never required
+        assert session.execute("qmp_capabilities", enable=[]) == {}
+        assert [c["name"] for c in session.execute("query-commands")] == list(COMMANDS)
+
+
+# -- the socket ----------------------------------------------------------------------------------
+
+
+def test_socket_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        sock, _ = bind_private(tmp_path / "a.sock", 0o600)
+    finally:
+        os.umask(old)
+    with sock:
+        assert stat.S_IMODE(os.stat(tmp_path / "a.sock").st_mode) == 0o600
+        with pytest.raises(MigpipeError, match="another service is listening"):
+            bind_private(tmp_path / "a.sock", 0o600)
+    # the socket's listener is gone: a stale socket is replaced
+    sock, _ = bind_private(tmp_path / "a.sock", 0o600)
+    sock.close()
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(MigpipeError, match="exists and is not a socket"):
+        bind_private(tmp_path / "file", 0o600)
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sock", "file"]  # no leftovers
+
+
+def _connect_as(uid: int, path: Path) -> dict:
+    """The first line the service sends a client running as `uid` (a forked child)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, only socket calls, then _exit
+        status = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect(str(path))
+                line = sock.makefile("rb").readline()
+            os.write(w, line)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    line = read_all(r)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    return json.loads(line)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as other uids needs root")
+def test_peers_are_checked_with_so_peercred() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)  # other uids must reach the socket to be refused by it
+        path = Path(directory) / "migpipe.sock"
+        with serving(path, allow_uids=[DAEMON]) as service:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666  # SO_PEERCRED is the gate
+            refused = _connect_as(NOBODY, path)
+            assert refused == {"error": {"class": GENERIC_ERROR, "desc":
+                               f"uid {NOBODY} may not use this migpipe service"}}  # fmt: skip
+            assert "migpipe" in _connect_as(DAEMON, path)
+            assert f"refused a connection from uid {NOBODY}" in service.log[0]
+        with serving(path) as service:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_migpipe_serve(tmp_path: Path, small_stream: bytes) -> None:
+    path = tmp_path / "migpipe.sock"
+    server = subprocess.Popen(
+        [*MIGPIPE, "serve", "--socket", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline() == f"migpipe serve: listening on {path}\n"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        before = len(os.listdir(f"/proc/{server.pid}/fd"))
+        (tmp_path / "in").write_bytes(small_stream)
+        with service_client.connect(str(path), timeout=TIMEOUT) as session:
+            src = os.open(tmp_path / "in", os.O_RDONLY)
+            r, w = os.pipe()
+            session.add_fd("src", src)
+            session.add_fd("dst", w)
+            os.close(src)
+            os.close(w)
+            job = session.start_job("encode", input="src", output="dst", filters=["lz4"])
+            wire = read_all(r)
+            assert session.wait_job(job)["bytes-out"] == len(wire)
+            assert len(os.listdir(f"/proc/{server.pid}/fd")) == before + 1  # our connection
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=TIMEOUT)
+    assert server.returncode == 0, err
+    assert err == ""
+    assert not path.exists()
