@@ -102,9 +102,12 @@ def read_private_file(path: str, what: str) -> bytes:
 
 
 def read_private_fd(fd: int, what: str) -> bytes:
-    """A secret handed over as a descriptor (by a daemon, or a shell's `3<file`)."""
+    """A secret handed over as a descriptor (by a daemon, or a shell's `3<file`); a file on
+    disk behind it must be private, a memfd (never on disk) need not."""
     try:
-        _check_private(os.fstat(fd).st_mode, f"the file behind {what} {fd}")
+        in_memory = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+        if not in_memory:
+            _check_private(os.fstat(fd).st_mode, f"the file behind {what} {fd}")
     except OSError as e:
         raise MigpipeError(f"{what} {fd}: {e.strerror}") from None
     return _read_bounded(fd, f"{what} {fd}")

@@ -261,3 +261,16 @@ def test_cli_passphrase_file_and_wrong_key(tmp_path: Path) -> None:
 def test_compression_must_come_before_encryption(key: Path) -> None:
     result = migpipe("encode", "--filters", "encrypt,zstd", "--key-file", str(key))
     assert result.returncode == 6 and b"then encryption" in result.stderr
+
+
+def test_a_key_in_a_memfd_is_accepted(key: Path, tmp_path: Path) -> None:
+    """A daemon holds keys in memory only: a memfd's mode (0777) says nothing about disk."""
+    memfd = os.memfd_create("key")
+    try:
+        os.write(memfd, key.read_bytes())
+        os.lseek(memfd, 0, os.SEEK_SET)
+        stream = small_stream()
+        data = encode_bytes(stream, "encrypt", Secrets(key_fd=memfd), tmp_path)
+    finally:
+        os.close(memfd)
+    assert decode_bytes(data, Secrets(key_file=str(key))) == (stream, None)
