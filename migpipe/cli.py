@@ -306,6 +306,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    from migpipe.tlsinit import instructions, tls_init
+
+    names = [name.strip() for name in args.server_name.split(",")]
+    tls_init(args.directory, args.ca, names, args.client_name, args.days, force=args.force)
+    print(instructions(args.directory))
+    return 0
+
+
 def filter_options(sub: argparse.ArgumentParser) -> None:
     """The filter chain's options (encode, save, migrate), and where the key comes from."""
     sub.add_argument(
@@ -340,12 +349,24 @@ def key_options(sub: argparse.ArgumentParser) -> None:
 def cmd_save(args: argparse.Namespace) -> int:
     from migpipe.savefile import save
 
+    if args.qmp is None and (args.live or args.resume):
+        raise MigpipeError("--live and --resume drive QEMU: they need --qmp", status=EXIT_USAGE)
     chain = filter_chain(args)
     libvirt = libvirt_target(args, chain)
-    with input_fd(args) as source:
-        totals = run_trio(save, source, Path(args.file), chain, args.layout, args.force,
-                          progress(args, "save"), args.cache, libvirt)  # fmt: skip
-    report(args, totals)
+    store = functools.partial(save, path=Path(args.file), chain=chain, layout=args.layout,
+                              force=args.force, progress=progress(args, "save"),
+                              cache=args.cache, libvirt=libvirt)  # fmt: skip
+    if args.qmp is not None:
+        from migpipe import drive
+
+        outcome = run_trio(drive.save, args.qmp, store, args.live, args.resume)
+        totals = outcome.totals
+        report(args, totals, qemu=outcome.qemu, runstate=outcome.runstate)
+        print(drive.summary("save", outcome), file=sys.stderr)
+    else:
+        with input_fd(args) as source:
+            totals = run_trio(store, source)
+        report(args, totals)
     if args.summary:
         print_save_summary(Path(args.file), totals)
     return 0
@@ -392,6 +413,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     shown = progress(args, "restore")
     if shown is not None:
         shown.size = Path(args.file).stat().st_size  # the file's share read so far: an ETA
+    if args.qmp is not None:
+        from migpipe import drive
+
+        outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets(args), shown)
+        report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
+        print(drive.summary("restore", outcome), file=sys.stderr)
+        return 0
     with output_fd(args) as sink:
         totals = run_trio(restore, Path(args.file), sink, secrets(args), shown)
     report(args, totals)
@@ -415,15 +443,6 @@ def output_fd(args: argparse.Namespace) -> Iterator[int]:
     else:
         with open_output(None) as f:
             yield f.fileno()
-
-
-def cmd_tls_init(args: argparse.Namespace) -> int:
-    from migpipe.tlsinit import instructions, tls_init
-
-    names = [name.strip() for name in args.server_name.split(",")]
-    tls_init(args.directory, args.ca, names, args.client_name, args.days, force=args.force)
-    print(instructions(args.directory))
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -603,7 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     save = command("save", cmd_save, "Save a QEMU stream to a file, complete or not at all.")
     save.add_argument("file", help="the file to write (appears only once complete)")
-    save.add_argument("--fd", type=int, metavar="N", help="read the stream from fd N (stdin)")
+    given = save.add_mutually_exclusive_group()
+    given.add_argument("--fd", type=int, metavar="N", help="read the stream from fd N (stdin)")
+    given.add_argument("--qmp", metavar="SOCKET",
+                       help="save the QEMU behind this QMP socket, driving it")  # fmt: skip
+    save.add_argument("--live", action="store_true",
+                      help="with --qmp: the guest runs on during the save")  # fmt: skip
+    save.add_argument("--resume", action="store_true",
+                      help="with --qmp: run the guest after the save, if it ran")  # fmt: skip
     save.add_argument(
         "--layout",
         choices=("stream", "fixed"),
@@ -625,7 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = command("restore", cmd_restore, "Write the QEMU stream saved in a file.")
     restore.add_argument("file", help="a file written by migpipe save (or migpipe encode)")
-    restore.add_argument("--fd", type=int, metavar="N", help="write the stream to fd N (stdout)")
+    taker = restore.add_mutually_exclusive_group()
+    taker.add_argument("--fd", type=int, metavar="N", help="write the stream to fd N (stdout)")
+    taker.add_argument("--qmp", metavar="SOCKET",
+                       help="load it into the QEMU behind this QMP socket")  # fmt: skip
     reporting(restore)
     key_options(restore)
 

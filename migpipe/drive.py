@@ -1,17 +1,21 @@
-"""migrate and incoming: drive a running QEMU over QMP and carry its stream through migpipe.
+"""migrate, incoming, save and restore: drive a running QEMU over QMP and carry its stream
+through migpipe.
 
-As libvirt does for its tunnelled migrations: make a pipe, hand QEMU one end with `getfd`, and
-`migrate` (or, on a destination started with `-incoming defer`, `migrate-incoming`) to
-`fd:NAME`; migpipe runs encode (or decode) on the other end. QEMU only ever sees a pipe, so
-whatever migpipe does on the way (filters, a connection, ssh) is invisible to it.
+As libvirt does for its tunnelled migrations and its save files: make a pipe, hand QEMU one end
+with `getfd`, and `migrate` (or, on a destination started with `-incoming defer`,
+`migrate-incoming`) to `fd:NAME`; migpipe runs encode, decode, save or restore on the other
+end. QEMU only ever sees a pipe, so whatever migpipe does on the way (filters, a connection,
+ssh, a file) is invisible to it.
 
 What makes this safe is what happens on a failure:
-- on the source, the pipe's read end is closed as soon as encode stops, so a QEMU blocked
-  writing to it gets EPIPE instead of hanging; `migrate_cancel` ends the migration and the VM
-  is left running (`cont` when QEMU had already stopped it, or completed, before the wire
-  failed);
-- on the destination, a failed decode closes the pipe without the stream's EOF item (decode
-  holds it back until every check passed), so QEMU fails the load instead of completing it;
+- on the source, the pipe's read end is closed as soon as encode (save) stops, so a QEMU
+  blocked writing to it gets EPIPE instead of hanging; `migrate_cancel` ends the migration
+  and the VM is left running (`cont` when QEMU, or save, had already stopped it, or QEMU
+  completed, before the wire or the file failed); a save names its file only once QEMU
+  completed, so a failed save never leaves a file beside a running VM;
+- on the destination, a failed decode (restore) closes the pipe without the stream's EOF item
+  (both hold it back until every check passed), so QEMU fails the load instead of completing
+  it;
 - the destination's outcome travels back as one JSON line (on the wire's connection, or a
   command's stdout), and the source calls the migration done only then, so a destination
   that fails at the very end still gets the source resumed: libvirt's Confirm phase.
@@ -19,20 +23,20 @@ What makes this safe is what happens on a failure:
 
 import contextlib
 import json
-import math
 import os
 import socket
 import stat
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
 from migpipe import filter as filters
-from migpipe import qmp
+from migpipe import qmp, savefile
 from migpipe.errors import MigpipeError
 from migpipe.files import enlarge_pipe
 from migpipe.keys import Secrets
@@ -44,6 +48,7 @@ EVENTS = [{"capability": "events", "state": True}]  # MIGRATION events, as libvi
 RECOVERY_TIMEOUT = 60.0  # a failsafe for QEMU ending a cancelled migration
 COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before it is killed
 CONFIRMATION_LIMIT = 64 << 10
+UNTHROTTLED = 1 << 40  # max-bandwidth (bytes/s) for a stopped guest's save: no disk is as fast
 ENDED = {"cancelled": "the migration was cancelled in QEMU", "exited": "the source QEMU exited"}
 LOAD_ENDED = {
     "failed": "QEMU failed the load",
@@ -162,6 +167,121 @@ class Outcome:
     runstate: str = ""  # the VM's run state at the end (destination side)
 
 
+# -- one side of a migration, through a pipe ----------------------------------------------------
+
+
+class Ending:
+    """QEMU's final MIGRATION status, for a carry that must not finish before it is known:
+    a save names its file only once QEMU completed, or a cancelled save would leave both a
+    file and a running VM."""
+
+    def __init__(self) -> None:
+        self.status = ""
+        self._known = trio.Event()
+
+    def set(self, status: str) -> None:
+        self.status = status
+        self._known.set()
+
+    async def completed(self) -> None:
+        """Return once QEMU completed; MigpipeError if it ended any other way."""
+        await self._known.wait()
+        if self.status != "completed":
+            raise MigpipeError(f"QEMU did not complete the migration ({self.status})")
+
+
+Carry = Callable[[int, Ending], Awaitable[Totals]]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How one side ended: migpipe's figures or its error, QEMU's final status ("exited" if it
+    went away), and whether migpipe's side ended first (then its error is the cause)."""
+
+    carried: Totals | MigpipeError
+    status: str
+    carried_first: bool
+
+
+async def _through_pipe(monitor: qmp.Qmp, command: str, carry: Carry) -> Finish:
+    """Hand QEMU one end of a pipe for `command` ("migrate": the write end; "migrate-incoming":
+    the read end) and run `carry` on ours while following QEMU's MIGRATION events to a final
+    status. Our end is closed as soon as carry stops, so QEMU never waits on it: a writing QEMU
+    gets EPIPE (after `migrate_cancel`, so it ends "cancelled"), a reading one the stream's end,
+    without its EOF item if carry failed, so it fails the load."""
+    read_end, write_end = os.pipe()
+    source = command == "migrate"
+    ours, qemu_end = (read_end, write_end) if source else (write_end, read_end)
+    enlarge_pipe(ours)
+    try:
+        await _hand_over(monitor, qemu_end, command)
+    except BaseException:
+        os.close(ours)
+        raise
+    ending = Ending()
+    order: list[str] = []
+    carried: Totals | MigpipeError | None = None
+
+    async def run_carry() -> None:
+        nonlocal carried
+        try:
+            carried = await carry(ours, ending)
+        except* (MigpipeError, OSError) as group:
+            carried = _as_error(_first(group))
+            if source:
+                with contextlib.suppress(MigpipeError):  # if QEMU is gone, its status says so
+                    await monitor.execute("migrate_cancel")
+        finally:
+            os.close(ours)
+        order.append("carry")
+
+    async def watch() -> None:
+        status = ""
+        try:
+            while status not in FINAL:
+                status = (await monitor.next_event("MIGRATION"))["data"]["status"]
+        except MigpipeError:
+            status = "exited"
+        ending.set(status)
+        order.append("qemu")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_carry)
+        nursery.start_soon(watch)
+    assert carried is not None
+    return Finish(carried, ending.status, order[0] == "carry")
+
+
+async def _hand_over(monitor: qmp.Qmp, fd: int, command: str) -> None:
+    """Give QEMU `fd` (closing ours) and start `command` (migrate, migrate-incoming) on it."""
+    name = f"migpipe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        await monitor.getfd(name, fd)
+    finally:
+        os.close(fd)
+    try:
+        await monitor.execute(command, uri=f"fd:{name}")
+    except BaseException:
+        with trio.CancelScope(shield=True), contextlib.suppress(MigpipeError):
+            await monitor.execute("closefd", fdname=name)  # unless QEMU took it already
+        raise
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first error of a (nested) exception group: the pipeline's own failure."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _as_error(error: BaseException) -> MigpipeError:
+    """An OS error of the carry's file or link (a full disk, EFBIG) becomes one line too."""
+    if isinstance(error, MigpipeError):
+        return error
+    return MigpipeError(getattr(error, "strerror", None) or str(error))
+
+
 # -- the source ---------------------------------------------------------------------------------
 
 
@@ -181,106 +301,97 @@ async def migrate(
             link = await trio.to_thread.run_sync(
                 stack.enter_context, open_link(), abandon_on_cancel=True
             )
-            return await _send(monitor, link, chain, progress, was_running)
+            async with _keeping_source(monitor, was_running):
+                finish = await _through_pipe(
+                    monitor, "migrate", lambda fd, _: encode(fd, link.wire, chain, progress)
+                )
+                totals = await _source_result(monitor, finish)
+                answer = await trio.to_thread.run_sync(link.confirm)
+                if answer.status == "failed":
+                    raise MigpipeError(f"the destination failed: {answer.error}")
+            if answer.status == "lost":
+                raise MigpipeError(
+                    f"{answer.error}: QEMU completed, the source VM stays paused; check the "
+                    "destination, then `cont` or `quit` the source"
+                )
+            return Outcome(totals, await monitor.execute("query-migrate"), answer)
 
 
-async def _send(
-    monitor: qmp.Qmp, link: Link, chain: Sequence[filters.Filter], progress, was_running: bool
+async def save(
+    qmp_path: str,
+    store: Callable[..., Awaitable[Totals]],
+    live: bool = False,
+    resume: bool = False,
 ) -> Outcome:
-    """Hand QEMU a pipe's write end for `migrate`; on any failure, leave the source running."""
-    source, qemu_end = os.pipe()
-    enlarge_pipe(source)
+    """Save the QEMU behind `qmp_path` through `store(fd, commit=...)`: savefile.save with its
+    file bound, which names the file only once QEMU completed.
+
+    Unless `live`, the guest is stopped first and the migration unthrottled, as virsh save does
+    (every second is downtime); a live save leaves the guest running and max-bandwidth as it is,
+    and QEMU sends what the guest dirties again. Afterwards the VM stays stopped (postmigrate),
+    the file holding its state, or with `resume` runs again if it ran before. MigpipeError if
+    the save failed, saying what became of the VM; then no file is left under its name.
+    """
+    async with qmp.connect(qmp_path) as monitor:
+        was_running = (await monitor.execute("query-status"))["running"]
+        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
+        async with _keeping_source(monitor, was_running), _bandwidth(monitor, live):
+            if was_running and not live:
+                await monitor.execute("stop")
+            finish = await _through_pipe(
+                monitor, "migrate", lambda fd, ending: store(fd, commit=ending.completed)
+            )
+            totals = await _source_result(monitor, finish)
+        info = await monitor.execute("query-migrate")
+        if resume and was_running:
+            try:
+                await monitor.execute("cont")
+            except MigpipeError as e:
+                raise MigpipeError(f"saved, but the VM stays stopped: {e.message}") from None
+        return Outcome(totals, info, runstate=(await monitor.execute("query-status"))["status"])
+
+
+@contextlib.asynccontextmanager
+async def _keeping_source(monitor: qmp.Qmp, was_running: bool) -> AsyncIterator[None]:
+    """On any failure inside: no migration left going and the VM running if it was; a
+    MigpipeError gets what became of the VM added to its line."""
     try:
-        await _hand_over(monitor, qemu_end, "migrate")
-    except BaseException:
-        os.close(source)
-        raise
-    try:
-        outcome = await _carry_out(monitor, source, link, chain, progress)
-        answer = outcome.confirmation
-        if answer.status == "failed":
-            raise MigpipeError(f"the destination failed: {answer.error}")
+        yield
     except BaseException as e:
         with trio.CancelScope(shield=True):
             state = await _leave_source(monitor, was_running)
         if isinstance(e, MigpipeError):
             raise MigpipeError(f"{e.message}; {state}", e.offset, e.status) from None
         raise
-    if answer.status == "lost":
-        raise MigpipeError(
-            f"{answer.error}: QEMU completed, the source VM stays paused; check the "
-            "destination, then `cont` or `quit` the source"
-        )
-    return outcome
 
 
-async def _hand_over(monitor: qmp.Qmp, fd: int, command: str) -> None:
-    """Give QEMU `fd` (closing ours) and start `command` (migrate, migrate-incoming) on it."""
-    name = f"migpipe-{os.getpid()}-{os.urandom(4).hex()}"
+@contextlib.asynccontextmanager
+async def _bandwidth(monitor: qmp.Qmp, live: bool) -> AsyncIterator[None]:
+    """A stopped guest's save as fast as migpipe takes it; the VM's own limit back afterwards."""
+    if live:
+        yield
+        return
+    before = (await monitor.execute("query-migrate-parameters"))["max-bandwidth"]
+    await monitor.execute("migrate-set-parameters", **{"max-bandwidth": UNTHROTTLED})
     try:
-        await monitor.getfd(name, fd)
+        yield
     finally:
-        os.close(fd)
-    try:
-        await monitor.execute(command, uri=f"fd:{name}")
-    except BaseException:
         with trio.CancelScope(shield=True), contextlib.suppress(MigpipeError):
-            await monitor.execute("closefd", fdname=name)  # unless QEMU took it already
-        raise
+            await monitor.execute("migrate-set-parameters", **{"max-bandwidth": before})
 
 
-async def _carry_out(
-    monitor: qmp.Qmp, source: int, link: Link, chain: Sequence[filters.Filter], progress
-) -> Outcome:
-    """encode from QEMU's pipe to the link while QEMU goes to a final status; then the
-    destination's answer. The first failure of either is the one reported."""
-
-    async def pump(send: trio.MemorySendChannel) -> None:
-        try:
-            result: Totals | MigpipeError = await encode(source, link.wire, chain, progress)
-        except* MigpipeError as group:
-            result = _first(group)
-            with contextlib.suppress(MigpipeError):  # if QEMU is gone, its status says so
-                await monitor.execute("migrate_cancel")  # first: then it ends "cancelled"
-        finally:
-            os.close(source)  # from now on QEMU's writes fail (EPIPE) instead of blocking
-        send.send_nowait(("wire", result))
-
-    wire, status, first = await _follow(monitor, pump)
-    if status == "completed" and isinstance(wire, Totals):
-        answer = await trio.to_thread.run_sync(link.confirm)
-        return Outcome(wire, await monitor.execute("query-migrate"), answer)
-    if isinstance(wire, MigpipeError) and (first == "wire" or status == "completed"):
-        raise wire
+async def _source_result(monitor: qmp.Qmp, finish: Finish) -> Totals:
+    """migpipe's figures when both sides completed; else the failure that came first (QEMU's
+    own explanation when QEMU failed first)."""
+    carried, status = finish.carried, finish.status
+    if status == "completed" and isinstance(carried, Totals):
+        return carried
+    if isinstance(carried, MigpipeError) and (finish.carried_first or status == "completed"):
+        raise carried
     if status == "failed":
         info = await monitor.execute("query-migrate")
         raise MigpipeError(f"QEMU failed the migration: {info.get('error-desc', 'no reason')}")
     raise MigpipeError(ENDED[status])
-
-
-async def _follow(monitor: qmp.Qmp, pump) -> tuple[Any, str, str]:
-    """Run `pump` (which reports ("wire", Totals or error)) while following QEMU's MIGRATION
-    events to a final status ("exited" if QEMU exits). Returns (the wire's result, QEMU's
-    status, which of the two came first)."""
-    send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
-
-    async def watch() -> None:
-        status = ""
-        try:
-            while status not in FINAL:
-                status = (await monitor.next_event("MIGRATION"))["data"]["status"]
-        except MigpipeError:
-            status = "exited"
-        send.send_nowait(("qemu", status))
-
-    results: dict[str, Any] = {}
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, send)
-        nursery.start_soon(watch)
-        while len(results) < 2:
-            what, value = await receive.receive()
-            results[what] = value
-    return results["wire"], results["qemu"], next(iter(results))
 
 
 async def _leave_source(monitor: qmp.Qmp, was_running: bool) -> str:
@@ -294,7 +405,7 @@ async def _leave_source(monitor: qmp.Qmp, was_running: bool) -> str:
                 await monitor.next_event("MIGRATION")
             state = await monitor.execute("query-status")
             if was_running and not state["running"]:
-                await monitor.execute("cont")  # QEMU had stopped it to switch over
+                await monitor.execute("cont")  # QEMU (or save) had stopped it
                 state = await monitor.execute("query-status")
     except trio.TooSlowError:
         return f"QEMU did not end the migration within {RECOVERY_TIMEOUT:g} s"
@@ -320,17 +431,16 @@ async def incoming(
     (a --listen accepts) only once QEMU is known to be waiting. MigpipeError unless QEMU
     completed the load.
     """
-    async with qmp.connect(qmp_path) as monitor:
-        state = (await monitor.execute("query-status"))["status"]
-        if state != "inmigrate":
-            raise MigpipeError(f"QEMU is {state}, not inmigrate: start it with -incoming defer")
-        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
+    async with _waiting(qmp_path) as monitor:
         with contextlib.ExitStack() as stack:
             wire, answer = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
             try:
-                outcome = await _load(monitor, wire, secrets, progress)
+                finish = await _through_pipe(
+                    monitor, "migrate-incoming", lambda fd, _: decode(wire, fd, progress, secrets)
+                )
+                outcome = await _loaded(monitor, finish)
             except MigpipeError as e:
                 _answer(answer, Confirmation("failed", str(e)))
                 raise
@@ -338,35 +448,44 @@ async def incoming(
         return outcome
 
 
-async def _load(monitor: qmp.Qmp, wire: int, secrets, progress) -> Outcome:
-    """Hand QEMU a pipe's read end for `migrate-incoming`, and decode the wire into it."""
-    qemu_end, sink = os.pipe()
-    enlarge_pipe(sink)
-    try:
-        await _hand_over(monitor, qemu_end, "migrate-incoming")
-    except BaseException:
-        os.close(sink)
-        raise
-    return await _carry_in(monitor, wire, sink, secrets, progress)
+async def restore(
+    qmp_path: str, path: Path, secrets: Secrets | None = None, progress: Progress | None = None
+) -> Outcome:
+    """Load the file `path` (savefile.restore, which withholds the stream's end until all of it
+    checked) into the QEMU behind `qmp_path` (started with `-incoming defer`). A file that is
+    not one restore reads is refused before QEMU is touched; MigpipeError unless QEMU completed
+    the load."""
+    savefile.file_kind(path)
+    async with _waiting(qmp_path) as monitor:
+        finish = await _through_pipe(
+            monitor,
+            "migrate-incoming",
+            lambda fd, _: savefile.restore(path, fd, secrets, progress),
+        )
+        return await _loaded(monitor, finish)
 
 
-async def _carry_in(monitor: qmp.Qmp, wire: int, sink: int, secrets, progress) -> Outcome:
-    async def pump(send: trio.MemorySendChannel) -> None:
-        try:
-            result: Totals | MigpipeError = await decode(wire, sink, progress, secrets)
-        except* MigpipeError as group:
-            result = _first(group)
-        finally:
-            os.close(sink)  # the stream's end: without its EOF item, QEMU fails the load
-        send.send_nowait(("wire", result))
+@contextlib.asynccontextmanager
+async def _waiting(qmp_path: str) -> AsyncIterator[qmp.Qmp]:
+    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events on."""
+    async with qmp.connect(qmp_path) as monitor:
+        state = (await monitor.execute("query-status"))["status"]
+        if state != "inmigrate":
+            raise MigpipeError(f"QEMU is {state}, not inmigrate: start it with -incoming defer")
+        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
+        yield monitor
 
-    wire_result, status, first = await _follow(monitor, pump)
-    if status == "completed" and isinstance(wire_result, Totals):
+
+async def _loaded(monitor: qmp.Qmp, finish: Finish) -> Outcome:
+    """migpipe's figures and the VM's run state if QEMU completed the load; else the failure,
+    migpipe's own when it came first (QEMU then failed for want of the stream's end)."""
+    carried, status = finish.carried, finish.status
+    if status == "completed" and isinstance(carried, Totals):
         runstate = (await monitor.execute("query-status"))["status"]
-        return Outcome(wire_result, {"status": status}, runstate=runstate)
-    if isinstance(wire_result, MigpipeError) and first == "wire":
-        e = wire_result
-        raise MigpipeError(f"{e.message}; {LOAD_ENDED[status]}", e.offset, e.status)
+        return Outcome(carried, {"status": status}, runstate=runstate)
+    if isinstance(carried, MigpipeError) and finish.carried_first:
+        message = f"{carried.message}; {LOAD_ENDED[status]}"
+        raise MigpipeError(message, carried.offset, carried.status)
     desc = "see its log"
     if status == "failed":
         with contextlib.suppress(MigpipeError):  # QEMU 7.2 exits right after a failed load
@@ -381,29 +500,23 @@ def _answer(fd: int | None, confirmation: Confirmation) -> None:
             os.write(fd, confirmation.line())
 
 
-def _first(group: BaseExceptionGroup) -> BaseException:
-    """The first error of a (nested) exception group: the pipeline's own failure."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
 # -- the report ---------------------------------------------------------------------------------
 
 
 def summary(command: str, outcome: Outcome) -> str:
-    """QEMU's figures (its query-migrate words) and migpipe's, for stderr."""
+    """QEMU's figures (its query-migrate words) and migpipe's, for stderr; `command` is
+    migrate or save (a source), incoming or restore (a destination)."""
     t = outcome.totals
     ratio = t.qemu_bytes / t.wire_bytes if t.wire_bytes else 0.0
     pages = ", ".join(f"{kind} {count:,}" for kind, count in t.pages.items() if count)
-    ours = (f"migpipe: {t.qemu_bytes:,} stream bytes, {t.wire_bytes:,} wire bytes "
+    medium = "file" if command in ("save", "restore") else "wire"
+    ours = (f"migpipe: {t.qemu_bytes:,} stream bytes, {t.wire_bytes:,} {medium} bytes "
             f"(ratio {ratio:.2f})" + (f"; pages: {pages}" if pages else ""))  # fmt: skip
-    if command == "incoming":
-        return f"migpipe incoming: completed, the VM is {outcome.runstate}\n  {ours}"
+    if command in ("incoming", "restore"):
+        return f"migpipe {command}: completed, the VM is {outcome.runstate}\n  {ours}"
     q, ram = outcome.qemu, outcome.qemu.get("ram", {})
     lines = [
-        f"migpipe migrate: {q.get('status')} in {q.get('total-time', 0):,} ms, downtime "
+        f"migpipe {command}: {q.get('status')} in {q.get('total-time', 0):,} ms, downtime "
         f"{q.get('downtime', 0):,} ms, setup {q.get('setup-time', 0):,} ms",
         f"  QEMU: transferred {ram.get('transferred', 0):,} bytes, normal {ram.get('normal', 0):,}"
         f" pages, duplicate {ram.get('duplicate', 0):,}, dirty-sync-count "
@@ -416,7 +529,10 @@ def summary(command: str, outcome: Outcome) -> str:
             f"cache-miss {x.get('cache-miss', 0):,}, overflow {x.get('overflow', 0):,}"
         )
     lines.append("  " + ours)
-    answer = outcome.confirmation
-    confirmed = answer.status if answer and answer.status else "unconfirmed (no answer)"
-    lines.append(f"  destination: {confirmed}")
+    if command == "save":
+        lines.append(f"  the VM is {outcome.runstate}")
+    else:
+        answer = outcome.confirmation
+        confirmed = answer.status if answer and answer.status else "unconfirmed (no answer)"
+        lines.append(f"  destination: {confirmed}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ page one place, so a page sent ten times is stored once.
 """
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +125,10 @@ async def save(
     progress: Progress | None = None,
     cache: int = 64 << 20,
     libvirt: LibvirtTarget | None = None,
+    commit: Callable[[], Awaitable[None]] | None = None,
 ) -> Totals:
-    """Write the stream from `source` to `path` in `layout`; the file appears only complete."""
+    """Write the stream from `source` to `path` in `layout`; the file appears only complete,
+    and only once `commit` returns: save --qmp waits there until QEMU says it completed."""
     with atomic_path(path, force=force) as temporary:
         fd = os.open(temporary, os.O_RDWR | os.O_CLOEXEC)  # fixed: extents are read back
         try:
@@ -141,6 +143,8 @@ async def save(
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        if commit is not None:
+            await commit()
     return totals
 
 
