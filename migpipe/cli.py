@@ -445,6 +445,12 @@ def output_fd(args: argparse.Namespace) -> Iterator[int]:
             yield f.fileno()
 
 
+def cmd_iohelper(args: argparse.Namespace) -> int:
+    from migpipe.iohelper import main as iohelper
+
+    return iohelper(args.path, args.fd)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from migpipe.service import Service, run
 
@@ -672,6 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the connecting host's name")  # fmt: skip
     tls_init.add_argument("--days", type=int, default=1095, help="validity in days (1095)")
     tls_init.add_argument("--force", action="store_true", help="replace existing credentials")
+
+    iohelper = command(
+        "iohelper",
+        cmd_iohelper,
+        "Copy between FD and stdin/stdout as libvirt_iohelper does, the disk I/O overlapped.",
+    )
+    iohelper.add_argument("path", help="the file FD is open on (named in messages only)")
+    iohelper.add_argument("fd", type=int, help="write-only: stdin to FD; read-only: FD to stdout")
 
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."

@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""How fast migpipe's O_DIRECT writer and reader move a save image, next to dd.
+
+Writes a file of random bytes (--size, 2 GiB) into a temporary directory on the disk under test
+(--dir), warms it in the page cache as the stream a save reads from QEMU would be, then times:
+
+  write  dd if=SRC of=DST oflag=direct bs=4M                      the issue's reference
+         cat SRC | DirectWriter.write(1 MiB chunks)                what `save --direct` runs
+         cat SRC | migpipe iohelper DST 1                          DST open O_DIRECT on stdout
+         cat SRC | dd of=DST oflag=direct bs=4M iflag=fullblock   dd fed from a pipe
+         cat SRC | dd of=DST oflag=direct bs=1M iflag=fullblock   libvirt_iohelper's serial loop
+  read   dd if=DST iflag=direct bs=4M of=/dev/null                the disk alone
+         dd if=DST iflag=direct bs=4M | cat > /dev/null           dd into a pipe
+         migpipe iohelper DST 0 | cat > /dev/null                  DST open O_DIRECT on stdin
+         DirectReader.read() | cat > /dev/null                     what `restore --direct` runs
+
+Each row runs once untimed (a warm-up that also checks the bytes written and how much of DST the
+page cache holds afterwards, by fincore), then --runs times, the rows taking turns; before each
+write DST is removed and the disk synced, and before each timed run the box is given up to
+--idle-wait seconds to fall idle (other jobs share it; see bench_tunnel.py). The table
+gives MB/s (10^6 bytes per wall second, median), the ratio to the first row of its kind, the CPU
+seconds of the row's processes (median) and the cached share of DST after the write. Then the
+target: `save --direct` of a raw stream >= 0.9x dd oflag=direct bs=4M, as the median of the
+two rows' ratio in each round, where they run one after the other (a box others share swings
+more than that from one minute to the next). Every migpipe row
+includes its final fdatasync; dd's rows have none (O_DIRECT data is on the device already).
+
+    python bench/bench_direct.py                  # 2 GiB
+    python bench/bench_direct.py --quick          # 128 MiB, one timed run: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for entry in (str(REPO), str(BENCH)):
+    if entry not in sys.path:  # run as a script from a checkout, migpipe not installed
+        sys.path.insert(0, entry)
+
+from migpipe.direct import DirectReader, DirectWriter, alignment, open_direct  # noqa: E402
+from migpipe.files import enlarge_pipe  # noqa: E402
+from migpipe.units import parse_size  # noqa: E402
+
+MIB = 1 << 20
+GIB = 1 << 30
+QUICK_SIZE = 128 * MIB
+TARGET = 0.9  # save --direct >= 0.9x dd oflag=direct bs=4M (the issue's number)
+PYTHON = sys.executable
+MIGPIPE = [PYTHON, "-m", "migpipe"]
+SELF = [PYTHON, str(Path(__file__).resolve())]
+
+CHILD_ENV = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+)
+Row = Callable[[Path, Path], None]
+
+
+# -- the children that run migpipe's writer and reader in-process -----------------------------
+
+
+def child_write(path: str) -> None:
+    """stdin to `path` through DirectWriter.write, in the 1 MiB pieces a pipeline hands it."""
+    enlarge_pipe(0)  # as migpipe does for every pipe it reads
+    with open_direct(path, "w") as file, DirectWriter(file) as writer:
+        while chunk := os.read(0, MIB):
+            writer.write([chunk])
+        writer.finish()
+
+
+def child_read(path: str) -> None:
+    """`path` to stdout through DirectReader.read, as a pipeline reads a Channel."""
+    enlarge_pipe(1)
+    with open_direct(path, "r") as file, DirectReader(file) as reader:
+        while chunk := reader.read():
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(1, view) :]
+
+
+# -- the rows ---------------------------------------------------------------------------------
+
+
+def run(*stages: list[str], stdin: int | None = None, stdout: int | None = None) -> None:
+    """A pipeline of `stages`, the first reading `stdin`, the last writing `stdout`."""
+    processes: list[subprocess.Popen[bytes]] = []
+    source = stdin
+    for i, argv in enumerate(stages):
+        last = i == len(stages) - 1
+        sink = stdout if last else subprocess.PIPE
+        processes.append(subprocess.Popen(argv, stdin=source, stdout=sink, env=CHILD_ENV))
+        if processes[-1].stdout is not None:
+            source = processes[-1].stdout.fileno()
+    for process in processes:
+        if process.stdout is not None:
+            process.stdout.close()
+    for argv, process in zip(stages, processes, strict=True):
+        if process.wait() != 0:
+            raise SystemExit(f"failed ({process.returncode}): {' '.join(argv)}")
+
+
+def opened(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o644)
+
+
+def dd_write(src: Path, dst: Path) -> None:
+    run(["dd", f"if={src}", f"of={dst}", "oflag=direct", "bs=4M", "status=none"])
+
+
+def dd_pipe_write(bs: str) -> Row:
+    def row(src: Path, dst: Path) -> None:
+        dd = ["dd", f"of={dst}", "oflag=direct", f"bs={bs}", "iflag=fullblock", "status=none"]
+        run(["cat", str(src)], dd)
+
+    return row
+
+
+def iohelper_write(src: Path, dst: Path) -> None:
+    fd = opened(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    try:
+        run(["cat", str(src)], [*MIGPIPE, "iohelper", str(dst), "1"], stdout=fd)
+    finally:
+        os.close(fd)
+
+
+def writer_write(src: Path, dst: Path) -> None:
+    run(["cat", str(src)], [*SELF, "--child-write", str(dst)])
+
+
+def null_sink() -> int:
+    return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+
+def dd_read(src: Path, dst: Path) -> None:
+    run(["dd", f"if={dst}", "iflag=direct", "bs=4M", "of=/dev/null", "status=none"])
+
+
+def dd_pipe_read(src: Path, dst: Path) -> None:
+    sink = null_sink()
+    try:
+        run(["dd", f"if={dst}", "iflag=direct", "bs=4M", "status=none"], ["cat"], stdout=sink)
+    finally:
+        os.close(sink)
+
+
+def iohelper_read(src: Path, dst: Path) -> None:
+    fd, sink = opened(dst, os.O_RDONLY | os.O_DIRECT), null_sink()
+    try:
+        run([*MIGPIPE, "iohelper", str(dst), "0"], ["cat"], stdin=fd, stdout=sink)
+    finally:
+        os.close(fd)
+        os.close(sink)
+
+
+def reader_read(src: Path, dst: Path) -> None:
+    sink = null_sink()
+    try:
+        run([*SELF, "--child-read", str(dst)], ["cat"], stdout=sink)
+    finally:
+        os.close(sink)
+
+
+WRITES: list[tuple[str, Row]] = [
+    ("dd if=SRC of=DST oflag=direct bs=4M", dd_write),
+    ("cat SRC | DirectWriter.write", writer_write),
+    ("cat SRC | migpipe iohelper DST 1", iohelper_write),
+    ("cat SRC | dd oflag=direct bs=4M", dd_pipe_write("4M")),
+    ("cat SRC | dd oflag=direct bs=1M (libvirt)", dd_pipe_write("1M")),
+]
+READS: list[tuple[str, Row]] = [
+    ("dd if=DST iflag=direct bs=4M of=/dev/null", dd_read),
+    ("dd if=DST iflag=direct bs=4M | cat", dd_pipe_read),
+    ("migpipe iohelper DST 0 | cat", iohelper_read),
+    ("DirectReader.read | cat", reader_read),
+]
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(row: Row, src: Path, dst: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
+    cpu, start = children_cpu(), time.monotonic()
+    row(src, dst)
+    return time.monotonic() - start, children_cpu() - cpu
+
+
+def cached_share(path: Path) -> float:
+    """The share of `path` in the page cache, by fincore(1)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(out.stdout.strip()) / max(1, path.stat().st_size)
+
+
+def crc_of(path: Path) -> int:
+    """The CRC of a file, read without leaving it in the page cache."""
+    crc = 0
+    with open_direct(str(path), "r") as file, DirectReader(file) as reader:
+        while chunk := reader.read():
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_source(path: Path, size: int) -> int:
+    """`size` random bytes (nothing compresses or dedups them on the way); their CRC."""
+    crc = 0
+    with open(path, "wb") as f:
+        for start in range(0, size, 16 * MIB):
+            block = os.urandom(min(16 * MIB, size - start))
+            crc = zlib.crc32(block, crc)
+            f.write(block)
+    return crc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=parse_size, default=2 * GIB, help="bytes to move (2G)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per row (3)")
+    parser.add_argument("--dir", type=Path, default=None, help="directory on the disk under test")
+    parser.add_argument("--quick", action="store_true", help="128 MiB, one timed run")
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="before each timed run, wait up to this long for the box to be idle (10, --quick 0)",
+    )
+    parser.add_argument("--child-write", help=argparse.SUPPRESS)
+    parser.add_argument("--child-read", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_write:
+        child_write(args.child_write)
+        return 0
+    if args.child_read:
+        child_read(args.child_read)
+        return 0
+    if args.quick:
+        args.size, args.runs = QUICK_SIZE, 1
+    if args.idle_wait is None:
+        args.idle_wait = 0.0 if args.quick else 10.0
+    measure(args.size, args.runs, args.dir, args.idle_wait)
+    return 0
+
+
+def measure(size: int, runs: int, where: Path | None, idle_wait: float) -> None:
+    """Run the rows and print the table (the children above import nothing of this)."""
+    from bench_stream import machine_facts, warm
+    from bench_tunnel import wait_for_idle
+
+    with tempfile.TemporaryDirectory(prefix="migpipe-bench-", dir=where) as tmp:
+        directory = Path(tmp).resolve()
+        src, dst = directory / "source", directory / "image"
+        print(f"migpipe O_DIRECT benchmark: {size / MIB:,.0f} MiB, median of {runs} runs")
+        for line in machine_facts(directory):
+            print(line)
+        crc = write_source(src, size)
+        os.sync()  # its write-back would otherwise share the disk with the first rows
+        fd = os.open(src, os.O_RDONLY)
+        print(f"O_DIRECT alignment there: {alignment(fd)} bytes")
+        os.close(fd)
+        print()
+
+        results: dict[str, list[tuple[float, float]]] = {}
+        cached: dict[str, float] = {}
+        for name, row in WRITES:  # warm-up: check the bytes and the cache
+            warm(src)
+            dst.unlink(missing_ok=True)
+            row(src, dst)
+            cached[name] = cached_share(dst)
+            if dst.stat().st_size != size or crc_of(dst) != crc:
+                raise SystemExit(f"{name}: the image differs from the source")
+        for _, row in READS:
+            row(src, dst)
+        for _ in range(runs):
+            for name, row in WRITES:
+                warm(src)
+                dst.unlink(missing_ok=True)
+                os.sync()
+                wait_for_idle(idle_wait)
+                results.setdefault(name, []).append(timed(row, src, dst))
+            for name, row in READS:
+                wait_for_idle(idle_wait)
+                results.setdefault(name, []).append(timed(row, src, dst))
+
+    def mb_s(name: str) -> float:
+        return size / statistics.median(wall for wall, _ in results[name]) / 1e6
+
+    print(f"{'':<44} {'MB/s':>8} {'ratio':>6} {'CPU s':>6} {'cached':>7}")
+    for kind, rows in (("write", WRITES), ("read", READS)):
+        print(kind)
+        reference = mb_s(rows[0][0])
+        for name, _ in rows:
+            cpu = statistics.median(c for _, c in results[name])
+            share = f"{cached[name]:>6.1%}" if name in cached else ""
+            print(f"  {name:<42} {mb_s(name):>8,.0f} {mb_s(name) / reference:>6.2f} {cpu:>6.2f} "
+                  f"{share:>7}")  # fmt: skip
+    # The two rows ran one after the other in each round, so each ratio shares one moment's load.
+    rounds = zip(results[WRITES[0][0]], results[WRITES[1][0]], strict=True)
+    ratios = [dd / writer for (dd, _), (writer, _) in rounds]
+    ratio = statistics.median(ratios)
+    verdict = "met" if ratio >= TARGET else "NOT met"
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"\ntarget: save --direct (DirectWriter) >= {TARGET}x dd oflag=direct bs=4M: "
+          f"{ratio:.2f}x, {verdict} (median of the rounds' ratios: {each})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
