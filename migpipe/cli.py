@@ -355,7 +355,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     libvirt = libvirt_target(args, chain)
     store = functools.partial(save, path=Path(args.file), chain=chain, layout=args.layout,
                               force=args.force, progress=progress(args, "save"),
-                              cache=args.cache, libvirt=libvirt)  # fmt: skip
+                              cache=args.cache, libvirt=libvirt, direct=args.direct)  # fmt: skip
     if args.qmp is not None:
         from migpipe import drive
 
@@ -370,6 +370,19 @@ def cmd_save(args: argparse.Namespace) -> int:
     if args.summary:
         print_save_summary(Path(args.file), totals)
     return 0
+
+
+def direct_option(sub: argparse.ArgumentParser) -> None:
+    """--direct (O_DIRECT, or an error where the file system refuses it) and --direct=try."""
+
+    def mode(text: str) -> str:
+        if text != "try":
+            raise argparse.ArgumentTypeError(f"--direct takes no value or 'try', not {text!r}")
+        return text
+
+    sub.add_argument("--direct", nargs="?", const=True, default=False, type=mode,
+                     help="bypass the page cache (O_DIRECT); =try: fall back to buffered I/O "
+                     "that drops the cache behind it")  # fmt: skip
 
 
 def libvirt_target(args: argparse.Namespace, chain: list):
@@ -416,12 +429,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.qmp is not None:
         from migpipe import drive
 
-        outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets(args), shown)
+        outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets(args), shown,
+                           args.direct)  # fmt: skip
         report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
         print(drive.summary("restore", outcome), file=sys.stderr)
         return 0
     with output_fd(args) as sink:
-        totals = run_trio(restore, Path(args.file), sink, secrets(args), shown)
+        totals = run_trio(restore, Path(args.file), sink, secrets(args), shown, args.direct)
     report(args, totals)
     return 0
 
@@ -653,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--paused", action="store_true",
                       help="with --libvirt-xml: virsh restore leaves the guest paused")  # fmt: skip
     reporting(save)
+    direct_option(save)
     filter_options(save)
 
     restore = command("restore", cmd_restore, "Write the QEMU stream saved in a file.")
@@ -662,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     taker.add_argument("--qmp", metavar="SOCKET",
                        help="load it into the QEMU behind this QMP socket")  # fmt: skip
     reporting(restore)
+    direct_option(restore)
     key_options(restore)
 
     keygen = command("keygen", cmd_keygen, "Write a new random key file (mode 0600) for encrypt.")

@@ -303,7 +303,10 @@ def _create_or_open(path: str, flags: int) -> tuple[int, bool]:
     return os.open(path, flags, 0o666), bool(flags & os.O_EXCL)
 
 
-def open_direct(path: str, mode: str = "r", *, direct: bool | Literal["try"] = True) -> DirectFile:
+Direct = bool | Literal["try"]  # --direct: O_DIRECT, or where refused buffered+DONTNEED
+
+
+def open_direct(path: str, mode: str = "r", *, direct: Direct = True) -> DirectFile:
     """Open `path` ("r", "r+", "w", "w+", "x", "x+" as for open()) for cache-bypassing I/O.
 
     direct=True asks for O_DIRECT and fails clearly where the file system refuses it (ramfs,

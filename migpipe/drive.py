@@ -37,6 +37,7 @@ import trio
 
 from migpipe import filter as filters
 from migpipe import qmp, savefile
+from migpipe.direct import Direct
 from migpipe.errors import MigpipeError
 from migpipe.files import enlarge_pipe
 from migpipe.keys import Secrets
@@ -449,7 +450,11 @@ async def incoming(
 
 
 async def restore(
-    qmp_path: str, path: Path, secrets: Secrets | None = None, progress: Progress | None = None
+    qmp_path: str,
+    path: Path,
+    secrets: Secrets | None = None,
+    progress: Progress | None = None,
+    direct: Direct = False,
 ) -> Outcome:
     """Load the file `path` (savefile.restore, which withholds the stream's end until all of it
     checked) into the QEMU behind `qmp_path` (started with `-incoming defer`). A file that is
@@ -460,7 +465,7 @@ async def restore(
         finish = await _through_pipe(
             monitor,
             "migrate-incoming",
-            lambda fd, _: savefile.restore(path, fd, secrets, progress),
+            lambda fd, _: savefile.restore(path, fd, secrets, progress, direct),
         )
         return await _loaded(monitor, finish)
 

@@ -31,6 +31,7 @@ import trio
 
 from migpipe import filter as filters
 from migpipe.channel import Channel, as_channel
+from migpipe.direct import DirectFile
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
 from migpipe.extracted import Skeleton, compact_stream
 from migpipe.filter import Position
@@ -54,6 +55,25 @@ IN_FLIGHT = 4
 MAX_INDEX = 256 << 20
 SLOT_ENTRY = struct.Struct(">QII")  # write number, stored length, CRC-32
 CHUNK_ENTRY = struct.Struct(">QIIQ")  # offset, stored length, CRC-32, write number
+
+
+class PlainFile:
+    """A file by descriptor (not owned), with the calls DirectFile has for O_DIRECT."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
 
 
 def _align(n: int) -> int:
@@ -213,12 +233,16 @@ class FixedSaver:
     it; sealing and writing run on a small pool of worker threads)."""
 
     def __init__(
-        self, fd: int, chain: Sequence[filters.Filter], totals: Totals, cache: int = DEFAULT_CACHE
+        self,
+        file: "PlainFile | DirectFile",
+        chain: Sequence[filters.Filter],
+        totals: Totals,
+        cache: int = DEFAULT_CACHE,
     ) -> None:
         if any(isinstance(f, filters.PageFilter) for f in chain):
             message = "the fixed layout stores each page once: xbzrle has nothing to do there"
             raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
-        self.fd = fd
+        self.file = file
         self.totals = totals
         self.counters = FixedCounters()
         self.page_size = 4096
@@ -298,7 +322,7 @@ class FixedSaver:
 
     def _read_back(self, slot: int) -> Extent:
         entry = self.table[slot]
-        stored = os.pread(self.fd, entry.length, self.layout.offsets[slot])
+        stored = self.file.read_at(self.layout.offsets[slot], entry.length)
         plain = self.sealer.open(stored, self.layout.rooms[slot], Position(entry.write, False))
         return Extent.unpack(plain, self.page_size, f"extent {slot}")
 
@@ -324,7 +348,7 @@ class FixedSaver:
         if len(stored) > self.layout.rooms[slot]:
             raise MigpipeError(f"a filter made extent {slot} larger ({len(stored)} bytes) than "
                                f"its slot ({self.layout.rooms[slot]})")  # fmt: skip
-        _pwrite_all(self.fd, stored, offset)
+        self.file.write_at(offset, stored)
         with self.lock:
             entry = self.table[slot]
             self.counters.extent_writes += 1
@@ -337,7 +361,7 @@ class FixedSaver:
         write = self._number()
         stored = self.sealer.seal(bytes(self.device_state), Position(write, False))
         self.device_state.clear()
-        _pwrite_all(self.fd, stored, self.next_offset)
+        self.file.write_at(self.next_offset, stored)
         self.chunks.append((self.next_offset, len(stored), zlib.crc32(stored), write))
         self.next_offset = _align(self.next_offset + len(stored))
 
@@ -363,23 +387,16 @@ class FixedSaver:
         write = self._number()
         stored = self.sealer.seal(index, Position(write, True))
         offset = self.next_offset
-        _pwrite_all(self.fd, stored, offset)
-        end = offset + len(stored)
-        os.fdatasync(self.fd)  # everything the superblock points at is on disk before it
+        self.file.write_at(offset, stored)
+        end = max(offset + len(stored), self.layout.data_end)
+        os.ftruncate(self.file.fd, end)  # O_DIRECT writes padded the last piece
+        self.file.sync()  # everything the superblock points at is on disk before it
         superblock = self.setup + encode_locator(offset, len(stored), write, zlib.crc32(stored))
-        _pwrite_all(self.fd, superblock.ljust(UNIT, b"\0"), 0)
-        os.ftruncate(self.fd, max(end, self.layout.data_end))
-        return max(end, self.layout.data_end)
+        self.file.write_at(0, superblock.ljust(UNIT, b"\0"))
+        return end
 
     def abort(self) -> None:
         self.pool.shutdown(cancel_futures=True)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def encode_index(manifest: dict, table: list[Slot], chunks: list) -> bytes:
@@ -396,15 +413,16 @@ def encode_index(manifest: dict, table: list[Slot], chunks: list) -> bytes:
 
 async def save_fixed(
     source: int | Channel,
-    fd: int,
+    file: "PlainFile | DirectFile",
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
     cache: int = DEFAULT_CACHE,
 ) -> Totals:
-    """Parse the QEMU stream from `source` into the fixed layout in `fd` (an empty file)."""
+    """Parse the QEMU stream from `source` into the fixed layout in `file` (empty); the caller
+    syncs it."""
     source = as_channel(source)
     totals = Totals()
-    saver = FixedSaver(fd, chain, totals, cache)
+    saver = FixedSaver(file, chain, totals, cache)
     parser = StreamParser(page_size=saver.page_size)
 
     def run() -> None:
@@ -434,10 +452,12 @@ async def save_fixed(
 class FixedReader:
     """A fixed-layout file, checked piece by piece as it is read."""
 
-    def __init__(self, fd: int, secrets: Secrets | None, totals: Totals) -> None:
-        self.fd = fd
+    def __init__(
+        self, file: "PlainFile | DirectFile", secrets: Secrets | None, totals: Totals
+    ) -> None:
+        self.file = file
         self.totals = totals
-        head = os.pread(fd, UNIT, 0)
+        head = file.read_at(0, UNIT)
         if not head.startswith(MAGIC):
             raise MigpipeError("not a migpipe fixed-layout file (bad magic)", 0, EXIT_CORRUPT)
         if head[8] != VERSION:
@@ -472,7 +492,7 @@ class FixedReader:
         self._parse_index(self.sealer.open(stored, MAX_INDEX, Position(write, True)), offset)
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        data = self.file.read_at(offset, length)
         self.totals.wire_bytes += len(data)
         if len(data) != length:
             raise MigpipeError(f"file truncated in {what}", offset + len(data), EXIT_TRUNCATED)
@@ -549,7 +569,10 @@ class FixedReader:
 
 
 async def restore_fixed(
-    fd: int, sink: int | Channel, secrets: Secrets | None = None, progress: Progress | None = None
+    file: "PlainFile | DirectFile",
+    sink: int | Channel,
+    secrets: Secrets | None = None,
+    progress: Progress | None = None,
 ) -> Totals:
     """The compact stream of a fixed-layout file; every piece is checked before it is written,
     so the stream's end (in the last device-state chunk) comes out only if all of it passed."""
@@ -557,7 +580,7 @@ async def restore_fixed(
     totals = Totals()
 
     def run() -> None:
-        reader = FixedReader(fd, secrets, totals)
+        reader = FixedReader(file, secrets, totals)
         writer, buffer = StreamWriter(), bytearray()
         for record in reader.records():
             writer.write(buffer, record)

@@ -20,6 +20,7 @@ import trio
 from migpipe import filter as filters
 from migpipe import wire
 from migpipe.channel import Channel, FdChannel, as_channel
+from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.errors import MigpipeError
 from migpipe.files import atomic_path, read_chunks
 from migpipe.keys import Secrets
@@ -34,13 +35,16 @@ LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
 
 def file_kind(path: Path) -> str:
     """'stream', 'fixed', 'libvirt' or 'qemu' (a raw QEMU stream), from the first bytes."""
-    from migpipe.fixedfile import MAGIC as FIXED_MAGIC
-
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return kind_of(f.read(16), path)
     except OSError as e:
         raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
+
+
+def kind_of(head: bytes, path: Path) -> str:
+    from migpipe.fixedfile import MAGIC as FIXED_MAGIC
+
     if head.startswith(wire.MAGIC):
         return "stream"
     if head.startswith(FIXED_MAGIC):
@@ -49,7 +53,7 @@ def file_kind(path: Path) -> str:
         return "libvirt"
     if head.startswith(QEMU_MAGIC):
         return "qemu"
-    if head.strip(b"\0") == b"" and path.stat().st_size:
+    if head and head.strip(b"\0") == b"":
         raise MigpipeError(f"{path}: an unfinished migpipe save (its header was never written)")
     raise MigpipeError(f"{path}: not a file migpipe saved, nor a QEMU or libvirt save image", 0)
 
@@ -64,11 +68,11 @@ def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[b
         with open(path, "rb") as f:
             yield from decode_chunks(read_chunks(f), secrets, about)
     elif kind == "fixed":
-        from migpipe.fixedfile import FixedReader
+        from migpipe.fixedfile import FixedReader, PlainFile
 
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            reader = FixedReader(fd, secrets, Totals())
+            reader = FixedReader(PlainFile(fd), secrets, Totals())
             about.update(reader.describe())
             writer = StreamWriter()
             for record in reader.records():
@@ -93,6 +97,13 @@ def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[b
                     yield chunk
             finally:
                 reader.close()
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A Channel to read from, made of a read function (counting what crosses, say)."""
+
+    read: Callable[[], bytes]
 
 
 @dataclass(frozen=True)
@@ -126,23 +137,25 @@ async def save(
     cache: int = 64 << 20,
     libvirt: LibvirtTarget | None = None,
     commit: Callable[[], Awaitable[None]] | None = None,
+    direct: Direct = False,
 ) -> Totals:
     """Write the stream from `source` to `path` in `layout`; the file appears only complete,
-    and only once `commit` returns: save --qmp waits there until QEMU says it completed."""
+    and only once `commit` returns: save --qmp waits there until QEMU says it completed.
+    `direct` (True or "try") writes around the page cache (migpipe.direct)."""
     with atomic_path(path, force=force) as temporary:
-        fd = os.open(temporary, os.O_RDWR | os.O_CLOEXEC)  # fixed: extents are read back
-        try:
+        # read and written: the fixed layout reads extents back
+        with open_direct(str(temporary), "r+", direct=direct) as file:
             if libvirt is not None:
-                totals = await save_libvirt(as_channel(source), fd, libvirt, progress)
+                totals = await save_libvirt(as_channel(source), file, libvirt, progress)
             elif layout == "fixed":
                 from migpipe.fixedfile import save_fixed
 
-                totals = await save_fixed(source, fd, chain, progress, cache)
+                totals = await save_fixed(source, file, chain, progress, cache)
             else:
-                totals = await encode(source, FdChannel(fd), chain, progress)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+                with DirectWriter(file) as sink:
+                    totals = await encode(source, sink, chain, progress)
+                    await trio.to_thread.run_sync(sink.finish)
+            file.sync()
         if commit is not None:
             await commit()
     return totals
@@ -153,71 +166,70 @@ async def restore(
     sink: int | Channel,
     secrets: Secrets | None = None,
     progress: Progress | None = None,
+    direct: Direct = False,
 ) -> Totals:
     """Write the QEMU stream saved in `path` to `sink`; its end only once all of it checked."""
-    kind = file_kind(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if kind == "stream":
-            return await decode(FdChannel(fd), sink, progress, secrets)
+    with open_direct(str(path), "r", direct=direct) as file:
+        kind = kind_of(file.read_at(0, 16), path)  # through the file: no readahead in the cache
         if kind == "fixed":
             from migpipe.fixedfile import restore_fixed
 
-            return await restore_fixed(fd, sink, secrets, progress)
-        if kind == "libvirt":
-            return await restore_libvirt(fd, as_channel(sink), progress)
-        return await restore_libvirt(fd, as_channel(sink), progress, raw=True)
-    finally:
-        os.close(fd)
+            return await restore_fixed(file, sink, secrets, progress)
+        with DirectReader(file) as source:
+            if kind == "stream":
+                return await decode(source, sink, progress, secrets)
+            size = os.fstat(file.fd).st_size
+            return await restore_libvirt(source, size, as_channel(sink), progress, kind == "qemu")
 
 
 async def save_libvirt(
-    source: Channel, fd: int, target: LibvirtTarget, progress: Progress | None
+    source: Channel, file: DirectFile, target: LibvirtTarget, progress: Progress | None
 ) -> Totals:
     """A libvirt save image: header and XML (magic "partial"), the stream compressed as the
     format says, then the final magic, so `virsh restore` takes it only when complete."""
-    from migpipe.libvirtimage import LibvirtImageWriter, mark_complete
+    from migpipe.libvirtimage import SAVE_MAGIC, LibvirtImageWriter
 
     totals = Totals()
 
     def run() -> None:
-        writer = LibvirtImageWriter(FdChannel(fd), target.xml, was_running=target.was_running,
-                                    image_format=target.image_format)  # fmt: skip
-        try:
-            copy_checked(source.read, writer, totals)
-            writer.finish()
-        except BaseException:
-            writer.close()
-            raise
-        os.fdatasync(fd)
-        mark_complete(fd)
-        totals.wire_bytes = os.fstat(fd).st_size
+        with DirectWriter(file) as sink:
+            writer = LibvirtImageWriter(sink, target.xml, was_running=target.was_running,
+                                        image_format=target.image_format)  # fmt: skip
+            try:
+                copy_checked(source.read, writer, totals)
+                writer.finish()
+            except BaseException:
+                writer.close()
+                raise
+            sink.finish()
+        first = file.read_at(0, file.align)  # whole blocks: O_DIRECT writes no less
+        file.write_at(0, SAVE_MAGIC + first[len(SAVE_MAGIC) :])
+        totals.wire_bytes = os.fstat(file.fd).st_size
 
     await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
     return totals
 
 
 async def restore_libvirt(
-    fd: int, sink: Channel, progress: Progress | None, raw: bool = False
+    source: Channel, size: int, sink: Channel, progress: Progress | None, raw: bool = False
 ) -> Totals:
-    """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file), checked
-    as it goes; its end only once the whole body was read without an error."""
+    """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file) of `size`
+    bytes, checked as it goes; its end only once the whole body was read without an error."""
     from migpipe.libvirtimage import LibvirtImageReader
 
     totals = Totals()
-    totals.wire_expected = os.fstat(fd).st_size
+    totals.wire_expected = size
+
+    def read_file() -> bytes:
+        chunk = source.read()
+        totals.wire_bytes += len(chunk)
+        return chunk
 
     def run() -> None:
-        source = FdChannel(fd)
-        reader = source if raw else LibvirtImageReader(source)
-
-        def read() -> bytes:
-            chunk = reader.read()
-            totals.wire_bytes = os.lseek(fd, 0, os.SEEK_CUR)
-            return chunk
-
+        counted = Reading(read_file)
+        reader = counted if raw else LibvirtImageReader(counted)
         try:
-            copy_checked(read, sink, totals)
+            copy_checked(reader.read, sink, totals)
         finally:
             if not raw:
                 reader.close()

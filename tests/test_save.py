@@ -252,3 +252,22 @@ def test_libvirt_images_that_must_not_restore(tmp_path: Path, stream: bytes) -> 
     result = migpipe("save", str(tmp_path / "x.img"), "--libvirt-xml", str(xml), "--compress=lz4",
                      stdin=stream)  # fmt: skip
     assert result.returncode == 2 and b"takes no migpipe filters" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_direct_save_and_restore_leave_the_page_cache_alone(
+    tmp_path: Path, stream: bytes, layout: str
+) -> None:
+    from test_direct import resident_pages
+
+    saved = tmp_path / "vm.mig"
+    result = migpipe("save", str(saved), "--layout", layout, "--compress", "lz4", "--direct",
+                     stdin=stream)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert resident_pages(saved) == 0
+    restored = migpipe("restore", str(saved), "--direct")
+    assert restored.returncode == 0 and resident_pages(saved) == 0
+    if layout == "stream":
+        assert restored.stdout == stream
+    migpipe("restore", str(saved))  # the control: a buffered read fills the cache
+    assert resident_pages(saved) > 0
