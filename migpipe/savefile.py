@@ -10,6 +10,7 @@ as QEMU sent it, frame by frame; `fixed` (migpipe.fixedfile, migpipe-file(5)) gi
 page one place, so a page sent ten times is stored once.
 """
 
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from migpipe.channel import Channel, FdChannel, as_channel
 from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.errors import MigpipeError
 from migpipe.files import atomic_path, read_chunks
+from migpipe.fixedfile import PlainFile
 from migpipe.keys import Secrets
 from migpipe.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
 from migpipe.progress import Progress
@@ -42,7 +44,7 @@ def file_kind(path: Path) -> str:
         raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
 
 
-def kind_of(head: bytes, path: Path) -> str:
+def kind_of(head: bytes, path: Path | str) -> str:
     from migpipe.fixedfile import MAGIC as FIXED_MAGIC
 
     if head.startswith(wire.MAGIC):
@@ -68,7 +70,7 @@ def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[b
         with open(path, "rb") as f:
             yield from decode_chunks(read_chunks(f), secrets, about)
     elif kind == "fixed":
-        from migpipe.fixedfile import FixedReader, PlainFile
+        from migpipe.fixedfile import FixedReader
 
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -145,19 +147,36 @@ async def save(
     with atomic_path(path, force=force) as temporary:
         # read and written: the fixed layout reads extents back
         with open_direct(str(temporary), "r+", direct=direct) as file:
-            if libvirt is not None:
-                totals = await save_libvirt(as_channel(source), file, libvirt, progress)
-            elif layout == "fixed":
-                from migpipe.fixedfile import save_fixed
-
-                totals = await save_fixed(source, file, chain, progress, cache)
-            else:
-                with DirectWriter(file) as sink:
-                    totals = await encode(source, sink, chain, progress)
-                    await trio.to_thread.run_sync(sink.finish)
-            file.sync()
+            totals = await save_into(source, file, chain, layout, progress, cache, libvirt)
         if commit is not None:
             await commit()
+    return totals
+
+
+async def save_into(
+    source: int | Channel,
+    file: "DirectFile | PlainFile",
+    chain: Sequence[filters.Filter],
+    layout: str = "stream",
+    progress: Progress | None = None,
+    cache: int = 64 << 20,
+    libvirt: LibvirtTarget | None = None,
+) -> Totals:
+    """Write the saved file into `file` (empty; opened by save, or handed to the service by a
+    daemon that names it) and sync it."""
+    if libvirt is not None:
+        totals = await save_libvirt(as_channel(source), file, libvirt, progress)
+    elif layout == "fixed":
+        from migpipe.fixedfile import save_fixed
+
+        totals = await save_fixed(source, file, chain, progress, cache)
+    elif isinstance(file, DirectFile):
+        with DirectWriter(file) as sink:
+            totals = await encode(source, sink, chain, progress)
+            await trio.to_thread.run_sync(sink.finish)
+    else:
+        totals = await encode(source, FdChannel(file.fd), chain, progress)
+    file.sync()
     return totals
 
 
@@ -170,20 +189,39 @@ async def restore(
 ) -> Totals:
     """Write the QEMU stream saved in `path` to `sink`; its end only once all of it checked."""
     with open_direct(str(path), "r", direct=direct) as file:
-        kind = kind_of(file.read_at(0, 16), path)  # through the file: no readahead in the cache
-        if kind == "fixed":
-            from migpipe.fixedfile import restore_fixed
+        return await restore_from(file, sink, secrets, progress, path)
 
-            return await restore_fixed(file, sink, secrets, progress)
-        with DirectReader(file) as source:
-            if kind == "stream":
-                return await decode(source, sink, progress, secrets)
-            size = os.fstat(file.fd).st_size
-            return await restore_libvirt(source, size, as_channel(sink), progress, kind == "qemu")
+
+async def restore_from(
+    file: "DirectFile | PlainFile",
+    sink: int | Channel,
+    secrets: Secrets | None = None,
+    progress: Progress | None = None,
+    name: Path | str = "the file",
+) -> Totals:
+    """The QEMU stream saved in `file` (opened by restore, or handed over by a daemon)."""
+    kind = kind_of(file.read_at(0, 16), name)  # through the file: no readahead in the cache
+    if kind == "fixed":
+        from migpipe.fixedfile import restore_fixed
+
+        return await restore_fixed(file, sink, secrets, progress)
+    with contextlib.ExitStack() as stack:
+        if isinstance(file, DirectFile):
+            source: Channel = stack.enter_context(DirectReader(file))
+        else:
+            os.lseek(file.fd, 0, os.SEEK_SET)
+            source = FdChannel(file.fd)
+        if kind == "stream":
+            return await decode(source, sink, progress, secrets)
+        size = os.fstat(file.fd).st_size
+        return await restore_libvirt(source, size, as_channel(sink), progress, kind == "qemu")
 
 
 async def save_libvirt(
-    source: Channel, file: DirectFile, target: LibvirtTarget, progress: Progress | None
+    source: Channel,
+    file: "DirectFile | PlainFile",
+    target: LibvirtTarget,
+    progress: Progress | None,
 ) -> Totals:
     """A libvirt save image: header and XML (magic "partial"), the stream compressed as the
     format says, then the final magic, so `virsh restore` takes it only when complete."""
@@ -192,7 +230,9 @@ async def save_libvirt(
     totals = Totals()
 
     def run() -> None:
-        with DirectWriter(file) as sink:
+        direct = isinstance(file, DirectFile)
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(DirectWriter(file)) if direct else FdChannel(file.fd)
             writer = LibvirtImageWriter(sink, target.xml, was_running=target.was_running,
                                         image_format=target.image_format)  # fmt: skip
             try:
@@ -201,8 +241,9 @@ async def save_libvirt(
             except BaseException:
                 writer.close()
                 raise
-            sink.finish()
-        first = file.read_at(0, file.align)  # whole blocks: O_DIRECT writes no less
+            if direct:
+                sink.finish()
+        first = file.read_at(0, file.align if direct else len(SAVE_MAGIC))  # O_DIRECT: blocks
         file.write_at(0, SAVE_MAGIC + first[len(SAVE_MAGIC) :])
         totals.wire_bytes = os.fstat(file.fd).st_size
 

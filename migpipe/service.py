@@ -41,9 +41,11 @@ from migpipe.channel import CHUNK, Channel, FdChannel
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import enlarge_pipe
 from migpipe.filter import Filter, parse_chain
+from migpipe.fixedfile import PlainFile
 from migpipe.keys import Secrets
 from migpipe.pipeline import WORKERS, Totals, decode, encode
 from migpipe.progress import INTERVAL, Progress
+from migpipe.savefile import LAYOUTS, restore_from, save_into
 from migpipe.serviceproto import (
     COMMANDS,
     INPUT,
@@ -55,6 +57,8 @@ from migpipe.serviceproto import (
     MAX_LINE,
     NO_ID,
     OUTPUT,
+    SAVE_FILE,
+    SAVED_FILE,
     SECRET,
     STRING,
     STRINGS,
@@ -204,6 +208,9 @@ class JobSetup:
         enlarge_pipe(taken.number)
         return LoopChannel(taken.number, f"{argument} fd '{taken.name}'")
 
+    def file(self, argument: str) -> PlainFile:
+        return PlainFile(self.fds[argument].number)  # the job's fds are closed by the service
+
     def secrets(self) -> Secrets:
         key, passphrase = self.fds.get("key"), self.fds.get("passphrase")
         if key and passphrase:
@@ -241,6 +248,23 @@ def _decode(job: JobSetup) -> Runner:
     return lambda progress: decode(job.channel("input"), job.channel("output"), progress, secrets)
 
 
+def _save(job: JobSetup) -> Runner:
+    chain = job.filters()
+    layout = job.arguments.get("layout", "stream")
+    if layout not in LAYOUTS:
+        raise MigpipeError(f"layout '{layout}' is not one of: {', '.join(LAYOUTS)}")
+    if os.fstat(job.fds["output"].number).st_size:
+        raise MigpipeError("the output file of a save must be empty (the daemon opened it)")
+    return lambda progress: save_into(job.channel("input"), job.file("output"), chain, layout,
+                                      progress)  # fmt: skip
+
+
+def _restore(job: JobSetup) -> Runner:
+    secrets = job.secrets()
+    return lambda progress: restore_from(job.file("input"), job.channel("output"), secrets,
+                                         progress, f"fd '{job.fds['input'].name}'")  # fmt: skip
+
+
 ENDS: Schema = {"input": Arg(STRING, fd=INPUT), "output": Arg(STRING, fd=OUTPUT)}
 KEYS: Schema = {
     "key": Arg(STRING, required=False, fd=SECRET),
@@ -249,6 +273,22 @@ KEYS: Schema = {
 JOB_KINDS: dict[str, JobKind] = {
     "encode": JobKind({**ENDS, "filters": Arg(STRINGS, required=False), **KEYS}, _encode, False),
     "decode": JobKind({**ENDS, **KEYS}, _decode, True),
+    "save": JobKind(
+        {
+            "input": Arg(STRING, fd=INPUT),
+            "output": Arg(STRING, fd=SAVE_FILE),
+            "layout": Arg(STRING, required=False),
+            "filters": Arg(STRINGS, required=False),
+            **KEYS,
+        },
+        _save,
+        False,
+    ),
+    "restore": JobKind(
+        {"input": Arg(STRING, fd=SAVED_FILE), "output": Arg(STRING, fd=OUTPUT), **KEYS},
+        _restore,
+        True,
+    ),
 }
 
 

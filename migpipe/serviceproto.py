@@ -163,6 +163,9 @@ class FdRole:
 
 INPUT = FdRole("read from", STREAM_TYPES, readable=True)
 OUTPUT = FdRole("written to", STREAM_TYPES, writable=True)
+# A saved file: the fixed layout writes it at offsets and reads extents back; restore seeks.
+SAVE_FILE = FdRole("saved to (read back too)", frozenset({"file"}), readable=True, writable=True)
+SAVED_FILE = FdRole("restored from", frozenset({"file", "block device"}), readable=True)
 # A secret is read whole when the job starts, on the service's event loop: a regular file never
 # blocks that read, where a pipe whose writer is slow would stall every client.
 SECRET = FdRole("a key or passphrase read whole", frozenset({"file"}), readable=True)

@@ -418,6 +418,44 @@ def test_encode_then_decode_reproduces_the_stream(
         assert session.query_jobs() == []
 
 
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_save_then_restore_jobs(
+    service: Harness, stream: bytes, tmp_path: Path, layout: str
+) -> None:
+    """A daemon opens the saved file itself and hands it over; restore gives the stream back
+    (the fixed layout: each page once, holding what the stream left in it)."""
+    import oracle
+
+    with service.connect() as session:
+        r, w = os.pipe()
+        give(session, "qemu", r)
+        give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_CREAT, 0o600))
+        job = session.start_job("save", input="qemu", output="file", layout=layout,
+                                filters=["lz4"])  # fmt: skip
+        with os.fdopen(w, "wb") as qemu:
+            qemu.write(stream)
+        saved = session.wait_job(job)
+        assert saved["state"] == "completed" and saved["bytes-in"] == len(stream)
+
+        r, w = os.pipe()
+        give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDONLY))
+        give(session, "out", w)
+        job = session.start_job("restore", input="file", output="out")
+        restored = read_all(r)
+        assert session.wait_job(job)["state"] == "completed"
+    if layout == "stream":
+        assert restored == stream
+    else:
+        replayed = oracle.replay(restored)
+        assert replayed.max_sends == 1 and replayed.image == oracle.replay(stream).image
+
+    with service.connect() as session:  # a save into a file that is not empty is refused
+        give(session, "qemu", os.open(tmp_path / "vm.mig", os.O_RDONLY))
+        give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR))
+        with pytest.raises(ServiceError, match="must be empty"):
+            session.start_job("save", input="qemu", output="file")
+
+
 def test_encrypted_jobs_take_their_key_as_an_fd(
     service: Harness, small_stream: bytes, tmp_path: Path
 ) -> None:
