@@ -625,7 +625,7 @@ def test_bad_input_gets_an_error_and_the_connection_lives(service: Harness) -> N
         (b'{"execute": "cancel-job", "arguments": {"id": "job-1", "force": true}}\n',
          GENERIC_ERROR, "no argument 'force'"),
         (b'{"execute": "start-job", "arguments": {"kind": "teleport"}}\n', GENERIC_ERROR,
-         "unknown job kind 'teleport' (kinds: encode, decode)"),
+         "unknown job kind 'teleport' (kinds: encode, decode, save, restore)"),
         (b'{"execute": "start-job", "arguments": {"kind": "encode", "input": "a"}}\n',
          GENERIC_ERROR, "'start-job' needs argument 'output'"),
         (b'{"execute": "start-job", "arguments": {"kind": "decode", "input": "a", "output": "b",'
