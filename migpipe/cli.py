@@ -259,14 +259,14 @@ def peer_link(args: argparse.Namespace) -> Iterator:
             yield link
     else:
         with wire_end(args, "output") as wire:
-            yield drive.FdLink(wire)
+            yield drive.FdLink(wire) if isinstance(wire, int) else drive.ChannelLink(wire)
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
     from migpipe.drive import incoming, summary
 
     @contextlib.contextmanager
-    def wire_and_answer() -> Iterator[tuple[int, int | None]]:
+    def wire_and_answer() -> Iterator[tuple["int | Channel", "int | Channel | None"]]:
         """The wire, and where the source hears how the load went: back on the connection,
         or on stdout when the wire is stdin (under `migrate -- ssh dst migpipe incoming`)."""
         with wire_end(args, "input") as wire:

@@ -37,6 +37,7 @@ import trio
 
 from migpipe import filter as filters
 from migpipe import qmp, savefile
+from migpipe.channel import Channel
 from migpipe.direct import Direct
 from migpipe.errors import MigpipeError
 from migpipe.files import enlarge_pipe
@@ -73,9 +74,14 @@ class Confirmation:
     @classmethod
     def read(cls, fd: int) -> "Confirmation":
         """Read the peer's answer up to its end of file (blocking)."""
+        return cls.read_from(lambda: os.read(fd, CONFIRMATION_LIMIT))
+
+    @classmethod
+    def read_from(cls, read: Callable[[], bytes]) -> "Confirmation":
+        """The answer from `read` (a descriptor's, or a TLS channel's), up to its end."""
         data = b""
         try:
-            while len(data) < CONFIRMATION_LIMIT and (chunk := os.read(fd, CONFIRMATION_LIMIT)):
+            while len(data) < CONFIRMATION_LIMIT and (chunk := read()):
                 data += chunk
         except OSError as e:
             return cls("lost", f"the link broke before the destination answered ({e.strerror})")
@@ -115,6 +121,17 @@ class FdLink:
             except OSError as e:
                 return Confirmation("lost", f"the link broke at its end ({e.strerror})")
             return Confirmation.read(sock.fileno())
+
+
+@dataclass
+class ChannelLink:
+    """A TLS connection (migpipe.tls.TlsChannel): the answer comes back over TLS too."""
+
+    wire: Channel
+
+    def confirm(self) -> Confirmation:
+        self.wire.finish()  # close_notify and our side shut: decode sees the wire's end
+        return Confirmation.read_from(self.wire.read)
 
 
 class CommandLink:
@@ -422,7 +439,7 @@ async def _leave_source(monitor: qmp.Qmp, was_running: bool) -> str:
 
 async def incoming(
     qmp_path: str,
-    open_wire: Callable[[], AbstractContextManager[tuple[int, int | None]]],
+    open_wire: Callable[[], AbstractContextManager[tuple["int | Channel", "int | Channel | None"]]],
     secrets: Secrets | None = None,
     progress: Progress | None = None,
 ) -> Outcome:
@@ -498,11 +515,14 @@ async def _loaded(monitor: qmp.Qmp, finish: Finish) -> Outcome:
     raise MigpipeError(f"{LOAD_ENDED[status]} ({desc})")
 
 
-def _answer(fd: int | None, confirmation: Confirmation) -> None:
-    """Tell the source; if it is gone, it has its own error to report."""
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(fd, confirmation.line())
+def _answer(to: "int | Channel | None", confirmation: Confirmation) -> None:
+    """Tell the source (on a descriptor, or a TLS channel); if it is gone, it has its own
+    error to report."""
+    with contextlib.suppress(OSError, MigpipeError):
+        if isinstance(to, int):
+            os.write(to, confirmation.line())
+        elif to is not None:
+            to.write([confirmation.line()])
 
 
 # -- the report ---------------------------------------------------------------------------------

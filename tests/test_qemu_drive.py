@@ -28,6 +28,7 @@ import qemuvm
 
 from migpipe.errors import EXIT_PEER_GONE, MigpipeError
 from migpipe.qmp import QmpProtocol
+from migpipe.tlsinit import tls_init
 from migpipe.transport import connect
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]
@@ -184,6 +185,38 @@ def test_migrate_to_incoming_over_tcp(guest_elf: Path, tmp_path: Path) -> None:
     assert sent["destination"] == {"status": "completed", "error": ""}
     assert received["runstate"] == "paused"
     assert "downtime" in err and "destination: completed" in err and "ratio" in err
+
+
+def test_migrate_to_incoming_over_tls(guest_elf: Path, tmp_path: Path) -> None:
+    """Mutual TLS between the two migpipes; the destination's answer comes back over TLS too.
+    The oracle is what QEMU wrote into migpipe's pipe, recorded by a relay on its monitor."""
+    from test_qemu_save_qmp import recording_monitor
+
+    creds, dst_qmp, sent = tmp_path / "pki", tmp_path / "dst.qmp", tmp_path / "sent.stream"
+    tls_init(creds, "migpipe test CA", ["localhost"], "source", 1)
+    port = free_port().rpartition(":")[2]
+    out_stats = tmp_path / "migrate.json"
+    with (
+        destination(tmp_path, dst_qmp, "dest") as dest,
+        driven_source(guest_elf, tmp_path) as src,
+        recording_monitor(tmp_path / "src.qmp", sent) as monitor,
+    ):
+        incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", f"127.0.0.1:{port}",
+                           "--tls-creds", creds)  # fmt: skip
+        migrate = Migpipe("migrate", "--qmp", monitor, "--filters", "xbzrle,zstd:1",
+                          "--connect", f"localhost:{port}", "--tls-creds", creds,
+                          "--stats-json", out_stats)  # fmt: skip
+        with running(incoming, migrate):
+            assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
+            status, err = migrate.finish()
+            assert status == 0, err
+            status, in_err = incoming.finish()
+            assert status == 0, in_err
+        memory = dest.pmemsave(tmp_path / "dest.mem")
+    replay = oracle.replay(sent)
+    assert replay.pages_resent > 0
+    assert oracle.first_difference(memory, replay.image) is None
+    assert json.loads(out_stats.read_text())["destination"] == {"status": "completed", "error": ""}
 
 
 def test_a_failure_midway_leaves_the_source_running_for_a_second_attempt(
