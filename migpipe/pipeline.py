@@ -124,15 +124,16 @@ class Encoder:
     """QEMU stream bytes in, frames out; everything from the EOF item on goes in the FINAL frame.
 
     Frames end where the parser has reached, so each frame holds whole records; without page
-    filters a frame's payload is its QEMU bytes, unchanged (only parsed, to check them).
+    filters a frame's payload is its QEMU bytes, unchanged (only parsed, to check them), so the
+    parser then only counts the page records instead of making them.
     """
 
     def __init__(
         self, chain: Sequence[filters.Filter], page_size: int = 4096, totals: Totals | None = None
     ) -> None:
         self.totals = totals or Totals()
-        self._parser = StreamParser(page_size=page_size)
         self._transforms = [f.encoder() for f in chain if isinstance(f, filters.PageFilter)]
+        self._parser = StreamParser(page_size=page_size, pages=bool(self._transforms))
         self._writer = StreamWriter()
         self._pieces: Pieces = []  # QEMU bytes read, not yet in a frame
         self._pieces_start = 0  # stream offset of the first of them
@@ -174,9 +175,11 @@ class Encoder:
         return Trailer(t.qemu_bytes, t.page_records, t.frames, t.digest)
 
     def _take(self, records: list[Record]) -> None:
-        self.totals.count_pages(records)
-        if not self._transforms:
+        if not self._transforms:  # no page records: the parser counted them
+            self.totals.pages.update(self._parser.page_counts)
+            self.totals.page_records = sum(self.totals.pages.values())
             return
+        self.totals.count_pages(records)
         for transform in self._transforms:
             records = self.totals.timed(transform.name, transform.transform, records)
         at = next((i for i, r in enumerate(records) if type(r) is Eof), None)

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from test_scan import assert_modes_agree
 
 from migpipe.errors import MigpipeError
 from migpipe.stream import format as fmt
@@ -193,7 +194,10 @@ def expect_error(data: bytes, fragment: str) -> MigpipeError:
         parse_bytes(data)
     assert fragment in caught.value.message, caught.value.message
     assert caught.value.offset is not None
-    return caught.value
+    error = caught.value
+    # Counting pages instead of making them (StreamParser(pages=False)) refuses it the same way.
+    assert assert_modes_agree(data, [len(data)])[-1] == ("refused", *error.args, error.status)
+    return error
 
 
 def test_every_truncation_is_refused() -> None:

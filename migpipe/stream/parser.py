@@ -7,14 +7,22 @@ bytes, and when the input is closed before the stream ended it raises a truncati
 RAM is parsed record by record. Device-state bodies have no length in QEMU's format, so they are
 carried as opaque bytes whose end is found by the section footer (0x7E + section id) followed by
 something that can only be the next top-level item (see migpipe-stream(5) for the exact rule).
+
+A consumer that needs the stream's structure but not its pages (pass-through encode) asks for
+StreamParser(pages=False): page records are then checked exactly as always but only counted, and
+runs of them are skipped by the C extension `migpipe._scan` when it was built (it is optional;
+SKIP_IMPLEMENTATION says which is in use, MIGPIPE_SCAN=python forces the Python loop).
 """
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import Literal
 
 from migpipe.errors import EXIT_TRUNCATED, MigpipeError
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
+    PAGE_KIND_NAMES,
     Command,
     CompressedPage,
     ConfigSubsection,
@@ -47,6 +55,54 @@ DEFAULT_MAX_VMDESC = 64 << 20
 
 _CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
 _PAGE_KINDS = frozenset({fmt.RAM_ZERO, fmt.RAM_PAGE, fmt.RAM_XBZRLE, fmt.RAM_COMPRESS_PAGE})
+_KIND_NAMES = {
+    fmt.RAM_ZERO: PAGE_KIND_NAMES[ZeroPage],
+    fmt.RAM_PAGE: PAGE_KIND_NAMES[NormalPage],
+    fmt.RAM_XBZRLE: PAGE_KIND_NAMES[XbzrlePage],
+    fmt.RAM_COMPRESS_PAGE: PAGE_KIND_NAMES[CompressedPage],
+}
+_NORMAL_CONTINUE = fmt.RAM_PAGE | fmt.RAM_CONTINUE
+_ZERO_CONTINUE = fmt.RAM_ZERO | fmt.RAM_CONTINUE
+
+
+def skip_pages_py(buf: bytes, pos: int, page_size: int, block_length: int) -> tuple[int, int, int]:
+    """Skip the CONTINUE NORMAL and ZERO page records from `pos` whose offsets are below
+    `block_length`; return where it stopped and how many of each kind (normal, zero) it skipped.
+
+    It stops, without judging, at anything else (other kinds, named blocks, bad offsets, a
+    record cut by the end of `buf`): the parser's loop reads that record, so every error comes
+    from one place. migpipe/_scan.c is the same loop in C.
+    """
+    mask, end, unpack = page_size - 1, len(buf), BE64.unpack_from
+    normal_size = 8 + page_size
+    start, normal = pos, 0
+    while end - pos >= 8:
+        (word,) = unpack(buf, pos)
+        flags = word & mask
+        if word ^ flags >= block_length:
+            break
+        if flags == _NORMAL_CONTINUE:
+            if end - pos < normal_size:
+                break
+            pos += normal_size
+            normal += 1
+        elif flags == _ZERO_CONTINUE:
+            if end - pos < 9:
+                break
+            pos += 9
+        else:
+            break
+    return pos, normal, (pos - start - normal * normal_size) // 9
+
+
+try:
+    if os.environ.get("MIGPIPE_SCAN") == "python":
+        raise ImportError("MIGPIPE_SCAN=python")
+    from migpipe._scan import skip_pages
+except ImportError:
+    skip_pages = skip_pages_py
+
+SKIP_IMPLEMENTATION: Literal["c", "python"] = "python" if skip_pages is skip_pages_py else "c"
 
 # A step parses what it can, appends records and returns whether it made progress.
 _Step = Callable[[list[Record]], bool]
@@ -61,14 +117,22 @@ class StreamParser:
         page_size: int = fmt.DEFAULT_PAGE_SIZE,
         max_vmdesc: int = DEFAULT_MAX_VMDESC,
         xbzrle_encodings: frozenset[int] = frozenset({fmt.XBZRLE_ENCODING_FLAG}),
+        pages: bool = True,
     ) -> None:
-        """`xbzrle_encodings` beyond QEMU's own are for migpipe's wire, where filters add theirs."""
+        """`xbzrle_encodings` beyond QEMU's own are for migpipe's wire, where filters add theirs.
+
+        With `pages` false, page records are checked but not produced, only counted (see
+        page_counts): the fast mode for consumers that need the records around the pages.
+        """
         self._set_page_size(page_size, None)
+        self._pages = pages
+        self._page_tally = dict.fromkeys(_PAGE_KINDS, 0)
         self._max_vmdesc = max_vmdesc
         self._xbzrle_encodings = xbzrle_encodings
         self._buf = b""  # immutable, so a page is copied out once, by slicing
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._rest: tuple[bytes, int] | None = None  # a chunk and where _buf bridges to it
         self._pos = 0
         self._base = 0  # absolute stream offset of _buf[0]
         self._wanted = 0  # absolute offset the next record needs to reach, when known
@@ -94,6 +158,12 @@ class StreamParser:
     def offset(self) -> int:
         """Absolute offset of the first byte not yet turned into a record."""
         return self._base + self._pos
+
+    @property
+    def page_counts(self) -> dict[str, int]:
+        """Page records so far by kind, in PAGE_KIND_NAMES' words; counted only with pages=False."""
+        counted = self._page_tally
+        return {name: counted[kind] for kind, name in _KIND_NAMES.items()}
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -121,8 +191,11 @@ class StreamParser:
             return []  # a long record is still arriving: do not re-join for nothing
         self._take_pending()
         out: list[Record] = []
-        while self._step(out):
-            pass
+        while True:
+            while self._step(out):
+                pass
+            if not self._take_rest():
+                break
         if self._closed and not self.done:
             at = self._base + self._pos
             raise MigpipeError(f"stream truncated in {self._where}", at, EXIT_TRUNCATED)
@@ -131,16 +204,44 @@ class StreamParser:
     # -- buffer helpers ---------------------------------------------------------------------
 
     def _take_pending(self) -> None:
-        """Drop parsed bytes and append fed ones (one copy of each fed byte at most)."""
+        """Drop parsed bytes and append fed ones (one copy of each fed byte at most).
+
+        In the common case, one large chunk fed while the unparsed tail is at most one record,
+        the chunk is not copied: _buf becomes the tail and just enough of the chunk's head to
+        finish the record they straddle (a bridge), and parsing goes on in the chunk itself
+        once past the tail (_take_rest). That is the same as being fed the chunk in two parts.
+        """
         if not self._pending:
             return
-        pos = self._pos
-        self._buf = b"".join([self._buf[pos:], *self._pending])
+        pos, chunk = self._pos, self._pending[0]
+        tail, bridge = len(self._buf) - pos, self._bridge
+        if len(self._pending) > 1 or self._closed or tail > bridge or len(chunk) < 2 * bridge:
+            self._buf = b"".join([self._buf[pos:], *self._pending])
+        elif tail:
+            self._buf = self._buf[pos:] + chunk[:bridge]
+            self._rest = chunk, tail
+        else:
+            self._buf = chunk
         self._pending.clear()
         self._pending_size = 0
         self._base += pos
         self._scan_from = max(0, self._scan_from - pos)
         self._pos = 0
+
+    def _take_rest(self) -> bool:
+        """Go on in the chunk a bridge was cut from; whether there was one."""
+        if self._rest is None:
+            return False
+        (chunk, at), self._rest = self._rest, None  # chunk[0] is _buf[at]
+        pos = self._pos
+        if pos >= at:  # past the tail: the unparsed bytes are chunk[pos - at:]
+            self._buf, drop = chunk, at
+        else:  # a record longer than the bridge: join as _take_pending would have
+            self._buf, drop = self._buf[pos:at] + chunk, pos
+        self._base += drop
+        self._pos -= drop
+        self._scan_from = max(0, self._scan_from - drop)
+        return True
 
     def _set_page_size(self, page_size: int, at: int | None) -> None:
         """The target page size: from the caller, or from the stream's target-page-bits."""
@@ -149,6 +250,8 @@ class StreamParser:
             raise MigpipeError(message, None if at is None else self._base + at)
         self._page_size = page_size
         self._page_mask = page_size - 1
+        # The longest page record (word, block name, compressed length and page) fits a bridge.
+        self._bridge = 8 + 256 + 4 + fmt.zlib_bound(page_size)
 
     def _fail(self, message: str, at: int) -> None:
         raise MigpipeError(message, self._base + at)
@@ -456,7 +559,11 @@ class StreamParser:
     # -- RAM ----------------------------------------------------------------------------------
 
     def _step_ram(self, out: list[Record]) -> bool:
-        """The hot loop: one RAM record per iteration, locals only, no per-record calls."""
+        """The hot loop: one RAM record per iteration, locals only, no per-record calls.
+
+        With pages=False, runs of plain pages are skipped by skip_pages and page records are
+        counted instead of made; the records that stop a run go through the same checks.
+        """
         buf = self._buf
         pos = start = self._pos
         end = len(buf)
@@ -469,8 +576,16 @@ class StreamParser:
         # tuple.__new__ skips the NamedTuple constructor's Python frame: ~100 ns a page.
         new_normal = partial(tuple.__new__, NormalPage)
         new_zero = partial(tuple.__new__, ZeroPage)
+        emit, counted = self._pages, self._page_tally
+        skip = None if emit else skip_pages
         try:
             while end - pos >= 8:
+                if skip is not None:
+                    pos, normal, zero = skip(buf, pos, page_size, last_length)
+                    counted[fmt.RAM_PAGE] += normal
+                    counted[fmt.RAM_ZERO] += zero
+                    if end - pos < 8:
+                        break
                 (word,) = unpack64(buf, pos)
                 flags = word & mask
                 kind = flags & ~fmt.RAM_CONTINUE
@@ -502,12 +617,14 @@ class StreamParser:
                         q = p + page_size
                         if q > end:
                             break
-                        append(new_normal((name, offset, buf[p:q], named)))
+                        if emit:
+                            append(new_normal((name, offset, buf[p:q], named)))
                     elif kind == fmt.RAM_ZERO:
                         if p >= end:
                             break
                         q = p + 1
-                        append(new_zero((name, offset, buf[p], named)))
+                        if emit:
+                            append(new_zero((name, offset, buf[p], named)))
                     elif kind == fmt.RAM_XBZRLE:
                         if p + 3 > end:
                             break
@@ -518,7 +635,8 @@ class StreamParser:
                             self._fail(f"XBZRLE page of {q - p - 3} bytes (limit {page_size})", pos)
                         if q > end:
                             break
-                        append(XbzrlePage(name, offset, buf[p + 3 : q], named, buf[p]))
+                        if emit:
+                            append(XbzrlePage(name, offset, buf[p + 3 : q], named, buf[p]))
                     else:
                         if p + 4 > end:
                             break
@@ -528,7 +646,10 @@ class StreamParser:
                         q = p + 4 + clen
                         if q > end:
                             break
-                        append(CompressedPage(name, offset, buf[p + 4 : q], named))
+                        if emit:
+                            append(CompressedPage(name, offset, buf[p + 4 : q], named))
+                    if not emit:
+                        counted[kind] += 1
                     last, last_length, pos = name, length, q
                     continue
                 if flags & fmt.RAM_CONTINUE:
