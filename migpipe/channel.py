@@ -5,8 +5,10 @@ never reads and writes one channel at once. A plain fd covers pipes, files and s
 connection needs its own object (migpipe.tls) because its bytes pass through OpenSSL.
 """
 
+import contextlib
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from migpipe.errors import EXIT_PEER_GONE, MigpipeError
@@ -55,3 +57,56 @@ class FdChannel:
 def as_channel(end: "int | Channel") -> Channel:
     """A descriptor becomes an FdChannel; a Channel stays as it is."""
     return FdChannel(end) if isinstance(end, int) else end
+
+
+# What a failed QEMU stream ends as when not one byte of it went out: QEMU reads a stream's first
+# four bytes as its magic ("QEVM"), so these make it fail the load at once.
+NOT_A_STREAM = b"MGP!"
+
+
+class _Watched:
+    """A channel that remembers whether anything was (or may have been) written to it."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.touched = False
+
+    def read(self) -> bytes | bytearray:
+        return self.channel.read()
+
+    def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        if any(len(p) for p in parts):
+            self.touched = True  # before the write: a partial write counts
+        self.channel.write(parts)
+
+
+@contextlib.contextmanager
+def stream_sink(end: "int | Channel") -> Iterator[Channel]:
+    """The channel a QEMU stream is written to, failing visibly to QEMU.
+
+    QEMU 7.2 starts an incoming `exec:` or `fd:` migration from a watch that waits for its pipe
+    to be readable; a pipe whose writer closed with nothing in it is only hung up, never
+    readable, so QEMU would spin on it forever instead of failing the load. So when the stream
+    fails before its first byte, NOT_A_STREAM goes out first (to a pipe or socket: QEMU never
+    reads a file or a TLS channel from us), and QEMU ends the load with "Not a migration
+    stream". After the first byte there is nothing to add: QEMU reads the end of its pipe
+    mid-stream and fails.
+    """
+    watched = _Watched(as_channel(end))
+    try:
+        yield watched
+    except BaseException:
+        target = watched.channel
+        if not watched.touched and isinstance(target, FdChannel) and _live(target.fd):
+            with contextlib.suppress(OSError):
+                os.write(target.fd, NOT_A_STREAM)  # 4 bytes into an empty pipe: never blocks
+        raise
+
+
+def _live(fd: int) -> bool:
+    """Whether a reader may be taking the stream as it comes (a pipe or a socket), not a file
+    that is discarded anyway."""
+    with contextlib.suppress(OSError):
+        mode = os.fstat(fd).st_mode
+        return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+    return False

@@ -25,7 +25,7 @@ from typing import TypeVar
 import trio
 
 from migpipe import filter as filters
-from migpipe.channel import Channel, as_channel
+from migpipe.channel import Channel, as_channel, stream_sink
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
 from migpipe.filter import Position
 from migpipe.keys import Secrets
@@ -447,7 +447,13 @@ async def decode(
     progress: Progress | None = None,
     secrets: Secrets | None = None,
 ) -> Totals:
-    wire, sink = as_channel(wire), as_channel(sink)
+    with stream_sink(sink) as qemu:
+        return await _decode(as_channel(wire), qemu, progress, secrets)
+
+
+async def _decode(
+    wire: Channel, sink: Channel, progress: Progress | None, secrets: Secrets | None
+) -> Totals:
     reader = WireReader()
     decoder: Decoder | None = None
     totals = Totals()  # until the header names the filters; then the decoder's

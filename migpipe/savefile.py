@@ -20,7 +20,7 @@ import trio
 
 from migpipe import filter as filters
 from migpipe import wire
-from migpipe.channel import Channel, FdChannel, as_channel
+from migpipe.channel import Channel, FdChannel, as_channel, stream_sink
 from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.errors import MigpipeError
 from migpipe.files import atomic_path, read_chunks
@@ -200,6 +200,17 @@ async def restore_from(
     name: Path | str = "the file",
 ) -> Totals:
     """The QEMU stream saved in `file` (opened by restore, or handed over by a daemon)."""
+    with stream_sink(sink) as qemu:
+        return await _restore_kind(file, qemu, secrets, progress, name)
+
+
+async def _restore_kind(
+    file: "DirectFile | PlainFile",
+    sink: Channel,
+    secrets: Secrets | None,
+    progress: Progress | None,
+    name: Path | str,
+) -> Totals:
     kind = kind_of(file.read_at(0, 16), name)  # through the file: no readahead in the cache
     if kind == "fixed":
         from migpipe.fixedfile import restore_fixed
@@ -214,7 +225,7 @@ async def restore_from(
         if kind == "stream":
             return await decode(source, sink, progress, secrets)
         size = os.fstat(file.fd).st_size
-        return await restore_libvirt(source, size, as_channel(sink), progress, kind == "qemu")
+        return await restore_libvirt(source, size, sink, progress, kind == "qemu")
 
 
 async def save_libvirt(

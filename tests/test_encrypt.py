@@ -13,6 +13,7 @@ import trio
 
 from filters import encrypt
 from migpipe import wire
+from migpipe.channel import NOT_A_STREAM
 from migpipe.errors import EXIT_CORRUPT, EXIT_KEY, MigpipeError
 from migpipe.filter import parse_chain
 from migpipe.keys import Secrets, keygen
@@ -237,7 +238,7 @@ def test_cli_keys(tmp_path: Path) -> None:
 
     key.chmod(0o644)
     result = migpipe("decode", "--key-file", str(key), stdin=sealed.stdout)
-    assert result.returncode == 1 and result.stdout == b""
+    assert result.returncode == 1 and result.stdout == NOT_A_STREAM
     assert b"read by its group or others (mode 0644); chmod 600 it" in result.stderr
 
 
@@ -254,7 +255,7 @@ def test_cli_passphrase_file_and_wrong_key(tmp_path: Path) -> None:
     assert b"correct horse" not in sealed.stdout and b'"kdf":"scrypt","log_n":17' in sealed.stdout
     phrase.write_bytes(b"wrong horse\n")
     result = migpipe("decode", "--passphrase-file", str(phrase), stdin=sealed.stdout)
-    assert result.returncode == EXIT_KEY and result.stdout == b""
+    assert result.returncode == EXIT_KEY and result.stdout == NOT_A_STREAM
     assert result.stderr.count(b"\n") == 1 and b"does not open this stream" in result.stderr
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import oracle
 import pytest
 import qemuvm
 
-from migpipe.errors import EXIT_PEER_GONE, MigpipeError
+from migpipe.errors import EXIT_PEER_GONE, EXIT_TRUNCATED, MigpipeError
 from migpipe.qmp import QmpProtocol
 from migpipe.tlsinit import tls_init
 from migpipe.transport import connect
@@ -43,6 +45,7 @@ class Migpipe:
         self.process = subprocess.Popen(
             [*MIGPIPE, *map(str, args)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # kill() reaches the commands it runs, which share stderr
         )  # fmt: skip
 
     def finish(self) -> tuple[int, str]:
@@ -51,8 +54,9 @@ class Migpipe:
         return self.process.returncode, err.decode()
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.communicate(timeout=TIMEOUT)
 
 
 @contextlib.contextmanager
@@ -350,3 +354,19 @@ def test_refusals_are_one_clear_line(qemu_binary: str, tmp_path: Path) -> None:
             "-incoming defer\n"
         )
         assert vm.qmp.execute("query-status")["status"] == "prelaunch"
+
+
+def test_a_wire_that_ends_before_its_header_fails_the_load(
+    qemu_binary: str, tmp_path: Path
+) -> None:
+    """Nothing of the stream reached QEMU: QEMU 7.2 alone would wait on the hung-up pipe
+    forever; migpipe makes it fail the load (see migpipe.channel.stream_sink)."""
+    sock = tmp_path / "dst.qmp"
+    with destination(tmp_path, sock, "dest") as dest:
+        result = run_migpipe("incoming", "--qmp", sock, "--in", "/dev/null")
+        assert dest.wait_exit(TIMEOUT) not in (None, 0)
+    assert result.returncode == EXIT_TRUNCATED, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("migpipe incoming: error: wire stream truncated in header")
+    assert "; QEMU failed the load" in result.stderr
+    assert "Not a migration stream" in dest.log_tail()

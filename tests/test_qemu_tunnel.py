@@ -95,3 +95,19 @@ def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0
     assert oracle.first_difference(migration.dest_memory, replay.image) is None
+
+
+@pytest.mark.parametrize("wire", ["empty", "not a wire"])
+def test_a_wire_that_fails_before_any_stream_byte_fails_the_load(
+    qemu_binary: str, tmp_path: Path, wire: str
+) -> None:
+    """QEMU 7.2 waits for an `exec:` pipe to be readable before it starts loading, and a pipe
+    closed with nothing in it never is: without a first byte QEMU would spin forever. decode
+    writes NOT_A_STREAM then, and QEMU fails the load at once."""
+    path = tmp_path / "wire"
+    path.write_bytes(b"" if wire == "empty" else b"QEVM, but not migpipe's magic")
+    uri = f"exec:{MIGPIPE} decode --in {shlex.quote(str(path))}"
+    with qemuvm.destination_vm(tmp_path, uri) as dest, pytest.raises(qemuvm.MigrationFailed) as e:
+        qemuvm.wait_incoming(dest, timeout=30)
+    assert "Not a migration stream" in dest.log_tail()
+    assert "load" in str(e.value)

@@ -12,6 +12,7 @@ from pathlib import Path
 import oracle
 import pytest
 
+from migpipe.channel import NOT_A_STREAM
 from migpipe.keys import keygen
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
@@ -179,7 +180,7 @@ def test_unfinished_fixed_file_is_refused(tmp_path: Path, stream: bytes) -> None
     with open(saved, "r+b") as f:  # as if the save died before its last write, the superblock
         f.write(bytes(4096))
     result = migpipe("restore", str(saved))
-    assert result.returncode == 1 and result.stdout == b""
+    assert result.returncode == 1 and result.stdout == NOT_A_STREAM
     assert b"an unfinished migpipe save" in result.stderr
 
 
