@@ -13,13 +13,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from migpipe import __version__
-from migpipe.channel import Channel
+from migpipe.channel import Channel, stream_sink
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import open_input, open_output, read_chunks, write_stream
 from migpipe.stream.parser import iter_records
 from migpipe.units import parse_size
+
+if TYPE_CHECKING:
+    from migpipe.progress import Progress  # imported when used: start-up time
 
 EXIT_INTERRUPTED = 130
 
@@ -227,8 +231,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     from migpipe.pipeline import decode
 
-    with wire_end(args, "input") as wire, open_output(args.output, force=args.force) as sink:
-        totals = run_trio(decode, wire, sink.fileno(), progress(args, "decode"), secrets(args))
+    with (
+        open_output(args.output, force=args.force) as out,
+        stream_sink(out.fileno()) as sink,  # a wire that fails to open fails QEMU's load too
+        wire_end(args, "input") as wire,
+    ):
+        totals = run_trio(decode, wire, sink, progress(args, "decode"), secrets(args))
     report(args, totals)
     return 0
 
@@ -424,20 +432,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from migpipe.savefile import restore
 
     shown = progress(args, "restore")
-    if shown is not None:
-        shown.size = Path(args.file).stat().st_size  # the file's share read so far: an ETA
     if args.qmp is not None:
         from migpipe import drive
 
+        sized(shown, args.file)
         outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets(args), shown,
                            args.direct)  # fmt: skip
         report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
         print(drive.summary("restore", outcome), file=sys.stderr)
         return 0
-    with output_fd(args) as sink:
+    with output_fd(args) as fd, stream_sink(fd) as sink:  # a missing file fails QEMU's load too
+        sized(shown, args.file)
         totals = run_trio(restore, Path(args.file), sink, secrets(args), shown, args.direct)
     report(args, totals)
     return 0
+
+
+def sized(shown: "Progress | None", path: str) -> None:
+    """Give restore's progress the file's size: its share read so far makes an ETA."""
+    if shown is not None:
+        shown.size = Path(path).stat().st_size
 
 
 @contextlib.contextmanager

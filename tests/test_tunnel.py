@@ -177,3 +177,20 @@ def test_header_flags_and_page_size_are_checked(stream: bytes) -> None:
 def test_conflicting_wire_options_are_a_usage_error(stream: bytes) -> None:
     result = migpipe("encode", "--out", "x", "--connect", "127.0.0.1:1", stdin=stream)
     assert result.returncode == 2 and b"--out and --connect/--listen" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["decode", "--in", "/nonexistent/wire"],
+     ["decode", "--listen", "127.0.0.1:0", "--tls-creds", "/nonexistent/pki"],
+     ["restore", "/nonexistent/vm.mig"]],
+    ids=["missing wire", "missing TLS credentials", "missing saved file"],
+)  # fmt: skip
+def test_a_stream_that_cannot_start_fails_qemus_load(args: list[str]) -> None:
+    """Failing before the wire or file is even open writes NOT_A_STREAM too: QEMU 7.2 waits on
+    an `exec:` pipe closed empty forever (tests/test_qemu_tunnel.py shows both sides of that)."""
+    result = migpipe(*args, stdin=b"")
+    assert result.returncode != 0
+    assert result.stdout == NOT_A_STREAM
+    message = result.stderr.decode()
+    assert message.startswith(f"migpipe {args[0]}: error: ") and message.count("\n") == 1, message
