@@ -39,9 +39,10 @@ from migpipe.keys import Secrets
 from migpipe.pipeline import Totals, with_progress
 from migpipe.progress import Progress
 from migpipe.ramimage import apply_page
+from migpipe.stream import format as fmt
 from migpipe.stream.format import BE16, BE32, BE64
-from migpipe.stream.parser import StreamParser
-from migpipe.stream.records import PAGE_KIND_NAMES, MemSize, RamBlock, Record
+from migpipe.stream.parser import DEFAULT_MAX_VMDESC, StreamParser
+from migpipe.stream.records import PAGE_KIND_NAMES, Eof, MemSize, RamBlock, Record
 from migpipe.stream.writer import StreamWriter
 
 MAGIC = b"\x89MGF\r\n\x1a\n"
@@ -260,14 +261,18 @@ class FixedSaver:
         self.writes = 0
         self.device_state = bytearray()
         self.chunks: list[tuple[int, int, int, int]] = []  # offset, length, crc, write number
+        self.ending = False  # past QEMU's EOF item: the rest is one chunk
         self.next_offset = 0
 
     def add(self, records: list[Record]) -> None:
         self.totals.count_pages(records)
         for record in records:
             if self.skeleton.add(record):
+                if type(record) is Eof:  # the end starts the last chunk (see restore_fixed)
+                    self._write_chunk()
+                    self.ending = True
                 self.writer.write(self.device_state, record)
-                if len(self.device_state) >= DEVICE_CHUNK:
+                if len(self.device_state) >= DEVICE_CHUNK and not self.ending:
                     self._write_chunk()
             elif type(record) in PAGE_KIND_NAMES:
                 self._page(record)
@@ -548,11 +553,20 @@ class FixedReader:
                 yield from extent.pages(self.page_size, n * per_extent, block.used_length)
 
     def device_state(self) -> Iterator[bytes]:
-        for offset, length, crc, write in self.chunks:
+        """The device-state chunks, each checked before it is given out. The last one starts
+        with QEMU's EOF item and holds all that follows it, so nothing QEMU could complete a
+        load with is given out before every other piece has passed."""
+        last = len(self.chunks) - 1
+        for n, (offset, length, crc, write) in enumerate(self.chunks):
             stored = self._read(offset, length, "device state")
             if zlib.crc32(stored) != crc:
                 raise MigpipeError("checksum mismatch in device state", offset, EXIT_CORRUPT)
-            yield self.sealer.open(stored, DEVICE_CHUNK * 2, Position(write, False))
+            limit = DEVICE_CHUNK + DEFAULT_MAX_VMDESC if n == last else DEVICE_CHUNK * 2
+            plain = self.sealer.open(stored, limit, Position(write, False))
+            if n == last and plain[:1] != bytes([fmt.ITEM_EOF]):
+                raise MigpipeError("the last device-state chunk does not start with the "
+                                   "stream's EOF item", offset, EXIT_CORRUPT)  # fmt: skip
+            yield plain
 
     def records(self) -> Iterator[Record]:
         return compact_stream(self.manifest, self.pages, self.device_state())

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import oracle
 import pytest
+import trio
 
 from migpipe.channel import NOT_A_STREAM
+from migpipe.errors import MigpipeError
 from migpipe.keys import keygen
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
@@ -272,3 +274,68 @@ def test_direct_save_and_restore_leave_the_page_cache_alone(
         assert restored.stdout == stream
     migpipe("restore", str(saved))  # the control: a buffered read fills the cache
     assert resident_pages(saved) > 0
+
+
+def test_fixed_restore_holds_the_eof_item_until_the_last_chunk_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Device state is stored and checked in DEVICE_CHUNK pieces. When a piece ends between
+    QEMU's EOF item and the VM description, a damaged last piece must still keep the EOF item
+    from QEMU (it needs nothing after it to complete the load)."""
+    from migpipe import synthetic
+    from migpipe.extracted import Skeleton
+    from migpipe.fixedfile import DEVICE_CHUNK, FixedSaver, PlainFile, restore_fixed
+    from migpipe.pipeline import Totals
+    from migpipe.stream.records import Eof
+    from migpipe.stream.writer import StreamWriter
+
+    def records(device_bytes: int) -> list:
+        monkeypatch.setattr(
+            synthetic, "DEVICES", (*synthetic.DEVICES[:1], ("big", 1, device_bytes))
+        )
+        return list(SyntheticGuest(GuestModel(ram_size=1 << 20, iterations=1, seed=3)).records())
+
+    def device_state_before_eof(stream_records: list) -> int:
+        skeleton, writer, kept = Skeleton(4096), StreamWriter(), bytearray()
+        for record in stream_records:
+            if skeleton.add(record):
+                if type(record) is Eof:
+                    return len(kept)
+                writer.write(kept, record)
+        raise AssertionError("no EOF item")
+
+    probe = device_state_before_eof(records(1000))
+    guest = records(1000 + DEVICE_CHUNK - 1 - probe)  # the first chunk ends right after EOF
+    assert device_state_before_eof(guest) == DEVICE_CHUNK - 1
+    saved = tmp_path / "vm.mig"
+    with open(saved, "w+b") as f:
+        saver = FixedSaver(PlainFile(f.fileno()), [], Totals())
+        saver.add(guest)
+        saver.finish()
+    assert len(saver.chunks) == 2  # 1 MiB - 1 bytes before the EOF item; EOF and VM description
+    whole = write_records(guest)
+
+    class Collected:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def write(self, parts: list) -> None:
+            for part in parts:
+                self.data += part
+
+    def restore_into(out: Collected) -> None:
+        with open(saved, "rb") as f:
+            trio.run(restore_fixed, PlainFile(f.fileno()), out)
+
+    intact = Collected()
+    restore_into(intact)
+    compact = bytes(intact.data)
+    assert compact[eof_at(compact) :] == whole[eof_at(whole) :]  # EOF item, VM description
+    data = bytearray(saved.read_bytes())
+    data[saver.chunks[-1][0] + 5] ^= 1  # in the last chunk: the VM description
+    saved.write_bytes(data)
+    damaged = Collected()
+    with pytest.raises(MigpipeError):
+        restore_into(damaged)
+    assert compact.startswith(damaged.data)
+    assert len(damaged.data) <= eof_at(compact)
