@@ -1,6 +1,7 @@
 """Reading streams from files or pipes, and writing outputs that never appear half-written."""
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -58,29 +59,30 @@ def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
 
 @contextlib.contextmanager
 def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
-    """A temporary name beside `path`, renamed to `path` when the block ends without error.
+    """A temporary name beside `path`, published as `path` when the block ends without error.
 
-    The caller writes the temporary file and syncs its data; the rename and the directory sync
+    The caller writes the temporary file and syncs its data; publishing and the directory sync
     happen here. An existing file is refused unless `force`, and even then it is replaced only
     by the final rename, so a failure (or a SIGKILL) at any point leaves it untouched; what is
-    left behind then is a `.NAME.*.partial` file that no reader takes for a complete one.
+    left behind then is a `.NAME.*.partial` file. Without `force` the file is published by a
+    hard link, which fails if anything took the name meanwhile (a save can run for minutes),
+    never by a rename that would replace it. The file is 0600 whatever the umask, as libvirt's
+    save images are: it holds a guest's memory.
     """
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:  # a dangling symlink is somebody's name too
         raise MigpipeError(f"{path} exists; use --force to replace it")
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as e:
         raise MigpipeError(f"cannot create a file in {path.parent}: {e.strerror}") from None
+    os.close(fd)
     temporary = Path(name)
     try:
-        umask = os.umask(0o022)  # mkstemp makes 0600; give the file the mode open() would
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-    finally:
-        os.close(fd)
-    try:
         yield temporary
-        os.replace(temporary, path)
+        if force:
+            os.replace(temporary, path)
+        else:
+            _publish_new(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -90,6 +92,25 @@ def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _publish_new(temporary: Path, path: Path) -> None:
+    """Give `temporary` the name `path` unless something has it; then drop the temporary name."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise MigpipeError(f"{path} appeared while this file was written; left untouched, "
+                           "nothing saved (use --force to replace it)") from None  # fmt: skip
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # A file system without hard links: the narrow check-then-rename is the best left.
+        if os.path.lexists(path):
+            raise MigpipeError(f"{path} appeared while this file was written; left "
+                               "untouched, nothing saved") from None  # fmt: skip
+        os.rename(temporary, path)
+        return
+    os.unlink(temporary)
 
 
 @contextlib.contextmanager

@@ -339,3 +339,23 @@ def test_fixed_restore_holds_the_eof_item_until_the_last_chunk_passed(
         restore_into(damaged)
     assert compact.startswith(damaged.data)
     assert len(damaged.data) <= eof_at(compact)
+
+
+def test_a_name_taken_during_the_save_is_left_alone(tmp_path: Path) -> None:
+    """A save can run for minutes: a file (or a symlink) that takes the name meanwhile is
+    never replaced without --force, and nothing is published instead."""
+    from migpipe.files import atomic_path
+
+    target = tmp_path / "vm.mig"
+    taken = pytest.raises(MigpipeError, match="appeared while this file was written")
+    with taken, atomic_path(target) as temporary:
+        temporary.write_bytes(b"ours")
+        target.write_bytes(b"theirs")
+    assert target.read_bytes() == b"theirs"
+    assert list(tmp_path.iterdir()) == [target]
+
+    dangling = tmp_path / "link.mig"
+    dangling.symlink_to(tmp_path / "nowhere")
+    result = migpipe("save", str(dangling), stdin=b"")
+    assert result.returncode == 1 and b"exists; use --force" in result.stderr
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
