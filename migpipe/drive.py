@@ -50,6 +50,7 @@ EVENTS = [{"capability": "events", "state": True}]  # MIGRATION events, as libvi
 RECOVERY_TIMEOUT = 60.0  # a failsafe for QEMU ending a cancelled migration
 COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before it is killed
 CONFIRMATION_LIMIT = 64 << 10
+CONFIRMATION_TIMEOUT = 300.0  # from the wire's end: what is still in buffers, then QEMU's load
 UNTHROTTLED = 1 << 40  # max-bandwidth (bytes/s) for a stopped guest's save: no disk is as fast
 ENDED = {"cancelled": "the migration was cancelled in QEMU", "exited": "the source QEMU exited"}
 LOAD_ENDED = {
@@ -324,7 +325,7 @@ async def migrate(
                     monitor, "migrate", lambda fd, _: encode(fd, link.wire, chain, progress)
                 )
                 totals = await _source_result(monitor, finish)
-                answer = await trio.to_thread.run_sync(link.confirm)
+                answer = await _confirmation(link)
                 if answer.status == "failed":
                     raise MigpipeError(f"the destination failed: {answer.error}")
             if answer.status == "lost":
@@ -333,6 +334,15 @@ async def migrate(
                     "destination, then `cont` or `quit` the source"
                 )
             return Outcome(totals, await monitor.execute("query-migrate"), answer)
+
+
+async def _confirmation(link: Link) -> Confirmation:
+    """The destination's answer, or "lost" if none comes within CONFIRMATION_TIMEOUT: the
+    source, paused by QEMU, must not wait for ever on a destination that hangs (and an
+    interrupt must reach us meanwhile: the blocked reader is abandoned)."""
+    with trio.move_on_after(CONFIRMATION_TIMEOUT):
+        return await trio.to_thread.run_sync(link.confirm, abandon_on_cancel=True)
+    return Confirmation("lost", f"the destination did not answer within {CONFIRMATION_TIMEOUT:g} s")
 
 
 async def save(

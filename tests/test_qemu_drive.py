@@ -27,6 +27,7 @@ from pathlib import Path
 import oracle
 import pytest
 import qemuvm
+import trio
 
 from migpipe.errors import EXIT_PEER_GONE, EXIT_TRUNCATED, MigpipeError
 from migpipe.qmp import QmpProtocol
@@ -370,3 +371,26 @@ def test_a_wire_that_ends_before_its_header_fails_the_load(
     assert result.stderr.startswith("migpipe incoming: error: wire stream truncated in header")
     assert "; QEMU failed the load" in result.stderr
     assert "Not a migration stream" in dest.log_tail()
+
+
+def test_a_destination_that_never_answers_is_lost_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The source VM is paused while migrate waits for the answer: the wait has a bound."""
+    from migpipe import drive
+
+    released = threading.Event()
+
+    class Silent:
+        wire = -1
+
+        def confirm(self) -> drive.Confirmation:
+            released.wait()
+            return drive.Confirmation("completed")
+
+    monkeypatch.setattr(drive, "CONFIRMATION_TIMEOUT", 0.05)
+    try:
+        answer = trio.run(drive._confirmation, Silent())
+    finally:
+        released.set()
+    assert answer == drive.Confirmation("lost", "the destination did not answer within 0.05 s")
