@@ -49,9 +49,9 @@ for entry in (str(REPO), str(BENCH)):
     if entry not in sys.path:  # run as a script from a checkout, migpipe not installed
         sys.path.insert(0, entry)
 
+from migpipe.cli import size_argument  # noqa: E402
 from migpipe.direct import DirectReader, DirectWriter, alignment, open_direct  # noqa: E402
 from migpipe.files import enlarge_pipe  # noqa: E402
-from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -232,7 +232,7 @@ def write_source(path: Path, size: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=parse_size, default=2 * GIB, help="bytes to move (2G)")
+    parser.add_argument("--size", type=size_argument, default=2 * GIB, help="bytes to move (2G)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row (3)")
     parser.add_argument("--dir", type=Path, default=None, help="directory on the disk under test")
     parser.add_argument("--quick", action="store_true", help="128 MiB, one timed run")

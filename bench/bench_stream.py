@@ -37,11 +37,11 @@ if str(REPO) not in sys.path:  # run as a script from a checkout, migpipe not in
     sys.path.insert(0, str(REPO))
 
 from migpipe import __version__  # noqa: E402
+from migpipe.cli import size_argument  # noqa: E402
 from migpipe.files import read_chunks  # noqa: E402
 from migpipe.stream.parser import StreamParser  # noqa: E402
 from migpipe.stream.writer import StreamWriter  # noqa: E402
 from migpipe.synthetic import FIRMWARE_BLOCKS, PAGE, GuestModel, SyntheticGuest  # noqa: E402
-from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -295,7 +295,7 @@ def synthetic_stream(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
-        "--size", type=parse_size, default=GIB, help="stream bytes, e.g. 256M or 2G (default 1G)"
+        "--size", type=size_argument, default=GIB, help="stream bytes, e.g. 256M or 2G (default 1G)"
     )
     parser.add_argument("--quick", action="store_true", help="a 64 MiB stream, for smoke tests")
     parser.add_argument("--runs", type=int, default=3, help="runs per row; the median is shown")

@@ -45,8 +45,8 @@ from bench_tunnel import IDLE, busy_seconds, wait_for_idle  # noqa: E402
 
 from migpipe import tls, transport  # noqa: E402
 from migpipe.channel import CHUNK, Channel, FdChannel  # noqa: E402
+from migpipe.cli import size_argument  # noqa: E402
 from migpipe.tlsinit import tls_init  # noqa: E402
-from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 FRAME_HEAD = b"\x44" * 17
@@ -173,8 +173,8 @@ def render(table: list[Row], size: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--size", type=parse_size, default=2 << 30, help="bytes per run (2G)")
-    parser.add_argument("--check", type=parse_size, default=64 * MIB, help="checked bytes (64M)")
+    parser.add_argument("--size", type=size_argument, default=2 << 30, help="bytes per run (2G)")
+    parser.add_argument("--check", type=size_argument, default=64 * MIB, help="checked bytes (64M)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per row (3)")
     parser.add_argument("--quick", action="store_true", help="256 MiB and one run")
     parser.add_argument("--idle-wait", type=float, default=None, metavar="SECONDS",

@@ -47,8 +47,8 @@ for entry in (str(REPO), str(BENCH)):
 
 from bench_stream import child_env, synthetic_stream, warm  # noqa: E402
 
+from migpipe.cli import size_argument  # noqa: E402
 from migpipe.keys import keygen  # noqa: E402
-from migpipe.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -311,7 +311,7 @@ def targets(rows: list[Row], total: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
-        "--size", type=parse_size, default=GIB, help="stream bytes, e.g. 256M or 2G (default 1G)"
+        "--size", type=size_argument, default=GIB, help="stream bytes, e.g. 256M or 2G (default 1G)"
     )
     parser.add_argument("--quick", action="store_true", help="a 64 MiB stream, for smoke tests")
     parser.add_argument(

@@ -171,9 +171,10 @@ class Xbzrle(PageFilter):
         if argument is None:
             return cls()
         try:
-            return cls(parse_size(argument))
-        except ValueError:
-            raise MigpipeError(f"xbzrle cache size must be a size, not {argument!r}") from None
+            size = parse_size(argument)
+        except MigpipeError as e:
+            raise MigpipeError(f"xbzrle cache size: {e}") from None
+        return cls(size)
 
     def params(self) -> dict[str, int]:
         return {"cache": self.cache}

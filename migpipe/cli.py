@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 EXIT_INTERRUPTED = 130
 
 
+def size_argument(text: str) -> int:
+    """parse_size for argparse, which reports ArgumentTypeError as a usage error, in one line."""
+    try:
+        return parse_size(text)
+    except MigpipeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_mix(text: str) -> dict[str, float]:
     """'zero=0.6,text=0.2,random=0.2' -> weights by page kind."""
     try:
@@ -485,7 +493,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready() -> None:  # after the socket is in place: a supervisor may connect now
         print(f"migpipe serve: listening on {args.socket}", flush=True)
 
-    service = Service(allow_uids=args.allow_uid, max_jobs=args.max_jobs)
+    service = Service(
+        allow_uids=args.allow_uid, max_jobs=args.max_jobs, max_connections=args.max_connections
+    )
     run_trio(run, Path(args.socket), service, ready)
     return 0
 
@@ -539,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--synthetic", action="store_true", help="a synthetic guest")
     generate.add_argument("-o", "--output", help="output file (default: stdout)")
     generate.add_argument("--force", action="store_true", help="replace an existing output")
-    generate.add_argument("--size", type=parse_size, default=64 << 20, help="guest RAM (64M)")
+    generate.add_argument("--size", type=size_argument, default=64 << 20, help="guest RAM (64M)")
     generate.add_argument("--iterations", type=int, default=3, help="precopy passes (3)")
     generate.add_argument(
         "--dirty",
@@ -670,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="stream",
         help="stream: the stream as sent (default); fixed: each RAM page stored once",
     )
-    save.add_argument("--cache", type=parse_size, default=64 << 20,
+    save.add_argument("--cache", type=size_argument, default=64 << 20,
                       help="fixed layout: RAM extents kept in memory (64M)")  # fmt: skip
     save.add_argument("--force", action="store_true", help="replace an existing FILE")
     save.add_argument("--summary", action="store_true", help="print what was stored, on stderr")
@@ -720,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
     )
-    demo.add_argument("--size", type=parse_size, default=256 << 20, help="guest RAM (256M)")
+    demo.add_argument("--size", type=size_argument, default=256 << 20, help="guest RAM (256M)")
     demo.add_argument("--iterations", type=int, default=4)
     demo.add_argument("--seed", type=int, default=1)
 
@@ -734,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "SO_PEERCRED decides)")  # fmt: skip
     serve.add_argument("--max-jobs", type=int, default=64, metavar="N",
                        help="jobs running at once, over all connections (64)")  # fmt: skip
+    serve.add_argument("--max-connections", type=int, default=128, metavar="N",
+                       help="clients served at once; more are refused (128)")  # fmt: skip
     return parser
 
 

@@ -11,6 +11,11 @@ it through `trio.to_thread.run_sync`. A Client is not thread-safe: use one per t
 
 Events that arrive while a command waits for its reply are kept. wait_job and wait_event find
 them later, and the latest JOB_PROGRESS of each job is in `progress`.
+
+A command waits REPLY_TIMEOUT seconds for its reply by default, since the service answers at
+once; waiting for a job's end has no bound unless one is given, since a migration may take
+hours. Replies are matched to commands by id: the reply to a command whose wait was given up
+(a TimeoutError) is dropped when it comes, never taken for a later command's.
 """
 
 import itertools
@@ -24,6 +29,7 @@ from typing import Any
 from migpipe.serviceproto import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS
 
 MAX_MESSAGE = 16 << 20  # the service's replies are small; this only bounds a confused peer
+REPLY_TIMEOUT = 30.0  # seconds; the service replies at once, unless it is stuck
 
 
 class ServiceError(Exception):
@@ -49,18 +55,26 @@ class JobError(ServiceError):
 class Client:
     """One connection to the service; its fds and jobs last as long as it does.
 
-    `timeout` (seconds, None for none) bounds each call that has no timeout of its own.
+    `timeout` (seconds, None for none) bounds the greeting and each command's reply;
+    `wait_timeout` bounds wait_job and wait_event. Either is overridden by a call's own.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        timeout: float | None = REPLY_TIMEOUT,
+        wait_timeout: float | None = None,
+    ) -> None:
         self._sock = sock
         self.timeout = timeout
+        self.wait_timeout = wait_timeout
         self._buffer = bytearray()
         self._ids = itertools.count(1)
+        self._abandoned: set[int] = set()  # commands whose reply no one waits for any more
         self._events: deque[dict[str, Any]] = deque()
         self.progress: dict[str, dict[str, Any]] = {}  # job id -> its latest JOB_PROGRESS data
-        first = self._receive(self._deadline(None))
-        if "error" in first:  # refused (SO_PEERCRED)
+        first = self._receive(self._deadline(None, self.timeout))
+        if "error" in first:  # refused (SO_PEERCRED, --max-connections)
             raise ServiceError(first["error"]["class"], first["error"]["desc"])
         self.greeting: dict[str, Any] = first["migpipe"]
 
@@ -81,19 +95,25 @@ class Client:
         timeout: float | None = None,
         **arguments: Any,
     ) -> Any:
-        """Run `command` and return its "return" value; ServiceError for an error reply."""
+        """Run `command` and return its "return" value; ServiceError for an error reply,
+        TimeoutError when none came within `timeout` seconds (the client's by default)."""
         id = next(self._ids)
         data = json.dumps({"execute": command, "arguments": arguments, "id": id}).encode() + b"\n"
-        deadline = self._deadline(timeout)
+        deadline = self._deadline(timeout, self.timeout)
         self._sock.settimeout(self._left(deadline))
         sent = socket.send_fds(self._sock, [data], list(fds)) if fds else 0
         self._sock.sendall(data[sent:])
-        while "event" in (message := self._receive(deadline)):
-            self._keep(message)
+        try:
+            while "event" in (message := self._next(deadline)):
+                self._keep(message)
+        except BaseException:
+            self._abandoned.add(id)  # its reply may still come: it must not pass for another's
+            raise
+        # Only a reply to what the service could not parse has no id: a flood, by this command.
+        if message.get("id", id) != id:
+            raise ServiceError("GenericError", f"a reply to another command: {message}")
         if "error" in message:
             raise ServiceError(message["error"]["class"], message["error"]["desc"])
-        if message.get("id") != id:
-            raise ServiceError("GenericError", f"a reply to another command: {message}")
         return message["return"]
 
     def add_fd(self, name: str, fd: int) -> dict[str, Any]:
@@ -130,9 +150,9 @@ class Client:
             if match(kept):
                 self._events.remove(kept)
                 return kept
-        deadline = self._deadline(timeout)
+        deadline = self._deadline(timeout, self.wait_timeout)
         while True:
-            message = self._receive(deadline)
+            message = self._next(deadline)
             if "event" not in message:
                 raise ServiceError("GenericError", f"a reply to no command: {message}")
             if match(message):
@@ -147,13 +167,26 @@ class Client:
         else:
             self._events.append(message)
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        timeout = self.timeout if timeout is None else timeout
+    @staticmethod
+    def _deadline(timeout: float | None, default: float | None) -> float | None:
+        timeout = default if timeout is None else timeout
         return None if timeout is None else time.monotonic() + timeout
 
     @staticmethod
     def _left(deadline: float | None) -> float | None:
-        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        """Seconds to the deadline, for settimeout; TimeoutError once it has passed (a timeout
+        of 0 would make the socket non-blocking instead)."""
+        if deadline is None:
+            return None
+        if (left := deadline - time.monotonic()) <= 0:
+            raise TimeoutError("no message from the migpipe service in time")
+        return left
+
+    def _next(self, deadline: float | None) -> dict[str, Any]:
+        """The next message, but replies to abandoned commands, which are dropped."""
+        while (message := self._receive(deadline)).get("id") in self._abandoned:
+            self._abandoned.remove(message["id"])
+        return message
 
     def _receive(self, deadline: float | None) -> dict[str, Any]:
         while (end := self._buffer.find(b"\n")) < 0:
@@ -172,14 +205,16 @@ class Client:
         return json.loads(line)
 
 
-def connect(path: str, timeout: float | None = None) -> Client:
-    """A Client connected to the service at `path`, its greeting read; `timeout` bounds every
-    call that has none of its own."""
+def connect(
+    path: str, timeout: float | None = REPLY_TIMEOUT, wait_timeout: float | None = None
+) -> Client:
+    """A Client connected to the service at `path`, its greeting read; `timeout` bounds the
+    connection and each command's reply, `wait_timeout` each wait for an event (see Client)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
-        return Client(sock, timeout)
+        return Client(sock, timeout, wait_timeout)
     except BaseException:
         sock.close()
         raise

@@ -475,7 +475,8 @@ async def _decode(
             events, finished = await trio.to_thread.run_sync(read_frames)
             for event in events:
                 if isinstance(event, WireHeader):
-                    decoder = Decoder(event, totals, secrets)
+                    # the filters' key derivation (scrypt) takes long: not on the loop
+                    decoder = await trio.to_thread.run_sync(Decoder, event, totals, secrets)
                 elif isinstance(event, Frame):
                     await submit(event)
                 else:

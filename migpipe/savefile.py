@@ -176,7 +176,7 @@ async def save_into(
             await trio.to_thread.run_sync(sink.finish)
     else:
         totals = await encode(source, FdChannel(file.fd), chain, progress)
-    file.sync()
+    await trio.to_thread.run_sync(file.sync)  # fdatasync may take seconds: not on the loop
     return totals
 
 

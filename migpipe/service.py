@@ -66,8 +66,8 @@ from migpipe.serviceproto import (
     Command,
     CommandError,
     FdInfo,
+    Flood,
     Line,
-    LineTooLong,
     Reader,
     Schema,
     check_arguments,
@@ -81,6 +81,7 @@ from migpipe.serviceproto import (
 )
 
 DEFAULT_MAX_JOBS = 64
+DEFAULT_MAX_CONNECTIONS = 128  # each may hold DEFAULT_MAX_FDS, and fds for a line it has not ended
 DEFAULT_MAX_FDS = 64  # named fds that one connection may hold
 OUTBOX = 64  # messages queued for one client; progress events are dropped beyond it
 FLUSH_SECONDS = 5.0  # how long a flooding client gets to read its error before the close
@@ -351,11 +352,13 @@ class Service:
         self,
         allow_uids: Iterable[int] = (),
         max_jobs: int = DEFAULT_MAX_JOBS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_fds: int = DEFAULT_MAX_FDS,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        if max_jobs < 1:
-            raise MigpipeError(f"--max-jobs must be at least 1, not {max_jobs}", status=EXIT_USAGE)
+        for option, value in (("--max-jobs", max_jobs), ("--max-connections", max_connections)):
+            if value < 1:
+                raise MigpipeError(f"{option} must be at least 1, not {value}", status=EXIT_USAGE)
         allow_uids = set(allow_uids)
         # Root could reach the service anyway (it passes file modes, and can ptrace it), so
         # refusing it would protect nothing and only break root-run daemons like libvirtd.
@@ -364,9 +367,11 @@ class Service:
         # uids without ACLs: with --allow-uid the file is 0666, and SO_PEERCRED is the gate.
         self.socket_mode = 0o666 if allow_uids - {0, os.geteuid()} else 0o600
         self.max_jobs = max_jobs
+        self.max_connections = max_connections
         self.max_fds = max_fds
-        self.jobs = 0
-        self.connections = 0
+        self.jobs = 0  # running, and being prepared by a start-job
+        self.connections = 0  # open, refused ones too until they are closed
+        self.sessions = 0  # connections served, which max_connections bounds
         self.log = log or _log_stderr
         self._job_numbers = itertools.count(1)
         self._changed = trio.Event()
@@ -422,18 +427,30 @@ class Service:
             pid, uid, _ = struct.unpack(
                 "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             )
-            if uid in self.allowed:
-                await Connection(self, stream).run()
-            else:
+            if uid not in self.allowed:
                 self.log(f"refused a connection from uid {uid} (pid {pid})")
-                refusal = error_reply(NO_ID, f"uid {uid} may not use this migpipe service")
-                with trio.move_on_after(FLUSH_SECONDS):
-                    await stream.send_all(encode_message(refusal))
+                await _refuse(stream, f"uid {uid} may not use this migpipe service")
+            elif self.sessions >= self.max_connections:
+                # Every connection may hold fds: without a bound, clients could take them all.
+                await _refuse(stream, f"the service has {self.sessions} connections, the most "
+                              "it may (migpipe serve --max-connections); close one")  # fmt: skip
+            else:
+                self.sessions += 1
+                try:
+                    await Connection(self, stream).run()
+                finally:
+                    self.sessions -= 1
         except Exception as e:  # a bug in one connection's handling must not end the service
             self.log_exception("internal error, connection closed", e)
         finally:
             stream.socket.close()
             self.count(connections=-1)
+
+
+async def _refuse(stream: trio.SocketStream, desc: str) -> None:
+    """One error line instead of the greeting; the caller then closes the connection."""
+    with trio.move_on_after(FLUSH_SECONDS):
+        await stream.send_all(encode_message(error_reply(NO_ID, desc)))
 
 
 def _log_stderr(message: str) -> None:
@@ -452,7 +469,7 @@ class Connection:
         self._outbox, self._outgoing = trio.open_memory_channel[dict[str, Any]](OUTBOX)
         self._job_nursery: trio.Nursery | None = None
         self._replied = trio.Event()  # set once the current command's reply is queued
-        self._handlers: dict[str, Callable[[Command], Any]] = {
+        self._handlers: dict[str, Callable[[Command], Awaitable[Any]]] = {
             "qmp_capabilities": self._qmp_capabilities,
             "query-commands": self._query_commands,
             "add-fd": self._add_fd,
@@ -504,7 +521,8 @@ class Connection:
             try:
                 while (line := self._reader.next_line()) is not None:
                     await self._handle(line)
-            except LineTooLong as e:
+            except Flood as e:
+                close_all(self._reader.close())  # the client is cut off: nothing waits for them
                 await self._outbox.send(error_reply(NO_ID, e.desc))
                 return
 
@@ -515,16 +533,19 @@ class Connection:
             command = parse_command(line)
             if command is None:
                 return
-            result = reply(command.id, self._handlers[command.name](command))
-        except (CommandError, MigpipeError, OSError) as e:
+            result = reply(command.id, await self._handlers[command.name](command))
+        except Exception as e:
             close_all(line.fds)  # a refused command never keeps its fds
             id = command.id if command is not None else getattr(e, "id", NO_ID)
             if isinstance(e, CommandError):
                 result = error_reply(id, e.desc, e.error_class)
             elif isinstance(e, MigpipeError):
                 result = error_reply(id, str(e))
-            else:
+            elif isinstance(e, OSError):
                 result = error_reply(id, e.strerror or str(e))
+            else:  # a bug: this command fails, the connection and its jobs go on
+                self.service.log_exception("internal error in a command", e)
+                result = error_reply(id, f"internal error: {type(e).__name__}: {e}")
         try:
             await self._outbox.send(result)
         finally:
@@ -532,15 +553,15 @@ class Connection:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def _qmp_capabilities(self, command: Command) -> dict:
+    async def _qmp_capabilities(self, command: Command) -> dict:
         if enable := command.arguments.get("enable"):
             raise CommandError(f"no capability '{enable[0]}' to enable: this service has none")
         return {}
 
-    def _query_commands(self, command: Command) -> list[dict[str, str]]:
+    async def _query_commands(self, command: Command) -> list[dict[str, str]]:
         return [{"name": name} for name in COMMANDS]
 
-    def _add_fd(self, command: Command) -> dict[str, Any]:
+    async def _add_fd(self, command: Command) -> dict[str, Any]:
         name = command.arguments["name"]
         if name in self.fds:
             raise CommandError(f"an fd named '{name}' is already added; remove-fd it first")
@@ -557,16 +578,16 @@ class Connection:
             raise CommandError(f"no fd named '{name}' (add-fd adds one, query-fds lists them)")
         return self.fds[name]
 
-    def _remove_fd(self, command: Command) -> dict:
+    async def _remove_fd(self, command: Command) -> dict:
         fd, _ = self._fd(command.arguments["name"])
         del self.fds[command.arguments["name"]]
         os.close(fd)
         return {}
 
-    def _query_fds(self, command: Command) -> list[dict[str, Any]]:
+    async def _query_fds(self, command: Command) -> list[dict[str, Any]]:
         return [info.as_dict(name) for name, (_, info) in self.fds.items()]
 
-    def _start_job(self, command: Command) -> dict[str, str]:
+    async def _start_job(self, command: Command) -> dict[str, str]:
         arguments, kind = command.arguments, command.arguments["kind"]
         spec = JOB_KINDS.get(kind)
         if spec is None:
@@ -585,22 +606,28 @@ class Connection:
             fd, info = self._fd(name)
             role.check(argument, name, info)
             taken[argument] = TakenFd(name, fd, info)
-        run = spec.prepare(JobSetup(arguments, taken))
+        # The job's place is taken before preparing it, which may take long (scrypt for a
+        # passphrase) and so runs in a thread, while other clients are served and start jobs.
+        self.service.count(jobs=1)
+        try:
+            run = await trio.to_thread.run_sync(spec.prepare, JobSetup(arguments, taken))
+        except BaseException:
+            self.service.count(jobs=-1)
+            raise
         for t in taken.values():  # from here on the job owns them
             del self.fds[t.name]
         progress = JobProgress(lambda: self._progress(job))
         job = Job(self.service.new_job_id(), kind, spec.reads_wire, run, list(taken.values()),
                   progress)  # fmt: skip
         self.jobs[job.id] = job
-        self.service.count(jobs=1)
         assert self._job_nursery is not None
         self._job_nursery.start_soon(self._run_job, job, self._replied)
         return {"id": job.id}
 
-    def _query_jobs(self, command: Command) -> list[dict[str, Any]]:
+    async def _query_jobs(self, command: Command) -> list[dict[str, Any]]:
         return [job.status() for job in self.jobs.values()]
 
-    def _cancel_job(self, command: Command) -> dict:
+    async def _cancel_job(self, command: Command) -> dict:
         job = self.jobs.get(command.arguments["id"])
         if job is None:
             raise CommandError(f"no job '{command.arguments['id']}' on this connection "

@@ -23,7 +23,9 @@ from typing import Any
 from migpipe import __version__
 
 MAX_LINE = 64 << 10  # longer lines are a flood: an error, then the connection is closed
-MAX_FDS_PER_MESSAGE = 16  # the kernel closes any beyond this, and says so (MSG_CTRUNC)
+# The kernel closes any beyond this in one message, and says so (MSG_CTRUNC); more than this
+# for a line that several messages make up is a flood.
+MAX_FDS_PER_MESSAGE = 16
 
 GENERIC_ERROR = "GenericError"
 COMMAND_NOT_FOUND = "CommandNotFound"
@@ -41,8 +43,9 @@ class CommandError(Exception):
         self.id = id
 
 
-class LineTooLong(CommandError):
-    """More than MAX_LINE bytes without a newline: the connection is closed after the reply."""
+class Flood(CommandError):
+    """More than one line may hold: MAX_LINE bytes, or MAX_FDS_PER_MESSAGE fds, without a
+    newline. The connection is closed after the reply, and what the client sent is discarded."""
 
 
 # -- framing -------------------------------------------------------------------------------------
@@ -65,10 +68,10 @@ class Reader:
         self._scanned = 0  # no newline before this offset of _buffer
         self._partial = Line(b"")  # the fds of the unfinished line
         self._lines: deque[Line] = deque()
-        self._overflow = False
+        self._flood: str | None = None  # why the client is disconnected, once it floods
 
     def feed(self, data: bytes, fds: Sequence[int] = (), fds_truncated: bool = False) -> None:
-        if self._overflow:  # nothing more is read after a flood; only fds to close
+        if self._flood:  # nothing more is read after a flood; only fds to close
             self._partial = _with_fds(self._partial, fds, fds_truncated)
             return
         self._buffer += data
@@ -84,14 +87,19 @@ class Reader:
             else:
                 self._partial = _with_fds(self._partial, fds, fds_truncated)
         if len(self._buffer) > MAX_LINE or any(len(line.text) > MAX_LINE for line in self._lines):
-            self._overflow = True
+            self._flood = f"a line longer than {MAX_LINE} bytes; closing the connection"
+        elif len(self._partial.fds) > MAX_FDS_PER_MESSAGE:
+            # Each sendmsg may bring fds for a line it does not end: without this bound, a
+            # client that never ends its line would make the service hold fds without limit.
+            self._flood = (f"more than {MAX_FDS_PER_MESSAGE} fds for one line; closing the "
+                           "connection")  # fmt: skip
 
     def next_line(self) -> Line | None:
-        """The next complete line, or None until more is fed; LineTooLong after a flood."""
+        """The next complete line, or None until more is fed; Flood after a flood."""
         if self._lines and len(self._lines[0].text) <= MAX_LINE:
             return self._lines.popleft()
-        if self._overflow:
-            raise LineTooLong(f"a line longer than {MAX_LINE} bytes; closing the connection")
+        if self._flood:
+            raise Flood(self._flood)
         return None
 
     def close(self) -> list[int]:
@@ -166,8 +174,9 @@ OUTPUT = FdRole("written to", STREAM_TYPES, writable=True)
 # A saved file: the fixed layout writes it at offsets and reads extents back; restore seeks.
 SAVE_FILE = FdRole("saved to (read back too)", frozenset({"file"}), readable=True, writable=True)
 SAVED_FILE = FdRole("restored from", frozenset({"file", "block device"}), readable=True)
-# A secret is read whole when the job starts, on the service's event loop: a regular file never
-# blocks that read, where a pipe whose writer is slow would stall every client.
+# A secret is read whole when the job starts (or decode meets the wire's header), in a thread
+# that cannot be cancelled: a regular file never blocks that read, where a pipe whose writer is
+# slow would hold that thread, and the command or job waiting for it, forever.
 SECRET = FdRole("a key or passphrase read whole", frozenset({"file"}), readable=True)
 
 

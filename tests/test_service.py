@@ -18,18 +18,22 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from filters import encrypt
 from migpipe import client as service_client
 from migpipe.channel import FdChannel
 from migpipe.client import Client, JobError, ServiceError
 from migpipe.errors import EXIT_KEY, EXIT_PEER_GONE, MigpipeError
+from migpipe.fixedfile import PlainFile
 from migpipe.keys import keygen
 from migpipe.pipeline import decode
 from migpipe.service import Service, bind_private, describe_fd
@@ -48,8 +52,8 @@ from migpipe.serviceproto import (
     SECRET,
     CommandError,
     FdInfo,
+    Flood,
     Line,
-    LineTooLong,
     Reader,
     encode_message,
     error_reply,
@@ -108,7 +112,7 @@ class Harness:
         self._thread.join(TIMEOUT)
 
     def connect(self) -> Client:
-        return service_client.connect(str(self.path), timeout=TIMEOUT)
+        return service_client.connect(str(self.path), timeout=TIMEOUT, wait_timeout=TIMEOUT)
 
     def raw(self) -> "Raw":
         return Raw(str(self.path))
@@ -237,6 +241,31 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+class Gate:
+    """Stands in for a slow function of the service's: each call waits for the test to open
+    the gate, so the test knows the service is inside it for as long as it needs."""
+
+    def __init__(self, slow: Callable[..., Any]) -> None:
+        self.slow = slow
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        self.entered.set()
+        assert self.open.wait(2 * TIMEOUT)  # the test's own wait, if the gate holds it, fails first
+        return self.slow(*args)
+
+    def others_are_served(self, service: Harness) -> None:
+        """While a call waits here, a new client is greeted and its commands answered: the
+        call is not on the service's event loop. Then the gate opens."""
+        try:
+            assert self.entered.wait(TIMEOUT)
+            with service.connect() as other:
+                assert other.execute("query-jobs") == []
+        finally:
+            self.open.set()
+
+
 def decoded(wire: Path, tmp_path: Path) -> bytes:
     """A wire file decoded in-process, for checking what jobs wrote."""
     out = tmp_path / f"{wire.name}.decoded"
@@ -286,14 +315,25 @@ def test_a_line_longer_than_the_limit_is_a_flood() -> None:
     reader.feed(b"ok\n" + b"x" * MAX_LINE, fds=[5])
     assert reader.next_line() == Line(b"ok")
     reader.feed(b"x")
-    with pytest.raises(LineTooLong, match=f"longer than {MAX_LINE} bytes"):
+    with pytest.raises(Flood, match=f"longer than {MAX_LINE} bytes"):
         reader.next_line()
     reader.feed(b"more\n", fds=[6])  # after a flood nothing is read; fds are only held
     assert reader.close() == [5, 6]
     whole = Reader()
     whole.feed(b"y" * (MAX_LINE + 1) + b"\n")
-    with pytest.raises(LineTooLong):
+    with pytest.raises(Flood):
         whole.next_line()
+
+
+def test_fds_for_a_line_never_ended_are_a_flood() -> None:
+    reader = Reader()
+    held = list(range(10, 10 + MAX_FDS_PER_MESSAGE))
+    reader.feed(b'{"execute"', fds=held)  # as many as one message may bring: still a line's
+    assert reader.next_line() is None
+    reader.feed(b":", fds=[99])
+    with pytest.raises(Flood, match=f"more than {MAX_FDS_PER_MESSAGE} fds for one line"):
+        reader.next_line()
+    assert reader.close() == [*held, 99]
 
 
 @pytest.mark.parametrize(
@@ -486,6 +526,52 @@ def test_encrypted_jobs_take_their_key_as_an_fd(
         session.wait_job(job)
 
 
+def test_keys_are_derived_off_the_event_loop(
+    service: Harness, small_stream: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scrypt takes a passphrase's time, at start-job for encode and at the wire header for
+    decode: never on the loop that serves every client."""
+    (tmp_path / "pass").write_bytes(b"correct horse\n")
+    (tmp_path / "pass").chmod(0o600)
+    (tmp_path / "in").write_bytes(small_stream)
+    with service.connect() as session:
+        give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+        give(session, "dst", os.open(tmp_path / "wire", os.O_WRONLY | os.O_CREAT, 0o600))
+        give(session, "pass", os.open(tmp_path / "pass", os.O_RDONLY))
+        gate = Gate(encrypt._wrapping_key)
+        monkeypatch.setattr(encrypt, "_wrapping_key", gate)
+        with ThreadPoolExecutor(1) as pool:  # start-job waits at the gate
+            started = pool.submit(session.start_job, "encode", input="src", output="dst",
+                                  filters=["encrypt"], passphrase="pass")  # fmt: skip
+            gate.others_are_served(service)
+            session.wait_job(started.result(TIMEOUT))
+
+        gate = Gate(gate.slow)
+        monkeypatch.setattr(encrypt, "_wrapping_key", gate)
+        r, w = os.pipe()
+        give(session, "wire", os.open(tmp_path / "wire", os.O_RDONLY))
+        give(session, "out", w)
+        give(session, "pass", os.open(tmp_path / "pass", os.O_RDONLY))
+        job = session.start_job("decode", input="wire", output="out", passphrase="pass")
+        gate.others_are_served(service)
+        assert read_all(r) == small_stream
+        session.wait_job(job)
+
+
+def test_a_save_is_synced_off_the_event_loop(
+    service: Harness, small_stream: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(PlainFile.sync)
+    monkeypatch.setattr(PlainFile, "sync", lambda file: gate(file))
+    (tmp_path / "in").write_bytes(small_stream)
+    with service.connect() as session:
+        give(session, "qemu", os.open(tmp_path / "in", os.O_RDONLY))
+        give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_CREAT, 0o600))
+        job = session.start_job("save", input="qemu", output="file")
+        gate.others_are_served(service)
+        assert session.wait_job(job)["bytes-in"] == len(small_stream)
+
+
 def test_an_output_socket_ends_even_if_the_client_kept_a_copy(
     service: Harness, small_stream: bytes, tmp_path: Path
 ) -> None:
@@ -670,6 +756,66 @@ def test_a_flood_is_disconnected_and_others_are_served(service: Harness) -> None
     assert reader_gone(w)  # the fd that came with the flood was closed
 
 
+def test_fds_without_a_line_end_are_a_flood(service: Harness) -> None:
+    """A client that sends fds with a line it never ends is cut off, not left to make the
+    service hold fds without limit; the fds are closed, and others are served."""
+    r, w = os.pipe()
+    other = service.connect()
+    raw = service.raw()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(3):  # one byte of a line and as many fds as a message may carry, thrice
+            raw.send(b"{", [r] * MAX_FDS_PER_MESSAGE)
+        raw.send(b"}\n")  # the service may hang up before it has all of it
+    os.close(r)
+    assert f"more than {MAX_FDS_PER_MESSAGE} fds for one line" in raw.read()["error"]["desc"]
+    assert raw.closed_by_service()
+    raw.close()
+    assert other.execute("query-fds") == []
+    other.close()
+    service.wait_idle()
+    assert reader_gone(w)  # every copy the service received was closed
+
+
+def test_connection_limit(tmp_path: Path) -> None:
+    with serving(tmp_path / "s.sock", max_connections=2) as service:
+        first, second = service.connect(), service.connect()
+        with pytest.raises(ServiceError, match="has 2 connections, the most it may"):
+            service.connect()
+        assert second.execute("query-fds") == []  # those served are served as before
+        first.close()
+        second.close()
+        service.wait_idle()
+        with service.connect() as again:
+            assert again.execute("query-jobs") == []
+
+
+def test_bad_sizes_get_an_error_and_the_connection_lives(service: Harness) -> None:
+    with service.connect() as session:
+        for n, size in enumerate(["infK", "nanK", "1e400K", "-4M", "lots"]):
+            give(session, f"in{n}", os.open(os.devnull, os.O_RDONLY))
+            give(session, f"out{n}", sink())
+            with pytest.raises(ServiceError, match=f"xbzrle cache size: not a size: '{size}'"):
+                session.start_job("encode", input=f"in{n}", output=f"out{n}",
+                                  filters=[f"xbzrle:{size}"])  # fmt: skip
+        assert len(session.execute("query-fds")) == 10  # a refused start-job takes nothing
+
+
+def test_a_bug_in_a_command_fails_it_not_the_connection(
+    service: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(text: str, secrets: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("migpipe.service.parse_chain", broken)
+    with service.connect() as session:
+        give(session, "in", os.open(os.devnull, os.O_RDONLY))
+        give(session, "out", sink())
+        with pytest.raises(ServiceError, match="internal error: RuntimeError: a bug"):
+            session.start_job("encode", input="in", output="out")
+        assert {fd["name"] for fd in session.execute("query-fds")} == {"in", "out"}
+    assert "internal error in a command" in service.log[0]
+
+
 def test_fds_on_the_wrong_command_are_closed(service: Harness) -> None:
     pipes = [os.pipe() for _ in range(3)]
     raw = service.raw()
@@ -829,6 +975,41 @@ def test_capabilities_and_commands(service: Harness) -> None:
         assert [c["name"] for c in session.execute("query-commands")] == list(COMMANDS)
 
 
+# -- the client ----------------------------------------------------------------------------------
+
+
+def test_client_timeouts_bound_replies_not_jobs() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(encode_message(greeting()))
+        session = Client(ours)
+        assert session.timeout == service_client.REPLY_TIMEOUT
+        assert session.wait_timeout is None  # a job may take hours
+
+
+def test_a_late_reply_is_dropped_not_taken_for_the_next_ones() -> None:
+    """Replies are matched by id: one that comes after its command timed out is nobody's."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(encode_message(greeting()))
+        session = Client(ours, timeout=TIMEOUT)
+        with pytest.raises(TimeoutError):
+            session.execute("query-fds", timeout=0.01)  # nothing answers it in time
+        late = error_reply(1, "the reply to command 1")
+        theirs.sendall(encode_message(late) + encode_message(reply(2, [])))
+        assert session.execute("query-jobs") == []
+        with pytest.raises(TimeoutError):
+            session.execute("query-fds", timeout=0.01)
+        ended = event(JOB_CANCELLED, {"id": "job-1"})
+        theirs.sendall(encode_message(reply(3, [])) + encode_message(ended))
+        assert session.wait_event(lambda e: True, timeout=TIMEOUT) == ended
+        received = theirs.makefile("rb")
+        sent = [json.loads(received.readline()) for _ in range(3)]
+        assert [(m["execute"], m["id"]) for m in sent] == [
+            ("query-fds", 1), ("query-jobs", 2), ("query-fds", 3)
+        ]  # fmt: skip
+
+
 # -- the socket ----------------------------------------------------------------------------------
 
 
@@ -905,7 +1086,7 @@ def test_migpipe_serve(tmp_path: Path, small_stream: bytes) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         before = len(os.listdir(f"/proc/{server.pid}/fd"))
         (tmp_path / "in").write_bytes(small_stream)
-        with service_client.connect(str(path), timeout=TIMEOUT) as session:
+        with service_client.connect(str(path), TIMEOUT, TIMEOUT) as session:
             src = os.open(tmp_path / "in", os.O_RDONLY)
             r, w = os.pipe()
             session.add_fd("src", src)
