@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed runs per row (3)")
     parser.add_argument("--quick", action="store_true", help="256 MiB and one run")
     parser.add_argument("--idle-wait", type=float, default=None, metavar="SECONDS",
-                        help=f"wait up to this long for the box to be <= {IDLE:.0%} busy "
+                        help=f"wait up to this long for the box to be <= {IDLE:.0%}% busy "
                         "(10, --quick 0)")  # fmt: skip
     args = parser.parse_args(argv)
     size = 256 * MIB if args.quick else args.size
