@@ -113,6 +113,25 @@ def test_existing_file_needs_force_and_survives_a_failure(tmp_path: Path, stream
 
 
 @pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_a_full_file_system_leaves_the_previous_save_untouched(
+    tmp_path: Path, stream: bytes, layout: str
+) -> None:
+    """ENOSPC for real (a small tmpfs): one line, the old file as it was, nothing else left."""
+    from test_direct import private_mount
+
+    with private_mount(tmp_path, "tmpfs", "size=1m") as small:
+        saved = small / "vm.mig"
+        saved.write_bytes(b"the previous save")
+        assert len(stream) > 1 << 20
+        result = migpipe("save", str(saved), "--force", "--layout", layout, stdin=stream)
+        assert result.returncode == 1, result.stderr
+        message = result.stderr.decode()
+        assert "No space left on device" in message and message.count("\n") == 1, message
+        assert saved.read_bytes() == b"the previous save"
+        assert [p.name for p in small.iterdir()] == ["vm.mig"]
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
 def test_sigkill_at_many_points_leaves_nothing_under_the_name(
     tmp_path: Path, stream: bytes, layout: str
 ) -> None:
@@ -155,9 +174,14 @@ def test_a_full_disk_fails_cleanly(tmp_path: Path, stream: bytes, layout: str) -
 
 
 @pytest.mark.parametrize("layout", ["stream", "fixed"])
-def test_damaged_files_never_restore_complete(tmp_path: Path, stream: bytes, layout: str) -> None:
+@pytest.mark.parametrize("sealed", [False, True], ids=["lz4", "zstd+encrypt"])
+def test_damaged_files_never_restore_complete(
+    tmp_path: Path, stream: bytes, key: Path, layout: str, sealed: bool
+) -> None:
     saved = tmp_path / "vm.mig"
-    assert migpipe("save", str(saved), "--layout", layout, "--compress", "lz4",
+    filters = ["--compress", "zstd", "--encrypt"] if sealed else ["--compress", "lz4"]
+    keys = ["--key-file", str(key)] if sealed else []
+    assert migpipe("save", str(saved), "--layout", layout, *filters, *keys,
                    stdin=stream).returncode == 0  # fmt: skip
     data = saved.read_bytes()
     used = [i for i in range(0, len(data), 4096) if data[i : i + 4096].strip(b"\0")]
@@ -166,13 +190,13 @@ def test_damaged_files_never_restore_complete(tmp_path: Path, stream: bytes, lay
         corrupt = bytearray(data)
         corrupt[at] ^= 0x20
         damaged.write_bytes(corrupt)
-        result = migpipe("restore", str(damaged))
+        result = migpipe("restore", str(damaged), *keys)
         assert result.returncode != 0, at
         assert stream[eof_at(stream) :] not in result.stdout, at
         assert b"Traceback" not in result.stderr and result.stderr.count(b"\n") == 1
     for cut in (0, 4096, len(data) // 2, len(data) - 1):
         damaged.write_bytes(data[:cut])
-        result = migpipe("restore", str(damaged))
+        result = migpipe("restore", str(damaged), *keys)
         assert result.returncode != 0 and stream[eof_at(stream) :] not in result.stdout, cut
 
 
