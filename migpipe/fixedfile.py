@@ -46,6 +46,7 @@ from migpipe.stream.records import PAGE_KIND_NAMES, Eof, MemSize, RamBlock, Reco
 from migpipe.stream.writer import StreamWriter
 
 MAGIC = b"\x89MGF\r\n\x1a\n"
+UNPUBLISHED = b"\x00"  # a saved file's byte 0 (not the magic's 0x89) until savefile.publish()
 VERSION = 1
 UNIT = 4096  # every slot, chunk and the index start at a multiple of this (O_DIRECT-friendly)
 EXTENT_PAGES = 256
@@ -239,11 +240,13 @@ class FixedSaver:
         chain: Sequence[filters.Filter],
         totals: Totals,
         cache: int = DEFAULT_CACHE,
+        published: bool = True,
     ) -> None:
         if any(isinstance(f, filters.PageFilter) for f in chain):
             message = "the fixed layout stores each page once: xbzrle has nothing to do there"
             raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
         self.file = file
+        self.published = published
         self.totals = totals
         self.counters = FixedCounters()
         self.page_size = 4096
@@ -397,6 +400,8 @@ class FixedSaver:
         os.ftruncate(self.file.fd, end)  # O_DIRECT writes padded the last piece
         self.file.sync()  # everything the superblock points at is on disk before it
         superblock = self.setup + encode_locator(offset, len(stored), write, zlib.crc32(stored))
+        if not self.published:  # savefile.publish() writes the magic's first byte
+            superblock = UNPUBLISHED + superblock[1:]
         self.file.write_at(0, superblock.ljust(UNIT, b"\0"))
         return end
 
@@ -422,12 +427,13 @@ async def save_fixed(
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
     cache: int = DEFAULT_CACHE,
+    published: bool = True,
 ) -> Totals:
     """Parse the QEMU stream from `source` into the fixed layout in `file` (empty); the caller
-    syncs it."""
+    syncs it. Unless `published`, the superblock's first byte says it is not yet (savefile)."""
     source = as_channel(source)
     totals = Totals()
-    saver = FixedSaver(file, chain, totals, cache)
+    saver = FixedSaver(file, chain, totals, cache, published)
     parser = StreamParser(page_size=saver.page_size)
 
     def run() -> None:

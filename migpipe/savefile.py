@@ -5,6 +5,10 @@ complete, so no reader ever finds a half-written file under the name asked for; 
 everything before it releases the stream's end, as decode does, so a damaged file never gives
 a destination QEMU a stream it could complete.
 
+Until save() publishes it, a file's first byte is UNPUBLISHED (a libvirt image's magic says
+"Part"), and restore refuses it: a save interrupted after its last byte was written (while
+QEMU has yet to say it completed, or before the name is given) never restores as valid.
+
 Two layouts: `stream` is migpipe's wire format (migpipe-wire(5)) in a file, the stream exactly
 as QEMU sent it, frame by frame; `fixed` (migpipe.fixedfile, migpipe-file(5)) gives every RAM
 page one place, so a page sent ten times is stored once.
@@ -24,7 +28,7 @@ from migpipe.channel import Channel, FdChannel, as_channel, stream_sink
 from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.errors import MigpipeError
 from migpipe.files import atomic_path, read_chunks
-from migpipe.fixedfile import PlainFile
+from migpipe.fixedfile import UNPUBLISHED, PlainFile
 from migpipe.keys import Secrets
 from migpipe.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
 from migpipe.progress import Progress
@@ -47,6 +51,9 @@ def file_kind(path: Path) -> str:
 def kind_of(head: bytes, path: Path | str) -> str:
     from migpipe.fixedfile import MAGIC as FIXED_MAGIC
 
+    if head[:1] == UNPUBLISHED and head[1:8] in (wire.MAGIC[1:8], FIXED_MAGIC[1:8]):
+        raise MigpipeError(f"{path}: an unfinished migpipe save (interrupted before it was "
+                           "complete and published)")  # fmt: skip
     if head.startswith(wire.MAGIC):
         return "stream"
     if head.startswith(FIXED_MAGIC):
@@ -144,13 +151,46 @@ async def save(
     """Write the stream from `source` to `path` in `layout`; the file appears only complete,
     and only once `commit` returns: save --qmp waits there until QEMU says it completed.
     `direct` (True or "try") writes around the page cache (migpipe.direct)."""
-    with atomic_path(path, force=force) as temporary:
+    with (
+        atomic_path(path, force=force) as temporary,
         # read and written: the fixed layout reads extents back
-        with open_direct(str(temporary), "r+", direct=direct) as file:
-            totals = await save_into(source, file, chain, layout, progress, cache, libvirt)
+        open_direct(str(temporary), "r+", direct=direct) as file,
+    ):
+        totals = await save_into(source, file, chain, layout, progress, cache, libvirt,
+                                 published=False)  # fmt: skip
         if commit is not None:
             await commit()
+        await trio.to_thread.run_sync(publish, file)
     return totals
+
+
+def publish(file: "DirectFile | PlainFile") -> None:
+    """Give a complete, synced file its final magic (UNPUBLISHED or libvirt's "Part" until
+    now), and sync that too: from here on restore takes it."""
+    from migpipe.libvirtimage import PARTIAL_MAGIC, SAVE_MAGIC
+
+    size = file.align if isinstance(file, DirectFile) else len(SAVE_MAGIC)  # O_DIRECT: blocks
+    head = file.read_at(0, size)
+    final = SAVE_MAGIC if head.startswith(PARTIAL_MAGIC) else wire.MAGIC[:1]
+    file.write_at(0, final + head[len(final) :])
+    file.sync()
+
+
+class _Unpublished:
+    """The stream layout's file while it is written: its first byte goes out as UNPUBLISHED."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._first = True
+
+    def read(self) -> bytes | bytearray:
+        return self._channel.read()
+
+    def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        if self._first and parts and len(parts[0]):
+            self._first = False
+            parts = [UNPUBLISHED + bytes(parts[0][1:]), *parts[1:]]
+        self._channel.write(parts)
 
 
 async def save_into(
@@ -161,21 +201,24 @@ async def save_into(
     progress: Progress | None = None,
     cache: int = 64 << 20,
     libvirt: LibvirtTarget | None = None,
+    published: bool = True,
 ) -> Totals:
     """Write the saved file into `file` (empty; opened by save, or handed to the service by a
-    daemon that names it) and sync it."""
+    daemon that names it) and sync it; unless `published`, for publish() to finish."""
     if libvirt is not None:
-        totals = await save_libvirt(as_channel(source), file, libvirt, progress)
+        totals = await save_libvirt(as_channel(source), file, libvirt, progress, published)
     elif layout == "fixed":
         from migpipe.fixedfile import save_fixed
 
-        totals = await save_fixed(source, file, chain, progress, cache)
+        totals = await save_fixed(source, file, chain, progress, cache, published)
     elif isinstance(file, DirectFile):
-        with DirectWriter(file) as sink:
+        with DirectWriter(file) as writer:
+            sink = writer if published else _Unpublished(writer)
             totals = await encode(source, sink, chain, progress)
-            await trio.to_thread.run_sync(sink.finish)
+            await trio.to_thread.run_sync(writer.finish)
     else:
-        totals = await encode(source, FdChannel(file.fd), chain, progress)
+        sink = FdChannel(file.fd)
+        totals = await encode(source, sink if published else _Unpublished(sink), chain, progress)
     await trio.to_thread.run_sync(file.sync)  # fdatasync may take seconds: not on the loop
     return totals
 
@@ -233,10 +276,12 @@ async def save_libvirt(
     file: "DirectFile | PlainFile",
     target: LibvirtTarget,
     progress: Progress | None,
+    published: bool = True,
 ) -> Totals:
     """A libvirt save image: header and XML (magic "partial"), the stream compressed as the
-    format says, then the final magic, so `virsh restore` takes it only when complete."""
-    from migpipe.libvirtimage import SAVE_MAGIC, LibvirtImageWriter
+    format says, then (if `published`) the final magic, so `virsh restore` takes it only when
+    complete."""
+    from migpipe.libvirtimage import LibvirtImageWriter
 
     totals = Totals()
 
@@ -254,8 +299,8 @@ async def save_libvirt(
                 raise
             if direct:
                 sink.finish()
-        first = file.read_at(0, file.align if direct else len(SAVE_MAGIC))  # O_DIRECT: blocks
-        file.write_at(0, SAVE_MAGIC + first[len(SAVE_MAGIC) :])
+        if published:
+            publish(file)
         totals.wire_bytes = os.fstat(file.fd).st_size
 
     await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))

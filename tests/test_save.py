@@ -1,6 +1,7 @@
 """save and restore: both layouts, with compression and encryption; never a half file; a damaged
 file never restores into a stream a QEMU could complete."""
 
+import functools
 import json
 import os
 import resource
@@ -383,3 +384,38 @@ def test_a_name_taken_during_the_save_is_left_alone(tmp_path: Path) -> None:
     result = migpipe("save", str(dangling), stdin=b"")
     assert result.returncode == 1 and b"exists; use --force" in result.stderr
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("layout", ["stream", "fixed", "libvirt"])
+def test_a_save_killed_after_its_last_byte_leaves_no_file_that_restores(
+    tmp_path: Path, stream: bytes, layout: str
+) -> None:
+    """The window a SIGKILL can hit between the file being complete and synced and its name
+    (save --qmp waits there for QEMU to complete): what is on disk then is refused, and only
+    the published file restores."""
+    import shutil
+
+    from migpipe import savefile
+
+    source, saved = tmp_path / "stream", tmp_path / "vm.mig"
+    source.write_bytes(stream)
+    on_disk = tmp_path / "as-on-disk"
+
+    async def commit() -> None:  # what a crash right here would leave behind
+        (partial,) = tmp_path.glob(".vm.mig.*.partial")
+        shutil.copyfile(partial, on_disk)
+
+    target = (
+        savefile.LibvirtTarget("<domain><name>vm</name></domain>") if layout == "libvirt" else None
+    )
+    with open(source, "rb") as f:
+        trio.run(functools.partial(savefile.save, f.fileno(), saved, [],
+                                   layout="stream" if target else layout, libvirt=target,
+                                   commit=commit))  # fmt: skip
+    refused = migpipe("restore", str(on_disk))
+    assert refused.returncode != 0 and refused.stdout == NOT_A_STREAM
+    expected = b"incomplete" if target else b"an unfinished migpipe save"
+    assert expected in refused.stderr, refused.stderr
+    restored = migpipe("restore", str(saved))
+    assert restored.returncode == 0, restored.stderr
+    assert oracle.replay(restored.stdout).image == oracle.replay(stream).image
