@@ -187,7 +187,7 @@ def test_damaged_files_never_restore_complete(
     data = saved.read_bytes()
     used = [i for i in range(0, len(data), 4096) if data[i : i + 4096].strip(b"\0")]
     damaged = tmp_path / "damaged.mig"
-    for at in [9, 40, *used[1 :: max(1, len(used) // 8)], used[-1] + 100]:
+    for at in [9, 40, *used[1 :: max(1, len(used) // 8)], min(used[-1] + 100, len(data) - 1)]:
         corrupt = bytearray(data)
         corrupt[at] ^= 0x20
         damaged.write_bytes(corrupt)
