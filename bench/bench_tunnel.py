@@ -5,8 +5,8 @@ Generates a synthetic multi-pass precopy stream with migpipe's own generator (as
 bench/bench_stream.py does) into a temporary directory on disk, warms it in the page cache, then
 times, on that same file and as pipe stages:
 
-  cat FILE | migpipe encode [--compress C] > /dev/null                 C: none, lz4, zstd:1, zstd:3
-  cat FILE | migpipe encode [--compress C] | migpipe decode > /dev/null
+  cat FILE | migpipe encode [C] > /dev/null      C: none, lz4, zstd:1, zstd:3, xbzrle,
+  cat FILE | migpipe encode [C] | migpipe decode > /dev/null   xbzrle+zstd:1, encrypt, zstd:1+encrypt
   dd if=FILE bs=1M | dd bs=1M of=/dev/null       (with the default 64 KiB pipe, and with 1 MiB)
   cat FILE | X > /dev/null    X: zstd -1 -T0 -c, zstd -3 -T0 -c, lz4 -1 -c, lzop -1 -c, gzip -1 -c
 
@@ -196,6 +196,7 @@ def build_rows(stream: Path) -> list[Row]:
     keyed = ["--key-file", str(key)]
     codecs: list[tuple[str, Argv]] = [("pass-through", [])]
     codecs += [(codec, ["--compress", codec]) for codec in ("lz4", "zstd:1", "zstd:3")]
+    codecs += [(chain, ["--filters", chain]) for chain in ("xbzrle", "xbzrle,zstd:1")]
     codecs += [(chain, ["--filters", chain, *keyed]) for chain in ("encrypt", "zstd:1,encrypt")]
     for label, options in codecs:
         encode = [*migpipe, "encode", *options]
