@@ -5,8 +5,9 @@ Generates a synthetic multi-pass precopy stream with migpipe's own generator (as
 bench/bench_stream.py does) into a temporary directory on disk, warms it in the page cache, then
 times, on that same file and as pipe stages:
 
-  cat FILE | migpipe encode [C] > /dev/null      C: none, lz4, zstd:1, zstd:3, xbzrle,
-  cat FILE | migpipe encode [C] | migpipe decode > /dev/null   xbzrle+zstd:1, encrypt, zstd:1+encrypt
+  cat FILE | migpipe encode [C] > /dev/null
+  cat FILE | migpipe encode [C] | migpipe decode > /dev/null
+      C: none, lz4, zstd:1, zstd:3, xbzrle, xbzrle,zstd:1, encrypt, zstd:1,encrypt
   dd if=FILE bs=1M | dd bs=1M of=/dev/null       (with the default 64 KiB pipe, and with 1 MiB)
   cat FILE | X > /dev/null    X: zstd -1 -T0 -c, zstd -3 -T0 -c, lz4 -1 -c, lzop -1 -c, gzip -1 -c
 
