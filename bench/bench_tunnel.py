@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             f"of every stage of the median run; bg s = CPU other processes used meanwhile "
             f"(! above {BG_WARN:.0%} of the wall time).\nEvery encode | decode output was "
             f"checked equal to the stream, byte for byte. Before each timed run the benchmark "
-            f"waited up to {args.idle_wait:g} s for the box to be <= {IDLE:.0%}% busy "
+            f"waited up to {args.idle_wait:g} s for the box to be <= {IDLE:.0%} busy "
             f"({waited:.0f} s in all);\nit took {time.perf_counter() - started:.0f} s after "
             "generation."
         )
