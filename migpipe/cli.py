@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migpipe import __version__
+from migpipe.arenas import use_one_arena
 from migpipe.channel import Channel, stream_sink
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import open_input, open_output, read_chunks, write_stream
@@ -750,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    use_one_arena()
     args = build_parser().parse_args(argv)
     args.started = time.monotonic()
     try:
