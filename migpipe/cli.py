@@ -217,6 +217,9 @@ def tls_wrapper(args: argparse.Namespace):
         return None
     if not (args.connect or args.listen):
         raise MigpipeError("--tls-creds needs --connect or --listen", status=EXIT_USAGE)
+    if args.listen and args.tls_hostname:  # the listener checks the client's certificate only
+        raise MigpipeError("--tls-hostname names the server to check: it goes with --connect, "
+                           "not --listen", status=EXIT_USAGE)  # fmt: skip
     from migpipe import tls
 
     if args.connect:

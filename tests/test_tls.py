@@ -509,3 +509,14 @@ def test_tls_init_refuses_what_is_not_a_host_name(tmp_path: Path) -> None:
     assert result.returncode == EXIT_USAGE
     assert "'my host' is neither a host name nor an IP address" in result.stderr
     assert not directory.exists()
+
+
+def test_tls_hostname_on_a_listener_is_a_usage_error(made: Path) -> None:
+    """It names the server to check; a listener checks only the client: silently ignoring it
+    would let a user believe a name is checked that is not."""
+    argv = [*MIGPIPE, "decode", "--listen", "127.0.0.1:0", "--tls-creds", str(made),
+            "--tls-hostname", "dst"]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, check=False)
+    assert result.returncode == EXIT_USAGE
+    assert b"--tls-hostname names the server to check" in result.stderr
+    assert result.stderr.count(b"\n") == 1
