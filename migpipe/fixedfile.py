@@ -230,6 +230,13 @@ def encode_locator(offset: int, length: int, write: int, crc: int) -> bytes:
 # -- save ---------------------------------------------------------------------------------------
 
 
+def check_chain(chain: Sequence[filters.Filter]) -> None:
+    """Refuse page filters: the fixed layout stores each page once, so deltas have no use."""
+    if any(isinstance(f, filters.PageFilter) for f in chain):
+        message = "the fixed layout stores each page once: xbzrle has nothing to do there"
+        raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+
+
 class FixedSaver:
     """Records in, slots out: the synchronous core of `save --layout fixed` (one thread calls
     it; sealing and writing run on a small pool of worker threads)."""
@@ -242,9 +249,7 @@ class FixedSaver:
         cache: int = DEFAULT_CACHE,
         published: bool = True,
     ) -> None:
-        if any(isinstance(f, filters.PageFilter) for f in chain):
-            message = "the fixed layout stores each page once: xbzrle has nothing to do there"
-            raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+        check_chain(chain)
         self.file = file
         self.published = published
         self.totals = totals

@@ -41,7 +41,7 @@ from migpipe.channel import CHUNK, Channel, FdChannel
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import enlarge_pipe
 from migpipe.filter import Filter, parse_chain
-from migpipe.fixedfile import PlainFile
+from migpipe.fixedfile import PlainFile, check_chain
 from migpipe.keys import Secrets
 from migpipe.pipeline import WORKERS, Totals, decode, encode
 from migpipe.progress import INTERVAL, Progress
@@ -79,6 +79,7 @@ from migpipe.serviceproto import (
     parse_command,
     reply,
 )
+from migpipe.units import parse_size
 
 DEFAULT_MAX_JOBS = 64
 DEFAULT_MAX_CONNECTIONS = 128  # each may hold DEFAULT_MAX_FDS, and fds for a line it has not ended
@@ -254,10 +255,13 @@ def _save(job: JobSetup) -> Runner:
     layout = job.arguments.get("layout", "stream")
     if layout not in LAYOUTS:
         raise MigpipeError(f"layout '{layout}' is not one of: {', '.join(LAYOUTS)}")
+    cache = parse_size(job.arguments.get("cache", "64M"))
+    if layout == "fixed":
+        check_chain(chain)  # refused by start-job, not by a JOB_FAILED later
     if os.fstat(job.fds["output"].number).st_size:
         raise MigpipeError("the output file of a save must be empty (the daemon opened it)")
     return lambda progress: save_into(job.channel("input"), job.file("output"), chain, layout,
-                                      progress)  # fmt: skip
+                                      progress, cache)  # fmt: skip
 
 
 def _restore(job: JobSetup) -> Runner:
@@ -279,6 +283,7 @@ JOB_KINDS: dict[str, JobKind] = {
             "input": Arg(STRING, fd=INPUT),
             "output": Arg(STRING, fd=SAVE_FILE),
             "layout": Arg(STRING, required=False),
+            "cache": Arg(STRING, required=False),
             "filters": Arg(STRINGS, required=False),
             **KEYS,
         },

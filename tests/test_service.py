@@ -496,6 +496,33 @@ def test_save_then_restore_jobs(
             session.start_job("save", input="qemu", output="file")
 
 
+def test_a_save_job_refuses_at_start_what_its_layout_cannot_do(
+    service: Harness, small_stream: bytes, tmp_path: Path
+) -> None:
+    """xbzrle with the fixed layout, a cache that is not a size: start-job says so, no job."""
+    with service.connect() as session:
+        for arguments, error in (
+            ({"layout": "fixed", "filters": ["xbzrle"]}, "xbzrle has nothing to do there"),
+            ({"layout": "fixed", "cache": "lots"}, "not a size"),
+        ):
+            r, w = os.pipe()
+            os.close(w)
+            give(session, "qemu", r)
+            give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_CREAT, 0o600))
+            with pytest.raises(ServiceError, match=error):
+                session.start_job("save", input="qemu", output="file", **arguments)
+            assert session.execute("query-jobs") == []
+            for name in ("qemu", "file"):  # still the daemon's, named: it may use them again
+                session.execute("remove-fd", name=name)
+        r, w = os.pipe()  # and a cache that is one is taken
+        give(session, "qemu", r)
+        give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_CREAT, 0o600))
+        job = session.start_job("save", input="qemu", output="file", layout="fixed", cache="1M")
+        with os.fdopen(w, "wb") as qemu:
+            qemu.write(small_stream)
+        assert session.wait_job(job)["state"] == "completed"
+
+
 def test_encrypted_jobs_take_their_key_as_an_fd(
     service: Harness, small_stream: bytes, tmp_path: Path
 ) -> None:
