@@ -394,3 +394,22 @@ def test_a_destination_that_never_answers_is_lost_not_waited_for(
     finally:
         released.set()
     assert answer == drive.Confirmation("lost", "the destination did not answer within 0.05 s")
+
+
+def test_qemu_refusing_the_migration_changes_nothing(guest_elf: Path, tmp_path: Path) -> None:
+    """A QEMU-side failure on the source: a migration is already under way (the harness's own,
+    throttled to a crawl), so QEMU refuses. migpipe says so in one line, opens no wire, and
+    leaves the VM and the migration it did not start as they were."""
+    with driven_source(guest_elf, tmp_path) as src:
+        src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
+        src.qmp.execute("migrate", uri="exec:cat > /dev/null")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "active", TIMEOUT)
+        wire = tmp_path / "wire"
+        result = run_migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--out", wire)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("migpipe migrate: error: ")
+        assert result.stderr.count("\n") == 1 and "in progress" in result.stderr, result.stderr
+        assert not wire.exists()
+        assert src.qmp.execute("query-migrate")["status"] == "active"
+        assert src.qmp.execute("query-status")["status"] == "running"
+        src.qmp.execute("migrate_cancel")
