@@ -250,6 +250,10 @@ class FixedSaver:
         published: bool = True,
     ) -> None:
         check_chain(chain)
+        if isinstance(file, DirectFile) and file.direct and UNIT % file.align:
+            raise MigpipeError(f"O_DIRECT on this file system needs {file.align}-byte alignment, "
+                               f"and the fixed layout writes {UNIT}-byte units: save it without "
+                               "--direct", status=EXIT_INCOMPATIBLE)  # fmt: skip
         self.file = file
         self.published = published
         self.totals = totals

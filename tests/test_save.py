@@ -419,3 +419,19 @@ def test_a_save_killed_after_its_last_byte_leaves_no_file_that_restores(
     restored = migpipe("restore", str(saved))
     assert restored.returncode == 0, restored.stderr
     assert oracle.replay(restored.stdout).image == oracle.replay(stream).image
+
+
+def test_o_direct_alignment_beyond_the_fixed_unit_is_one_clear_error(tmp_path: Path) -> None:
+    """A file system whose O_DIRECT unit exceeds the fixed layout's 4096 bytes (8 KiB here, as
+    statx would report it): refused before anything is written, not a traceback mid-save."""
+    from migpipe.direct import open_direct
+    from migpipe.errors import EXIT_INCOMPATIBLE
+    from migpipe.fixedfile import FixedSaver
+    from migpipe.pipeline import Totals
+
+    with open_direct(str(tmp_path / "vm.mig"), "w") as file:
+        file.align = 8192
+        with pytest.raises(MigpipeError, match="needs 8192-byte alignment") as refused:
+            FixedSaver(file, [], Totals())
+    assert refused.value.status == EXIT_INCOMPATIBLE
+    assert (tmp_path / "vm.mig").stat().st_size == 0
