@@ -171,6 +171,7 @@ def publish(file: "DirectFile | PlainFile") -> None:
 
     size = file.align if isinstance(file, DirectFile) else len(SAVE_MAGIC)  # O_DIRECT: blocks
     head = file.read_at(0, size)
+    # Both layouts' magics start with 0x89 (wire.MAGIC, fixedfile.MAGIC); UNPUBLISHED replaced it.
     final = SAVE_MAGIC if head.startswith(PARTIAL_MAGIC) else wire.MAGIC[:1]
     file.write_at(0, final + head[len(final) :])
     file.sync()
