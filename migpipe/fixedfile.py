@@ -21,13 +21,13 @@ import json
 import os
 import struct
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import trio
+from isal.isal_zlib import crc32
 
 from migpipe import filter as filters
 from migpipe.channel import Channel, as_channel
@@ -219,12 +219,12 @@ def encode_setup(chain: Sequence[filters.Filter], page_size: int) -> bytes:
         sort_keys=True, separators=(",", ":"),
     ).encode()  # fmt: skip
     head = MAGIC + bytes([VERSION, 0]) + BE16.pack(len(text)) + text
-    return head + BE32.pack(zlib.crc32(head))
+    return head + BE32.pack(crc32(head))
 
 
 def encode_locator(offset: int, length: int, write: int, crc: int) -> bytes:
     body = BE64.pack(offset) + BE64.pack(length) + BE64.pack(write) + BE32.pack(crc)
-    return body + BE32.pack(zlib.crc32(body))
+    return body + BE32.pack(crc32(body))
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ class FixedSaver:
             entry = self.table[slot]
             self.counters.extent_writes += 1
             self.counters.extent_rewrites += entry.write != 0
-            entry.write, entry.length, entry.crc = write, len(stored), zlib.crc32(stored)
+            entry.write, entry.length, entry.crc = write, len(stored), crc32(stored)
 
     def _write_chunk(self) -> None:
         if not self.device_state:
@@ -379,7 +379,7 @@ class FixedSaver:
         stored = self.sealer.seal(bytes(self.device_state), Position(write, False))
         self.device_state.clear()
         self.file.write_at(self.next_offset, stored)
-        self.chunks.append((self.next_offset, len(stored), zlib.crc32(stored), write))
+        self.chunks.append((self.next_offset, len(stored), crc32(stored), write))
         self.next_offset = _align(self.next_offset + len(stored))
 
     def finish(self) -> int:
@@ -408,7 +408,7 @@ class FixedSaver:
         end = max(offset + len(stored), self.layout.data_end)
         os.ftruncate(self.file.fd, end)  # O_DIRECT writes padded the last piece
         self.file.sync()  # everything the superblock points at is on disk before it
-        superblock = self.setup + encode_locator(offset, len(stored), write, zlib.crc32(stored))
+        superblock = self.setup + encode_locator(offset, len(stored), write, crc32(stored))
         if not self.published:  # savefile.publish() writes the magic's first byte
             superblock = UNPUBLISHED + superblock[1:]
         self.file.write_at(0, superblock.ljust(UNIT, b"\0"))
@@ -485,7 +485,7 @@ class FixedReader:
                                EXIT_INCOMPATIBLE)  # fmt: skip
         (length,) = BE16.unpack_from(head, 10)
         end = 12 + length
-        if end + 4 + LOCATOR > UNIT or zlib.crc32(head[:end]) != BE32.unpack_from(head, end)[0]:
+        if end + 4 + LOCATOR > UNIT or crc32(head[:end]) != BE32.unpack_from(head, end)[0]:
             raise MigpipeError("fixed-layout header checksum mismatch", 0, EXIT_CORRUPT)
         if head[9]:
             raise MigpipeError(f"unknown header flags 0x{head[9]:02x}", 9, EXIT_INCOMPATIBLE)
@@ -501,13 +501,13 @@ class FixedReader:
         filters.check_order(chain)
         self.sealer = Sealer(chain, setup_bytes, totals)
         locator = head[end + 4 : end + 4 + LOCATOR]
-        if zlib.crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
+        if crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
             raise MigpipeError("fixed-layout locator checksum mismatch", end + 4, EXIT_CORRUPT)
         offset, length, write = (BE64.unpack_from(locator, i)[0] for i in (0, 8, 16))
         if length > MAX_INDEX:
             raise MigpipeError(f"index of {length} bytes", end + 4, EXIT_CORRUPT)
         stored = self._read(offset, length, "the index")
-        if zlib.crc32(stored) != BE32.unpack_from(locator, 24)[0]:
+        if crc32(stored) != BE32.unpack_from(locator, 24)[0]:
             raise MigpipeError("index checksum mismatch", offset, EXIT_CORRUPT)
         self._parse_index(self.sealer.open(stored, MAX_INDEX, Position(write, True)), offset)
 
@@ -554,7 +554,7 @@ class FixedReader:
         if entry.length > room:
             raise MigpipeError(f"{where} longer than its slot", offset, EXIT_CORRUPT)
         stored = self._read(offset, entry.length, where)
-        if zlib.crc32(stored) != entry.crc:
+        if crc32(stored) != entry.crc:
             raise MigpipeError(f"checksum mismatch in {where}", offset, EXIT_CORRUPT)
         plain = self.sealer.open(stored, room, Position(entry.write, False))
         return Extent.unpack(plain, self.page_size, where)
@@ -574,7 +574,7 @@ class FixedReader:
         last = len(self.chunks) - 1
         for n, (offset, length, crc, write) in enumerate(self.chunks):
             stored = self._read(offset, length, "device state")
-            if zlib.crc32(stored) != crc:
+            if crc32(stored) != crc:
                 raise MigpipeError("checksum mismatch in device state", offset, EXIT_CORRUPT)
             limit = DEVICE_CHUNK + DEFAULT_MAX_VMDESC if n == last else DEVICE_CHUNK * 2
             plain = self.sealer.open(stored, limit, Position(write, False))

@@ -1,10 +1,9 @@
 """encode and decode: a QEMU stream to migpipe's wire and back, as a pipeline.
 
-The state of each direction (Encoder, Decoder) is plain synchronous code over bytes. The
-pipeline around it is trio: one task reads and parses, WORKERS tasks run the byte filters and
-checksums in worker threads (zstd, lz4 and CRC-32 release the GIL, so both cores work), one task
-writes frames in order. Bounded channels between them give backpressure and bound memory to
-about IN_FLIGHT frames per stage.
+The state of each direction (Encoder, Decoder) is plain synchronous code over bytes. Around it
+runs migpipe.dataplane: one thread reads and parses, WORKERS threads run the byte filters and
+checksums (zstd, lz4 and CRC-32 release the GIL, so both cores work), one thread writes frames
+in order; a bounded queue between them gives backpressure and bounds memory to a few frames.
 
 Bytes are copied as little as possible: this VM pays dearly for first-touched memory, so a
 frame's QEMU bytes stay views of the chunks they were read in until the frame is written.
@@ -17,15 +16,16 @@ from what it rebuilt, so a filter that went wrong is caught as surely as a flipp
 import itertools
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import trio
+from isal.isal_zlib import crc32
 
 from migpipe import filter as filters
 from migpipe.channel import Channel, as_channel, stream_sink
+from migpipe.dataplane import run_ordered
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
 from migpipe.filter import Position
 from migpipe.keys import Secrets
@@ -49,8 +49,6 @@ from migpipe.wire import (
 )
 
 FRAME_TARGET = 1 << 20
-IN_FLIGHT = 4
-WORKERS = 2
 
 Pieces = list[memoryview]
 T = TypeVar("T")
@@ -107,7 +105,7 @@ class Totals:
 
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
-        self.digest = zlib.crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
+        self.digest = crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
 
 
 @dataclass
@@ -250,7 +248,7 @@ class Decoder:
         if self._parser is not None:
             return replace(frame, payload=data), None
         if self.byte_filters:
-            crc = zlib.crc32(data)
+            crc = crc32(data)
         return replace(frame, payload=data), crc
 
     def payload(self, frame: Frame, crc: int | None) -> bytes:
@@ -268,7 +266,7 @@ class Decoder:
             out = bytearray()
             self._writer.write_all(out, records)
             data = bytes(out)
-            crc = zlib.crc32(data)
+            crc = crc32(data)
         self.totals.frames += 1
         self.totals.qemu_bytes += len(data)
         self.totals.chain(len(data), crc)
@@ -343,35 +341,6 @@ def decode_chunks(
 # -- the I/O edge -------------------------------------------------------------------------------
 
 
-async def _ordered(produce, work, write) -> None:
-    """Run producer -> WORKERS parallel workers -> in-order writer, with bounded channels."""
-    work_send, work_recv = trio.open_memory_channel(IN_FLIGHT)
-    order_send, order_recv = trio.open_memory_channel(IN_FLIGHT)
-
-    async def submit(item: object) -> None:
-        done_send, done_recv = trio.open_memory_channel(1)
-        await order_send.send(done_recv)
-        await work_send.send((item, done_send))
-
-    async def worker(recv: trio.MemoryReceiveChannel) -> None:
-        async with recv:
-            async for item, done in recv:
-                await done.send(await trio.to_thread.run_sync(work, item))
-
-    async def writer() -> None:
-        async with order_recv:
-            async for done in order_recv:
-                await write(await done.receive())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        async with work_recv:
-            for _ in range(WORKERS):
-                nursery.start_soon(worker, work_recv.clone())
-        async with work_send, order_send:
-            await produce(submit)
-
-
 async def with_progress(progress: Progress | None, totals: Totals, pipeline) -> None:
     """Run the pipeline, redrawing progress beside it when asked to."""
     if progress is None:
@@ -419,10 +388,6 @@ async def encode(
     byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
     header = WireHeader(tuple((f.name, f.params()) for f in chain))
 
-    def read_and_parse() -> tuple[list[Outgoing], bool]:
-        chunk = source.read()
-        return (encoder.feed(chunk), False) if chunk else (encoder.finish(), True)
-
     def frame(out: Outgoing) -> tuple[list, int, int]:
         qemu_length = sum(len(p) for p in out.qemu)
         qemu_crc = crc_of(out.qemu)
@@ -443,23 +408,23 @@ async def encode(
     for f in chain:
         f.bind(head)
 
-    async def produce(submit) -> None:
-        totals.wire_bytes += len(head)
-        await trio.to_thread.run_sync(wire.write, [head])
-        finished = False
-        while not finished:
-            frames, finished = await trio.to_thread.run_sync(read_and_parse)
-            for out in frames:
-                await submit(out)
+    def produce(submit: Callable[[Outgoing], None]) -> None:
+        while chunk := source.read():
+            for out in encoder.feed(chunk):
+                submit(out)
+        for out in encoder.finish():
+            submit(out)
 
-    async def write(item: tuple[list, int, int]) -> None:
+    def write(item: tuple[list, int, int]) -> None:
         parts, qemu_length, qemu_crc = item
         totals.frames += 1
         totals.chain(qemu_length, qemu_crc)
         totals.wire_bytes += sum(len(p) for p in parts)
-        await trio.to_thread.run_sync(wire.write, parts)
+        wire.write(parts)
 
-    await with_progress(progress, totals, lambda: _ordered(produce, frame, write))
+    await trio.to_thread.run_sync(wire.write, [head])
+    totals.wire_bytes += len(head)
+    await with_progress(progress, totals, lambda: run_ordered(produce, frame, write))
     trailer = encode_trailer(totals.frames, encoder.trailer())
     await trio.to_thread.run_sync(wire.write, [trailer])
     totals.wire_bytes += len(trailer)
@@ -484,38 +449,33 @@ async def _decode(
     totals = Totals()  # until the header names the filters; then the decoder's
     trailer: Trailer | None = None
 
-    def read_frames() -> tuple[list, bool]:
-        chunk = wire.read()
-        totals.wire_bytes += len(chunk)
-        if chunk:
-            reader.feed(chunk)
-        else:
-            reader.close()
-        return reader.next_events(), not chunk
-
-    async def produce(submit) -> None:
+    def produce(submit: Callable[[Frame], None]) -> None:
         nonlocal decoder, trailer
         finished = False
         while not finished:
-            events, finished = await trio.to_thread.run_sync(read_frames)
-            for event in events:
+            chunk = wire.read()
+            totals.wire_bytes += len(chunk)
+            if chunk:
+                reader.feed(chunk)
+            else:
+                reader.close()
+                finished = True
+            for event in reader.next_events():
                 if isinstance(event, WireHeader):
-                    # the filters' key derivation (scrypt) takes long: not on the loop
-                    decoder = await trio.to_thread.run_sync(Decoder, event, totals, secrets)
+                    decoder = Decoder(event, totals, secrets)  # before any frame reaches a worker
                 elif isinstance(event, Frame):
-                    await submit(event)
+                    submit(event)
                 else:
                     trailer = event
 
     def unfilter(frame: Frame) -> tuple[Frame, int | None]:
         return decoder.unfilter(frame)
 
-    async def write(item: tuple[Frame, int | None]) -> None:
-        data = decoder.payload(*item)
-        if data:
-            await trio.to_thread.run_sync(sink.write, [data])
+    def write(item: tuple[Frame, int | None]) -> None:
+        if data := decoder.payload(*item):
+            sink.write([data])
 
-    await with_progress(progress, totals, lambda: _ordered(produce, unfilter, write))
+    await with_progress(progress, totals, lambda: run_ordered(produce, unfilter, write))
     if decoder is None:
         raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
     final = decoder.finish(trailer)  # raises unless every check passed

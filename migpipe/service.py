@@ -43,7 +43,7 @@ from migpipe.files import enlarge_pipe
 from migpipe.filter import Filter, parse_chain
 from migpipe.fixedfile import PlainFile, check_chain
 from migpipe.keys import Secrets
-from migpipe.pipeline import WORKERS, Totals, decode, encode
+from migpipe.pipeline import Totals, decode, encode
 from migpipe.progress import INTERVAL, Progress
 from migpipe.savefile import LAYOUTS, restore_from, save_into
 from migpipe.serviceproto import (
@@ -89,7 +89,6 @@ FLUSH_SECONDS = 5.0  # how long a flooding client gets to read its error before 
 ACCEPT_BACKOFF = 0.1  # out of fds or memory: retry accept() after this long
 BACKLOG = 64
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError)  # a closed socket or queue
-THREADS_PER_JOB = WORKERS + 2  # a pipeline's reader, workers and writer can all be in threads
 ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 FILE_TYPES = (
     (stat.S_ISFIFO, "pipe"),
@@ -384,9 +383,10 @@ class Service:
     async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen on `path` until cancelled, then remove the socket (if it is still ours)."""
         limiter = trio.to_thread.current_default_thread_limiter()
-        # A stalled job keeps a thread waiting for its peer (LoopChannel): enough tokens that
-        # max_jobs stalled jobs never starve a running one of threads.
-        limiter.total_tokens = max(limiter.total_tokens, self.max_jobs * THREADS_PER_JOB)
+        # A stalled job keeps a thread of this limiter waiting for its peer (LoopChannel: the
+        # wire's header or trailer; a pipeline's own threads have a limiter of their own):
+        # enough tokens that max_jobs stalled jobs never starve a running one of threads.
+        limiter.total_tokens = max(limiter.total_tokens, self.max_jobs + 1)
         sock, identity = bind_private(path, self.socket_mode)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:

@@ -14,10 +14,11 @@ stream unless the whole stream arrived intact.
 """
 
 import json
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from isal.isal_zlib import crc32  # zlib's CRC-32, ~3x as fast (see pyproject.toml)
 
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
 from migpipe.stream.format import BE16, BE32, BE64
@@ -56,7 +57,7 @@ class Frame:
 
     def verified(self) -> int:
         """The payload's CRC-32, after checking it against the header's."""
-        crc = zlib.crc32(self.payload)
+        crc = crc32(self.payload)
         if crc != self.crc:
             raise MigpipeError(f"checksum mismatch in frame {self.sequence}", self.offset,
                                EXIT_CORRUPT)  # fmt: skip
@@ -84,14 +85,14 @@ def encode_header(header: WireHeader) -> bytes:
         sort_keys=True, separators=(",", ":"),
     ).encode()  # fmt: skip
     head = MAGIC + bytes([VERSION, 0]) + BE16.pack(len(text)) + text
-    return head + BE32.pack(zlib.crc32(head))
+    return head + BE32.pack(crc32(head))
 
 
 def crc_of(pieces: Sequence[bytes | memoryview]) -> int:
     """The CRC-32 of the concatenation of `pieces`, without concatenating them."""
     crc = 0
     for piece in pieces:
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
     return crc
 
 
@@ -106,7 +107,7 @@ def encode_frame(
         crc = crc_of(payload)
     head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(sum(len(p) for p in payload))
     head += BE32.pack(crc)
-    return head + BE32.pack(zlib.crc32(head))
+    return head + BE32.pack(crc32(head))
 
 
 def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
@@ -183,7 +184,7 @@ class WireReader:
         end = pos + 12 + length
         if len(buf) < end + 4:
             return None
-        if zlib.crc32(buf[pos:end]) != BE32.unpack_from(buf, end)[0]:
+        if crc32(buf[pos:end]) != BE32.unpack_from(buf, end)[0]:
             self._fail("wire header checksum mismatch", pos)
         if buf[pos + 9] != 0:
             self._fail(f"unknown wire header flags 0x{buf[pos + 9]:02x}", pos + 9,
@@ -208,7 +209,7 @@ class WireReader:
         if len(buf) - pos < FRAME_HEADER_SIZE:
             return None
         (header_crc,) = BE32.unpack_from(buf, pos + 13)
-        if zlib.crc32(buf[pos : pos + 13]) != header_crc:
+        if crc32(buf[pos : pos + 13]) != header_crc:
             self._fail(f"checksum mismatch in the header of frame {self._sequence}", pos)
         kind = buf[pos]
         (sequence,) = BE32.unpack_from(buf, pos + 1)

@@ -1,0 +1,149 @@
+"""The data plane: one producer thread, a pool of worker threads, one in-order writer thread.
+
+Handing every 1 MiB frame to trio and back (a to_thread round trip per read, per filter job and
+per write) cost about a third of encode's CPU on two cores, CPU that zstd needs. So the bytes
+move between plain threads over one bounded queue, and trio only starts the threads, waits for
+them and stops them. Each thread still runs under trio.to_thread, so a channel that waits in
+trio (service.LoopChannel) keeps working and is cancelled with the job.
+
+Backpressure: at most `in_flight` items are between the producer and the writer; the producer
+blocks when the writer falls behind. The first stage to fail stops the others (they end quietly,
+so its error is the one reported); cancelling the calling task stops them too, except for a
+thread blocked in a read or write that only its peer can end, as any blocking I/O.
+"""
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Generic, TypeVar
+
+import trio
+
+WORKERS = 2
+IN_FLIGHT = 4
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Stopped(Exception):
+    """Raised in a stage whose plane was stopped: another stage failed, or the task was
+    cancelled. That stage ends without an error of its own."""
+
+
+class _Slot:
+    __slots__ = ("done", "item", "result")
+
+    def __init__(self, item: object) -> None:
+        self.item = item
+        self.result: object = None
+        self.done = False
+
+
+class Plane(Generic[Item, Result]):
+    """The queue between the stages: items in submission order, each worked on once."""
+
+    def __init__(self, in_flight: int = IN_FLIGHT) -> None:
+        self._changed = threading.Condition()
+        self._order: deque[_Slot] = deque()  # submitted and not yet written, in order
+        self._todo: deque[_Slot] = deque()  # submitted and not yet taken by a worker
+        self._in_flight = in_flight
+        self._closed = False  # the producer is done
+        self._stopped = False
+
+    def submit(self, item: Item) -> None:
+        """Queue `item`, waiting while `in_flight` items are ahead of the writer."""
+        with self._changed:
+            self._wait(lambda: len(self._order) < self._in_flight)
+            slot = _Slot(item)
+            self._order.append(slot)
+            self._todo.append(slot)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+    def work(self, function: Callable[[Item], Result]) -> None:
+        """Run `function` on items until the producer is done (a worker's loop)."""
+        while True:
+            with self._changed:
+                self._wait(lambda: self._todo or self._closed)
+                if not self._todo:
+                    return
+                slot = self._todo.popleft()
+            result = function(slot.item)
+            with self._changed:
+                slot.result, slot.done = result, True
+                self._changed.notify_all()
+
+    def write(self, function: Callable[[Result], None]) -> None:
+        """Call `function` on each result, in submission order (the writer's loop)."""
+        while True:
+            with self._changed:
+                self._wait(lambda: self._order[0].done if self._order else self._closed)
+                if not self._order:
+                    return
+                slot = self._order.popleft()
+                self._changed.notify_all()
+            function(slot.result)
+
+    def _wait(self, ready: Callable[[], object]) -> None:
+        self._changed.wait_for(lambda: self._stopped or ready())
+        if self._stopped:
+            raise Stopped
+
+
+def _stage(plane: Plane, function: Callable[[], None]) -> None:
+    try:
+        function()
+    except Stopped:
+        pass
+    except BaseException:
+        plane.stop()
+        raise
+
+
+async def run_ordered(
+    produce: Callable[[Callable[[Item], None]], None],
+    work: Callable[[Item], Result],
+    write: Callable[[Result], None],
+    workers: int = WORKERS,
+    in_flight: int = IN_FLIGHT,
+) -> None:
+    """`produce(submit)` in one thread, `work` on each submitted item in `workers` threads,
+    `write` on the results in submission order in one thread; returns when all is written.
+
+    The threads have their own limiter: they live as long as the stream, and many pipelines
+    (the service's jobs) must not wait for each other's threads.
+    """
+    plane: Plane = Plane(in_flight)
+
+    def producer() -> None:
+        produce(plane.submit)
+        plane.close()
+
+    stages = [producer, partial(plane.write, write)] + [partial(plane.work, work)] * workers
+    limiter = trio.CapacityLimiter(len(stages))
+    async with trio.open_nursery() as watch:
+        watch.start_soon(_stop_when_cancelled, plane)
+        async with trio.open_nursery() as nursery:
+            for function in stages:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, _stage, plane, function, limiter=limiter)
+                )
+        watch.cancel_scope.cancel()
+
+
+async def _stop_when_cancelled(plane: Plane) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        plane.stop()
