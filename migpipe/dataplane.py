@@ -45,7 +45,12 @@ class Plane(Generic[Item, Result]):
     """The queue between the stages: items in submission order, each worked on once."""
 
     def __init__(self, in_flight: int = IN_FLIGHT) -> None:
-        self._changed = threading.Condition()
+        # One lock; a condition per kind of waiter, so that each change wakes only the thread
+        # that can act on it (waking all four per frame cost more futex calls than frames).
+        lock = threading.Lock()
+        self._room = threading.Condition(lock)  # the producer waits for the writer
+        self._work_to_do = threading.Condition(lock)  # workers wait for the producer
+        self._next_done = threading.Condition(lock)  # the writer waits for the oldest item
         self._order: deque[_Slot] = deque()  # submitted and not yet written, in order
         self._todo: deque[_Slot] = deque()  # submitted and not yet taken by a worker
         self._in_flight = in_flight
@@ -54,49 +59,53 @@ class Plane(Generic[Item, Result]):
 
     def submit(self, item: Item) -> None:
         """Queue `item`, waiting while `in_flight` items are ahead of the writer."""
-        with self._changed:
-            self._wait(lambda: len(self._order) < self._in_flight)
+        with self._room:
+            self._wait(self._room, lambda: len(self._order) < self._in_flight)
             slot = _Slot(item)
             self._order.append(slot)
             self._todo.append(slot)
-            self._changed.notify_all()
+            self._work_to_do.notify()
 
     def close(self) -> None:
-        with self._changed:
+        with self._room:
             self._closed = True
-            self._changed.notify_all()
+            self._work_to_do.notify_all()
+            self._next_done.notify()
 
     def stop(self) -> None:
-        with self._changed:
+        with self._room:
             self._stopped = True
-            self._changed.notify_all()
+            for waiters in (self._room, self._work_to_do, self._next_done):
+                waiters.notify_all()
 
     def work(self, function: Callable[[Item], Result]) -> None:
         """Run `function` on items until the producer is done (a worker's loop)."""
         while True:
-            with self._changed:
-                self._wait(lambda: self._todo or self._closed)
+            with self._work_to_do:
+                self._wait(self._work_to_do, lambda: self._todo or self._closed)
                 if not self._todo:
                     return
                 slot = self._todo.popleft()
             result = function(slot.item)
-            with self._changed:
+            with self._next_done:
                 slot.result, slot.done = result, True
-                self._changed.notify_all()
+                if slot is self._order[0]:
+                    self._next_done.notify()
 
     def write(self, function: Callable[[Result], None]) -> None:
         """Call `function` on each result, in submission order (the writer's loop)."""
         while True:
-            with self._changed:
-                self._wait(lambda: self._order[0].done if self._order else self._closed)
+            with self._next_done:
+                ready = lambda: self._order[0].done if self._order else self._closed  # noqa: E731
+                self._wait(self._next_done, ready)
                 if not self._order:
                     return
                 slot = self._order.popleft()
-                self._changed.notify_all()
+                self._room.notify()
             function(slot.result)
 
-    def _wait(self, ready: Callable[[], object]) -> None:
-        self._changed.wait_for(lambda: self._stopped or ready())
+    def _wait(self, waiters: threading.Condition, ready: Callable[[], object]) -> None:
+        waiters.wait_for(lambda: self._stopped or ready())
         if self._stopped:
             raise Stopped
 
