@@ -6,14 +6,19 @@ connection needs its own object (migpipe.tls) because its bytes pass through Ope
 """
 
 import contextlib
+import fcntl
 import os
+import select
 import stat
+import sys
+import termios
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from migpipe.errors import EXIT_PEER_GONE, MigpipeError
 
 CHUNK = 1 << 20
+_INT = bytes(4)  # FIONREAD's out-parameter
 
 
 class Channel(Protocol):
@@ -31,10 +36,20 @@ class FdChannel:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._ready = select.poll()
+        self._ready.register(fd, select.POLLIN)
 
     def read(self) -> bytes:
+        """Reads what is waiting, sized by FIONREAD once the fd is readable: a 1 MiB read that
+        comes back short shrinks its buffer in place and leaves a hole in the heap, and those
+        holes held decode's RSS at 2.5x what it uses when it reads faster than encode writes."""
         try:
-            return os.read(self.fd, CHUNK)
+            self._ready.poll()
+            try:
+                waiting = fcntl.ioctl(self.fd, termios.FIONREAD, _INT)
+            except OSError:  # not a pipe, socket, tty or regular file
+                return os.read(self.fd, CHUNK)
+            return os.read(self.fd, min(int.from_bytes(waiting, sys.byteorder), CHUNK) or CHUNK)
         except ConnectionResetError as e:
             message = f"input connection reset ({e.strerror})"
             raise MigpipeError(message, status=EXIT_PEER_GONE) from None
