@@ -110,12 +110,19 @@ class Totals:
 
 @dataclass
 class Outgoing:
-    """A frame on its way: its QEMU bytes, and the payload when page filters rewrote them."""
+    """A frame on its way: its QEMU bytes, or the records page filters rewrote them into.
+
+    With page filters the QEMU bytes are only checksummed (qemu_crc), at once, so that the
+    chunks they were read in are freed now, not after the frame is written: the xbzrle cache
+    is what bounds the memory then, and the chunks were another 7 MiB beside it.
+    """
 
     kind: int
     sequence: int
-    qemu: Pieces
-    records: bytes | None  # serialised filtered records; None means the payload is `qemu`
+    qemu: Pieces  # the QEMU bytes as the payload; empty when `records` is
+    records: bytearray | None  # serialised filtered records
+    qemu_length: int
+    qemu_crc: int | None  # None: the workers compute it from `qemu`
 
 
 class Encoder:
@@ -200,11 +207,12 @@ class Encoder:
                 qemu.append(piece[:left])
                 self._pieces[0] = piece[left:]
                 left = 0
-        self._pieces_start = upto
-        records = None
+        length, self._pieces_start = upto - self._pieces_start, upto
         if self._transforms:
-            records, self._records = bytes(self._records), bytearray()
-        frame = Outgoing(kind, self._sequence, qemu, records)
+            records, self._records = self._records, bytearray()  # handed on, not copied
+            frame = Outgoing(kind, self._sequence, [], records, length, crc_of(qemu))
+        else:
+            frame = Outgoing(kind, self._sequence, qemu, None, length, None)
         self._sequence += 1
         return frame
 
@@ -229,7 +237,7 @@ class Decoder:
             )
             self._parser = StreamParser(page_size=header.page_size, xbzrle_encodings=encodings)
         self._writer = StreamWriter()
-        self._held: bytes | None = None
+        self._held: bytes | bytearray | None = None
         self.totals = totals or Totals()
 
     def unfilter(self, frame: Frame) -> tuple[Frame, int | None]:
@@ -251,7 +259,7 @@ class Decoder:
             crc = crc32(data)
         return replace(frame, payload=data), crc
 
-    def payload(self, frame: Frame, crc: int | None) -> bytes:
+    def payload(self, frame: Frame, crc: int | None) -> bytes | bytearray:
         """The QEMU bytes to write now for one frame, in frame order."""
         if self._held is not None:
             raise MigpipeError("data frame after the final frame", status=EXIT_CORRUPT)
@@ -263,9 +271,8 @@ class Decoder:
             for transform in self._transforms:
                 records = self.totals.timed(transform.name, transform.transform, records)
             self.totals.count_pages(records)
-            out = bytearray()
-            self._writer.write_all(out, records)
-            data = bytes(out)
+            data = bytearray()
+            self._writer.write_all(data, records)
             crc = crc32(data)
         self.totals.frames += 1
         self.totals.qemu_bytes += len(data)
@@ -279,7 +286,7 @@ class Decoder:
             return b""
         return data
 
-    def finish(self, trailer: Trailer | None) -> bytes:
+    def finish(self, trailer: Trailer | None) -> bytes | bytearray:
         """Check the totals against the trailer; only then release the stream's end."""
         if trailer is None:
             raise MigpipeError("wire ended without a trailer", status=EXIT_CORRUPT)
@@ -389,8 +396,9 @@ async def encode(
     header = WireHeader(tuple((f.name, f.params()) for f in chain))
 
     def frame(out: Outgoing) -> tuple[list, int, int]:
-        qemu_length = sum(len(p) for p in out.qemu)
-        qemu_crc = crc_of(out.qemu)
+        qemu_length, qemu_crc = out.qemu_length, out.qemu_crc
+        if qemu_crc is None:
+            qemu_crc = crc_of(out.qemu)
         payload: Sequence = out.qemu if out.records is None else [out.records]
         payload_crc = qemu_crc if out.records is None else None  # the same bytes: CRC once
         if byte_filters:

@@ -98,9 +98,32 @@ def test_delta_for_an_uncached_page_is_corruption() -> None:
 def test_cache_is_bounded_lru() -> None:
     cache = PageCache(3 * PAGE)
     for offset in range(5):
-        cache.put(("b", offset * PAGE), b"x")
-    assert cache.get(("b", 0)) is None and cache.get(("b", 4 * PAGE)) == b"x"
-    assert cache.evictions == 2
+        cache.put(("b", offset * PAGE), bytes([offset]) * PAGE)
+    cache.get(("b", 2 * PAGE))
+    cache.put(("b", 2 * PAGE), b"\x22" * PAGE)  # used again: now the most recent
+    cache.put(("b", 5 * PAGE), b"\x05" * PAGE)
+    assert [cache.get(("b", n * PAGE)) for n in range(6)] == [
+        None,
+        None,
+        b"\x22" * PAGE,
+        None,
+        b"\x04" * PAGE,
+        b"\x05" * PAGE,
+    ]
+    assert cache.evictions == 3
+
+
+def test_cache_gives_copies_and_forgets_pages_of_another_size() -> None:
+    cache = PageCache(2 * PAGE)
+    cache.put(("b", 0), b"a" * PAGE)
+    old = cache.get(("b", 0))
+    cache.put(("b", 0), b"b" * PAGE)  # refills the slot `old` came from
+    assert old == b"a" * PAGE and cache.get(("b", 0)) == b"b" * PAGE
+    cache.put(("b", 0), b"c" * 1024)  # not a 4 KiB page: not kept, on either end
+    assert ("b", 0) not in cache and cache.get(("b", 0)) is None
+    for offset in range(2):  # its slot is free again: no eviction to fill two
+        cache.put(("b", (offset + 1) * PAGE), b"d" * PAGE)
+    assert cache.evictions == 0
 
 
 def test_qemu_xbzrle_records_pass_through(stream: bytes) -> None:
@@ -135,15 +158,19 @@ def test_every_frame_rebuilds_exactly_its_own_bytes(monkeypatch: pytest.MonkeyPa
         encoder = Encoder(chain)
         frames = encoder.feed(stream[:split]) + encoder.feed(stream[split:]) + encoder.finish()
         sent = Totals()  # what the pipeline's writer adds up as the frames go out
+        qemu, at = [], 0
         for frame in frames:
-            qemu = b"".join(frame.qemu)
-            sent.chain(len(qemu), zlib.crc32(qemu))
+            qemu.append(stream[at : at + frame.qemu_length])
+            at += frame.qemu_length
+            assert frame.qemu_crc == zlib.crc32(qemu[-1])
+            sent.chain(frame.qemu_length, frame.qemu_crc)
+        assert at == len(stream)
         trailer = Trailer(len(stream), encoder.totals.page_records, len(frames), sent.digest)
         decoder = Decoder(WireHeader((("xbzrle", {}),)))
-        for frame in frames:
+        for frame, frame_qemu in zip(frames, qemu, strict=True):
             wire_frame = Frame(frame.kind, frame.sequence, frame.records,
                                zlib.crc32(frame.records), 0)  # fmt: skip
             rebuilt = decoder.payload(wire_frame, None)
             if frame.kind == FRAME_FINAL:
                 rebuilt = decoder.finish(trailer)
-            assert rebuilt == b"".join(frame.qemu), f"split {split}, frame {frame.sequence}"
+            assert rebuilt == frame_qemu, f"split {split}, frame {frame.sequence}"
