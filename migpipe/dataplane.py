@@ -1,8 +1,8 @@
 """The data plane: one producer thread, a pool of worker threads, one in-order writer thread.
 
 Handing every 1 MiB frame to trio and back (a to_thread round trip per read, per filter job and
-per write) cost about a third of encode's CPU on two cores, CPU that zstd needs. So the bytes
-move between plain threads over one bounded queue, and trio only starts the threads, waits for
+per write) cost encode 15-25% of its time on two cores, CPU that zstd needs. So the bytes move
+between long-lived threads over one bounded queue, and trio only starts the threads, waits for
 them and stops them. Each thread still runs under trio.to_thread, so a channel that waits in
 trio (service.LoopChannel) keeps working and is cancelled with the job.
 
