@@ -371,6 +371,7 @@ class FixedSaver:
             self.counters.extent_writes += 1
             self.counters.extent_rewrites += entry.write != 0
             entry.write, entry.length, entry.crc = write, len(stored), crc32(stored)
+            self.totals.wire_bytes += len(stored)  # written so far, for --progress
 
     def _write_chunk(self) -> None:
         if not self.device_state:
@@ -379,6 +380,7 @@ class FixedSaver:
         stored = self.sealer.seal(bytes(self.device_state), Position(write, False))
         self.device_state.clear()
         self.file.write_at(self.next_offset, stored)
+        self.totals.wire_bytes += len(stored)
         self.chunks.append((self.next_offset, len(stored), crc32(stored), write))
         self.next_offset = _align(self.next_offset + len(stored))
 
@@ -456,7 +458,7 @@ async def save_fixed(
             if parser.eof_offset is None:
                 raise MigpipeError("QEMU stream ended without its EOF item", totals.qemu_bytes,
                                    EXIT_TRUNCATED)  # fmt: skip
-            totals.wire_bytes = saver.finish()
+            totals.wire_bytes = saver.finish()  # what was written becomes the file's size
         except BaseException:
             saver.abort()
             raise

@@ -85,6 +85,24 @@ def test_fixed_layout_size_stays_bounded(tmp_path: Path) -> None:
     assert sizes[12][1] == sizes[2][1] <= RAM * 1.02 + (1 << 20)  # the file
 
 
+def test_fixed_save_counts_the_bytes_it_writes_as_it_goes(tmp_path: Path, stream: bytes) -> None:
+    """--progress shows the fixed layout's written bytes during the save, not 0 until the end;
+    at the end they are the file's size."""
+    from migpipe.fixedfile import FixedSaver, PlainFile
+    from migpipe.pipeline import Totals
+    from migpipe.stream.parser import parse_bytes
+
+    records = parse_bytes(stream)
+    totals = Totals()
+    with open(tmp_path / "vm.mig", "wb+") as f:
+        saver = FixedSaver(PlainFile(f.fileno()), [], totals, cache=1 << 20)  # 8 MiB of RAM
+        saver.add(records[: len(records) // 2])
+        assert totals.wire_bytes > 1 << 20  # evicted extents, written before the end
+        saver.add(records[len(records) // 2 :])
+        size = saver.finish()
+        assert size == os.fstat(f.fileno()).st_size
+
+
 def test_summary_and_stats(tmp_path: Path, stream: bytes) -> None:
     stats = tmp_path / "stats.json"
     result = migpipe("save", str(tmp_path / "vm.mig"), "--layout", "fixed", "--cache", "2M",
