@@ -40,16 +40,9 @@ class FdChannel:
         self._ready.register(fd, select.POLLIN)
 
     def read(self) -> bytes:
-        """Reads what is waiting, sized by FIONREAD once the fd is readable: a 1 MiB read that
-        comes back short shrinks its buffer in place and leaves a hole in the heap, and those
-        holes held decode's RSS at 2.5x what it uses when it reads faster than encode writes."""
         try:
-            self._ready.poll()
-            try:
-                waiting = fcntl.ioctl(self.fd, termios.FIONREAD, _INT)
-            except OSError:  # not a pipe, socket, tty or regular file
-                return os.read(self.fd, CHUNK)
-            return os.read(self.fd, min(int.from_bytes(waiting, sys.byteorder), CHUNK) or CHUNK)
+            self._ready.poll()  # so that read_waiting sees what the wait brought
+            return read_waiting(self.fd)
         except ConnectionResetError as e:
             message = f"input connection reset ({e.strerror})"
             raise MigpipeError(message, status=EXIT_PEER_GONE) from None
@@ -67,6 +60,18 @@ class FdChannel:
         except (BrokenPipeError, ConnectionResetError):
             message = "output closed by the reader (broken pipe)"
             raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+
+
+def read_waiting(fd: int) -> bytes:
+    """os.read of what is waiting in `fd`, up to CHUNK, sized by FIONREAD where the fd answers
+    it: a 1 MiB read that comes back short shrinks its buffer in place and leaves a hole in the
+    heap, and such holes held decode's RSS at 2.5x what it used when it read faster than encode
+    wrote. With nothing waiting (or no answer) it reads CHUNK: the end, or a wait."""
+    try:
+        waiting = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _INT), sys.byteorder)
+    except OSError:  # not a pipe, socket, tty or regular file
+        waiting = 0
+    return os.read(fd, min(waiting, CHUNK) or CHUNK)
 
 
 def as_channel(end: "int | Channel") -> Channel:

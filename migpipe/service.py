@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from migpipe.channel import CHUNK, Channel, FdChannel
+from migpipe.channel import Channel, FdChannel, read_waiting
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import enlarge_pipe
 from migpipe.filter import Filter, parse_chain
@@ -152,7 +152,7 @@ class LoopChannel:
     async def _read(self) -> bytes:
         while True:
             try:
-                return os.read(self._fd, CHUNK)
+                return read_waiting(self._fd)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._fd)
             except ConnectionResetError:
