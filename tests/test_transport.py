@@ -78,3 +78,35 @@ def test_decoder_gone_mid_stream(stream: bytes, tmp_path: Path) -> None:
         _, err = encoder.communicate(big, timeout=60)
     assert encoder.returncode == EXIT_PEER_GONE, err
     assert b"Traceback" not in err and err.count(b"\n") == 1
+
+
+def test_reads_take_what_is_waiting_from_pipes_sockets_files_and_devices(tmp_path: Path) -> None:
+    """FdChannel reads exactly what is waiting (sized by FIONREAD, so no read's buffer is
+    shrunk after the fact), up to CHUNK, and a whole CHUNK from what cannot say."""
+    import os
+
+    from migpipe.channel import CHUNK, FdChannel
+
+    read_end, write_end = os.pipe()
+    left, right = socket.socketpair()
+    path = tmp_path / "file"
+    path.write_bytes(b"f" * (CHUNK + 10))
+    file = os.open(path, os.O_RDONLY)
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        os.write(write_end, b"p" * 1000)
+        right.sendall(b"s" * 3000)
+        assert FdChannel(read_end).read() == b"p" * 1000
+        assert FdChannel(left.fileno()).read() == b"s" * 3000
+        reader = FdChannel(file)
+        assert [len(reader.read()) for _ in range(3)] == [CHUNK, 10, 0]
+        assert len(FdChannel(zero).read()) == CHUNK
+        os.close(write_end)
+        write_end = -1
+        assert FdChannel(read_end).read() == b""
+    finally:
+        for fd in (read_end, write_end, file, zero):
+            if fd >= 0:
+                os.close(fd)
+        left.close()
+        right.close()
