@@ -97,8 +97,8 @@ def test_fixed_save_counts_the_bytes_it_writes_as_it_goes(tmp_path: Path, stream
     with open(tmp_path / "vm.mig", "wb+") as f:
         saver = FixedSaver(PlainFile(f.fileno()), [], totals, cache=1 << 20)  # 8 MiB of RAM
         saver.add(records[: len(records) // 2])
-        for write, _ in saver.in_flight.values():  # extents evicted so far are written by a pool
-            write.result()
+        for future, _ in saver.in_flight.values():  # evicted extents are written by a pool
+            future.result()
         written = saver.counters.extent_writes
         assert written > 0 and totals.wire_bytes > 0  # counted before the end
         saver.add(records[len(records) // 2 :])
