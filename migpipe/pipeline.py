@@ -6,11 +6,13 @@ checksums (zstd, lz4 and CRC-32 release the GIL, so both cores work), one thread
 in order; a bounded queue between them gives backpressure and bounds memory to a few frames.
 
 Bytes are copied as little as possible: this VM pays dearly for first-touched memory, so a
-frame's QEMU bytes stay views of the chunks they were read in until the frame is written.
+frame's QEMU bytes stay views of the chunks they were read in until the frame is written
+(without page filters: with them the records are the payload, see Outgoing).
 
-End to end, each frame's QEMU bytes get a CRC-32 (computed by the workers, in parallel), and
-the trailer carries a digest chained over every frame's (length, CRC-32): decode recomputes it
-from what it rebuilt, so a filter that went wrong is caught as surely as a flipped wire bit.
+End to end, each frame's QEMU bytes get a CRC-32 (computed by the workers, in parallel, or by
+the reader at once with page filters), and the trailer carries a digest chained over every
+frame's (length, CRC-32): decode recomputes it from what it rebuilt, so a filter that went
+wrong is caught as surely as a flipped wire bit.
 """
 
 import itertools
