@@ -12,10 +12,11 @@ import select
 import stat
 import sys
 import termios
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from migpipe.errors import EXIT_PEER_GONE, MigpipeError
+from migpipe.errors import EXIT_PEER_GONE, MigpipeError, Stopped
 
 CHUNK = 1 << 20
 _INT = bytes(4)  # FIONREAD's out-parameter
@@ -30,18 +31,47 @@ class Channel(Protocol):
         """All of `parts`, in order, however the other end splits its reads."""
         ...
 
+    def interrupt(self) -> None:
+        """From another thread: make the read that waits now, and every later one, raise
+        Stopped. The pipeline calls it when it stops (a failed stage, Ctrl-C), so that a read
+        from a silent peer (QEMU paused, an idle connection) does not hold it until the peer
+        speaks. Channels whose reads never wait for a peer (files) may do nothing."""
+        ...
+
 
 class FdChannel:
-    """A pipe, file or plain socket by its descriptor (not owned: the caller closes it)."""
+    """A pipe, file or plain socket by its descriptor (not owned: the caller closes it).
+
+    The descriptor stays blocking (it may be shared: stdin, a terminal), so a read that may
+    wait (not from a file or a disk) waits in poll on it and on an eventfd of the channel's own,
+    which interrupt() makes readable. The eventfd is made by the first such read, so channels
+    that only write, or read files, hold no descriptor of their own.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._ready = select.poll()
         self._ready.register(fd, select.POLLIN)
+        self._wake: int | None = None
+        self._stopping = False
+
+    def interrupt(self) -> None:
+        self._stopping = True  # before looking at _wake: see read()
+        if self._wake is not None:
+            os.eventfd_write(self._wake, 1)
 
     def read(self) -> bytes:
+        if self._wake is None and _may_wait(self.fd):
+            wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            weakref.finalize(self, os.close, wake)
+            self._ready.register(wake, select.POLLIN)
+            self._wake = wake  # an interrupt() from now on wakes the poll below
+        if self._stopping:  # an interrupt() that came before, or saw no eventfd yet
+            raise Stopped
         try:
             self._ready.poll()  # so that read_waiting sees what the wait brought
+            if self._stopping:
+                raise Stopped
             return read_waiting(self.fd)
         except ConnectionResetError as e:
             message = f"input connection reset ({e.strerror})"
@@ -60,6 +90,12 @@ class FdChannel:
         except (BrokenPipeError, ConnectionResetError):
             message = "output closed by the reader (broken pipe)"
             raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+
+
+def _may_wait(fd: int) -> bool:
+    """Whether a read of `fd` can wait for a peer: not for a regular file or a block device."""
+    mode = os.fstat(fd).st_mode
+    return not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
 
 
 def read_waiting(fd: int) -> bytes:
@@ -93,6 +129,9 @@ class _Watched:
 
     def read(self) -> bytes | bytearray:
         return self.channel.read()
+
+    def interrupt(self) -> None:
+        self.channel.interrupt()
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         if any(len(p) for p in parts):

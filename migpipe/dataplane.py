@@ -8,10 +8,13 @@ trio (service.LoopChannel) keeps working and is cancelled with the job.
 
 Backpressure: at most `in_flight` items are between the producer and the writer; the producer
 blocks when the writer falls behind. The first stage to fail stops the others (they end quietly,
-so its error is the one reported); cancelling the calling task stops them too, except for a
-thread blocked in a read or write that only its peer can end, as any blocking I/O.
+so its error is the one reported); cancelling the calling task stops them too. Stopping also
+calls the caller's `interrupt`, which ends a read that waits for a silent peer (see
+channel.Channel.interrupt); a write that waits for a peer which stopped reading is not
+interrupted: it ends when that peer reads or goes away.
 """
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +23,8 @@ from typing import Generic, TypeVar
 
 import trio
 
+from migpipe.errors import Stopped
+
 WORKERS = 2
 IN_FLIGHT = 4
 
@@ -27,9 +32,8 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class Stopped(Exception):
-    """Raised in a stage whose plane was stopped: another stage failed, or the task was
-    cancelled. That stage ends without an error of its own."""
+def _nothing() -> None:
+    pass
 
 
 class _Slot:
@@ -44,7 +48,9 @@ class _Slot:
 class Plane(Generic[Item, Result]):
     """The queue between the stages: items in submission order, each worked on once."""
 
-    def __init__(self, in_flight: int = IN_FLIGHT) -> None:
+    def __init__(
+        self, in_flight: int = IN_FLIGHT, interrupt: Callable[[], None] = _nothing
+    ) -> None:
         # One lock; a condition per kind of waiter, so that each change wakes only the thread
         # that can act on it (waking all four per frame cost more futex calls than frames).
         lock = threading.Lock()
@@ -56,6 +62,7 @@ class Plane(Generic[Item, Result]):
         self._in_flight = in_flight
         self._closed = False  # the producer is done
         self._stopped = False
+        self._interrupt = interrupt
 
     def submit(self, item: Item) -> None:
         """Queue `item`, waiting while `in_flight` items are ahead of the writer."""
@@ -77,6 +84,7 @@ class Plane(Generic[Item, Result]):
             self._stopped = True
             for waiters in (self._room, self._work_to_do, self._next_done):
                 waiters.notify_all()
+        self._interrupt()  # for a producer that waits in a read, not in the queue
 
     def work(self, function: Callable[[Item], Result]) -> None:
         """Run `function` on items until the producer is done (a worker's loop)."""
@@ -126,33 +134,57 @@ async def run_ordered(
     write: Callable[[Result], None],
     workers: int = WORKERS,
     in_flight: int = IN_FLIGHT,
+    interrupt: Callable[[], None] = _nothing,
 ) -> None:
     """`produce(submit)` in one thread, `work` on each submitted item in `workers` threads,
     `write` on the results in submission order in one thread; returns when all is written.
-
-    The threads have their own limiter: they live as long as the stream, and many pipelines
-    (the service's jobs) must not wait for each other's threads.
+    `interrupt` is called once the threads must stop, to end a wait in `produce`'s reads.
     """
-    plane: Plane = Plane(in_flight)
+    plane: Plane = Plane(in_flight, interrupt)
 
     def producer() -> None:
         produce(plane.submit)
         plane.close()
 
     stages = [producer, partial(plane.write, write)] + [partial(plane.work, work)] * workers
-    limiter = trio.CapacityLimiter(len(stages))
-    async with trio.open_nursery() as watch:
-        watch.start_soon(_stop_when_cancelled, plane)
-        async with trio.open_nursery() as nursery:
-            for function in stages:
-                nursery.start_soon(
-                    partial(trio.to_thread.run_sync, _stage, plane, function, limiter=limiter)
-                )
-        watch.cancel_scope.cancel()
+    await _in_threads([partial(_stage, plane, function) for function in stages], plane.stop)
 
 
-async def _stop_when_cancelled(plane: Plane) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        plane.stop()
+async def run_interruptible(function: Callable[[], None], interrupt: Callable[[], None]) -> None:
+    """`function` in a thread, as the single stage of a pipeline: cancelling the task calls
+    `interrupt`, to end a wait in its reads (it then ends quietly, and the task is cancelled)."""
+
+    def quietly() -> None:
+        with contextlib.suppress(Stopped):
+            function()
+
+    await _in_threads([quietly], interrupt)
+
+
+async def _in_threads(functions: list[Callable[[], None]], stop: Callable[[], None]) -> None:
+    """Each function in a thread; `stop` is called if one fails or the task is cancelled.
+
+    The calling task waits inside the nursery (not in its exit), where Ctrl-C reaches it: trio
+    delivers KeyboardInterrupt to the main task, and only the scope it waits in is cancelled.
+    The threads have their own limiter: they live as long as the stream, and many pipelines
+    (the service's jobs) must not wait for each other's threads.
+    """
+    limiter = trio.CapacityLimiter(len(functions))
+    running = len(functions)
+    all_done = trio.Event()
+
+    async def in_thread(function: Callable[[], None]) -> None:
+        nonlocal running
+        await trio.to_thread.run_sync(function, limiter=limiter)
+        running -= 1
+        if not running:
+            all_done.set()
+
+    async with trio.open_nursery() as nursery:
+        for function in functions:
+            nursery.start_soon(in_thread, function)
+        try:
+            await all_done.wait()
+        except BaseException:  # a thread failed (the nursery cancels us), Ctrl-C, a cancel
+            stop()
+            raise

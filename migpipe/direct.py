@@ -492,6 +492,9 @@ class DirectReader:
         self._pos += len(chunk)
         return chunk
 
+    def interrupt(self) -> None:
+        """Nothing to do: a read waits only for the disk."""
+
     def pump(self, fd: int) -> int:
         """Write the rest of the file to `fd` (a pipe, say) from the ring; returns the count."""
         out, total = FdChannel(fd), 0

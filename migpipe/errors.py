@@ -1,4 +1,4 @@
-"""The project's single error type.
+"""The project's error type, and the signal a stopped pipeline sends its threads.
 
 Every failure a user can cause (bad input, a truncated stream, a wrong option) is raised as
 MigpipeError, so the CLI can print one line and exit non-zero instead of a traceback.
@@ -39,3 +39,9 @@ class MigpipeError(Exception):
         if self.offset is None:
             return self.message
         return f"{self.message} (at byte offset {self.offset})"
+
+
+class Stopped(Exception):
+    """Raised in a pipeline thread that was told to stop (another stage failed, or the task was
+    cancelled) while it waited: in the data plane's queue, or in a read from its peer. The
+    thread ends without an error of its own; the cause is reported by whoever stopped it."""

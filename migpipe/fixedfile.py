@@ -25,12 +25,14 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 from isal.isal_zlib import crc32
 
 from migpipe import filter as filters
 from migpipe.channel import Channel, as_channel
+from migpipe.dataplane import run_interruptible
 from migpipe.direct import DirectFile
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
 from migpipe.extracted import Skeleton, compact_stream
@@ -464,7 +466,7 @@ async def save_fixed(
             raise
         totals.filter_counters["fixed"] = vars(saver.counters)
 
-    await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
+    await with_progress(progress, totals, partial(run_interruptible, run, source.interrupt))
     return totals
 
 

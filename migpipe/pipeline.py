@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -434,7 +435,8 @@ async def encode(
 
     await trio.to_thread.run_sync(wire.write, [head])
     totals.wire_bytes += len(head)
-    await with_progress(progress, totals, lambda: run_ordered(produce, frame, write))
+    run = partial(run_ordered, produce, frame, write, interrupt=source.interrupt)
+    await with_progress(progress, totals, run)
     trailer = encode_trailer(totals.frames, encoder.trailer())
     await trio.to_thread.run_sync(wire.write, [trailer])
     totals.wire_bytes += len(trailer)
@@ -485,7 +487,8 @@ async def _decode(
         if data := decoder.payload(*item):
             sink.write([data])
 
-    await with_progress(progress, totals, lambda: run_ordered(produce, unfilter, write))
+    run = partial(run_ordered, produce, unfilter, write, interrupt=wire.interrupt)
+    await with_progress(progress, totals, run)
     if decoder is None:
         raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
     final = decoder.finish(trailer)  # raises unless every check passed

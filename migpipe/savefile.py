@@ -18,6 +18,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -25,6 +26,7 @@ import trio
 from migpipe import filter as filters
 from migpipe import wire
 from migpipe.channel import Channel, FdChannel, as_channel, stream_sink
+from migpipe.dataplane import run_interruptible
 from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.errors import MigpipeError
 from migpipe.files import atomic_path, read_chunks
@@ -187,6 +189,9 @@ class _Unpublished:
     def read(self) -> bytes | bytearray:
         return self._channel.read()
 
+    def interrupt(self) -> None:
+        self._channel.interrupt()
+
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         if self._first and parts and len(parts[0]):
             self._first = False
@@ -304,7 +309,7 @@ async def save_libvirt(
             publish(file)
         totals.wire_bytes = os.fstat(file.fd).st_size
 
-    await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
+    await with_progress(progress, totals, partial(run_interruptible, run, source.interrupt))
     return totals
 
 

@@ -149,6 +149,9 @@ class LoopChannel:
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         trio.from_thread.run(self._write, parts)
 
+    def interrupt(self) -> None:
+        """Nothing to do: the wait is in the job's task, which the pipeline's stop cancels."""
+
     async def _read(self) -> bytes:
         while True:
             try:

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migpipe.channel import CHUNK
-from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TLS, EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    EXIT_CORRUPT,
+    EXIT_PEER_GONE,
+    EXIT_TLS,
+    EXIT_USAGE,
+    MigpipeError,
+    Stopped,
+)
 from migpipe.keys import read_private_file
 from migpipe.transport import parse_endpoint
 
@@ -337,6 +344,7 @@ class TlsChannel:
     def __init__(self, ssl_sock: ssl.SSLSocket, early: bytes = b"") -> None:
         self.socket = ssl_sock
         self._early = early  # application data read while waiting for the handshake to settle
+        self._interrupted = False
 
     def __enter__(self) -> "TlsChannel":
         return self
@@ -344,7 +352,25 @@ class TlsChannel:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def interrupt(self) -> None:
+        """Shut our socket's reading down, so that recv in a waiting read() returns at once;
+        the flag tells read() that the end it then sees is ours, not the peer's."""
+        self._interrupted = True
+        with contextlib.suppress(OSError):  # not SSLSocket.shutdown: that drops the TLS state
+            socket.socket.shutdown(self.socket, socket.SHUT_RD)
+
     def read(self) -> bytes | bytearray:
+        try:
+            data = self._read()
+        except Exception:
+            if self._interrupted:
+                raise Stopped from None
+            raise
+        if self._interrupted:
+            raise Stopped
+        return data
+
+    def _read(self) -> bytes | bytearray:
         if self._early:
             early, self._early = self._early, b""
             return early

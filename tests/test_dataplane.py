@@ -1,11 +1,19 @@
-"""migpipe.dataplane: order, backpressure, the first error wins, cancellation stops the threads."""
+"""migpipe.dataplane: order, backpressure, the first error wins, cancellation stops the threads,
+even one waiting in a read from a silent input."""
 
+import os
 import threading
+from functools import partial
 
 import pytest
 import trio
+from blocking import POLL, wait_until_blocked
 
-from migpipe.dataplane import Plane, run_ordered
+from migpipe.channel import FdChannel
+from migpipe.dataplane import Plane, run_interruptible, run_ordered
+from migpipe.errors import Stopped
+
+JOIN = 60  # seconds before a thread that should have ended is called hung
 
 
 def test_results_are_written_in_submission_order_whatever_order_the_workers_finish_in():
@@ -95,6 +103,93 @@ def test_cancelling_the_task_stops_every_thread_even_one_waiting_in_trio():
         assert scope.cancelled_caught
 
     trio.run(main)
+
+
+@pytest.fixture
+def silent_pipe():
+    """The read end of a pipe whose writer stays open and says nothing (QEMU paused)."""
+    read_end, write_end = os.pipe()
+    yield read_end
+    os.close(write_end)
+    os.close(read_end)
+
+
+def test_interrupt_ends_a_read_blocked_on_a_silent_pipe_and_every_later_one(silent_pipe):
+    channel = FdChannel(silent_pipe)
+    outcome = []
+
+    def reader() -> None:
+        try:
+            channel.read()
+        except Stopped:
+            outcome.append("stopped")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    wait_until_blocked(os.getpid(), frozenset({POLL}), thread.native_id)
+    channel.interrupt()
+    thread.join(JOIN)
+    assert outcome == ["stopped"]
+    with pytest.raises(Stopped):
+        channel.read()
+
+
+def test_a_failed_writer_stops_a_producer_that_waits_for_a_silent_input(silent_pipe):
+    """The writer's error is reported at once, not when the input next speaks."""
+    channel = FdChannel(silent_pipe)
+
+    def produce(submit):
+        submit(0)
+        while channel.read():  # blocks: nothing comes
+            pass
+
+    def write(n):
+        raise ValueError("output gone")
+
+    failure = []
+    runner = threading.Thread(target=lambda: failure.append(_raised(produce, write, channel)))
+    runner.start()
+    runner.join(JOIN)
+    assert not runner.is_alive(), "the producer's read held the pipeline"
+    assert [type(e) for e in _leaves(failure[0])] == [ValueError]
+
+
+def test_cancelling_run_interruptible_ends_its_wait_in_a_read(silent_pipe):
+    channel = FdChannel(silent_pipe)
+    reader: list[int] = []
+    reader_known = threading.Event()
+    returned: list[bool] = []
+
+    def run() -> None:
+        reader.append(threading.get_native_id())
+        reader_known.set()
+        channel.read()
+        returned.append(True)
+
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_interruptible, run, channel.interrupt)
+                await trio.to_thread.run_sync(reader_known.wait)
+                await trio.to_thread.run_sync(
+                    wait_until_blocked, os.getpid(), frozenset({POLL}), reader[0]
+                )
+                scope.cancel()
+        returned.append(scope.cancelled_caught)
+
+    runner = threading.Thread(target=trio.run, args=(main,))
+    runner.start()
+    runner.join(JOIN)
+    assert not runner.is_alive(), "the read held the cancelled task"
+    assert returned == [True]  # the read never returned; the cancel was caught
+
+
+def _raised(produce, write, channel: FdChannel) -> BaseException | None:
+    try:
+        trio.run(partial(run_ordered, produce, lambda n: n, write, interrupt=channel.interrupt))
+    except BaseException as e:  # handed to the test's thread
+        return e
+    return None
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from blocking import READ_WAITS, wait_until_blocked
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from migpipe import tls, tlsinit
 from migpipe.channel import CHUNK
-from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError
+from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError, Stopped
 from migpipe.pipeline import decode, encode
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
@@ -235,6 +236,44 @@ def test_the_real_pipeline_over_tls(creds: Path, tmp_path: Path) -> None:
     assert client.error is None and server.error is None
     assert sink.read_bytes() == stream
     assert server.result.digest == client.result.digest
+
+
+def test_interrupt_ends_a_read_waiting_for_a_silent_peer(creds: Path) -> None:
+    """A stopping pipeline wakes a TLS read as it wakes a pipe's, and the peer still connected
+    is not mistaken for one that ended its stream."""
+    finished = threading.Event()
+
+    def reader(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)) as channel:
+            waiting = threading.get_native_id()
+            interrupter = threading.Thread(target=interrupt_when_blocked, args=(channel, waiting))
+            interrupter.start()
+            try:
+                outcomes = [read_or_stopped(channel), read_or_stopped(channel)]
+            finally:
+                interrupter.join(JOIN)
+                finished.set()
+            return outcomes
+
+    def silent(sock: socket.socket) -> object:
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost"):
+            return finished.wait(JOIN)  # connected, saying nothing
+
+    server, client = connected(reader, silent)
+    assert server.error is None and client.error is None
+    assert server.result == ["stopped", "stopped"]
+
+
+def interrupt_when_blocked(channel: tls.TlsChannel, thread: int) -> None:
+    wait_until_blocked(os.getpid(), READ_WAITS, thread)
+    channel.interrupt()
+
+
+def read_or_stopped(channel: tls.TlsChannel) -> object:
+    try:
+        return channel.read()
+    except Stopped:
+        return "stopped"
 
 
 # -- handshakes that must fail ------------------------------------------------------------------

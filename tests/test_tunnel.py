@@ -1,15 +1,18 @@
 """encode | decode over real pipes: byte-identical, and never a complete stream from a bad wire."""
 
 import json
+import signal
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import pytest
+from blocking import POLL, wait_until_blocked
 
 from migpipe import wire
 from migpipe.channel import NOT_A_STREAM
+from migpipe.cli import EXIT_INTERRUPTED
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
@@ -194,3 +197,30 @@ def test_a_stream_that_cannot_start_fails_qemus_load(args: list[str]) -> None:
     assert result.stdout == NOT_A_STREAM
     message = result.stderr.decode()
     assert message.startswith(f"migpipe {args[0]}: error: ") and message.count("\n") == 1, message
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["encode", "--compress", "zstd:1"],
+        ["decode"],
+        ["save", "{file}"],
+        ["save", "--layout", "fixed", "--direct=try", "{file}"],
+    ],
+    ids=" ".join,
+)
+def test_ctrl_c_ends_a_command_whose_input_is_silent(command: list[str], tmp_path: Path) -> None:
+    """QEMU paused or the peer idle: Ctrl-C must not wait for the next byte, and an
+    interrupted save leaves nothing behind, not even its temporary file."""
+    argv = [sys.executable, "-m", "migpipe", *(a.format(file=tmp_path / "vm.mig") for a in command)]
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        wait_until_blocked(proc.pid, frozenset({POLL}))  # its read waits on the open, idle pipe
+        proc.send_signal(signal.SIGINT)
+        try:
+            status = proc.wait(60)
+        finally:
+            proc.stdin.close()  # ends the read of a migpipe that ignored the signal
+    assert status == EXIT_INTERRUPTED, proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []
