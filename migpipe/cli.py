@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import functools
 import json
+import signal
 import socket
 import sys
 import time
@@ -27,6 +28,27 @@ if TYPE_CHECKING:
     from migpipe.progress import Progress  # imported when used: start-up time
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
+
+
+class SigtermAsInterrupt:
+    """SIGTERM (libvirt aborting a helper, systemd, `timeout`) stops migpipe as Ctrl-C does:
+    the pipeline's threads are stopped and a save removes its temporary file. It is passed on
+    as SIGINT, which trio (inside trio.run) and Python (outside) already turn into
+    KeyboardInterrupt at a safe point; a handler raising from here could land inside trio."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        """Only where SIGINT is handled: a job started with SIGINT ignored (`cmd &` in a
+        script) must not ignore SIGTERM too, so there SIGTERM keeps killing at once."""
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        signal.raise_signal(signal.SIGINT)
 
 
 def size_argument(text: str) -> int:
@@ -757,13 +779,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_one_arena()
     args = build_parser().parse_args(argv)
     args.started = time.monotonic()
+    termination = SigtermAsInterrupt()
+    termination.install()
     try:
         return args.handler(args)
     except MigpipeError as e:
         print(f"migpipe {args.command}: error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if termination.received else EXIT_INTERRUPTED
     except BrokenPipeError:
         print(f"migpipe {args.command}: error: output closed early (broken pipe)", file=sys.stderr)
         return EXIT_PEER_GONE

@@ -12,7 +12,7 @@ from blocking import POLL, wait_until_blocked
 
 from migpipe import wire
 from migpipe.channel import NOT_A_STREAM
-from migpipe.cli import EXIT_INTERRUPTED
+from migpipe.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
@@ -209,18 +209,24 @@ def test_a_stream_that_cannot_start_fails_qemus_load(args: list[str]) -> None:
     ],
     ids=" ".join,
 )
-def test_ctrl_c_ends_a_command_whose_input_is_silent(command: list[str], tmp_path: Path) -> None:
-    """QEMU paused or the peer idle: Ctrl-C must not wait for the next byte, and an
-    interrupted save leaves nothing behind, not even its temporary file."""
+@pytest.mark.parametrize(
+    "stop,status",
+    [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_ends_a_command_whose_input_is_silent(
+    command: list[str], stop: signal.Signals, status: int, tmp_path: Path
+) -> None:
+    """QEMU paused or the peer idle: Ctrl-C or SIGTERM must not wait for the next byte, and a
+    stopped save leaves nothing behind, not even its temporary file."""
     argv = [sys.executable, "-m", "migpipe", *(a.format(file=tmp_path / "vm.mig") for a in command)]
     with subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as proc:
         wait_until_blocked(proc.pid, frozenset({POLL}))  # its read waits on the open, idle pipe
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
-            status = proc.wait(60)
+            assert proc.wait(60) == status, proc.stderr.read()
         finally:
             proc.stdin.close()  # ends the read of a migpipe that ignored the signal
-    assert status == EXIT_INTERRUPTED, proc.stderr.read()
     assert list(tmp_path.iterdir()) == []
