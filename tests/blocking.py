@@ -13,11 +13,14 @@ READ, POLL, RECVFROM, PPOLL = 0, 7, 45, 271
 READ_WAITS = frozenset({READ, POLL, RECVFROM, PPOLL})
 PATIENCE = 60  # seconds before a thread that never blocks fails the test
 
+watches_syscalls = pytest.mark.skipif(
+    platform.machine() != "x86_64", reason="the system call numbers it watches for are x86_64's"
+)
+
 
 def wait_until_blocked(pid: int, calls: frozenset[int], tid: int | None = None) -> None:
-    """Return once a thread of process `pid` (thread `tid`, if given) waits in one of `calls`."""
-    if platform.machine() != "x86_64":
-        pytest.skip("the system call numbers this test watches for are x86_64's")
+    """Return once a thread of process `pid` (thread `tid`, if given) waits in one of `calls`.
+    A test that calls it is marked `watches_syscalls`."""
     tasks = Path(f"/proc/{pid}/task")
     deadline = time.monotonic() + PATIENCE
     while not any(_current_call(task) in calls for task in _tasks(tasks, tid)):

@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import trio
-from blocking import POLL, wait_until_blocked
+from blocking import POLL, wait_until_blocked, watches_syscalls
 
 from migpipe.channel import FdChannel
 from migpipe.dataplane import Plane, run_interruptible, run_ordered
@@ -114,6 +114,7 @@ def silent_pipe():
     os.close(read_end)
 
 
+@watches_syscalls
 def test_interrupt_ends_a_read_blocked_on_a_silent_pipe_and_every_later_one(silent_pipe):
     channel = FdChannel(silent_pipe)
     outcome = []
@@ -154,6 +155,7 @@ def test_a_failed_writer_stops_a_producer_that_waits_for_a_silent_input(silent_p
     assert [type(e) for e in _leaves(failure[0])] == [ValueError]
 
 
+@watches_syscalls
 def test_cancelling_run_interruptible_ends_its_wait_in_a_read(silent_pipe):
     channel = FdChannel(silent_pipe)
     reader: list[int] = []

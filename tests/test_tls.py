@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from blocking import READ_WAITS, wait_until_blocked
+from blocking import READ_WAITS, wait_until_blocked, watches_syscalls
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -238,6 +238,7 @@ def test_the_real_pipeline_over_tls(creds: Path, tmp_path: Path) -> None:
     assert server.result.digest == client.result.digest
 
 
+@watches_syscalls
 def test_interrupt_ends_a_read_waiting_for_a_silent_peer(creds: Path) -> None:
     """A stopping pipeline wakes a TLS read as it wakes a pipe's, and the peer still connected
     is not mistaken for one that ended its stream."""

@@ -8,7 +8,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from blocking import POLL, wait_until_blocked
+from blocking import POLL, wait_until_blocked, watches_syscalls
 
 from migpipe import wire
 from migpipe.channel import NOT_A_STREAM
@@ -209,6 +209,7 @@ def test_a_stream_that_cannot_start_fails_qemus_load(args: list[str]) -> None:
     ],
     ids=" ".join,
 )
+@watches_syscalls
 @pytest.mark.parametrize(
     "stop,status",
     [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
