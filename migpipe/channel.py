@@ -39,13 +39,14 @@ class Channel(Protocol):
         ...
 
 
-class FdChannel:
-    """A pipe, file or plain socket by its descriptor (not owned: the caller closes it).
+class Readable:
+    """Waits until a descriptor is readable, unless interrupt() (from another thread) ends
+    the wait, and every later one, with Stopped.
 
-    The descriptor stays blocking (it may be shared: stdin, a terminal), so a read that may
-    wait (not from a file or a disk) waits in poll on it and on an eventfd of the channel's own,
-    which interrupt() makes readable. The eventfd is made by the first such read, so channels
-    that only write, or read files, hold no descriptor of their own.
+    The descriptor stays blocking (it may be shared: stdin, a terminal), so the wait is a poll
+    on it and on an eventfd of our own, which interrupt() makes readable. The eventfd is made
+    by the first wait that can last (not on a file or a disk), so channels that only write, or
+    read files, hold no descriptor of their own.
     """
 
     def __init__(self, fd: int) -> None:
@@ -56,11 +57,11 @@ class FdChannel:
         self._stopping = False
 
     def interrupt(self) -> None:
-        self._stopping = True  # before looking at _wake: see read()
+        self._stopping = True  # before looking at _wake: see wait()
         if self._wake is not None:
             os.eventfd_write(self._wake, 1)
 
-    def read(self) -> bytes:
+    def wait(self) -> None:
         if self._wake is None and _may_wait(self.fd):
             wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             weakref.finalize(self, os.close, wake)
@@ -68,10 +69,24 @@ class FdChannel:
             self._wake = wake  # an interrupt() from now on wakes the poll below
         if self._stopping:  # an interrupt() that came before, or saw no eventfd yet
             raise Stopped
+        self._ready.poll()
+        if self._stopping:
+            raise Stopped
+
+
+class FdChannel:
+    """A pipe, file or plain socket by its descriptor (not owned: the caller closes it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._readable = Readable(fd)
+
+    def interrupt(self) -> None:
+        self._readable.interrupt()
+
+    def read(self) -> bytes:
         try:
-            self._ready.poll()  # so that read_waiting sees what the wait brought
-            if self._stopping:
-                raise Stopped
+            self._readable.wait()  # so that read_waiting sees what the wait brought
             return read_waiting(self.fd)
         except ConnectionResetError as e:
             message = f"input connection reset ({e.strerror})"

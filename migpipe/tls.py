@@ -25,15 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from migpipe.channel import CHUNK
-from migpipe.errors import (
-    EXIT_CORRUPT,
-    EXIT_PEER_GONE,
-    EXIT_TLS,
-    EXIT_USAGE,
-    MigpipeError,
-    Stopped,
-)
+from migpipe.channel import CHUNK, Readable
+from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TLS, EXIT_USAGE, MigpipeError
 from migpipe.keys import read_private_file
 from migpipe.transport import parse_endpoint
 
@@ -344,7 +337,7 @@ class TlsChannel:
     def __init__(self, ssl_sock: ssl.SSLSocket, early: bytes = b"") -> None:
         self.socket = ssl_sock
         self._early = early  # application data read while waiting for the handshake to settle
-        self._interrupted = False
+        self._readable = Readable(ssl_sock.fileno())
 
     def __enter__(self) -> "TlsChannel":
         return self
@@ -353,31 +346,21 @@ class TlsChannel:
         self.close()
 
     def interrupt(self) -> None:
-        """Shut our socket's reading down, so that recv in a waiting read() returns at once;
-        the flag tells read() that the end it then sees is ours, not the peer's."""
-        self._interrupted = True
-        with contextlib.suppress(OSError):  # not SSLSocket.shutdown: that drops the TLS state
-            socket.socket.shutdown(self.socket, socket.SHUT_RD)
+        """End a read that waits for the peer's next record, without touching the TLS state
+        (a read that saw its own socket shut would make OpenSSL send the peer an alert). A
+        record that has begun to arrive is read to its end first."""
+        self._readable.interrupt()
 
     def read(self) -> bytes | bytearray:
-        try:
-            data = self._read()
-        except Exception:
-            if self._interrupted:
-                raise Stopped from None
-            raise
-        if self._interrupted:
-            raise Stopped
-        return data
-
-    def _read(self) -> bytes | bytearray:
         if self._early:
             early, self._early = self._early, b""
             return early
+        if not self.socket.pending():  # decrypted bytes already in OpenSSL need no wait
+            self._readable.wait()
         buffer = bytearray(CHUNK)
         view = memoryview(buffer)
         try:
-            length = self.socket.recv_into(view)  # blocks until the first record is in
+            length = self.socket.recv_into(view)  # waits only for the rest of a record
             if length:
                 length += self._gather(view[length:])
         except ssl.SSLZeroReturnError:

@@ -241,8 +241,9 @@ def test_the_real_pipeline_over_tls(creds: Path, tmp_path: Path) -> None:
 @watches_syscalls
 def test_interrupt_ends_a_read_waiting_for_a_silent_peer(creds: Path) -> None:
     """A stopping pipeline wakes a TLS read as it wakes a pipe's, and the peer still connected
-    is not mistaken for one that ended its stream."""
-    finished = threading.Event()
+    is not mistaken for one that ended its stream, nor sent an alert (the client's handshake,
+    still reading the server's ticket, would fail on one)."""
+    finished, handshaken = threading.Event(), threading.Event()
 
     def reader(sock: socket.socket) -> object:
         with tls.wrap_server(sock, tls.server_context(creds)) as channel:
@@ -253,16 +254,20 @@ def test_interrupt_ends_a_read_waiting_for_a_silent_peer(creds: Path) -> None:
                 outcomes = [read_or_stopped(channel), read_or_stopped(channel)]
             finally:
                 interrupter.join(JOIN)
+                handshaken.wait(JOIN)  # closing before the client's handshake ended fails it
                 finished.set()
             return outcomes
 
     def silent(sock: socket.socket) -> object:
-        with tls.wrap_client(sock, tls.client_context(creds), "localhost"):
-            return finished.wait(JOIN)  # connected, saying nothing
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost") as channel:
+            handshaken.set()
+            assert finished.wait(JOIN)  # connected, saying nothing
+            return channel.read()  # what the server's end brought: no alert, just the end
 
     server, client = connected(reader, silent)
     assert server.error is None and client.error is None
     assert server.result == ["stopped", "stopped"]
+    assert client.result == b""
 
 
 def interrupt_when_blocked(channel: tls.TlsChannel, thread: int) -> None:
