@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from migpipe.channel import CHUNK, FdChannel
-from migpipe.errors import MigpipeError
+from migpipe.errors import MigpipeError, Stopped
 
 PAGE = mmap.PAGESIZE
 BUFFER_SIZE = 4 << 20  # per disk call: a multiple of any alignment, and dd's bs=4M
@@ -480,6 +480,7 @@ class DirectReader:
         self._full: queue.SimpleQueue[tuple[memoryview, int] | Exception]
         self._full = queue.SimpleQueue()
         self._closing = False
+        self._stopping = False  # interrupt(): a stopped pipeline reads no further
         self._error: Exception | None = None
         self._buffer: memoryview | None = None
         self._current, self._pos, self._last = memoryview(b""), 0, False
@@ -488,12 +489,15 @@ class DirectReader:
 
     def read(self) -> bytes:
         """Up to CHUNK bytes; b"" at the end of the file."""
+        if self._stopping:
+            raise Stopped
         chunk = bytes(self._available()[:CHUNK])
         self._pos += len(chunk)
         return chunk
 
     def interrupt(self) -> None:
-        """Nothing to do: a read waits only for the disk."""
+        """Make the next read raise Stopped (a read waits only for the disk: none to end)."""
+        self._stopping = True
 
     def pump(self, fd: int) -> int:
         """Write the rest of the file to `fd` (a pipe, say) from the ring; returns the count."""

@@ -27,14 +27,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
-import trio
 from isal.isal_zlib import crc32
 
 from migpipe import filter as filters
 from migpipe.channel import Channel, as_channel
 from migpipe.dataplane import run_interruptible
 from migpipe.direct import DirectFile
-from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
+from migpipe.errors import (
+    EXIT_CORRUPT,
+    EXIT_INCOMPATIBLE,
+    EXIT_TRUNCATED,
+    MigpipeError,
+    Stopped,
+)
 from migpipe.extracted import Skeleton, compact_stream
 from migpipe.filter import Position
 from migpipe.keys import Secrets
@@ -611,6 +616,7 @@ async def restore_fixed(
     so the stream's end (in the last device-state chunk) comes out only if all of it passed."""
     sink = as_channel(sink)
     totals = Totals()
+    stopping = threading.Event()  # set when the task is cancelled: Ctrl-C, a failed job
 
     def run() -> None:
         reader = FixedReader(file, secrets, totals)
@@ -618,11 +624,13 @@ async def restore_fixed(
         for record in reader.records():
             writer.write(buffer, record)
             if len(buffer) >= DEVICE_CHUNK:
+                if stopping.is_set():
+                    raise Stopped
                 sink.write([buffer])
                 totals.qemu_bytes += len(buffer)
                 buffer = bytearray()
         sink.write([buffer])
         totals.qemu_bytes += len(buffer)
 
-    await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
+    await with_progress(progress, totals, partial(run_interruptible, run, stopping.set))
     return totals

@@ -337,5 +337,5 @@ async def restore_libvirt(
             if not raw:
                 reader.close()
 
-    await with_progress(progress, totals, lambda: trio.to_thread.run_sync(run))
+    await with_progress(progress, totals, partial(run_interruptible, run, source.interrupt))
     return totals
