@@ -11,7 +11,7 @@ from blocking import POLL, wait_until_blocked, watches_syscalls
 
 from migpipe.channel import FdChannel
 from migpipe.dataplane import Plane, run_interruptible, run_ordered
-from migpipe.errors import Stopped
+from migpipe.errors import Stopped, leaves
 
 JOIN = 60  # seconds before a thread that should have ended is called hung
 
@@ -81,7 +81,7 @@ def test_the_first_stage_to_fail_stops_the_others_and_its_error_is_the_one_raise
 
     with pytest.raises(BaseExceptionGroup) as caught:
         trio.run(run_ordered, produce, work, write)
-    assert [type(e) for e in _leaves(caught.value)] == [ValueError]  # the others ended quietly
+    assert [type(e) for e in leaves(caught.value)] == [ValueError]  # the others ended quietly
     assert len(submitted) < 10_000  # the producer was stopped, not run to the end
     assert 5 not in written and written == sorted(written)
 
@@ -152,7 +152,7 @@ def test_a_failed_writer_stops_a_producer_that_waits_for_a_silent_input(silent_p
     runner.start()
     runner.join(JOIN)
     assert not runner.is_alive(), "the producer's read held the pipeline"
-    assert [type(e) for e in _leaves(failure[0])] == [ValueError]
+    assert [type(e) for e in leaves(failure[0])] == [ValueError]
 
 
 @watches_syscalls
@@ -192,9 +192,3 @@ def _raised(produce, write, channel: FdChannel) -> BaseException | None:
     except BaseException as e:  # handed to the test's thread
         return e
     return None
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
