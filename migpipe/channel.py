@@ -85,12 +85,16 @@ class FdChannel:
         self._readable.interrupt()
 
     def read(self) -> bytes:
-        try:
+        with _reset_is_peer_gone():
             self._readable.wait()  # so that read_waiting sees what the wait brought
             return read_waiting(self.fd)
-        except ConnectionResetError as e:
-            message = f"input connection reset ({e.strerror})"
-            raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+
+    def readinto(self, view: memoryview) -> int:
+        """Read into `view` what is there, waiting for the first byte (interruptibly) as read()
+        does; 0 at the end. For a consumer that owns the memory the bytes must land in."""
+        with _reset_is_peer_gone():
+            self._readable.wait()
+            return os.readv(self.fd, [view])
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         views = [memoryview(p) for p in parts if len(p)]
@@ -105,6 +109,15 @@ class FdChannel:
         except (BrokenPipeError, ConnectionResetError):
             message = "output closed by the reader (broken pipe)"
             raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+
+
+@contextlib.contextmanager
+def _reset_is_peer_gone() -> Iterator[None]:
+    try:
+        yield
+    except ConnectionResetError as e:
+        message = f"input connection reset ({e.strerror})"
+        raise MigpipeError(message, status=EXIT_PEER_GONE) from None
 
 
 def _may_wait(fd: int) -> bool:

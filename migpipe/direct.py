@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import queue
+import resource
 import stat
 import struct
 import threading
@@ -120,6 +121,13 @@ def datasync(fd: int, name: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EROFS):
             raise MigpipeError(f"cannot sync {name}: {e.strerror}") from None
+
+
+def _over_size_limit(end: int) -> bool:
+    """Whether a write up to `end` passes RLIMIT_FSIZE (ulimit -f). The kernel cuts such a
+    write short, to an unaligned length that O_DIRECT then refuses with EINVAL, not EFBIG."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return limit != resource.RLIM_INFINITY and end > limit
 
 
 def _set_direct(fd: int, on: bool) -> None:
@@ -234,7 +242,10 @@ class DirectFile:
                     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
                 os.posix_fadvise(self.fd, offset, done, os.POSIX_FADV_DONTNEED)
         except OSError as e:
-            raise self._failure("write", e, None if offset is None else offset + done) from None
+            at = None if offset is None else offset + done
+            if e.errno == errno.EINVAL and at is not None and _over_size_limit(at + len(view)):
+                e = OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+            raise self._failure("write", e, at) from None
 
     def _fill(self, view: memoryview, offset: int | None) -> int:
         """Read until `view` is full or the file ends.
@@ -345,6 +356,11 @@ class DirectWriter:
     position is left alone: a file is written by offset from `offset` (default: the position),
     a pipe in order. Nothing may write_at() the file until finish(), which turns O_DIRECT off
     for a moment to write the unaligned tail.
+
+    A producer may also fill the ring in place, without a copy: read into spare() and advance()
+    by what was read. A header that depends on what follows it (a length, a checksum) is given
+    room by reserve() and its bytes by fill(); the buffers from the reserved range on stay in
+    memory until then, so retract() can still take back bytes written after it.
     """
 
     def __init__(
@@ -358,49 +374,120 @@ class DirectWriter:
         self.file = file
         self.start = self._offset = file._start(offset)
         self.written = 0
-        size = _round_up(buffer_size, file.align)
+        self._size = _round_up(buffer_size, file.align)
+        self._owned = depth
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for _ in range(depth):
-            self._free.put(aligned_buffer(size, file.memory_align))
+            self._free.put(aligned_buffer(self._size, file.memory_align))
         self._full: queue.SimpleQueue[tuple[memoryview, int, int | None] | None]
         self._full = queue.SimpleQueue()
         self._error: Exception | None = None  # from the thread, for the caller to raise
         self._current, self._used = self._free.get(), 0
+        self._current_at = 0  # where the current buffer starts, counted from `start`
+        self._reserved: tuple[int, int] | None = None  # (where, length) awaiting fill()
+        self._held: list[tuple[memoryview, int]] = []  # full buffers kept back for fill()
         self._thread = threading.Thread(target=self._drain, name="direct-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def position(self) -> int:
+        """Bytes written so far (into the ring, not necessarily to the disk yet)."""
+        return self._current_at + self._used
+
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         """Copy `parts` into the ring; full buffers go to the disk thread."""
-        self._check()
         for part in parts:
             view = memoryview(part).cast("B")
             while view:
-                count = min(len(view), len(self._current) - self._used)
-                self._current[self._used : self._used + count] = view[:count]
-                self._used += count
+                spare = self.spare()
+                count = min(len(view), len(spare))
+                spare[:count] = view[:count]
+                self.advance(count)
                 view = view[count:]
-                if self._used == len(self._current):
-                    self._submit()
+
+    def spare(self) -> memoryview:
+        """The free rest of the current buffer, to read into; never empty."""
+        self._check()
+        return self._current[self._used :]
+
+    def advance(self, count: int) -> None:
+        """Count the first `count` bytes of spare() as written."""
+        self._used += count
+        if self._used == len(self._current):
+            self._submit()
+
+    def reserve(self, length: int) -> int:
+        """Room for `length` bytes that fill() gives later; returns where (a position). One
+        range at a time, and until it is filled the ring keeps everything from there on."""
+        if self._reserved is not None:
+            raise ValueError("a reserved range is not filled yet")
+        where = self.position
+        self._reserved = (where, length)
+        self.write([bytes(length)])
+        return where
+
+    def fill(self, where: int, data: bytes) -> None:
+        """Put `data` in the range reserve() returned `where` for, and release what it held."""
+        if self._reserved != (where, len(data)):
+            raise ValueError(f"no reserved range of {len(data)} bytes at {where}")
+        done = 0
+        for view in self.view_since(where):
+            count = min(len(view), len(data) - done)
+            view[:count] = data[done : done + count]
+            done += count
+        self._release()
+
+    def view_since(self, where: int) -> list[memoryview]:
+        """The bytes written from position `where` on, in the ring; `where` must not be before
+        a reserved range still unfilled (which keeps them there). Valid until fill()."""
+        if self._reserved is None or where < self._reserved[0]:
+            raise ValueError(f"the bytes from {where} on may be on disk already")
+        views, at = [], self._current_at - sum(length for _, length in self._held)
+        for buffer, length in [*self._held, (self._current, self._used)]:
+            if at + length > where:
+                views.append(buffer[max(where - at, 0) : length])
+            at += length
+        return views
+
+    def retract(self, count: int) -> bytes:
+        """Take back the last `count` bytes written, which must lie after a reserved range
+        still unfilled (nothing else stays in memory); retracting that range withdraws it."""
+        end = self.position - count
+        where, length = self._reserved or (self.position, 0)
+        if end < where or where < end < where + length:
+            raise ValueError(f"cannot take back {count} bytes: not all after a reserved range")
+        parts = []
+        while count:
+            if not self._used:  # back into the last buffer held
+                self._free.put(self._current)
+                self._current, self._used = self._held.pop()
+                self._current_at -= self._used
+            take = min(count, self._used)
+            parts.append(bytes(self._current[self._used - take : self._used]))
+            self._used -= take
+            count -= take
+        if self._reserved is not None and end == where:
+            self._release()
+        return b"".join(reversed(parts))
 
     def pump(self, fd: int) -> int:
         """Read `fd` (a pipe, say) to its end straight into the ring; returns the byte count."""
-        self._check()
         total = 0
         while True:
             try:
-                count = os.readv(fd, [self._current[self._used :]])
+                count = os.readv(fd, [self.spare()])
             except OSError as e:
                 raise MigpipeError(f"cannot read the input: {e.strerror}") from None
             if not count:
                 return total
             total += count
-            self._used += count
-            if self._used == len(self._current):
-                self._submit()
+            self.advance(count)
 
     def finish(self) -> int:
         """Write the rest (the unaligned tail without O_DIRECT), sync, and return the byte count."""
         self._check()
+        if self._reserved is not None:
+            raise ValueError("a reserved range was never filled")
         buffer, used = self._current, self._used
         aligned = used - used % self.file.align if self.file.direct else used
         if aligned:
@@ -439,9 +526,25 @@ class DirectWriter:
         if self._offset is not None:
             self._offset += length
 
+    def _release(self) -> None:
+        """The reserved range is filled or withdrawn: what it held goes to the disk."""
+        self._reserved = None
+        for buffer, length in self._held:
+            self._queue(buffer, length)
+        self._held.clear()
+
     def _submit(self) -> None:
-        self._queue(self._current, self._used)
-        self._current, self._used = self._free.get(), 0
+        if self._reserved is not None:
+            self._held.append((self._current, self._used))
+        else:
+            self._queue(self._current, self._used)
+        self._current_at += self._used
+        if len(self._held) == self._owned:  # none in the ring will come back before fill()
+            self._owned += 1
+            self._current = aligned_buffer(self._size, self.file.memory_align)
+        else:
+            self._current = self._free.get()
+        self._used = 0
         self._check()
 
     def _drain(self) -> None:

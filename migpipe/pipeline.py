@@ -106,6 +106,14 @@ class Totals:
             "wall_seconds": round(seconds, 4),
         }
 
+    def count_parsed(self, parser: StreamParser) -> None:
+        """Take the page counts of a parser that only counts its pages (pages=False)."""
+        self.pages.update(parser.page_counts)
+        self.page_records = sum(self.pages.values())
+
+    def trailer(self) -> Trailer:
+        return Trailer(self.qemu_bytes, self.page_records, self.frames, self.digest)
+
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
         self.digest = crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
@@ -126,6 +134,15 @@ class Outgoing:
     records: bytearray | None  # serialised filtered records
     qemu_length: int
     qemu_crc: int | None  # None: the workers compute it from `qemu`
+
+
+def finish_parsing(parser: StreamParser, length: int) -> list[Record]:
+    """The last records of a stream of `length` bytes, or the error of one that ended early."""
+    parser.close()
+    records = parser.next_records()
+    if parser.eof_offset is None:
+        raise MigpipeError("QEMU stream ended without its EOF item", length)
+    return records
 
 
 class Encoder:
@@ -166,11 +183,8 @@ class Encoder:
         return []
 
     def finish(self) -> list[Outgoing]:
-        self._parser.close()
-        self._take(self._parser.next_records())
+        self._take(finish_parsing(self._parser, self.totals.qemu_bytes))
         eof = self._parser.eof_offset
-        if eof is None:
-            raise MigpipeError("QEMU stream ended without its EOF item", self.totals.qemu_bytes)
         frames = [self._frame(FRAME_DATA, eof)] if self._pieces_start < eof else []
         self._records = self._final_records
         frames.append(self._frame(FRAME_FINAL, self.totals.qemu_bytes))
@@ -179,13 +193,11 @@ class Encoder:
     def trailer(self) -> Trailer:
         for transform in self._transforms:
             self.totals.filter_counters[transform.name] = transform.counters()
-        t = self.totals
-        return Trailer(t.qemu_bytes, t.page_records, t.frames, t.digest)
+        return self.totals.trailer()
 
     def _take(self, records: list[Record]) -> None:
         if not self._transforms:  # no page records: the parser counted them
-            self.totals.pages.update(self._parser.page_counts)
-            self.totals.page_records = sum(self.totals.pages.values())
+            self.totals.count_parsed(self._parser)
             return
         self.totals.count_pages(records)
         for transform in self._transforms:

@@ -31,6 +31,7 @@ from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_
 from migpipe.errors import MigpipeError
 from migpipe.files import atomic_path, read_chunks
 from migpipe.fixedfile import UNPUBLISHED, PlainFile
+from migpipe.inplace import encode_in_place
 from migpipe.keys import Secrets
 from migpipe.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
 from migpipe.progress import Progress
@@ -218,9 +219,13 @@ async def save_into(
 
         totals = await save_fixed(source, file, chain, progress, cache, published)
     elif isinstance(file, DirectFile):
+        source = as_channel(source)
         with DirectWriter(file) as writer:
             sink = writer if published else _Unpublished(writer)
-            totals = await encode(source, sink, chain, progress)
+            if not chain and isinstance(source, FdChannel):  # nothing to do but frame it
+                totals = await encode_in_place(source, writer, sink, progress)
+            else:
+                totals = await encode(source, sink, chain, progress)
             await trio.to_thread.run_sync(writer.finish)
     else:
         sink = FdChannel(file.fd)

@@ -105,8 +105,12 @@ def encode_frame(
     """
     if crc is None:
         crc = crc_of(payload)
-    head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(sum(len(p) for p in payload))
-    head += BE32.pack(crc)
+    return frame_header(kind, sequence, sum(len(p) for p in payload), crc)
+
+
+def frame_header(kind: int, sequence: int, length: int, crc: int) -> bytes:
+    """The FRAME_HEADER_SIZE bytes before a payload of `length` bytes whose CRC-32 is `crc`."""
+    head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(length) + BE32.pack(crc)
     return head + BE32.pack(crc32(head))
 
 

@@ -369,3 +369,61 @@ def test_closing_a_reader_early_stops_its_thread(tmp_path: Path) -> None:
         assert not reader._thread.is_alive()
         with pytest.raises(ValueError, match="closed"):
             reader.read()
+
+
+def test_in_place_writes_reserved_headers_and_retracts(tmp_path: Path, align: int) -> None:
+    """Headers filled after what follows them, bytes taken back, a reservation withdrawn: the
+    file is what a plain bytearray given the same steps holds, with a ring too small for the
+    longest reservation (it grows rather than wait for buffers that only fill() frees)."""
+    rng, path, model = random.Random(7), tmp_path / "image", bytearray()
+    with (
+        open_direct(str(path), "w") as file,
+        DirectWriter(file, buffer_size=align, depth=2) as writer,
+    ):
+        for round_ in range(60):
+            where = writer.reserve(17)
+            model += bytes(17)
+            for _ in range(rng.randrange(1, 6)):  # reads straight into the ring, and copies
+                spare = writer.spare()
+                count = rng.randrange(1, len(spare) + 1)
+                spare[:count] = piece = payload(count, seed=len(model))
+                writer.advance(count)
+                model += piece
+                copied = payload(rng.randrange(3 * align), seed=count)
+                writer.write([copied])
+                model += copied
+            assert b"".join(writer.view_since(where)) == model[where:]
+            after = len(model) - where - 17
+            if round_ % 7 == 3:  # withdrawn: everything from the reservation on goes
+                assert writer.retract(after + 17) == model[where:]
+                del model[where:]
+                continue
+            back = rng.randrange(after + 1)
+            assert writer.retract(back) == model[len(model) - back :]
+            del model[len(model) - back :]
+            header = payload(17, seed=round_)
+            writer.fill(where, header)
+            model[where : where + 17] = header
+        assert writer.finish() == len(model)
+    assert path.read_bytes() == model
+
+
+def test_in_place_misuse_is_refused(tmp_path: Path, align: int) -> None:
+    with open_direct(str(tmp_path / "image"), "w") as file, DirectWriter(file) as writer:
+        writer.write([b"head"])
+        with pytest.raises(ValueError, match="not all after"):
+            writer.retract(1)  # nothing reserved: it may be on disk
+        where = writer.reserve(17)
+        with pytest.raises(ValueError, match="not filled"):
+            writer.reserve(4)
+        writer.write([b"body"])
+        with pytest.raises(ValueError, match="not all after"):
+            writer.retract(10)  # into the reserved range, not all of it
+        with pytest.raises(ValueError, match="may be on disk"):
+            writer.view_since(where - 1)
+        with pytest.raises(ValueError, match="no reserved range of 16 bytes"):
+            writer.fill(where, bytes(16))
+        with pytest.raises(ValueError, match="never filled"):
+            writer.finish()
+        writer.fill(where, bytes(range(17)))
+        assert writer.finish() == 4 + 17 + 4

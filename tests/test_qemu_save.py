@@ -18,14 +18,23 @@ pytestmark = pytest.mark.qemu
 MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"
 
 
-@pytest.mark.parametrize("layout", ["stream", "fixed"])
-def test_save_and_restore_a_dirtying_guest(guest_elf: Path, tmp_path: Path, layout: str) -> None:
+@pytest.mark.parametrize(
+    ("layout", "sealed"),
+    [("stream", True), ("fixed", True), ("stream", False)],
+    ids=["stream zstd+encrypt", "fixed zstd+encrypt", "stream O_DIRECT, no filters"],
+)
+def test_save_and_restore_a_dirtying_guest(
+    guest_elf: Path, tmp_path: Path, layout: str, sealed: bool
+) -> None:
+    """Sealed: compressed and encrypted. Unsealed: the stream read straight into the O_DIRECT
+    ring and framed there (migpipe.inplace), around QEMU's own footers and EOF item."""
     key = tmp_path / "key"
     keygen(key)
     saved = tmp_path / "vm.mig"
-    options = f"--layout {layout} --compress zstd:1 --encrypt --key-file {key} --cache 8M"
-    sender = (f"{MIGPIPE} save {saved} {options} && "
-              f"{MIGPIPE} restore {saved} --key-file {key} > {{fifo}}")  # fmt: skip
+    options = f"--compress zstd:1 --encrypt --key-file {key}" if sealed else "--direct=try"
+    restoring = f"--key-file {key}" if sealed else "--direct=try"
+    sender = (f"{MIGPIPE} save {saved} --layout {layout} {options} --cache 8M && "
+              f"{MIGPIPE} restore {saved} {restoring} > {{fifo}}")  # fmt: skip
     migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)

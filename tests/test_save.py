@@ -135,9 +135,20 @@ def test_existing_file_needs_force_and_survives_a_failure(tmp_path: Path, stream
     assert migpipe("restore", str(saved)).stdout == stream
 
 
-@pytest.mark.parametrize("layout", ["stream", "fixed"])
+# The ways a save writes its file: encode's data plane (with a plain write, or copying into the
+# O_DIRECT ring when there are filters), the stream read straight into the O_DIRECT ring (no
+# filters: migpipe.inplace), and the fixed layout's slots.
+WRITES = {
+    "stream": ["--layout", "stream"],
+    "stream, O_DIRECT": ["--layout", "stream", "--direct=try"],
+    "fixed": ["--layout", "fixed"],
+}
+writes = pytest.mark.parametrize("layout", WRITES.values(), ids=WRITES.keys())
+
+
+@writes
 def test_a_full_file_system_leaves_the_previous_save_untouched(
-    tmp_path: Path, stream: bytes, layout: str
+    tmp_path: Path, stream: bytes, layout: list[str]
 ) -> None:
     """ENOSPC for real (a small tmpfs): one line, the old file as it was, nothing else left."""
     from test_direct import private_mount
@@ -146,7 +157,7 @@ def test_a_full_file_system_leaves_the_previous_save_untouched(
         saved = small / "vm.mig"
         saved.write_bytes(b"the previous save")
         assert len(stream) > 1 << 20
-        result = migpipe("save", str(saved), "--force", "--layout", layout, stdin=stream)
+        result = migpipe("save", str(saved), "--force", *layout, stdin=stream)
         assert result.returncode == 1, result.stderr
         message = result.stderr.decode()
         assert "No space left on device" in message and message.count("\n") == 1, message
@@ -154,15 +165,15 @@ def test_a_full_file_system_leaves_the_previous_save_untouched(
         assert [p.name for p in small.iterdir()] == ["vm.mig"]
 
 
-@pytest.mark.parametrize("layout", ["stream", "fixed"])
+@writes
 def test_sigkill_at_many_points_leaves_nothing_under_the_name(
-    tmp_path: Path, stream: bytes, layout: str
+    tmp_path: Path, stream: bytes, layout: list[str]
 ) -> None:
     saved = tmp_path / "vm.mig"
     saved.write_bytes(b"old")
     for fed in (0, 1, 4096, len(stream) // 3, len(stream) - 1, len(stream)):
         saver = subprocess.Popen(
-            [sys.executable, "-m", "migpipe", "save", str(saved), "--force", "--layout", layout],
+            [sys.executable, "-m", "migpipe", "save", str(saved), "--force", *layout],
             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         saver.stdin.write(stream[:fed])
@@ -185,10 +196,10 @@ def _file_size_limit(limit: int):
     return set_limit
 
 
-@pytest.mark.parametrize("layout", ["stream", "fixed"])
-def test_a_full_disk_fails_cleanly(tmp_path: Path, stream: bytes, layout: str) -> None:
+@writes
+def test_a_full_disk_fails_cleanly(tmp_path: Path, stream: bytes, layout: list[str]) -> None:
     saved = tmp_path / "vm.mig"
-    result = migpipe("save", str(saved), "--layout", layout, stdin=stream,
+    result = migpipe("save", str(saved), *layout, stdin=stream,
                      preexec_fn=_file_size_limit(len(stream) // 4))  # fmt: skip
     assert result.returncode == 1
     message = result.stderr.decode()
@@ -197,13 +208,16 @@ def test_a_full_disk_fails_cleanly(tmp_path: Path, stream: bytes, layout: str) -
 
 
 @pytest.mark.parametrize("layout", ["stream", "fixed"])
-@pytest.mark.parametrize("sealed", [False, True], ids=["lz4", "zstd+encrypt"])
+@pytest.mark.parametrize(
+    "filters",
+    [["--compress", "lz4"], ["--compress", "zstd", "--encrypt"], ["--direct=try"]],
+    ids=["lz4", "zstd+encrypt", "no filters, O_DIRECT"],
+)
 def test_damaged_files_never_restore_complete(
-    tmp_path: Path, stream: bytes, key: Path, layout: str, sealed: bool
+    tmp_path: Path, stream: bytes, key: Path, layout: str, filters: list[str]
 ) -> None:
     saved = tmp_path / "vm.mig"
-    filters = ["--compress", "zstd", "--encrypt"] if sealed else ["--compress", "lz4"]
-    keys = ["--key-file", str(key)] if sealed else []
+    keys = ["--key-file", str(key)] if "--encrypt" in filters else []
     assert migpipe("save", str(saved), "--layout", layout, *filters, *keys,
                    stdin=stream).returncode == 0  # fmt: skip
     data = saved.read_bytes()
@@ -304,14 +318,18 @@ def test_libvirt_images_that_must_not_restore(tmp_path: Path, stream: bytes) -> 
     assert result.returncode == 2 and b"takes no migpipe filters" in result.stderr
 
 
-@pytest.mark.parametrize("layout", ["stream", "fixed"])
+@pytest.mark.parametrize(
+    ("layout", "filters"),
+    [("stream", []), ("stream", ["--compress", "lz4"]), ("fixed", ["--compress", "lz4"])],
+    ids=["stream", "stream lz4", "fixed lz4"],
+)
 def test_direct_save_and_restore_leave_the_page_cache_alone(
-    tmp_path: Path, stream: bytes, layout: str
+    tmp_path: Path, stream: bytes, layout: str, filters: list[str]
 ) -> None:
     from test_direct import resident_pages
 
     saved = tmp_path / "vm.mig"
-    result = migpipe("save", str(saved), "--layout", layout, "--compress", "lz4", "--direct",
+    result = migpipe("save", str(saved), "--layout", layout, *filters, "--direct",
                      stdin=stream)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert resident_pages(saved) == 0

@@ -205,6 +205,7 @@ def test_a_stream_that_cannot_start_fails_qemus_load(args: list[str]) -> None:
         ["encode", "--compress", "zstd:1"],
         ["decode"],
         ["save", "{file}"],
+        ["save", "{file}", "--direct=try"],  # no filters: read straight into the O_DIRECT ring
         ["save", "--layout", "fixed", "--direct=try", "{file}"],
     ],
     ids=" ".join,
