@@ -30,3 +30,7 @@ if [ "$(id -u)" = 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# An editable install leaves migpipe's bytecode to be written on first use, which never happens
+# where PYTHONDONTWRITEBYTECODE is set (as here): every migpipe process then compiles its modules
+# again, 0.1 s of a 0.25 s start. Compile them once, as installing a wheel does.
+.venv/bin/python -m compileall -q migpipe filters >/dev/null
