@@ -166,10 +166,14 @@ class StreamParser:
         return {name: counted[kind] for kind, name in _KIND_NAMES.items()}
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue `data` for next_records(). With pages=False a memoryview is not copied: it is
+        read in place by the next next_records(), which keeps none of it, and makes no record
+        of it, when it returns; so the caller may reuse that memory from then on."""
         if self._closed:
             raise MigpipeError("data fed to the parser after the input was closed")
         if data:
-            self._pending.append(bytes(data))
+            borrowed = type(data) is memoryview and not self._pages
+            self._pending.append(data.cast("B") if borrowed else bytes(data))
             self._pending_size += len(data)
 
     def close(self) -> None:
@@ -188,14 +192,17 @@ class StreamParser:
     def next_records(self) -> list[Record]:
         """Every record that the bytes fed so far complete (an empty list means: feed more)."""
         if not self._closed and self._base + len(self._buf) + self._pending_size < self._wanted:
+            self._pending = [bytes(p) for p in self._pending]  # none of the caller's kept
             return []  # a long record is still arriving: do not re-join for nothing
         self._take_pending()
         out: list[Record] = []
         while True:
-            while self._step(out):
+            while self._own_unless_ram() and self._step(out):
                 pass
             if not self._take_rest():
                 break
+        if type(self._buf) is memoryview:  # the caller's memory: keep a copy of the rest
+            self._own()
         if self._closed and not self.done:
             at = self._base + self._pos
             raise MigpipeError(f"stream truncated in {self._where}", at, EXIT_TRUNCATED)
@@ -227,6 +234,25 @@ class StreamParser:
         self._base += pos
         self._scan_from = max(0, self._scan_from - pos)
         self._pos = 0
+
+    def _own_unless_ram(self) -> bool:
+        """Outside RAM sections, their headers and footers (the bulk of a stream, read in
+        place), work on bytes of our own: records there hold slices of the bytes, which must
+        not be views of the caller's memory, and device state is searched. Always true."""
+        if type(self._buf) is memoryview and self._step.__func__ not in _READ_IN_PLACE:
+            self._own()
+        return True
+
+    def _own(self) -> None:
+        """Replace a fed memoryview by a copy of its unparsed rest."""
+        pos = self._pos
+        self._buf = bytes(self._buf[pos:])
+        self._base += pos
+        self._scan_from = max(0, self._scan_from - pos)
+        self._pos = 0
+        if self._rest is not None:
+            chunk, at = self._rest
+            self._rest = chunk, at - pos
 
     def _take_rest(self) -> bool:
         """Go on in the chunk a bridge was cut from; whether there was one."""
@@ -267,7 +293,7 @@ class StreamParser:
         end = at + 1 + buf[at]
         if end > len(buf):
             return None
-        return buf[at + 1 : end].decode("latin-1"), end
+        return str(buf[at + 1 : end], "latin-1"), end  # str(): a memoryview has no decode
 
     # -- header and configuration -------------------------------------------------------------
 
@@ -439,7 +465,7 @@ class StreamParser:
             self._fail(f"invalid migration command {name} with {length} payload bytes", pos)
         if not self._have(5 + length):
             return False
-        data = buf[pos + 5 : pos + 5 + length]
+        data = bytes(buf[pos + 5 : pos + 5 + length])  # buf may be the caller's memory
         out.append(Command(cmd, data))
         self._pos = pos + 5 + length
         if cmd == fmt.CMD_POSTCOPY_ADVISE and length == 16:
@@ -601,7 +627,7 @@ class StreamParser:
                         q = p + 1 + buf[p]
                         if q > end:
                             break
-                        name = buf[p + 1 : q].decode("latin-1")
+                        name = str(buf[p + 1 : q], "latin-1")
                         length = blocks.get(name)
                         if length is None:
                             self._fail(f"page for RAM block {name!r}, never announced", pos)
@@ -745,6 +771,12 @@ class StreamParser:
         if self._pos < len(self._buf):
             self._fail("trailing bytes after the end of the stream", self._pos)
         return False
+
+
+# The steps that may read a fed memoryview in place: what they make holds no slice of it.
+_READ_IN_PLACE = frozenset(
+    {StreamParser._step_ram, StreamParser._step_item, StreamParser._step_footer}
+)
 
 
 def capability_names(payload: bytes) -> list[str]:
