@@ -54,6 +54,7 @@ class Readable:
         self._ready = select.poll()
         self._ready.register(fd, select.POLLIN)
         self._wake: int | None = None
+        self._may_wait: bool | None = None  # known at the first wait
         self._stopping = False
 
     def interrupt(self) -> None:
@@ -62,13 +63,17 @@ class Readable:
             os.eventfd_write(self._wake, 1)
 
     def wait(self) -> None:
-        if self._wake is None and _may_wait(self.fd):
-            wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            weakref.finalize(self, os.close, wake)
-            self._ready.register(wake, select.POLLIN)
-            self._wake = wake  # an interrupt() from now on wakes the poll below
+        if self._may_wait is None:
+            self._may_wait = _may_wait(self.fd)
+            if self._may_wait:
+                wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                weakref.finalize(self, os.close, wake)
+                self._ready.register(wake, select.POLLIN)
+                self._wake = wake  # an interrupt() from now on wakes the poll below
         if self._stopping:  # an interrupt() that came before, or saw no eventfd yet
             raise Stopped
+        if not self._may_wait:  # a file or disk: always readable, a poll would only say so
+            return
         self._ready.poll()
         if self._stopping:
             raise Stopped
