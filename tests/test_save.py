@@ -480,7 +480,7 @@ def test_o_direct_alignment_beyond_the_fixed_unit_is_one_clear_error(tmp_path: P
 @pytest.fixture(scope="module")
 def long_stream() -> bytes:
     """Tens of MB: far more than a pipe and the chunks in flight hold."""
-    return synthetic(iterations=1, ram=64 << 20)
+    return synthetic(iterations=1, ram=96 << 20)
 
 
 SAVES = {  # save's options (None: the bare stream in a file), restore's
@@ -512,4 +512,7 @@ def test_ctrl_c_stops_a_restore_at_the_next_chunk(tmp_path: Path, long_stream: b
         rest = proc.stdout.read()  # lets its waiting write end
         assert proc.wait(60) == EXIT_INTERRUPTED, proc.stderr.read()
     assert len(first) == 1 << 16
-    assert len(first) + len(rest) < len(long_stream) // 4, "it ran on after the signal"
+    # Until the signal is handled (trio wakes, cancels, stops the threads) the restore writes on
+    # at the speed this test reads: 7.1 MB of a 28 MB stream once on a loaded box. Half of it
+    # still tells a stop at the next chunk from a restore that runs to the end.
+    assert len(first) + len(rest) < len(long_stream) // 2, "it ran on after the signal"
