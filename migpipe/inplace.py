@@ -9,16 +9,18 @@ in place when it only counts pages), checksums each frame once it ends and fills
 in; the writer's thread keeps the disk busy meanwhile.
 
 The frames follow encode's rules: a data frame ends at the first record boundary once it holds
-FRAME_TARGET bytes (reads are at most CHUNK, as encode's), the bytes read past that boundary
-are taken back (retract) and written after the next frame's header; the final frame holds the
-EOF item and what follows, and is written only once the input ended with the stream complete.
+FRAME_TARGET bytes, the bytes read past that boundary are taken back (retract) and written
+after the next frame's header; the final frame holds the EOF item and what follows, and is
+written only once the input ended with the stream complete. Reads fill what is left of a ring
+buffer (up to 4 MiB, where encode reads at most 1 MiB), so these frames hold up to ~4 MiB:
+reading 1 MiB at a time cost 15% more CPU (2 GiB save, 6 alternating runs, 1.02 vs 0.87 s).
 """
 
 from functools import partial
 
 from isal.isal_zlib import crc32
 
-from migpipe.channel import CHUNK, Channel, FdChannel
+from migpipe.channel import Channel, FdChannel
 from migpipe.dataplane import run_interruptible
 from migpipe.direct import DirectWriter
 from migpipe.pipeline import FRAME_TARGET, Totals, finish_parsing, with_progress
@@ -78,7 +80,7 @@ class _Framer:
         writer = self.writer
         mark, start = writer.reserve(FRAME_HEADER_SIZE), 0  # the open frame: header, 1st byte
         while True:
-            spare = writer.spare()[:CHUNK]  # frames of 1 to 2 MiB, as encode's
+            spare = writer.spare()  # up to a whole buffer: fewer trips through this loop
             count = self.source.readinto(spare)
             if not count:  # the input ended before the EOF item: this raises
                 finish_parsing(self.parser, self.totals.qemu_bytes)
