@@ -231,9 +231,7 @@ class StreamParser:
             self._buf = chunk
         self._pending.clear()
         self._pending_size = 0
-        self._base += pos
-        self._scan_from = max(0, self._scan_from - pos)
-        self._pos = 0
+        self._drop(pos)
 
     def _own_unless_ram(self) -> bool:
         """Outside RAM sections, their headers and footers (the bulk of a stream, read in
@@ -244,15 +242,16 @@ class StreamParser:
         return True
 
     def _own(self) -> None:
-        """Replace a fed memoryview by a copy of its unparsed rest."""
-        pos = self._pos
-        self._buf = bytes(self._buf[pos:])
-        self._base += pos
-        self._scan_from = max(0, self._scan_from - pos)
-        self._pos = 0
-        if self._rest is not None:
-            chunk, at = self._rest
-            self._rest = chunk, at - pos
+        """Replace a fed memoryview by a copy of its unparsed rest. (Never while a bridge is
+        pending: the bridge is then _buf, and bytes already.)"""
+        self._buf = bytes(self._buf[self._pos :])
+        self._drop(self._pos)
+
+    def _drop(self, count: int) -> None:
+        """The first `count` bytes of _buf are gone: offsets into it move back by as many."""
+        self._base += count
+        self._pos -= count
+        self._scan_from = max(0, self._scan_from - count)
 
     def _take_rest(self) -> bool:
         """Go on in the chunk a bridge was cut from; whether there was one."""
@@ -264,9 +263,7 @@ class StreamParser:
             self._buf, drop = chunk, at
         else:  # a record longer than the bridge: join as _take_pending would have
             self._buf, drop = self._buf[pos:at] + chunk, pos
-        self._base += drop
-        self._pos -= drop
-        self._scan_from = max(0, self._scan_from - drop)
+        self._drop(drop)
         return True
 
     def _set_page_size(self, page_size: int, at: int | None) -> None:
