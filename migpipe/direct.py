@@ -385,7 +385,7 @@ class DirectWriter:
         self._current, self._used = self._free.get(), 0
         self._current_at = 0  # where the current buffer starts, counted from `start`
         self._reserved: tuple[int, int] | None = None  # (where, length) awaiting fill()
-        self._held: list[tuple[memoryview, int]] = []  # full buffers kept back for fill()
+        self._held: list[memoryview] = []  # full buffers kept back for fill()
         self._thread = threading.Thread(target=self._drain, name="direct-writer", daemon=True)
         self._thread.start()
 
@@ -442,11 +442,11 @@ class DirectWriter:
         a reserved range still unfilled (which keeps them there). Valid until fill()."""
         if self._reserved is None or where < self._reserved[0]:
             raise ValueError(f"the bytes from {where} on may be on disk already")
-        views, at = [], self._current_at - sum(length for _, length in self._held)
-        for buffer, length in [*self._held, (self._current, self._used)]:
-            if at + length > where:
-                views.append(buffer[max(where - at, 0) : length])
-            at += length
+        views, at = [], self._current_at - len(self._held) * self._size
+        for written in [*self._held, self._current[: self._used]]:
+            if at + len(written) > where:
+                views.append(written[max(where - at, 0) :])
+            at += len(written)
         return views
 
     def retract(self, count: int) -> bytes:
@@ -460,7 +460,8 @@ class DirectWriter:
         while count:
             if not self._used:  # back into the last buffer held
                 self._free.put(self._current)
-                self._current, self._used = self._held.pop()
+                self._current = self._held.pop()
+                self._used = len(self._current)
                 self._current_at -= self._used
             take = min(count, self._used)
             parts.append(bytes(self._current[self._used - take : self._used]))
@@ -529,13 +530,13 @@ class DirectWriter:
     def _release(self) -> None:
         """The reserved range is filled or withdrawn: what it held goes to the disk."""
         self._reserved = None
-        for buffer, length in self._held:
-            self._queue(buffer, length)
+        for buffer in self._held:
+            self._queue(buffer, len(buffer))
         self._held.clear()
 
     def _submit(self) -> None:
         if self._reserved is not None:
-            self._held.append((self._current, self._used))
+            self._held.append(self._current)
         else:
             self._queue(self._current, self._used)
         self._current_at += self._used
