@@ -110,8 +110,4 @@ class _Framer:
 
     def _count_frame(self, length: int, crc: int) -> int:
         """Count a frame of `length` QEMU bytes into the totals; its sequence number."""
-        totals = self.totals
-        totals.frames += 1
-        totals.chain(length, crc)
-        totals.wire_bytes += FRAME_HEADER_SIZE + length
-        return totals.frames - 1
+        return self.totals.count_frame(length, crc, FRAME_HEADER_SIZE + length)

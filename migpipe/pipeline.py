@@ -114,6 +114,14 @@ class Totals:
     def trailer(self) -> Trailer:
         return Trailer(self.qemu_bytes, self.page_records, self.frames, self.digest)
 
+    def count_frame(self, qemu_length: int, crc: int, wire_length: int) -> int:
+        """Count a data or final frame sent (its QEMU bytes' length and CRC-32, its size on
+        the wire); returns its sequence number."""
+        self.frames += 1
+        self.chain(qemu_length, crc)
+        self.wire_bytes += wire_length
+        return self.frames - 1
+
     def chain(self, length: int, crc: int) -> None:
         """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
         self.digest = crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
@@ -440,9 +448,7 @@ async def encode(
 
     def write(item: tuple[list, int, int]) -> None:
         parts, qemu_length, qemu_crc = item
-        totals.frames += 1
-        totals.chain(qemu_length, qemu_crc)
-        totals.wire_bytes += sum(len(p) for p in parts)
+        totals.count_frame(qemu_length, qemu_crc, sum(len(p) for p in parts))
         wire.write(parts)
 
     await trio.to_thread.run_sync(wire.write, [head])
