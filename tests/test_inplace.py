@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_tunnel import eof_at
 
 from migpipe import inplace, wire
 from migpipe.direct import DirectWriter, open_direct
@@ -55,16 +56,7 @@ def stream() -> bytes:
     return write_records(guest_records())
 
 
-def eof_of(stream: bytes) -> int:
-    parser = StreamParser(pages=False)
-    parser.feed(stream)
-    parser.close()
-    parser.next_records()
-    assert parser.eof_offset is not None
-    return parser.eof_offset
-
-
-def save_in_place(tmp_path: Path, source: Pieces, align: int = 4096) -> bytes:
+def save_in_place(tmp_path: Path, source: Pieces) -> bytes:
     path = tmp_path / "wire"
     with open_direct(str(path), "w", direct="try") as file:
         ring = {"buffer_size": 4 * file.align, "depth": 2}
@@ -83,7 +75,7 @@ def check_wire(wire_bytes: bytes, stream: bytes, target: int) -> None:
     reader.close()
     frames = [e for e in reader.next_events() if isinstance(e, wire.Frame)]
     *data, final = frames
-    assert final.kind == wire.FRAME_FINAL and final.payload == stream[eof_of(stream) :]
+    assert final.kind == wire.FRAME_FINAL and final.payload == stream[eof_at(stream) :]
     parser, fed = StreamParser(pages=False), 0
     for frame in data:
         assert frame.kind == wire.FRAME_DATA and frame.payload
@@ -106,7 +98,7 @@ def test_reads_ending_near_the_eof_item(
     """A frame after every read: the footer before the EOF item is only known to end once the
     parser has seen what follows it, in a later read than the one the EOF item came in."""
     monkeypatch.setattr(inplace, "FRAME_TARGET", 1)
-    eof = eof_of(stream)
+    eof = eof_at(stream)
     ends = [eof - 4096, eof - 9, eof + around, eof + around + 1, eof + 7]
     check_wire(save_in_place(tmp_path, Pieces(stream, ends)), stream, 1)
 
@@ -119,7 +111,7 @@ def test_an_eof_item_that_begins_a_frame(tmp_path: Path, monkeypatch: pytest.Mon
     devices = next(i for i, r in enumerate(records) if isinstance(r, SectionFull))
     eof = next(i for i, r in enumerate(records) if isinstance(r, Eof))
     stream = write_records(records[:devices] + records[eof:])
-    at = eof_of(stream)
+    at = eof_at(stream)
     check_wire(save_in_place(tmp_path, Pieces(stream, [at - 100, at])), stream, 1)
 
 
