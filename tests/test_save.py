@@ -13,6 +13,7 @@ from pathlib import Path
 import oracle
 import pytest
 import trio
+from test_tunnel import eof_at
 
 from migpipe.channel import NOT_A_STREAM
 from migpipe.cli import EXIT_INTERRUPTED, run_trio
@@ -44,10 +45,6 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("key") / "key"
     keygen(path)
     return path
-
-
-def eof_at(stream: bytes) -> int:
-    return stream.rindex(b"\x00\x06\x00\x00")
 
 
 CHAINS = [[], ["--compress", "zstd:1"], ["--compress", "lz4"], ["--compress", "zstd", "--encrypt"]]
