@@ -7,6 +7,7 @@ migpipe(1)); usage errors exit 2.
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import signal
 import socket
@@ -794,3 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"migpipe {args.command}: error: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        # The process exits next, and Python's last collections would walk every object the
+        # imports made (trio's, the parser's tables) to free nothing: 30 ms of every command.
+        gc.freeze()
