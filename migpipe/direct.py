@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import queue
@@ -89,15 +90,45 @@ def alignment(fd: int) -> int:
 
 
 def aligned_buffer(size: int, align: int = PAGE) -> memoryview:
-    """`size` zeroed bytes at an address that is a multiple of `align` (a power of two).
+    """`size` zeroed bytes at an address that is a multiple of `align` (a power of two), on
+    transparent huge pages where the kernel offers them and `size` holds one.
 
     Anonymous mmap memory starts on a page, which is all O_DIRECT asks on Linux file systems;
-    a larger `align` is met by over-allocating and slicing.
+    a larger `align` is met by over-allocating and slicing. Huge pages are for the disk: an
+    O_DIRECT call on 4 KiB pages hands the device as many scattered pieces, and a request takes
+    a bounded number of them (virtio-blk here: 254), so the block layer splits each 4 MiB call
+    into five or more; on 2 MiB pages it is two pieces and one request. A 2 GiB save --direct
+    went out as 522 requests of 4,001 KiB on average, where dd bs=4M sends 3,057 of 683 KiB, and
+    took 0.96 s instead of 1.30 s (median of 6 rounds; dd 1.18 s). The memory is private, and
+    not inherited by a forked child, which could otherwise share it copy-on-write while the disk
+    reads or fills it (open(2), the notes on O_DIRECT).
     """
+    huge = 0 < _huge_page_size() <= size
+    if huge:
+        align = max(align, _huge_page_size())
     extra = max(0, align - PAGE)
-    area = mmap.mmap(-1, size + extra)
+    area = mmap.mmap(-1, size + extra, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    _advise(area, mmap.MADV_DONTFORK)
+    if huge:
+        _advise(area, mmap.MADV_HUGEPAGE)
     start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % align if extra else 0
     return memoryview(area)[start : start + size]
+
+
+@functools.cache
+def _huge_page_size() -> int:
+    """The transparent huge page size, or 0 where the kernel has none."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _advise(area: mmap.mmap, advice: int) -> None:
+    """madvise, which is advice: a kernel built without the feature (EINVAL) does without."""
+    with contextlib.suppress(OSError):
+        area.madvise(advice)
 
 
 def _round_up(n: int, unit: int) -> int:
