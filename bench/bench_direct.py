@@ -21,17 +21,19 @@ from QEMU would be, then times, on those same bytes:
 
 Each row runs once untimed (a warm-up that also checks the bytes written, or for save the
 stream restore gives back, and how much of DST the page cache holds afterwards, by fincore),
-then --runs times, the rows taking turns (every other round in reverse order); before each write DST is removed and the disk synced,
-and before each timed run the box is given up to --idle-wait seconds to fall idle (other jobs
-share it; see bench_tunnel.py). The table gives MB/s (10^6 stream bytes per wall second,
-median), the ratio to the first row of its kind, the CPU seconds of the row's processes
-(median) and the cached share of DST after the write. Then the target: `migpipe save --direct`
-of a raw stream >= 0.9x dd oflag=direct bs=4M, as the median of the two rows' ratio in each
-round, where they run one after the other (a box others share swings more than that from one
-minute to the next): judged on the save that reads SRC itself, as dd does; the save fed by
-`cat` (as QEMU feeds it, through a pipe) is compared with dd fed by `cat` the same way. Every
-migpipe row includes its final fdatasync; dd's rows have none (O_DIRECT data is on the device
-already).
+then --runs times, the rows taking turns (every other round in reverse order); before each
+write DST is removed and the disk synced, and before each timed run the box is given up to
+--idle-wait seconds to fall idle (other jobs share it; see bench_tunnel.py). The table gives
+MB/s (10^6 stream bytes per wall second, median), the ratio to the first row of its kind, the
+CPU seconds of the row's processes (median), the cached share of DST after the write, and the
+KiB the disk moved per request (median; /proc/diskstats: the block layer splits a call whose
+buffer spans more pieces of memory than the device takes at once). Then the target: `migpipe
+save --direct` of a raw stream >= 0.9x dd oflag=direct bs=4M, as the median of the two rows'
+ratio in each round, where they run one after the other (a box others share swings more than
+that from one minute to the next): judged on the save that reads SRC itself, as dd does; the
+save fed by `cat` (as QEMU feeds it, through a pipe) is compared with dd fed by `cat` the same
+way. Every migpipe row includes its final fdatasync; dd's rows have none (O_DIRECT data is on
+the device already).
 
     python bench/bench_direct.py                  # 2 GiB
     python bench/bench_direct.py --quick          # 128 MiB, one timed run: a smoke test
@@ -229,11 +231,39 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(row: Row, src: Path, dst: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of one run."""
+def disk_counters(directory: Path) -> Callable[[], tuple[int, int]] | None:
+    """Requests and 512-byte sectors the device holding `directory` completed so far (reads and
+    writes together; /proc/diskstats), or None where that is no block device."""
+    device = os.stat(directory).st_dev
+    wanted = (str(os.major(device)), str(os.minor(device)))
+
+    def counters() -> tuple[int, int]:
+        with open("/proc/diskstats") as f:
+            for line in f:
+                fields = line.split()
+                if tuple(fields[:2]) == wanted:
+                    return int(fields[3]) + int(fields[7]), int(fields[5]) + int(fields[9])
+        raise LookupError(wanted)
+
+    try:
+        counters()
+    except (OSError, LookupError):
+        return None
+    return counters
+
+
+def timed(
+    row: Row, src: Path, dst: Path, disk: Callable[[], tuple[int, int]] | None
+) -> tuple[float, float, float]:
+    """Wall and CPU seconds of one run, and the KiB a request to the disk moved on average."""
+    requests, sectors = disk() if disk else (0, 0)
     cpu, start = children_cpu(), time.monotonic()
     row(src, dst)
-    return time.monotonic() - start, children_cpu() - cpu
+    wall, cpu = time.monotonic() - start, children_cpu() - cpu
+    if disk is None:
+        return wall, cpu, float("nan")
+    requests_after, sectors_after = disk()
+    return wall, cpu, (sectors_after - sectors) / 2 / max(1, requests_after - requests)
 
 
 def cached_share(path: Path) -> float:
@@ -328,7 +358,8 @@ def measure(
         print()
 
         writes, reads = (WRITES[:2], []) if target_only else (WRITES, READS)
-        results: dict[str, list[tuple[float, float]]] = {}
+        results: dict[str, list[tuple[float, float, float]]] = {}
+        disk = disk_counters(directory)
         cached: dict[str, float] = {}
         for name, row in writes:  # warm-up: check the bytes and the cache
             warm(src)
@@ -351,30 +382,31 @@ def measure(
                 dst.unlink(missing_ok=True)
                 os.sync()
                 wait_for_idle(idle_wait)
-                results.setdefault(name, []).append(timed(row, src, dst))
+                results.setdefault(name, []).append(timed(row, src, dst, disk))
             for name, row in reads:
                 wait_for_idle(idle_wait)
-                results.setdefault(name, []).append(timed(row, src, dst))
+                results.setdefault(name, []).append(timed(row, src, dst, disk))
 
     def mb_s(name: str) -> float:
-        return size / statistics.median(wall for wall, _ in results[name]) / 1e6
+        return size / statistics.median(wall for wall, _, _ in results[name]) / 1e6
 
-    print(f"{'':<44} {'MB/s':>8} {'ratio':>6} {'CPU s':>6} {'cached':>7}")
+    print(f"{'':<44} {'MB/s':>8} {'ratio':>6} {'CPU s':>6} {'cached':>7} {'KiB/req':>8}")
     for kind, rows in (("write", writes), ("read", reads)):
         if not rows:
             continue
         print(kind)
         reference = mb_s(rows[0][0])
         for name, _ in rows:
-            cpu = statistics.median(c for _, c in results[name])
+            cpu = statistics.median(c for _, c, _ in results[name])
+            request = statistics.median(r for _, _, r in results[name])
             share = f"{cached[name]:>6.1%}" if name in cached else ""
             print(f"  {name:<42} {mb_s(name):>8,.0f} {mb_s(name) / reference:>6.2f} {cpu:>6.2f} "
-                  f"{share:>7}")  # fmt: skip
+                  f"{share:>7} {request:>8,.0f}")  # fmt: skip
 
     # The rows of a pair ran one after the other in each round: each ratio shares one moment's load.
     def ratios(reference: str, name: str) -> list[float]:
         rounds = zip(results[reference], results[name], strict=True)
-        return [ref / ours for (ref, _), (ours, _) in rounds]
+        return [ref / ours for (ref, _, _), (ours, _, _) in rounds]
 
     judged = ratios(DD_ROW, SAVE_ROW)
     ratio = statistics.median(judged)

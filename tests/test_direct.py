@@ -154,6 +154,35 @@ def test_aligned_buffers_beyond_a_page() -> None:
     assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % (16 * PAGE) == 0
 
 
+def vm_flags(view: memoryview) -> set[str]:
+    """The VmFlags of the mapping that holds `view` (proc(5): smaps)."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end ...
+            start, end = (int(bound, 16) for bound in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    raise AssertionError("no mapping holds the buffer")
+
+
+def test_ring_buffers_are_huge_page_advised_and_not_forked() -> None:
+    """A ring buffer: aligned to a huge page and advised onto huge pages, where the kernel has
+    them (a 4 MiB O_DIRECT call is then one request to the device), and never inherited by a
+    forked child (a copy-on-write share of memory under O_DIRECT); a page-sized one: no advice."""
+    huge_size = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+    huge = int(huge_size.read_text()) if huge_size.exists() else 0
+    ring = aligned_buffer(BUFFER_SIZE)
+    assert "dc" in vm_flags(ring)  # VM_DONTCOPY
+    if huge:
+        assert "hg" in vm_flags(ring)  # VM_HUGEPAGE
+        assert ctypes.addressof(ctypes.c_char.from_buffer(ring)) % huge == 0
+    small = aligned_buffer(PAGE)
+    assert "hg" not in vm_flags(small) and "dc" in vm_flags(small)
+
+
 @pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
 @pytest.mark.parametrize("feed", ["odd writes", "pump from a pipe"])
 def test_round_trip(tmp_path: Path, align: int, size, feed: str) -> None:
