@@ -3,6 +3,7 @@ from it once per session (capturing is the slow part, so every test shares them)
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "qemu: runs a real qemu-system-x86_64 (skipped only where it is not installed)"
     )
+    # The signal tests stop migpipe children as a terminal or a supervisor would. Run in the
+    # background of a script (`.ci/run &`), the suite starts with SIGINT ignored and would
+    # pass that on: migpipe then rightly ignores SIGINT and lets SIGTERM kill it at once
+    # (test_tunnel checks that case on its own), and those tests would fail for the launcher.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -232,3 +232,33 @@ def test_a_signal_ends_a_command_whose_input_is_silent(
         finally:
             proc.stdin.close()  # ends the read of a migpipe that ignored the signal
     assert list(tmp_path.iterdir()) == []
+
+
+def signal_masks(pid: int) -> dict[str, int]:
+    """A process's SigIgn and SigCgt masks (proc(5): bit n-1 is signal n)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {
+        k: int(v, 16)
+        for k, v in (line.split(":\t") for line in status)
+        if k in ("SigIgn", "SigCgt")
+    }
+
+
+@watches_syscalls
+def test_a_job_started_with_sigint_ignored_keeps_it_ignored() -> None:
+    """`migpipe ... &` in a script starts with SIGINT ignored, as a job Ctrl-C is not meant for:
+    migpipe leaves it so, and SIGTERM, which it could only pass on as SIGINT, kills at once."""
+    script = 'trap "" INT; exec "$0" -m migpipe decode'
+    with subprocess.Popen(
+        ["sh", "-c", script, sys.executable],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as proc:  # fmt: skip
+        wait_until_blocked(proc.pid, frozenset({POLL}))  # started up, reading the idle pipe
+        masks = signal_masks(proc.pid)
+        assert masks["SigIgn"] & 1 << signal.SIGINT - 1
+        assert not masks["SigCgt"] & 1 << signal.SIGTERM - 1
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == -signal.SIGTERM
+        finally:
+            proc.stdin.close()
