@@ -95,13 +95,14 @@ def aligned_buffer(size: int, align: int = PAGE) -> memoryview:
 
     Anonymous mmap memory starts on a page, which is all O_DIRECT asks on Linux file systems;
     a larger `align` is met by over-allocating and slicing. Huge pages are for the disk: an
-    O_DIRECT call on 4 KiB pages hands the device as many scattered pieces, and a request takes
-    a bounded number of them (virtio-blk here: 254), so the block layer splits each 4 MiB call
-    into five or more; on 2 MiB pages it is two pieces and one request. A 2 GiB save --direct
-    went out as 522 requests of 4,001 KiB on average, where dd bs=4M sends 3,057 of 683 KiB, and
-    took 0.96 s instead of 1.30 s (median of 6 rounds; dd 1.18 s). The memory is private, and
-    not inherited by a forked child, which could otherwise share it copy-on-write while the disk
-    reads or fills it (open(2), the notes on O_DIRECT).
+    O_DIRECT call on 4 KiB pages hands the device up to one piece per page, a request takes a
+    bounded number of pieces (virtio-blk here: 254), and the block layer splits the call into
+    as many requests as that needs; on 2 MiB pages a 4 MiB call is two pieces, one request. A
+    2 GiB save --direct went out as 1,075 requests of 1,943 KiB on average on shared 4 KiB
+    pages, 522 of 4,001 KiB on huge pages (dd bs=4M: 3,057 of 683), and took 0.96 s instead of
+    1.30 s (median of 6 rounds; dd 1.18 s). The memory is private, and not inherited by a forked
+    child, which could otherwise share it copy-on-write while the disk reads or fills it
+    (open(2), the notes on O_DIRECT).
     """
     huge = 0 < _huge_page_size() <= size
     if huge:
