@@ -104,9 +104,8 @@ def aligned_buffer(size: int, align: int = PAGE) -> memoryview:
     child, which could otherwise share it copy-on-write while the disk reads or fills it
     (open(2), the notes on O_DIRECT).
     """
-    huge = 0 < _huge_page_size() <= size
-    if huge:
-        align = max(align, _huge_page_size())
+    huge = _huge_page_size() if _huge_page_size() <= size else 0
+    align = max(align, huge)
     extra = max(0, align - PAGE)
     area = mmap.mmap(-1, size + extra, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     _advise(area, mmap.MADV_DONTFORK)
