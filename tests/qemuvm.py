@@ -515,6 +515,7 @@ def run_migration(
         src.qmp.execute("migrate", uri=f"exec:( {command}\n); echo $? > {shlex.quote(str(report))}")
         switched = pacing.switchover_pass is None
         given_up: NotConverged | None = None
+        passes = 0
         while True:
             event = src.qmp.wait_event(
                 ("MIGRATION", "MIGRATION_PASS"), timeout=_remaining(deadline, "the migration")
@@ -548,7 +549,12 @@ def run_migration(
                 raise given_up
             if status in ("failed", "cancelled"):
                 desc = src.qmp.execute("query-migrate").get("error-desc", status)
-                raise src.failure(f"{src.name}: migration {status}: {desc}", desc)
+                cancel = "; migrate_cancel was sent" if given_up is not None else ""
+                raise src.failure(
+                    f"{src.name}: migration {status} after {passes} passes "
+                    f"({time.monotonic() - start:.1f} s{cancel}): {desc}",
+                    desc,
+                )
         exit_status = _read_exit_report(fd, deadline, f"{command!r} to exit")
         return src.qmp.execute("query-migrate"), exit_status
     except (TimeoutError, QmpClosed) as exc:
