@@ -185,6 +185,7 @@ def secrets(args: argparse.Namespace, *, confirm: bool = False):
         passphrase_fd=args.passphrase_fd,
         ask_passphrase=args.ask_passphrase,
         confirm=confirm,
+        allow_unencrypted=getattr(args, "allow_unencrypted", False),
     )
 
 
@@ -377,6 +378,17 @@ def filter_options(sub: argparse.ArgumentParser) -> None:
         "--encrypt", action="store_true", help="encrypt and authenticate (AES-256-GCM); needs a key"
     )
     key_options(sub)
+
+
+def reader_key_options(sub: argparse.ArgumentParser) -> None:
+    """The key options of a command that hands what it reads to QEMU: a key given means the
+    input must be sealed with it, unless the user says otherwise."""
+    key_options(sub)
+    sub.add_argument(
+        "--allow-unencrypted",
+        action="store_true",
+        help="with a key: also accept input that is not encrypted (mixed fleets)",
+    )
 
 
 def key_options(sub: argparse.ArgumentParser) -> None:
@@ -668,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
     )
     transport(decode)
-    key_options(decode)
+    reader_key_options(decode)
 
     qmp_socket = {"required": True, "metavar": "SOCKET", "help": "QEMU's QMP UNIX socket"}
     migrate = command(
@@ -689,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     incoming.add_argument("--qmp", **qmp_socket)
     transport(incoming, "input")
-    key_options(incoming)
+    reader_key_options(incoming)
 
     save = command("save", cmd_save, "Save a QEMU stream to a file, complete or not at all.")
     save.add_argument("file", help="the file to write (appears only once complete)")
@@ -729,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load it into the QEMU behind this QMP socket")  # fmt: skip
     reporting(restore)
     direct_option(restore)
-    key_options(restore)
+    reader_key_options(restore)
 
     keygen = command("keygen", cmd_keygen, "Write a new random key file (mode 0600) for encrypt.")
     keygen.add_argument("file", type=Path, help="where to write it; never replaces a file")

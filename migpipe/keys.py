@@ -43,7 +43,22 @@ class Secrets:
     passphrase_fd: int | None = None
     ask_passphrase: bool = False
     confirm: bool = False  # ask twice (encode/save: a typo would make the stream unreadable)
+    # A secret given to a reading end means the input must be sealed with it (see sealing_required).
+    allow_unencrypted: bool = False
     _cached: UserKey | None = field(default=None, repr=False)
+
+    @property
+    def given(self) -> bool:
+        """Whether the user named a secret at all (it is read only when a filter needs it)."""
+        sources = (self.key_file, self.key_fd, self.passphrase_file, self.passphrase_fd)
+        return self.ask_passphrase or any(source is not None for source in sources)
+
+    @property
+    def sealing_required(self) -> bool:
+        """A reader given a key refuses input not sealed with it: otherwise whoever can write
+        the wire or the file could hand the destination any guest (a downgrade), and the key
+        would protect nothing. --allow-unencrypted is the explicit way out for mixed fleets."""
+        return self.given and not self.allow_unencrypted
 
     def user_key(self, purpose: str) -> UserKey:
         """The secret, or a clear error naming the options that give one."""
