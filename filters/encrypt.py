@@ -11,6 +11,7 @@ is specified in migpipe-wire(5).
 
 import base64
 import hashlib
+import hmac
 import secrets as random
 from typing import Any
 
@@ -32,6 +33,7 @@ SCRYPT_LOG_N = 17  # 128 MiB and about 0.4 s here: each guess costs an attacker 
 SCRYPT_LOG_N_MAX = 20  # refused above this on decode: a forged header must not cost 1 GiB+
 WRAP_INFO = b"migpipe encrypt v1 key wrap "
 PAYLOAD_INFO = b"migpipe encrypt v1 payload key "
+HEADER_INFO = b"migpipe encrypt v1 header key"
 WRAP_NONCE = bytes(12)  # each wrapping key (fresh salt) seals exactly one message
 
 
@@ -58,6 +60,7 @@ def _wrapping_key(user: UserKey, salt: bytes, log_n: int | None) -> bytes:
 class Encrypt(ByteFilter):
     name = "encrypt"
     stage = 2  # after compression: ciphertext does not compress
+    seals = True
 
     def __init__(self, cipher: str, file_key: bytes, wrapping: dict[str, Any]) -> None:
         self.cipher = cipher
@@ -120,6 +123,19 @@ class Encrypt(ByteFilter):
 
     def params(self) -> dict[str, Any]:
         return {"cipher": self.cipher, **self._wrapping}
+
+    def header_tag(self, signed: bytes) -> bytes:
+        """HMAC-SHA-256 of the header's bytes before the tag, keyed from the file key: only a
+        holder of the user's secret can make it, and it is checked before the header is used."""
+        key = HKDF(hashes.SHA256(), KEY_SIZE, None, HEADER_INFO).derive(self._file_key)
+        return hmac.digest(key, signed, "sha256")
+
+    def check_header_tag(self, signed: bytes, tag: bytes) -> None:
+        if not hmac.compare_digest(self.header_tag(signed), tag):
+            raise MigpipeError(
+                "encrypt: the header failed authentication (altered after it was sealed)",
+                status=EXIT_CORRUPT,
+            )
 
     def bind(self, header: bytes) -> None:
         info = PAYLOAD_INFO + hashlib.sha256(header).digest()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from migpipe import __version__
 from migpipe.arenas import use_one_arena
 from migpipe.channel import Channel, stream_sink
-from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
+from migpipe.errors import EXIT_ERROR, EXIT_KEY, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
 from migpipe.files import open_input, open_output, read_chunks, write_stream
 from migpipe.stream.parser import iter_records
 from migpipe.units import parse_size
@@ -85,6 +85,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for record in iter_records(chunks, page_size=args.page_size):
                 stats.add(record)
         except MigpipeError as e:
+            if e.status == EXIT_KEY:  # nothing was read: no report, only why
+                raise
             error = e
     if args.json:
         report = stats.as_dict()
@@ -563,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("stream", nargs="?", default="-", help="stream file, or - for stdin")
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
     inspect.add_argument("--page-size", **page_size)
-    key_options(inspect)
+    reader_key_options(inspect)
 
     extract = command(
         "extract",

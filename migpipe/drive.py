@@ -487,7 +487,7 @@ async def restore(
     checked) into the QEMU behind `qmp_path` (started with `-incoming defer`). A file that is
     not one restore reads is refused before QEMU is touched; MigpipeError unless QEMU completed
     the load."""
-    savefile.file_kind(path)
+    savefile.file_kind(path, secrets)
     async with _waiting(qmp_path) as monitor:
         finish = await _through_pipe(
             monitor,

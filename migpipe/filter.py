@@ -25,6 +25,9 @@ class Filter:
 
     name: ClassVar[str]
     stage: ClassVar[int]  # chains run in stage order: pages, then compression, then encryption
+    # A sealing filter authenticates with the user's key: it ends a chain, tags the header
+    # (migpipe.header) and is what a reader given a key insists on.
+    seals: ClassVar[bool] = False
 
     @classmethod
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Filter":
@@ -45,6 +48,14 @@ class Filter:
     def bind(self, header: bytes) -> None:
         """Called with the encoded wire (or file) header before the first payload, on both
         ends, so that a filter which authenticates can cover the header too."""
+
+    def header_tag(self, signed: bytes) -> bytes:
+        """A sealing filter's tag over the header's first bytes (migpipe.header.TAG_SIZE)."""
+        raise NotImplementedError
+
+    def check_header_tag(self, signed: bytes, tag: bytes) -> None:
+        """Raise MigpipeError unless `tag` is this filter's tag of `signed`."""
+        raise NotImplementedError
 
 
 def number_argument(name: str, what: str, argument: str) -> int:

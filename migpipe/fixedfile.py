@@ -42,12 +42,13 @@ from migpipe.errors import (
 )
 from migpipe.extracted import Skeleton, compact_stream
 from migpipe.filter import Position
+from migpipe.header import header_for, open_chain, parse_header
 from migpipe.keys import Secrets
 from migpipe.pipeline import Totals, with_progress
 from migpipe.progress import Progress
 from migpipe.ramimage import apply_page
 from migpipe.stream import format as fmt
-from migpipe.stream.format import BE16, BE32, BE64
+from migpipe.stream.format import BE32, BE64
 from migpipe.stream.parser import DEFAULT_MAX_VMDESC, StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, MemSize, RamBlock, Record
 from migpipe.stream.writer import StreamWriter
@@ -198,12 +199,11 @@ class Extent:
 
 
 class Sealer:
-    """The chain's byte filters, applied to one piece (extent, chunk, index) at a time."""
+    """The chain's byte filters, applied to one piece (extent, chunk, index) at a time; the
+    chain was bound to the file's header when the header was made or read."""
 
-    def __init__(self, chain: Sequence[filters.Filter], setup: bytes, totals: Totals) -> None:
+    def __init__(self, chain: Sequence[filters.Filter], totals: Totals) -> None:
         self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
-        for f in chain:
-            f.bind(setup)
         self.totals = totals
 
     def seal(self, plain: bytes, position: Position) -> bytes:
@@ -220,13 +220,9 @@ class Sealer:
 
 
 def encode_setup(chain: Sequence[filters.Filter], page_size: int) -> bytes:
-    text = json.dumps(
-        {"filters": [[f.name, f.params()] for f in chain], "page_size": page_size,
-         "extent_pages": EXTENT_PAGES, "unit": UNIT},
-        sort_keys=True, separators=(",", ":"),
-    ).encode()  # fmt: skip
-    head = MAGIC + bytes([VERSION, 0]) + BE16.pack(len(text)) + text
-    return head + BE32.pack(crc32(head))
+    """The file's header (migpipe.header), naming the chain and the geometry."""
+    fields = {"page_size": page_size, "extent_pages": EXTENT_PAGES, "unit": UNIT}
+    return header_for(MAGIC, VERSION, chain, fields)
 
 
 def encode_locator(offset: int, length: int, write: int, crc: int) -> bytes:
@@ -267,7 +263,7 @@ class FixedSaver:
         self.counters = FixedCounters()
         self.page_size = 4096
         self.setup = encode_setup(chain, self.page_size)
-        self.sealer = Sealer(chain, self.setup, totals)
+        self.sealer = Sealer(chain, totals)
         self.skeleton = Skeleton(self.page_size)
         self.writer = StreamWriter()
         self.layout: Layout | None = None
@@ -487,34 +483,23 @@ class FixedReader:
         self.file = file
         self.totals = totals
         head = file.read_at(0, UNIT)
-        if not head.startswith(MAGIC):
-            raise MigpipeError("not a migpipe fixed-layout file (bad magic)", 0, EXIT_CORRUPT)
-        if head[8] != VERSION:
-            raise MigpipeError(f"fixed-layout version {head[8]} is not {VERSION}", 8,
-                               EXIT_INCOMPATIBLE)  # fmt: skip
-        (length,) = BE16.unpack_from(head, 10)
-        end = 12 + length
-        if end + 4 + LOCATOR > UNIT or crc32(head[:end]) != BE32.unpack_from(head, end)[0]:
-            raise MigpipeError("fixed-layout header checksum mismatch", 0, EXIT_CORRUPT)
-        if head[9]:
-            raise MigpipeError(f"unknown header flags 0x{head[9]:02x}", 9, EXIT_INCOMPATIBLE)
-        setup_bytes = head[: end + 4]
-        try:
-            setup = json.loads(head[12:end])
-            self.page_size = setup["page_size"]
-            if (setup["extent_pages"], setup["unit"], self.page_size) != (EXTENT_PAGES, UNIT, 4096):
-                raise ValueError("geometry")
-            chain = [filters.create(name, params, secrets) for name, params in setup["filters"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise MigpipeError(f"malformed fixed-layout header ({e})", 12, EXIT_CORRUPT) from None
-        filters.check_order(chain)
-        self.sealer = Sealer(chain, setup_bytes, totals)
-        locator = head[end + 4 : end + 4 + LOCATOR]
+        header, end = parse_header(head, MAGIC, VERSION, "migpipe fixed-layout file")
+        if end + LOCATOR > UNIT:
+            raise MigpipeError("fixed-layout header longer than its unit", 0, EXIT_CORRUPT)
+        if header is None or len(head) < end + LOCATOR:
+            raise MigpipeError("file truncated in its header", len(head), EXIT_TRUNCATED)
+        extras = header.fields.get("extent_pages"), header.fields.get("unit"), header.page_size
+        if extras != (EXTENT_PAGES, UNIT, 4096):
+            raise MigpipeError(f"malformed fixed-layout header (geometry {extras})", 12,
+                               EXIT_CORRUPT)  # fmt: skip
+        self.page_size = header.page_size
+        self.sealer = Sealer(open_chain(header, secrets), totals)
+        locator = head[end : end + LOCATOR]
         if crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
-            raise MigpipeError("fixed-layout locator checksum mismatch", end + 4, EXIT_CORRUPT)
+            raise MigpipeError("fixed-layout locator checksum mismatch", end, EXIT_CORRUPT)
         offset, length, write = (BE64.unpack_from(locator, i)[0] for i in (0, 8, 16))
         if length > MAX_INDEX:
-            raise MigpipeError(f"index of {length} bytes", end + 4, EXIT_CORRUPT)
+            raise MigpipeError(f"index of {length} bytes", end, EXIT_CORRUPT)
         stored = self._read(offset, length, "the index")
         if crc32(stored) != BE32.unpack_from(locator, 24)[0]:
             raise MigpipeError("index checksum mismatch", offset, EXIT_CORRUPT)

@@ -30,7 +30,6 @@ from migpipe.wire import (
     FRAME_DATA,
     FRAME_FINAL,
     FRAME_HEADER_SIZE,
-    WireHeader,
     crc_of,
     encode_header,
     encode_trailer,
@@ -46,7 +45,7 @@ async def encode_in_place(
     framer = _Framer(source, writer)
 
     def run() -> None:
-        header = encode_header(WireHeader(()))
+        header = encode_header(())
         head.write([header])
         framer.totals.wire_bytes += len(header)
         framer.run()

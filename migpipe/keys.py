@@ -61,6 +61,16 @@ class Secrets:
         return self.given and not self.allow_unencrypted
 
     def user_key(self, purpose: str) -> UserKey:
+    def check_sealed(self, sealed: bool, what: str) -> None:
+        """Refuse `what` (the input, a file) when it is not sealed but must be; before one
+        byte of it reaches QEMU."""
+        if self.sealing_required and not sealed:
+            raise MigpipeError(
+                f"{what} is not encrypted, but a key was given: refused, since anyone could have "
+                "written it (--allow-unencrypted accepts it)",
+                status=EXIT_KEY,
+            )
+
         """The secret, or a clear error naming the options that give one."""
         if self._cached is None:
             self._cached = self._load(purpose)

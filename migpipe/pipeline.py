@@ -31,6 +31,7 @@ from migpipe.channel import Channel, as_channel, stream_sink
 from migpipe.dataplane import run_ordered
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
 from migpipe.filter import Position
+from migpipe.header import Header, open_chain
 from migpipe.keys import Secrets
 from migpipe.progress import Progress
 from migpipe.stream.format import BE32, BE64, XBZRLE_ENCODING_FLAG
@@ -43,7 +44,6 @@ from migpipe.wire import (
     MAX_FRAME,
     Frame,
     Trailer,
-    WireHeader,
     WireReader,
     crc_of,
     encode_frame,
@@ -244,12 +244,9 @@ class Decoder:
     """Frame payloads in, QEMU stream bytes out; the FINAL part is released only by finish()."""
 
     def __init__(
-        self, header: WireHeader, totals: Totals | None = None, secrets: Secrets | None = None
+        self, header: Header, totals: Totals | None = None, secrets: Secrets | None = None
     ) -> None:
-        chain = [filters.create(name, params, secrets) for name, params in header.filters]
-        filters.check_order(chain)
-        for f in chain:
-            f.bind(header.encoded)
+        chain = open_chain(header, secrets)
         self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
         self._transforms = [f.decoder() for f in chain if isinstance(f, filters.PageFilter)]
         self._transforms.reverse()
@@ -353,7 +350,7 @@ def decode_chunks(
         else:
             reader.close()
         for event in reader.next_events():
-            if isinstance(event, WireHeader):
+            if isinstance(event, Header):
                 decoder = Decoder(event, secrets=secrets)
                 if described is not None:
                     described["filters"] = [[name, params] for name, params in event.filters]
@@ -416,7 +413,6 @@ async def encode(
     encoder = Encoder(chain)
     totals = encoder.totals
     byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
-    header = WireHeader(tuple((f.name, f.params()) for f in chain))
 
     def frame(out: Outgoing) -> tuple[list, int, int]:
         qemu_length, qemu_crc = out.qemu_length, out.qemu_crc
@@ -435,9 +431,7 @@ async def encode(
         head = encode_frame(out.kind, out.sequence, payload, payload_crc)
         return [head, *payload], qemu_length, qemu_crc
 
-    head = encode_header(header)
-    for f in chain:
-        f.bind(head)
+    head = encode_header(chain)
 
     def produce(submit: Callable[[Outgoing], None]) -> None:
         while chunk := source.read():
@@ -491,7 +485,7 @@ async def _decode(
                 reader.close()
                 finished = True
             for event in reader.next_events():
-                if isinstance(event, WireHeader):
+                if isinstance(event, Header):
                     decoder = Decoder(event, totals, secrets)  # before any frame reaches a worker
                 elif isinstance(event, Frame):
                     submit(event)

@@ -40,18 +40,28 @@ from migpipe.stream.writer import StreamWriter
 LAYOUTS = ("stream", "fixed")
 QEMU_MAGIC = b"QEVM"
 LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
+UNSEALED_KINDS = {"qemu": "a bare QEMU stream", "libvirt": "a libvirt save image"}  # no key seals
 
 
-def file_kind(path: Path) -> str:
+def file_kind(path: Path, secrets: Secrets | None = None) -> str:
     """'stream', 'fixed', 'libvirt' or 'qemu' (a raw QEMU stream), from the first bytes."""
     try:
         with open(path, "rb") as f:
-            return kind_of(f.read(16), path)
+            return kind_of(f.read(16), path, secrets)
     except OSError as e:
         raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
 
 
-def kind_of(head: bytes, path: Path | str) -> str:
+def kind_of(head: bytes, path: Path | str, secrets: Secrets | None = None) -> str:
+    """The kind of file `head` starts; one that can never be sealed is refused when `secrets`
+    require sealing (the kinds that can are checked when their header is read)."""
+    kind = _kind_of(head, path)
+    if kind in UNSEALED_KINDS and secrets is not None:
+        secrets.check_sealed(False, f"{path} ({UNSEALED_KINDS[kind]})")
+    return kind
+
+
+def _kind_of(head: bytes, path: Path | str) -> str:
     from migpipe.fixedfile import MAGIC as FIXED_MAGIC
 
     if head[:1] == UNPUBLISHED and head[1:8] in (wire.MAGIC[1:8], FIXED_MAGIC[1:8]):
@@ -72,10 +82,15 @@ def kind_of(head: bytes, path: Path | str) -> str:
 
 def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[bytes]:
     """The QEMU stream a saved file holds, checked as restore checks it, for `inspect`;
-    `about` receives what the file itself says (layout, filters, sizes)."""
-    kind = file_kind(path)
+    `about` receives what the file itself says (layout, filters, sizes). A file of a kind
+    `secrets` refuse is refused now, before anything is read or reported."""
+    kind = file_kind(path, secrets)
     about.update(layout=kind, file_bytes=path.stat().st_size,
                  disk_bytes=path.stat().st_blocks * 512)  # fmt: skip
+    return _saved_chunks(path, kind, secrets, about)
+
+
+def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -> Iterator[bytes]:
     if kind == "stream":
         with open(path, "rb") as f:
             yield from decode_chunks(read_chunks(f), secrets, about)
@@ -265,7 +280,7 @@ async def _restore_kind(
     progress: Progress | None,
     name: Path | str,
 ) -> Totals:
-    kind = kind_of(file.read_at(0, 16), name)  # through the file: no readahead in the cache
+    kind = kind_of(file.read_at(0, 16), name, secrets)  # through the file: no readahead
     if kind == "fixed":
         from migpipe.fixedfile import restore_fixed
 

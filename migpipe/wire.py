@@ -3,7 +3,8 @@
 Sans-IO, like the stream parser: WireReader turns bytes into events, the encode functions turn
 events into bytes. The format is specified in migpipe-wire(5); in short:
 
-    header  = magic(8) version(1) flags(1) be16 n, n bytes of JSON, be32 CRC-32 of all before
+    header  = magic(8) version(1) flags(1) be16 n, n bytes of JSON, [tag(32)], be32 CRC-32
+              (migpipe.header, shared with the fixed save layout)
     frame   = type(1) be32 sequence be32 length be32 CRC-32(payload) be32 CRC-32(bytes 0..12),
               payload
     trailer = a frame of type TRAILER whose payload holds the totals of the QEMU stream
@@ -13,15 +14,15 @@ can withhold it until the trailer has confirmed everything: a destination never 
 stream unless the whole stream arrived intact.
 """
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~3x as fast (see pyproject.toml)
 
-from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
-from migpipe.stream.format import BE16, BE32, BE64
+from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
+from migpipe.filter import Filter
+from migpipe.header import Header, header_for, parse_header
+from migpipe.stream.format import BE32, BE64
 
 MAGIC = b"\x89MGP\r\n\x1a\n"  # high bit and CR/LF/^Z catch 7-bit and text-mode mangling
 VERSION = 1
@@ -32,13 +33,6 @@ FRAME_TYPES = {FRAME_DATA: "data", FRAME_FINAL: "final", FRAME_TRAILER: "trailer
 FRAME_HEADER_SIZE = 17
 MAX_FRAME = 65 << 20  # the largest VM description the parser accepts (64 MiB) fits one frame
 TRAILER_SIZE = 28
-
-
-@dataclass(frozen=True)
-class WireHeader:
-    filters: tuple[tuple[str, dict[str, Any]], ...]
-    page_size: int = 4096
-    encoded: bytes = field(default=b"", compare=False, repr=False)  # as read, for Filter.bind
 
 
 @dataclass(frozen=True)
@@ -78,14 +72,10 @@ class Trailer:
     qemu_digest: int
 
 
-def encode_header(header: WireHeader) -> bytes:
-    text = json.dumps(
-        {"filters": [[name, params] for name, params in header.filters],
-         "page_size": header.page_size},
-        sort_keys=True, separators=(",", ":"),
-    ).encode()  # fmt: skip
-    head = MAGIC + bytes([VERSION, 0]) + BE16.pack(len(text)) + text
-    return head + BE32.pack(crc32(head))
+def encode_header(chain: Sequence[Filter], page_size: int = 4096) -> bytes:
+    """The wire header naming `chain`, which is bound to it (sealed when it ends in encrypt;
+    see migpipe.header)."""
+    return header_for(MAGIC, VERSION, chain, {"page_size": page_size})
 
 
 def crc_of(pieces: Sequence[bytes | memoryview]) -> int:
@@ -125,14 +115,14 @@ def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
 
 
 class WireReader:
-    """Turns wire bytes into a WireHeader, then Frames, then a Trailer; checks every byte."""
+    """Turns wire bytes into a Header, then Frames, then a Trailer; checks every byte."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._base = 0
         self._closed = False
         self._sequence = 0
-        self.header: WireHeader | None = None
+        self.header: Header | None = None
         self.trailer: Trailer | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -144,14 +134,14 @@ class WireReader:
     def _fail(self, message: str, at: int = 0, status: int = EXIT_CORRUPT) -> None:
         raise MigpipeError(message, self._base + at, status)
 
-    def next_events(self) -> list[WireHeader | Frame | Trailer]:
+    def next_events(self) -> list[Header | Frame | Trailer]:
         """Everything the bytes so far complete; raises MigpipeError on any fault."""
-        events: list[WireHeader | Frame | Trailer] = []
+        events: list[Header | Frame | Trailer] = []
         pos = 0
         try:
             while True:
                 if self.header is None:
-                    parsed = self._parse_header(pos)
+                    parsed = self._parse_header()  # the header starts the wire: pos is 0
                 elif self.trailer is None:
                     parsed = self._parse_frame(pos)
                 else:
@@ -171,42 +161,12 @@ class WireReader:
             self._fail(message, len(self._buf), EXIT_TRUNCATED)
         return events
 
-    def _parse_header(self, pos: int) -> tuple[WireHeader, int] | None:
-        buf = self._buf
-        if len(buf) - pos < 12:
-            if len(buf) > pos and not MAGIC.startswith(bytes(buf[pos : pos + 8])):
-                self._fail("not a migpipe wire stream (bad magic)", pos)
+    def _parse_header(self) -> tuple[Header, int] | None:
+        header, size = parse_header(self._buf, MAGIC, VERSION, "migpipe wire stream", self._base)
+        if header is None:
             return None
-        if buf[pos : pos + 8] != MAGIC:
-            self._fail("not a migpipe wire stream (bad magic)", pos)
-        if buf[pos + 8] != VERSION:
-            self._fail(
-                f"wire version {buf[pos + 8]} is not {VERSION}: "
-                "encoded by a different migpipe version", pos + 8, EXIT_INCOMPATIBLE,
-            )  # fmt: skip
-        (length,) = BE16.unpack_from(buf, pos + 10)
-        end = pos + 12 + length
-        if len(buf) < end + 4:
-            return None
-        if crc32(buf[pos:end]) != BE32.unpack_from(buf, end)[0]:
-            self._fail("wire header checksum mismatch", pos)
-        if buf[pos + 9] != 0:
-            self._fail(f"unknown wire header flags 0x{buf[pos + 9]:02x}", pos + 9,
-                       EXIT_INCOMPATIBLE)  # fmt: skip
-        try:
-            fields = json.loads(buf[pos + 12 : end])
-            header = WireHeader(
-                tuple((name, dict(params)) for name, params in fields["filters"]),
-                fields["page_size"],
-                bytes(buf[pos : end + 4]),
-            )
-            size = header.page_size
-            if type(size) is not int or size < 1024 or size & (size - 1):
-                raise ValueError(f"page size {size!r}")
-        except (ValueError, KeyError, TypeError) as e:
-            self._fail(f"malformed wire header ({e})", pos + 12)
         self.header = header
-        return header, end + 4
+        return header, size
 
     def _parse_frame(self, pos: int) -> tuple[Frame | Trailer, int] | None:
         buf = self._buf

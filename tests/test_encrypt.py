@@ -149,12 +149,92 @@ def test_altered_header(sealed) -> None:
     assert forged != header
     result = decode_bytes(join_wire(forged, frames, trailer), secrets)
     assert result[0] == b"" and result[1].status == EXIT_CORRUPT
-    assert "payload 0 failed authentication" in result[1].message
+    assert "header failed authentication" in result[1].message
     at = text.index(b'"wrapped":"') + 20  # a bit of the wrapped file key
     flipped = bytearray(header)
     flipped[12 + at] ^= 0x01
     out, error = decode_bytes(join_wire(with_header_crc(flipped), frames, trailer), secrets)
     assert out == b"" and error is not None and error.status in (EXIT_KEY, EXIT_CORRUPT)
+
+
+def forged_header(header: bytes, old: bytes, new: bytes) -> bytes:
+    """`header` with `old` replaced in its text, its length and CRC made right again (the tag
+    cannot be)."""
+    n = int.from_bytes(header[10:12], "big")
+    text = header[12 : 12 + n].replace(old, new)
+    rest = header[12 + n :]  # the tag and the CRC
+    return with_header_crc(bytearray(header[:10] + len(text).to_bytes(2, "big") + text + rest))
+
+
+def test_the_header_is_authenticated_before_any_filter_is_made(
+    sealed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forger who keeps the wrapped key but puts an xbzrle cache of 1 TiB in the header gets
+    one key unwrapping and a refusal: no xbzrle filter is built, no cache mapped."""
+    from filters.xbzrle import Xbzrle
+
+    _, data, secrets = sealed
+    header, frames, trailer = split_wire(data)
+    made = []
+    monkeypatch.setattr(Xbzrle, "from_params", classmethod(lambda cls, *a: made.append(a)))
+    forged = forged_header(
+        header, b'{"filters":[', b'{"filters":[["xbzrle",{"cache":1099511627776}],'
+    )
+    out, error = decode_bytes(join_wire(forged, frames, trailer), secrets)
+    assert out == b"" and error.status == EXIT_CORRUPT
+    assert "header failed authentication" in error.message and made == []
+
+
+def test_a_header_stripped_of_its_tag_is_refused(sealed) -> None:
+    """Clearing the sealed flag and cutting the tag out (CRC fixed) is no way around it."""
+    _, data, secrets = sealed
+    header, frames, trailer = split_wire(data)
+    stripped = bytearray(header[:-36] + header[-4:])
+    stripped[9] = 0
+    out, error = decode_bytes(join_wire(with_header_crc(stripped), frames, trailer), secrets)
+    assert out == b"" and error.status == EXIT_CORRUPT
+    assert "carries no tag" in error.message
+
+
+def test_a_key_refuses_a_wire_that_is_not_encrypted(key: Path, tmp_path: Path) -> None:
+    """The downgrade: a forger sends a plaintext wire to a decoder that holds a key."""
+    stream = small_stream(seed=99)  # the attacker's guest
+    plain = encode_bytes(stream, "zstd:1", Secrets(), tmp_path)
+    out, error = decode_bytes(plain, Secrets(key_file=str(key)))
+    assert out == b"" and error.status == EXIT_KEY
+    assert "not encrypted, but a key was given" in error.message
+    allowed = Secrets(key_file=str(key), allow_unencrypted=True)
+    assert decode_bytes(plain, allowed) == (stream, None)
+    result = migpipe("decode", "--key-file", str(key), stdin=plain)
+    assert result.returncode == EXIT_KEY and result.stdout == NOT_A_STREAM
+    assert result.stderr.count(b"\n") == 1 and b"--allow-unencrypted" in result.stderr
+    result = migpipe("decode", "--key-file", str(key), "--allow-unencrypted", stdin=plain)
+    assert result.returncode == 0 and result.stdout == stream
+
+
+@pytest.mark.parametrize("kind", ["qemu", "stream", "fixed", "libvirt"])
+def test_a_key_refuses_a_file_that_is_not_encrypted(key: Path, tmp_path: Path, kind: str) -> None:
+    """An encrypted save swapped at rest for any file restore reads without a key."""
+    stream = small_stream(seed=99)
+    path = tmp_path / "vm.sav"
+    if kind == "qemu":
+        path.write_bytes(stream)
+    else:
+        xml = tmp_path / "vm.xml"
+        xml.write_text("<domain type='kvm'><name>vm</name></domain>")
+        options = {
+            "stream": [],
+            "fixed": ["--layout", "fixed"],
+            "libvirt": ["--libvirt-xml", str(xml)],
+        }
+        assert migpipe("save", str(path), *options[kind], stdin=stream).returncode == 0
+    for command in (["restore"], ["inspect"]):
+        result = migpipe(*command, str(path), "--key-file", str(key))
+        assert result.returncode == EXIT_KEY, result.stderr
+        assert b"not encrypted, but a key was given" in result.stderr
+        assert result.stdout in (b"", NOT_A_STREAM)
+    allowed = migpipe("restore", str(path), "--key-file", str(key), "--allow-unencrypted")
+    assert allowed.returncode == 0 and len(allowed.stdout) > 0
 
 
 @pytest.mark.parametrize("where", ["first byte", "middle", "tag"])

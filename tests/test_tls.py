@@ -32,7 +32,7 @@ from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError, Stopped
 from migpipe.pipeline import decode, encode
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
-from migpipe.wire import WireHeader, WireReader, encode_header
+from migpipe.wire import WireReader, encode_header
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]
 JOIN = 60  # seconds a test waits for its other end before calling it hung
@@ -415,7 +415,7 @@ def test_plain_client_to_a_tls_listener(creds: Path) -> None:
     """migpipe encode without --tls-creds: its wire header is not a TLS ClientHello."""
 
     def plain_encode(sock: socket.socket) -> object:
-        sock.sendall(encode_header(WireHeader(())))
+        sock.sendall(encode_header(()))
         return sock.recv(100)  # the listener's answer: it closes
 
     server, client = connected(serve(creds), plain_encode)

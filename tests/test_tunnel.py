@@ -14,6 +14,7 @@ from migpipe import wire
 from migpipe.channel import NOT_A_STREAM
 from migpipe.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
+from migpipe.header import encode_header
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
 
@@ -103,7 +104,8 @@ def test_frames_out_of_order_are_refused(stream: bytes) -> None:
 
 
 def test_unknown_filter_and_newer_version(stream: bytes) -> None:
-    header = wire.encode_header(wire.WireHeader((("rot13", {}),)))
+    fields = {"filters": [["rot13", {}]], "page_size": 4096}
+    header = encode_header(wire.MAGIC, wire.VERSION, fields)
     result = decode(header + wire.encode_trailer(0, wire.Trailer(0, 0, 0, 0)))
     assert result.returncode == EXIT_INCOMPATIBLE
     assert b"unknown filter 'rot13'" in result.stderr
@@ -173,7 +175,7 @@ def test_header_flags_and_page_size_are_checked(stream: bytes) -> None:
     flagged[end : end + 4] = zlib.crc32(flagged[:end]).to_bytes(4, "big")
     result = decode(bytes(flagged))
     assert result.returncode == EXIT_INCOMPATIBLE and b"flags" in result.stderr
-    header = wire.encode_header(wire.WireHeader((), 3))
+    header = encode_header(wire.MAGIC, wire.VERSION, {"filters": [], "page_size": 3})
     assert decode(header).returncode == EXIT_CORRUPT
 
 

@@ -143,8 +143,9 @@ def test_every_frame_rebuilds_exactly_its_own_bytes(monkeypatch: pytest.MonkeyPa
     ended in a device-state body, and decode gave its last 4 bytes out with the next frame)."""
     import zlib
 
+    from migpipe.header import Header
     from migpipe.pipeline import FRAME_FINAL, Decoder, Encoder, Totals
-    from migpipe.wire import Frame, Trailer, WireHeader
+    from migpipe.wire import Frame, Trailer
 
     monkeypatch.setattr("migpipe.pipeline.FRAME_TARGET", 1)  # every chunk ends a frame
 
@@ -166,7 +167,7 @@ def test_every_frame_rebuilds_exactly_its_own_bytes(monkeypatch: pytest.MonkeyPa
             sent.chain(frame.qemu_length, frame.qemu_crc)
         assert at == len(stream)
         trailer = Trailer(len(stream), encoder.totals.page_records, len(frames), sent.digest)
-        decoder = Decoder(WireHeader((("xbzrle", {}),)))
+        decoder = Decoder(Header((("xbzrle", {}),)))
         for frame, frame_qemu in zip(frames, qemu, strict=True):
             wire_frame = Frame(frame.kind, frame.sequence, frame.records,
                                zlib.crc32(frame.records), 0)  # fmt: skip
