@@ -214,10 +214,17 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
     if (args.connect or args.listen) and given:
         option = "--in" if role == "input" else "--out"
         raise MigpipeError(f"{option} and --connect/--listen both name the wire", None, EXIT_USAGE)
-    wrap = tls_wrapper(args)  # bad credentials fail before the network is touched
+    wrap, gate = tls_ends(args)  # bad credentials fail before the network is touched
     if args.connect or args.listen:
-        link = (transport.connect(args.connect, args.connect_timeout) if args.connect
-                else transport.listen(args.listen))  # fmt: skip
+        if args.connect:
+            link = transport.connect(args.connect, args.connect_timeout)
+        else:
+            if gate is None and role == "input":  # a stray connection shows in its first bytes
+                from migpipe.wire import MAGIC
+
+                gate = transport.first_bytes(MAGIC)
+            log = functools.partial(print, f"migpipe {args.command}:", file=sys.stderr, flush=True)
+            link = transport.listen(args.listen, gate, timeout=args.accept_timeout, log=log)
         with link as sock:
             if wrap is not None:
                 with wrap(sock) as channel:
@@ -235,12 +242,14 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
             yield f.fileno()
 
 
-def tls_wrapper(args: argparse.Namespace):
-    """What turns the connected socket into a TLS channel, or None without --tls-creds."""
+def tls_ends(args: argparse.Namespace) -> tuple[Callable | None, Callable | None]:
+    """What turns the connection into a TLS channel, and the gate a listener lets a TLS peer in
+    by (its handshake and --tls-peer check); (None, None) without --tls-creds."""
     if args.tls_creds is None:
-        if args.tls_hostname or args.tls12:
-            raise MigpipeError("--tls-hostname and --tls12 need --tls-creds", status=EXIT_USAGE)
-        return None
+        if args.tls_hostname or args.tls12 or args.tls_peer:
+            raise MigpipeError("--tls-hostname, --tls-peer and --tls12 need --tls-creds",
+                               status=EXIT_USAGE)  # fmt: skip
+        return None, None
     if not (args.connect or args.listen):
         raise MigpipeError("--tls-creds needs --connect or --listen", status=EXIT_USAGE)
     if args.listen and args.tls_hostname:  # the listener checks the client's certificate only
@@ -249,11 +258,11 @@ def tls_wrapper(args: argparse.Namespace):
     from migpipe import tls
 
     if args.connect:
-        context = tls.client_context(args.tls_creds, tls12=args.tls12)
+        context = tls.client_context(args.tls_creds, tls12=args.tls12, peers=args.tls_peer)
         host = tls.server_name(args.connect, args.tls_hostname)
-        return lambda sock: tls.wrap_client(sock, context, host)
-    context = tls.server_context(args.tls_creds, tls12=args.tls12)
-    return lambda sock: tls.wrap_server(sock, context)
+        return (lambda sock: tls.wrap_client(sock, context, host)), None
+    context = tls.server_context(args.tls_creds, tls12=args.tls12, peers=args.tls_peer)
+    return tls.TlsChannel, lambda sock: tls.admit(sock, context)  # listen() shook hands
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -623,6 +632,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def transport(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
         """The wire's options; `wire` ("input", "output") when the other side is QEMU's."""
+        from migpipe.transport import ACCEPT_TIMEOUT
+
+        def seconds(text: str) -> float:
+            """A duration for argparse: a number, 0 or more (inf and nan are no durations)."""
+            try:
+                value = float(text)
+            except ValueError:
+                value = -1.0
+            if not 0 <= value < float("inf"):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+            return value
+
         if wire != "output":
             sub.add_argument(
                 "--in",
@@ -650,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
         link.add_argument(
             "--listen",
             metavar="ADDR",
-            help="accept the wire's one connection on [HOST:]PORT or unix:PATH",
+            help="accept the wire's one connection on [HOST:]PORT or unix:PATH "
+            "(PORT alone: every interface)",
         )
         sub.add_argument(
             "--connect-timeout",
@@ -658,6 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=30.0,
             metavar="SECONDS",
             help="keep retrying --connect this long while nobody listens (30)",
+        )
+        sub.add_argument(
+            "--accept-timeout",
+            type=seconds,
+            default=ACCEPT_TIMEOUT,
+            metavar="SECONDS",
+            help=f"give up --listen when no peer came this long; 0: never ({ACCEPT_TIMEOUT:g})",
         )
         sub.add_argument(
             "--tls-creds",
@@ -669,6 +698,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--tls-hostname",
             metavar="NAME",
             help="the name the server certificate must carry (default: the --connect host)",
+        )
+        sub.add_argument(
+            "--tls-peer",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="the other end's certificate must carry NAME (CN, DNS or IP); repeatable",
         )
         sub.add_argument("--tls12", action="store_true", help="also accept TLS 1.2")
 

@@ -10,6 +10,12 @@ know who sends it as surely as the sender must know who receives it. TLS 1.3 onl
 ends ask for 1.2 (then forward-secret AEAD suites only). Private keys that their group or
 others can read are refused, as ssh refuses them.
 
+A CA vouches for every host it signed (libvirt's /etc/pki/qemu CA typically signs them all), so
+`--tls-peer NAME` narrows who may be the other end, as QEMU's tls-authz does: after the
+handshake, the peer certificate's subject CN or one of its DNS or IP subject alternative names
+must be one of the names. A certificate without an extended key usage is valid for both ends,
+as RFC 5280 says and OpenSSL, GnuTLS, QEMU and libvirt agree; with one, it must name the use.
+
 Every handshake failure becomes one MigpipeError line saying what to fix, with status EXIT_TLS.
 The data moves through the standard library's ssl module in the pipeline's worker threads,
 which release the GIL inside OpenSSL: the two directions and the filters use both cores, where
@@ -18,10 +24,11 @@ trio's SSLStream (one task doing everything) measured three to four times slower
 
 import contextlib
 import errno
+import ipaddress
 import select
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,24 +61,30 @@ CLIENT = Role("client", "client-cert.pem", "client-key.pem", "connecting end (--
 
 @dataclass(frozen=True)
 class TlsContext:
-    """An ssl context with the directory its files came from, so messages can name them."""
+    """An ssl context with the directory its files came from, so messages can name them, and
+    the names the other end's certificate must carry one of (--tls-peer; none: any)."""
 
     context: ssl.SSLContext
     directory: Path
     role: Role
+    peers: tuple[str, ...] = ()
 
 
-def client_context(creds_dir: Path, *, tls12: bool = False) -> TlsContext:
+def client_context(
+    creds_dir: Path, *, tls12: bool = False, peers: Sequence[str] = ()
+) -> TlsContext:
     """For --connect: verifies the server against ca-cert.pem, presents client-cert.pem."""
-    return _context(Path(creds_dir), CLIENT, tls12)
+    return _context(Path(creds_dir), CLIENT, tls12, peers)
 
 
-def server_context(creds_dir: Path, *, tls12: bool = False) -> TlsContext:
+def server_context(
+    creds_dir: Path, *, tls12: bool = False, peers: Sequence[str] = ()
+) -> TlsContext:
     """For --listen: presents server-cert.pem, requires a client certificate from the CA."""
-    return _context(Path(creds_dir), SERVER, tls12)
+    return _context(Path(creds_dir), SERVER, tls12, peers)
 
 
-def _context(directory: Path, role: Role, tls12: bool) -> TlsContext:
+def _context(directory: Path, role: Role, tls12: bool, peers: Sequence[str]) -> TlsContext:
     if not directory.is_dir():
         raise MigpipeError(
             f"TLS: credentials directory {directory} does not exist "
@@ -92,7 +105,7 @@ def _context(directory: Path, role: Role, tls12: bool) -> TlsContext:
         _load(context.load_verify_locations, crl, "certificate revocation list")
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     _load_identity(context, directory, role)
-    return TlsContext(context, directory, role)
+    return TlsContext(context, directory, role, tuple(peers))
 
 
 def _load(load, path: Path, what: str) -> None:
@@ -153,15 +166,89 @@ def wrap_client(sock: socket.socket, tls: TlsContext, hostname: str) -> "TlsChan
     ssl_sock = wrap(sock, server_hostname=hostname, do_handshake_on_connect=False)
     with _closed_on_error(ssl_sock):
         early = _handshake(ssl_sock, tls, hostname)
+        check_peer(ssl_sock, tls)
     return TlsChannel(ssl_sock, early)
+
+
+def admit(sock: socket.socket, tls: TlsContext) -> Generator[int, None, ssl.SSLSocket]:
+    """The listening end's handshake and --tls-peer check, as a gate of transport.listen: one
+    step per poll, so that the listener checks other connections meanwhile. A failure is
+    handshake_error's line; a TimeoutError thrown in becomes one too.
+
+    The check comes after the handshake, as QEMU's tls-authz does: the ssl module has no
+    verify callback. The refused client sees the connection closed after its handshake.
+    """
+    sock.setblocking(False)
+    ssl_sock = tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    with _closed_on_error(ssl_sock):
+        while True:
+            try:
+                ssl_sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            except (OSError, EOFError) as e:
+                raise handshake_error(e, tls, None) from None
+            try:
+                yield events
+            except TimeoutError as e:
+                raise handshake_error(e, tls, None) from None
+        check_peer(ssl_sock, tls)
+        ssl_sock.setblocking(True)
+    return ssl_sock
 
 
 def wrap_server(sock: socket.socket, tls: TlsContext) -> "TlsChannel":
-    """TLS over an accepted socket, as the server; returns once the client is verified."""
-    ssl_sock = tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    with _closed_on_error(ssl_sock):
-        early = _handshake(ssl_sock, tls, None)
-    return TlsChannel(ssl_sock, early)
+    """admit() on a socket accepted by other means, waiting: returns once the client is
+    verified, or raises handshake_error's line."""
+    steps = admit(sock, tls)
+    fd = sock.fileno()  # admit() moves it to its SSLSocket
+    poller = select.poll()
+    try:
+        events = next(steps)
+        while True:
+            poller.register(fd, events)
+            if poller.poll(HANDSHAKE_TIMEOUT * 1000):
+                events = next(steps)
+            else:
+                events = steps.throw(TimeoutError(errno.ETIMEDOUT, "no handshake"))
+    except StopIteration as done:
+        return TlsChannel(done.value)
+
+
+def check_peer(ssl_sock: ssl.SSLSocket, tls: TlsContext) -> None:
+    """--tls-peer: the other end's certificate must carry one of the names, as its subject CN
+    or as a DNS or IP subject alternative name. Names are compared exactly (DNS names without
+    regard to case, IP addresses by value): a wildcard certificate matches only its pattern."""
+    if not tls.peers:
+        return
+    carried = certificate_names(ssl_sock.getpeercert() or {})
+    if carried & {_normal(name) for name in tls.peers}:
+        return
+    other = CLIENT if tls.role is SERVER else SERVER
+    shown = ", ".join(repr(name) for name in sorted(carried)) or "no name"
+    raise MigpipeError(
+        f"TLS: the {other.name} certificate carries none of the --tls-peer names "
+        f"({', '.join(tls.peers)}); it carries {shown}",
+        status=EXIT_TLS,
+    )
+
+
+def certificate_names(cert: dict) -> set[str]:
+    """The subject CNs and the DNS and IP subject alternative names of a verified certificate,
+    as the ssl module decodes it, normalised for comparison."""
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names |= {v for kind, v in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")}
+    return {_normal(name) for name in names}
+
+
+def _normal(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name.lower()
 
 
 @contextlib.contextmanager
@@ -173,12 +260,13 @@ def _closed_on_error(ssl_sock: ssl.SSLSocket):
         raise
 
 
-def _handshake(ssl_sock: ssl.SSLSocket, tls: TlsContext, host: str | None) -> bytes:
-    """Run the handshake, bounded by HANDSHAKE_TIMEOUT; the application data that came with it."""
+def _handshake(ssl_sock: ssl.SSLSocket, tls: TlsContext, host: str) -> bytes:
+    """Run the client's handshake, bounded by HANDSHAKE_TIMEOUT; the application data that came
+    with it."""
     ssl_sock.settimeout(HANDSHAKE_TIMEOUT)
     try:
         ssl_sock.do_handshake()
-        early = _await_acceptance(ssl_sock) if tls.role is CLIENT else b""
+        early = _await_acceptance(ssl_sock)
     except (OSError, EOFError) as e:
         raise handshake_error(e, tls, host) from None
     ssl_sock.settimeout(None)

@@ -4,18 +4,38 @@ The pipeline works on file descriptors, so a connected socket simply replaces a 
 stay two-way (postcopy's page requests will ride back on the same connection). `--connect`
 retries while the listener is not up yet, because the two ends of a migration are usually
 started at the same time by different hosts.
+
+`--listen` takes the first connection that its gate admits (a TLS handshake and peer check, or
+the wire's first bytes), so that a port scanner or a stray client cannot end a listener that
+waits for a migration. Connections are checked side by side, each for at most `patience`
+seconds: one that says nothing holds only itself up, not the real peer behind it. The whole
+wait has a deadline, since a destination QEMU waiting for a source that never comes would
+otherwise wait for ever.
 """
 
 import contextlib
+import errno
 import os
+import select
 import socket
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 
 from migpipe.errors import EXIT_PEER_GONE, MigpipeError
 
 SOCKET_BUFFER = 4 << 20
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
+ACCEPT_TIMEOUT = 120.0  # --accept-timeout's default: see migpipe(1)
+PATIENCE = 30.0  # what one connection is given to prove itself the peer
+MAX_PENDING = 16  # connections being checked at once; a new one pushes out the oldest
+LOG_BURST, LOG_EVERY = 10, 6.0  # refusal lines: 10 at once, then one per 6 s (10 a minute)
+
+# A gate checks one accepted connection without blocking: it yields the poll events it waits
+# for, returns the socket to hand on (a TLS one, say), or raises MigpipeError saying why the
+# connection is refused. A TimeoutError is thrown in when it takes longer than `patience`.
+Gate = Callable[[socket.socket], Generator[int, None, socket.socket]]
 
 
 def parse_endpoint(spec: str, *, listening: bool) -> tuple[int, object]:
@@ -74,22 +94,33 @@ def connect(spec: str, timeout: float) -> Iterator[socket.socket]:
 
 
 @contextlib.contextmanager
-def listen(spec: str) -> Iterator[socket.socket]:
-    """The first connection accepted on `spec`; the listening socket is closed right after."""
+def listen(
+    spec: str,
+    gate: Gate | None = None,
+    *,
+    timeout: float = ACCEPT_TIMEOUT,
+    patience: float = PATIENCE,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[socket.socket]:
+    """The first connection on `spec` that `gate` admits (without a gate: the first one),
+    within `timeout` seconds (0: no limit); the listening socket is closed right after.
+    Refused connections are closed and reported to `log`, at a bounded rate."""
     family, address = parse_endpoint(spec, listening=True)
     try:
         if family == socket.AF_UNIX:
             server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             server.bind(address)
             os.chmod(address, 0o600)  # only our user may feed or read a migration
-            server.listen(1)
+            server.listen(MAX_PENDING)
         else:
-            server = socket.create_server(address, family=family, reuse_port=False)
+            server = socket.create_server(
+                address, family=family, backlog=MAX_PENDING, reuse_port=False
+            )
     except OSError as e:
         raise MigpipeError(f"cannot listen on {spec}: {e.strerror or e}") from None
     try:
         with server:
-            conn, _ = server.accept()
+            conn = _Admission(server, spec, gate, patience, log or _stderr).run(timeout)
     finally:
         if family == socket.AF_UNIX:
             with contextlib.suppress(FileNotFoundError):
@@ -97,3 +128,167 @@ def listen(spec: str) -> Iterator[socket.socket]:
     with conn:
         _tune(conn)
         yield conn
+
+
+def first_bytes(expected: bytes) -> Gate:
+    """A gate for a listener that reads the wire: the peer's first bytes must be `expected`
+    (the wire's magic). They are peeked, not read, so the wire reaches its parser whole, and
+    SO_RCVLOWAT makes the poll wait for all of them, not wake on the first."""
+
+    def check(conn: socket.socket) -> Generator[int, None, socket.socket]:
+        if conn.family == socket.AF_UNIX:  # 0600: only our own user can connect
+            return conn
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(expected))
+        try:
+            yield select.POLLIN
+        except TimeoutError:
+            raise MigpipeError(f"no {len(expected)} bytes of a wire in time") from None
+        first = conn.recv(len(expected), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if not first:
+            raise MigpipeError("closed without sending anything")
+        if len(first) < len(expected):  # the poll woke for the end, not for the bytes
+            raise MigpipeError(f"closed after {len(first)} bytes")
+        if first != expected:
+            raise MigpipeError(f"not a migpipe wire (it began with {first[:8]!r})")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        return conn
+
+    return check
+
+
+@dataclass
+class _Checking:
+    """An accepted connection that its gate is checking."""
+
+    conn: socket.socket
+    peer: str
+    steps: Generator[int, None, socket.socket]
+    until: float
+
+
+class _Admission:
+    """The accept loop of listen(): connections are checked side by side, by poll."""
+
+    def __init__(
+        self,
+        server: socket.socket,
+        spec: str,
+        gate: Gate | None,
+        patience: float,
+        log: Callable[[str], None],
+    ) -> None:
+        self.server, self.spec, self.gate, self.patience = server, spec, gate, patience
+        self.log = _RateLimited(log)
+        self.checking: dict[int, _Checking] = {}
+        self.poller = select.poll()
+        self.poller.register(server, select.POLLIN)
+        self.refused = 0
+
+    def run(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    more = f" ({self.refused} refused)" if self.refused else ""
+                    message = f"no connection on {self.spec} within {timeout:g} s{more}"
+                    raise MigpipeError(message, status=EXIT_PEER_GONE)
+                for fd in [fd for fd, c in self.checking.items() if c.until <= now]:
+                    if admitted := self._step(fd, TimeoutError(errno.ETIMEDOUT, "timed out")):
+                        return admitted
+                ends = [c.until for c in self.checking.values()]
+                if deadline is not None:
+                    ends.append(deadline)
+                wait = max(0, min(ends) - now) * 1000 if ends else None
+                for fd, _ in self.poller.poll(wait):
+                    admitted = self._accept() if fd == self.server.fileno() else self._step(fd)
+                    if admitted:
+                        return admitted
+        finally:
+            for fd in list(self.checking):
+                self._drop(fd)
+            self.log.flush()
+
+    def _accept(self) -> socket.socket | None:
+        try:
+            conn, address = self.server.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return None  # gone before we took it
+        if self.gate is None:
+            return conn
+        if len(self.checking) >= MAX_PENDING:
+            oldest = min(self.checking, key=lambda fd: self.checking[fd].until)
+            self._refuse(oldest, "pushed out by newer connections")
+        peer = _address(address)
+        fd = conn.fileno()
+        self.checking[fd] = _Checking(conn, peer, self.gate(conn), time.monotonic() + self.patience)
+        return self._step(fd)
+
+    def _step(self, fd: int, error: BaseException | None = None) -> socket.socket | None:
+        """Run the gate of connection `fd` on (throwing `error` into it): the socket it admits,
+        or None while it waits or after it refused."""
+        checking = self.checking[fd]
+        try:
+            events = checking.steps.throw(error) if error else next(checking.steps)
+        except StopIteration as done:
+            del self.checking[fd]  # the caller returns it: the others are dropped
+            return done.value
+        except (MigpipeError, OSError) as e:
+            reason = e.message if isinstance(e, MigpipeError) else (e.strerror or str(e))
+            self._refuse(fd, reason)
+            return None
+        self.poller.register(fd, events)  # again: modifies what it waits for
+        return None
+
+    def _refuse(self, fd: int, reason: str) -> None:
+        peer = self.checking[fd].peer
+        self._drop(fd)
+        self.refused += 1
+        self.log(f"refused a connection on {self.spec} from {peer}: {reason}")
+
+    def _drop(self, fd: int) -> None:
+        checking = self.checking.pop(fd)
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(fd)
+        checking.steps.close()  # a gate closes the socket it made (a TLS one)
+        checking.conn.close()
+
+
+class _RateLimited:
+    """A log that passes LOG_BURST lines at once, then one per LOG_EVERY seconds, and counts
+    the rest, so that a flood of connections cannot flood the log."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.write = log
+        self.tokens = float(LOG_BURST)
+        self.last = time.monotonic()
+        self.dropped = 0
+
+    def __call__(self, line: str) -> None:
+        now = time.monotonic()
+        self.tokens = min(LOG_BURST, self.tokens + (now - self.last) / LOG_EVERY)
+        self.last = now
+        if self.tokens < 1:
+            self.dropped += 1
+            return
+        self.tokens -= 1
+        self.flush()
+        self.write(line)
+
+    def flush(self) -> None:
+        """Say how many lines were left out, if any."""
+        if self.dropped:
+            self.write(f"{self.dropped} more refused connections not logged")
+            self.dropped = 0
+
+
+def _address(address: object) -> str:
+    """A peer address as HOST:PORT, [V6]:PORT, or "a local process" (UNIX sockets)."""
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "a local process"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

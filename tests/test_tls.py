@@ -6,6 +6,7 @@ Each failure must be one clear line with status EXIT_TLS on both ends where both
 nothing may reach the reading end.
 """
 
+import contextlib
 import datetime
 import os
 import select
@@ -26,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migpipe import tls, tlsinit
+from migpipe import tls, tlsinit, transport
 from migpipe.channel import CHUNK
 from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError, Stopped
 from migpipe.pipeline import decode, encode
@@ -108,11 +109,14 @@ def read_all(channel: tls.TlsChannel) -> list[bytes]:
     return chunks
 
 
-def serve(creds: Path, *, tls12: bool = False, write: Sequence[bytes] = ()):
+def serve(creds: Path | tls.TlsContext, *, tls12: bool = False, write: Sequence[bytes] = ()):
     """A TLS listening end: writes `write` (then finishes), or else reads everything."""
 
     def work(sock: socket.socket) -> object:
-        with tls.wrap_server(sock, tls.server_context(creds, tls12=tls12)) as channel:
+        context = (
+            creds if isinstance(creds, tls.TlsContext) else tls.server_context(creds, tls12=tls12)
+        )
+        with tls.wrap_server(sock, context) as channel:
             if write:
                 channel.write(write)
                 channel.finish()
@@ -307,15 +311,22 @@ def test_client_from_another_ca(creds: Path, other_ca: Path) -> None:
 
 
 def issue(
-    creds: Path, role: tls.Role, names: Sequence[str] = ("localhost",), days=(-1, 365)
+    creds: Path,
+    role: tls.Role,
+    names: Sequence[str] = ("localhost",),
+    days=(-1, 365),
+    *,
+    purpose: bool = True,
 ) -> x509.Certificate:
-    """Replace `role`'s certificate and key in `creds` with one signed by the same CA."""
+    """Replace `role`'s certificate and key in `creds` with one signed by the same CA; without
+    an extended key usage if not `purpose`."""
     ca_key = serialization.load_pem_private_key((creds / tlsinit.CA_KEY).read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate((creds / tls.CA_CERT).read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    purpose = x509.oid.ExtendedKeyUsageOID
-    cert = (
+    usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if role is tls.SERVER else (
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)  # fmt: skip
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, names[0])]))
         .issuer_name(ca_cert.subject)
@@ -324,11 +335,11 @@ def issue(
         .not_valid_before(now + datetime.timedelta(days=days[0]))
         .not_valid_after(now + datetime.timedelta(days=days[1]))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(
-            [purpose.SERVER_AUTH if role is tls.SERVER else purpose.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([tlsinit.san_entry(n) for n in names]), False)
-        .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
+    if purpose:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     tlsinit.write_file(creds / role.cert, tlsinit.pem_cert(cert), 0o644, force=True)
     tlsinit.write_file(creds / role.key, tlsinit.pem_key(key), 0o600, force=True)
     return cert
@@ -565,3 +576,122 @@ def test_tls_hostname_on_a_listener_is_a_usage_error(made: Path) -> None:
     assert result.returncode == EXIT_USAGE
     assert b"--tls-hostname names the server to check" in result.stderr
     assert result.stderr.count(b"\n") == 1
+
+
+def test_tls_peer_needs_tls_creds() -> None:
+    result = subprocess.run([*MIGPIPE, "decode", "--listen", "127.0.0.1:0", "--tls-peer", "src"],
+                            capture_output=True, check=False)  # fmt: skip
+    assert result.returncode == EXIT_USAGE
+    assert b"--tls-hostname, --tls-peer and --tls12 need --tls-creds" in result.stderr
+
+
+# -- who may be the other end: --tls-peer ------------------------------------------------------
+
+
+def test_tls_peer_on_the_connecting_end(creds: Path) -> None:
+    """The server's certificate must carry one of the names, as its CN, a DNS or an IP SAN."""
+    for name in ("LOCALHOST", "127.0.0.1"):
+        client = tls.client_context(creds, peers=["dst.example", name])
+        server, end = connected(serve(creds), dial(client))
+        assert end.error is None and server.result == [b"x"], end.error
+    client = tls.client_context(creds, peers=["dst.example", "10.0.0.2"])
+    server, end = connected(serve(creds), dial(client))
+    assert_tls_error(end, "the server certificate carries none of the --tls-peer names "
+                     "(dst.example, 10.0.0.2); it carries '127.0.0.1', 'localhost'")  # fmt: skip
+    assert server.result == []  # the server read an end, and not one byte
+
+
+def test_tls_peer_on_the_listening_end(creds: Path) -> None:
+    """A client from the same CA under another name is refused after its handshake, as
+    QEMU's tls-authz refuses it; a listed one is let in, by its CN alone if need be."""
+    issue(creds, tls.CLIENT, ["intruder.example"])
+    server, client = connected(serve(tls.server_context(creds, peers=["source"])), dial(creds))
+    assert_tls_error(server, "the client certificate carries none of the --tls-peer names "
+                     "(source); it carries 'intruder.example'")  # fmt: skip
+    assert server.result is None
+    issue(creds, tls.CLIENT, ["source"])
+    server, client = connected(serve(tls.server_context(creds, peers=["source"])), dial(creds))
+    assert client.error is None and server.result == [b"x"]
+
+
+def test_a_certificate_without_extended_key_usage_serves_either_end(creds: Path) -> None:
+    """RFC 5280: no extended key usage means any use. OpenSSL, GnuTLS, QEMU and libvirt take
+    it so, and so does migpipe, with or without --tls-peer: the names decide who, not the EKU."""
+    issue(creds, tls.CLIENT, ["source"], purpose=False)
+    issue(creds, tls.SERVER, ["localhost"], purpose=False)
+    server, client = connected(
+        serve(tls.server_context(creds, peers=["source"])),
+        dial(tls.client_context(creds, peers=["localhost"])),
+    )
+    assert client.error is None and server.result == [b"x"], (client.error, server.error)
+
+
+# -- a TLS listener, strays, and the real source, through the CLI ---------------------------------
+
+
+def stray(address: str, work: Callable[[socket.socket], object]) -> int:
+    """Our port, after `work` ran on a new connection to the listener at `address` (retried
+    until it is up) and saw it refused: a failed handshake, or the connection closed on it."""
+    with transport.connect(address, JOIN) as sock:
+        port = sock.getsockname()[1]
+        with contextlib.suppress(MigpipeError, OSError):
+            work(sock)
+    return port
+
+
+def plain_request(sock: socket.socket) -> object:
+    sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    return sock.recv(1 << 16)  # an alert, then the end; or a reset
+
+
+def tls_client(creds: Path) -> Callable[[socket.socket], object]:
+    """A TLS client with the credentials in `creds`, waiting for the end the listener gives."""
+    return lambda sock: read_all(tls.wrap_client(sock, tls.client_context(creds), "localhost"))
+
+
+def test_a_tls_listener_outlives_strays_and_refused_peers(
+    made: Path, other_ca: Path, tmp_path: Path
+) -> None:
+    """A plain request, a client of another CA, and one of the same CA whose name is not a
+    --tls-peer are each refused with one line; the listener goes on, and the source that
+    comes next gets through, past a connection that never speaks."""
+    foreign = Path(shutil.copytree(made, tmp_path / "foreign"))
+    for name in ("client-cert.pem", "client-key.pem"):
+        shutil.copy2(other_ca / name, foreign / name)
+    intruder = Path(shutil.copytree(made, tmp_path / "intruder"))
+    issue(intruder, tls.CLIENT, ["intruder.example"])
+    stream = write_records(SyntheticGuest(GuestModel(ram_size=4 << 20, iterations=2)).records())
+    address = f"127.0.0.1:{free_port()}"
+    decoder = subprocess.Popen(
+        [*MIGPIPE, "decode", "--listen", address, "--tls-creds", str(made), "--tls-peer", "source"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    ports = [stray(address, work) for work in (plain_request, tls_client(foreign),
+                                               tls_client(intruder))]  # fmt: skip
+    with transport.connect(address, JOIN):  # silent, while the source comes and goes
+        encoder = subprocess.run(
+            [*MIGPIPE, "encode", "--tls-creds", str(made), "--connect", address],
+            input=stream, capture_output=True, check=False,
+        )  # fmt: skip
+    out, err = decoder.communicate(timeout=JOIN)
+    assert encoder.returncode == 0, encoder.stderr
+    assert decoder.returncode == 0, err
+    assert out == stream
+    reasons = [
+        "TLS: the connecting end (--connect) does not speak TLS; is it running without "
+        "--tls-creds?",
+        f"TLS: the client certificate is not signed by the CA in {made / tls.CA_CERT}",
+        "TLS: the client certificate carries none of the --tls-peer names (source); it "
+        "carries 'intruder.example'",
+    ]
+    assert err.decode().splitlines() == [
+        f"migpipe decode: refused a connection on {address} from 127.0.0.1:{port}: {reason}"
+        for port, reason in zip(ports, reasons, strict=True)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,16 +1,21 @@
 """encode --connect / decode --listen over real TCP and UNIX sockets."""
 
+import contextlib
+import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from migpipe.errors import EXIT_PEER_GONE, MigpipeError
+from migpipe import transport
+from migpipe.errors import EXIT_PEER_GONE, EXIT_USAGE, MigpipeError
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
 from migpipe.transport import parse_endpoint
+from migpipe.wire import MAGIC
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]
 
@@ -110,3 +115,113 @@ def test_reads_take_what_is_waiting_from_pipes_sockets_files_and_devices(tmp_pat
                 os.close(fd)
         left.close()
         right.close()
+
+
+# -- a listener and the strays that reach it first ----------------------------------------------
+
+
+def refused(address: str, send: bytes = b"", *, hang_up: bool = True) -> int:
+    """Connect to a listener (retrying until it is up), send `send` (then end our side if
+    `hang_up`), and return our port once the listener has closed the connection on us."""
+    with transport.connect(address, 30.0) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(send)
+        with contextlib.suppress(OSError):  # reset, or not connected any more: closed
+            if hang_up:
+                sock.shutdown(socket.SHUT_WR)
+            while sock.recv(1 << 16):
+                pass
+        return port
+
+
+def test_strays_do_not_end_a_decoding_listener(stream: bytes) -> None:
+    """Without TLS, a stray shows in its first bytes: they are not the wire's magic. The stray
+    is refused and logged, the listener goes on, and the source after it gets through, past
+    one that connected and says nothing."""
+    address = f"127.0.0.1:{free_port()}"
+    decoder = subprocess.Popen(
+        [*MIGPIPE, "decode", "--listen", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    http = refused(address, b"GET / HTTP/1.0\r\n\r\n")
+    empty = refused(address)
+    short = refused(address, MAGIC[:3])
+    with transport.connect(address, 30.0):  # silent, open while the source comes and goes
+        encoder = subprocess.run([*MIGPIPE, "encode", "--connect", address], input=stream,
+                                 capture_output=True, check=False)  # fmt: skip
+    out, err = decoder.communicate(timeout=60)
+    assert encoder.returncode == 0, encoder.stderr
+    assert decoder.returncode == 0, err
+    assert out == stream
+    assert err.decode().splitlines() == [
+        f"migpipe decode: refused a connection on {address} from 127.0.0.1:{http}: "
+        "not a migpipe wire (it began with b'GET / HT')",
+        f"migpipe decode: refused a connection on {address} from 127.0.0.1:{empty}: "
+        "closed without sending anything",
+        f"migpipe decode: refused a connection on {address} from 127.0.0.1:{short}: "
+        "closed after 3 bytes",
+    ]
+
+
+def test_listen_gives_up_after_accept_timeout() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = subprocess.run([*MIGPIPE, "decode", "--listen", address, "--accept-timeout", "0.5"],
+                            capture_output=True, check=False)  # fmt: skip
+    assert result.returncode == EXIT_PEER_GONE
+    assert result.stderr.decode() == (
+        f"migpipe decode: error: no connection on {address} within 0.5 s\n"
+    )
+    assert result.stdout == b"MGP!"  # QEMU, behind decode, fails its load at once
+    for bad in ("-1", "nan", "soon"):
+        result = subprocess.run([*MIGPIPE, "encode", "--listen", address, "--accept-timeout", bad],
+                                capture_output=True, check=False)  # fmt: skip
+        assert result.returncode == EXIT_USAGE
+        assert f"{bad!r} is not a number of seconds" in result.stderr.decode()
+
+
+class Listener(threading.Thread):
+    """transport.listen with the wire's gate, in a thread: what it admitted, and its log."""
+
+    def __init__(self, address: str, **options: object) -> None:
+        super().__init__(daemon=True)
+        self.address, self.options = address, options
+        self.lines: list[str] = []
+        self.received: bytes | BaseException = b""
+
+    def run(self) -> None:
+        gate = transport.first_bytes(MAGIC)
+        try:
+            with transport.listen(self.address, gate, log=self.lines.append, **self.options) as s:
+                self.received = s.recv(len(MAGIC), socket.MSG_WAITALL)
+        except BaseException as e:  # handed to the test thread
+            self.received = e
+
+
+def test_refusals_are_logged_at_a_bounded_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "LOG_EVERY", 3600.0)  # no line comes back during the test
+    listener = Listener(address := f"127.0.0.1:{free_port()}")
+    listener.start()
+    for _ in range(transport.LOG_BURST + 5):
+        refused(address, b"x" * 8)
+    with transport.connect(address, 30.0) as source:
+        source.sendall(MAGIC)
+        listener.join(60)
+    assert listener.received == MAGIC  # the wire's first bytes, still there to be read
+    lines = listener.lines
+    assert len(lines) == transport.LOG_BURST + 1
+    assert all(re.fullmatch(rf"refused a connection on {address} from 127\.0\.0\.1:\d+: not a "
+                            r"migpipe wire \(it began with b'xxxxxxxx'\)", line)
+               for line in lines[:-1])  # fmt: skip
+    assert lines[-1] == "5 more refused connections not logged"
+
+
+def test_a_silent_connection_is_dropped_after_its_patience() -> None:
+    listener = Listener(address := f"127.0.0.1:{free_port()}", patience=0.2)
+    listener.start()
+    port = refused(address, MAGIC[:3], hang_up=False)  # a beginning, then nothing
+    with transport.connect(address, 30.0) as source:
+        source.sendall(MAGIC)
+        listener.join(60)
+    assert listener.received == MAGIC
+    assert listener.lines == [
+        f"refused a connection on {address} from 127.0.0.1:{port}: no 8 bytes of a wire in time"
+    ]
