@@ -34,6 +34,8 @@ SCRYPT_LOG_N_MAX = 20  # refused above this on decode: a forged header must not 
 WRAP_INFO = b"migpipe encrypt v1 key wrap "
 PAYLOAD_INFO = b"migpipe encrypt v1 payload key "
 HEADER_INFO = b"migpipe encrypt v1 header key"
+REPLY_INFO = b"migpipe encrypt v1 reply key "
+REPLY_NONCE = bytes(12)  # one reply per stream, under a key of that stream's own
 WRAP_NONCE = bytes(12)  # each wrapping key (fresh salt) seals exactly one message
 
 
@@ -66,7 +68,8 @@ class Encrypt(ByteFilter):
         self.cipher = cipher
         self._file_key = file_key
         self._wrapping = wrapping  # kdf, salt, wrapped key (and scrypt's log_n) for the header
-        self._aead: AESGCM | ChaCha20Poly1305 | None = None
+        self._aead: AESGCM | ChaCha20Poly1305 | None = None  # both made by bind()
+        self._reply: AESGCM | ChaCha20Poly1305 | None = None
 
     @classmethod
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Encrypt":
@@ -127,8 +130,7 @@ class Encrypt(ByteFilter):
     def header_tag(self, signed: bytes) -> bytes:
         """HMAC-SHA-256 of the header's bytes before the tag, keyed from the file key: only a
         holder of the user's secret can make it, and it is checked before the header is used."""
-        key = HKDF(hashes.SHA256(), KEY_SIZE, None, HEADER_INFO).derive(self._file_key)
-        return hmac.digest(key, signed, "sha256")
+        return hmac.digest(self._derive(HEADER_INFO), signed, "sha256")
 
     def check_header_tag(self, signed: bytes, tag: bytes) -> None:
         if not hmac.compare_digest(self.header_tag(signed), tag):
@@ -138,9 +140,24 @@ class Encrypt(ByteFilter):
             )
 
     def bind(self, header: bytes) -> None:
-        info = PAYLOAD_INFO + hashlib.sha256(header).digest()
-        payload_key = HKDF(hashes.SHA256(), KEY_SIZE, None, info).derive(self._file_key)
-        self._aead = CIPHERS[self.cipher](payload_key)
+        digest = hashlib.sha256(header).digest()
+        self._aead = CIPHERS[self.cipher](self._derive(PAYLOAD_INFO + digest))
+        self._reply = CIPHERS[self.cipher](self._derive(REPLY_INFO + digest))
+
+    def _derive(self, info: bytes) -> bytes:
+        return HKDF(hashes.SHA256(), KEY_SIZE, None, info).derive(self._file_key)
+
+    def seal_reply(self, plain: bytes) -> bytes:
+        return self._reply.encrypt(REPLY_NONCE, plain, None)
+
+    def open_reply(self, sealed: bytes) -> bytes:
+        try:
+            return self._reply.decrypt(REPLY_NONCE, sealed, None)
+        except InvalidTag:
+            raise MigpipeError(
+                "encrypt: the answer failed authentication (not sealed for this stream)",
+                status=EXIT_CORRUPT,
+            ) from None
 
     @staticmethod
     def _nonce(position: Position) -> bytes:

@@ -296,10 +296,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                            EXIT_USAGE)  # fmt: skip
     chain = filter_chain(args)
     link = functools.partial(peer_link, args)
-    outcome = run_trio(migrate, args.qmp, link, chain, progress(args, "migrate"))
+    outcome = run_trio(migrate, args.qmp, link, chain, progress(args, "migrate"),
+                       not args.no_confirmation)  # fmt: skip
     answer = outcome.confirmation
-    report(args, outcome.totals, qemu=outcome.qemu,
-           destination={"status": answer.status, "error": answer.error})  # fmt: skip
+    destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
+    report(args, outcome.totals, qemu=outcome.qemu, destination=destination)
     print(summary("migrate", outcome), file=sys.stderr)
     return 0
 
@@ -728,6 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     transport(migrate, "output")
     filter_options(migrate)
     migrate.add_argument(
+    migrate.add_argument(
+        "--no-confirmation",
+        action="store_true",
+        help="succeed without the destination's answer (the peer is not migpipe incoming)",
+    )
         "peer",
         nargs="*",
         metavar="-- COMMAND",

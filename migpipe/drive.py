@@ -21,12 +21,14 @@ What makes this safe is what happens on a failure:
   that fails at the very end still gets the source resumed: libvirt's Confirm phase.
 """
 
+import base64
 import contextlib
 import json
 import os
 import socket
 import stat
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -37,10 +39,12 @@ import trio
 
 from migpipe import filter as filters
 from migpipe import qmp, savefile
-from migpipe.channel import Channel
+from migpipe.channel import Channel, as_channel
+from migpipe.dataplane import run_interruptible
 from migpipe.direct import Direct
-from migpipe.errors import MigpipeError
+from migpipe.errors import EXIT_PEER_GONE, EXIT_UNCONFIRMED, MigpipeError
 from migpipe.files import enlarge_pipe
+from migpipe.header import sealer_of
 from migpipe.keys import Secrets
 from migpipe.pipeline import Totals, decode, encode
 from migpipe.progress import Progress
@@ -51,6 +55,7 @@ RECOVERY_TIMEOUT = 60.0  # a failsafe for QEMU ending a cancelled migration
 COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before it is killed
 CONFIRMATION_LIMIT = 64 << 10
 CONFIRMATION_TIMEOUT = 300.0  # from the wire's end: what is still in buffers, then QEMU's load
+DRAIN_TIMEOUT = 30.0  # for a source to stop sending once a failed destination answered
 UNTHROTTLED = 1 << 40  # max-bandwidth (bytes/s) for a stopped guest's save: no disk is as fast
 ENDED = {"cancelled": "the migration was cancelled in QEMU", "exited": "the source QEMU exited"}
 LOAD_ENDED = {
@@ -63,47 +68,74 @@ LOAD_ENDED = {
 
 @dataclass(frozen=True)
 class Confirmation:
-    """The destination's word on the load: "completed" or "failed" (with why); None when the
-    peer closed without one (it is not `migpipe incoming`); "lost" when the link broke first."""
+    """The destination's word on the load: "completed" or "failed" (with why), or "lost" when
+    none came, or none that can be trusted; None only where no peer can answer (a file).
+
+    With encrypt the answer is sealed under the stream's key (Filter.seal_reply), so only the
+    destination that opened this stream can give it: `sealed` says it was."""
 
     status: str | None = None
     error: str = ""
+    sealed: bool = False
 
-    def line(self) -> bytes:
-        return json.dumps({"status": self.status, "error": self.error}).encode() + b"\n"
+    def line(self, sealer: filters.Filter | None = None) -> bytes:
+        """The answer as sent: one JSON line, or with a sealer one naming the sealed answer."""
+        plain = json.dumps({"status": self.status, "error": self.error}).encode()
+        if sealer is None:
+            return plain + b"\n"
+        sealed = base64.b64encode(sealer.seal_reply(plain)).decode()
+        return json.dumps({"sealed": sealed}).encode() + b"\n"
 
     @classmethod
-    def read(cls, fd: int) -> "Confirmation":
+    def read(cls, fd: int, sealer: filters.Filter | None = None) -> "Confirmation":
         """Read the peer's answer up to its end of file (blocking)."""
-        return cls.read_from(lambda: os.read(fd, CONFIRMATION_LIMIT))
+        return cls.read_from(lambda: os.read(fd, CONFIRMATION_LIMIT), sealer)
 
     @classmethod
-    def read_from(cls, read: Callable[[], bytes]) -> "Confirmation":
-        """The answer from `read` (a descriptor's, or a TLS channel's), up to its end."""
+    def read_from(
+        cls, read: Callable[[], bytes], sealer: filters.Filter | None = None
+    ) -> "Confirmation":
+        """The answer from `read` (a descriptor's, or a TLS channel's), up to its end; a
+        sealed one is opened with `sealer`. Silence is "lost": the destination's state is
+        unknown (the caller may accept it where the user said no answer will come)."""
         data = b""
         try:
             while len(data) < CONFIRMATION_LIMIT and (chunk := read()):
                 data += chunk
-        except OSError as e:
-            return cls("lost", f"the link broke before the destination answered ({e.strerror})")
+        except (OSError, MigpipeError) as e:
+            why = e.strerror if isinstance(e, OSError) else e.message
+            return cls("lost", f"the link broke before the destination answered ({why})")
         if not data.strip():
-            return cls()
+            return cls("lost", "the destination closed the connection without an answer")
         try:
             message = json.loads(data.splitlines()[0])
+            sealed = "sealed" in message
+            if sealed:
+                if sealer is None:
+                    raise ValueError("sealed, and this stream was not")
+                opened = sealer.open_reply(base64.b64decode(message["sealed"], validate=True))
+                message = json.loads(opened)
             if message["status"] in ("completed", "failed"):
-                return cls(message["status"], str(message.get("error", "")))
-        except (ValueError, KeyError, TypeError):
+                return cls(message["status"], str(message.get("error", "")), sealed)
+        except (ValueError, KeyError, TypeError, RecursionError):
             pass
+        except MigpipeError as e:
+            return cls("lost", f"the destination's answer {e.message.partition(': ')[2]}")
         return cls("lost", f"the destination answered {data[:80]!r}")
 
 
 class Link(Protocol):
     """The wire's way to the destination, and the way its confirmation comes back."""
 
-    wire: int
+    wire: "int | Channel"
 
-    def confirm(self) -> Confirmation:
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         """End the wire and wait for the destination's answer (blocking)."""
+        ...
+
+    def answer_fd(self) -> int | None:
+        """The descriptor the answer arrives on, to notice one that comes before the stream's
+        end (None: no answer can come)."""
         ...
 
 
@@ -113,15 +145,18 @@ class FdLink:
 
     wire: int
 
-    def confirm(self) -> Confirmation:
-        if not stat.S_ISSOCK(os.fstat(self.wire).st_mode):
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
+        if self.answer_fd() is None:
             return Confirmation()
         with socket.socket(fileno=os.dup(self.wire)) as sock:
             try:
                 sock.shutdown(socket.SHUT_WR)  # decode on the other side sees the wire's end
             except OSError as e:
                 return Confirmation("lost", f"the link broke at its end ({e.strerror})")
-            return Confirmation.read(sock.fileno())
+            return Confirmation.read(sock.fileno(), sealer)
+
+    def answer_fd(self) -> int | None:
+        return self.wire if stat.S_ISSOCK(os.fstat(self.wire).st_mode) else None
 
 
 @dataclass
@@ -130,9 +165,12 @@ class ChannelLink:
 
     wire: Channel
 
-    def confirm(self) -> Confirmation:
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         self.wire.finish()  # close_notify and our side shut: decode sees the wire's end
-        return Confirmation.read_from(self.wire.read)
+        return Confirmation.read_from(self.wire.read, sealer)
+
+    def answer_fd(self) -> int | None:
+        return self.wire.socket.fileno()
 
 
 class CommandLink:
@@ -148,13 +186,16 @@ class CommandLink:
         self.wire = self._process.stdin.fileno()
         enlarge_pipe(self.wire)
 
-    def confirm(self) -> Confirmation:
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         self._process.stdin.close()
-        answer = Confirmation.read(self._process.stdout.fileno())
+        answer = Confirmation.read(self._process.stdout.fileno(), sealer)
         status = self._process.wait()
-        if answer.status is None and status != 0:
+        if answer.status == "lost" and status != 0:
             return Confirmation("lost", f"{self._name} exited with status {status}")
         return answer
+
+    def answer_fd(self) -> int | None:
+        return self._process.stdout.fileno()
 
     def close(self) -> None:
         """Stop feeding the command and reap it (after a failure it sees a cut wire)."""
@@ -309,10 +350,18 @@ async def migrate(
     open_link: Callable[[], AbstractContextManager[Link]],
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
+    confirmed: bool = True,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
-    MigpipeError if it failed, saying what became of the source VM."""
+    MigpipeError if it failed, saying what became of the source VM.
+
+    Success needs the destination's answer that it completed (sealed, with encrypt), unless
+    `confirmed` is False (the user said no migpipe incoming is there to give one). Without a
+    trustworthy answer the outcome is unknown: the source stays paused and the error has
+    status EXIT_UNCONFIRMED. An answer that comes before the stream's end stops the stream
+    there, so the destination cannot have completed, and the source runs on."""
+    sealer = sealer_of(chain)
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
         await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)  # not if busy
@@ -320,28 +369,95 @@ async def migrate(
             link = await trio.to_thread.run_sync(
                 stack.enter_context, open_link(), abandon_on_cancel=True
             )
+            gate = EndGate()
             async with _keeping_source(monitor, was_running):
                 finish = await _through_pipe(
-                    monitor, "migrate", lambda fd, _: encode(fd, link.wire, chain, progress)
+                    monitor,
+                    "migrate",
+                    lambda fd, _: _encode_heeding(fd, link, chain, progress, gate),
                 )
+                if gate.spoke:  # the stream stopped short of its end: no destination has it
+                    answer = await _confirmation(link, sealer)
+                    if answer.status == "failed":
+                        raise MigpipeError(f"the destination failed: {answer.error}")
+                    raise MigpipeError(f"the destination went away before the stream's end "
+                                       f"({answer.error})", status=EXIT_PEER_GONE)  # fmt: skip
                 totals = await _source_result(monitor, finish)
-                answer = await _confirmation(link)
-                if answer.status == "failed":
+                answer = await _confirmation(link, sealer)
+                if answer.status == "failed" and (answer.sealed or sealer is None):
                     raise MigpipeError(f"the destination failed: {answer.error}")
+            answer = _trusted(answer, sealer, confirmed)
             if answer.status == "lost":
                 raise MigpipeError(
-                    f"{answer.error}: QEMU completed, the source VM stays paused; check the "
-                    "destination, then `cont` or `quit` the source"
+                    f"{answer.error}: QEMU completed, the source VM stays paused and the "
+                    "destination's state is unknown; check the destination, then `cont` or "
+                    "`quit` the source",
+                    status=EXIT_UNCONFIRMED,
                 )
             return Outcome(totals, await monitor.execute("query-migrate"), answer)
 
 
-async def _confirmation(link: Link) -> Confirmation:
+def _trusted(answer: Confirmation, sealer: filters.Filter | None, confirmed: bool) -> Confirmation:
+    """The answer the source may act on once QEMU completed: "lost" unless it can be trusted
+    (sealed for this stream, with encrypt), or no answer when none was expected."""
+    if not confirmed and answer.status == "lost":
+        return Confirmation(error=answer.error)  # as the user said: no answer comes
+    if sealer is not None and answer.status is not None and not answer.sealed:
+        return Confirmation("lost", f"the destination's answer ({answer.status}) was not sealed "
+                            "with the stream's key, so anyone could have sent it")  # fmt: skip
+    return answer
+
+
+class EndGate:
+    """Between encode's writer, about to send the FINAL frame, and a watcher that notices the
+    destination speaking first: whichever comes first wins. Once the destination spoke, the
+    stream's end is never sent, so no decoder can give its QEMU a complete stream, and the
+    source may run on whatever the answer said (even a forged one: nothing completed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._final_sent = False
+        self.spoke = False
+
+    def before_final(self) -> None:
+        with self._lock:
+            if self.spoke:
+                raise MigpipeError("the destination answered before the stream's end")
+            self._final_sent = True
+
+    def heard(self) -> bool:
+        """The destination spoke: True if that was before the stream's end went out."""
+        with self._lock:
+            self.spoke = not self._final_sent
+            return self.spoke
+
+
+async def _encode_heeding(
+    fd: int, link: Link, chain: Sequence[filters.Filter], progress: Progress | None, gate: EndGate
+) -> Totals:
+    """encode to the link, stopped before the stream's end if the destination speaks first
+    (a wrong key, a refused stream: it answers, and the source need not send it all)."""
+
+    async def heed(answer_fd: int) -> None:
+        await trio.lowlevel.wait_readable(answer_fd)
+        if gate.heard():
+            raise MigpipeError("the destination answered before the stream's end")
+
+    async with trio.open_nursery() as nursery:
+        answer_fd = link.answer_fd()
+        if answer_fd is not None:
+            nursery.start_soon(heed, answer_fd)
+        totals = await encode(fd, link.wire, chain, progress, gate.before_final)
+        nursery.cancel_scope.cancel()
+    return totals
+
+
+async def _confirmation(link: Link, sealer: filters.Filter | None) -> Confirmation:
     """The destination's answer, or "lost" if none comes within CONFIRMATION_TIMEOUT: the
     source, paused by QEMU, must not wait for ever on a destination that hangs (and an
     interrupt must reach us meanwhile: the blocked reader is abandoned)."""
     with trio.move_on_after(CONFIRMATION_TIMEOUT):
-        return await trio.to_thread.run_sync(link.confirm, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(link.confirm, sealer, abandon_on_cancel=True)
     return Confirmation("lost", f"the destination did not answer within {CONFIRMATION_TIMEOUT:g} s")
 
 
@@ -464,15 +580,20 @@ async def incoming(
             wire, answer = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
+            opened: list[filters.Filter] = []  # the chain, once decode authenticated it
+
+            def carry(fd: int, _: Ending) -> Awaitable[Totals]:
+                return decode(wire, fd, progress, secrets, opened.extend)
+
             try:
-                finish = await _through_pipe(
-                    monitor, "migrate-incoming", lambda fd, _: decode(wire, fd, progress, secrets)
-                )
+                finish = await _through_pipe(monitor, "migrate-incoming", carry)
                 outcome = await _loaded(monitor, finish)
             except MigpipeError as e:
-                _answer(answer, Confirmation("failed", str(e)))
+                _answer(answer, Confirmation("failed", str(e)), sealer_of(opened))
+                if answer is wire:  # let the answer leave before the connection closes
+                    await _drain(wire)
                 raise
-            _answer(answer, Confirmation("completed"))
+            _answer(answer, Confirmation("completed"), sealer_of(opened))
         return outcome
 
 
@@ -525,14 +646,28 @@ async def _loaded(monitor: qmp.Qmp, finish: Finish) -> Outcome:
     raise MigpipeError(f"{LOAD_ENDED[status]} ({desc})")
 
 
-def _answer(to: "int | Channel | None", confirmation: Confirmation) -> None:
-    """Tell the source (on a descriptor, or a TLS channel); if it is gone, it has its own
-    error to report."""
+def _answer(
+    to: "int | Channel | None", confirmation: Confirmation, sealer: filters.Filter | None
+) -> None:
+    """Tell the source (on a descriptor, or a TLS channel), sealed when the stream was; if it
+    is gone, it has its own error to report."""
     with contextlib.suppress(OSError, MigpipeError):
-        if isinstance(to, int):
-            os.write(to, confirmation.line())
-        elif to is not None:
-            to.write([confirmation.line()])
+        if to is not None:
+            as_channel(to).write([confirmation.line(sealer)])
+
+
+async def _drain(wire: "int | Channel") -> None:
+    """Read the rest of the wire (bounded by DRAIN_TIMEOUT) after answering on its connection:
+    closing a socket with unread bytes resets it, and the reset can discard the answer before
+    the source reads it. The source stops sending once it sees the answer."""
+    channel = as_channel(wire)
+
+    def discard() -> None:
+        while channel.read():
+            pass
+
+    with trio.move_on_after(DRAIN_TIMEOUT), contextlib.suppress(OSError, MigpipeError):
+        await run_interruptible(discard, channel.interrupt)
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -568,6 +703,9 @@ def summary(command: str, outcome: Outcome) -> str:
         lines.append(f"  the VM is {outcome.runstate}")
     else:
         answer = outcome.confirmation
-        confirmed = answer.status if answer and answer.status else "unconfirmed (no answer)"
+        if answer is None or answer.status is None:
+            confirmed = "no answer (none expected)"
+        else:
+            confirmed = answer.status + (" (sealed)" if answer.sealed else "")
         lines.append(f"  destination: {confirmed}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ EXIT_PEER_GONE = 5  # the other end of a pipe or connection went away
 EXIT_INCOMPATIBLE = 6  # newer wire version, unknown filter
 EXIT_KEY = 7  # no key, or a key that does not open the stream
 EXIT_TLS = 8  # a TLS handshake failed: certificate, CA, host name, or no TLS peer
+EXIT_UNCONFIRMED = 9  # migrate: QEMU completed, but whether the destination did is unknown
 
 
 def leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -57,6 +57,15 @@ class Filter:
         """Raise MigpipeError unless `tag` is this filter's tag of `signed`."""
         raise NotImplementedError
 
+    def seal_reply(self, plain: bytes) -> bytes:
+        """A sealing filter's seal on the destination's one answer about this stream, which
+        the source opens with open_reply (once bound to the header, on both ends)."""
+        raise NotImplementedError
+
+    def open_reply(self, sealed: bytes) -> bytes:
+        """The answer seal_reply sealed; MigpipeError if it was not sealed for this stream."""
+        raise NotImplementedError
+
 
 def number_argument(name: str, what: str, argument: str) -> int:
     """`3` in `zstd:3`, as an int, or a clear error naming the filter."""

@@ -246,7 +246,7 @@ class Decoder:
     def __init__(
         self, header: Header, totals: Totals | None = None, secrets: Secrets | None = None
     ) -> None:
-        chain = open_chain(header, secrets)
+        self.chain = chain = open_chain(header, secrets)
         self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
         self._transforms = [f.decoder() for f in chain if isinstance(f, filters.PageFilter)]
         self._transforms.reverse()
@@ -408,13 +408,17 @@ async def encode(
     wire: int | Channel,
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
+    before_final: Callable[[], None] | None = None,
 ) -> Totals:
+    """The wire of the QEMU stream from `source`. `before_final` is called (in the writer
+    thread) right before the FINAL frame goes out, and may refuse it by raising: without that
+    frame and the trailer no decoder ever gives QEMU the stream's end."""
     source, wire = as_channel(source), as_channel(wire)
     encoder = Encoder(chain)
     totals = encoder.totals
     byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
 
-    def frame(out: Outgoing) -> tuple[list, int, int]:
+    def frame(out: Outgoing) -> tuple[list, int, int, bool]:
         qemu_length, qemu_crc = out.qemu_length, out.qemu_crc
         if qemu_crc is None:
             qemu_crc = crc_of(out.qemu)
@@ -429,7 +433,7 @@ async def encode(
                 data = bytes(data)
             payload, payload_crc = [data], None
         head = encode_frame(out.kind, out.sequence, payload, payload_crc)
-        return [head, *payload], qemu_length, qemu_crc
+        return [head, *payload], qemu_length, qemu_crc, out.kind == FRAME_FINAL
 
     head = encode_header(chain)
 
@@ -440,8 +444,10 @@ async def encode(
         for out in encoder.finish():
             submit(out)
 
-    def write(item: tuple[list, int, int]) -> None:
-        parts, qemu_length, qemu_crc = item
+    def write(item: tuple[list, int, int, bool]) -> None:
+        parts, qemu_length, qemu_crc, final = item
+        if final and before_final is not None:
+            before_final()
         totals.count_frame(qemu_length, qemu_crc, sum(len(p) for p in parts))
         wire.write(parts)
 
@@ -460,13 +466,20 @@ async def decode(
     sink: int | Channel,
     progress: Progress | None = None,
     secrets: Secrets | None = None,
+    opened: Callable[[Sequence[filters.Filter]], None] | None = None,
 ) -> Totals:
+    """The QEMU stream from the wire; its end only once every check passed. `opened` is
+    called with the filter chain once the header was read (and authenticated, if sealed)."""
     with stream_sink(sink) as qemu:
-        return await _decode(as_channel(wire), qemu, progress, secrets)
+        return await _decode(as_channel(wire), qemu, progress, secrets, opened)
 
 
 async def _decode(
-    wire: Channel, sink: Channel, progress: Progress | None, secrets: Secrets | None
+    wire: Channel,
+    sink: Channel,
+    progress: Progress | None,
+    secrets: Secrets | None,
+    opened: Callable[[Sequence[filters.Filter]], None] | None,
 ) -> Totals:
     reader = WireReader()
     decoder: Decoder | None = None
@@ -487,6 +500,8 @@ async def _decode(
             for event in reader.next_events():
                 if isinstance(event, Header):
                     decoder = Decoder(event, totals, secrets)  # before any frame reaches a worker
+                    if opened is not None:
+                        opened(decoder.chain)
                 elif isinstance(event, Frame):
                     submit(event)
                 else:

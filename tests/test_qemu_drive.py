@@ -29,7 +29,13 @@ import pytest
 import qemuvm
 import trio
 
-from migpipe.errors import EXIT_PEER_GONE, EXIT_TRUNCATED, MigpipeError
+from migpipe.errors import (
+    EXIT_KEY,
+    EXIT_PEER_GONE,
+    EXIT_TRUNCATED,
+    EXIT_UNCONFIRMED,
+    MigpipeError,
+)
 from migpipe.qmp import QmpProtocol
 from migpipe.tlsinit import tls_init
 from migpipe.transport import connect
@@ -187,7 +193,7 @@ def test_migrate_to_incoming_over_tcp(guest_elf: Path, tmp_path: Path) -> None:
     assert sent["wire_bytes"] == wire.stat().st_size == received["wire_bytes"]
     assert sent["qemu"]["status"] == "completed"
     assert sent["qemu"]["ram"]["dirty-sync-count"] >= 3
-    assert sent["destination"] == {"status": "completed", "error": ""}
+    assert sent["destination"] == {"status": "completed", "error": "", "sealed": False}
     assert received["runstate"] == "paused"
     assert "downtime" in err and "destination: completed" in err and "ratio" in err
 
@@ -221,7 +227,8 @@ def test_migrate_to_incoming_over_tls(guest_elf: Path, tmp_path: Path) -> None:
     replay = oracle.replay(sent)
     assert replay.pages_resent > 0
     assert oracle.first_difference(memory, replay.image) is None
-    assert json.loads(out_stats.read_text())["destination"] == {"status": "completed", "error": ""}
+    answer = json.loads(out_stats.read_text())["destination"]
+    assert answer == {"status": "completed", "error": "", "sealed": False}
 
 
 def test_a_failure_midway_leaves_the_source_running_for_a_second_attempt(
@@ -310,10 +317,109 @@ def test_the_destinations_answer_decides_after_qemu_completed(
         with running(migrate):
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = migrate.finish()
-        assert status == 1
+        assert status == EXIT_UNCONFIRMED
         assert err.startswith("migpipe migrate: error: sh exited with status 3: QEMU completed, "
-                              "the source VM stays paused")  # fmt: skip
+                              "the source VM stays paused and the destination's state is "
+                              "unknown")  # fmt: skip
         assert src.qmp.execute("query-status")["status"] == "postmigrate"
+
+
+def idle_source(guest_elf: Path, workdir: Path, name: str) -> AbstractContextManager[qemuvm.Vm]:
+    """A running source whose guest only idles, with a QMP socket for migpipe at
+    WORKDIR/NAME.qmp: it converges at once with QEMU's default downtime limit (bandwidth
+    unlimited, as libvirt sets it)."""
+    qmp = qemuvm.qmp_socket_args(workdir / f"{name}.qmp")
+    live = qemuvm.Pacing(max_bandwidth=1 << 30)
+    return qemuvm.source_vm(guest_elf, "idle", workdir, pacing=live, name=name, args=qmp)
+
+
+@contextlib.contextmanager
+def fake_destination(answer: bytes | None) -> Iterator[str]:
+    """A TCP peer that takes the whole wire, never decrypting anything, then answers `answer`
+    (None: closes without a word): an on-path host without the key."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with server:
+            peer, _ = server.accept()
+        with peer:
+            while peer.recv(1 << 20):
+                pass
+            if answer is not None:
+                peer.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    thread.join(TIMEOUT)
+
+
+FORGED = {
+    "completed": b'{"status": "completed", "error": ""}\n',
+    "failed": b'{"status": "failed", "error": "forged"}\n',  # after the real one completed
+    "silence": None,
+    "garbage sealed": b'{"sealed": "AAAA"}\n',
+}
+
+
+@pytest.mark.parametrize("forged", FORGED)
+def test_an_answer_without_the_key_leaves_the_source_paused(
+    guest_elf: Path, tmp_path: Path, forged: str
+) -> None:
+    """With encrypt, only the destination that opened the stream can answer: a forged
+    "completed" must not make the source's manager destroy it (the guest would exist nowhere),
+    a forged "failed" must not resume it (it could run twice), silence is no success. The
+    outcome is unknown: status 9, the source stays paused for a human or libvirt to decide."""
+    key = tmp_path / "key"
+    subprocess.run([*MIGPIPE, "keygen", str(key)], check=True, capture_output=True)
+    with idle_source(guest_elf, tmp_path, "src") as src, fake_destination(FORGED[forged]) as to:
+        migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
+                          "--key-file", key, "--connect", to)  # fmt: skip
+        with running(migrate):
+            status, err = migrate.finish()
+        assert status == EXIT_UNCONFIRMED, err
+        assert err.count("\n") == 1 and "the destination's state is unknown" in err, err
+        assert src.qmp.execute("query-status")["status"] == "postmigrate"
+
+
+def test_a_wrong_key_on_the_destination_stops_the_stream_and_the_source_runs(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """The destination refuses the stream at its header and says so on the connection: the
+    source stops sending (the stream's end never leaves, so nothing can complete), cancels and
+    runs on, however much of the stream the socket buffers held (newcomer review, section 6).
+    Then, with the right key, the answer comes back sealed."""
+    keys = {name: tmp_path / name for name in ("right", "wrong")}
+    for path in keys.values():
+        subprocess.run([*MIGPIPE, "keygen", str(path)], check=True, capture_output=True)
+    out_stats = tmp_path / "migrate.json"
+    with idle_source(guest_elf, tmp_path, "src") as src:
+        for name, expected in (("wrong", 1), ("right", 0)):
+            listen, dst_qmp = free_port(), tmp_path / f"dst-{name}.qmp"
+            with destination(tmp_path, dst_qmp, f"dest-{name}") as dest:
+                incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen,
+                                   "--key-file", keys[name])  # fmt: skip
+                migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
+                                  "--key-file", keys["right"], "--connect", listen,
+                                  "--stats-json", out_stats)  # fmt: skip
+                with running(incoming, migrate):
+                    status, err = migrate.finish()
+                    in_status, in_err = incoming.finish()
+                assert status == expected, err
+                if name == "wrong":
+                    assert in_status == EXIT_KEY, in_err
+                    assert err.startswith("migpipe migrate: error: the destination failed: "), err
+                    assert "the key does not open this stream" in err
+                    assert err.endswith("; the source VM is running\n"), err
+                    assert src.qmp.execute("query-status")["status"] == "running"
+                    assert dest.wait_exit(TIMEOUT) not in (None, 0)  # QEMU failed the load
+                    src.qmp.events.clear()
+                else:
+                    assert in_status == 0, in_err
+                    assert "destination: completed (sealed)" in err
+                    destination_said = json.loads(out_stats.read_text())["destination"]
+                    assert destination_said == {"status": "completed", "error": "", "sealed": True}
+                    assert dest.qmp.execute("query-status")["status"] == "paused"
 
 
 def test_qmp_framing() -> None:
@@ -384,13 +490,13 @@ def test_a_destination_that_never_answers_is_lost_not_waited_for(
     class Silent:
         wire = -1
 
-        def confirm(self) -> drive.Confirmation:
+        def confirm(self, sealer: object) -> drive.Confirmation:
             released.wait()
             return drive.Confirmation("completed")
 
     monkeypatch.setattr(drive, "CONFIRMATION_TIMEOUT", 0.05)
     try:
-        answer = trio.run(drive._confirmation, Silent())
+        answer = trio.run(drive._confirmation, Silent(), None)
     finally:
         released.set()
     assert answer == drive.Confirmation("lost", "the destination did not answer within 0.05 s")
