@@ -200,8 +200,15 @@ class _Admission:
                 if deadline is not None:
                     ends.append(deadline)
                 wait = max(0, min(ends) - now) * 1000 if ends else None
-                for fd, _ in self.poller.poll(wait):
-                    admitted = self._accept() if fd == self.server.fileno() else self._step(fd)
+                ready = self.poller.poll(wait)
+                polled = dict(self.checking)  # an fd dropped, or reused, since has no event
+                for fd, _ in ready:
+                    if fd == self.server.fileno():
+                        admitted = self._accept()
+                    elif fd in polled and self.checking.get(fd) is polled[fd]:
+                        admitted = self._step(fd)
+                    else:
+                        continue
                     if admitted:
                         return admitted
         finally:

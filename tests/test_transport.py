@@ -225,3 +225,19 @@ def test_a_silent_connection_is_dropped_after_its_patience() -> None:
     assert listener.lines == [
         f"refused a connection on {address} from 127.0.0.1:{port}: no 8 bytes of a wire in time"
     ]
+
+
+def test_a_flood_of_silent_connections_pushes_out_the_oldest_not_the_source() -> None:
+    listener = Listener(address := f"127.0.0.1:{free_port()}")
+    listener.start()
+    with contextlib.ExitStack() as silent:
+        ports = [silent.enter_context(transport.connect(address, 30.0)).getsockname()[1]
+                 for _ in range(transport.MAX_PENDING)]  # fmt: skip
+        with transport.connect(address, 30.0) as source:
+            source.sendall(MAGIC)
+            listener.join(60)
+    assert listener.received == MAGIC
+    assert listener.lines == [
+        f"refused a connection on {address} from 127.0.0.1:{ports[0]}: "
+        "pushed out by newer connections"
+    ]
