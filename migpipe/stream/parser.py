@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Literal
 
-from migpipe.errors import EXIT_TRUNCATED, MigpipeError
+from migpipe.errors import EXIT_ERROR, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
     PAGE_KIND_NAMES,
@@ -51,8 +51,24 @@ BE16, BE32, BE64 = fmt.BE16, fmt.BE32, fmt.BE64
 MAX_MACHINE_NAME = 256
 MAX_CAPABILITIES = 64
 MAX_RAM_BLOCKS = 4096
+MAX_LIVE_SECTIONS = 1024  # iterative sections (ram, block, dirty bitmaps, each VFIO device)
 DEFAULT_MAX_VMDESC = 64 << 20
+# QEMU's targets have pages of 1 KiB (arm's legacy minimum) to 64 KiB (the largest any
+# defines): a larger page would make every page record, and the bytes held for it, larger.
+MIN_PAGE_BITS, MAX_PAGE_BITS = 10, 16
+MAX_RAM_TOTAL = 1 << 46
+"""The most RAM a MEM_SIZE record may declare (the sum of its blocks' used lengths, so also
+the most any one block may have): 64 TiB, beyond any guest QEMU runs today (the largest have
+some tens of TiB), so only a crafted stream reaches it. Without a bound a 100-byte stream could
+make a consumer that lays RAM out block by block (the fixed layout, extract) allocate or loop
+for 2^64 bytes."""
+MAX_HELD = 2 << 20
+"""The most bytes of one unfinished record the parser holds (the VM description has its own
+limit, max_vmdesc): the longest other record, a MEM_SIZE of MAX_RAM_BLOCKS blocks with
+255-byte names, is 1.1 MiB. Past it the input is refused, not buffered."""
 
+_EXACT_MEM_SIZE_WAIT = 4096  # a block list up to this long (real guests': 1-2 KiB) is waited
+# for block by block: read again from its start after each, one this long costs ~0.1 s at most
 _CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
 _PAGE_KINDS = frozenset({fmt.RAM_ZERO, fmt.RAM_PAGE, fmt.RAM_XBZRLE, fmt.RAM_COMPRESS_PAGE})
 _KIND_NAMES = {
@@ -128,6 +144,7 @@ class StreamParser:
         self._pages = pages
         self._page_tally = dict.fromkeys(_PAGE_KINDS, 0)
         self._max_vmdesc = max_vmdesc
+        self._max_held = max(MAX_HELD, max_vmdesc + 5)
         self._xbzrle_encodings = xbzrle_encodings
         self._buf = b""  # immutable, so a page is copied out once, by slicing
         self._pending: list[bytes] = []
@@ -172,8 +189,10 @@ class StreamParser:
         if self._closed:
             raise MigpipeError("data fed to the parser after the input was closed")
         if data:
-            borrowed = type(data) is memoryview and not self._pages
-            self._pending.append(data.cast("B") if borrowed else bytes(data))
+            if type(data) is memoryview and not self._pages and self._reaches_wanted(len(data)):
+                self._pending.append(data.cast("B"))
+            else:  # ours to keep: a long record may hold it past the next next_records()
+                self._pending.append(bytes(data))
             self._pending_size += len(data)
 
     def close(self) -> None:
@@ -191,8 +210,7 @@ class StreamParser:
 
     def next_records(self) -> list[Record]:
         """Every record that the bytes fed so far complete (an empty list means: feed more)."""
-        if not self._closed and self._base + len(self._buf) + self._pending_size < self._wanted:
-            self._pending = [bytes(p) for p in self._pending]  # none of the caller's kept
+        if not (self._closed or self._reaches_wanted(0)):
             return []  # a long record is still arriving: do not re-join for nothing
         self._take_pending()
         out: list[Record] = []
@@ -201,6 +219,12 @@ class StreamParser:
                 pass
             if not self._take_rest():
                 break
+        held = len(self._buf) - self._pos
+        if held > self._max_held:
+            limit = self._max_held
+            self._fail(
+                f"unfinished record of {held} bytes in {self._where} (limit {limit})", self._pos
+            )
         if type(self._buf) is memoryview:  # the caller's memory: keep a copy of the rest
             self._own()
         if self._closed and not self.done:
@@ -209,6 +233,12 @@ class StreamParser:
         return out
 
     # -- buffer helpers ---------------------------------------------------------------------
+
+    def _reaches_wanted(self, more: int) -> bool:
+        """Whether the bytes fed, with `more`, reach what the unfinished record needs, or end
+        where a record must (mark_record_boundary): parsing can then make progress."""
+        fed = self._base + len(self._buf) + self._pending_size + more
+        return fed >= self._wanted or fed == self._boundary
 
     def _take_pending(self) -> None:
         """Drop parsed bytes and append fed ones (one copy of each fed byte at most).
@@ -267,17 +297,22 @@ class StreamParser:
         return True
 
     def _set_page_size(self, page_size: int, at: int | None) -> None:
-        """The target page size: from the caller, or from the stream's target-page-bits."""
-        if page_size < 1024 or page_size & (page_size - 1):
-            message = f"target page size {page_size} is not a power of two >= 1024"
-            raise MigpipeError(message, None if at is None else self._base + at)
+        """The target page size: from the caller (a wire header's), or the stream's."""
+        low, high = 1 << MIN_PAGE_BITS, 1 << MAX_PAGE_BITS
+        if (
+            type(page_size) is not int
+            or not low <= page_size <= high
+            or page_size & (page_size - 1)
+        ):
+            message = f"target page size {page_size!r} is not a power of two from {low} to {high}"
+            raise MigpipeError(message, None if at is None else self._base + at, EXIT_INCOMPATIBLE)
         self._page_size = page_size
         self._page_mask = page_size - 1
         # The longest page record (word, block name, compressed length and page) fits a bridge.
         self._bridge = 8 + 256 + 4 + fmt.zlib_bound(page_size)
 
-    def _fail(self, message: str, at: int) -> None:
-        raise MigpipeError(message, self._base + at)
+    def _fail(self, message: str, at: int, status: int = EXIT_ERROR) -> None:
+        raise MigpipeError(message, self._base + at, status)
 
     def _have(self, n: int) -> bool:
         return len(self._buf) - self._pos >= n
@@ -334,8 +369,11 @@ class StreamParser:
             parsed = self._config_subsection(p)
             if parsed is None:
                 return False
-            subsection, p = parsed
+            subsection, end = parsed
+            if any(s.name == subsection.name for s in subsections):  # else no end to them
+                self._fail(f"configuration subsection {subsection.name!r} repeated", p)
             subsections.append(subsection)
+            p = end
         out.append(Configuration(machine, tuple(subsections)))
         self._pos = p
         self._step, self._where = self._step_item, "a section header"
@@ -363,7 +401,15 @@ class StreamParser:
         if name == fmt.CONFIG_CAPABILITIES:
             self._apply_capabilities(payload, p)
         elif name == fmt.CONFIG_TARGET_PAGE_BITS:
-            self._set_page_size(1 << min(BE32.unpack(payload)[0], 30), p)
+            (bits,) = BE32.unpack(payload)
+            if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+                self._fail(
+                    f"target-page-bits {bits} is outside {MIN_PAGE_BITS}..{MAX_PAGE_BITS} "
+                    "(the 1 KiB to 64 KiB pages of QEMU's targets)",
+                    p,
+                    EXIT_INCOMPATIBLE,
+                )
+            self._set_page_size(1 << bits, p)
         return ConfigSubsection(name, version, payload), end
 
     def _capabilities_end(self, at: int) -> int | None:
@@ -431,6 +477,11 @@ class StreamParser:
             return False
         instance_id, version_id = BE32.unpack_from(buf, p)[0], BE32.unpack_from(buf, p + 4)[0]
         is_start = kind == fmt.ITEM_SECTION_START
+        if not _is_idstr(idstr):
+            self._fail(f"section name {idstr!r} cannot be a QEMU idstr", pos + 5)
+        live = self._live_sections
+        if is_start and sid not in live and len(live) >= MAX_LIVE_SECTIONS:
+            self._fail(f"more than {MAX_LIVE_SECTIONS} iterative sections", pos)
         if idstr == fmt.RAM_IDSTR and not is_start:
             self._fail("RAM sent as a full (non-iterative) section", pos)
         if idstr == fmt.RAM_IDSTR and version_id != fmt.RAM_SECTION_VERSION:
@@ -461,6 +512,7 @@ class StreamParser:
             name = fmt.command_name(cmd)
             self._fail(f"invalid migration command {name} with {length} payload bytes", pos)
         if not self._have(5 + length):
+            self._wanted = self._base + pos + 5 + length
             return False
         data = bytes(buf[pos + 5 : pos + 5 + length])  # buf may be the caller's memory
         out.append(Command(cmd, data))
@@ -601,6 +653,7 @@ class StreamParser:
         new_zero = partial(tuple.__new__, ZeroPage)
         emit, counted = self._pages, self._page_tally
         skip = None if emit else skip_pages
+        q = pos  # the end of the record read last; past `end` when the bytes ran out in it
         try:
             while end - pos >= 8:
                 if skip is not None:
@@ -702,34 +755,47 @@ class StreamParser:
                     self._fail("obsolete RAM_SAVE_FLAG_FULL record", pos)
                 else:
                     self._fail(f"unknown RAM record flags 0x{flags:x}", pos)
+            if q > end:  # wait for the whole record, not re-joining the bytes at every feed
+                self._wanted = self._base + q
             return pos > start
         finally:
             self._pos = pos
             self._last_block, self._last_block_length = last, last_length
 
     def _mem_size(self, at: int, total: int) -> tuple[MemSize, int] | None:
-        """The MEM_SIZE record: the block list, whose lengths must add up to `total`."""
+        """The MEM_SIZE record: the block list, whose lengths must add up to `total`.
+
+        QEMU writes as `total` the sum of the used lengths of the blocks it lists, so checking
+        `total` against MAX_RAM_TOTAL, before any block is read, bounds every block too.
+        """
+        if total > MAX_RAM_TOTAL:
+            self._fail(
+                f"MEM_SIZE declares 0x{total:x} bytes of RAM (limit 0x{MAX_RAM_TOTAL:x})", at
+            )
         buf = self._buf
         p = at + 8
         remaining = total
         blocks: list[RamBlock] = []
+        names: set[str] = set()
+        fields = 16 if self._ignore_shared else 8  # used length, and the address with it
         while remaining > 0:
             if len(blocks) >= MAX_RAM_BLOCKS:
                 self._fail(f"more than {MAX_RAM_BLOCKS} RAM blocks", at)
-            named = self._counted(p)
-            if named is None or named[1] + 8 > len(buf):
-                return None
-            name, p = named
-            (used,) = BE64.unpack_from(buf, p)
-            p += 8
+            if p >= len(buf):
+                return self._wait_mem_size(at, p + 1)
+            need = p + 1 + buf[p] + fields
+            if need > len(buf):
+                return self._wait_mem_size(at, need)
+            name = str(buf[p + 1 : p + 1 + buf[p]], "latin-1")
+            if name in names or not _is_idstr(name):
+                why = "is repeated" if name in names else "cannot be a QEMU idstr"
+                self._fail(f"RAM block name {name!r} {why}", p)
+            names.add(name)
+            (used,) = BE64.unpack_from(buf, need - fields)
+            addr = BE64.unpack_from(buf, need - 8)[0] if self._ignore_shared else None
+            p = need
             if self._postcopy_huge_pages:
                 self._fail("postcopy with huge-page-backed RAM blocks is not supported", at)
-            addr = None
-            if self._ignore_shared:
-                if p + 8 > len(buf):
-                    return None
-                (addr,) = BE64.unpack_from(buf, p)
-                p += 8
             if used > remaining:
                 self._fail(
                     f"RAM block list exceeds the MEM_SIZE total 0x{total:x} at block {name!r}", at
@@ -738,6 +804,17 @@ class StreamParser:
             blocks.append(RamBlock(name, used, None, addr, None))
         self._blocks = {block.name: block.used_length for block in blocks}
         return MemSize(total, tuple(blocks)), p
+
+    def _wait_mem_size(self, at: int, need: int) -> None:
+        """Wait for the bytes up to `need` that the unfinished MEM_SIZE record at `at` needs
+        next, and once it is longer than real guests' lists, for twice its bytes: the record
+        has no length and is read again from its start each time, so waiting block by block
+        would make a crafted list fed in small pieces cost quadratic time. (Waiting for bytes
+        beyond the record is harmless where it can happen: QEMU sends the RAM right after.)"""
+        held = len(self._buf) - at
+        if held > _EXACT_MEM_SIZE_WAIT:
+            need = max(need, at + 2 * held)
+        self._wanted = self._base + need
 
     # -- after EOF --------------------------------------------------------------------------------
 
@@ -768,6 +845,12 @@ class StreamParser:
         if self._pos < len(self._buf):
             self._fail("trailing bytes after the end of the stream", self._pos)
         return False
+
+
+def _is_idstr(name: str) -> bool:
+    """Whether `name` can be a QEMU idstr (of a section or a RAM block): a non-empty C string of
+    printable ASCII, such as "pc.ram", "/rom@etc/acpi/tables" or "0000:00:02.0/vga.vram"."""
+    return name.isascii() and name.isprintable() and name != ""
 
 
 # The steps that may read a fed memoryview in place: what they make holds no slice of it.
