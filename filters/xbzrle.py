@@ -15,8 +15,9 @@ into the original page record. An unchanged page costs 11 bytes instead of 4 KiB
 import mmap
 import zlib
 from collections import OrderedDict
+from typing import Any
 
-from migpipe.errors import EXIT_CORRUPT, MigpipeError
+from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, MigpipeError
 from migpipe.filter import PageFilter, RecordTransform
 from migpipe.keys import Secrets
 from migpipe.stream.records import CompressedPage, NormalPage, Record, XbzrlePage, ZeroPage
@@ -25,6 +26,11 @@ from migpipe.units import parse_size
 
 WIRE_ENCODING = 0x02  # QEMU uses 0x01; 0x02 marks migpipe's own deltas on migpipe's wire
 DEFAULT_CACHE = 64 << 20  # QEMU's default xbzrle-cache-size
+MAX_CACHE = 1 << 30
+"""The largest cache either end accepts: the decoder maps as much as the (unauthenticated)
+wire header names, so it must be bounded. 1 GiB is 16 times QEMU's default; QEMU itself allows
+any power of two up to the guest's RAM, migpipe any whole number of bytes (the cache holds
+size // 4096 pages), as its encoders have always written."""
 PAGE = 4096
 XBZRLE_HEADER = 3  # encoding byte + be16 length: a delta must beat the page by more than this
 
@@ -99,7 +105,19 @@ class PageCache:
             apply_delta(record.data, page)
             self.put(key, page)
         elif kind is CompressedPage:
-            self.put(key, zlib.decompress(record.data))
+            self.put(key, _inflate_page(record.data))
+
+
+def _inflate_page(data: bytes) -> bytes:
+    """A compressed page's page, or b"" (which put() forgets) when it is not exactly one page:
+    QEMU's destination refuses such a record, and inflating it whole could take ~1000 times
+    its size. Both ends get the same answer, so their caches stay alike."""
+    inflater = zlib.decompressobj()
+    try:
+        page = inflater.decompress(data, PAGE + 1)
+    except zlib.error:
+        return b""
+    return page if inflater.eof and len(page) == PAGE else b""
 
 
 _FILLED: dict[int, bytes] = {}
@@ -191,9 +209,17 @@ class Xbzrle(PageFilter):
     wire_encodings = frozenset({WIRE_ENCODING})
 
     def __init__(self, cache: int = DEFAULT_CACHE) -> None:
-        if cache < PAGE:
-            raise MigpipeError(f"xbzrle cache of {cache} bytes holds no page")
+        if type(cache) is not int or not PAGE <= cache <= MAX_CACHE:
+            raise MigpipeError(f"xbzrle cache of {cache!r} bytes is not from {PAGE} to {MAX_CACHE}")
         self.cache = cache
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], secrets: Secrets) -> "Xbzrle":
+        """A cache size the decoder refuses is a header it cannot follow (status 6)."""
+        try:
+            return cls(**params)
+        except MigpipeError as e:
+            raise MigpipeError(f"wire header: {e.message}", None, EXIT_INCOMPATIBLE) from None
 
     @classmethod
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Xbzrle":

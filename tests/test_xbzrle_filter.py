@@ -1,16 +1,21 @@
 """The xbzrle page filter: deltas for re-sent pages, mirrored caches, byte-identical output."""
 
 import json
+import mmap
 import subprocess
 import sys
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
 
-from filters.xbzrle import WIRE_ENCODING, PageCache, Xbzrle
-from migpipe.errors import MigpipeError
+from filters.xbzrle import MAX_CACHE, WIRE_ENCODING, PageCache, Xbzrle
+from migpipe import filter as filters
+from migpipe.errors import EXIT_ERROR, EXIT_INCOMPATIBLE, MigpipeError
+from migpipe.keys import Secrets
 from migpipe.stream.parser import parse_bytes
-from migpipe.stream.records import NormalPage, XbzrlePage, ZeroPage
+from migpipe.stream.records import CompressedPage, NormalPage, XbzrlePage, ZeroPage
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
 
@@ -55,6 +60,50 @@ def test_a_tiny_cache_evicts_but_stays_correct(stream: bytes) -> None:
     encoded = migpipe("encode", "--xbzrle-cache", "64K", stdin=stream)
     assert encoded.returncode == 0, encoded.stderr
     assert migpipe("decode", stdin=encoded.stdout).stdout == stream
+
+
+@pytest.mark.parametrize("cache", [1e300, 1 << 45, MAX_CACHE + 1, True, 4096.0, 4095, "64M"])
+def test_a_wire_headers_cache_size_is_refused_before_any_mapping(
+    cache: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header is not authenticated yet when the decoder maps its cache: a size it names
+    must be a whole number of bytes within MAX_CACHE, or the header is refused (status 6)."""
+
+    def no_mapping(*args: object) -> None:
+        raise AssertionError(f"mmap{args} for a refused cache size")
+
+    monkeypatch.setattr(mmap, "mmap", no_mapping)
+    with pytest.raises(MigpipeError, match="xbzrle") as caught:
+        filters.create("xbzrle", {"cache": cache}).decoder()
+    assert caught.value.status == EXIT_INCOMPATIBLE
+
+
+def test_the_encoders_cache_argument_has_the_decoders_bounds() -> None:
+    assert Xbzrle.from_argument("1G", Secrets()).params() == {"cache": MAX_CACHE}
+    assert Xbzrle.from_argument("4K", Secrets()).params() == {"cache": 4096}
+    for too_large in ("1025M", "2G", "16T"):
+        with pytest.raises(MigpipeError, match="is not from 4096 to 1073741824") as caught:
+            Xbzrle.from_argument(too_large, Secrets())
+        assert caught.value.status == EXIT_ERROR  # a filter argument out of range
+
+
+def test_compressed_pages_are_inflated_to_a_page_at_most() -> None:
+    """Both caches inflate QEMU's compressed pages; one that is not exactly a page (a
+    decompression bomb, or not zlib at all) is forgotten on both ends, never inflated whole."""
+    cache = PageCache(4 * PAGE)
+    bomb = zlib.compress(bytes(8 << 20))  # 8 KiB of input, 8 MiB of output
+    tracemalloc.start()
+    try:
+        cache.observe(CompressedPage("pc.ram", 0, bomb, True))
+        cache.observe(CompressedPage("pc.ram", PAGE, b"not zlib", True))
+        cache.observe(CompressedPage("pc.ram", 2 * PAGE, zlib.compress(b"\7" * PAGE)[:-2], True))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert all(("pc.ram", n * PAGE) not in cache for n in range(3))
+    cache.observe(CompressedPage("pc.ram", 0, zlib.compress(b"\7" * PAGE) + b"tail", True))
+    assert cache.get(("pc.ram", 0)) == b"\7" * PAGE  # as zlib.decompress() always read it
 
 
 def records_for(*pages: bytes) -> list:
