@@ -189,10 +189,13 @@ class StreamParser:
         if self._closed:
             raise MigpipeError("data fed to the parser after the input was closed")
         if data:
-            if type(data) is memoryview and not self._pages and self._reaches_wanted(len(data)):
-                self._pending.append(data.cast("B"))
-            else:  # ours to keep: a long record may hold it past the next next_records()
-                self._pending.append(bytes(data))
+            if type(data) is memoryview and not self._pages:
+                data = data.cast("B")
+                if not self._reaches_wanted(len(data)):  # held past the next next_records()
+                    data = bytes(data)  # by a long record: a copy of our own
+            else:
+                data = bytes(data)
+            self._pending.append(data)
             self._pending_size += len(data)
 
     def close(self) -> None:
