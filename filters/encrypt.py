@@ -35,7 +35,6 @@ WRAP_INFO = b"migpipe encrypt v1 key wrap "
 PAYLOAD_INFO = b"migpipe encrypt v1 payload key "
 HEADER_INFO = b"migpipe encrypt v1 header key"
 REPLY_INFO = b"migpipe encrypt v1 reply key "
-REPLY_NONCE = bytes(12)  # one reply per stream, under a key of that stream's own
 WRAP_NONCE = bytes(12)  # each wrapping key (fresh salt) seals exactly one message
 
 
@@ -147,12 +146,13 @@ class Encrypt(ByteFilter):
     def _derive(self, info: bytes) -> bytes:
         return HKDF(hashes.SHA256(), KEY_SIZE, None, info).derive(self._file_key)
 
-    def seal_reply(self, plain: bytes) -> bytes:
-        return self._reply.encrypt(REPLY_NONCE, plain, None)
+    def seal_reply(self, plain: bytes, index: int) -> bytes:
+        """Under a key of this stream's own, so the nonce need only number the lines."""
+        return self._reply.encrypt(index.to_bytes(12, "big"), plain, None)
 
-    def open_reply(self, sealed: bytes) -> bytes:
+    def open_reply(self, sealed: bytes, index: int) -> bytes:
         try:
-            return self._reply.decrypt(REPLY_NONCE, sealed, None)
+            return self._reply.decrypt(index.to_bytes(12, "big"), sealed, None)
         except InvalidTag:
             raise MigpipeError(
                 "encrypt: the answer failed authentication (not sealed for this stream)",

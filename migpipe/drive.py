@@ -25,10 +25,11 @@ import base64
 import contextlib
 import json
 import os
+import select
 import socket
 import stat
 import subprocess
-import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before i
 CONFIRMATION_LIMIT = 64 << 10
 CONFIRMATION_TIMEOUT = 300.0  # from the wire's end: what is still in buffers, then QEMU's load
 DRAIN_TIMEOUT = 30.0  # for a source to stop sending once a failed destination answered
+ACK_TIMEOUT = 10.0  # from the start, for the destination to say it opened the stream
 UNTHROTTLED = 1 << 40  # max-bandwidth (bytes/s) for a stopped guest's save: no disk is as fast
 ENDED = {"cancelled": "the migration was cancelled in QEMU", "exited": "the source QEMU exited"}
 LOAD_ENDED = {
@@ -68,74 +70,106 @@ LOAD_ENDED = {
 
 @dataclass(frozen=True)
 class Confirmation:
-    """The destination's word on the load: "completed" or "failed" (with why), or "lost" when
-    none came, or none that can be trusted; None only where no peer can answer (a file).
+    """One of the destination's lines back to the source: "opened" once it has read (and, with
+    encrypt, authenticated) the wire's header, then "completed" or "failed" (with why) for the
+    load. "lost" stands for an answer that did not come, or cannot be trusted; None only where
+    no peer can answer (a file).
 
-    With encrypt the answer is sealed under the stream's key (Filter.seal_reply), so only the
-    destination that opened this stream can give it: `sealed` says it was."""
+    With encrypt each line is sealed under the stream's key (Filter.seal_reply, numbered in
+    order), so only the destination that opened this stream can give it: `sealed` says so."""
 
     status: str | None = None
     error: str = ""
     sealed: bool = False
 
-    def line(self, sealer: filters.Filter | None = None) -> bytes:
-        """The answer as sent: one JSON line, or with a sealer one naming the sealed answer."""
+    def line(self, sealer: filters.Filter | None = None, index: int = 0) -> bytes:
+        """The line as sent: JSON, or with a sealer JSON naming the sealed JSON."""
         plain = json.dumps({"status": self.status, "error": self.error}).encode()
         if sealer is None:
             return plain + b"\n"
-        sealed = base64.b64encode(sealer.seal_reply(plain)).decode()
+        sealed = base64.b64encode(sealer.seal_reply(plain, index)).decode()
         return json.dumps({"sealed": sealed}).encode() + b"\n"
 
     @classmethod
-    def read(cls, fd: int, sealer: filters.Filter | None = None) -> "Confirmation":
-        """Read the peer's answer up to its end of file (blocking)."""
-        return cls.read_from(lambda: os.read(fd, CONFIRMATION_LIMIT), sealer)
-
-    @classmethod
-    def read_from(
-        cls, read: Callable[[], bytes], sealer: filters.Filter | None = None
-    ) -> "Confirmation":
-        """The answer from `read` (a descriptor's, or a TLS channel's), up to its end; a
-        sealed one is opened with `sealer`. Silence is "lost": the destination's state is
-        unknown (the caller may accept it where the user said no answer will come)."""
-        data = b""
+    def parse(cls, line: bytes, sealer: filters.Filter | None, index: int) -> "Confirmation":
+        """The destination's line number `index`; "lost" for one that is not an answer."""
         try:
-            while len(data) < CONFIRMATION_LIMIT and (chunk := read()):
-                data += chunk
-        except (OSError, MigpipeError) as e:
-            why = e.strerror if isinstance(e, OSError) else e.message
-            return cls("lost", f"the link broke before the destination answered ({why})")
-        if not data.strip():
-            return cls("lost", "the destination closed the connection without an answer")
-        try:
-            message = json.loads(data.splitlines()[0])
+            message = json.loads(line)
             sealed = "sealed" in message
             if sealed:
                 if sealer is None:
                     raise ValueError("sealed, and this stream was not")
-                opened = sealer.open_reply(base64.b64decode(message["sealed"], validate=True))
-                message = json.loads(opened)
-            if message["status"] in ("completed", "failed"):
+                plain = sealer.open_reply(base64.b64decode(message["sealed"], validate=True), index)
+                message = json.loads(plain)
+            if message["status"] in ("opened", "completed", "failed"):
                 return cls(message["status"], str(message.get("error", "")), sealed)
         except (ValueError, KeyError, TypeError, RecursionError):
             pass
         except MigpipeError as e:
             return cls("lost", f"the destination's answer {e.message.partition(': ')[2]}")
-        return cls("lost", f"the destination answered {data[:80]!r}")
+        return cls("lost", f"the destination answered {line[:80]!r}")
+
+
+class Replies:
+    """The destination's lines on their way back, read by one thread at a time: encode's
+    writer while the stream goes out (between frames: a TLS connection is never read and
+    written at once), then the source's wait for the verdict."""
+
+    def __init__(self, read: Callable[[], bytes], ready: Callable[[float], bool]) -> None:
+        self._read = read
+        self._ready = ready  # whether a read would not wait, within that many seconds
+        self._buffer = b""
+        self._ended = False
+        self._index = 0
+
+    def next(self, sealer: filters.Filter | None, timeout: float | None) -> Confirmation | None:
+        """The next line, "lost" at the end or on an error, None if none came in `timeout`
+        seconds (None: wait for it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            if self._ended and not self._buffer.strip():
+                return Confirmation("lost", "the destination closed the connection without an "
+                                    "answer")  # fmt: skip
+            if self._ended or len(self._buffer) > CONFIRMATION_LIMIT:
+                self._buffer += b"\n"  # a last line without its end is read as it is
+                break
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left is not None and not self._ready(left):
+                return None
+            try:
+                chunk = self._read()
+            except (OSError, MigpipeError) as e:
+                why = e.strerror if isinstance(e, OSError) else e.message
+                return Confirmation("lost", f"the link broke before the destination answered "
+                                    f"({why})")  # fmt: skip
+            self._buffer += chunk
+            self._ended = not chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        self._index += 1
+        return Confirmation.parse(line, sealer, self._index - 1)
+
+    def verdict(self, sealer: filters.Filter | None) -> Confirmation:
+        """The load's outcome: the next line that is not "opened" (blocking)."""
+        while (reply := self.next(sealer, None)).status == "opened":
+            pass
+        return reply
+
+
+def _fd_replies(fd: int) -> Replies:
+    def ready(timeout: float) -> bool:
+        return bool(select.select([fd], [], [], timeout)[0])
+
+    return Replies(lambda: os.read(fd, CONFIRMATION_LIMIT), ready)
 
 
 class Link(Protocol):
-    """The wire's way to the destination, and the way its confirmation comes back."""
+    """The wire's way to the destination, and the way its lines come back."""
 
     wire: "int | Channel"
+    replies: Replies | None  # None: no peer can answer (a file, a pipe)
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
-        """End the wire and wait for the destination's answer (blocking)."""
-        ...
-
-    def answer_fd(self) -> int | None:
-        """The descriptor the answer arrives on, to notice one that comes before the stream's
-        end (None: no answer can come)."""
+        """End the wire and wait for the destination's verdict (blocking)."""
         ...
 
 
@@ -145,18 +179,19 @@ class FdLink:
 
     wire: int
 
+    def __post_init__(self) -> None:
+        socket_ = stat.S_ISSOCK(os.fstat(self.wire).st_mode)
+        self.replies = _fd_replies(self.wire) if socket_ else None
+
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
-        if self.answer_fd() is None:
+        if self.replies is None:
             return Confirmation()
         with socket.socket(fileno=os.dup(self.wire)) as sock:
             try:
                 sock.shutdown(socket.SHUT_WR)  # decode on the other side sees the wire's end
             except OSError as e:
                 return Confirmation("lost", f"the link broke at its end ({e.strerror})")
-            return Confirmation.read(sock.fileno(), sealer)
-
-    def answer_fd(self) -> int | None:
-        return self.wire if stat.S_ISSOCK(os.fstat(self.wire).st_mode) else None
+        return self.replies.verdict(sealer)
 
 
 @dataclass
@@ -165,12 +200,17 @@ class ChannelLink:
 
     wire: Channel
 
+    def __post_init__(self) -> None:
+        tls = self.wire
+
+        def ready(timeout: float) -> bool:
+            return tls.socket.pending() > 0 or bool(select.select([tls.socket], [], [], timeout)[0])
+
+        self.replies = Replies(tls.read, ready)
+
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         self.wire.finish()  # close_notify and our side shut: decode sees the wire's end
-        return Confirmation.read_from(self.wire.read, sealer)
-
-    def answer_fd(self) -> int | None:
-        return self.wire.socket.fileno()
+        return self.replies.verdict(sealer)
 
 
 class CommandLink:
@@ -184,18 +224,16 @@ class CommandLink:
             raise MigpipeError(f"cannot run {argv[0]}: {e.strerror}") from None
         self._name = argv[0]
         self.wire = self._process.stdin.fileno()
+        self.replies = _fd_replies(self._process.stdout.fileno())
         enlarge_pipe(self.wire)
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         self._process.stdin.close()
-        answer = Confirmation.read(self._process.stdout.fileno(), sealer)
+        answer = self.replies.verdict(sealer)
         status = self._process.wait()
         if answer.status == "lost" and status != 0:
             return Confirmation("lost", f"{self._name} exited with status {status}")
         return answer
-
-    def answer_fd(self) -> int | None:
-        return self._process.stdout.fileno()
 
     def close(self) -> None:
         """Stop feeding the command and reap it (after a failure it sees a cut wire)."""
@@ -356,11 +394,12 @@ async def migrate(
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
     MigpipeError if it failed, saying what became of the source VM.
 
-    Success needs the destination's answer that it completed (sealed, with encrypt), unless
-    `confirmed` is False (the user said no migpipe incoming is there to give one). Without a
-    trustworthy answer the outcome is unknown: the source stays paused and the error has
-    status EXIT_UNCONFIRMED. An answer that comes before the stream's end stops the stream
-    there, so the destination cannot have completed, and the source runs on."""
+    Unless `confirmed` is False (the user said no migpipe incoming is there to answer), the
+    stream's end goes out only to a destination that said it opened the stream (sealed, with
+    encrypt: it holds the key), and success needs its word that the load completed (sealed
+    too). A destination that answers before the end stops the stream there, so it cannot have
+    completed, and the source runs on; without a trustworthy verdict after the end, the
+    outcome is unknown: the source stays paused and the error has status EXIT_UNCONFIRMED."""
     sealer = sealer_of(chain)
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
@@ -369,19 +408,15 @@ async def migrate(
             link = await trio.to_thread.run_sync(
                 stack.enter_context, open_link(), abandon_on_cancel=True
             )
-            gate = EndGate()
+            gate = EndGate(link.replies if confirmed else None, sealer)
             async with _keeping_source(monitor, was_running):
                 finish = await _through_pipe(
                     monitor,
                     "migrate",
-                    lambda fd, _: _encode_heeding(fd, link, chain, progress, gate),
+                    lambda fd, _: encode(fd, link.wire, chain, progress, gate.before_frame),
                 )
-                if gate.spoke:  # the stream stopped short of its end: no destination has it
-                    answer = await _confirmation(link, sealer)
-                    if answer.status == "failed":
-                        raise MigpipeError(f"the destination failed: {answer.error}")
-                    raise MigpipeError(f"the destination went away before the stream's end "
-                                       f"({answer.error})", status=EXIT_PEER_GONE)  # fmt: skip
+                if gate.early is not None:  # the stream stopped short of its end: no one has it
+                    raise gate.early_error()
                 totals = await _source_result(monitor, finish)
                 answer = await _confirmation(link, sealer)
                 if answer.status == "failed" and (answer.sealed or sealer is None):
@@ -398,8 +433,8 @@ async def migrate(
 
 
 def _trusted(answer: Confirmation, sealer: filters.Filter | None, confirmed: bool) -> Confirmation:
-    """The answer the source may act on once QEMU completed: "lost" unless it can be trusted
-    (sealed for this stream, with encrypt), or no answer when none was expected."""
+    """The verdict the source may act on once QEMU completed: "lost" unless it can be trusted
+    (sealed for this stream, with encrypt), or no verdict when none was expected."""
     if not confirmed and answer.status == "lost":
         return Confirmation(error=answer.error)  # as the user said: no answer comes
     if sealer is not None and answer.status is not None and not answer.sealed:
@@ -409,47 +444,54 @@ def _trusted(answer: Confirmation, sealer: filters.Filter | None, confirmed: boo
 
 
 class EndGate:
-    """Between encode's writer, about to send the FINAL frame, and a watcher that notices the
-    destination speaking first: whichever comes first wins. Once the destination spoke, the
-    stream's end is never sent, so no decoder can give its QEMU a complete stream, and the
-    source may run on whatever the answer said (even a forged one: nothing completed)."""
+    """What encode's writer asks before each frame it sends: has the destination spoken?
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._final_sent = False
-        self.spoke = False
+    Between frames it reads what the destination said, without waiting; before the FINAL frame
+    it waits (within ACK_TIMEOUT of the start) for the destination's "opened", sealed when the
+    stream is. A verdict that comes first, or no "opened", stops the stream before its end:
+    without the FINAL frame and the trailer no decoder gives QEMU a complete stream, so the
+    source may run on whatever was said (even a forgery: nothing completed)."""
 
-    def before_final(self) -> None:
-        with self._lock:
-            if self.spoke:
-                raise MigpipeError("the destination answered before the stream's end")
-            self._final_sent = True
+    def __init__(self, replies: Replies | None, sealer: filters.Filter | None) -> None:
+        self._replies = replies  # None: nothing to wait for (a file, or --no-confirmation)
+        self._sealer = sealer
+        self._deadline = time.monotonic() + ACK_TIMEOUT
+        self._opened = False
+        self.early: Confirmation | None = None  # a verdict that came before the end
 
-    def heard(self) -> bool:
-        """The destination spoke: True if that was before the stream's end went out."""
-        with self._lock:
-            self.spoke = not self._final_sent
-            return self.spoke
+    def before_frame(self, final: bool) -> None:
+        if self._replies is None:
+            return
+        waiting = final and not self._opened
+        self._heed(max(0.0, self._deadline - time.monotonic()) if waiting else 0.0)
+        if final and not self._opened:
+            self.early = Confirmation("lost", f"the destination did not say it opened the stream "
+                                      f"within {ACK_TIMEOUT:g} s (is it `migpipe incoming`? "
+                                      "if not, use --no-confirmation)")  # fmt: skip
+            raise MigpipeError(self.early.error)
 
-
-async def _encode_heeding(
-    fd: int, link: Link, chain: Sequence[filters.Filter], progress: Progress | None, gate: EndGate
-) -> Totals:
-    """encode to the link, stopped before the stream's end if the destination speaks first
-    (a wrong key, a refused stream: it answers, and the source need not send it all)."""
-
-    async def heed(answer_fd: int) -> None:
-        await trio.lowlevel.wait_readable(answer_fd)
-        if gate.heard():
+    def _heed(self, timeout: float) -> None:
+        """Take what the destination said (waiting up to `timeout` for its first line)."""
+        while (reply := self._replies.next(self._sealer, timeout)) is not None:
+            timeout = 0.0
+            trusted = reply.sealed or self._sealer is None
+            if reply.status == "opened" and trusted and not self._opened:
+                self._opened = True
+                continue
+            self.early = reply
             raise MigpipeError("the destination answered before the stream's end")
 
-    async with trio.open_nursery() as nursery:
-        answer_fd = link.answer_fd()
-        if answer_fd is not None:
-            nursery.start_soon(heed, answer_fd)
-        totals = await encode(fd, link.wire, chain, progress, gate.before_final)
-        nursery.cancel_scope.cancel()
-    return totals
+    def early_error(self) -> MigpipeError:
+        """The error a migration stopped by the destination ends with (the source runs on)."""
+        answer = self.early
+        if answer.status == "failed":
+            return MigpipeError(f"the destination failed: {answer.error}")
+        if answer.status == "opened":  # again, or unsealed: not from the holder of the key
+            return MigpipeError(
+                "the destination's word that it opened the stream cannot be trusted"
+            )
+        return MigpipeError(f"the destination went away before the stream's end ({answer.error})",
+                            status=EXIT_PEER_GONE)  # fmt: skip
 
 
 async def _confirmation(link: Link, sealer: filters.Filter | None) -> Confirmation:
@@ -580,20 +622,20 @@ async def incoming(
             wire, answer = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
-            opened: list[filters.Filter] = []  # the chain, once decode authenticated it
+            source = Answerer(answer)
 
             def carry(fd: int, _: Ending) -> Awaitable[Totals]:
-                return decode(wire, fd, progress, secrets, opened.extend)
+                return decode(wire, fd, progress, secrets, source.opened)
 
             try:
                 finish = await _through_pipe(monitor, "migrate-incoming", carry)
                 outcome = await _loaded(monitor, finish)
             except MigpipeError as e:
-                _answer(answer, Confirmation("failed", str(e)), sealer_of(opened))
+                source.tell(Confirmation("failed", str(e)))
                 if answer is wire:  # let the answer leave before the connection closes
                     await _drain(wire)
                 raise
-            _answer(answer, Confirmation("completed"), sealer_of(opened))
+            source.tell(Confirmation("completed"))
         return outcome
 
 
@@ -646,14 +688,26 @@ async def _loaded(monitor: qmp.Qmp, finish: Finish) -> Outcome:
     raise MigpipeError(f"{LOAD_ENDED[status]} ({desc})")
 
 
-def _answer(
-    to: "int | Channel | None", confirmation: Confirmation, sealer: filters.Filter | None
-) -> None:
-    """Tell the source (on a descriptor, or a TLS channel), sealed when the stream was; if it
-    is gone, it has its own error to report."""
-    with contextlib.suppress(OSError, MigpipeError):
-        if to is not None:
-            as_channel(to).write([confirmation.line(sealer)])
+class Answerer:
+    """The destination's lines to the source (on a descriptor, or a TLS channel): "opened" as
+    soon as decode has read and authenticated the header, then the verdict; sealed and numbered
+    when the stream is. If the source is gone, it has its own error to report."""
+
+    def __init__(self, to: "int | Channel | None") -> None:
+        self._to = None if to is None else as_channel(to)
+        self._sealer: filters.Filter | None = None
+        self._index = 0
+
+    def opened(self, chain: Sequence[filters.Filter]) -> None:
+        """decode's callback, in its reading thread: the only one using the connection then."""
+        self._sealer = sealer_of(chain)
+        self.tell(Confirmation("opened"))
+
+    def tell(self, line: Confirmation) -> None:
+        with contextlib.suppress(OSError, MigpipeError):
+            if self._to is not None:
+                self._to.write([line.line(self._sealer, self._index)])
+        self._index += 1
 
 
 async def _drain(wire: "int | Channel") -> None:

@@ -57,13 +57,15 @@ class Filter:
         """Raise MigpipeError unless `tag` is this filter's tag of `signed`."""
         raise NotImplementedError
 
-    def seal_reply(self, plain: bytes) -> bytes:
-        """A sealing filter's seal on the destination's one answer about this stream, which
-        the source opens with open_reply (once bound to the header, on both ends)."""
+    def seal_reply(self, plain: bytes, index: int) -> bytes:
+        """A sealing filter's seal on the destination's line number `index` back to the source
+        about this stream, which the source opens with open_reply (bound to the header, on
+        both ends)."""
         raise NotImplementedError
 
-    def open_reply(self, sealed: bytes) -> bytes:
-        """The answer seal_reply sealed; MigpipeError if it was not sealed for this stream."""
+    def open_reply(self, sealed: bytes, index: int) -> bytes:
+        """The line seal_reply sealed; MigpipeError if it was not sealed for this stream, at
+        this place."""
         raise NotImplementedError
 
 

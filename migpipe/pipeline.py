@@ -408,11 +408,11 @@ async def encode(
     wire: int | Channel,
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
-    before_final: Callable[[], None] | None = None,
+    before_frame: Callable[[bool], None] | None = None,
 ) -> Totals:
-    """The wire of the QEMU stream from `source`. `before_final` is called (in the writer
-    thread) right before the FINAL frame goes out, and may refuse it by raising: without that
-    frame and the trailer no decoder ever gives QEMU the stream's end."""
+    """The wire of the QEMU stream from `source`. `before_frame(final)` is called in the writer
+    thread before each data or FINAL frame goes out, and may stop the stream by raising:
+    without the FINAL frame and the trailer no decoder ever gives QEMU the stream's end."""
     source, wire = as_channel(source), as_channel(wire)
     encoder = Encoder(chain)
     totals = encoder.totals
@@ -446,8 +446,8 @@ async def encode(
 
     def write(item: tuple[list, int, int, bool]) -> None:
         parts, qemu_length, qemu_crc, final = item
-        if final and before_final is not None:
-            before_final()
+        if before_frame is not None:
+            before_frame(final)
         totals.count_frame(qemu_length, qemu_crc, sum(len(p) for p in parts))
         wire.write(parts)
 

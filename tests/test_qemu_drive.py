@@ -302,7 +302,8 @@ def test_the_destinations_answer_decides_after_qemu_completed(
     """QEMU completes once the stream is in migpipe's pipe, before the destination has loaded it:
     a destination that then fails must get the source resumed (libvirt's Confirm phase), and
     one that cannot say how it went must leave the source paused, never running twice."""
-    failing = 'cat > /dev/null; echo \'{"status": "failed", "error": "disk full"}\''
+    opened = 'echo \'{"status": "opened"}\'; cat > /dev/null'
+    failing = opened + '; echo \'{"status": "failed", "error": "disk full"}\''
     with driven_source(guest_elf, tmp_path) as src:
         migrate = start_migrate(tmp_path, "--", "sh", "-c", failing)
         with running(migrate):
@@ -313,7 +314,7 @@ def test_the_destinations_answer_decides_after_qemu_completed(
         assert src.qmp.execute("query-status")["status"] == "running"
 
         src.qmp.events.clear()
-        migrate = start_migrate(tmp_path, "--", "sh", "-c", "cat > /dev/null; exit 3")
+        migrate = start_migrate(tmp_path, "--", "sh", "-c", opened + "; exit 3")
         with running(migrate):
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = migrate.finish()
@@ -334,19 +335,17 @@ def idle_source(guest_elf: Path, workdir: Path, name: str) -> AbstractContextMan
 
 
 @contextlib.contextmanager
-def fake_destination(answer: bytes | None) -> Iterator[str]:
-    """A TCP peer that takes the whole wire, never decrypting anything, then answers `answer`
-    (None: closes without a word): an on-path host without the key."""
+def fake_destination(answer: bytes) -> Iterator[str]:
+    """A TCP peer without the key: it answers `answer` at once, then takes the whole wire."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
         with server:
             peer, _ = server.accept()
         with peer:
+            peer.sendall(answer)
             while peer.recv(1 << 20):
                 pass
-            if answer is not None:
-                peer.sendall(answer)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -354,32 +353,99 @@ def fake_destination(answer: bytes | None) -> Iterator[str]:
     thread.join(TIMEOUT)
 
 
+@contextlib.contextmanager
+def forging_relay(upstream: str, verdict: bytes | None) -> Iterator[str]:
+    """A TCP relay to a real destination that passes the wire and the destination's first
+    line ("opened", sealed) on, then replaces its verdict with `verdict` (None: says nothing):
+    an on-path host without the key."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def back(up: socket.socket, down: socket.socket) -> None:
+        replies = b""
+        while chunk := up.recv(1 << 16):
+            replies += chunk
+            if b"\n" in replies:  # the first line goes on at once: the source waits for it
+                down.sendall(replies.partition(b"\n")[0] + b"\n")
+                break
+        while up.recv(1 << 16):
+            pass
+        down.sendall(verdict or b"")
+        down.shutdown(socket.SHUT_WR)
+
+    def relay() -> None:
+        with server:
+            down, _ = server.accept()
+        with down, connect(upstream, TIMEOUT) as up:
+            answer = threading.Thread(target=back, args=(up, down))
+            answer.start()
+            _copy(down, up, None)
+            answer.join()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+def keys(workdir: Path, *names: str) -> list[Path]:
+    paths = [workdir / name for name in names]
+    for path in paths:
+        subprocess.run([*MIGPIPE, "keygen", str(path)], check=True, capture_output=True)
+    return paths
+
+
+def test_a_host_without_the_key_never_gets_the_streams_end(guest_elf: Path, tmp_path: Path) -> None:
+    """With encrypt, the stream's end goes only to a destination that proved it holds the key
+    (its "opened" is sealed): an on-path host that says "opened" and "completed" without it
+    gets the stream cut short, and the source runs on."""
+    (key,) = keys(tmp_path, "key")
+    forged = b'{"status": "opened"}\n{"status": "completed", "error": ""}\n'
+    with idle_source(guest_elf, tmp_path, "src") as src, fake_destination(forged) as to:
+        migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
+                          "--key-file", key, "--connect", to)  # fmt: skip
+        with running(migrate):
+            status, err = migrate.finish()
+        assert status == 1, err
+        assert err == ("migpipe migrate: error: the destination's word that it opened the stream "
+                       "cannot be trusted; the source VM is running\n")  # fmt: skip
+        assert src.qmp.execute("query-status")["status"] == "running"
+
+
 FORGED = {
     "completed": b'{"status": "completed", "error": ""}\n',
-    "failed": b'{"status": "failed", "error": "forged"}\n',  # after the real one completed
+    "failed": b'{"status": "failed", "error": "forged"}\n',  # the real one completed
     "silence": None,
     "garbage sealed": b'{"sealed": "AAAA"}\n',
 }
 
 
 @pytest.mark.parametrize("forged", FORGED)
-def test_an_answer_without_the_key_leaves_the_source_paused(
+def test_a_verdict_without_the_key_leaves_the_source_paused(
     guest_elf: Path, tmp_path: Path, forged: str
 ) -> None:
-    """With encrypt, only the destination that opened the stream can answer: a forged
-    "completed" must not make the source's manager destroy it (the guest would exist nowhere),
-    a forged "failed" must not resume it (it could run twice), silence is no success. The
-    outcome is unknown: status 9, the source stays paused for a human or libvirt to decide."""
-    key = tmp_path / "key"
-    subprocess.run([*MIGPIPE, "keygen", str(key)], check=True, capture_output=True)
-    with idle_source(guest_elf, tmp_path, "src") as src, fake_destination(FORGED[forged]) as to:
+    """After the stream's end, with encrypt, only the destination that opened the stream can
+    give the verdict: a forged "completed" must not make the source's manager destroy it (the
+    guest would exist nowhere), a forged "failed" must not resume it (it would run twice, the
+    real destination holding it too), silence is no success. The outcome is unknown: status 9,
+    and the source stays paused for a human or libvirt to decide."""
+    (key,) = keys(tmp_path, "key")
+    listen, dst_qmp = free_port(), tmp_path / "dst.qmp"
+    with (
+        idle_source(guest_elf, tmp_path, "src") as src,
+        destination(tmp_path, dst_qmp, "dest") as dest,
+        forging_relay(listen, FORGED[forged]) as relay,
+    ):
+        incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen, "--key-file", key)
         migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
-                          "--key-file", key, "--connect", to)  # fmt: skip
-        with running(migrate):
+                          "--key-file", key, "--connect", relay)  # fmt: skip
+        with running(incoming, migrate):
             status, err = migrate.finish()
+            assert incoming.finish()[0] == 0
         assert status == EXIT_UNCONFIRMED, err
         assert err.count("\n") == 1 and "the destination's state is unknown" in err, err
         assert src.qmp.execute("query-status")["status"] == "postmigrate"
+        assert dest.qmp.execute("query-status")["status"] == "paused"  # it has the guest
 
 
 def test_a_wrong_key_on_the_destination_stops_the_stream_and_the_source_runs(
@@ -389,18 +455,16 @@ def test_a_wrong_key_on_the_destination_stops_the_stream_and_the_source_runs(
     source stops sending (the stream's end never leaves, so nothing can complete), cancels and
     runs on, however much of the stream the socket buffers held (newcomer review, section 6).
     Then, with the right key, the answer comes back sealed."""
-    keys = {name: tmp_path / name for name in ("right", "wrong")}
-    for path in keys.values():
-        subprocess.run([*MIGPIPE, "keygen", str(path)], check=True, capture_output=True)
+    keyring = dict(zip(("right", "wrong"), keys(tmp_path, "right", "wrong"), strict=True))
     out_stats = tmp_path / "migrate.json"
     with idle_source(guest_elf, tmp_path, "src") as src:
         for name, expected in (("wrong", 1), ("right", 0)):
             listen, dst_qmp = free_port(), tmp_path / f"dst-{name}.qmp"
             with destination(tmp_path, dst_qmp, f"dest-{name}") as dest:
                 incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen,
-                                   "--key-file", keys[name])  # fmt: skip
+                                   "--key-file", keyring[name])  # fmt: skip
                 migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
-                                  "--key-file", keys["right"], "--connect", listen,
+                                  "--key-file", keyring["right"], "--connect", listen,
                                   "--stats-json", out_stats)  # fmt: skip
                 with running(incoming, migrate):
                     status, err = migrate.finish()
