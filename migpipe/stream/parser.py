@@ -67,8 +67,10 @@ MAX_HELD = 2 << 20
 limit, max_vmdesc): the longest other record, a MEM_SIZE of MAX_RAM_BLOCKS blocks with
 255-byte names, is 1.1 MiB. Past it the input is refused, not buffered."""
 
-_EXACT_MEM_SIZE_WAIT = 4096  # a block list up to this long (real guests': 1-2 KiB) is waited
-# for block by block: read again from its start after each, one this long costs ~0.1 s at most
+# A block list up to this long (real guests' have 1-2 KiB) is waited for block by block; being
+# read again from its start after each, one this long costs 0.1 s of CPU at most.
+_EXACT_MEM_SIZE_WAIT = 4096
+
 _CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
 _PAGE_KINDS = frozenset({fmt.RAM_ZERO, fmt.RAM_PAGE, fmt.RAM_XBZRLE, fmt.RAM_COMPRESS_PAGE})
 _KIND_NAMES = {
