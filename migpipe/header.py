@@ -158,7 +158,7 @@ def open_chain(header: Header, secrets: Secrets | None) -> list[filters.Filter]:
     if sealed:
         if header.tag is None:
             raise MigpipeError(
-                "encrypted, but the header carries no tag (written by migpipe 0.1, or "
+                "encrypted, but the header carries no tag (written by an earlier migpipe, or "
                 "altered): refused, since its contents cannot be checked",
                 status=EXIT_CORRUPT,
             )
