@@ -57,28 +57,147 @@ def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
         yield chunk
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
-    """A temporary name beside `path`, published as `path` when the block ends without error.
+PRIVATE_MODE = 0o600
 
-    The caller writes the temporary file and syncs its data; publishing and the directory sync
-    happen here. An existing file is refused unless `force`, and even then it is replaced only
-    by the final rename, so a failure (or a SIGKILL) at any point leaves it untouched; what is
-    left behind then is a `.NAME.*.partial` file. Without `force` the file is published by a
-    hard link, which fails if anything took the name meanwhile (a save can run for minutes),
-    never by a rename that would replace it. The file is 0600 whatever the umask, as libvirt's
-    save images are: it holds a guest's memory.
+
+def foreign_owner(st: os.stat_result, *, root_ok: bool = True) -> str | None:
+    """Why the file's owner is not to be trusted (neither us nor, when `root_ok`, root)."""
+    if st.st_uid == os.geteuid() or (root_ok and st.st_uid == 0):
+        return None
+    return f"it is owned by uid {st.st_uid}, not by uid {os.geteuid()}" + (
+        " or root" if root_ok else ""
+    )
+
+
+def distrust(st: os.stat_result, *, root_ok: bool = True) -> str | None:
+    """Why another user could change this file or directory, or None when nobody can.
+
+    Its owner must be us (or root, when `root_ok`), and its group and others must not write it;
+    a directory of root's with the sticky bit (/tmp) is the exception when `root_ok`: there
+    nobody can rename or remove what is ours.
     """
+    sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0
+    if st.st_mode & 0o022 and not (root_ok and sticky):
+        return f"its group or others can write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return foreign_owner(st, root_ok=root_ok)
+
+
+def private_directory(path: Path, *, empty: bool) -> int:
+    """A descriptor on the directory `path`, created 0700 (and its parents) when absent.
+
+    An existing one must be ours and closed to group and others (and empty, when `empty`):
+    whoever else can write in it can plant a name where we are about to write, or swap what we
+    wrote; checked on the descriptor, so the directory checked is the one written.
+    """
+    created = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if created:
+            os.fchmod(fd, 0o700)  # whatever the umask
+        why = distrust(os.fstat(fd), root_ok=False)
+        if why is None and empty and os.listdir(fd):
+            why = "it is not empty"
+        if why is not None:
+            raise MigpipeError(f"refusing directory {path}: {why}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_directories_up(dir_fd: int, shown: str) -> None:
+    """Refuse `shown` unless every directory from `dir_fd` up to / is ours or root's and closed
+    to other writers (root's sticky ones, as /tmp, excepted), as ssh's StrictModes: whoever can
+    write one of them can put another file in place of ours. Walked by "..", so the directories
+    checked are the ones that hold the file, whatever symlinks led there."""
+    fd = os.dup(dir_fd)
+    try:
+        while True:
+            st = os.fstat(fd)
+            why = distrust(st)
+            if why is not None:
+                where = os.readlink(f"/proc/self/fd/{fd}")
+                raise MigpipeError(f"refusing {shown}: directory {where}: {why}")
+            try:  # O_PATH: a directory we may only cross (mode 0711) is still checked
+                parent = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                raise MigpipeError(
+                    f"cannot check the directories above {shown}: {e.strerror}"
+                ) from None
+            os.close(fd)
+            fd = parent
+            above = os.fstat(fd)
+            if (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino):  # / is its own parent
+                return
+    finally:
+        os.close(fd)
+
+
+def create_private(dir_fd: int, name: str, directory: Path, flags: int = os.O_WRONLY) -> int:
+    """A new file `name` (mode 0600, whatever the umask) in the directory open as `dir_fd`.
+
+    O_EXCL|O_NOFOLLOW: a name someone planted there (a symlink, a hard link to another file) is
+    refused, never followed, truncated or written.
+    """
+    creating = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags | creating, PRIVATE_MODE, dir_fd=dir_fd)
+    except OSError as e:
+        raise MigpipeError(f"cannot create {directory / name}: {e.strerror}") from None
+    os.fchmod(fd, PRIVATE_MODE)
+    return fd
+
+
+def open_owned(dir_fd: int, name: str, shown: str) -> int:
+    """`name` in the directory open as `dir_fd`, for reading, if it is a regular file of ours
+    or root's: never a symlink followed to a file its author cannot read (a confused deputy),
+    nor a FIFO that would hang the open (O_NONBLOCK)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise MigpipeError(f"cannot open {shown}: {why}") from None
+    st = os.fstat(fd)
+    why = "it is not a regular file" if not stat.S_ISREG(st.st_mode) else foreign_owner(st)
+    if why is not None:
+        os.close(fd)
+        raise MigpipeError(f"refusing {shown}: {why}")
+    return fd
+
+
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    """All of `data` through unbuffered writes (a write may take only part of it): an error is
+    raised here, once, not again by a buffer flushed when the file is closed."""
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, force: bool) -> Iterator[tuple[int, Path]]:
+    """A temporary file beside `path` (its descriptor and name), published as `path` when the
+    block ends without error; see atomic_path."""
     if os.path.lexists(path) and not force:  # a dangling symlink is somebody's name too
         raise MigpipeError(f"{path} exists; use --force to replace it")
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as e:
         raise MigpipeError(f"cannot create a file in {path.parent}: {e.strerror}") from None
-    os.close(fd)
     temporary = Path(name)
     try:
-        yield temporary
+        yield fd, temporary
         if force:
             os.replace(temporary, path)
         else:
@@ -92,6 +211,35 @@ def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """A temporary name beside `path`, published as `path` when the block ends without error.
+
+    The caller writes the temporary file and syncs its data; publishing and the directory sync
+    happen here. An existing file is refused unless `force`, and even then it is replaced only
+    by the final rename, so a failure (or a SIGKILL) at any point leaves it untouched; what is
+    left behind then is a `.NAME.*.partial` file. Without `force` the file is published by a
+    hard link, which fails if anything took the name meanwhile (a save can run for minutes),
+    never by a rename that would replace it. The file is 0600 whatever the umask, as libvirt's
+    save images are: it holds a guest's memory. Prefer atomic_fd where the caller can write
+    through a descriptor: a name reopened can be swapped by whoever can write the directory.
+    """
+    with _atomic(path, force) as (fd, temporary):
+        os.close(fd)
+        yield temporary
+
+
+@contextlib.contextmanager
+def atomic_fd(path: Path, *, force: bool = False) -> Iterator[int]:
+    """As atomic_path, but the caller writes (and syncs) through the descriptor that created
+    the temporary file, never reopening it by name."""
+    with _atomic(path, force) as (fd, _):
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
 
 def _publish_new(temporary: Path, path: Path) -> None:
@@ -116,10 +264,10 @@ def _publish_new(temporary: Path, path: Path) -> None:
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool = False) -> Iterator[BinaryIO]:
     """A file that appears under `path` only once complete and synced, never half-written."""
-    with atomic_path(path, force=force) as temporary, open(temporary, "wb") as f:
+    with atomic_fd(path, force=force) as fd, open(fd, "wb", closefd=False) as f:
         yield f
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(fd)
 
 
 @contextlib.contextmanager
