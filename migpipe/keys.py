@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migpipe.errors import EXIT_KEY, EXIT_USAGE, MigpipeError
+from migpipe.files import check_directories_up, create_private, foreign_owner, open_owned
 
 KEY_PREFIX = "migpipe-key-v1:"
 KEY_SIZE = 32
@@ -105,34 +106,50 @@ class Secrets:
         return text.encode()
 
 
-def _check_private(mode: int, what: str) -> None:
-    if stat.S_ISREG(mode) and mode & 0o077:
+def _check_private(st: os.stat_result, what: str) -> None:
+    """Refuse a secret on disk that another user could read, or replace (its owner)."""
+    if not stat.S_ISREG(st.st_mode):
+        return
+    why = foreign_owner(st)
+    if why is not None:
+        raise MigpipeError(f"refusing {what}: {why}")
+    if st.st_mode & 0o077:
         raise MigpipeError(
-            f"{what} can be read by its group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"{what} can be read by its group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
             "chmod 600 it"
         )
 
 
 def read_private_file(path: str, what: str) -> bytes:
-    """A secret file's bytes, refused when others could read it too."""
+    """A secret file's bytes, refused when others could read it or put another in its place:
+    as ssh's StrictModes, the file must be a regular file (not a symlink) of ours or root's,
+    and every directory above it ours or root's and not writable by others (see
+    check_directories_up)."""
+    shown = f"{what} {path}"
+    parent, name = os.path.split(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        dir_fd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise MigpipeError(f"cannot open {what} {path}: {e.strerror}") from None
+        raise MigpipeError(f"cannot open {shown}: {e.strerror}") from None
     try:
-        _check_private(os.fstat(fd).st_mode, f"{what} {path}")
-        return _read_bounded(fd, f"{what} {path}")
+        check_directories_up(dir_fd, shown)
+        fd = open_owned(dir_fd, name, shown)
+    finally:
+        os.close(dir_fd)
+    try:
+        _check_private(os.fstat(fd), shown)
+        return _read_bounded(fd, shown)
     finally:
         os.close(fd)
 
 
 def read_private_fd(fd: int, what: str) -> bytes:
     """A secret handed over as a descriptor (by a daemon, or a shell's `3<file`); a file on
-    disk behind it must be private, a memfd (never on disk) need not."""
+    disk behind it must be private and ours or root's, a memfd (never on disk) need not."""
     try:
         in_memory = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
         if not in_memory:
-            _check_private(os.fstat(fd).st_mode, f"the file behind {what} {fd}")
+            _check_private(os.fstat(fd), f"the file behind {what} {fd}")
     except OSError as e:
         raise MigpipeError(f"{what} {fd}: {e.strerror}") from None
     return _read_bounded(fd, f"{what} {fd}")
@@ -148,16 +165,24 @@ def _read_bounded(fd: int, what: str) -> bytes:
 
 
 def parse_key(data: bytes, where: str) -> UserKey:
+    """The key on the first line that is not a comment; a key of one byte repeated (a zeroed
+    file, a placeholder) is refused: it is not random, so it protects nothing."""
     for line in data.decode("utf-8", "replace").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith(KEY_PREFIX):
             encoded = line[len(KEY_PREFIX) :]
+            key = b""
             with contextlib.suppress(ValueError):
                 key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-                if len(key) == KEY_SIZE:
-                    return UserKey("key", key)
+            if len(key) == KEY_SIZE and len(set(key)) == 1:
+                raise MigpipeError(
+                    f"{where} holds no random key (all its bytes are 0x{key[0]:02x}); "
+                    "make one with `migpipe keygen`"
+                )
+            if len(key) == KEY_SIZE:
+                return UserKey("key", key)
         break
     raise MigpipeError(f"{where} is not a migpipe key file (make one with `migpipe keygen`)")
 
@@ -181,31 +206,28 @@ def keygen(path: Path) -> None:
 
     The key is written to a private temporary file, synced, then hard-linked into place: link()
     fails if the name exists, so an existing key (and every stream it protects) is never lost.
+    A directory where reading the key would be refused (see read_private_file) is refused first.
     """
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
+    temporary = f".{path.name}.{secrets.token_hex(4)}.partial"
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, format_key(secrets.token_bytes(KEY_SIZE)).encode())
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
+        check_directories_up(dir_fd, f"key file {path}")
+        fd = create_private(dir_fd, temporary, path.parent)
         try:
-            os.link(temporary, path)
+            os.write(fd, format_key(secrets.token_bytes(KEY_SIZE)).encode())
+            os.fsync(fd)
+            os.link(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileExistsError:
             raise MigpipeError(f"{path} exists; keygen never replaces a key") from None
         except OSError as e:
             raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
-    finally:
-        if fd >= 0:
+        finally:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=dir_fd)
+        os.fsync(dir_fd)
     finally:
-        os.close(directory)
+        os.close(dir_fd)
