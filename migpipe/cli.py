@@ -366,8 +366,9 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     from migpipe.tlsinit import instructions, tls_init
 
     names = [name.strip() for name in args.server_name.split(",")]
-    tls_init(args.directory, args.ca, names, args.client_name, args.days, force=args.force)
-    print(instructions(args.directory))
+    written = tls_init(args.directory, args.ca, names, args.client_name, args.days,
+                       force=args.force, ca_directory=args.ca_dir)  # fmt: skip
+    print(instructions(written))
     return 0
 
 
@@ -801,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the connecting host's name")  # fmt: skip
     tls_init.add_argument("--days", type=int, default=1095, help="validity in days (1095)")
     tls_init.add_argument("--force", action="store_true", help="replace existing credentials")
+    tls_init.add_argument("--ca-dir", type=Path, metavar="DIR",
+                          help="put ca-key.pem (and ca-cert.pem) here, off the hosts")  # fmt: skip
 
     iohelper = command(
         "iohelper",

@@ -5,9 +5,12 @@ one directory can serve migpipe and QEMU alike. Keys are EC P-256, which every T
 TLS 1.3 and 1.2 (GnuTLS for QEMU and libvirt, OpenSSL for migpipe); Ed25519 handshakes as well
 with migpipe's OpenSSL, but older peers and tools lack it.
 
-Each file is written complete or not at all (a temporary file, synced, then renamed), private
-keys with mode 0600 and certificates with 0644. An existing set is never touched without
---force: replacing a CA silently would lock out every host that trusts the old one.
+Each file is written complete or not at all (a temporary file, written through the descriptor
+that created it, synced, then renamed), private keys with mode 0600 and certificates with 0644,
+into a directory only its owner can write (another writer could swap a name for a symlink and
+receive a key). An existing set is never touched without --force: replacing a CA silently
+would lock out every host that trusts the old one. The CA's key, needed only to sign new
+certificates, can go to a directory of its own (--ca-dir), off the hosts.
 """
 
 import datetime
@@ -24,14 +27,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from migpipe.errors import EXIT_USAGE, MigpipeError
-from migpipe.files import atomic_path
+from migpipe.files import atomic_fd, private_directory, write_all
 from migpipe.tls import CA_CERT, CLIENT, SERVER
 
 CA_KEY = "ca-key.pem"
 DEFAULT_DAYS = 1095
-KEY_MODE, CERT_MODE, DIR_MODE = 0o600, 0o644, 0o700
+KEY_MODE, CERT_MODE = 0o600, 0o644
 MAX_DAYS = 36500
 FILES = (CA_CERT, CA_KEY, SERVER.cert, SERVER.key, CLIENT.cert, CLIENT.key)
+HOST_FILES = tuple(name for name in FILES if name != CA_KEY)
 HOST_NAME = re.compile(r"[A-Za-z0-9_*]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  # ASCII: IDNs as xn--
 
 
@@ -138,25 +142,17 @@ def pem_cert(cert: x509.Certificate) -> bytes:
 
 def write_file(path: Path, data: bytes, mode: int, *, force: bool) -> None:
     """`data` under `path` with exactly `mode`, whatever the umask, complete or not at all."""
-    with atomic_path(path, force=force) as temporary:
-        fd = os.open(temporary, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-        try:
-            os.fchmod(fd, mode)  # before the first byte: a key is never readable by others
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with atomic_fd(path, force=force) as fd:
+        os.fchmod(fd, mode)  # before the first byte: a key is never readable by others
+        write_all(fd, data)
+        os.fsync(fd)
 
 
-def prepare_directory(directory: Path, *, force: bool) -> None:
-    """Create `directory` (0700) if needed; refuse if any file of the set is already there."""
-    if not directory.exists():
-        try:
-            directory.mkdir(parents=True)
-            directory.chmod(DIR_MODE)  # whatever the umask
-        except OSError as e:
-            raise MigpipeError(f"cannot create {directory}: {e.strerror}") from None
-    existing = [name for name in FILES if (directory / name).exists()]
+def prepare_directory(directory: Path, names: Sequence[str], *, force: bool) -> None:
+    """Create `directory` (0700) if needed, or check that only its owner, the caller, can
+    write it; refuse if any of `names` is already there."""
+    os.close(private_directory(directory, empty=False))
+    existing = [name for name in names if os.path.lexists(directory / name)]
     if existing and not force:
         raise MigpipeError(
             f"{directory / existing[0]} exists; tls-init never replaces credentials "
@@ -173,39 +169,49 @@ def tls_init(
     days: int = DEFAULT_DAYS,
     *,
     force: bool = False,
+    ca_directory: Path | None = None,
 ) -> list[Path]:
-    """Write a CA and a server and client certificate into `directory`; the paths written."""
+    """Write a CA and a server and client certificate into `directory`, the CA's key into
+    `ca_directory` (`directory` when None); the paths written."""
     if not server_names or not all(server_names) or not client_name:
         raise MigpipeError("--server-name and --client-name need a name", status=EXIT_USAGE)
     if not 1 <= days <= MAX_DAYS:
         raise MigpipeError(f"--days must be 1 to {MAX_DAYS}, not {days}", status=EXIT_USAGE)
     for name in server_names:
         san_entry(name)  # refuses a bad name before anything is written
-    prepare_directory(directory, force=force)
+    separate = ca_directory is not None and ca_directory.resolve() != directory.resolve()
+    if separate:
+        prepare_directory(ca_directory, (CA_KEY, CA_CERT), force=force)
+    else:
+        ca_directory = directory
+    prepare_directory(directory, HOST_FILES if separate else FILES, force=force)
     ca = make_ca(ca_name, days)
     server = make_server(ca, server_names, days)
     client = make_client(ca, client_name, days)
     contents = {
-        CA_KEY: (pem_key(ca.key), KEY_MODE),
-        SERVER.key: (pem_key(server.key), KEY_MODE),
-        CLIENT.key: (pem_key(client.key), KEY_MODE),
-        CA_CERT: (pem_cert(ca.cert), CERT_MODE),
-        SERVER.cert: (pem_cert(server.cert), CERT_MODE),
-        CLIENT.cert: (pem_cert(client.cert), CERT_MODE),
+        ca_directory / CA_KEY: (pem_key(ca.key), KEY_MODE),
+        directory / SERVER.key: (pem_key(server.key), KEY_MODE),
+        directory / CLIENT.key: (pem_key(client.key), KEY_MODE),
+        directory / CA_CERT: (pem_cert(ca.cert), CERT_MODE),
+        directory / SERVER.cert: (pem_cert(server.cert), CERT_MODE),
+        directory / CLIENT.cert: (pem_cert(client.cert), CERT_MODE),
     }
-    for name, (data, mode) in contents.items():
-        write_file(directory / name, data, mode, force=force)
-    return [directory / name for name in contents]
+    if separate:  # signing more certificates later needs both
+        contents[ca_directory / CA_CERT] = (pem_cert(ca.cert), CERT_MODE)
+    for path, (data, mode) in contents.items():
+        write_file(path, data, mode, force=force)
+    return list(contents)
 
 
-def instructions(directory: Path) -> str:
-    """What to copy where, for the person who just ran tls-init."""
+def instructions(written: Sequence[Path]) -> str:
+    """What to copy where, for the person who just ran tls-init (`written`: what it wrote)."""
+    directory = next(path.parent for path in written if path.name == SERVER.key)
 
     def files(*names: str) -> str:
         return ", ".join(str(directory / name) for name in names)
 
     return (
-        f"wrote {files(*FILES)}\n"
+        f"wrote {', '.join(map(str, written))}\n"
         f"to the {SERVER.end}, e.g. decode on the destination, copy "
         f"{files(CA_CERT, SERVER.cert, SERVER.key)} into its --tls-creds directory\n"
         f"to the {CLIENT.end}, e.g. encode on the source, copy "
