@@ -41,6 +41,7 @@ from migpipe.stream.writer import StreamWriter
 from migpipe.wire import (
     FRAME_DATA,
     FRAME_FINAL,
+    FRAME_HEADER_SIZE,
     MAX_FRAME,
     Frame,
     Trailer,
@@ -257,6 +258,7 @@ class Decoder:
             )
             self._parser = StreamParser(page_size=header.page_size, xbzrle_encodings=encodings)
         self._writer = StreamWriter()
+        self._parsed = 0  # unfiltered payload bytes fed to the parser: its offsets count them
         self._held: bytes | bytearray | None = None
         self.totals = totals or Totals()
 
@@ -285,9 +287,7 @@ class Decoder:
             raise MigpipeError("data frame after the final frame", status=EXIT_CORRUPT)
         data = frame.payload
         if self._parser is not None:
-            self._parser.feed(data)
-            self._parser.mark_record_boundary()  # frames end between records
-            records = self._parser.next_records()
+            records = self._records_of(frame)
             for transform in self._transforms:
                 records = self.totals.timed(transform.name, transform.transform, records)
             self.totals.count_pages(records)
@@ -305,6 +305,22 @@ class Decoder:
             self._held = data
             return b""
         return data
+
+    def _records_of(self, frame: Frame) -> list[Record]:
+        """The records of a frame's unfiltered payload; a fault in them is reported where it
+        is in the wire (in the frame's payload without byte filters, else at the frame)."""
+        start, self._parsed = self._parsed, self._parsed + len(frame.payload)
+        self._parser.feed(frame.payload)
+        self._parser.mark_record_boundary()  # frames end between records
+        try:
+            return self._parser.next_records()
+        except MigpipeError as e:
+            within = (e.offset or 0) - start
+            if self.byte_filters or not 0 <= within < len(frame.payload):
+                where = f"{e.message} (byte {within} of frame {frame.sequence}'s records)"
+                raise MigpipeError(where, frame.offset, e.status) from None
+            raise MigpipeError(e.message, frame.offset + FRAME_HEADER_SIZE + within,
+                               e.status) from None  # fmt: skip
 
     def finish(self, trailer: Trailer | None) -> bytes | bytearray:
         """Check the totals against the trailer; only then release the stream's end."""
