@@ -61,7 +61,6 @@ class Secrets:
         would protect nothing. --allow-unencrypted is the explicit way out for mixed fleets."""
         return self.given and not self.allow_unencrypted
 
-    def user_key(self, purpose: str) -> UserKey:
     def check_sealed(self, sealed: bool, what: str) -> None:
         """Refuse `what` (the input, a file) when it is not sealed but must be; before one
         byte of it reaches QEMU."""
@@ -72,6 +71,7 @@ class Secrets:
                 status=EXIT_KEY,
             )
 
+    def user_key(self, purpose: str) -> UserKey:
         """The secret, or a clear error naming the options that give one."""
         if self._cached is None:
             self._cached = self._load(purpose)
