@@ -730,11 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     transport(migrate, "output")
     filter_options(migrate)
     migrate.add_argument(
-    migrate.add_argument(
         "--no-confirmation",
         action="store_true",
         help="succeed without the destination's answer (the peer is not migpipe incoming)",
     )
+    migrate.add_argument(
         "peer",
         nargs="*",
         metavar="-- COMMAND",
