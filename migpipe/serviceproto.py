@@ -13,6 +13,7 @@ argument must be lives here, so all of it is tested without a socket.
 """
 
 import json
+import math
 import re
 import time
 from collections import deque
@@ -225,7 +226,9 @@ def parse_command(line: Line) -> Command | None:
             raise CommandError("fds arrived with an empty line; they were closed")
         return None
     try:
-        message = json.loads(line.text.decode(), parse_constant=_refuse_constant)
+        message = json.loads(
+            line.text.decode(), parse_constant=_refuse_constant, parse_float=_finite_float
+        )
     except UnicodeDecodeError as e:
         raise CommandError(f"JSON parse error: not UTF-8 (byte {e.start})") from None
     except (ValueError, RecursionError) as e:
@@ -253,6 +256,15 @@ def parse_command(line: Line) -> Command | None:
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A number that overflows a double would become Infinity, which is not JSON either, and
+    which a reply that echoes it (an id) would send back."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number too large for a double")
+    return value
 
 
 def check_fds(name: str, line: Line, id: Any) -> None:
@@ -328,7 +340,8 @@ def event(name: str, data: dict[str, Any], now: float | None = None) -> dict[str
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    """One line of JSON; a NaN or infinity raises ValueError rather than go out as non-JSON."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
 # -- jobs ----------------------------------------------------------------------------------------

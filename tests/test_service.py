@@ -142,7 +142,7 @@ class Raw:
     def read(self) -> dict:
         line = self.file.readline()
         assert line, "the service closed the connection"
-        return json.loads(line)
+        return strict_json(line)
 
     def closed_by_service(self) -> bool:
         """EOF, or a reset: a socket closed with unread data in it resets its peer."""
@@ -154,6 +154,15 @@ class Raw:
     def close(self) -> None:
         self.file.close()
         self.sock.close()
+
+
+def strict_json(line: bytes) -> Any:
+    """JSON as the standard has it: Python's json takes NaN and Infinity, which it is not."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"the service sent {constant}, which is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
 
 
 @contextlib.contextmanager
@@ -344,6 +353,10 @@ def test_fds_for_a_line_never_ended_are_a_flood() -> None:
         (b"[" * 60000, (), GENERIC_ERROR, "JSON parse error", NO_ID),
         (b"[1, 2]", (), GENERIC_ERROR, "a JSON object, not a list", NO_ID),
         (b'{"execute": "query-fds", "arguments": {"a": NaN}}', (), GENERIC_ERROR, "NaN", NO_ID),
+        (b'{"execute": "query-fds", "id": 1e999999}', (), GENERIC_ERROR,
+         "JSON parse error: a number too large for a double", NO_ID),
+        (b'{"execute": "query-fds", "arguments": {"a": -1' + b"0" * 400 + b'.5}}', (),
+         GENERIC_ERROR, "a number too large for a double", NO_ID),
         (b'{"execute": 5, "id": "x"}', (), GENERIC_ERROR, "'execute' must be given", "x"),
         (b'{"execute": "eject", "id": 7}', (), COMMAND_NOT_FOUND, "unknown command 'eject'", 7),
         (b'{"execute": "query-fds", "exec-oob": 1}', (), GENERIC_ERROR, "member 'exec-oob'", NO_ID),
@@ -397,6 +410,9 @@ def test_messages() -> None:
     assert stamped["timestamp"] == {"seconds": 12, "microseconds": 250000}
     line = encode_message(stamped)
     assert line.endswith(b"\n") and line.count(b"\n") == 1 and json.loads(line) == stamped
+    for number in (float("inf"), float("nan")):  # an error, never a line that is not JSON
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            encode_message(reply(1, number))
 
 
 def test_what_fds_are(tmp_path: Path) -> None:
@@ -745,6 +761,8 @@ def test_bad_input_gets_an_error_and_the_connection_lives(service: Harness) -> N
          b' "filters": []}}\n', GENERIC_ERROR, "'start-job' has no argument 'filters'"),
         (b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n', GENERIC_ERROR,
          "no capability 'oob'"),
+        (b'{"execute": "query-fds", "id": 1e999999}\n', GENERIC_ERROR,
+         "a number too large for a double"),
     ]  # fmt: skip
     for text, error_class, desc in cases:
         raw.send(text)
