@@ -20,13 +20,14 @@ hours. Replies are matched to commands by id: the reply to a command whose wait 
 
 import itertools
 import json
+import os
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from migpipe.serviceproto import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS
+from migpipe.serviceproto import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS, peer_credentials
 
 MAX_MESSAGE = 16 << 20  # the service's replies are small; this only bounds a confused peer
 REPLY_TIMEOUT = 30.0  # seconds; the service replies at once, unless it is stuck
@@ -206,14 +207,26 @@ class Client:
 
 
 def connect(
-    path: str, timeout: float | None = REPLY_TIMEOUT, wait_timeout: float | None = None
+    path: str,
+    timeout: float | None = REPLY_TIMEOUT,
+    wait_timeout: float | None = None,
+    expected_uid: int | None = None,
 ) -> Client:
     """A Client connected to the service at `path`, its greeting read; `timeout` bounds the
-    connection and each command's reply, `wait_timeout` each wait for an event (see Client)."""
+    connection and each command's reply, `wait_timeout` each wait for an event (see Client).
+
+    The fds a client passes (key fds among them) go to whoever listens on `path`, so that must
+    be root or `expected_uid` (by default our own uid); PermissionError otherwise. Root is
+    always trusted: it could take the socket's place anyway."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
+        _, uid, _ = peer_credentials(sock.getsockopt)
+        trusted = os.geteuid() if expected_uid is None else expected_uid
+        if uid not in (0, trusted):
+            raise PermissionError(f"{path} is served by uid {uid}, not by uid {trusted} or "
+                                  "root: not passing it fds")  # fmt: skip
         return Client(sock, timeout, wait_timeout)
     except BaseException:
         sock.close()

@@ -25,11 +25,11 @@ import os
 import signal
 import socket
 import stat
-import struct
 import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +77,7 @@ from migpipe.serviceproto import (
     greeting,
     job_status,
     parse_command,
+    peer_credentials,
     reply,
 )
 from migpipe.units import parse_size
@@ -87,6 +88,8 @@ DEFAULT_MAX_FDS = 64  # named fds that one connection may hold
 OUTBOX = 64  # messages queued for one client; progress events are dropped beyond it
 FLUSH_SECONDS = 5.0  # how long a flooding client gets to read its error before the close
 ACCEPT_BACKOFF = 0.1  # out of fds or memory: retry accept() after this long
+REFUSALS_LOGGED = 10  # refused connections logged one by one per REFUSAL_INTERVAL; then counted
+REFUSAL_INTERVAL = 60.0  # seconds
 BACKLOG = 64
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError)  # a closed socket or queue
 ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
@@ -362,24 +365,40 @@ class Service:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_fds: int = DEFAULT_MAX_FDS,
         log: Callable[[str], None] | None = None,
+        max_jobs_per_uid: int | None = None,
+        max_connections_per_uid: int | None = None,
+        refusal_interval: float = REFUSAL_INTERVAL,
     ) -> None:
-        for option, value in (("--max-jobs", max_jobs), ("--max-connections", max_connections)):
-            if value < 1:
-                raise MigpipeError(f"{option} must be at least 1, not {value}", status=EXIT_USAGE)
         allow_uids = set(allow_uids)
         # Root could reach the service anyway (it passes file modes, and can ptrace it), so
         # refusing it would protect nothing and only break root-run daemons like libvirtd.
         self.allowed = {0, os.geteuid(), *allow_uids}
+        shared = bool(allow_uids - {0, os.geteuid()})  # by uids that need not trust each other
         # connect() needs write permission on the socket file, and one file cannot name several
         # uids without ACLs: with --allow-uid the file is 0666, and SO_PEERCRED is the gate.
-        self.socket_mode = 0o666 if allow_uids - {0, os.geteuid()} else 0o600
+        self.socket_mode = 0o666 if shared else 0o600
         self.max_jobs = max_jobs
         self.max_connections = max_connections
+        # Shared, no uid may take every place: the others would be refused all service.
+        self.max_jobs_per_uid = _share(max_jobs, shared, max_jobs_per_uid)
+        self.max_connections_per_uid = _share(max_connections, shared, max_connections_per_uid)
+        for option, value in (
+            ("--max-jobs", max_jobs),
+            ("--max-connections", max_connections),
+            ("--max-jobs-per-uid", self.max_jobs_per_uid),
+            ("--max-connections-per-uid", self.max_connections_per_uid),
+        ):
+            if value < 1:
+                raise MigpipeError(f"{option} must be at least 1, not {value}", status=EXIT_USAGE)
         self.max_fds = max_fds
         self.jobs = 0  # running, and being prepared by a start-job
         self.connections = 0  # open, refused ones too until they are closed
         self.sessions = 0  # connections served, which max_connections bounds
+        self.jobs_of: Counter[int] = Counter()  # by uid, as `jobs`
+        self.sessions_of: Counter[int] = Counter()  # by uid, as `sessions`
         self.log = log or _log_stderr
+        # Any local user may connect to a shared socket, and each refusal would be a line.
+        self.refusals = RefusalLog(self.log, REFUSALS_LOGGED, refusal_interval)
         self._job_numbers = itertools.count(1)
         self._changed = trio.Event()
 
@@ -394,6 +413,7 @@ class Service:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.refusals.run)
                 task_status.started()
                 while True:
                     try:
@@ -423,36 +443,94 @@ class Service:
     def new_job_id(self) -> str:
         return f"job-{next(self._job_numbers)}"
 
-    def count(self, connections: int = 0, jobs: int = 0) -> None:
+    def count(self, uid: int, connections: int = 0, jobs: int = 0) -> None:
         self.connections += connections
         self.jobs += jobs
+        self.jobs_of[uid] += jobs
         self._changed.set()
         self._changed = trio.Event()
 
+    def check_job_limits(self, uid: int) -> None:
+        """Before a start-job takes a place: the service's limit, then the uid's share."""
+        if self.jobs >= self.max_jobs:
+            raise CommandError(f"the service runs {self.jobs} jobs, the most it may "
+                               "(migpipe serve --max-jobs); wait for one to end")  # fmt: skip
+        if (held := self.jobs_of[uid]) >= self.max_jobs_per_uid:
+            raise CommandError(f"uid {uid} runs {held} jobs, the most one uid may (migpipe "
+                               "serve --max-jobs-per-uid); wait for one to end")  # fmt: skip
+
+    def connection_refusal(self, uid: int) -> str | None:
+        """Why a peer of `uid` is not served, or None when it is."""
+        if uid not in self.allowed:
+            return f"uid {uid} may not use this migpipe service"
+        # Every connection may hold fds: without a bound, clients could take them all.
+        if self.sessions >= self.max_connections:
+            return (f"the service has {self.sessions} connections, the most it may (migpipe "
+                    "serve --max-connections); close one")  # fmt: skip
+        if self.sessions_of[uid] >= self.max_connections_per_uid:
+            return (f"uid {uid} has {self.sessions_of[uid]} connections, the most one uid may "
+                    "(migpipe serve --max-connections-per-uid); close one")  # fmt: skip
+        return None
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        self.count(connections=1)
+        pid, uid, _ = peer_credentials(stream.socket.getsockopt)
+        self.count(uid, connections=1)
         try:
-            pid, uid, _ = struct.unpack(
-                "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            )
-            if uid not in self.allowed:
-                self.log(f"refused a connection from uid {uid} (pid {pid})")
-                await _refuse(stream, f"uid {uid} may not use this migpipe service")
-            elif self.sessions >= self.max_connections:
-                # Every connection may hold fds: without a bound, clients could take them all.
-                await _refuse(stream, f"the service has {self.sessions} connections, the most "
-                              "it may (migpipe serve --max-connections); close one")  # fmt: skip
+            if (refusal := self.connection_refusal(uid)) is not None:
+                if uid not in self.allowed:
+                    self.refusals.log(f"refused a connection from uid {uid} (pid {pid})")
+                await _refuse(stream, refusal)
             else:
                 self.sessions += 1
+                self.sessions_of[uid] += 1
                 try:
-                    await Connection(self, stream).run()
+                    await Connection(self, stream, uid).run()
                 finally:
                     self.sessions -= 1
+                    self.sessions_of[uid] -= 1
         except Exception as e:  # a bug in one connection's handling must not end the service
             self.log_exception("internal error, connection closed", e)
         finally:
             stream.socket.close()
-            self.count(connections=-1)
+            self.count(uid, connections=-1)
+
+
+def _share(limit: int, shared: bool, given: int | None) -> int:
+    """A uid's share of `limit`: as `given`, else half of it (rounded up) when the service is
+    shared, else all of it."""
+    if given is not None:
+        return given
+    return -(-limit // 2) if shared else limit
+
+
+class RefusalLog:
+    """Refused connections, which any local user can make at will on a shared socket: at most
+    `lines` logged per `interval` seconds, the rest counted and said in one line at its end."""
+
+    def __init__(self, log: Callable[[str], None], lines: int, interval: float) -> None:
+        self._log = log
+        self._lines = lines
+        self._interval = interval
+        self._logged = self._held = 0
+
+    def log(self, message: str) -> None:
+        if self._logged < self._lines:
+            self._logged += 1
+            self._log(message)
+        else:
+            self._held += 1
+
+    def tick(self) -> None:
+        """The end of an interval: say how many were not logged, and log again."""
+        if self._held:
+            self._log(f"refused {self._held} more connections in {self._interval:g} s "
+                      "(not logged one by one)")  # fmt: skip
+        self._logged = self._held = 0
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self._interval)
+            self.tick()
 
 
 async def _refuse(stream: trio.SocketStream, desc: str) -> None:
@@ -468,9 +546,10 @@ def _log_stderr(message: str) -> None:
 class Connection:
     """One client's session: its named fds, its jobs, and one queue for all it is sent."""
 
-    def __init__(self, service: Service, stream: trio.SocketStream) -> None:
+    def __init__(self, service: Service, stream: trio.SocketStream, uid: int) -> None:
         self.service = service
         self.stream = stream
+        self.uid = uid  # the peer's, whose share of the jobs this connection's count against
         self.fds: dict[str, tuple[int, FdInfo]] = {}
         self.jobs: dict[str, Job] = {}
         self._reader = Reader()
@@ -601,9 +680,7 @@ class Connection:
         if spec is None:
             raise CommandError(f"unknown job kind '{kind}' (kinds: {', '.join(JOB_KINDS)})")
         check_arguments("start-job", {"kind": Arg(STRING), **spec.arguments}, arguments)
-        if self.service.jobs >= self.service.max_jobs:
-            raise CommandError(f"the service runs {self.service.jobs} jobs, the most it may "
-                               "(migpipe serve --max-jobs); wait for one to end")  # fmt: skip
+        self.service.check_job_limits(self.uid)
         roles = {a: arg.fd for a, arg in spec.arguments.items() if arg.fd and a in arguments}
         names = [arguments[argument] for argument in roles]
         if twice := next((name for name in names if names.count(name) > 1), None):
@@ -616,11 +693,11 @@ class Connection:
             taken[argument] = TakenFd(name, fd, info)
         # The job's place is taken before preparing it, which may take long (scrypt for a
         # passphrase) and so runs in a thread, while other clients are served and start jobs.
-        self.service.count(jobs=1)
+        self.service.count(self.uid, jobs=1)
         try:
             run = await trio.to_thread.run_sync(spec.prepare, JobSetup(arguments, taken))
         except BaseException:
-            self.service.count(jobs=-1)
+            self.service.count(self.uid, jobs=-1)
             raise
         for t in taken.values():  # from here on the job owns them
             del self.fds[t.name]
@@ -660,7 +737,7 @@ class Connection:
         finally:
             release(job.fds)
             del self.jobs[job.id]
-            self.service.count(jobs=-1)
+            self.service.count(self.uid, jobs=-1)
         if job.scope.cancel_called:
             name, data = JOB_CANCELLED, job.status("cancelled")
         elif failure is not None:

@@ -15,6 +15,8 @@ argument must be lives here, so all of it is tested without a socket.
 import json
 import math
 import re
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -342,6 +344,12 @@ def event(name: str, data: dict[str, Any], now: float | None = None) -> dict[str
 def encode_message(message: dict[str, Any]) -> bytes:
     """One line of JSON; a NaN or infinity raises ValueError rather than go out as non-JSON."""
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def peer_credentials(getsockopt: Callable[[int, int, int], bytes]) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of a UNIX socket, as the kernel
+    recorded them when it connected, or listened (SO_PEERCRED); both ends check them."""
+    return struct.unpack("3i", getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
 
 
 # -- jobs ----------------------------------------------------------------------------------------

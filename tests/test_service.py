@@ -36,7 +36,7 @@ from migpipe.errors import EXIT_KEY, EXIT_PEER_GONE, MigpipeError
 from migpipe.fixedfile import PlainFile
 from migpipe.keys import keygen
 from migpipe.pipeline import decode
-from migpipe.service import Service, bind_private, describe_fd
+from migpipe.service import REFUSALS_LOGGED, Service, bind_private, describe_fd
 from migpipe.serviceproto import (
     COMMAND_NOT_FOUND,
     COMMANDS,
@@ -116,6 +116,10 @@ class Harness:
 
     def raw(self) -> "Raw":
         return Raw(str(self.path))
+
+    def on_loop(self, function: Callable[[], object]) -> None:
+        """Call `function` in the service's thread, as its own tasks would."""
+        trio.from_thread.run_sync(function, trio_token=self.token)
 
     def wait_idle(self) -> None:
         async def idle() -> None:
@@ -1078,46 +1082,186 @@ def test_socket_is_private_whatever_the_umask(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sock", "file"]  # no leftovers
 
 
-def _connect_as(uid: int, path: Path) -> dict:
-    """The first line the service sends a client running as `uid` (a forked child)."""
+def as_uid(uid: int, work: Callable[[], bytes]) -> bytes:
+    """What `work` returns when a forked child runs it as `uid` (no exec: socket calls and
+    the like, then _exit)."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: no exec, only socket calls, then _exit
+    if pid == 0:
         status = 1
         try:
             os.close(r)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(TIMEOUT)
-                sock.connect(str(path))
-                line = sock.makefile("rb").readline()
-            os.write(w, line)
+            _write_all(w, work())
             status = 0
         finally:
             os._exit(status)
     os.close(w)
-    line = read_all(r)
+    out = read_all(r)
     _, status = os.waitpid(pid, 0)
     assert status == 0
-    return json.loads(line)
+    return out
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as other uids needs root")
-def test_peers_are_checked_with_so_peercred() -> None:
+def _connect_as(uid: int, path: Path, times: int = 1) -> list[dict]:
+    """The first line the service sends each of `times` clients running as `uid`, in turn."""
+
+    def connect() -> bytes:
+        lines = b""
+        for _ in range(times):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect(str(path))
+                lines += sock.makefile("rb").readline()
+        return lines
+
+    return [strict_json(line) for line in as_uid(uid, connect).splitlines()]
+
+
+@contextlib.contextmanager
+def shared_socket() -> Iterator[Path]:
+    """A socket path that other uids can reach (to be refused by SO_PEERCRED, or served)."""
     with tempfile.TemporaryDirectory() as directory:
-        os.chmod(directory, 0o755)  # other uids must reach the socket to be refused by it
-        path = Path(directory) / "migpipe.sock"
+        os.chmod(directory, 0o755)
+        yield Path(directory) / "migpipe.sock"
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as other uids needs root")
+
+
+@needs_root
+def test_peers_are_checked_with_so_peercred() -> None:
+    with shared_socket() as path:
         with serving(path, allow_uids=[DAEMON]) as service:
             assert stat.S_IMODE(path.stat().st_mode) == 0o666  # SO_PEERCRED is the gate
             refused = _connect_as(NOBODY, path)
-            assert refused == {"error": {"class": GENERIC_ERROR, "desc":
-                               f"uid {NOBODY} may not use this migpipe service"}}  # fmt: skip
-            assert "migpipe" in _connect_as(DAEMON, path)
+            assert refused == [{"error": {"class": GENERIC_ERROR, "desc":
+                                f"uid {NOBODY} may not use this migpipe service"}}]  # fmt: skip
+            assert "migpipe" in _connect_as(DAEMON, path)[0]
             assert f"refused a connection from uid {NOBODY}" in service.log[0]
         with serving(path) as service:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@needs_root
+def test_refused_connections_are_logged_at_a_bounded_rate() -> None:
+    """Anyone may connect to a shared socket: a burst of refusals is REFUSALS_LOGGED lines,
+    then one that counts the rest when the interval ends (the test ends it: no clock runs)."""
+    with (
+        shared_socket() as path,
+        serving(path, allow_uids=[DAEMON], refusal_interval=3600) as service,
+    ):
+        refused = _connect_as(NOBODY, path, REFUSALS_LOGGED + 25)
+        assert len(refused) == REFUSALS_LOGGED + 25 and all("error" in line for line in refused)
+        assert len(service.log) == REFUSALS_LOGGED
+        assert all(line.startswith(f"refused a connection from uid {NOBODY} (pid ")
+                   for line in service.log)  # fmt: skip
+        service.on_loop(service.service.refusals.tick)
+        assert service.log[-1] == "refused 25 more connections in 3600 s (not logged one by one)"
+        service.on_loop(service.service.refusals.tick)  # nothing held back: nothing to say
+        assert len(service.log) == REFUSALS_LOGGED + 1
+        _connect_as(NOBODY, path)  # a new interval: logged again
+        assert len(service.log) == REFUSALS_LOGGED + 2
+        assert service.log[-1].startswith(f"refused a connection from uid {NOBODY}")
+
+
+@needs_root
+def test_one_uid_gets_a_share_of_the_jobs_and_connections() -> None:
+    """A shared service (--allow-uid) gives each uid half its jobs and half its connections
+    by default: one uid that takes all it may still leaves room for the others."""
+    writers = []
+    with (
+        shared_socket() as path,
+        serving(path, allow_uids=[DAEMON], max_jobs=4, max_connections=4) as service,
+    ):
+        with service.connect() as first, service.connect() as second:
+            share = r"uid 0 has 2 connections, the most one uid may \(migpipe serve --max-conn"
+            with pytest.raises(ServiceError, match=share):
+                service.connect()
+            for n, session in enumerate([first, second, first]):
+                r, w = os.pipe()
+                writers.append(w)
+                give(session, f"in{n}", r)
+                give(session, f"out{n}", sink())
+            first.start_job("encode", input="in0", output="out0")
+            second.start_job("encode", input="in1", output="out1")  # another connection's
+            share = r"uid 0 runs 2 jobs, the most one uid may \(migpipe serve --max-jobs-per-uid\)"
+            with pytest.raises(ServiceError, match=share):
+                first.start_job("encode", input="in2", output="out2")
+
+            def start_a_job() -> bytes:
+                r, w = os.pipe()
+                with service_client.connect(str(path), TIMEOUT) as session:
+                    give(session, "in", r)
+                    give(session, "out", w)
+                    return session.start_job("encode", input="in", output="out").encode()
+
+            assert as_uid(DAEMON, start_a_job) == b"job-3"
+        service.wait_idle()
+        assert all([reader_gone(w) for w in writers])
+
+
+def test_per_uid_limits_can_be_set(tmp_path: Path) -> None:
+    uid, writers = os.geteuid(), []
+    with (
+        serving(tmp_path / "s.sock", max_jobs_per_uid=1, max_connections_per_uid=1) as service,
+    ):
+        with service.connect() as session:
+            with pytest.raises(ServiceError, match=f"uid {uid} has 1 connections, the most one"):
+                service.connect()
+            for n in range(2):
+                r, w = os.pipe()
+                writers.append(w)
+                give(session, f"in{n}", r)
+                give(session, f"out{n}", sink())
+            first = session.start_job("encode", input="in0", output="out0")
+            with pytest.raises(ServiceError, match=f"uid {uid} runs 1 jobs, the most one uid"):
+                session.start_job("encode", input="in1", output="out1")
+            session.cancel_job(first)
+            with pytest.raises(JobError):
+                session.wait_job(first)
+            session.start_job("encode", input="in1", output="out1")
+        service.wait_idle()
+        assert all([reader_gone(w) for w in writers])
+    with pytest.raises(MigpipeError, match="--max-jobs-per-uid must be at least 1, not 0"):
+        Service(max_jobs_per_uid=0)
+
+
+@needs_root
+def test_the_client_passes_fds_only_to_a_service_run_by_whom_it_expects() -> None:
+    """Whoever listens on the path gets the fds the client passes, keys too: by default it
+    must be root or the client's own uid, else expected_uid."""
+    ready_r, ready_w = os.pipe()
+    with shared_socket() as path, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+
+        def greet_twice() -> bytes:  # as NOBODY: SO_PEERCRED names who called listen()
+            listener.settimeout(TIMEOUT)  # a failed test leaves no child waiting for ever
+            listener.listen(2)
+            os.write(ready_w, b"!")
+            for _ in range(2):
+                peer, _ = listener.accept()
+                peer.settimeout(TIMEOUT)
+                # the first client may hang up before its greeting is sent, or read
+                with peer, contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    peer.sendall(encode_message(greeting()))
+                    while peer.recv(1 << 10):  # until the client hangs up
+                        pass
+            return b"done"
+
+        with ThreadPoolExecutor(1) as pool:
+            served = pool.submit(as_uid, NOBODY, greet_twice)
+            assert os.read(ready_r, 1) == b"!"
+            with pytest.raises(PermissionError, match=f"{path} is served by uid {NOBODY}, not "
+                               f"by uid {os.geteuid()} or root: not passing it fds"):  # fmt: skip
+                service_client.connect(str(path), TIMEOUT)
+            with service_client.connect(str(path), TIMEOUT, expected_uid=NOBODY) as session:
+                assert session.greeting == greeting()["migpipe"]
+            assert served.result(TIMEOUT) == b"done"
+    os.close(ready_r)
+    os.close(ready_w)
 
 
 def test_migpipe_serve(tmp_path: Path, small_stream: bytes) -> None:
