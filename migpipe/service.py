@@ -38,7 +38,14 @@ from typing import Any, NamedTuple
 import trio
 
 from migpipe.channel import Channel, FdChannel, read_waiting
-from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, EXIT_USAGE, MigpipeError, leaves
+from migpipe.errors import (
+    EXIT_ERROR,
+    EXIT_PEER_GONE,
+    EXIT_USAGE,
+    MigpipeError,
+    Stopped,
+    leaves,
+)
 from migpipe.files import enlarge_pipe
 from migpipe.filter import Filter, parse_chain
 from migpipe.fixedfile import PlainFile, check_chain
@@ -47,6 +54,7 @@ from migpipe.pipeline import Totals, decode, encode
 from migpipe.progress import INTERVAL, Progress
 from migpipe.savefile import LAYOUTS, restore_from, save_into
 from migpipe.serviceproto import (
+    BOOLEAN,
     COMMANDS,
     INPUT,
     JOB_CANCELLED,
@@ -145,6 +153,7 @@ class LoopChannel:
         os.set_blocking(fd, False)
         self._fd = fd
         self._what = what
+        self._stopping = False
 
     def read(self) -> bytes:
         return trio.from_thread.run(self._read)
@@ -153,9 +162,18 @@ class LoopChannel:
         trio.from_thread.run(self._write, parts)
 
     def interrupt(self) -> None:
-        """Nothing to do: the wait is in the job's task, which the pipeline's stop cancels."""
+        """Make every later read and write raise Stopped. A wait is cancelled with the job's
+        task anyway, but a stage busy in Python between reads (a fixed-layout save parsing)
+        whose peer always has bytes ready would never wait, and so never see the cancel."""
+        self._stopping = True
+
+    def _check(self) -> None:
+        """On the loop, where the job's stop has run before any read it could race with."""
+        if self._stopping:
+            raise Stopped
 
     async def _read(self) -> bytes:
+        self._check()
         while True:
             try:
                 return read_waiting(self._fd)
@@ -166,6 +184,7 @@ class LoopChannel:
                 raise MigpipeError(message, status=EXIT_PEER_GONE) from None
 
     async def _write(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._check()
         for part in parts:
             view = memoryview(part)
             while view:
@@ -215,14 +234,32 @@ class JobSetup:
         enlarge_pipe(taken.number)
         return LoopChannel(taken.number, f"{argument} fd '{taken.name}'")
 
-    def file(self, argument: str) -> PlainFile:
-        return PlainFile(self.fds[argument].number)  # the job's fds are closed by the service
+    def file(self, argument: str, saving: bool = False) -> PlainFile:
+        """A saved file, read (and, `saving`, written) at offsets; refused unless every byte
+        lands where it is aimed, since a save that only looks complete loses the guest."""
+        fd, name = self.fds[argument].number, self.fds[argument].name
+        what = f"{argument} fd '{name}'"
+        try:
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError as e:
+            raise MigpipeError(f"{what} cannot seek ({e.strerror}); a saved file must") from None
+        if saving and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            raise MigpipeError(
+                f"{what} is open with O_APPEND, which puts every write at the end; open it without"
+            )
+        if saving and offset:
+            raise MigpipeError(f"{what} is at offset {offset}; a save writes from offset 0")
+        return PlainFile(fd)  # the job's fds are closed by the service
 
     def secrets(self) -> Secrets:
         key, passphrase = self.fds.get("key"), self.fds.get("passphrase")
         if key and passphrase:
             raise MigpipeError("give 'key' or 'passphrase', not both")
-        return Secrets(key_fd=key and key.number, passphrase_fd=passphrase and passphrase.number)
+        return Secrets(
+            key_fd=key and key.number,
+            passphrase_fd=passphrase and passphrase.number,
+            allow_unencrypted=self.arguments.get("allow-unencrypted", False),
+        )
 
     def filters(self) -> list[Filter]:
         items = self.arguments.get("filters", [])
@@ -265,14 +302,15 @@ def _save(job: JobSetup) -> Runner:
         check_chain(chain)  # refused by start-job, not by a JOB_FAILED later
     if os.fstat(job.fds["output"].number).st_size:
         raise MigpipeError("the output file of a save must be empty (the daemon opened it)")
-    return lambda progress: save_into(job.channel("input"), job.file("output"), chain, layout,
-                                      progress, cache)  # fmt: skip
+    file = job.file("output", saving=True)
+    return lambda progress: save_into(job.channel("input"), file, chain, layout, progress, cache)
 
 
 def _restore(job: JobSetup) -> Runner:
     secrets = job.secrets()
-    return lambda progress: restore_from(job.file("input"), job.channel("output"), secrets,
-                                         progress, f"fd '{job.fds['input'].name}'")  # fmt: skip
+    file = job.file("input")
+    return lambda progress: restore_from(file, job.channel("output"), secrets, progress,
+                                         f"fd '{job.fds['input'].name}'")  # fmt: skip
 
 
 ENDS: Schema = {"input": Arg(STRING, fd=INPUT), "output": Arg(STRING, fd=OUTPUT)}
@@ -280,9 +318,11 @@ KEYS: Schema = {
     "key": Arg(STRING, required=False, fd=SECRET),
     "passphrase": Arg(STRING, required=False, fd=SECRET),
 }
+# A reader given a key refuses input that is not sealed with it, unless told it may be.
+READER_KEYS: Schema = {**KEYS, "allow-unencrypted": Arg(BOOLEAN, required=False)}
 JOB_KINDS: dict[str, JobKind] = {
     "encode": JobKind({**ENDS, "filters": Arg(STRINGS, required=False), **KEYS}, _encode, False),
-    "decode": JobKind({**ENDS, **KEYS}, _decode, True),
+    "decode": JobKind({**ENDS, **READER_KEYS}, _decode, True),
     "save": JobKind(
         {
             "input": Arg(STRING, fd=INPUT),
@@ -296,7 +336,7 @@ JOB_KINDS: dict[str, JobKind] = {
         False,
     ),
     "restore": JobKind(
-        {"input": Arg(STRING, fd=SAVED_FILE), "output": Arg(STRING, fd=OUTPUT), **KEYS},
+        {"input": Arg(STRING, fd=SAVED_FILE), "output": Arg(STRING, fd=OUTPUT), **READER_KEYS},
         _restore,
         True,
     ),

@@ -129,6 +129,7 @@ class Type:
 
 
 STRING = Type("a string", lambda v: isinstance(v, str))
+BOOLEAN = Type("a boolean", lambda v: isinstance(v, bool))
 STRINGS = Type("a list of strings", lambda v: isinstance(v, list) and all(map(STRING.check, v)))
 FD_NAME = Type(
     "an fd name (1 to 128 letters, digits, '.', '_' or '-')",

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from migpipe import client as service_client
 from migpipe.channel import FdChannel
 from migpipe.client import Client, JobError, ServiceError
 from migpipe.errors import EXIT_KEY, EXIT_PEER_GONE, MigpipeError
-from migpipe.fixedfile import PlainFile
+from migpipe.fixedfile import FixedSaver, PlainFile
 from migpipe.keys import keygen
 from migpipe.pipeline import decode
 from migpipe.service import REFUSALS_LOGGED, Service, bind_private, describe_fd
@@ -277,6 +278,24 @@ class Gate:
                 assert other.execute("query-jobs") == []
         finally:
             self.open.set()
+
+
+class Spinner:
+    """Stands in for a function a job's worker thread calls: the first call computes in Python
+    (holding the GIL but at each switch interval) until the test lets it go, as a job busy
+    parsing does; then it does what the function does."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.entered.is_set():
+            self.entered.set()
+            while not self.released.is_set():
+                pass
+        return self.function(*args)
 
 
 def decoded(wire: Path, tmp_path: Path) -> bytes:
@@ -543,6 +562,53 @@ def test_a_save_job_refuses_at_start_what_its_layout_cannot_do(
         assert session.wait_job(job)["state"] == "completed"
 
 
+@pytest.mark.parametrize("layout", ["stream", "fixed"])
+def test_a_save_job_refuses_a_file_it_could_not_restore_from(
+    service: Harness, tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_APPEND would put the fixed layout's extents, index and superblock at the end, and a
+    write offset past 0 a hole before the stream's magic: either save would seem to complete
+    and never restore. start-job says so, and takes nothing."""
+    for name in ("vm.mig", "unseekable"):
+        (tmp_path / name).touch()
+    unseekable = (tmp_path / "unseekable").stat().st_ino
+    real_lseek = os.lseek
+
+    def lseek(fd: int, offset: int, whence: int) -> int:  # as a FUSE file opened nonseekable
+        if os.fstat(fd).st_ino == unseekable:
+            raise OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
+        return real_lseek(fd, offset, whence)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    appending = os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_APPEND)
+    offset = os.open(tmp_path / "vm.mig", os.O_RDWR)
+    real_lseek(offset, 4096, os.SEEK_SET)  # the file is empty all the same
+    with service.connect() as session:
+        for name, fd, error in (
+            ("appending", appending, "output fd 'appending' is open with O_APPEND, which puts "
+             "every write at the end; open it without"),
+            ("offset", offset, "output fd 'offset' is at offset 4096; a save writes from offset 0"),
+            ("unseekable", os.open(tmp_path / "unseekable", os.O_RDWR),
+             "output fd 'unseekable' cannot seek (Illegal seek); a saved file must"),
+        ):  # fmt: skip
+            r, w = os.pipe()
+            os.close(w)
+            give(session, "qemu", r)
+            give(session, name, fd)
+            with pytest.raises(ServiceError) as refused:
+                session.start_job("save", input="qemu", output=name, layout=layout)
+            assert refused.value.desc == error
+            assert session.query_jobs() == []
+            assert {f["name"] for f in session.execute("query-fds")} == {"qemu", name}
+            session.remove_fd("qemu")
+            session.remove_fd(name)
+        give(session, "unseekable", os.open(tmp_path / "unseekable", os.O_RDONLY))
+        give(session, "out", sink())
+        with pytest.raises(ServiceError, match="input fd 'unseekable' cannot seek"):
+            session.start_job("restore", input="unseekable", output="out")
+    assert (tmp_path / "vm.mig").stat().st_size == 0
+
+
 def test_encrypted_jobs_take_their_key_as_an_fd(
     service: Harness, small_stream: bytes, tmp_path: Path
 ) -> None:
@@ -569,6 +635,42 @@ def test_encrypted_jobs_take_their_key_as_an_fd(
         give(session, "out", w)
         give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
         job = session.start_job("decode", input="wire", output="out", key="key")
+        assert read_all(r) == small_stream
+        session.wait_job(job)
+
+
+@pytest.mark.parametrize(("kind", "maker"), [("decode", "encode"), ("restore", "save")])
+def test_a_reader_given_a_key_refuses_an_unencrypted_input(
+    service: Harness, small_stream: bytes, tmp_path: Path, kind: str, maker: str
+) -> None:
+    """Whoever can write the wire or the file must not choose the guest: given a key, a job
+    takes only input sealed with it, unless allow-unencrypted says a plain one will do."""
+    keygen(tmp_path / "key")
+    (tmp_path / "in").write_bytes(small_stream)
+    with service.connect() as session:
+        give(session, "src", os.open(tmp_path / "in", os.O_RDONLY))
+        give(session, "dst", os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT, 0o600))
+        session.wait_job(session.start_job(maker, input="src", output="dst"))  # not encrypted
+
+        give(session, "plain", os.open(tmp_path / "plain", os.O_RDONLY))
+        give(session, "out", os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600))
+        give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
+        with pytest.raises(ServiceError, match="'allow-unencrypted' of 'start-job' must be a "
+                           "boolean, not a string"):  # fmt: skip
+            session.start_job(kind, input="plain", output="out", key="key",
+                              **{"allow-unencrypted": "yes"})  # fmt: skip
+        with pytest.raises(JobError) as refused:
+            session.wait_job(session.start_job(kind, input="plain", output="out", key="key"))
+        assert refused.value.error_class == JOB_FAILED
+        assert refused.value.data["exit-status"] == EXIT_KEY
+        assert (tmp_path / "out").stat().st_size == 0  # not one byte for QEMU
+
+        r, w = os.pipe()
+        give(session, "plain", os.open(tmp_path / "plain", os.O_RDONLY))
+        give(session, "out", w)
+        give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
+        job = session.start_job(kind, input="plain", output="out", key="key",
+                                **{"allow-unencrypted": True})  # fmt: skip
         assert read_all(r) == small_stream
         session.wait_job(job)
 
@@ -695,6 +797,38 @@ def test_cancel_job(service: Harness, small_stream: bytes) -> None:
         # the job closed both its fds when it ended, with the connection still open
         read_all(out_r)  # asserts EOF
         assert reader_gone(in_w)
+
+
+def test_a_job_busy_in_python_delays_no_greeting_and_stops_once_cancelled(
+    service: Harness, stream: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a job's thread computes in Python, others are greeted and answered at once; once
+    cancelled, the job stops at its next read although its input has bytes waiting there (it
+    never waits, so only the stop flag its cancel sets can end it), not at the input's end."""
+    spinner = Spinner(FixedSaver.add)
+    monkeypatch.setattr(FixedSaver, "add", lambda saver, records: spinner(saver, records))
+    prefix, rest = stream[:4096], stream[4096 : 64 << 10]
+    r, w = os.pipe()
+    os.write(w, prefix)
+    with service.connect() as session:
+        give(session, "qemu", r)
+        give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_CREAT, 0o600))
+        job = session.start_job("save", input="qemu", output="file", layout="fixed")
+        try:
+            assert spinner.entered.wait(TIMEOUT)  # it read the prefix and is busy with it
+            os.write(w, rest)  # a pipe holds 64 KiB: its next read finds all this at once
+            started = time.monotonic()
+            with service.connect() as other:
+                assert other.query_jobs() == []
+            assert time.monotonic() - started < 2.0  # the loop is ours within a few ms
+            session.cancel_job(job)
+        finally:
+            spinner.released.set()
+        with pytest.raises(JobError) as ended:
+            session.wait_job(job)
+        assert ended.value.error_class == JOB_CANCELLED
+        assert ended.value.data["bytes-in"] == len(prefix)
+    assert reader_gone(w)
 
 
 def test_progress_events(service: Harness, stream: bytes) -> None:
