@@ -102,9 +102,10 @@ class Encrypt(ByteFilter):
         if cipher not in CIPHERS or kdf not in ("key", "scrypt") or set(params) != expected:
             message = f"encrypt: unknown cipher {cipher!r}, kdf {kdf!r} or fields {sorted(params)}"
             raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
-        if kdf == "scrypt" and not (type(log_n) is int and 10 <= log_n <= SCRYPT_LOG_N_MAX):
-            raise MigpipeError(f"encrypt: scrypt cost 2^{log_n} is outside 2^10..2^"
-                               f"{SCRYPT_LOG_N_MAX}", status=EXIT_CORRUPT)  # fmt: skip
+        ceiling = min(SCRYPT_LOG_N_MAX, secrets.max_scrypt_log_n or SCRYPT_LOG_N_MAX)
+        if kdf == "scrypt" and not (type(log_n) is int and 10 <= log_n <= ceiling):
+            raise MigpipeError(f"encrypt: scrypt cost 2^{log_n} is outside 2^10..2^{ceiling}",
+                               status=EXIT_CORRUPT)  # fmt: skip
         salt = _unb64(params["salt"], SALT_SIZE, "salt")
         wrapped = _unb64(params["wrapped"], KEY_SIZE + TAG_SIZE, "wrapped key")
         user = secrets.user_key("this stream is encrypted and")

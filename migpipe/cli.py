@@ -545,9 +545,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready() -> None:  # after the socket is in place: a supervisor may connect now
         print(f"migpipe serve: listening on {args.socket}", flush=True)
 
-    service = Service(
-        allow_uids=args.allow_uid, max_jobs=args.max_jobs, max_connections=args.max_connections
-    )
+    limits = ("max_jobs", "max_connections", "max_jobs_per_uid", "max_connections_per_uid")
+    given = {name: getattr(args, name) for name in limits if getattr(args, name) is not None}
+    service = Service(allow_uids=args.allow_uid, **given)
     run_trio(run, Path(args.socket), service, ready)
     return 0
 
@@ -828,10 +828,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                        help="also serve this uid (repeatable; the socket becomes 0666 and "
                        "SO_PEERCRED decides)")  # fmt: skip
-    serve.add_argument("--max-jobs", type=int, default=64, metavar="N",
+    # The defaults are the service's (not imported here: it would slow every command's start).
+    serve.add_argument("--max-jobs", type=int, metavar="N",
                        help="jobs running at once, over all connections (64)")  # fmt: skip
-    serve.add_argument("--max-connections", type=int, default=128, metavar="N",
+    serve.add_argument("--max-connections", type=int, metavar="N",
                        help="clients served at once; more are refused (128)")  # fmt: skip
+    serve.add_argument("--max-jobs-per-uid", type=int, metavar="N",
+                       help="jobs one uid may run at once (half of --max-jobs with "
+                       "--allow-uid, else all)")  # fmt: skip
+    serve.add_argument("--max-connections-per-uid", type=int, metavar="N",
+                       help="clients of one uid served at once (half of --max-connections "
+                       "with --allow-uid, else all)")  # fmt: skip
     return parser
 
 

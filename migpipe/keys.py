@@ -46,6 +46,9 @@ class Secrets:
     confirm: bool = False  # ask twice (encode/save: a typo would make the stream unreadable)
     # A secret given to a reading end means the input must be sealed with it (see sealing_required).
     allow_unencrypted: bool = False
+    # The most scrypt work (log2 N) a header may ask of a passphrase's reader; None: the
+    # filter's own ceiling. The service lowers it: its jobs share one host.
+    max_scrypt_log_n: int | None = None
     _cached: UserKey | None = field(default=None, repr=False)
 
     @property

@@ -98,6 +98,7 @@ FLUSH_SECONDS = 5.0  # how long a flooding client gets to read its error before 
 ACCEPT_BACKOFF = 0.1  # out of fds or memory: retry accept() after this long
 REFUSALS_LOGGED = 10  # refused connections logged one by one per REFUSAL_INTERVAL; then counted
 REFUSAL_INTERVAL = 60.0  # seconds
+JOB_SCRYPT_LOG_N_MAX = 18  # 256 MiB per passphrase job at most, as age's default (CLI: 20)
 BACKLOG = 64
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError)  # a closed socket or queue
 ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
@@ -259,6 +260,7 @@ class JobSetup:
             key_fd=key and key.number,
             passphrase_fd=passphrase and passphrase.number,
             allow_unencrypted=self.arguments.get("allow-unencrypted", False),
+            max_scrypt_log_n=JOB_SCRYPT_LOG_N_MAX,
         )
 
     def filters(self) -> list[Filter]:

@@ -355,3 +355,19 @@ def test_a_key_in_a_memfd_is_accepted(key: Path, tmp_path: Path) -> None:
     finally:
         os.close(memfd)
     assert decode_bytes(data, Secrets(key_file=str(key))) == (stream, None)
+
+
+def test_a_readers_scrypt_ceiling_is_checked_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service lowers the scrypt cost a header may ask of it (Secrets.max_scrypt_log_n):
+    a wire asking more is refused before scrypt runs."""
+    monkeypatch.setattr(encrypt, "SCRYPT_LOG_N", 12)
+    stream = small_stream()
+    data = encode_bytes(stream, "encrypt", Secrets(passphrase_fd=pipe_of(b"right\n")), tmp_path)
+    ran = []
+    monkeypatch.setattr(encrypt, "_wrapping_key", lambda *args: ran.append(args))
+    lowered = Secrets(passphrase_fd=pipe_of(b"right\n"), max_scrypt_log_n=11)
+    out, error = decode_bytes(data, lowered)
+    assert out == b"" and error.status == EXIT_CORRUPT and ran == []
+    assert "scrypt cost 2^12 is outside 2^10..2^11" in error.message
