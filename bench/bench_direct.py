@@ -61,7 +61,7 @@ for entry in (str(REPO), str(BENCH)):
     if entry not in sys.path:  # run as a script from a checkout, migpipe not installed
         sys.path.insert(0, entry)
 
-from migpipe.cli import size_argument  # noqa: E402
+from migpipe.cli.options import size_argument  # noqa: E402
 from migpipe.direct import DirectReader, DirectWriter, alignment, open_direct  # noqa: E402
 from migpipe.files import enlarge_pipe  # noqa: E402
 

@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout, migpipe not in
     sys.path.insert(0, str(REPO))
 
 from migpipe import __version__  # noqa: E402
-from migpipe.cli import size_argument  # noqa: E402
+from migpipe.cli.options import size_argument  # noqa: E402
 from migpipe.files import read_chunks  # noqa: E402
 from migpipe.stream.parser import StreamParser  # noqa: E402
 from migpipe.stream.writer import StreamWriter  # noqa: E402

@@ -45,7 +45,7 @@ from bench_tunnel import IDLE, busy_seconds, wait_for_idle  # noqa: E402
 
 from migpipe import tls, transport  # noqa: E402
 from migpipe.channel import CHUNK, Channel, FdChannel  # noqa: E402
-from migpipe.cli import size_argument  # noqa: E402
+from migpipe.cli.options import size_argument  # noqa: E402
 from migpipe.tlsinit import tls_init  # noqa: E402
 
 MIB = 1 << 20

@@ -48,7 +48,7 @@ for entry in (str(REPO), str(BENCH)):
 
 from bench_stream import child_env, synthetic_stream, warm  # noqa: E402
 
-from migpipe.cli import size_argument  # noqa: E402
+from migpipe.cli.options import size_argument  # noqa: E402
 from migpipe.keys import keygen  # noqa: E402
 
 MIB = 1 << 20

@@ -11,12 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from migpipe.cli import run_trio
 from migpipe.extracted import extract, image_file_name
 from migpipe.files import read_chunks, write_stream
 from migpipe.filter import parse_chain
 from migpipe.inspect import StreamStats
 from migpipe.pipeline import Totals, decode, encode
+from migpipe.running import run_trio
 from migpipe.stream.parser import iter_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
 

@@ -16,9 +16,10 @@ import trio
 from test_tunnel import eof_at
 
 from migpipe.channel import NOT_A_STREAM
-from migpipe.cli import EXIT_INTERRUPTED, run_trio
+from migpipe.cli import EXIT_INTERRUPTED
 from migpipe.errors import MigpipeError
 from migpipe.keys import keygen
+from migpipe.running import run_trio
 from migpipe.stream.writer import write_records
 from migpipe.synthetic import GuestModel, SyntheticGuest
 

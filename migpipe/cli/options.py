@@ -1,0 +1,302 @@
+"""The options several commands share, and what they turn into: the filter chain, the key,
+the wire's end (a file, a connection, TLS), progress and --stats-json."""
+
+import argparse
+import contextlib
+import functools
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.files import open_input, open_output
+from migpipe.units import parse_size
+
+if TYPE_CHECKING:
+    from migpipe.channel import Channel
+    from migpipe.keys import Secrets
+    from migpipe.progress import Progress  # imported when used: start-up time
+
+
+def size_argument(text: str) -> int:
+    """parse_size for argparse, which reports ArgumentTypeError as a usage error, in one line."""
+    try:
+        return parse_size(text)
+    except MigpipeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seconds(text: str) -> float:
+    """A duration for argparse: a number, 0 or more (inf and nan are no durations)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def reporting_options(sub: argparse.ArgumentParser) -> None:
+    """--stats-json and --progress."""
+    sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+    sub.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress on stderr (default: when stderr is a terminal)",
+    )
+
+
+def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
+    """The wire's options; `wire` ("input", "output") when the other side is QEMU's."""
+    from migpipe.transport import ACCEPT_TIMEOUT
+
+    if wire != "output":
+        sub.add_argument(
+            "--in",
+            dest="input",
+            default="-",
+            metavar="FILE",
+            help="read from FILE (default: stdin)",
+        )
+    if wire != "input":
+        sub.add_argument(
+            "--out",
+            dest="output",
+            default=None,
+            metavar="FILE",
+            help="write to FILE, complete or not at all (default: stdout)",
+        )
+        sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
+    reporting_options(sub)
+    link = sub.add_mutually_exclusive_group()
+    link.add_argument(
+        "--connect",
+        metavar="ADDR",
+        help="carry the wire over a connection to HOST:PORT or unix:PATH",
+    )
+    link.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="accept the wire's one connection on [HOST:]PORT or unix:PATH "
+        "(PORT alone: every interface)",
+    )
+    sub.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep retrying --connect this long while nobody listens (30)",
+    )
+    sub.add_argument(
+        "--accept-timeout",
+        type=seconds,
+        default=ACCEPT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up --listen when no peer came this long; 0: never ({ACCEPT_TIMEOUT:g})",
+    )
+    sub.add_argument(
+        "--tls-creds",
+        type=Path,
+        metavar="DIR",
+        help="TLS on --connect/--listen with the x509 files in DIR (see tls-init)",
+    )
+    sub.add_argument(
+        "--tls-hostname",
+        metavar="NAME",
+        help="the name the server certificate must carry (default: the --connect host)",
+    )
+    sub.add_argument(
+        "--tls-peer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the other end's certificate must carry NAME (CN, DNS or IP); repeatable",
+    )
+    sub.add_argument("--tls12", action="store_true", help="also accept TLS 1.2")
+
+
+def filter_options(sub: argparse.ArgumentParser) -> None:
+    """The filter chain's options (encode, save, migrate), and where the key comes from."""
+    sub.add_argument(
+        "--filters",
+        default="",
+        metavar="CHAIN",
+        help="comma-separated filters, e.g. xbzrle,zstd:3,encrypt or lz4",
+    )
+    sub.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] or lz4[:LEVEL]")
+    sub.add_argument("--xbzrle", action="store_true", help="send re-sent pages as deltas")
+    sub.add_argument(
+        "--xbzrle-cache",
+        metavar="SIZE",
+        help="xbzrle's page cache on each end (implies --xbzrle; default 64M)",
+    )
+    sub.add_argument(
+        "--encrypt", action="store_true", help="encrypt and authenticate (AES-256-GCM); needs a key"
+    )
+    key_options(sub)
+
+
+def reader_key_options(sub: argparse.ArgumentParser) -> None:
+    """The key options of a command that hands what it reads to QEMU: a key given means the
+    input must be sealed with it, unless the user says otherwise."""
+    key_options(sub)
+    sub.add_argument(
+        "--allow-unencrypted",
+        action="store_true",
+        help="with a key: also accept input that is not encrypted (mixed fleets)",
+    )
+
+
+def key_options(sub: argparse.ArgumentParser) -> None:
+    """Where the encrypt filter's key comes from; one of them, never the secret itself."""
+    keys = sub.add_mutually_exclusive_group()
+    keys.add_argument("--key-file", metavar="FILE", help="key made by `migpipe keygen` (0600)")
+    keys.add_argument("--key-fd", type=int, metavar="N", help="read the key file from fd N")
+    keys.add_argument("--passphrase-file", metavar="FILE", help="passphrase: first line of FILE")
+    keys.add_argument("--passphrase-fd", type=int, metavar="N", help="passphrase from fd N")
+    keys.add_argument("--ask-passphrase", action="store_true", help="passphrase from the terminal")
+
+
+def direct_option(sub: argparse.ArgumentParser) -> None:
+    """--direct (O_DIRECT, or an error where the file system refuses it) and --direct=try."""
+
+    def mode(text: str) -> str:
+        if text != "try":
+            raise argparse.ArgumentTypeError(f"--direct takes no value or 'try', not {text!r}")
+        return text
+
+    sub.add_argument("--direct", nargs="?", const=True, default=False, type=mode,
+                     help="bypass the page cache (O_DIRECT); =try: fall back to buffered I/O "
+                     "that drops the cache behind it")  # fmt: skip
+
+
+def filter_chain(args: argparse.Namespace) -> list:
+    """--filters plus the convenience flags, as one chain (page filters first)."""
+    from migpipe.filter import parse_chain
+
+    items = [args.filters] if args.filters else []
+    if args.xbzrle_cache is not None:
+        items.insert(0, f"xbzrle:{args.xbzrle_cache}")
+    elif args.xbzrle:
+        items.insert(0, "xbzrle")
+    if args.compress:
+        items.append(args.compress)
+    if args.encrypt:
+        items.append("encrypt")
+    return parse_chain(",".join(items), secrets_of(args, confirm=True))
+
+
+def secrets_of(args: argparse.Namespace, *, confirm: bool = False) -> "Secrets":
+    """Where the key comes from (read only if a filter needs it; never from argv)."""
+    from migpipe.keys import Secrets
+
+    return Secrets(
+        key_file=args.key_file,
+        key_fd=args.key_fd,
+        passphrase_file=args.passphrase_file,
+        passphrase_fd=args.passphrase_fd,
+        ask_passphrase=args.ask_passphrase,
+        confirm=confirm,
+        allow_unencrypted=getattr(args, "allow_unencrypted", False),
+    )
+
+
+def progress(args: argparse.Namespace, label: str) -> "Progress | None":
+    """A progress line on stderr: asked for, or by default when stderr is a terminal."""
+    from migpipe.progress import Progress
+
+    wanted = sys.stderr.isatty() if args.progress is None else args.progress
+    return Progress(label) if wanted else None
+
+
+def report(args: argparse.Namespace, totals, **more: object) -> None:
+    """--stats-json: the final figures, in QEMU's query-migrate words where they exist."""
+    if not args.stats_json:
+        return
+    figures = {**totals.figures(time.monotonic() - args.started), **more}
+    Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
+    """The wire side: a connection (TLS when asked) when asked for one, else --in/--out."""
+    from migpipe import transport
+
+    given = args.input != "-" if role == "input" else args.output is not None
+    if (args.connect or args.listen) and given:
+        option = "--in" if role == "input" else "--out"
+        raise MigpipeError(f"{option} and --connect/--listen both name the wire", None, EXIT_USAGE)
+    wrap, gate = tls_ends(args)  # bad credentials fail before the network is touched
+    if args.connect or args.listen:
+        if args.connect:
+            link = transport.connect(args.connect, args.connect_timeout)
+        else:
+            if gate is None and role == "input":  # a stray connection shows in its first bytes
+                from migpipe.wire import MAGIC
+
+                gate = transport.first_bytes(MAGIC)
+            log = functools.partial(print, f"migpipe {args.command}:", file=sys.stderr, flush=True)
+            link = transport.listen(args.listen, gate, timeout=args.accept_timeout, log=log)
+        with link as sock:
+            if wrap is not None:
+                with wrap(sock) as channel:
+                    yield channel
+                    channel.finish()  # close_notify, then the peer's read sees the end
+                return
+            yield sock.fileno()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)  # the peer's read sees the end of the wire
+    elif role == "input":
+        with open_input(args.input) as f:
+            yield f.fileno()
+    else:
+        with open_output(args.output, force=args.force) as f:
+            yield f.fileno()
+
+
+def tls_ends(args: argparse.Namespace) -> tuple[Callable | None, Callable | None]:
+    """What turns the connection into a TLS channel, and the gate a listener lets a TLS peer in
+    by (its handshake and --tls-peer check); (None, None) without --tls-creds."""
+    if args.tls_creds is None:
+        if args.tls_hostname or args.tls12 or args.tls_peer:
+            raise MigpipeError("--tls-hostname, --tls-peer and --tls12 need --tls-creds",
+                               status=EXIT_USAGE)  # fmt: skip
+        return None, None
+    if not (args.connect or args.listen):
+        raise MigpipeError("--tls-creds needs --connect or --listen", status=EXIT_USAGE)
+    if args.listen and args.tls_hostname:  # the listener checks the client's certificate only
+        raise MigpipeError("--tls-hostname names the server to check: it goes with --connect, "
+                           "not --listen", status=EXIT_USAGE)  # fmt: skip
+    from migpipe import tls
+
+    if args.connect:
+        context = tls.client_context(args.tls_creds, tls12=args.tls12, peers=args.tls_peer)
+        host = tls.server_name(args.connect, args.tls_hostname)
+        return (lambda sock: tls.wrap_client(sock, context, host)), None
+    context = tls.server_context(args.tls_creds, tls12=args.tls12, peers=args.tls_peer)
+    return tls.TlsChannel, lambda sock: tls.admit(sock, context)  # listen() shook hands
+
+
+@contextlib.contextmanager
+def input_fd(args: argparse.Namespace) -> Iterator[int]:
+    """--fd N (handed over by a daemon or QEMU's exec:), or standard input."""
+    if args.fd is not None:
+        yield args.fd
+    else:
+        with open_input("-") as f:
+            yield f.fileno()
+
+
+@contextlib.contextmanager
+def output_fd(args: argparse.Namespace) -> Iterator[int]:
+    if args.fd is not None:
+        yield args.fd
+    else:
+        with open_output(None) as f:
+            yield f.fileno()

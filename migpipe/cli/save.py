@@ -1,0 +1,171 @@
+"""save, restore and iohelper: streams to and from files."""
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from migpipe.channel import stream_sink
+from migpipe.cli.command import Command
+from migpipe.cli.options import (
+    direct_option,
+    filter_chain,
+    filter_options,
+    input_fd,
+    output_fd,
+    progress,
+    reader_key_options,
+    report,
+    reporting_options,
+    secrets_of,
+    size_argument,
+)
+from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.running import run_trio
+
+if TYPE_CHECKING:
+    from migpipe.progress import Progress
+
+
+def register(command: Command) -> None:
+    save = command("save", cmd_save, "Save a QEMU stream to a file, complete or not at all.")
+    save.add_argument("file", help="the file to write (appears only once complete)")
+    given = save.add_mutually_exclusive_group()
+    given.add_argument("--fd", type=int, metavar="N", help="read the stream from fd N (stdin)")
+    given.add_argument("--qmp", metavar="SOCKET",
+                       help="save the QEMU behind this QMP socket, driving it")  # fmt: skip
+    save.add_argument("--live", action="store_true",
+                      help="with --qmp: the guest runs on during the save")  # fmt: skip
+    save.add_argument("--resume", action="store_true",
+                      help="with --qmp: run the guest after the save, if it ran")  # fmt: skip
+    save.add_argument(
+        "--layout",
+        choices=("stream", "fixed"),
+        default="stream",
+        help="stream: the stream as sent (default); fixed: each RAM page stored once",
+    )
+    save.add_argument("--cache", type=size_argument, default=64 << 20,
+                      help="fixed layout: RAM extents kept in memory (64M)")  # fmt: skip
+    save.add_argument("--force", action="store_true", help="replace an existing FILE")
+    save.add_argument("--summary", action="store_true", help="print what was stored, on stderr")
+    save.add_argument("--libvirt-xml", metavar="XML",
+                      help="write a libvirt save image (virsh restore) of this domain")  # fmt: skip
+    save.add_argument("--image-format", choices=("raw", "gzip", "bzip2", "xz", "lzop", "zstd"),
+                      help="with --libvirt-xml: how libvirt compresses the body (raw)")  # fmt: skip
+    save.add_argument("--paused", action="store_true",
+                      help="with --libvirt-xml: virsh restore leaves the guest paused")  # fmt: skip
+    reporting_options(save)
+    direct_option(save)
+    filter_options(save)
+
+    restore = command("restore", cmd_restore, "Write the QEMU stream saved in a file.")
+    restore.add_argument("file", help="a file written by migpipe save (or migpipe encode)")
+    taker = restore.add_mutually_exclusive_group()
+    taker.add_argument("--fd", type=int, metavar="N", help="write the stream to fd N (stdout)")
+    taker.add_argument("--qmp", metavar="SOCKET",
+                       help="load it into the QEMU behind this QMP socket")  # fmt: skip
+    reporting_options(restore)
+    direct_option(restore)
+    reader_key_options(restore)
+
+    iohelper = command(
+        "iohelper",
+        cmd_iohelper,
+        "Copy between FD and stdin/stdout as libvirt_iohelper does, the disk I/O overlapped.",
+    )
+    iohelper.add_argument("path", help="the file FD is open on (named in messages only)")
+    iohelper.add_argument("fd", type=int, help="write-only: stdin to FD; read-only: FD to stdout")
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from migpipe.savefile import save
+
+    if args.qmp is None and (args.live or args.resume):
+        raise MigpipeError("--live and --resume drive QEMU: they need --qmp", status=EXIT_USAGE)
+    chain = filter_chain(args)
+    libvirt = libvirt_target(args, chain)
+    store = functools.partial(save, path=Path(args.file), chain=chain, layout=args.layout,
+                              force=args.force, progress=progress(args, "save"),
+                              cache=args.cache, libvirt=libvirt, direct=args.direct)  # fmt: skip
+    if args.qmp is not None:
+        from migpipe import drive
+
+        outcome = run_trio(drive.save, args.qmp, store, args.live, args.resume)
+        totals = outcome.totals
+        report(args, totals, qemu=outcome.qemu, runstate=outcome.runstate)
+        print(drive.summary("save", outcome), file=sys.stderr)
+    else:
+        with input_fd(args) as source:
+            totals = run_trio(store, source)
+        report(args, totals)
+    if args.summary:
+        print_save_summary(Path(args.file), totals)
+    return 0
+
+
+def libvirt_target(args: argparse.Namespace, chain: list):
+    """--libvirt-xml: a save image `virsh restore` takes, whose body libvirt must understand."""
+    from migpipe.savefile import LibvirtTarget
+
+    if args.libvirt_xml is None:
+        if args.image_format is not None:
+            raise MigpipeError("--image-format needs --libvirt-xml", status=EXIT_USAGE)
+        return None
+    if chain or args.layout != "stream":
+        message = ("a libvirt save image holds QEMU's stream, compressed by --image-format: "
+                   "it takes no migpipe filters and no --layout")  # fmt: skip
+        raise MigpipeError(message, status=EXIT_USAGE)
+    try:
+        xml = Path(args.libvirt_xml).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MigpipeError(f"cannot read the domain XML {args.libvirt_xml}: {e}") from None
+    return LibvirtTarget(xml, args.image_format or "raw", not args.paused)
+
+
+def print_save_summary(path: Path, totals) -> None:
+    size = path.stat().st_size
+    used = path.stat().st_blocks * 512
+    fixed = totals.filter_counters.get("fixed")
+    lines = [f"saved {totals.qemu_bytes:,} stream bytes to {path}: {size:,} bytes "
+             f"({used:,} on disk)"]  # fmt: skip
+    if fixed:
+        lines.append(
+            f"pages received {fixed['pages_received']:,}, stored {fixed['pages_stored']:,}, "
+            f"overwritten in place {fixed['pages_overwritten']:,}; extent writes "
+            f"{fixed['extent_writes']:,} (rewrites {fixed['extent_rewrites']:,}, read back "
+            f"{fixed['extent_reloads']:,})"
+        )
+    print("\n".join(lines), file=sys.stderr)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from migpipe.savefile import restore
+
+    shown = progress(args, "restore")
+    if args.qmp is not None:
+        from migpipe import drive
+
+        sized(shown, args.file)
+        outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets_of(args), shown,
+                           args.direct)  # fmt: skip
+        report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
+        print(drive.summary("restore", outcome), file=sys.stderr)
+        return 0
+    with output_fd(args) as fd, stream_sink(fd) as sink:  # a missing file fails QEMU's load too
+        sized(shown, args.file)
+        totals = run_trio(restore, Path(args.file), sink, secrets_of(args), shown, args.direct)
+    report(args, totals)
+    return 0
+
+
+def sized(shown: "Progress | None", path: str) -> None:
+    """Give restore's progress the file's size: its share read so far makes an ETA."""
+    if shown is not None:
+        shown.size = Path(path).stat().st_size
+
+
+def cmd_iohelper(args: argparse.Namespace) -> int:
+    from migpipe.iohelper import main as iohelper
+
+    return iohelper(args.path, args.fd)

@@ -1,0 +1,167 @@
+"""inspect, extract and generate: the tools that read and write whole QEMU streams."""
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+from migpipe.cli.command import Command
+from migpipe.cli.options import reader_key_options, secrets_of, size_argument
+from migpipe.errors import EXIT_KEY, MigpipeError
+from migpipe.files import open_input, open_output, read_chunks, write_stream
+from migpipe.stream.parser import iter_records
+
+PAGE_SIZE = {"type": int, "default": 4096, "help": "target page size (4096 on x86)"}
+
+
+def register(command: Command) -> None:
+    inspect = command("inspect", cmd_inspect, "Report what a migration stream holds.")
+    inspect.add_argument("stream", nargs="?", default="-", help="stream file, or - for stdin")
+    inspect.add_argument("--json", action="store_true", help="machine-readable report")
+    inspect.add_argument("--page-size", **PAGE_SIZE)
+    reader_key_options(inspect)
+
+    extract = command(
+        "extract",
+        cmd_extract,
+        "Write a stream's final RAM images, device state and manifest to DIR.",
+    )
+    extract.add_argument("stream", help="stream file, or - for stdin")
+    extract.add_argument("directory", type=Path)
+    extract.add_argument("--page-size", **PAGE_SIZE)
+
+    generate = command(
+        "generate", cmd_generate, "Write a stream from an extracted directory or a synthetic guest."
+    )
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="DIR",
+        help="rebuild a loadable stream from `migpipe extract` output",
+    )
+    source.add_argument("--synthetic", action="store_true", help="a synthetic guest")
+    generate.add_argument("-o", "--output", help="output file (default: stdout)")
+    generate.add_argument("--force", action="store_true", help="replace an existing output")
+    generate.add_argument("--size", type=size_argument, default=64 << 20, help="guest RAM (64M)")
+    generate.add_argument("--iterations", type=int, default=3, help="precopy passes (3)")
+    generate.add_argument(
+        "--dirty",
+        type=float,
+        default=0.05,
+        help="share of RAM re-dirtied before each later pass (0.05)",
+    )
+    generate.add_argument(
+        "--rewrite",
+        type=float,
+        default=0.2,
+        help="share of dirtied pages rewritten whole; the rest change sparsely (0.2)",
+    )
+    generate.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=None,
+        help="page kinds, e.g. zero=0.6,text=0.125,structured=0.13,random=0.145",
+    )
+    generate.add_argument("--seed", type=int, default=1)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from migpipe.inspect import StreamStats
+
+    stats = StreamStats(args.page_size)
+    error, about = None, {}
+    with contextlib.ExitStack() as stack:
+        if args.stream == "-":
+            chunks = read_chunks(stack.enter_context(open_input("-")))
+        else:
+            from migpipe.savefile import saved_stream
+
+            chunks = saved_stream(Path(args.stream), secrets_of(args), about)
+        try:
+            for record in iter_records(chunks, page_size=args.page_size):
+                stats.add(record)
+        except MigpipeError as e:
+            if e.status == EXIT_KEY:  # nothing was read: no report, only why
+                raise
+            error = e
+    if args.json:
+        report = stats.as_dict()
+        report["file"] = about or None
+        report["error"] = (
+            None if error is None else {"message": error.message, "offset": error.offset}
+        )
+        print(json.dumps(report, indent=2))
+    else:
+        if about.get("layout") not in (None, "qemu"):
+            print(describe_file(about))
+        print(stats.render())
+    if error is not None:
+        raise error
+    return 0
+
+
+def describe_file(about: dict) -> str:
+    chain = ", ".join(name for name, _ in about.get("filters", [])) or "no filters"
+    if "filters" not in about:
+        chain = "unreadable"
+    if "libvirt_format" in about:
+        after = "running" if about["was_running"] else "paused"
+        chain = f"{about['libvirt_format']} body, guest {after} after virsh restore"
+    kind = "libvirt save image" if about["layout"] == "libvirt" else f"{about['layout']} layout"
+    line = (f"file: {kind}, {chain}; {about['file_bytes']:,} bytes "
+            f"({about['disk_bytes']:,} on disk)")  # fmt: skip
+    if "slots" in about:
+        line += (f"; {about['slots_written']:,} of {about['slots']:,} extent slots written, "
+                 f"{about['writes']:,} writes")  # fmt: skip
+    elif "frames" in about:
+        line += f"; {about['frames']:,} frames"
+    return line + "\n"
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from migpipe.extracted import extract
+
+    with open_input(args.stream) as f:
+        manifest = extract(
+            iter_records(read_chunks(f), page_size=args.page_size), args.directory, args.page_size
+        )
+    for block in manifest["blocks"]:
+        print(
+            f"{block['file']:<40} {block['used_length']:>14,} bytes "
+            f"{block['pages_received']:>10,} pages received"
+        )
+    print(f"{'device-state.bin':<40} {manifest['device_state_bytes']:>14,} bytes")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.source is not None:
+        from migpipe.extracted import rebuild
+
+        records = rebuild(args.source)
+    else:
+        from migpipe.synthetic import GuestModel, SyntheticGuest
+
+        model = GuestModel(
+            ram_size=args.size,
+            mix=args.mix or GuestModel().mix,
+            iterations=args.iterations,
+            dirty_share=args.dirty,
+            rewrite_share=args.rewrite,
+            seed=args.seed,
+        )
+        records = SyntheticGuest(model).records()
+    with open_output(args.output, force=args.force) as out:
+        write_stream(records, out)
+    return 0
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """'zero=0.6,text=0.2,random=0.2' -> weights by page kind."""
+    try:
+        pairs = (item.split("=", 1) for item in text.split(","))
+        return {kind.strip(): float(weight) for kind, weight in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a page mix: {text!r}") from None

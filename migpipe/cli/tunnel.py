@@ -1,0 +1,142 @@
+"""encode, decode, migrate and incoming: a stream over migpipe's wire, and QEMU driven on both
+ends of it."""
+
+import argparse
+import contextlib
+import functools
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from migpipe.channel import stream_sink
+from migpipe.cli.command import Command
+from migpipe.cli.options import (
+    filter_chain,
+    filter_options,
+    progress,
+    reader_key_options,
+    report,
+    secrets_of,
+    wire_end,
+    wire_options,
+)
+from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.files import open_input, open_output
+from migpipe.running import run_trio
+
+if TYPE_CHECKING:
+    from migpipe.channel import Channel
+
+QMP_SOCKET = {"required": True, "metavar": "SOCKET", "help": "QEMU's QMP UNIX socket"}
+
+
+def register(command: Command) -> None:
+    encode = command(
+        "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."
+    )
+    wire_options(encode)
+    filter_options(encode)
+
+    decode = command(
+        "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
+    )
+    wire_options(decode)
+    reader_key_options(decode)
+
+    migrate = command(
+        "migrate", cmd_migrate, "Migrate a running QEMU, driven over QMP, through encode."
+    )
+    migrate.add_argument("--qmp", **QMP_SOCKET)
+    wire_options(migrate, "output")
+    filter_options(migrate)
+    migrate.add_argument(
+        "--no-confirmation",
+        action="store_true",
+        help="succeed without the destination's answer (the peer is not migpipe incoming)",
+    )
+    migrate.add_argument(
+        "peer",
+        nargs="*",
+        metavar="-- COMMAND",
+        help="send the wire to COMMAND's stdin (e.g. ssh dst migpipe incoming --qmp SOCKET)",
+    )
+
+    incoming = command(
+        "incoming", cmd_incoming, "Load a migration through decode into QEMU (-incoming defer)."
+    )
+    incoming.add_argument("--qmp", **QMP_SOCKET)
+    wire_options(incoming, "input")
+    reader_key_options(incoming)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from migpipe.pipeline import encode
+
+    chain = filter_chain(args)
+    with open_input(args.input) as source, wire_end(args, "output") as wire:
+        totals = run_trio(encode, source.fileno(), wire, chain, progress(args, "encode"))
+    report(args, totals)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from migpipe.pipeline import decode
+
+    with (
+        open_output(args.output, force=args.force) as out,
+        stream_sink(out.fileno()) as sink,  # a wire that fails to open fails QEMU's load too
+        wire_end(args, "input") as wire,
+    ):
+        totals = run_trio(decode, wire, sink, progress(args, "decode"), secrets_of(args))
+    report(args, totals)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from migpipe.drive import migrate, summary
+
+    if args.peer and (args.connect or args.listen or args.output is not None):
+        raise MigpipeError("COMMAND and --out/--connect/--listen both name the wire", None,
+                           EXIT_USAGE)  # fmt: skip
+    chain = filter_chain(args)
+    link = functools.partial(peer_link, args)
+    outcome = run_trio(migrate, args.qmp, link, chain, progress(args, "migrate"),
+                       not args.no_confirmation)  # fmt: skip
+    answer = outcome.confirmation
+    destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
+    report(args, outcome.totals, qemu=outcome.qemu, destination=destination)
+    print(summary("migrate", outcome), file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def peer_link(args: argparse.Namespace) -> Iterator:
+    """migrate's way to the destination: COMMAND's stdin, or wire_end's connection or file."""
+    from migpipe import drive
+
+    if args.peer:
+        with drive.command_link(args.peer) as link:
+            yield link
+    else:
+        with wire_end(args, "output") as wire:
+            yield drive.FdLink(wire) if isinstance(wire, int) else drive.ChannelLink(wire)
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    from migpipe.drive import incoming, summary
+
+    @contextlib.contextmanager
+    def wire_and_answer() -> Iterator[tuple["int | Channel", "int | Channel | None"]]:
+        """The wire, and where the source hears how the load went: back on the connection,
+        or on stdout when the wire is stdin (under `migrate -- ssh dst migpipe incoming`)."""
+        with wire_end(args, "input") as wire:
+            if args.connect or args.listen:
+                yield wire, wire
+            else:
+                yield wire, sys.stdout.fileno() if args.input == "-" else None
+
+    outcome = run_trio(incoming, args.qmp, wire_and_answer, secrets_of(args),
+                       progress(args, "incoming"))  # fmt: skip
+    report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
+    print(summary("incoming", outcome), file=sys.stderr)
+    return 0
