@@ -20,12 +20,16 @@ format is specified in migpipe-file(5).
 import json
 import os
 import struct
+import sys
 import threading
-from collections import OrderedDict
+from array import array
+from bisect import bisect_right
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from isal.isal_zlib import crc32
 
@@ -49,7 +53,12 @@ from migpipe.progress import Progress
 from migpipe.ramimage import apply_page
 from migpipe.stream import format as fmt
 from migpipe.stream.format import BE32, BE64
-from migpipe.stream.parser import DEFAULT_MAX_VMDESC, StreamParser
+from migpipe.stream.parser import (
+    DEFAULT_MAX_VMDESC,
+    MAX_MACHINE_NAME,
+    MAX_RAM_BLOCKS,
+    StreamParser,
+)
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, MemSize, RamBlock, Record
 from migpipe.stream.writer import StreamWriter
 
@@ -62,9 +71,19 @@ DEVICE_CHUNK = 1 << 20
 DEFAULT_CACHE = 64 << 20
 LOCATOR = 32  # be64 index offset, length, write number; be32 CRC-32 of it; be32 CRC of these
 IN_FLIGHT = 4
-MAX_INDEX = 256 << 20
 SLOT_ENTRY = struct.Struct(">QII")  # write number, stored length, CRC-32
 CHUNK_ENTRY = struct.Struct(">QIIQ")  # offset, stored length, CRC-32, write number
+MAX_SLOTS = 1 << 24
+"""The most extents a file holds: 16 TiB of RAM in 4 KiB pages, beyond the guests QEMU runs on
+one host; it keeps the slot table within 256 MiB, and what a crafted index or MEM_SIZE can make
+a reader or saver hold or walk."""
+MAX_CHUNKS = 1 << 16  # 64 GiB of device state; a guest whose only iterative section is RAM
+# has some MiB (its VM description, the largest part, is at most DEFAULT_MAX_VMDESC).
+MAX_INDEX_TEXT = 4 << 20
+"""The most JSON an index holds: the skeleton of a guest with the parser's 4096 RAM blocks, each
+with a 255-byte name (escaped, 510), is 2.4 MiB; a real one (some tens of blocks, a few
+configuration subsections and commands) takes a few KiB."""
+MAX_INDEX = 4 + MAX_INDEX_TEXT + SLOT_ENTRY.size * MAX_SLOTS + CHUNK_ENTRY.size * MAX_CHUNKS
 
 
 class PlainFile:
@@ -114,31 +133,54 @@ class Layout:
 
     Slots are laid out block after block; a block's last extent may hold fewer pages, and its
     slot is only as large as they need, so small blocks (firmware, option ROMs) stay small.
+    Only each block's first slot and offset are kept, and a slot's place is computed from them:
+    a block list claiming 2^60 bytes costs what one of 4 KiB does, and the caller compares the
+    slot count with what it allows before anything is made per slot.
     """
 
     def __init__(self, blocks: Sequence[RamBlock], page_size: int) -> None:
         self.page_size = page_size
+        self.per_extent = EXTENT_PAGES * page_size
+        self.room = slot_room(EXTENT_PAGES, page_size)  # a whole extent's
         self.first_slot: dict[str, int] = {}
-        self.offsets: list[int] = []
-        self.rooms: list[int] = []
-        offset = UNIT
-        per_extent = EXTENT_PAGES * page_size
+        self.starts: list[int] = []  # each block's first slot, in the order of `blocks`
+        self.offsets: list[int] = []  # and that slot's offset
+        slots, offset = 0, UNIT
         for block in blocks:
-            self.first_slot[block.name] = len(self.offsets)
-            for start in range(0, block.used_length, per_extent):
-                pages = -(-min(per_extent, block.used_length - start) // page_size)
-                self.offsets.append(offset)
-                self.rooms.append(slot_room(pages, page_size))
-                offset += self.rooms[-1]
-        self.slots = len(self.offsets)
+            if block.name in self.first_slot:
+                raise MigpipeError(f"RAM block {block.name!r} listed twice", status=EXIT_CORRUPT)
+            self.first_slot[block.name] = slots
+            self.starts.append(slots)
+            self.offsets.append(offset)
+            whole, rest = divmod(block.used_length, self.per_extent)
+            slots += whole + (rest > 0)
+            offset += whole * self.room
+            if rest:
+                offset += slot_room(-(-rest // page_size), page_size)
+        self.slots = slots
         self.data_end = offset
+
+    def block_of(self, slot: int) -> int:
+        """The position in the block list of the block `slot` belongs to."""
+        return bisect_right(self.starts, slot) - 1  # past blocks of no slots, which share it
+
+    def place(self, slot: int) -> tuple[int, int]:
+        """Slot `slot`'s offset and room: a whole extent's, or up to the next block's start."""
+        n = self.block_of(slot)
+        offset = self.offsets[n] + (slot - self.starts[n]) * self.room
+        end = self.offsets[n + 1] if n + 1 < len(self.offsets) else self.data_end
+        return offset, min(self.room, end - offset)
+
+
+def sealed_room(plain: int) -> int:
+    """The most bytes `plain` bytes can take once sealed: any compressor's worst-case growth
+    (zstd and lz4 grow incompressible data by under 1/255) and an AEAD tag."""
+    return plain + plain // 128 + 1024
 
 
 def slot_room(pages: int, page_size: int) -> int:
-    """Room for an extent of `pages` after any compressor's worst-case growth (zstd and lz4
-    grow incompressible data by under 1/255) and an AEAD tag."""
-    plain = EXTENT_PAGES // 4 + pages * page_size
-    return _align(plain + plain // 128 + 1024)
+    """Room for an extent of `pages`, sealed, in whole units."""
+    return _align(sealed_room(EXTENT_PAGES // 4 + pages * page_size))
 
 
 # -- an extent's plaintext ----------------------------------------------------------------------
@@ -267,7 +309,7 @@ class FixedSaver:
         self.skeleton = Skeleton(self.page_size)
         self.writer = StreamWriter()
         self.layout: Layout | None = None
-        self.table: list[Slot] = []
+        self.table: dict[int, Slot] = {}  # the slots written so far: what the guest sent
         self.cache: OrderedDict[int, Extent] = OrderedDict()
         self.cache_extents = max(2, cache // (EXTENT_PAGES * self.page_size))
         self.in_flight: dict[int, tuple[Future, bytes]] = {}
@@ -287,8 +329,8 @@ class FixedSaver:
                     self._write_chunk()
                     self.ending = True
                 self.writer.write(self.device_state, record)
-                if len(self.device_state) >= DEVICE_CHUNK and not self.ending:
-                    self._write_chunk()
+                while len(self.device_state) >= DEVICE_CHUNK and not self.ending:
+                    self._write_chunk(DEVICE_CHUNK)
             elif type(record) in PAGE_KIND_NAMES:
                 self._page(record)
             elif type(record) is MemSize:
@@ -298,10 +340,14 @@ class FixedSaver:
         if self.layout is not None:
             raise MigpipeError("a second RAM block list: the fixed layout cannot follow RAM "
                                "blocks that change mid-stream")  # fmt: skip
-        self.layout = Layout(record.blocks, self.page_size)
+        layout = Layout(record.blocks, self.page_size)
+        if layout.slots > MAX_SLOTS:  # the index could not list them
+            raise MigpipeError(f"{record.total} bytes of RAM: the fixed layout holds at most "
+                               f"{MAX_SLOTS * layout.per_extent >> 40} TiB",
+                               status=EXIT_INCOMPATIBLE)  # fmt: skip
+        self.layout = layout
         self.sizes = {b.name: b.used_length for b in record.blocks}
-        self.table = [Slot() for _ in range(self.layout.slots)]
-        self.next_offset = self.layout.data_end
+        self.next_offset = layout.data_end
 
     def _page(self, record: Record) -> None:
         size = self.sizes.get(record.block) if self.layout else None
@@ -332,7 +378,7 @@ class FixedSaver:
             self._evict(*self.cache.popitem(last=False))
         if slot in self.in_flight:  # still being written: take the plaintext back
             extent = Extent.unpack(self.in_flight[slot][1], self.page_size, "extent")
-        elif self.table[slot].write:
+        elif slot in self.table:
             self.counters.extent_reloads += 1
             extent = self._read_back(slot)
         else:
@@ -342,8 +388,9 @@ class FixedSaver:
 
     def _read_back(self, slot: int) -> Extent:
         entry = self.table[slot]
-        stored = self.file.read_at(self.layout.offsets[slot], entry.length)
-        plain = self.sealer.open(stored, self.layout.rooms[slot], Position(entry.write, False))
+        offset, room = self.layout.place(slot)
+        stored = self.file.read_at(offset, entry.length)
+        plain = self.sealer.open(stored, room, Position(entry.write, False))
         return Extent.unpack(plain, self.page_size, f"extent {slot}")
 
     def _number(self) -> int:
@@ -359,29 +406,33 @@ class FixedSaver:
             self.in_flight.pop(oldest)[0].result()
         plain = extent.pack(self.page_size)
         write = self._number()
-        offset = self.layout.offsets[slot]
-        future = self.pool.submit(self._seal_and_write, slot, plain, write, offset)
+        future = self.pool.submit(self._seal_and_write, slot, plain, write)
         self.in_flight[slot] = (future, plain)
 
-    def _seal_and_write(self, slot: int, plain: bytes, write: int, offset: int) -> None:
+    def _seal_and_write(self, slot: int, plain: bytes, write: int) -> None:
         stored = self.sealer.seal(plain, Position(write, False))
-        if len(stored) > self.layout.rooms[slot]:
+        offset, room = self.layout.place(slot)
+        if len(stored) > room:
             raise MigpipeError(f"a filter made extent {slot} larger ({len(stored)} bytes) than "
-                               f"its slot ({self.layout.rooms[slot]})")  # fmt: skip
+                               f"its slot ({room})")  # fmt: skip
         self.file.write_at(offset, stored)
         with self.lock:
-            entry = self.table[slot]
+            entry = self.table.setdefault(slot, Slot())
             self.counters.extent_writes += 1
             self.counters.extent_rewrites += entry.write != 0
             entry.write, entry.length, entry.crc = write, len(stored), crc32(stored)
             self.totals.wire_bytes += len(stored)  # written so far, for --progress
 
-    def _write_chunk(self) -> None:
+    def _write_chunk(self, size: int | None = None) -> None:
+        """Seal and write the first `size` bytes of device state kept (all by default): cut
+        there, not at a record's end, so that no chunk exceeds what a reader accepts."""
         if not self.device_state:
             return
+        if len(self.chunks) == MAX_CHUNKS:
+            raise MigpipeError(f"more than {MAX_CHUNKS} MiB of device state")
         write = self._number()
-        stored = self.sealer.seal(bytes(self.device_state), Position(write, False))
-        self.device_state.clear()
+        stored = self.sealer.seal(bytes(self.device_state[:size]), Position(write, False))
+        del self.device_state[:size]
         self.file.write_at(self.next_offset, stored)
         self.totals.wire_bytes += len(stored)
         self.chunks.append((self.next_offset, len(stored), crc32(stored), write))
@@ -399,13 +450,10 @@ class FixedSaver:
         self.in_flight.clear()
         self.pool.shutdown()
         self._write_chunk()
-        for block in manifest["blocks"]:
-            first = self.layout.first_slot[block["name"]]
-            count = -(-block["used_length"] // (EXTENT_PAGES * self.page_size))
-            block["pages_received"] = sum(
-                self.table[s].write != 0 for s in range(first, first + count)
-            )  # a block none of whose extents was written gets no pages on restore
-        index = encode_index(manifest, self.table, self.chunks)
+        written = Counter(map(self.layout.block_of, self.table))
+        for n, block in enumerate(manifest["blocks"]):  # in the order the layout has them
+            block["pages_received"] = written[n]  # no extent written: no pages on restore
+        index = encode_index(manifest, self.table, self.layout.slots, self.chunks)
         write = self._number()
         stored = self.sealer.seal(index, Position(write, True))
         offset = self.next_offset
@@ -423,14 +471,19 @@ class FixedSaver:
         self.pool.shutdown(cancel_futures=True)
 
 
-def encode_index(manifest: dict, table: list[Slot], chunks: list) -> bytes:
+def encode_index(manifest: dict, table: dict[int, Slot], slots: int, chunks: list) -> bytes:
     """be32 n, n bytes of JSON (skeleton, slot and chunk counts), then 16 bytes per slot
-    (be64 write number, be32 length, be32 CRC-32), then 24 per device-state chunk (be64 offset,
-    be32 length, be32 CRC-32, be64 write number)."""
-    meta = {"skeleton": manifest, "slots": len(table), "chunks": len(chunks)}
+    (be64 write number, be32 length, be32 CRC-32; zeros for a slot not in `table`), then 24 per
+    device-state chunk (be64 offset, be32 length, be32 CRC-32, be64 write number)."""
+    meta = {"skeleton": manifest, "slots": slots, "chunks": len(chunks)}
     text = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    parts = [BE32.pack(len(text)), text]
-    parts += [SLOT_ENTRY.pack(s.write, s.length, s.crc) for s in table]
+    if len(text) > MAX_INDEX_TEXT:
+        raise MigpipeError(f"the stream's skeleton takes {len(text)} bytes of JSON, more than "
+                           f"an index holds ({MAX_INDEX_TEXT})")  # fmt: skip
+    entries = bytearray(SLOT_ENTRY.size * slots)
+    for slot, s in table.items():
+        SLOT_ENTRY.pack_into(entries, SLOT_ENTRY.size * slot, s.write, s.length, s.crc)
+    parts = [BE32.pack(len(text)), text, entries]
     parts += [CHUNK_ENTRY.pack(*chunk) for chunk in chunks]
     return b"".join(parts)
 
@@ -478,10 +531,15 @@ class FixedReader:
     """A fixed-layout file, checked piece by piece as it is read."""
 
     def __init__(
-        self, file: "PlainFile | DirectFile", secrets: Secrets | None, totals: Totals
+        self,
+        file: "PlainFile | DirectFile",
+        secrets: Secrets | None,
+        totals: Totals,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.file = file
         self.totals = totals
+        self.stopping = stopping or threading.Event()  # set: a long walk raises Stopped
         head = file.read_at(0, UNIT)
         header, end = parse_header(head, MAGIC, VERSION, "migpipe fixed-layout file")
         if end + LOCATOR > UNIT:
@@ -498,12 +556,21 @@ class FixedReader:
         if crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
             raise MigpipeError("fixed-layout locator checksum mismatch", end, EXIT_CORRUPT)
         offset, length, write = (BE64.unpack_from(locator, i)[0] for i in (0, 8, 16))
-        if length > MAX_INDEX:
+        if length > sealed_room(MAX_INDEX):
             raise MigpipeError(f"index of {length} bytes", end, EXIT_CORRUPT)
+        self.size = os.fstat(file.fd).st_size  # every piece is checked against it, then read
+        if offset + length > self.size:
+            raise MigpipeError(f"file truncated: its index ends at {offset + length}",
+                               self.size, EXIT_TRUNCATED)  # fmt: skip
         stored = self._read(offset, length, "the index")
         if crc32(stored) != BE32.unpack_from(locator, 24)[0]:
             raise MigpipeError("index checksum mismatch", offset, EXIT_CORRUPT)
-        self._parse_index(self.sealer.open(stored, MAX_INDEX, Position(write, True)), offset)
+        index = self.sealer.open(stored, MAX_INDEX, Position(write, True))
+        try:
+            self._parse_index(memoryview(index), offset)
+        except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise MigpipeError(f"malformed index ({reason})", offset, EXIT_CORRUPT) from None
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
         data = self.file.read_at(offset, length)
@@ -512,39 +579,52 @@ class FixedReader:
             raise MigpipeError(f"file truncated in {what}", offset + len(data), EXIT_TRUNCATED)
         return data
 
-    def _parse_index(self, index: bytes, at: int) -> None:
-        try:
-            (n,) = BE32.unpack_from(index, 0)
-            meta = json.loads(index[4 : 4 + n])
-            self.manifest = meta["skeleton"]
-            pos = 4 + n
-            self.table = []
-            for _ in range(meta["slots"]):
-                write, length, crc = SLOT_ENTRY.unpack_from(index, pos)
-                self.table.append(Slot(write, length, crc))
-                pos += SLOT_ENTRY.size
-            self.chunks = []
-            for _ in range(meta["chunks"]):
-                self.chunks.append(CHUNK_ENTRY.unpack_from(index, pos))
-                pos += CHUNK_ENTRY.size
-            if pos != len(index):
-                raise ValueError(f"{len(index) - pos} bytes left over")
-            blocks = [RamBlock(b["name"], b["used_length"], None, b["addr"])
-                      for b in self.manifest["blocks"]]  # fmt: skip
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise MigpipeError(f"malformed index ({e})", at, EXIT_CORRUPT) from None
-        self.layout = Layout(blocks, self.page_size)
-        stored = sum(slot.length for slot in self.table) + sum(c[1] for c in self.chunks)
+    def _parse_index(self, index: memoryview, at: int) -> None:
+        """Check the index at `at` whole before anything is made from it: its sizes against
+        each other and the limits, the skeleton's fields, the slot count against the block
+        list, and the pieces' places: slots, then the chunks in order, then the index itself,
+        so every read stays inside the file and none reads a byte twice. A malformed index
+        raises ValueError, KeyError, TypeError or struct.error."""
+        (n,) = BE32.unpack_from(index, 0)
+        if n > MAX_INDEX_TEXT:
+            raise ValueError(f"{n} bytes of JSON, more than {MAX_INDEX_TEXT}")
+        meta = json.loads(index[4 : 4 + n].tobytes())
+        slots, chunks = _count(meta["slots"], MAX_SLOTS), _count(meta["chunks"], MAX_CHUNKS)
+        if not chunks:  # a genuine file has one at least: the one starting with QEMU's EOF
+            raise ValueError("no device state")
+        tables = 4 + n + SLOT_ENTRY.size * slots
+        if tables + CHUNK_ENTRY.size * chunks != len(index):
+            raise ValueError(f"{len(index)} bytes for {slots} slots and {chunks} chunks")
+        self.manifest = meta["skeleton"]
+        self.layout = Layout(_skeleton_blocks(self.manifest, self.page_size), self.page_size)
+        if self.layout.slots != slots:
+            raise ValueError(f"{slots} slots, where the RAM blocks make {self.layout.slots}")
+        self.entries = index[4 + n : tables]
+        self.chunks = list(CHUNK_ENTRY.iter_unpack(index[tables:]))
+        end = self.layout.data_end
+        for number, (offset, length, _, _) in enumerate(self.chunks):
+            if length > sealed_room(_chunk_limit(number == chunks - 1)):
+                raise ValueError(f"device-state chunk {number} of {length} bytes")
+            if offset < end:
+                raise ValueError(f"device-state chunk {number} overlaps what precedes it")
+            end = offset + length
+        if end > at:
+            raise ValueError("the index overlaps what precedes it")
+        words = array("I", self.entries)  # be32 words, four a slot: write (2), length, CRC
+        if sys.byteorder == "little":
+            words.byteswap()
+        stored = sum(words[2::4]) + sum(length for _, length, _, _ in self.chunks)
         self.totals.wire_expected = self.totals.wire_bytes + stored
-        if self.layout.slots != len(self.table):
-            raise MigpipeError("index and RAM blocks disagree on the slots", at, EXIT_CORRUPT)
+
+    def slot(self, slot: int) -> Slot:
+        return Slot(*SLOT_ENTRY.unpack_from(self.entries, SLOT_ENTRY.size * slot))
 
     def extent(self, slot: int) -> Extent | None:
-        entry = self.table[slot]
+        entry = self.slot(slot)
         if not entry.write:
             return None
         where = f"extent {slot}"
-        room, offset = self.layout.rooms[slot], self.layout.offsets[slot]
+        offset, room = self.layout.place(slot)
         if entry.length > room:
             raise MigpipeError(f"{where} longer than its slot", offset, EXIT_CORRUPT)
         stored = self._read(offset, entry.length, where)
@@ -554,9 +634,13 @@ class FixedReader:
         return Extent.unpack(plain, self.page_size, where)
 
     def pages(self, block: RamBlock) -> Iterator[tuple[int, bytes]]:
+        """The block's pages that were sent, extent by extent; each extent first looks at the
+        stop flag, since a block of unwritten extents yields nothing for a long while."""
         per_extent = EXTENT_PAGES * self.page_size
         first = self.layout.first_slot[block.name]
         for n in range(-(-block.used_length // per_extent)):
+            if self.stopping.is_set():
+                raise Stopped
             extent = self.extent(first + n)
             if extent is not None:
                 yield from extent.pages(self.page_size, n * per_extent, block.used_length)
@@ -570,8 +654,7 @@ class FixedReader:
             stored = self._read(offset, length, "device state")
             if crc32(stored) != crc:
                 raise MigpipeError("checksum mismatch in device state", offset, EXIT_CORRUPT)
-            limit = DEVICE_CHUNK + DEFAULT_MAX_VMDESC if n == last else DEVICE_CHUNK * 2
-            plain = self.sealer.open(stored, limit, Position(write, False))
+            plain = self.sealer.open(stored, _chunk_limit(n == last), Position(write, False))
             if n == last and plain[:1] != bytes([fmt.ITEM_EOF]):
                 raise MigpipeError("the last device-state chunk does not start with the "
                                    "stream's EOF item", offset, EXIT_CORRUPT)  # fmt: skip
@@ -582,13 +665,69 @@ class FixedReader:
 
     def describe(self) -> dict:
         """What the file says about itself, for inspect."""
+        writes = [write for write, _, _ in SLOT_ENTRY.iter_unpack(self.entries) if write]
         return {
             "filters": [[f.name, f.params()] for f in self.sealer.byte_filters],
-            "slots": len(self.table),
-            "slots_written": sum(1 for slot in self.table if slot.write),
-            "writes": max((slot.write for slot in self.table), default=0),
+            "slots": self.layout.slots,
+            "slots_written": len(writes),
+            "writes": max(writes, default=0),
             "device_state_chunks": len(self.chunks),
         }
+
+
+def _chunk_limit(last: bool) -> int:
+    """The most plaintext a device-state chunk holds: the last, the EOF item and the VM
+    description after it; any other, DEVICE_CHUNK (twice that for files of migpipe 0.1, which
+    cut chunks only at a record's end)."""
+    return DEVICE_CHUNK + DEFAULT_MAX_VMDESC if last else DEVICE_CHUNK * 2
+
+
+def _count(value: Any, limit: int) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise ValueError(f"{value!r} is not a count from 0 to {limit}")
+    return value
+
+
+def _name(value: Any, limit: int = 255) -> str:
+    """A name the stream writer can write: at most `limit` Latin-1 bytes."""
+    if type(value) is not str or len(value.encode("latin-1")) > limit:
+        raise ValueError(f"{value!r} is not a name of at most {limit} bytes")
+    return value
+
+
+def _skeleton_blocks(skeleton: Any, page_size: int) -> list[RamBlock]:
+    """The RAM blocks of an index's skeleton, once every field that compact_stream and the
+    stream writer use has its type and range: a crafted index fails here, not halfway through
+    the restore (a page size of 2^36, a block name the writer cannot write)."""
+    size = skeleton["page_size"] if type(skeleton) is dict else None
+    if type(size) is not int or size != page_size:
+        raise ValueError(f"a skeleton whose page size is not the header's {page_size}")
+    _count(skeleton["version"], 0xFFFFFFFF)
+    _name(skeleton["machine"], MAX_MACHINE_NAME)
+    for subsection in _listed(skeleton["subsections"]):
+        _name(subsection["name"])
+        _count(subsection["version"], 0xFFFFFFFF)
+        bytes.fromhex(subsection["payload"])
+    for key in ("section_id", "instance_id", "version_id"):
+        _count(skeleton["ram_section"][key], 0xFFFFFFFF)
+    for command in _listed(skeleton.get("commands", [])):
+        _count(command["command"], 0xFFFF)
+        _count(len(bytes.fromhex(command["data"])), 0xFFFF)
+    blocks = []
+    for block in _listed(skeleton["blocks"], MAX_RAM_BLOCKS):
+        _count(block["pages_received"], MAX_SLOTS)
+        if block["addr"] is not None:
+            _count(block["addr"], (1 << 64) - 1)
+        used = _count(block["used_length"], (1 << 64) - 1)  # Layout counts the slots
+        blocks.append(RamBlock(_name(block["name"]), used, None, block["addr"]))
+    return blocks
+
+
+def _listed(value: Any, limit: int = MAX_INDEX_TEXT) -> list:
+    """A list; of at most `limit` items (by default, as many as the JSON text can hold)."""
+    if type(value) is not list or len(value) > limit:
+        raise ValueError(f"a list of at most {limit} items expected, not {type(value).__name__}")
+    return value
 
 
 async def restore_fixed(
@@ -604,7 +743,7 @@ async def restore_fixed(
     stopping = threading.Event()  # set when the task is cancelled: Ctrl-C, a failed job
 
     def run() -> None:
-        reader = FixedReader(file, secrets, totals)
+        reader = FixedReader(file, secrets, totals, stopping)
         writer, buffer = StreamWriter(), bytearray()
         for record in reader.records():
             writer.write(buffer, record)

@@ -514,3 +514,193 @@ def test_ctrl_c_stops_a_restore_at_the_next_chunk(tmp_path: Path, long_stream: b
     # at the speed this test reads: 7.1 MB of a 28 MB stream once on a loaded box. Half of it
     # still tells a stop at the next chunk from a restore that runs to the end.
     assert len(first) + len(rest) < len(long_stream) // 2, "it ran on after the signal"
+
+
+# -- crafted fixed-layout files and streams: bounded work, one clear error ------------------------
+
+
+def _address_space(limit: int):
+    """A preexec_fn capping the child's memory: a runaway allocation fails, not the host."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.fixture(scope="module")
+def fixed_file(tmp_path_factory: pytest.TempPathFactory, stream: bytes) -> bytes:
+    saved = tmp_path_factory.mktemp("fixed") / "vm.mig"
+    assert migpipe("save", str(saved), "--layout", "fixed", stdin=stream).returncode == 0
+    return saved.read_bytes()
+
+
+def test_a_fixed_index_claiming_a_huge_block_is_refused_at_once(
+    tmp_path: Path, fixed_file: bytes
+) -> None:
+    """The audit's file (H3): a genuine save whose index says a block holds 2^60 bytes. The slot
+    count is computed, not walked, and compared before anything is made per slot."""
+    from test_fixed_fuzz import read_index, with_index
+
+    _, meta, slots, chunks = read_index(fixed_file)
+    meta["skeleton"]["blocks"][0]["used_length"] = 1 << 60
+    crafted = tmp_path / "crafted.mig"
+    crafted.write_bytes(with_index(fixed_file, meta, slots, chunks))
+    result = migpipe("restore", str(crafted), timeout=60, preexec_fn=_address_space(1 << 30))
+    assert result.returncode == 3, result.stderr  # EXIT_CORRUPT
+    assert result.stderr.count(b"\n") == 1 and b"slots" in result.stderr, result.stderr
+    assert result.stdout == NOT_A_STREAM
+
+
+def _with_blocks(records: list, used_length: int) -> list:
+    """`records` with their first RAM block made `used_length` bytes long."""
+    from migpipe.stream.records import MemSize
+
+    (at,) = (n for n, record in enumerate(records) if type(record) is MemSize)
+    first, *rest = records[at].blocks
+    blocks = (first._replace(used_length=used_length), *rest)
+    return [*records[:at], MemSize(sum(b.used_length for b in blocks), blocks), *records[at + 1 :]]
+
+
+def _small_guest() -> list:
+    return list(SyntheticGuest(GuestModel(ram_size=1 << 20, iterations=1, seed=3)).records())
+
+
+def test_a_fixed_save_of_a_guest_beyond_the_layout_is_refused_at_once(tmp_path: Path) -> None:
+    """A stream announcing 32 TiB (a few hundred bytes, within the parser's bound) is refused
+    when it announces it, not after a walk of 32 million slots."""
+    crafted = write_records(_with_blocks(_small_guest(), 32 << 40))
+    result = migpipe("save", str(tmp_path / "vm.mig"), "--layout", "fixed", stdin=crafted,
+                     timeout=60, preexec_fn=_address_space(1 << 30))  # fmt: skip
+    assert result.returncode == 6, result.stderr  # EXIT_INCOMPATIBLE
+    assert result.stderr.count(b"\n") == 1 and b"at most 16 TiB" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fixed_save_keeps_state_only_for_what_the_guest_sends(tmp_path: Path) -> None:
+    """A 1 TiB block announced, a few pages sent: the saver's memory is that of the pages."""
+    import tracemalloc
+
+    from migpipe.fixedfile import FixedSaver, PlainFile
+    from migpipe.pipeline import Totals
+
+    records = _with_blocks(_small_guest(), 1 << 40)
+    with open(tmp_path / "vm.mig", "w+b") as f:
+        saver = FixedSaver(PlainFile(f.fileno()), [], Totals())
+        tracemalloc.start()
+        try:
+            saver.add(records)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            saver.abort()
+    assert saver.layout.slots == (1 << 40) // (1 << 20) + 3  # the 1 TiB block, then 3 small
+    assert peak < 16 << 20, f"{peak} bytes for {saver.layout.slots} slots"
+
+
+def _refused(data: bytes, tmp_path: Path) -> tuple[MigpipeError, int]:
+    """The error restoring `data` ends in, and the bytes it read first."""
+    from test_fixed_fuzz import CountingFile, restore
+
+    path = tmp_path / "crafted.mig"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        file = CountingFile(f.fileno())
+        with pytest.raises(MigpipeError) as refused:
+            restore(file)
+    return refused.value, file.bytes_read
+
+
+def test_device_state_beyond_its_limit_is_refused_before_it_is_read(
+    tmp_path: Path, fixed_file: bytes
+) -> None:
+    """A chunk claiming 64 MiB in a file that has them (sparse): refused from the index."""
+    from test_fixed_fuzz import read_index, with_index
+
+    from migpipe.errors import EXIT_CORRUPT
+
+    _, meta, slots, chunks = read_index(fixed_file)
+    chunks[0][1] = 64 << 20
+    crafted = with_index(fixed_file, meta, slots, chunks) + bytes(64 << 20)
+    error, bytes_read = _refused(bytes(crafted), tmp_path)
+    assert error.status == EXIT_CORRUPT and "device-state chunk 0 of" in str(error)
+    assert bytes_read < len(fixed_file)
+
+
+def test_a_device_state_chunk_listed_twice_is_refused(tmp_path: Path, fixed_file: bytes) -> None:
+    """Unencrypted, a chunk's write number proves nothing: the index's places must not overlap,
+    or one chunk's device state would go to QEMU twice."""
+    from test_fixed_fuzz import read_index, with_index
+
+    from migpipe.errors import EXIT_CORRUPT
+
+    _, meta, slots, chunks = read_index(fixed_file)
+    meta["chunks"] += 1
+    error, _ = _refused(bytes(with_index(fixed_file, meta, slots, [chunks[0], *chunks])), tmp_path)
+    assert error.status == EXIT_CORRUPT and "overlaps" in str(error)
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+MALFORMED_INDEXES = {  # an edit of the index's JSON, and what the error says
+    "more slots than entries": (lambda m: m.update(slots=m["slots"] + 1), "bytes for"),
+    "page size 2^36": (lambda m: m["skeleton"].update(page_size=1 << 36), "page size"),
+    "a block name beyond Latin-1": (
+        lambda m: m["skeleton"]["blocks"][0].update(name="\u0100"), "latin-1"),
+    "a negative version": (lambda m: m["skeleton"].update(version=-1), "not a count"),
+    "a machine that is a number": (lambda m: m["skeleton"].update(machine=5), "not a name"),
+    "JSON of 5 MiB": (lambda m: m.update(padding="x" * (5 << 20)), "bytes of JSON"),
+    "JSON nested 100000 deep": (lambda m: NESTED, "nested too deeply"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MALFORMED_INDEXES)
+def test_a_malformed_fixed_index_is_one_clear_error(
+    tmp_path: Path, fixed_file: bytes, case: str
+) -> None:
+    from test_fixed_fuzz import read_index, with_index
+
+    from migpipe.errors import EXIT_CORRUPT
+
+    edit, expected = MALFORMED_INDEXES[case]
+    _, meta, slots, chunks = read_index(fixed_file)
+    meta = edit(meta) or meta
+    error, _ = _refused(bytes(with_index(fixed_file, meta, slots, chunks)), tmp_path)
+    assert error.status == EXIT_CORRUPT and expected in str(error), error
+
+
+def test_fixed_files_shorter_than_their_superblock_are_one_clear_error(
+    tmp_path: Path, fixed_file: bytes
+) -> None:
+    from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED
+
+    for size in range(0, 200):
+        error, _ = _refused(fixed_file[:size], tmp_path)
+        assert error.status in (EXIT_CORRUPT, EXIT_TRUNCATED), (size, error)
+
+
+def test_a_restore_walking_unwritten_extents_stops_when_told(tmp_path: Path) -> None:
+    """A genuine file whose 4 GiB block got a few pages: restore walks 4096 extents that
+    produce nothing, looking at the stop flag before each one."""
+    import threading
+
+    from migpipe.errors import Stopped
+    from migpipe.fixedfile import FixedReader, FixedSaver, PlainFile
+    from migpipe.pipeline import Totals
+
+    class StopAfter(threading.Event):
+        """Set once it has been looked at `polls` times."""
+
+        def __init__(self, polls: int) -> None:
+            super().__init__()
+            self.polls = polls
+
+        def is_set(self) -> bool:
+            self.polls -= 1
+            return self.polls < 0
+
+    with open(tmp_path / "vm.mig", "w+b") as f:
+        saver = FixedSaver(PlainFile(f.fileno()), [], Totals())
+        saver.add(_with_blocks(_small_guest(), 4 << 30))
+        saver.finish()
+        stopping = StopAfter(100)
+        reader = FixedReader(PlainFile(f.fileno()), None, Totals(), stopping)
+        with pytest.raises(Stopped):
+            for _ in reader.records():
+                pass
+    assert stopping.polls == -1  # stopped at the first poll that said so
