@@ -62,8 +62,8 @@ for entry in (str(REPO), str(BENCH)):
         sys.path.insert(0, entry)
 
 from migpipe.cli.options import size_argument  # noqa: E402
-from migpipe.direct import DirectReader, DirectWriter, alignment, open_direct  # noqa: E402
-from migpipe.files import enlarge_pipe  # noqa: E402
+from migpipe.io.direct import DirectReader, DirectWriter, alignment, open_direct  # noqa: E402
+from migpipe.io.files import enlarge_pipe  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -38,10 +38,10 @@ if str(REPO) not in sys.path:  # run as a script from a checkout, migpipe not in
 
 from migpipe import __version__  # noqa: E402
 from migpipe.cli.options import size_argument  # noqa: E402
-from migpipe.files import read_chunks  # noqa: E402
+from migpipe.io.files import read_chunks  # noqa: E402
 from migpipe.stream.parser import StreamParser  # noqa: E402
 from migpipe.stream.writer import StreamWriter  # noqa: E402
-from migpipe.synthetic import FIRMWARE_BLOCKS, PAGE, GuestModel, SyntheticGuest  # noqa: E402
+from migpipe.tools.synthetic import FIRMWARE_BLOCKS, PAGE, GuestModel, SyntheticGuest  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -3,8 +3,8 @@
 
 One writer thread sends frames as the pipeline does (a 17-byte frame header, then 1 MiB of
 payload, as one write call) through a Channel; one reader thread reads them back until the end.
-The connection is made by migpipe.transport (so its socket tuning applies), the TLS by
-migpipe.tls with credentials from `migpipe tls-init` in a temporary directory:
+The connection is made by migpipe.io.transport (so its socket tuning applies), the TLS by
+migpipe.io.tls with credentials from `migpipe tls-init` in a temporary directory:
 
   plain TCP       FdChannel   -> FdChannel     what --connect/--listen carry today
   TLS 1.3         TlsChannel  -> TlsChannel    AES-256-GCM, the default
@@ -43,10 +43,10 @@ for entry in (str(REPO), str(BENCH)):
 
 from bench_tunnel import IDLE, busy_seconds, wait_for_idle  # noqa: E402
 
-from migpipe import tls, transport  # noqa: E402
-from migpipe.channel import CHUNK, Channel, FdChannel  # noqa: E402
 from migpipe.cli.options import size_argument  # noqa: E402
-from migpipe.tlsinit import tls_init  # noqa: E402
+from migpipe.io import tls, transport  # noqa: E402
+from migpipe.io.channel import CHUNK, Channel, FdChannel  # noqa: E402
+from migpipe.io.tlsinit import tls_init  # noqa: E402
 
 MIB = 1 << 20
 FRAME_HEAD = b"\x44" * 17

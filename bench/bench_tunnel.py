@@ -227,7 +227,8 @@ def build_rows(stream: Path) -> list[Row]:
 
 def startup_seconds(runs: int) -> float:
     """Median wall time of a child Python importing what `migpipe encode` imports."""
-    argv = [sys.executable, "-c", "import migpipe.cli, migpipe.pipeline, filters.zstd, filters.lz4"]
+    imports = "migpipe.cli, migpipe.tunnel.pipeline, migpipe_filters.zstd, migpipe_filters.lz4"
+    argv = [sys.executable, "-c", f"import {imports}"]
     seconds = []
     for _ in range(runs):
         started = time.perf_counter()

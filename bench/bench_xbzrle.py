@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout, migpipe not in
 from migpipe.stream import xbzrle  # noqa: E402
 
 try:
-    from migpipe import _xbzrle as ext_mod
+    from migpipe.stream import _xbzrle as ext_mod
 except ImportError:  # not built: only the standalone C and Python rows
     ext_mod = None
 

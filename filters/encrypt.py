@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from migpipe.chain import ByteFilter, Position
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_KEY, EXIT_USAGE, MigpipeError
-from migpipe.filter import ByteFilter, Position
 from migpipe.keys import KEY_SIZE, Secrets, UserKey
 
 CIPHERS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}

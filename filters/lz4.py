@@ -6,8 +6,8 @@ decompression (see perf-anchors); frames are independent so two threads work at 
 
 import lz4.frame
 
+from migpipe.chain import ByteFilter, Position, number_argument
 from migpipe.errors import EXIT_CORRUPT, MigpipeError
-from migpipe.filter import ByteFilter, Position, number_argument
 from migpipe.keys import Secrets
 
 

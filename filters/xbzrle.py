@@ -17,8 +17,8 @@ import zlib
 from collections import OrderedDict
 from typing import Any
 
+from migpipe.chain import PageFilter, RecordTransform
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, MigpipeError
-from migpipe.filter import PageFilter, RecordTransform
 from migpipe.keys import Secrets
 from migpipe.stream.records import CompressedPage, NormalPage, Record, XbzrlePage, ZeroPage
 from migpipe.stream.xbzrle import apply_delta, encode_deltas

@@ -8,8 +8,8 @@ import threading
 
 import zstandard
 
+from migpipe.chain import ByteFilter, Position, number_argument
 from migpipe.errors import EXIT_CORRUPT, MigpipeError
-from migpipe.filter import ByteFilter, Position, number_argument
 from migpipe.keys import Secrets
 
 _local = threading.local()  # zstandard (de)compressor objects are not thread-safe

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migpipe.errors import EXIT_KEY, EXIT_USAGE, MigpipeError
-from migpipe.files import check_directories_up, create_private, foreign_owner, open_owned
+from migpipe.io.files import check_directories_up, create_private, foreign_owner, open_owned
 
 KEY_PREFIX = "migpipe-key-v1:"
 KEY_SIZE = 32

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from migpipe.errors import MigpipeError
-from migpipe.extracted import extract, image_file_name, rebuild
-from migpipe.inspect import StreamStats
 from migpipe.stream.parser import parse_bytes
 from migpipe.stream.writer import write_records
 from migpipe.stream.xbzrle import apply_delta
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.extracted import extract, image_file_name, rebuild
+from migpipe.tools.stats import StreamStats
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 
 PAGE = 4096
 

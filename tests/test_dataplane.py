@@ -1,5 +1,5 @@
-"""migpipe.dataplane: order, backpressure, the first error wins, cancellation stops the threads,
-even one waiting in a read from a silent input."""
+"""migpipe.tunnel.dataplane: order, backpressure, the first error wins, cancellation stops the
+threads, even one waiting in a read from a silent input."""
 
 import os
 import threading
@@ -9,9 +9,9 @@ import pytest
 import trio
 from blocking import POLL, wait_until_blocked, watches_syscalls
 
-from migpipe.channel import FdChannel
-from migpipe.dataplane import Plane, run_interruptible, run_ordered
 from migpipe.errors import Stopped, leaves
+from migpipe.io.channel import FdChannel
+from migpipe.tunnel.dataplane import Plane, run_interruptible, run_ordered
 
 JOIN = 60  # seconds before a thread that should have ended is called hung
 

@@ -1,5 +1,5 @@
-"""migpipe.direct on real files: ext4 under tmp_path (O_DIRECT), file systems that refuse O_DIRECT
-or fill up mounted in a private namespace, and the page cache checked with mincore(2)."""
+"""migpipe.io.direct on real files: ext4 under tmp_path (O_DIRECT), file systems that refuse
+O_DIRECT or fill up mounted in a private namespace, and the page cache checked with mincore(2)."""
 
 import contextlib
 import ctypes
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from migpipe.direct import (
+from migpipe.errors import MigpipeError
+from migpipe.io.direct import (
     BUFFER_SIZE,
     DirectFile,
     DirectReader,
@@ -26,7 +27,6 @@ from migpipe.direct import (
     alignment,
     open_direct,
 )
-from migpipe.errors import MigpipeError
 
 PAGE = mmap.PAGESIZE
 MIB = 1 << 20

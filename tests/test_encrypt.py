@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import trio
+from migpipe_filters import encrypt
 
-from filters import encrypt
 from migpipe import wire
-from migpipe.channel import NOT_A_STREAM
+from migpipe.chain import parse_chain
 from migpipe.errors import EXIT_CORRUPT, EXIT_KEY, MigpipeError
-from migpipe.filter import parse_chain
+from migpipe.io.channel import NOT_A_STREAM
 from migpipe.keys import Secrets, keygen
-from migpipe.pipeline import decode_chunks, encode
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import decode_chunks, encode
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +85,8 @@ def with_header_crc(header: bytearray) -> bytes:
 
 @pytest.fixture
 def small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("migpipe.pipeline.FRAME_TARGET", 8 << 10)
-    monkeypatch.setattr("migpipe.channel.CHUNK", 8 << 10)
+    monkeypatch.setattr("migpipe.tunnel.pipeline.FRAME_TARGET", 8 << 10)
+    monkeypatch.setattr("migpipe.io.channel.CHUNK", 8 << 10)
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ def test_the_header_is_authenticated_before_any_filter_is_made(
 ) -> None:
     """A forger who keeps the wrapped key but puts an xbzrle cache of 1 TiB in the header gets
     one key unwrapping and a refusal: no xbzrle filter is built, no cache mapped."""
-    from filters.xbzrle import Xbzrle
+    from migpipe_filters.xbzrle import Xbzrle
 
     _, data, secrets = sealed
     header, frames, trailer = split_wire(data)

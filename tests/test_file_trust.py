@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from test_stream_parser import ram_stream
 
-from migpipe import files, keys
+from migpipe import keys
 from migpipe.errors import MigpipeError
-from migpipe.extracted import extract, image_file_name, rebuild
+from migpipe.io import files
 from migpipe.stream.parser import parse_bytes
 from migpipe.stream.records import MemSize, NormalPage, RamBlock, Record
 from migpipe.stream.writer import write_records
+from migpipe.tools.extracted import extract, image_file_name, rebuild
 
 PAGE = 4096
 OTHER = 1234  # a uid that is neither root nor us
@@ -308,7 +309,7 @@ def test_tls_init_writes_through_the_descriptor_it_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A temporary name swapped for a symlink after mkstemp never receives a key."""
-    from migpipe import tlsinit
+    from migpipe.io import tlsinit
 
     bait = tmp_path / "bait"
     bait.write_bytes(b"")

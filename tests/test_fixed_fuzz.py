@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from isal.isal_zlib import crc32
 
 from migpipe.errors import MigpipeError
-from migpipe.fixedfile import (
+from migpipe.save.fixedfile import (
     CHUNK_ENTRY,
     LOCATOR,
     SLOT_ENTRY,
@@ -31,11 +31,11 @@ from migpipe.fixedfile import (
     PlainFile,
     encode_locator,
 )
-from migpipe.pipeline import Totals
 from migpipe.stream.format import BE16, BE32, BE64
 from migpipe.stream.records import RamBlock, Record
 from migpipe.stream.writer import StreamWriter
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import Totals
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", 250)),

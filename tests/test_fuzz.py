@@ -35,18 +35,18 @@ from test_libvirtimage import COMPRESS, COOKIE, image
 from test_tunnel import eof_at
 
 from migpipe import wire
-from migpipe.channel import CHUNK
+from migpipe.chain import parse_chain
 from migpipe.errors import MigpipeError
-from migpipe.filter import parse_chain
-from migpipe.header import SEALED, TAG_SIZE
+from migpipe.io.channel import CHUNK
 from migpipe.keys import Secrets, keygen
-from migpipe.libvirtimage import HEADER_SIZE, MAX_DATA_LEN, LibvirtImageReader
-from migpipe.pipeline import decode_chunks, encode
+from migpipe.save.libvirtimage import HEADER_SIZE, MAX_DATA_LEN, LibvirtImageReader
 from migpipe.stream import format as fmt
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import decode_chunks, encode
 from migpipe.wire import FRAME_HEADER_SIZE
+from migpipe.wire.header import SEALED, TAG_SIZE
 
 SYNTHETIC = write_records(
     SyntheticGuest(GuestModel(ram_size=256 << 10, iterations=3, dirty_share=0.3)).records()
@@ -217,8 +217,8 @@ def wires(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     source.write_bytes(WIRE_STREAM)
     found = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("migpipe.pipeline.FRAME_TARGET", 8 << 10)
-        patch.setattr("migpipe.channel.CHUNK", 8 << 10)
+        patch.setattr("migpipe.tunnel.pipeline.FRAME_TARGET", 8 << 10)
+        patch.setattr("migpipe.io.channel.CHUNK", 8 << 10)
         for chain in WIRE_CHAINS:
             with open(source, "rb") as i, open(sink, "wb") as o:
                 filters = parse_chain(chain, Secrets(key_file=str(key)))

@@ -1,4 +1,5 @@
-"""migpipe.inplace: save --direct's framing in the O_DIRECT ring, against encode's wire rules.
+"""migpipe.tunnel.inplace: save --direct's framing in the O_DIRECT ring, against encode's wire
+rules.
 
 The source is a stand-in that hands the stream over in chosen pieces, so that reads end where
 the framing is hardest: inside a footer whose end the parser must look past, right at the EOF
@@ -12,14 +13,15 @@ import pytest
 import trio
 from test_tunnel import eof_at
 
-from migpipe import inplace, wire
-from migpipe.direct import DirectWriter, open_direct
+from migpipe import wire
 from migpipe.errors import MigpipeError, leaves
-from migpipe.pipeline import FRAME_TARGET, decode_chunks
+from migpipe.io.direct import DirectWriter, open_direct
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import Eof, SectionFull
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel import inplace
+from migpipe.tunnel.pipeline import FRAME_TARGET, decode_chunks
 
 
 class Pieces:

@@ -37,7 +37,7 @@ import oracle
 import pytest
 import qemuvm
 
-from migpipe.channel import NOT_A_STREAM
+from migpipe.io.channel import NOT_A_STREAM
 
 VIRSH = shutil.which("virsh")
 pytestmark = [

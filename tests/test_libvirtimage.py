@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from migpipe.channel import FdChannel
 from migpipe.errors import (
     EXIT_CORRUPT,
     EXIT_INCOMPATIBLE,
@@ -20,7 +19,8 @@ from migpipe.errors import (
     EXIT_USAGE,
     MigpipeError,
 )
-from migpipe.libvirtimage import (
+from migpipe.io.channel import FdChannel
+from migpipe.save.libvirtimage import (
     PARTIAL_MAGIC,
     SAVE_MAGIC,
     LibvirtImageReader,

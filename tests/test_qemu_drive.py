@@ -36,9 +36,9 @@ from migpipe.errors import (
     EXIT_UNCONFIRMED,
     MigpipeError,
 )
-from migpipe.qmp import QmpProtocol
-from migpipe.tlsinit import tls_init
-from migpipe.transport import connect
+from migpipe.io.tlsinit import tls_init
+from migpipe.io.transport import connect
+from migpipe.qemu.qmp import QmpProtocol
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]
 TIMEOUT = qemuvm.MIGRATION_TIMEOUT  # failsafes only: every wait below ends on an event
@@ -530,7 +530,7 @@ def test_a_wire_that_ends_before_its_header_fails_the_load(
     qemu_binary: str, tmp_path: Path
 ) -> None:
     """Nothing of the stream reached QEMU: QEMU 7.2 alone would wait on the hung-up pipe
-    forever; migpipe makes it fail the load (see migpipe.channel.stream_sink)."""
+    forever; migpipe makes it fail the load (see migpipe.io.channel.stream_sink)."""
     sock = tmp_path / "dst.qmp"
     with destination(tmp_path, sock, "dest") as dest:
         result = run_migpipe("incoming", "--qmp", sock, "--in", "/dev/null")
@@ -546,7 +546,7 @@ def test_a_destination_that_never_answers_is_lost_not_waited_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The source VM is paused while migrate waits for the answer: the wait has a bound."""
-    from migpipe import drive
+    from migpipe.qemu import migration as drive
 
     released = threading.Event()
 

@@ -27,7 +27,7 @@ def test_save_and_restore_a_dirtying_guest(
     guest_elf: Path, tmp_path: Path, layout: str, sealed: bool
 ) -> None:
     """Sealed: compressed and encrypted. Unsealed: the stream read straight into the O_DIRECT
-    ring and framed there (migpipe.inplace), around QEMU's own footers and EOF item."""
+    ring and framed there (migpipe.tunnel.inplace), around QEMU's own footers and EOF item."""
     key = tmp_path / "key"
     keygen(key)
     saved = tmp_path / "vm.mig"

@@ -31,10 +31,10 @@ import trio
 from test_qemu_drive import TIMEOUT, Migpipe, destination, driven_source, pace, running
 from test_save import _file_size_limit, synthetic
 
-from migpipe import savefile
-from migpipe.drive import Ending
 from migpipe.errors import EXIT_USAGE, MigpipeError
 from migpipe.keys import keygen
+from migpipe.qemu.migration import Ending
+from migpipe.save import savefile
 
 PACED_BANDWIDTH = qemuvm.PACINGS["dirty"].max_bandwidth  # what driven_source sets
 

@@ -14,10 +14,10 @@ import oracle
 import pytest
 import qemuvm
 
-from migpipe.extracted import image_file_name
-from migpipe.inspect import StreamStats
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.writer import StreamWriter
+from migpipe.tools.extracted import image_file_name
+from migpipe.tools.stats import StreamStats
 
 pytestmark = pytest.mark.qemu
 IMAGE_START = 1 << 20  # below 1 MiB, ROM and VGA windows overlay pc.ram

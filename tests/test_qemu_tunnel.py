@@ -14,8 +14,8 @@ import oracle
 import pytest
 import qemuvm
 
+from migpipe.io.tlsinit import tls_init
 from migpipe.keys import keygen
-from migpipe.tlsinit import tls_init
 
 pytestmark = pytest.mark.qemu
 MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"

@@ -15,13 +15,13 @@ import pytest
 import trio
 from test_tunnel import eof_at
 
-from migpipe.channel import NOT_A_STREAM
 from migpipe.cli import EXIT_INTERRUPTED
 from migpipe.errors import MigpipeError
+from migpipe.io.channel import NOT_A_STREAM
 from migpipe.keys import keygen
 from migpipe.running import run_trio
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 
 RAM = 8 << 20
 
@@ -87,9 +87,9 @@ def test_fixed_layout_size_stays_bounded(tmp_path: Path) -> None:
 def test_fixed_save_counts_the_bytes_it_writes_as_it_goes(tmp_path: Path, stream: bytes) -> None:
     """--progress shows the fixed layout's written bytes during the save, not 0 until the end;
     at the end they are the file's size."""
-    from migpipe.fixedfile import FixedSaver, PlainFile
-    from migpipe.pipeline import Totals
+    from migpipe.save.fixedfile import FixedSaver, PlainFile
     from migpipe.stream.parser import parse_bytes
+    from migpipe.tunnel.pipeline import Totals
 
     records = parse_bytes(stream)
     totals = Totals()
@@ -135,7 +135,7 @@ def test_existing_file_needs_force_and_survives_a_failure(tmp_path: Path, stream
 
 # The ways a save writes its file: encode's data plane (with a plain write, or copying into the
 # O_DIRECT ring when there are filters), the stream read straight into the O_DIRECT ring (no
-# filters: migpipe.inplace), and the fixed layout's slots.
+# filters: migpipe.tunnel.inplace), and the fixed layout's slots.
 WRITES = {
     "stream": ["--layout", "stream"],
     "stream, O_DIRECT": ["--layout", "stream", "--direct=try"],
@@ -345,12 +345,12 @@ def test_fixed_restore_holds_the_eof_item_until_the_last_chunk_passed(
     """Device state is stored and checked in DEVICE_CHUNK pieces. When a piece ends between
     QEMU's EOF item and the VM description, a damaged last piece must still keep the EOF item
     from QEMU (it needs nothing after it to complete the load)."""
-    from migpipe import synthetic
-    from migpipe.extracted import Skeleton
-    from migpipe.fixedfile import DEVICE_CHUNK, FixedSaver, PlainFile, restore_fixed
-    from migpipe.pipeline import Totals
+    from migpipe.save.fixedfile import DEVICE_CHUNK, FixedSaver, PlainFile, restore_fixed
     from migpipe.stream.records import Eof
     from migpipe.stream.writer import StreamWriter
+    from migpipe.tools import synthetic
+    from migpipe.tools.extracted import Skeleton
+    from migpipe.tunnel.pipeline import Totals
 
     def records(device_bytes: int) -> list:
         monkeypatch.setattr(
@@ -407,7 +407,7 @@ def test_fixed_restore_holds_the_eof_item_until_the_last_chunk_passed(
 def test_a_name_taken_during_the_save_is_left_alone(tmp_path: Path) -> None:
     """A save can run for minutes: a file (or a symlink) that takes the name meanwhile is
     never replaced without --force, and nothing is published instead."""
-    from migpipe.files import atomic_path
+    from migpipe.io.files import atomic_path
 
     target = tmp_path / "vm.mig"
     taken = pytest.raises(MigpipeError, match="appeared while this file was written")
@@ -433,7 +433,7 @@ def test_a_save_killed_after_its_last_byte_leaves_no_file_that_restores(
     the published file restores."""
     import shutil
 
-    from migpipe import savefile
+    from migpipe.save import savefile
 
     source, saved = tmp_path / "stream", tmp_path / "vm.mig"
     source.write_bytes(stream)
@@ -462,10 +462,10 @@ def test_a_save_killed_after_its_last_byte_leaves_no_file_that_restores(
 def test_o_direct_alignment_beyond_the_fixed_unit_is_one_clear_error(tmp_path: Path) -> None:
     """A file system whose O_DIRECT unit exceeds the fixed layout's 4096 bytes (8 KiB here, as
     statx would report it): refused before anything is written, not a traceback mid-save."""
-    from migpipe.direct import open_direct
     from migpipe.errors import EXIT_INCOMPATIBLE
-    from migpipe.fixedfile import FixedSaver
-    from migpipe.pipeline import Totals
+    from migpipe.io.direct import open_direct
+    from migpipe.save.fixedfile import FixedSaver
+    from migpipe.tunnel.pipeline import Totals
 
     with open_direct(str(tmp_path / "vm.mig"), "w") as file:
         file.align = 8192
@@ -577,8 +577,8 @@ def test_a_fixed_save_keeps_state_only_for_what_the_guest_sends(tmp_path: Path) 
     """A 1 TiB block announced, a few pages sent: the saver's memory is that of the pages."""
     import tracemalloc
 
-    from migpipe.fixedfile import FixedSaver, PlainFile
-    from migpipe.pipeline import Totals
+    from migpipe.save.fixedfile import FixedSaver, PlainFile
+    from migpipe.tunnel.pipeline import Totals
 
     records = _with_blocks(_small_guest(), 1 << 40)
     with open(tmp_path / "vm.mig", "w+b") as f:
@@ -680,8 +680,8 @@ def test_a_restore_walking_unwritten_extents_stops_when_told(tmp_path: Path) -> 
     import threading
 
     from migpipe.errors import Stopped
-    from migpipe.fixedfile import FixedReader, FixedSaver, PlainFile
-    from migpipe.pipeline import Totals
+    from migpipe.save.fixedfile import FixedReader, FixedSaver, PlainFile
+    from migpipe.tunnel.pipeline import Totals
 
     class StopAfter(threading.Event):
         """Set once it has been looked at `polls` times."""

@@ -1,10 +1,10 @@
 """StreamParser(pages=False): the same stream, the same checks, pages counted instead of made.
 
 Every comparison runs the parser in its three ways: producing page records, counting them with
-the C skipper (migpipe._scan) and counting them with the Python one. After each next_records()
-call all three must stand at the same offset with the same non-page records and page counts,
-and on bad input raise the same error (message, offset, exit status). Also here: the bridge
-that spares the parser a copy of each fed chunk, and pass-through encode's page totals.
+the C skipper (migpipe.stream._scan) and counting them with the Python one. After each
+next_records() call all three must stand at the same offset with the same non-page records and
+page counts, and on bad input raise the same error (message, offset, exit status). Also here: the
+bridge that spares the parser a copy of each fed chunk, and pass-through encode's page totals.
 """
 
 import contextlib
@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ, SYNTHETIC, mutations
 
 from migpipe.errors import MigpipeError
-from migpipe.pipeline import Encoder
 from migpipe.stream import format as fmt
 from migpipe.stream import parser as parser_module
 from migpipe.stream.parser import SKIP_IMPLEMENTATION, StreamParser, parse_bytes, skip_pages_py
@@ -47,11 +46,12 @@ from migpipe.stream.records import (
     ZeroPage,
 )
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import Encoder
 
 FORCED_PYTHON = os.environ.get("MIGPIPE_SCAN") == "python"
 try:
-    from migpipe import _scan
+    from migpipe.stream import _scan
 except ImportError:
     _scan = None  # type: ignore[assignment]
 
@@ -59,7 +59,7 @@ Skipper = Callable[[bytes, int, int, int], tuple[int, int, int]]
 SKIPPERS: dict[str, Skipper] = {"python": skip_pages_py}
 if _scan is not None:
     SKIPPERS["c"] = _scan.skip_pages
-NO_SCAN = pytest.mark.skipif(_scan is None, reason="migpipe._scan is not built")
+NO_SCAN = pytest.mark.skipif(_scan is None, reason="migpipe.stream._scan is not built")
 PAGE = 4096
 NORMAL_CONTINUE = fmt.RAM_PAGE | fmt.RAM_CONTINUE
 ZERO_CONTINUE = fmt.RAM_ZERO | fmt.RAM_CONTINUE

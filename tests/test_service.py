@@ -1,4 +1,4 @@
-"""migpipe serve, its protocol and migpipe.client, over real UNIX sockets, pipes and files.
+"""migpipe serve, its protocol and migpipe.service.client, over real UNIX sockets, pipes and files.
 
 The service runs in-process in its own thread's trio loop, so each test can wait for it to
 be idle (no connection, no job) and then count the process's open fds: every scenario must
@@ -28,17 +28,15 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from migpipe_filters import encrypt
 
-from filters import encrypt
-from migpipe import client as service_client
-from migpipe.channel import FdChannel
-from migpipe.client import Client, JobError, ServiceError
 from migpipe.errors import EXIT_KEY, EXIT_PEER_GONE, MigpipeError
-from migpipe.fixedfile import FixedSaver, PlainFile
+from migpipe.io.channel import FdChannel
 from migpipe.keys import keygen
-from migpipe.pipeline import decode
-from migpipe.service import REFUSALS_LOGGED, Service, bind_private, describe_fd
-from migpipe.serviceproto import (
+from migpipe.save.fixedfile import FixedSaver, PlainFile
+from migpipe.service import client as service_client
+from migpipe.service.client import Client, JobError, ServiceError
+from migpipe.service.protocol import (
     COMMAND_NOT_FOUND,
     COMMANDS,
     GENERIC_ERROR,
@@ -63,8 +61,10 @@ from migpipe.serviceproto import (
     parse_command,
     reply,
 )
+from migpipe.service.server import REFUSALS_LOGGED, Service, bind_private, describe_fd
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import decode
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]
 TIMEOUT = 60.0  # only ever reached when something is broken; nothing waits for it to pass
@@ -989,7 +989,7 @@ def test_a_bug_in_a_command_fails_it_not_the_connection(
     def broken(text: str, secrets: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("migpipe.service.parse_chain", broken)
+    monkeypatch.setattr("migpipe.service.server.parse_chain", broken)
     with service.connect() as session:
         give(session, "in", os.open(os.devnull, os.O_RDONLY))
         give(session, "out", sink())

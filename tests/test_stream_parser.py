@@ -29,7 +29,7 @@ from migpipe.stream.records import (
     ZeroPage,
 )
 from migpipe.stream.writer import StreamWriter, write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 
 PAGE = 4096
 

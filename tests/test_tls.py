@@ -27,12 +27,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migpipe import tls, tlsinit, transport
-from migpipe.channel import CHUNK
 from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError, Stopped
-from migpipe.pipeline import decode, encode
+from migpipe.io import tls, tlsinit, transport
+from migpipe.io.channel import CHUNK
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import decode, encode
 from migpipe.wire import WireReader, encode_header
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]

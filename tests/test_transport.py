@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from migpipe import transport
 from migpipe.errors import EXIT_PEER_GONE, EXIT_USAGE, MigpipeError
+from migpipe.io import transport
+from migpipe.io.transport import parse_endpoint
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
-from migpipe.transport import parse_endpoint
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 from migpipe.wire import MAGIC
 
 MIGPIPE = [sys.executable, "-m", "migpipe"]
@@ -90,7 +90,7 @@ def test_reads_take_what_is_waiting_from_pipes_sockets_files_and_devices(tmp_pat
     shrunk after the fact), up to CHUNK, and a whole CHUNK from what cannot say."""
     import os
 
-    from migpipe.channel import CHUNK, FdChannel
+    from migpipe.io.channel import CHUNK, FdChannel
 
     read_end, write_end = os.pipe()
     left, right = socket.socketpair()

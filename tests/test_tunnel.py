@@ -11,12 +11,12 @@ import pytest
 from blocking import POLL, wait_until_blocked, watches_syscalls
 
 from migpipe import wire
-from migpipe.channel import NOT_A_STREAM
 from migpipe.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
-from migpipe.header import encode_header
+from migpipe.io.channel import NOT_A_STREAM
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.wire.header import encode_header
 
 CHAINS = [[], ["--compress", "zstd:1"], ["--compress", "lz4"], ["--filters", "zstd:3"]]
 
@@ -151,11 +151,11 @@ def test_hostile_compressed_payloads_are_refused() -> None:
     """An lz4 frame without a content size, or junk after a zstd frame: corrupt, exit 3."""
     import lz4.frame
     import zstandard
+    from migpipe_filters.lz4 import Lz4
+    from migpipe_filters.zstd import Zstd
 
-    from filters.lz4 import Lz4
-    from filters.zstd import Zstd
+    from migpipe.chain import Position
     from migpipe.errors import MigpipeError
-    from migpipe.filter import Position
 
     bomb = lz4.frame.compress(bytes(100 << 20), store_size=False)  # 400 KB -> 100 MiB
     with pytest.raises(MigpipeError) as caught:

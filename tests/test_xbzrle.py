@@ -36,7 +36,7 @@ FORCED_PYTHON = os.environ.get("MIGPIPE_XBZRLE") == "python"
 
 def c_module() -> ModuleType:
     """The C extension; importing it fails the test where it was not built (CI builds it)."""
-    from migpipe import _xbzrle
+    from migpipe.stream import _xbzrle
 
     return _xbzrle
 
@@ -460,8 +460,8 @@ def test_c_and_python_decoders_agree_on_damaged_deltas() -> None:
 def test_reencoding_qemu_payloads_gives_the_same_bytes(qemu_streams: dict[str, Path]) -> None:
     """Replay the XBZRLE capture; the page before and after each XBZRLE record, re-encoded,
     must give exactly the payload QEMU 7.2 sent (QEMU's cache equals the destination's page)."""
-    from migpipe.ramimage import RamImages, in_memory
     from migpipe.stream.parser import iter_records
+    from migpipe.stream.ramimage import RamImages, in_memory
     from migpipe.stream.records import XbzrlePage
 
     ram = RamImages(in_memory)

@@ -9,15 +9,15 @@ import zlib
 from pathlib import Path
 
 import pytest
+from migpipe_filters.xbzrle import MAX_CACHE, WIRE_ENCODING, PageCache, Xbzrle
 
-from filters.xbzrle import MAX_CACHE, WIRE_ENCODING, PageCache, Xbzrle
-from migpipe import filter as filters
+from migpipe import chain as filters
 from migpipe.errors import EXIT_ERROR, EXIT_INCOMPATIBLE, MigpipeError
 from migpipe.keys import Secrets
 from migpipe.stream.parser import parse_bytes
 from migpipe.stream.records import CompressedPage, NormalPage, XbzrlePage, ZeroPage
 from migpipe.stream.writer import write_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 
 PAGE = 4096
 
@@ -192,11 +192,11 @@ def test_every_frame_rebuilds_exactly_its_own_bytes(monkeypatch: pytest.MonkeyPa
     ended in a device-state body, and decode gave its last 4 bytes out with the next frame)."""
     import zlib
 
-    from migpipe.header import Header
-    from migpipe.pipeline import FRAME_FINAL, Decoder, Encoder, Totals
+    from migpipe.tunnel.pipeline import FRAME_FINAL, Decoder, Encoder, Totals
     from migpipe.wire import Frame, Trailer
+    from migpipe.wire.header import Header
 
-    monkeypatch.setattr("migpipe.pipeline.FRAME_TARGET", 1)  # every chunk ends a frame
+    monkeypatch.setattr("migpipe.tunnel.pipeline.FRAME_TARGET", 1)  # every chunk ends a frame
 
     model = GuestModel(ram_size=256 << 10, iterations=3, dirty_share=0.3)
     stream = write_records(SyntheticGuest(model).records())

@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 
 from migpipe import __version__
-from migpipe.arenas import use_one_arena
 from migpipe.cli import admin, save, stream, tunnel
+from migpipe.cli.arenas import use_one_arena
 from migpipe.cli.command import Handler
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, MigpipeError
 

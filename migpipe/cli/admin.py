@@ -62,7 +62,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
-    from migpipe.tlsinit import instructions, tls_init
+    from migpipe.io.tlsinit import instructions, tls_init
 
     names = [name.strip() for name in args.server_name.split(",")]
     written = tls_init(args.directory, args.ca, names, args.client_name, args.days,
@@ -72,7 +72,7 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from migpipe.service import Service, run
+    from migpipe.service.server import Service, run
 
     def ready() -> None:  # after the socket is in place: a supervisor may connect now
         print(f"migpipe serve: listening on {args.socket}", flush=True)
@@ -85,6 +85,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from migpipe.demo import run_demo
+    from migpipe.tools.demo import run_demo
 
     return run_demo(args.size, args.iterations, args.seed)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migpipe.errors import EXIT_USAGE, MigpipeError
-from migpipe.files import open_input, open_output
+from migpipe.io.files import open_input, open_output
 from migpipe.units import parse_size
 
 if TYPE_CHECKING:
-    from migpipe.channel import Channel
+    from migpipe.io.channel import Channel
     from migpipe.keys import Secrets
-    from migpipe.progress import Progress  # imported when used: start-up time
+    from migpipe.tunnel.progress import Progress  # imported when used: start-up time
 
 
 def size_argument(text: str) -> int:
@@ -54,7 +54,7 @@ def reporting_options(sub: argparse.ArgumentParser) -> None:
 
 def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
     """The wire's options; `wire` ("input", "output") when the other side is QEMU's."""
-    from migpipe.transport import ACCEPT_TIMEOUT
+    from migpipe.io.transport import ACCEPT_TIMEOUT
 
     if wire != "output":
         sub.add_argument(
@@ -178,7 +178,7 @@ def direct_option(sub: argparse.ArgumentParser) -> None:
 
 def filter_chain(args: argparse.Namespace) -> list:
     """--filters plus the convenience flags, as one chain (page filters first)."""
-    from migpipe.filter import parse_chain
+    from migpipe.chain import parse_chain
 
     items = [args.filters] if args.filters else []
     if args.xbzrle_cache is not None:
@@ -209,7 +209,7 @@ def secrets_of(args: argparse.Namespace, *, confirm: bool = False) -> "Secrets":
 
 def progress(args: argparse.Namespace, label: str) -> "Progress | None":
     """A progress line on stderr: asked for, or by default when stderr is a terminal."""
-    from migpipe.progress import Progress
+    from migpipe.tunnel.progress import Progress
 
     wanted = sys.stderr.isatty() if args.progress is None else args.progress
     return Progress(label) if wanted else None
@@ -226,7 +226,7 @@ def report(args: argparse.Namespace, totals, **more: object) -> None:
 @contextlib.contextmanager
 def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
     """The wire side: a connection (TLS when asked) when asked for one, else --in/--out."""
-    from migpipe import transport
+    from migpipe.io import transport
 
     given = args.input != "-" if role == "input" else args.output is not None
     if (args.connect or args.listen) and given:
@@ -273,7 +273,7 @@ def tls_ends(args: argparse.Namespace) -> tuple[Callable | None, Callable | None
     if args.listen and args.tls_hostname:  # the listener checks the client's certificate only
         raise MigpipeError("--tls-hostname names the server to check: it goes with --connect, "
                            "not --listen", status=EXIT_USAGE)  # fmt: skip
-    from migpipe import tls
+    from migpipe.io import tls
 
     if args.connect:
         context = tls.client_context(args.tls_creds, tls12=args.tls12, peers=args.tls_peer)

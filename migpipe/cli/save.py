@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from migpipe.channel import stream_sink
 from migpipe.cli.command import Command
 from migpipe.cli.options import (
     direct_option,
@@ -22,10 +21,11 @@ from migpipe.cli.options import (
     size_argument,
 )
 from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.io.channel import stream_sink
 from migpipe.running import run_trio
 
 if TYPE_CHECKING:
-    from migpipe.progress import Progress
+    from migpipe.tunnel.progress import Progress
 
 
 def register(command: Command) -> None:
@@ -79,7 +79,7 @@ def register(command: Command) -> None:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from migpipe.savefile import save
+    from migpipe.save.savefile import save
 
     if args.qmp is None and (args.live or args.resume):
         raise MigpipeError("--live and --resume drive QEMU: they need --qmp", status=EXIT_USAGE)
@@ -89,7 +89,7 @@ def cmd_save(args: argparse.Namespace) -> int:
                               force=args.force, progress=progress(args, "save"),
                               cache=args.cache, libvirt=libvirt, direct=args.direct)  # fmt: skip
     if args.qmp is not None:
-        from migpipe import drive
+        from migpipe.qemu import migration as drive
 
         outcome = run_trio(drive.save, args.qmp, store, args.live, args.resume)
         totals = outcome.totals
@@ -106,7 +106,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 def libvirt_target(args: argparse.Namespace, chain: list):
     """--libvirt-xml: a save image `virsh restore` takes, whose body libvirt must understand."""
-    from migpipe.savefile import LibvirtTarget
+    from migpipe.save.savefile import LibvirtTarget
 
     if args.libvirt_xml is None:
         if args.image_format is not None:
@@ -140,11 +140,11 @@ def print_save_summary(path: Path, totals) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from migpipe.savefile import restore
+    from migpipe.save.savefile import restore
 
     shown = progress(args, "restore")
     if args.qmp is not None:
-        from migpipe import drive
+        from migpipe.qemu import migration as drive
 
         sized(shown, args.file)
         outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets_of(args), shown,
@@ -166,6 +166,6 @@ def sized(shown: "Progress | None", path: str) -> None:
 
 
 def cmd_iohelper(args: argparse.Namespace) -> int:
-    from migpipe.iohelper import main as iohelper
+    from migpipe.save.iohelper import main as iohelper
 
     return iohelper(args.path, args.fd)

@@ -8,7 +8,7 @@ from pathlib import Path
 from migpipe.cli.command import Command
 from migpipe.cli.options import reader_key_options, secrets_of, size_argument
 from migpipe.errors import EXIT_KEY, MigpipeError
-from migpipe.files import open_input, open_output, read_chunks, write_stream
+from migpipe.io.files import open_input, open_output, read_chunks, write_stream
 from migpipe.stream.parser import iter_records
 
 PAGE_SIZE = {"type": int, "default": 4096, "help": "target page size (4096 on x86)"}
@@ -68,7 +68,7 @@ def register(command: Command) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from migpipe.inspect import StreamStats
+    from migpipe.tools.stats import StreamStats
 
     stats = StreamStats(args.page_size)
     error, about = None, {}
@@ -76,7 +76,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.stream == "-":
             chunks = read_chunks(stack.enter_context(open_input("-")))
         else:
-            from migpipe.savefile import saved_stream
+            from migpipe.save.savefile import saved_stream
 
             chunks = saved_stream(Path(args.stream), secrets_of(args), about)
         try:
@@ -121,7 +121,7 @@ def describe_file(about: dict) -> str:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from migpipe.extracted import extract
+    from migpipe.tools.extracted import extract
 
     with open_input(args.stream) as f:
         manifest = extract(
@@ -138,11 +138,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.source is not None:
-        from migpipe.extracted import rebuild
+        from migpipe.tools.extracted import rebuild
 
         records = rebuild(args.source)
     else:
-        from migpipe.synthetic import GuestModel, SyntheticGuest
+        from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 
         model = GuestModel(
             ram_size=args.size,

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from migpipe.channel import stream_sink
 from migpipe.cli.command import Command
 from migpipe.cli.options import (
     filter_chain,
@@ -21,11 +20,12 @@ from migpipe.cli.options import (
     wire_options,
 )
 from migpipe.errors import EXIT_USAGE, MigpipeError
-from migpipe.files import open_input, open_output
+from migpipe.io.channel import stream_sink
+from migpipe.io.files import open_input, open_output
 from migpipe.running import run_trio
 
 if TYPE_CHECKING:
-    from migpipe.channel import Channel
+    from migpipe.io.channel import Channel
 
 QMP_SOCKET = {"required": True, "metavar": "SOCKET", "help": "QEMU's QMP UNIX socket"}
 
@@ -70,7 +70,7 @@ def register(command: Command) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from migpipe.pipeline import encode
+    from migpipe.tunnel.pipeline import encode
 
     chain = filter_chain(args)
     with open_input(args.input) as source, wire_end(args, "output") as wire:
@@ -80,7 +80,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from migpipe.pipeline import decode
+    from migpipe.tunnel.pipeline import decode
 
     with (
         open_output(args.output, force=args.force) as out,
@@ -93,7 +93,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from migpipe.drive import migrate, summary
+    from migpipe.qemu.migration import migrate, summary
 
     if args.peer and (args.connect or args.listen or args.output is not None):
         raise MigpipeError("COMMAND and --out/--connect/--listen both name the wire", None,
@@ -112,7 +112,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def peer_link(args: argparse.Namespace) -> Iterator:
     """migrate's way to the destination: COMMAND's stdin, or wire_end's connection or file."""
-    from migpipe import drive
+    from migpipe.qemu import migration as drive
 
     if args.peer:
         with drive.command_link(args.peer) as link:
@@ -123,7 +123,7 @@ def peer_link(args: argparse.Namespace) -> Iterator:
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
-    from migpipe.drive import incoming, summary
+    from migpipe.qemu.migration import incoming, summary
 
     @contextlib.contextmanager
     def wire_and_answer() -> Iterator[tuple["int | Channel", "int | Channel | None"]]:

@@ -10,8 +10,8 @@ something that can only be the next top-level item (see migpipe-stream(5) for th
 
 A consumer that needs the stream's structure but not its pages (pass-through encode) asks for
 StreamParser(pages=False): page records are then checked exactly as always but only counted, and
-runs of them are skipped by the C extension `migpipe._scan` when it was built (it is optional;
-SKIP_IMPLEMENTATION says which is in use, MIGPIPE_SCAN=python forces the Python loop).
+runs of them are skipped by the C extension `migpipe.stream._scan` when it was built (it is
+optional; SKIP_IMPLEMENTATION says which is in use, MIGPIPE_SCAN=python forces the Python loop).
 """
 
 import os
@@ -116,7 +116,7 @@ def skip_pages_py(buf: bytes, pos: int, page_size: int, block_length: int) -> tu
 try:
     if os.environ.get("MIGPIPE_SCAN") == "python":
         raise ImportError("MIGPIPE_SCAN=python")
-    from migpipe._scan import skip_pages
+    from migpipe.stream._scan import skip_pages
 except ImportError:
     skip_pages = skip_pages_py
 

@@ -9,9 +9,9 @@ The encoder emits QEMU's canonical form (maximal runs, only the first zero run m
 trailing zero run left out) and gives up (None) at the same points as QEMU's generic encoder, so
 migpipe's output and its choice between an XBZRLE record and a whole page match QEMU's.
 
-Both directions use the C extension `migpipe._xbzrle` when it was built (it is optional) and a
-pure-Python implementation giving identical results otherwise; IMPLEMENTATION says which is in
-use. Setting MIGPIPE_XBZRLE=python in the environment forces the fallback.
+Both directions use the C extension `migpipe.stream._xbzrle` when it was built (it is optional)
+and a pure-Python implementation giving identical results otherwise; IMPLEMENTATION says which
+is in use. Setting MIGPIPE_XBZRLE=python in the environment forces the fallback.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def encode_deltas_py(
 try:
     if os.environ.get("MIGPIPE_XBZRLE") == "python":
         raise ImportError("MIGPIPE_XBZRLE=python")
-    from migpipe import _xbzrle
+    from migpipe.stream import _xbzrle
 except ImportError:
     _xbzrle = None  # type: ignore[assignment]
 

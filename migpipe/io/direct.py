@@ -25,8 +25,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-from migpipe.channel import CHUNK, FdChannel
 from migpipe.errors import MigpipeError, Stopped
+from migpipe.io.channel import CHUNK, FdChannel
 
 PAGE = mmap.PAGESIZE
 BUFFER_SIZE = 4 << 20  # per disk call: a multiple of any alignment, and dd's bs=4M

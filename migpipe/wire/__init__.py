@@ -4,7 +4,7 @@ Sans-IO, like the stream parser: WireReader turns bytes into events, the encode 
 events into bytes. The format is specified in migpipe-wire(5); in short:
 
     header  = magic(8) version(1) flags(1) be16 n, n bytes of JSON, [tag(32)], be32 CRC-32
-              (migpipe.header, shared with the fixed save layout)
+              (migpipe.wire.header, shared with the fixed save layout)
     frame   = type(1) be32 sequence be32 length be32 CRC-32(payload) be32 CRC-32(bytes 0..12),
               payload
     trailer = a frame of type TRAILER whose payload holds the totals of the QEMU stream
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~3x as fast (see pyproject.toml)
 
+from migpipe.chain import Filter
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
-from migpipe.filter import Filter
-from migpipe.header import Header, header_for, parse_header
 from migpipe.stream.format import BE32, BE64
+from migpipe.wire.header import Header, header_for, parse_header
 
 MAGIC = b"\x89MGP\r\n\x1a\n"  # high bit and CR/LF/^Z catch 7-bit and text-mode mangling
 VERSION = 1
@@ -74,7 +74,7 @@ class Trailer:
 
 def encode_header(chain: Sequence[Filter], page_size: int = 4096) -> bytes:
     """The wire header naming `chain`, which is bound to it (sealed when it ends in encrypt;
-    see migpipe.header)."""
+    see migpipe.wire.header)."""
     return header_for(MAGIC, VERSION, chain, {"page_size": page_size})
 
 

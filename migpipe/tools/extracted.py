@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from migpipe.errors import MigpipeError
-from migpipe.files import create_private, open_owned, private_directory, write_all
-from migpipe.ramimage import RamImages
+from migpipe.io.files import create_private, open_owned, private_directory, write_all
 from migpipe.stream import format as fmt
+from migpipe.stream.ramimage import RamImages
 from migpipe.stream.records import (
     Command,
     ConfigSubsection,

@@ -32,10 +32,10 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from migpipe.channel import CHUNK, Readable
 from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TLS, EXIT_USAGE, MigpipeError
+from migpipe.io.channel import CHUNK, Readable
+from migpipe.io.transport import parse_endpoint
 from migpipe.keys import read_private_file
-from migpipe.transport import parse_endpoint
 
 CA_CERT = "ca-cert.pem"
 CA_CRL = "ca-crl.pem"
@@ -409,7 +409,7 @@ def _explain_verify(e: ssl.SSLCertVerificationError, d: Path, other: Role, host:
 
 
 class TlsChannel:
-    """The pipeline's Channel over a TLS connection (see migpipe.channel).
+    """The pipeline's Channel over a TLS connection (see migpipe.io.channel).
 
     One SSL_read returns at most one 16 KiB record, so read() gathers every record already
     there into up to CHUNK bytes and blocks only for the first: the pipeline then hands a

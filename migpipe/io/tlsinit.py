@@ -1,6 +1,6 @@
 """`migpipe tls-init`: a small CA and the server and client certificates that migpipe's TLS needs.
 
-The files follow the x509 layout QEMU's `tls-creds-x509` and libvirt read (see migpipe.tls), so
+The files follow the x509 layout QEMU's `tls-creds-x509` and libvirt read (see migpipe.io.tls), so
 one directory can serve migpipe and QEMU alike. Keys are EC P-256, which every TLS stack takes in
 TLS 1.3 and 1.2 (GnuTLS for QEMU and libvirt, OpenSSL for migpipe); Ed25519 handshakes as well
 with migpipe's OpenSSL, but older peers and tools lack it.
@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from migpipe.errors import EXIT_USAGE, MigpipeError
-from migpipe.files import atomic_fd, private_directory, write_all
-from migpipe.tls import CA_CERT, CLIENT, SERVER
+from migpipe.io.files import atomic_fd, private_directory, write_all
+from migpipe.io.tls import CA_CERT, CLIENT, SERVER
 
 CA_KEY = "ca-key.pem"
 DEFAULT_DAYS = 1095

@@ -197,7 +197,7 @@ class Arg:
 Schema = dict[str, Arg]
 
 # Every command and its arguments. start-job's are "kind" and then those of the job kind
-# (migpipe.service.JOB_KINDS), checked once the kind is known.
+# (migpipe.service.server.JOB_KINDS), checked once the kind is known.
 COMMANDS: dict[str, Schema] = {
     "qmp_capabilities": {"enable": Arg(STRINGS, required=False)},
     "query-commands": {},

@@ -15,9 +15,9 @@ import os
 import stat
 import sys
 
-from migpipe.direct import DirectFile, DirectReader, DirectWriter, datasync
 from migpipe.errors import MigpipeError
-from migpipe.files import enlarge_pipe
+from migpipe.io.direct import DirectFile, DirectReader, DirectWriter, datasync
+from migpipe.io.files import enlarge_pipe
 
 PROG = "migpipe iohelper"
 STDIN, STDOUT = 0, 1

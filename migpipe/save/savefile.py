@@ -10,7 +10,7 @@ Until save() publishes it, a file's first byte is UNPUBLISHED (a libvirt image's
 QEMU has yet to say it completed, or before the name is given) never restores as valid.
 
 Two layouts: `stream` is migpipe's wire format (migpipe-wire(5)) in a file, the stream exactly
-as QEMU sent it, frame by frame; `fixed` (migpipe.fixedfile, migpipe-file(5)) gives every RAM
+as QEMU sent it, frame by frame; `fixed` (migpipe.save.fixedfile, migpipe-file(5)) gives every RAM
 page one place, so a page sent ten times is stored once.
 """
 
@@ -23,19 +23,19 @@ from pathlib import Path
 
 import trio
 
-from migpipe import filter as filters
+from migpipe import chain as filters
 from migpipe import wire
-from migpipe.channel import Channel, FdChannel, as_channel, stream_sink
-from migpipe.dataplane import run_interruptible
-from migpipe.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.errors import MigpipeError
-from migpipe.files import atomic_path, read_chunks
-from migpipe.fixedfile import UNPUBLISHED, PlainFile
-from migpipe.inplace import encode_in_place
+from migpipe.io.channel import Channel, FdChannel, as_channel, stream_sink
+from migpipe.io.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
+from migpipe.io.files import atomic_path, read_chunks
 from migpipe.keys import Secrets
-from migpipe.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
-from migpipe.progress import Progress
+from migpipe.save.fixedfile import UNPUBLISHED, PlainFile
 from migpipe.stream.writer import StreamWriter
+from migpipe.tunnel.dataplane import run_interruptible
+from migpipe.tunnel.inplace import encode_in_place
+from migpipe.tunnel.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
+from migpipe.tunnel.progress import Progress
 
 LAYOUTS = ("stream", "fixed")
 QEMU_MAGIC = b"QEVM"
@@ -62,7 +62,7 @@ def kind_of(head: bytes, path: Path | str, secrets: Secrets | None = None) -> st
 
 
 def _kind_of(head: bytes, path: Path | str) -> str:
-    from migpipe.fixedfile import MAGIC as FIXED_MAGIC
+    from migpipe.save.fixedfile import MAGIC as FIXED_MAGIC
 
     if head[:1] == UNPUBLISHED and head[1:8] in (wire.MAGIC[1:8], FIXED_MAGIC[1:8]):
         raise MigpipeError(f"{path}: an unfinished migpipe save (interrupted before it was "
@@ -95,7 +95,7 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
         with open(path, "rb") as f:
             yield from decode_chunks(read_chunks(f), secrets, about)
     elif kind == "fixed":
-        from migpipe.fixedfile import FixedReader
+        from migpipe.save.fixedfile import FixedReader
 
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -112,7 +112,7 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
         with open(path, "rb") as f:
             yield from read_chunks(f)
     else:
-        from migpipe.libvirtimage import LibvirtImageReader
+        from migpipe.save.libvirtimage import LibvirtImageReader
 
         with open(path, "rb") as f:
             reader = LibvirtImageReader(FdChannel(f.fileno()))
@@ -168,7 +168,7 @@ async def save(
 ) -> Totals:
     """Write the stream from `source` to `path` in `layout`; the file appears only complete,
     and only once `commit` returns: save --qmp waits there until QEMU says it completed.
-    `direct` (True or "try") writes around the page cache (migpipe.direct)."""
+    `direct` (True or "try") writes around the page cache (migpipe.io.direct)."""
     with (
         atomic_path(path, force=force) as temporary,
         # read and written: the fixed layout reads extents back
@@ -185,7 +185,7 @@ async def save(
 def publish(file: "DirectFile | PlainFile") -> None:
     """Give a complete, synced file its final magic (UNPUBLISHED or libvirt's "Part" until
     now), and sync that too: from here on restore takes it."""
-    from migpipe.libvirtimage import PARTIAL_MAGIC, SAVE_MAGIC
+    from migpipe.save.libvirtimage import PARTIAL_MAGIC, SAVE_MAGIC
 
     size = file.align if isinstance(file, DirectFile) else len(SAVE_MAGIC)  # O_DIRECT: blocks
     head = file.read_at(0, size)
@@ -230,7 +230,7 @@ async def save_into(
     if libvirt is not None:
         totals = await save_libvirt(as_channel(source), file, libvirt, progress, published)
     elif layout == "fixed":
-        from migpipe.fixedfile import save_fixed
+        from migpipe.save.fixedfile import save_fixed
 
         totals = await save_fixed(source, file, chain, progress, cache, published)
     elif isinstance(file, DirectFile):
@@ -282,7 +282,7 @@ async def _restore_kind(
 ) -> Totals:
     kind = kind_of(file.read_at(0, 16), name, secrets)  # through the file: no readahead
     if kind == "fixed":
-        from migpipe.fixedfile import restore_fixed
+        from migpipe.save.fixedfile import restore_fixed
 
         return await restore_fixed(file, sink, secrets, progress)
     with contextlib.ExitStack() as stack:
@@ -307,7 +307,7 @@ async def save_libvirt(
     """A libvirt save image: header and XML (magic "partial"), the stream compressed as the
     format says, then (if `published`) the final magic, so `virsh restore` takes it only when
     complete."""
-    from migpipe.libvirtimage import LibvirtImageWriter
+    from migpipe.save.libvirtimage import LibvirtImageWriter
 
     totals = Totals()
 
@@ -338,7 +338,7 @@ async def restore_libvirt(
 ) -> Totals:
     """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file) of `size`
     bytes, checked as it goes; its end only once the whole body was read without an error."""
-    from migpipe.libvirtimage import LibvirtImageReader
+    from migpipe.save.libvirtimage import LibvirtImageReader
 
     totals = Totals()
     totals.wire_expected = size

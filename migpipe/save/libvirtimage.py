@@ -32,7 +32,6 @@ from typing import Any
 
 import zstandard
 
-from migpipe.channel import CHUNK, Channel, FdChannel
 from migpipe.errors import (
     EXIT_CORRUPT,
     EXIT_INCOMPATIBLE,
@@ -40,6 +39,7 @@ from migpipe.errors import (
     EXIT_USAGE,
     MigpipeError,
 )
+from migpipe.io.channel import CHUNK, Channel, FdChannel
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"

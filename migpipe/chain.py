@@ -26,7 +26,7 @@ class Filter:
     name: ClassVar[str]
     stage: ClassVar[int]  # chains run in stage order: pages, then compression, then encryption
     # A sealing filter authenticates with the user's key: it ends a chain, tags the header
-    # (migpipe.header) and is what a reader given a key insists on.
+    # (migpipe.wire.header) and is what a reader given a key insists on.
     seals: ClassVar[bool] = False
 
     @classmethod
@@ -50,7 +50,7 @@ class Filter:
         ends, so that a filter which authenticates can cover the header too."""
 
     def header_tag(self, signed: bytes) -> bytes:
-        """A sealing filter's tag over the header's first bytes (migpipe.header.TAG_SIZE)."""
+        """A sealing filter's tag over the header's first bytes (migpipe.wire.header.TAG_SIZE)."""
         raise NotImplementedError
 
     def check_header_tag(self, signed: bytes, tag: bytes) -> None:

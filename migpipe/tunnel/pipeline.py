@@ -1,7 +1,7 @@
 """encode and decode: a QEMU stream to migpipe's wire and back, as a pipeline.
 
 The state of each direction (Encoder, Decoder) is plain synchronous code over bytes. Around it
-runs migpipe.dataplane: one thread reads and parses, WORKERS threads run the byte filters and
+runs migpipe.tunnel.dataplane: one thread reads and parses, WORKERS threads run the byte filters and
 checksums (zstd, lz4 and CRC-32 release the GIL, so both cores work), one thread writes frames
 in order; a bounded queue between them gives backpressure and bounds memory to a few frames.
 
@@ -26,18 +26,17 @@ from typing import TypeVar
 import trio
 from isal.isal_zlib import crc32
 
-from migpipe import filter as filters
-from migpipe.channel import Channel, as_channel, stream_sink
-from migpipe.dataplane import run_ordered
+from migpipe import chain as filters
+from migpipe.chain import Position
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
-from migpipe.filter import Position
-from migpipe.header import Header, open_chain
+from migpipe.io.channel import Channel, as_channel, stream_sink
 from migpipe.keys import Secrets
-from migpipe.progress import Progress
 from migpipe.stream.format import BE32, BE64, XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
+from migpipe.tunnel.dataplane import run_ordered
+from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_DATA,
     FRAME_FINAL,
@@ -51,6 +50,7 @@ from migpipe.wire import (
     encode_header,
     encode_trailer,
 )
+from migpipe.wire.header import Header, open_chain
 
 FRAME_TARGET = 1 << 20
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~3x as fast (see pyproject.toml)
 
-from migpipe import filter as filters
+from migpipe import chain as filters
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, MigpipeError
 from migpipe.keys import Secrets
 from migpipe.stream.format import BE16, BE32

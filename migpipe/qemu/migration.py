@@ -38,17 +38,18 @@ from typing import Any, Protocol
 
 import trio
 
-from migpipe import filter as filters
-from migpipe import qmp, savefile
-from migpipe.channel import Channel, as_channel
-from migpipe.dataplane import run_interruptible
-from migpipe.direct import Direct
+from migpipe import chain as filters
 from migpipe.errors import EXIT_PEER_GONE, EXIT_UNCONFIRMED, MigpipeError
-from migpipe.files import enlarge_pipe
-from migpipe.header import sealer_of
+from migpipe.io.channel import Channel, as_channel
+from migpipe.io.direct import Direct
+from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
-from migpipe.pipeline import Totals, decode, encode
-from migpipe.progress import Progress
+from migpipe.qemu import qmp
+from migpipe.save import savefile
+from migpipe.tunnel.dataplane import run_interruptible
+from migpipe.tunnel.pipeline import Totals, decode, encode
+from migpipe.tunnel.progress import Progress
+from migpipe.wire.header import sealer_of
 
 FINAL = ("completed", "failed", "cancelled")
 EVENTS = [{"capability": "events", "state": True}]  # MIGRATION events, as libvirt asks too
@@ -196,7 +197,7 @@ class FdLink:
 
 @dataclass
 class ChannelLink:
-    """A TLS connection (migpipe.tls.TlsChannel): the answer comes back over TLS too."""
+    """A TLS connection (migpipe.io.tls.TlsChannel): the answer comes back over TLS too."""
 
     wire: Channel
 

@@ -20,12 +20,12 @@ from functools import partial
 
 from isal.isal_zlib import crc32
 
-from migpipe.channel import Channel, FdChannel
-from migpipe.dataplane import run_interruptible
-from migpipe.direct import DirectWriter
-from migpipe.pipeline import FRAME_TARGET, Totals, finish_parsing, with_progress
-from migpipe.progress import Progress
+from migpipe.io.channel import Channel, FdChannel
+from migpipe.io.direct import DirectWriter
 from migpipe.stream.parser import StreamParser
+from migpipe.tunnel.dataplane import run_interruptible
+from migpipe.tunnel.pipeline import FRAME_TARGET, Totals, finish_parsing, with_progress
+from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_DATA,
     FRAME_FINAL,

@@ -11,14 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from migpipe.extracted import extract, image_file_name
-from migpipe.files import read_chunks, write_stream
-from migpipe.filter import parse_chain
-from migpipe.inspect import StreamStats
-from migpipe.pipeline import Totals, decode, encode
+from migpipe.chain import parse_chain
+from migpipe.io.files import read_chunks, write_stream
 from migpipe.running import run_trio
 from migpipe.stream.parser import iter_records
-from migpipe.synthetic import GuestModel, SyntheticGuest
+from migpipe.tools.extracted import extract, image_file_name
+from migpipe.tools.stats import StreamStats
+from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+from migpipe.tunnel.pipeline import Totals, decode, encode
 
 CHAIN = "xbzrle,zstd:1"
 

@@ -33,10 +33,8 @@ from typing import Any
 
 from isal.isal_zlib import crc32
 
-from migpipe import filter as filters
-from migpipe.channel import Channel, as_channel
-from migpipe.dataplane import run_interruptible
-from migpipe.direct import DirectFile
+from migpipe import chain as filters
+from migpipe.chain import Position
 from migpipe.errors import (
     EXIT_CORRUPT,
     EXIT_INCOMPATIBLE,
@@ -44,13 +42,9 @@ from migpipe.errors import (
     MigpipeError,
     Stopped,
 )
-from migpipe.extracted import Skeleton, compact_stream
-from migpipe.filter import Position
-from migpipe.header import header_for, open_chain, parse_header
+from migpipe.io.channel import Channel, as_channel
+from migpipe.io.direct import DirectFile
 from migpipe.keys import Secrets
-from migpipe.pipeline import Totals, with_progress
-from migpipe.progress import Progress
-from migpipe.ramimage import apply_page
 from migpipe.stream import format as fmt
 from migpipe.stream.format import BE32, BE64
 from migpipe.stream.parser import (
@@ -59,8 +53,14 @@ from migpipe.stream.parser import (
     MAX_RAM_BLOCKS,
     StreamParser,
 )
+from migpipe.stream.ramimage import apply_page
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, MemSize, RamBlock, Record
 from migpipe.stream.writer import StreamWriter
+from migpipe.tools.extracted import Skeleton, compact_stream
+from migpipe.tunnel.dataplane import run_interruptible
+from migpipe.tunnel.pipeline import Totals, with_progress
+from migpipe.tunnel.progress import Progress
+from migpipe.wire.header import header_for, open_chain, parse_header
 
 MAGIC = b"\x89MGF\r\n\x1a\n"
 UNPUBLISHED = b"\x00"  # a saved file's byte 0 (not the magic's 0x89) until savefile.publish()
@@ -262,7 +262,7 @@ class Sealer:
 
 
 def encode_setup(chain: Sequence[filters.Filter], page_size: int) -> bytes:
-    """The file's header (migpipe.header), naming the chain and the geometry."""
+    """The file's header (migpipe.wire.header), naming the chain and the geometry."""
     fields = {"page_size": page_size, "extent_pages": EXTENT_PAGES, "unit": UNIT}
     return header_for(MAGIC, VERSION, chain, fields)
 

@@ -2,7 +2,7 @@
 
 The pipeline calls these from worker threads (reads and writes block, and release the GIL), and
 never reads and writes one channel at once. A plain fd covers pipes, files and sockets; a TLS
-connection needs its own object (migpipe.tls) because its bytes pass through OpenSSL.
+connection needs its own object (migpipe.io.tls) because its bytes pass through OpenSSL.
 """
 
 import contextlib

@@ -4,7 +4,7 @@ Management daemons (libvirt, vdsm, KubeVirt) do not run shell pipelines. They op
 sockets themselves, with their own credentials and security labels, and hand the fds to a
 helper. This service takes fds over a UNIX socket with SCM_RIGHTS (`add-fd`), names them, and
 runs jobs on them (`start-job`). It reports progress and outcomes as events. The protocol is
-migpipe.serviceproto; this module is its I/O and the jobs.
+migpipe.service.protocol; this module is its I/O and the jobs.
 
 These are the rules a daemon has to reason about:
 - Only the service's own uid, root and `--allow-uid` uids may connect. SO_PEERCRED decides.
@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from migpipe.channel import Channel, FdChannel, read_waiting
+from migpipe.chain import Filter, parse_chain
 from migpipe.errors import (
     EXIT_ERROR,
     EXIT_PEER_GONE,
@@ -46,14 +46,12 @@ from migpipe.errors import (
     Stopped,
     leaves,
 )
-from migpipe.files import enlarge_pipe
-from migpipe.filter import Filter, parse_chain
-from migpipe.fixedfile import PlainFile, check_chain
+from migpipe.io.channel import Channel, FdChannel, read_waiting
+from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
-from migpipe.pipeline import Totals, decode, encode
-from migpipe.progress import INTERVAL, Progress
-from migpipe.savefile import LAYOUTS, restore_from, save_into
-from migpipe.serviceproto import (
+from migpipe.save.fixedfile import PlainFile, check_chain
+from migpipe.save.savefile import LAYOUTS, restore_from, save_into
+from migpipe.service.protocol import (
     BOOLEAN,
     COMMANDS,
     INPUT,
@@ -88,6 +86,8 @@ from migpipe.serviceproto import (
     peer_credentials,
     reply,
 )
+from migpipe.tunnel.pipeline import Totals, decode, encode
+from migpipe.tunnel.progress import INTERVAL, Progress
 from migpipe.units import parse_size
 
 DEFAULT_MAX_JOBS = 64

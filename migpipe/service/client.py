@@ -3,7 +3,7 @@
 It uses blocking sockets, because that is what daemons written in Python use. From trio, call
 it through `trio.to_thread.run_sync`. A Client is not thread-safe: use one per thread.
 
-    with migpipe.client.connect("/run/migpipe.sock") as service:
+    with migpipe.service.client.connect("/run/migpipe.sock") as service:
         service.add_fd("src", src_fd)  # sent with SCM_RIGHTS; close your copy afterwards
         service.add_fd("dst", dst_fd)
         job = service.start_job("encode", input="src", output="dst", filters=["zstd:1"])
@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from migpipe.serviceproto import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS, peer_credentials
+from migpipe.service.protocol import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS, peer_credentials
 
 MAX_MESSAGE = 16 << 20  # the service's replies are small; this only bounds a confused peer
 REPLY_TIMEOUT = 30.0  # seconds; the service replies at once, unless it is stuck

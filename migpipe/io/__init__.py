@@ -1,0 +1,3 @@
+"""Everything that touches a file descriptor: channels over fds (channel), atomic and private
+files (files), O_DIRECT (direct), TCP and UNIX sockets (transport), TLS (tls) and its
+credentials (tlsinit)."""
