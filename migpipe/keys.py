@@ -14,16 +14,19 @@ import datetime
 import getpass
 import os
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from migpipe.errors import EXIT_KEY, EXIT_USAGE, MigpipeError
-from migpipe.io.files import check_directories_up, create_private, foreign_owner, open_owned
+from migpipe.io.files import (
+    check_directories_up,
+    create_private,
+    read_private_fd,
+    read_private_file,
+)
 
 KEY_PREFIX = "migpipe-key-v1:"
 KEY_SIZE = 32
-MAX_SECRET_FILE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -107,64 +110,6 @@ class Secrets:
         except EOFError:
             raise MigpipeError("no passphrase given", status=EXIT_USAGE) from None
         return text.encode()
-
-
-def _check_private(st: os.stat_result, what: str) -> None:
-    """Refuse a secret on disk that another user could read, or replace (its owner)."""
-    if not stat.S_ISREG(st.st_mode):
-        return
-    why = foreign_owner(st)
-    if why is not None:
-        raise MigpipeError(f"refusing {what}: {why}")
-    if st.st_mode & 0o077:
-        raise MigpipeError(
-            f"{what} can be read by its group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "chmod 600 it"
-        )
-
-
-def read_private_file(path: str, what: str) -> bytes:
-    """A secret file's bytes, refused when others could read it or put another in its place:
-    as ssh's StrictModes, the file must be a regular file (not a symlink) of ours or root's,
-    and every directory above it ours or root's and not writable by others (see
-    check_directories_up)."""
-    shown = f"{what} {path}"
-    parent, name = os.path.split(path)
-    try:
-        dir_fd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise MigpipeError(f"cannot open {shown}: {e.strerror}") from None
-    try:
-        check_directories_up(dir_fd, shown)
-        fd = open_owned(dir_fd, name, shown)
-    finally:
-        os.close(dir_fd)
-    try:
-        _check_private(os.fstat(fd), shown)
-        return _read_bounded(fd, shown)
-    finally:
-        os.close(fd)
-
-
-def read_private_fd(fd: int, what: str) -> bytes:
-    """A secret handed over as a descriptor (by a daemon, or a shell's `3<file`); a file on
-    disk behind it must be private and ours or root's, a memfd (never on disk) need not."""
-    try:
-        in_memory = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
-        if not in_memory:
-            _check_private(os.fstat(fd), f"the file behind {what} {fd}")
-    except OSError as e:
-        raise MigpipeError(f"{what} {fd}: {e.strerror}") from None
-    return _read_bounded(fd, f"{what} {fd}")
-
-
-def _read_bounded(fd: int, what: str) -> bytes:
-    data = bytearray()
-    while chunk := os.read(fd, MAX_SECRET_FILE + 1 - len(data)):
-        data += chunk
-        if len(data) > MAX_SECRET_FILE:
-            raise MigpipeError(f"{what} is larger than {MAX_SECRET_FILE} bytes: not a secret")
-    return bytes(data)
 
 
 def parse_key(data: bytes, where: str) -> UserKey:

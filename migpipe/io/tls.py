@@ -34,8 +34,8 @@ from pathlib import Path
 
 from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TLS, EXIT_USAGE, MigpipeError
 from migpipe.io.channel import CHUNK, Readable
+from migpipe.io.files import read_private_file
 from migpipe.io.transport import parse_endpoint
-from migpipe.keys import read_private_file
 
 CA_CERT = "ca-cert.pem"
 CA_CRL = "ca-crl.pem"

@@ -29,7 +29,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from isal.isal_zlib import crc32
 
@@ -49,14 +48,18 @@ from migpipe.stream import format as fmt
 from migpipe.stream.format import BE32, BE64
 from migpipe.stream.parser import (
     DEFAULT_MAX_VMDESC,
-    MAX_MACHINE_NAME,
-    MAX_RAM_BLOCKS,
     StreamParser,
 )
 from migpipe.stream.ramimage import apply_page
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, MemSize, RamBlock, Record
+from migpipe.stream.skeleton import (
+    Limits,
+    Skeleton,
+    checked_blocks,
+    checked_count,
+    compact_stream,
+)
 from migpipe.stream.writer import StreamWriter
-from migpipe.tools.extracted import Skeleton, compact_stream
 from migpipe.tunnel.dataplane import run_interruptible
 from migpipe.tunnel.pipeline import Totals, with_progress
 from migpipe.tunnel.progress import Progress
@@ -83,6 +86,7 @@ MAX_INDEX_TEXT = 4 << 20
 """The most JSON an index holds: the skeleton of a guest with the parser's 4096 RAM blocks, each
 with a 255-byte name (escaped, 510), is 2.4 MiB; a real one (some tens of blocks, a few
 configuration subsections and commands) takes a few KiB."""
+MANIFEST_LIMITS = Limits(items=MAX_INDEX_TEXT, pages=MAX_SLOTS)  # all the JSON can hold
 MAX_INDEX = 4 + MAX_INDEX_TEXT + SLOT_ENTRY.size * MAX_SLOTS + CHUNK_ENTRY.size * MAX_CHUNKS
 
 
@@ -589,14 +593,16 @@ class FixedReader:
         if n > MAX_INDEX_TEXT:
             raise ValueError(f"{n} bytes of JSON, more than {MAX_INDEX_TEXT}")
         meta = json.loads(index[4 : 4 + n].tobytes())
-        slots, chunks = _count(meta["slots"], MAX_SLOTS), _count(meta["chunks"], MAX_CHUNKS)
+        slots = checked_count(meta["slots"], MAX_SLOTS)
+        chunks = checked_count(meta["chunks"], MAX_CHUNKS)
         if not chunks:  # a genuine file has one at least: the one starting with QEMU's EOF
             raise ValueError("no device state")
         tables = 4 + n + SLOT_ENTRY.size * slots
         if tables + CHUNK_ENTRY.size * chunks != len(index):
             raise ValueError(f"{len(index)} bytes for {slots} slots and {chunks} chunks")
         self.manifest = meta["skeleton"]
-        self.layout = Layout(_skeleton_blocks(self.manifest, self.page_size), self.page_size)
+        blocks = checked_blocks(self.manifest, self.page_size, MANIFEST_LIMITS)
+        self.layout = Layout(blocks, self.page_size)
         if self.layout.slots != slots:
             raise ValueError(f"{slots} slots, where the RAM blocks make {self.layout.slots}")
         self.entries = index[4 + n : tables]
@@ -680,54 +686,6 @@ def _chunk_limit(last: bool) -> int:
     description after it; any other, DEVICE_CHUNK (twice that for files of migpipe 0.1, which
     cut chunks only at a record's end)."""
     return DEVICE_CHUNK + DEFAULT_MAX_VMDESC if last else DEVICE_CHUNK * 2
-
-
-def _count(value: Any, limit: int) -> int:
-    if type(value) is not int or not 0 <= value <= limit:
-        raise ValueError(f"{value!r} is not a count from 0 to {limit}")
-    return value
-
-
-def _name(value: Any, limit: int = 255) -> str:
-    """A name the stream writer can write: at most `limit` Latin-1 bytes."""
-    if type(value) is not str or len(value.encode("latin-1")) > limit:
-        raise ValueError(f"{value!r} is not a name of at most {limit} bytes")
-    return value
-
-
-def _skeleton_blocks(skeleton: Any, page_size: int) -> list[RamBlock]:
-    """The RAM blocks of an index's skeleton, once every field that compact_stream and the
-    stream writer use has its type and range: a crafted index fails here, not halfway through
-    the restore (a page size of 2^36, a block name the writer cannot write)."""
-    size = skeleton["page_size"] if type(skeleton) is dict else None
-    if type(size) is not int or size != page_size:
-        raise ValueError(f"a skeleton whose page size is not the header's {page_size}")
-    _count(skeleton["version"], 0xFFFFFFFF)
-    _name(skeleton["machine"], MAX_MACHINE_NAME)
-    for subsection in _listed(skeleton["subsections"]):
-        _name(subsection["name"])
-        _count(subsection["version"], 0xFFFFFFFF)
-        bytes.fromhex(subsection["payload"])
-    for key in ("section_id", "instance_id", "version_id"):
-        _count(skeleton["ram_section"][key], 0xFFFFFFFF)
-    for command in _listed(skeleton.get("commands", [])):
-        _count(command["command"], 0xFFFF)
-        _count(len(bytes.fromhex(command["data"])), 0xFFFF)
-    blocks = []
-    for block in _listed(skeleton["blocks"], MAX_RAM_BLOCKS):
-        _count(block["pages_received"], MAX_SLOTS)
-        if block["addr"] is not None:
-            _count(block["addr"], (1 << 64) - 1)
-        used = _count(block["used_length"], (1 << 64) - 1)  # Layout counts the slots
-        blocks.append(RamBlock(_name(block["name"]), used, None, block["addr"]))
-    return blocks
-
-
-def _listed(value: Any, limit: int = MAX_INDEX_TEXT) -> list:
-    """A list; of at most `limit` items (by default, as many as the JSON text can hold)."""
-    if type(value) is not list or len(value) > limit:
-        raise ValueError(f"a list of at most {limit} items expected, not {type(value).__name__}")
-    return value
 
 
 async def restore_fixed(

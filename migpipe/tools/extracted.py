@@ -13,37 +13,20 @@ import json
 import mmap
 import os
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from migpipe.errors import MigpipeError
 from migpipe.io.files import create_private, open_owned, private_directory, write_all
 from migpipe.stream import format as fmt
 from migpipe.stream.ramimage import RamImages
-from migpipe.stream.records import (
-    Command,
-    ConfigSubsection,
-    Configuration,
-    EndOfSection,
-    FileHeader,
-    MemSize,
-    NormalPage,
-    OpaqueData,
-    RamBlock,
-    Record,
-    SectionEnd,
-    SectionFooter,
-    SectionFull,
-    SectionPart,
-    SectionStart,
-    ZeroPage,
-)
+from migpipe.stream.records import RamBlock, Record
+from migpipe.stream.skeleton import FORMAT, Limits, Skeleton, checked_blocks, compact_stream
 from migpipe.stream.writer import StreamWriter
 
 MANIFEST = "manifest.json"
 DEVICE_STATE = "device-state.bin"
-FORMAT = "migpipe-extract/1"
-PAGES_PER_SECTION = 4096
+MANIFEST_LIMITS = Limits(items=1 << 16, pages=1 << 40)  # a manifest of a few MiB at most
 NAME_MAX = 255
 _KEPT = frozenset((string.ascii_letters + string.digits + "._-:@+,=").encode())
 
@@ -102,65 +85,6 @@ class _FileImages:
                 mapping.close()
 
 
-class Skeleton:
-    """Everything of a stream but its RAM pages: what a compact stream needs around them.
-
-    `add` takes every record in order and says which ones are device state (everything after
-    RAM's END section, kept verbatim by the caller); the manifest collects the rest.
-    """
-
-    def __init__(self, page_size: int = fmt.DEFAULT_PAGE_SIZE) -> None:
-        self.manifest: dict = {"format": FORMAT, "page_size": page_size, "subsections": []}
-        self._ram_section: int | None = None
-        self.phase = "ram"  # then "ram-end" inside RAM's END section, then "device-state"
-
-    def add(self, record: Record) -> bool:
-        """Note `record`; True when it is device state, for the caller to keep."""
-        if self.phase == "device-state":
-            return True
-        kind, manifest = type(record), self.manifest
-        if kind is FileHeader:
-            manifest["version"] = record.version
-        elif kind is Configuration:
-            manifest["machine"] = record.machine
-            manifest["subsections"] = [
-                {"name": s.name, "version": s.version, "payload": s.payload.hex()}
-                for s in record.subsections
-            ]
-        elif kind is SectionStart and record.idstr == fmt.RAM_IDSTR:
-            self._ram_section = record.section_id
-            manifest["ram_section"] = record._asdict()
-        elif kind in (SectionStart, SectionPart, SectionEnd) and (
-            record.section_id != self._ram_section
-        ):
-            raise MigpipeError(
-                "only streams whose one iterative section is RAM can be stored page by page; "
-                f"found section {record.section_id} before RAM ended"
-            )
-        elif kind is SectionFull:
-            raise MigpipeError(
-                f"cannot place device state ({record.idstr!r}) sent before RAM ended "
-                "(early-setup devices, QEMU 8.0+ virtio-mem)"
-            )
-        elif kind is Command:
-            _keep_command(manifest, record)
-        elif kind is SectionEnd:
-            self.phase = "ram-end"
-        elif kind is SectionFooter and self.phase == "ram-end":
-            self.phase = "device-state"
-        elif kind is MemSize:
-            manifest["blocks"] = [
-                {"name": b.name, "used_length": b.used_length, "addr": b.addr}
-                for b in record.blocks
-            ]
-        return False
-
-    def finish(self) -> dict:
-        if self.phase != "device-state":
-            raise MigpipeError("stream ended before RAM's END section")
-        return self.manifest
-
-
 def extract(
     records: Iterable[Record], directory: Path, page_size: int = fmt.DEFAULT_PAGE_SIZE
 ) -> dict:
@@ -214,23 +138,6 @@ def _write_out(fd: int, data: bytes | bytearray, path: Path) -> None:
         write_all(fd, data)
 
 
-# Commands that only make sense with a live return path; a stream loaded from a file has none.
-_RETURN_PATH_COMMANDS = {"OPEN_RETURN_PATH", "PING"}
-
-
-def _keep_command(manifest: dict, record: Command) -> None:
-    """Commands before RAM's END: kept to be sent again, dropped (return path), or refused."""
-    name = fmt.command_name(record.command)
-    if name in _RETURN_PATH_COMMANDS:
-        manifest.setdefault("dropped_commands", []).append(name)
-    elif name.startswith("POSTCOPY") or name in ("PACKAGED", "ENABLE_COLO"):
-        raise MigpipeError(f"extract handles precopy streams; this one has {name}")
-    else:
-        manifest.setdefault("commands", []).append(
-            {"command": record.command, "data": record.data.hex()}
-        )
-
-
 def load_manifest(dir_fd: int, directory: Path) -> dict:
     """The manifest of the directory open as `dir_fd`, with every file it names checked to be
     a plain name inside the directory."""
@@ -242,6 +149,10 @@ def load_manifest(dir_fd: int, directory: Path) -> dict:
         raise MigpipeError(f"{directory}: not an extracted stream directory ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MigpipeError(f"{path}: not a {FORMAT} manifest")
+    try:
+        checked_blocks(manifest, manifest.get("page_size"), MANIFEST_LIMITS)
+    except (ValueError, KeyError, TypeError, UnicodeError) as e:
+        raise MigpipeError(f"{path}: a malformed manifest ({e})") from None
     for block in manifest.get("blocks", ()):
         name = block.get("file") if isinstance(block, dict) else None
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
@@ -284,58 +195,3 @@ def rebuild(directory: Path) -> Iterator[Record]:
         yield from compact_stream(manifest, pages, device_state())
     finally:
         os.close(dir_fd)
-
-
-def compact_stream(
-    manifest: dict,
-    pages: Callable[[RamBlock], Iterable[tuple[int, bytes]]],
-    device_state: Iterable[bytes],
-) -> Iterator[Record]:
-    """A single-pass stream from a skeleton's manifest, each block's (offset, page) in order
-    (only blocks that received pages are asked), and the device state's bytes."""
-    page_size = manifest["page_size"]
-    zero = bytes(page_size)
-    section = manifest["ram_section"]
-    sid = section["section_id"]
-    blocks = tuple(
-        RamBlock(b["name"], b["used_length"], None, b["addr"]) for b in manifest["blocks"]
-    )
-    yield FileHeader(manifest["version"])
-    yield Configuration(
-        manifest["machine"],
-        tuple(
-            ConfigSubsection(s["name"], s["version"], bytes.fromhex(s["payload"]))
-            for s in manifest["subsections"]
-        ),
-    )
-    yield SectionStart(sid, fmt.RAM_IDSTR, section["instance_id"], section["version_id"])
-    yield MemSize(sum(b.used_length for b in blocks), blocks)
-    yield EndOfSection()
-    yield SectionFooter(sid)
-    count = 0
-    sent = {b["name"] for b in manifest["blocks"] if b["pages_received"]}
-    for block in blocks:
-        if block.name not in sent:  # e.g. shared memory under x-ignore-shared: not ours to write
-            continue
-        for offset, page in pages(block):
-            if count % PAGES_PER_SECTION == 0:
-                if count:
-                    yield EndOfSection()
-                    yield SectionFooter(sid)
-                yield SectionPart(sid)
-            count += 1
-            yield (
-                ZeroPage(block.name, offset)
-                if page == zero
-                else NormalPage(block.name, offset, page)
-            )
-    if count:
-        yield EndOfSection()
-        yield SectionFooter(sid)
-    for command in manifest.get("commands", []):
-        yield Command(command["command"], bytes.fromhex(command["data"]))
-    yield SectionEnd(sid)
-    yield EndOfSection()
-    yield SectionFooter(sid)
-    for chunk in device_state:
-        yield OpaqueData(chunk)
