@@ -10,10 +10,10 @@ not by EACCES (which root never gets).
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import PAGE, migpipe
 from test_stream_parser import ram_stream
 
 from migpipe import keys
@@ -24,15 +24,7 @@ from migpipe.stream.records import MemSize, NormalPage, RamBlock, Record
 from migpipe.stream.writer import write_records
 from migpipe.tools.extracted import extract, image_file_name, rebuild
 
-PAGE = 4096
 OTHER = 1234  # a uid that is neither root nor us
-
-
-def migpipe(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "migpipe", *args],
-        input=stdin, capture_output=True, check=False, timeout=60,  # a FIFO once hung generate
-    )  # fmt: skip
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:

@@ -36,6 +36,7 @@ from xml.sax.saxutils import quoteattr
 import oracle
 import pytest
 import qemuvm
+from support import MIGPIPE, migpipe
 
 from migpipe.io.channel import NOT_A_STREAM
 
@@ -49,7 +50,6 @@ pytestmark = [
     ),
 ]
 
-MIGPIPE = [sys.executable, "-m", "migpipe"]
 #: What `virsh save` writes here, one driver (one qemu.conf) each: a shell costs seconds, and
 #: libvirt's other formats are programs migpipe runs itself (lzop) or standard containers that
 #: tests/test_libvirtimage.py covers. libvirt 9.0 has no zstd.
@@ -256,10 +256,6 @@ def running_domain(virsh: Virsh, name: str, guest_elf: Path, kind: str) -> Itera
                 yield
         finally:
             virsh.destroy(name)
-
-
-def migpipe(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*MIGPIPE, *args], capture_output=True, check=False, **kwargs)
 
 
 def image_body(image: Path, image_format: str) -> bytes:

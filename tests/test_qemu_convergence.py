@@ -20,7 +20,6 @@ bytes) at its end; each test also records its figures with `record_property` (--
 import dataclasses
 import json
 import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Any
 import oracle
 import pytest
 import qemuvm
+from support import MIGPIPE_SHELL as MIGPIPE
 
 pytestmark = pytest.mark.qemu
-MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"
 LINK = "pv -q -L 30m"
 LINK_RATE = 30 << 20  # bytes per second: pv's "m" is MiB
 DOWNTIME_S = 0.3  # QEMU's default downtime limit, PACINGS["busy"] from pass 3 on

@@ -4,18 +4,16 @@ The destination must hold exactly what the source sent (tests/oracle.py replays 
 own stream, tee'd before migpipe saw it), in either layout, compressed and encrypted.
 """
 
-import shlex
-import sys
 from pathlib import Path
 
 import oracle
 import pytest
 import qemuvm
+from support import MIGPIPE_SHELL as MIGPIPE
 
 from migpipe.keys import keygen
 
 pytestmark = pytest.mark.qemu
-MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,12 @@ syncs, which makes the source's own memory no oracle after a live migration.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import oracle
 import pytest
 import qemuvm
+from support import migpipe
 
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.writer import StreamWriter
@@ -43,12 +42,6 @@ def rewrite(source: Path, target: Path, chunk: int) -> None:
     parser.close()
     writer.write_all(out, parser.next_records())
     target.write_bytes(out)
-
-
-def migpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "migpipe", *args], capture_output=True, check=False
-    )
 
 
 def test_rewrite_is_byte_identical(capture: tuple[str, Path], tmp_path: Path) -> None:

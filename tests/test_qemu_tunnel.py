@@ -6,19 +6,19 @@ when the wire between encode and decode is corrupted or cut.
 """
 
 import shlex
-import socket
 import sys
 from pathlib import Path
 
 import oracle
 import pytest
 import qemuvm
+from support import MIGPIPE_SHELL as MIGPIPE
+from support import free_port
 
 from migpipe.io.tlsinit import tls_init
 from migpipe.keys import keygen
 
 pytestmark = pytest.mark.qemu
-MIGPIPE = f"{shlex.quote(sys.executable)} -m migpipe"
 MANGLE = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_name('mangle.py')))}"
 
 
@@ -52,10 +52,7 @@ def test_a_damaged_wire_never_completes_a_migration(
 
 
 def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    link = f"127.0.0.1:{port}"
+    link = free_port()
     migration = qemuvm.migrate_through(
         guest_elf, "dirty", tmp_path,
         sender=f"{MIGPIPE} encode --compress zstd:1 --connect {link}",
@@ -82,9 +79,7 @@ def test_encrypted_migration(guest_elf: Path, tmp_path: Path) -> None:
 def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
     creds = tmp_path / "pki"
     tls_init(creds, "migpipe test CA", ["localhost"], "source", 1)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port().rpartition(":")[2]
     tls = f"--tls-creds {creds}"
     migration = qemuvm.migrate_through(
         guest_elf, "dirty", tmp_path,

@@ -13,6 +13,7 @@ from pathlib import Path
 import oracle
 import pytest
 import trio
+from support import migpipe, synthetic_stream
 from test_tunnel import eof_at
 
 from migpipe.cli import EXIT_INTERRUPTED
@@ -26,14 +27,8 @@ from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 RAM = 8 << 20
 
 
-def migpipe(*args: str, stdin: bytes = b"", **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "migpipe", *args], input=stdin,
-                          capture_output=True, check=False, **kwargs)  # fmt: skip
-
-
 def synthetic(iterations: int, dirty: float = 0.3, ram: int = RAM) -> bytes:
-    model = GuestModel(ram_size=ram, iterations=iterations, dirty_share=dirty, seed=7)
-    return write_records(SyntheticGuest(model).records())
+    return synthetic_stream(ram, iterations, dirty)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import PAGE
 from test_fuzz import FUZZ, SYNTHETIC, mutations
 
 from migpipe.errors import MigpipeError
@@ -60,7 +61,6 @@ SKIPPERS: dict[str, Skipper] = {"python": skip_pages_py}
 if _scan is not None:
     SKIPPERS["c"] = _scan.skip_pages
 NO_SCAN = pytest.mark.skipif(_scan is None, reason="migpipe.stream._scan is not built")
-PAGE = 4096
 NORMAL_CONTINUE = fmt.RAM_PAGE | fmt.RAM_CONTINUE
 ZERO_CONTINUE = fmt.RAM_ZERO | fmt.RAM_CONTINUE
 
