@@ -23,7 +23,7 @@ import stat
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, Self
 
 from migpipe.errors import MigpipeError, Stopped
 from migpipe.io.channel import CHUNK, FdChannel
@@ -377,7 +377,28 @@ def open_direct(path: str, mode: str = "r", *, direct: Direct = True) -> DirectF
     return DirectFile(fd, path)
 
 
-class DirectWriter:
+class _DiskThread:
+    """What DirectWriter and DirectReader share: a disk thread of their own, which close() (or
+    leaving the `with`) stops and joins."""
+
+    _thread: threading.Thread
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._stop()
+            self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class DirectWriter(_DiskThread):
     """A sequential sink (Channel.write) for a DirectFile: bytes in any sizes in, aligned
     BUFFER_SIZE writes out from a background thread, while the caller produces the next ones.
 
@@ -534,17 +555,9 @@ class DirectWriter:
         self.file.sync()
         return self.written
 
-    def close(self) -> None:
-        """Stop the disk thread after what is queued; for finish(), or to give up."""
-        if self._thread.is_alive():
-            self._full.put(None)
-            self._thread.join()
-
-    def __enter__(self) -> "DirectWriter":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _stop(self) -> None:
+        """The disk thread stops after what is queued; for finish(), or to give up."""
+        self._full.put(None)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -590,7 +603,7 @@ class DirectWriter:
             self._free.put(buffer)
 
 
-class DirectReader:
+class DirectReader(_DiskThread):
     """A sequential source (Channel.read) for a DirectFile, read ahead in aligned BUFFER_SIZE
     pieces by a background thread while the caller consumes the previous ones.
 
@@ -643,18 +656,10 @@ class DirectReader:
             total += len(view)
         return total
 
-    def close(self) -> None:
-        """Stop reading ahead; the file stays open."""
-        if self._thread.is_alive():
-            self._closing = True
-            self._free.put(None)
-            self._thread.join()
-
-    def __enter__(self) -> "DirectReader":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _stop(self) -> None:
+        """Reading ahead stops; the file stays open."""
+        self._closing = True
+        self._free.put(None)
 
     def _available(self) -> memoryview:
         """The unread rest of the current buffer, moving on as needed; empty at the end."""
