@@ -2,7 +2,8 @@
 
 Layers, each importing only from those listed before it (tests/test_layers.py checks):
 
-    errors, units, running   what everything shares: errors by exit status, sizes, trio.run
+    errors, units, running   what everything shares: errors by exit status, sizes, trio.run,
+    lines                    and the JSON-lines protocols' line splitter
     stream/    QEMU's migration stream without I/O: records, parser, writer, XBZRLE, RAM images
     io/        file descriptors: channels, files, O_DIRECT, sockets, TLS
     keys       the user's secret: key files and passphrases

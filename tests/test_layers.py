@@ -8,7 +8,7 @@ from pathlib import Path
 import migpipe
 
 LAYERS = [
-    {"errors", "units", "running"},
+    {"errors", "units", "running", "lines"},
     {"stream"},
     {"io"},
     {"keys"},

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from migpipe.errors import MigpipeError
+from migpipe.lines import LineSplitter, LineTooLong
 
 TIMEOUT = 30.0  # a failsafe: QEMU answers commands at once unless its main loop is stuck
 MAX_LINE = 16 << 20  # far above any reply migpipe asks for; a peer that never ends a line
@@ -38,7 +39,7 @@ class QmpProtocol:
     """QMP's framing without I/O: commands to bytes, bytes to messages (dicts)."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._lines = LineSplitter(MAX_LINE)
         self._ids = itertools.count(1)
 
     def command(self, name: str, arguments: dict[str, Any]) -> tuple[int, bytes]:
@@ -51,23 +52,26 @@ class QmpProtocol:
 
     def receive_data(self, data: bytes) -> list[dict[str, Any]]:
         """The complete messages `data` ends; a partial line waits for the next call."""
-        self._buffer += data
+        self._lines.feed(data)
         messages = []
-        while (end := self._buffer.find(b"\n")) >= 0:
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                message = None
-            if not isinstance(message, dict):
-                raise MigpipeError(f"not a QMP message: {line[:80]!r}")
-            messages.append(message)
-        if len(self._buffer) > MAX_LINE:
-            raise MigpipeError(f"a QMP message longer than {MAX_LINE} bytes")
+        try:
+            while (line := self._lines.next_line()) is not None:
+                if line.strip():
+                    messages.append(_message(line))
+        except LineTooLong:
+            raise MigpipeError(f"a QMP message longer than {MAX_LINE} bytes") from None
         return messages
+
+
+def _message(line: bytes) -> dict[str, Any]:
+    """The QMP message on `line`: a JSON object, or an error that shows the line."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        raise MigpipeError(f"not a QMP message: {line[:80]!r}")
+    return message
 
 
 class _Reply:

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from migpipe.lines import LineSplitter, LineTooLong
 from migpipe.service.protocol import JOB_COMPLETED, JOB_ENDS, JOB_PROGRESS, peer_credentials
 
 MAX_MESSAGE = 16 << 20  # the service's replies are small; this only bounds a confused peer
@@ -69,7 +70,7 @@ class Client:
         self._sock = sock
         self.timeout = timeout
         self.wait_timeout = wait_timeout
-        self._buffer = bytearray()
+        self._lines = LineSplitter(MAX_MESSAGE)
         self._ids = itertools.count(1)
         self._abandoned: set[int] = set()  # commands whose reply no one waits for any more
         self._events: deque[dict[str, Any]] = deque()
@@ -190,9 +191,7 @@ class Client:
         return message
 
     def _receive(self, deadline: float | None) -> dict[str, Any]:
-        while (end := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > MAX_MESSAGE:
-                raise ServiceError("GenericError", "the service sent an overlong line")
+        while (line := self._next_line()) is None:
             self._sock.settimeout(self._left(deadline))
             try:
                 chunk = self._sock.recv(1 << 16)
@@ -200,10 +199,14 @@ class Client:
                 raise TimeoutError("no message from the migpipe service in time") from None
             if not chunk:
                 raise ConnectionError("the migpipe service closed the connection")
-            self._buffer += chunk
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 1]
+            self._lines.feed(chunk)
         return json.loads(line)
+
+    def _next_line(self) -> bytes | None:
+        try:
+            return self._lines.next_line()
+        except LineTooLong:
+            raise ServiceError("GenericError", "the service sent an overlong line") from None
 
 
 def connect(

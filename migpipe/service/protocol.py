@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from migpipe import __version__
+from migpipe.lines import LineSplitter, LineTooLong
 
 MAX_LINE = 64 << 10  # longer lines are a flood: an error, then the connection is closed
 # The kernel closes any beyond this in one message, and says so (MSG_CTRUNC); more than this
@@ -67,8 +68,7 @@ class Reader:
     """Lines out of what recvmsg returns, each with the fds its sender attached to it."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._scanned = 0  # no newline before this offset of _buffer
+        self._splitter = LineSplitter(MAX_LINE)
         self._partial = Line(b"")  # the fds of the unfinished line
         self._lines: deque[Line] = deque()
         self._flood: str | None = None  # why the client is disconnected, once it floods
@@ -77,21 +77,19 @@ class Reader:
         if self._flood:  # nothing more is read after a flood; only fds to close
             self._partial = _with_fds(self._partial, fds, fds_truncated)
             return
-        self._buffer += data
-        while (end := self._buffer.find(b"\n", self._scanned)) >= 0:
-            self._lines.append(replace(self._partial, text=bytes(self._buffer[:end])))
-            self._partial = Line(b"")
-            del self._buffer[: end + 1]
-            self._scanned = 0
-        self._scanned = len(self._buffer)
-        if fds or fds_truncated:
-            if data.endswith(b"\n"):
-                self._lines[-1] = _with_fds(self._lines[-1], fds, fds_truncated)
-            else:
-                self._partial = _with_fds(self._partial, fds, fds_truncated)
-        if len(self._buffer) > MAX_LINE or any(len(line.text) > MAX_LINE for line in self._lines):
+        self._splitter.feed(data)
+        try:
+            while (text := self._splitter.next_line()) is not None:
+                self._lines.append(replace(self._partial, text=text))
+                self._partial = Line(b"")
+        except LineTooLong:
             self._flood = f"a line longer than {MAX_LINE} bytes; closing the connection"
-        elif len(self._partial.fds) > MAX_FDS_PER_MESSAGE:
+        if fds or fds_truncated:
+            if data.endswith(b"\n") and not self._flood:
+                self._lines[-1] = _with_fds(self._lines[-1], fds, fds_truncated)
+            else:  # the unfinished line's, or the overlong line's: closed with the connection
+                self._partial = _with_fds(self._partial, fds, fds_truncated)
+        if not self._flood and len(self._partial.fds) > MAX_FDS_PER_MESSAGE:
             # Each sendmsg may bring fds for a line it does not end: without this bound, a
             # client that never ends its line would make the service hold fds without limit.
             self._flood = (f"more than {MAX_FDS_PER_MESSAGE} fds for one line; closing the "
@@ -99,7 +97,7 @@ class Reader:
 
     def next_line(self) -> Line | None:
         """The next complete line, or None until more is fed; Flood after a flood."""
-        if self._lines and len(self._lines[0].text) <= MAX_LINE:
+        if self._lines:
             return self._lines.popleft()
         if self._flood:
             raise Flood(self._flood)
