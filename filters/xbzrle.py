@@ -13,15 +13,16 @@ into the original page record. An unchanged page costs 11 bytes instead of 4 KiB
 """
 
 import mmap
-import zlib
 from collections import OrderedDict
 from typing import Any
 
 from migpipe.chain import PageFilter, RecordTransform
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, MigpipeError
 from migpipe.keys import Secrets
+from migpipe.stream import format as fmt
+from migpipe.stream.ramimage import apply_page, inflate_page
 from migpipe.stream.records import CompressedPage, NormalPage, Record, XbzrlePage, ZeroPage
-from migpipe.stream.xbzrle import apply_delta, encode_deltas
+from migpipe.stream.xbzrle import encode_deltas
 from migpipe.units import parse_size
 
 WIRE_ENCODING = 0x02  # QEMU uses 0x01; 0x02 marks migpipe's own deltas on migpipe's wire
@@ -31,7 +32,7 @@ MAX_CACHE = 1 << 30
 wire header names, so it must be bounded. 1 GiB is 16 times QEMU's default; QEMU itself allows
 any power of two up to the guest's RAM, migpipe any whole number of bytes (the cache holds
 size // 4096 pages), as its encoders have always written."""
-PAGE = 4096
+PAGE = fmt.DEFAULT_PAGE_SIZE  # the only page size the cache keeps, on both ends alike
 XBZRLE_HEADER = 3  # encoding byte + be16 length: a delta must beat the page by more than this
 
 
@@ -47,6 +48,7 @@ class PageCache:
     def __init__(self, size: int) -> None:
         self.capacity = max(1, size // PAGE)
         self._slab = mmap.mmap(-1, self.capacity * PAGE)
+        self._view = memoryview(self._slab)
         self._slots: OrderedDict[tuple[str, int], int] = OrderedDict()  # key -> slot, LRU first
         self._free: list[int] = []  # slots of forgotten pages
         self._unused = 0  # slots from here on were never filled
@@ -92,42 +94,27 @@ class PageCache:
         key = (record.block, record.offset)
         if kind is NormalPage:
             self.put(key, record.data)
-        elif kind is ZeroPage:
-            # Update, never insert: a guest's bulk pass is mostly zero pages, which would
-            # otherwise fill the LRU and evict the pages worth a delta.
-            if key in self:
-                self.put(key, _fill_page(record.fill))
-        elif kind is XbzrlePage:  # QEMU's own delta: follow it if we hold the page
-            old = self.get(key)
-            if old is None:
-                return
-            page = bytearray(old)
-            apply_delta(record.data, page)
-            self.put(key, page)
         elif kind is CompressedPage:
-            self.put(key, _inflate_page(record.data))
+            try:
+                self.put(key, inflate_page(record.data, PAGE))
+            except MigpipeError:  # not exactly one page: forgotten, on both ends alike
+                self.forget(key)
+        else:
+            # Update, never insert: a guest's bulk pass is mostly zero pages, which would
+            # otherwise fill the LRU and evict the pages worth a delta; QEMU's own deltas are
+            # followed only for the pages we hold.
+            self.update(key, record)
 
-
-def _inflate_page(data: bytes) -> bytes:
-    """A compressed page's page, or b"" (which put() forgets) when it is not exactly one page:
-    QEMU's destination refuses such a record, and inflating it whole could take ~1000 times
-    its size. Both ends get the same answer, so their caches stay alike."""
-    inflater = zlib.decompressobj()
-    try:
-        page = inflater.decompress(data, PAGE + 1)
-    except zlib.error:
-        return b""
-    return page if inflater.eof and len(page) == PAGE else b""
-
-
-_FILLED: dict[int, bytes] = {}
-
-
-def _fill_page(fill: int) -> bytes:
-    page = _FILLED.get(fill)
-    if page is None:
-        page = _FILLED[fill] = bytes([fill]) * PAGE
-    return page
+    def update(self, key: tuple[str, int], record: Record) -> memoryview | None:
+        """Apply a zero or delta page record to the page held under `key`, in place; the page
+        (a view of its slot, valid until the next change) or None when none is held."""
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        self._slots.move_to_end(key)
+        page = self._view[slot * PAGE : (slot + 1) * PAGE]
+        apply_page(record, page)
+        return page
 
 
 class _Encoder(RecordTransform):
@@ -184,18 +171,15 @@ class _Decoder(RecordTransform):
         for record in records:
             kind = type(record)
             if kind is XbzrlePage and record.encoding == WIRE_ENCODING:
-                old = cache.get((record.block, record.offset))
-                if old is None:
+                page = cache.update((record.block, record.offset), record)
+                if page is None:
                     raise MigpipeError(
                         f"xbzrle delta for page 0x{record.offset:x} of {record.block!r}, "
                         "which is not in the cache: the two ends disagree", status=EXIT_CORRUPT,
                     )  # fmt: skip
-                page = bytearray(old)
-                apply_delta(record.data, page)
                 record = NormalPage(record.block, record.offset, bytes(page), record.named)
                 self.deltas += 1
-                kind = NormalPage
-            if kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
+            elif kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
                 cache.observe(record)
             out.append(record)
         return out

@@ -4,6 +4,7 @@ Images are anything that supports slice assignment (a bytearray, or an mmap of a
 `extract`), so the same replay code serves in-memory checks and multi-GiB extractions.
 """
 
+import functools
 import zlib
 from collections.abc import Callable, MutableSequence
 
@@ -40,10 +41,9 @@ class RamImages:
             return
         try:
             self._apply_page(record)
-        except (MigpipeError, zlib.error) as e:
-            why = e.message if isinstance(e, MigpipeError) else f"corrupt compressed page ({e})"
+        except MigpipeError as e:
             raise MigpipeError(
-                f"{why}, for page 0x{record.offset:x} of RAM block {record.block!r}"
+                f"{e.message}, for page 0x{record.offset:x} of RAM block {record.block!r}"
             ) from None
 
     def _apply_page(self, record: Record) -> None:
@@ -71,16 +71,37 @@ def in_memory(name: str, size: int) -> bytearray:
 
 
 def apply_page(record: Record, page: memoryview) -> None:
-    """Bring `page` (the page's current bytes, writable) to what a page record says."""
+    """Bring `page` (the page's current bytes, writable) to what a page record says: the one
+    way a page record is applied, by RAM images, the fixed layout and xbzrle's page cache."""
     kind = type(record)
     if kind is NormalPage:
         page[:] = record.data
     elif kind is ZeroPage:
-        page[:] = bytes([record.fill]) * len(page)
+        page[:] = filled_page(record.fill, len(page))
     elif kind is XbzrlePage:
         apply_delta(record.data, page)
     else:
-        data = zlib.decompress(record.data)
-        if len(data) != len(page):
-            raise MigpipeError(f"compressed page inflates to {len(data)} bytes")
-        page[:] = data
+        page[:] = inflate_page(record.data, len(page))
+
+
+@functools.cache
+def filled_page(fill: int, size: int) -> bytes:
+    """A page of `fill` bytes, made once: zero pages are most of a guest's first pass."""
+    return bytes([fill]) * size
+
+
+def inflate_page(data: bytes, size: int) -> bytes:
+    """A compressed page's `size` bytes. Never inflated past one page: a record that is not
+    exactly one (QEMU's destination refuses it) could otherwise inflate ~1000 times its size."""
+    inflater = zlib.decompressobj()
+    try:
+        page = inflater.decompress(data, size + 1)
+    except zlib.error as e:
+        raise MigpipeError(f"corrupt compressed page ({e})") from None
+    if len(page) > size:
+        raise MigpipeError(f"compressed page inflates to more than {size} bytes")
+    if not inflater.eof:
+        raise MigpipeError("corrupt compressed page (incomplete or truncated stream)")
+    if len(page) != size:
+        raise MigpipeError(f"compressed page inflates to {len(page)} bytes")
+    return page
