@@ -204,6 +204,16 @@ class StreamParser:
         """Declare the end of the input; an unfinished stream then raises on next_records()."""
         self._closed = True
 
+    def finish(self) -> list[Record]:
+        """Close the input and return the last records of a stream that must be whole: one that
+        did not reach its EOF item raises (truncated), as next_records() does after close()."""
+        self.close()
+        records = self.next_records()
+        if self.eof_offset is None:
+            raise MigpipeError("QEMU stream ended without its EOF item", self.offset,
+                               EXIT_TRUNCATED)  # fmt: skip
+        return records
+
     def mark_record_boundary(self) -> None:
         """Declare that the bytes fed so far end between two records.
 
