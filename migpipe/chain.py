@@ -10,14 +10,16 @@ are registered too, so a third-party package adds one without touching migpipe.
 """
 
 import functools
-from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from migpipe.errors import EXIT_INCOMPATIBLE, MigpipeError
 from migpipe.keys import Secrets
 from migpipe.stream.records import Record
 
 ENTRY_POINT_GROUP = "migpipe.filters"
+T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
 
 
 class Filter:
@@ -127,6 +129,73 @@ class RecordTransform:
     def counters(self) -> dict[str, int]:
         """Figures for --stats-json (hits, misses, ...)."""
         return {}
+
+
+class Timer(Protocol):
+    """Where a chain adds each filter's time (migpipe.tunnel.pipeline.Totals); called from
+    several threads at once, so it must be thread-safe."""
+
+    def timed(self, name: str, function: Callable[..., T], *args: Any) -> T: ...
+
+
+class FilterChain:
+    """One stream's filters, in order: the page filters' transforms, and the byte filters run
+    over one payload (frame, extent, chunk, index) at a time, each timed into `timer`.
+
+    Encode, decode and the fixed layout all go through it, so the order (seal in stage order,
+    open in reverse, with the reader's `limit`) is written once. Threads: bind() is called
+    once, by one thread, before any payload; seal() and open() by any number of threads at
+    once (byte filters are thread-safe); each transform from encoders() or decoders() by one
+    thread, in stream order. It keeps no buffers: what seal() and open() return is the
+    caller's, except that a filter may give its input back (see seal()).
+    """
+
+    def __init__(self, filters: Sequence[Filter], timer: Timer | None = None) -> None:
+        self.filters = tuple(filters)
+        self.byte_filters = tuple(f for f in self.filters if isinstance(f, ByteFilter))
+        self.page_filters = tuple(f for f in self.filters if isinstance(f, PageFilter))
+        self.timer = timer
+
+    def bind(self, header: bytes) -> None:
+        """Bind every filter to the encoded wire (or file) header (see Filter.bind)."""
+        for f in self.filters:
+            f.bind(header)
+
+    def seal(self, payload: Buffer, position: Position) -> Buffer:
+        """`payload` through the byte filters, in stage order. The result may be `payload`
+        itself (no byte filters, or a filter that keeps some input as it is): a caller whose
+        buffer is reused copies a memoryview it gets back."""
+        timed = self._timed
+        for f in self.byte_filters:
+            payload = timed(f.name, f.encode, payload, position)
+        return payload
+
+    def open(self, data: Buffer, limit: int, position: Position) -> Buffer:
+        """What seal() made of a payload, back, through the byte filters in reverse; a result
+        of more than `limit` bytes is corruption, and no filter allocates past it."""
+        timed = self._timed
+        for f in reversed(self.byte_filters):
+            data = timed(f.name, f.decode, data, limit, position)
+        return data
+
+    def encoders(self) -> "list[RecordTransform]":
+        """A fresh encoding transform per page filter, in the order they run."""
+        return [f.encoder() for f in self.page_filters]
+
+    def decoders(self) -> "list[RecordTransform]":
+        """A fresh decoding transform per page filter, in the order they run (reversed)."""
+        return [f.decoder() for f in reversed(self.page_filters)]
+
+    def transform(self, transforms: "list[RecordTransform]", records: list[Record]) -> list[Record]:
+        """`records` through `transforms` (from encoders() or decoders()), each timed."""
+        for transform in transforms:
+            records = self._timed(transform.name, transform.transform, records)
+        return records
+
+    def _timed(self, name: str, function: Callable[..., T], *args: Any) -> T:
+        if self.timer is None:
+            return function(*args)
+        return self.timer.timed(name, function, *args)
 
 
 def _registered(**match: str):  # -> importlib.metadata.EntryPoints

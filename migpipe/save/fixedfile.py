@@ -33,7 +33,7 @@ from functools import partial
 from isal.isal_zlib import crc32
 
 from migpipe import chain as filters
-from migpipe.chain import Position
+from migpipe.chain import FilterChain, Position
 from migpipe.errors import (
     EXIT_CORRUPT,
     EXIT_INCOMPATIBLE,
@@ -241,32 +241,9 @@ class Extent:
                 yield base + i * page_size, bytes(view[i * page_size : (i + 1) * page_size])
 
 
-# -- sealing: the byte filters over a piece of the file -----------------------------------------
-
-
-class Sealer:
-    """The chain's byte filters, applied to one piece (extent, chunk, index) at a time; the
-    chain was bound to the file's header when the header was made or read."""
-
-    def __init__(self, chain: Sequence[filters.Filter], totals: Totals) -> None:
-        self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
-        self.totals = totals
-
-    def seal(self, plain: bytes, position: Position) -> bytes:
-        data = plain
-        for f in self.byte_filters:
-            data = self.totals.timed(f.name, f.encode, data, position)
-        return data
-
-    def open(self, stored: bytes, limit: int, position: Position) -> bytes:
-        data = stored
-        for f in reversed(self.byte_filters):
-            data = self.totals.timed(f.name, f.decode, data, limit, position)
-        return data
-
-
-def encode_setup(chain: Sequence[filters.Filter], page_size: int) -> bytes:
-    """The file's header (migpipe.wire.header), naming the chain and the geometry."""
+def encode_setup(chain: FilterChain, page_size: int) -> bytes:
+    """The file's header (migpipe.wire.header), naming the chain and the geometry; it binds
+    the chain, which then seals each piece (extent, chunk, index) on its own."""
     fields = {"page_size": page_size, "extent_pages": EXTENT_PAGES, "unit": UNIT}
     return header_for(MAGIC, VERSION, chain, fields)
 
@@ -308,8 +285,8 @@ class FixedSaver:
         self.totals = totals
         self.counters = FixedCounters()
         self.page_size = 4096
-        self.setup = encode_setup(chain, self.page_size)
-        self.sealer = Sealer(chain, totals)
+        self.chain = FilterChain(chain, totals)
+        self.setup = encode_setup(self.chain, self.page_size)
         self.skeleton = Skeleton(self.page_size)
         self.writer = StreamWriter()
         self.layout: Layout | None = None
@@ -394,7 +371,7 @@ class FixedSaver:
         entry = self.table[slot]
         offset, room = self.layout.place(slot)
         stored = self.file.read_at(offset, entry.length)
-        plain = self.sealer.open(stored, room, Position(entry.write, False))
+        plain = self.chain.open(stored, room, Position(entry.write, False))
         return Extent.unpack(plain, self.page_size, f"extent {slot}")
 
     def _number(self) -> int:
@@ -414,7 +391,7 @@ class FixedSaver:
         self.in_flight[slot] = (future, plain)
 
     def _seal_and_write(self, slot: int, plain: bytes, write: int) -> None:
-        stored = self.sealer.seal(plain, Position(write, False))
+        stored = self.chain.seal(plain, Position(write, False))
         offset, room = self.layout.place(slot)
         if len(stored) > room:
             raise MigpipeError(f"a filter made extent {slot} larger ({len(stored)} bytes) than "
@@ -435,7 +412,7 @@ class FixedSaver:
         if len(self.chunks) == MAX_CHUNKS:
             raise MigpipeError(f"more than {MAX_CHUNKS} MiB of device state")
         write = self._number()
-        stored = self.sealer.seal(bytes(self.device_state[:size]), Position(write, False))
+        stored = self.chain.seal(bytes(self.device_state[:size]), Position(write, False))
         del self.device_state[:size]
         self.file.write_at(self.next_offset, stored)
         self.totals.wire_bytes += len(stored)
@@ -459,7 +436,7 @@ class FixedSaver:
             block["pages_received"] = written[n]  # no extent written: no pages on restore
         index = encode_index(manifest, self.table, self.layout.slots, self.chunks)
         write = self._number()
-        stored = self.sealer.seal(index, Position(write, True))
+        stored = self.chain.seal(index, Position(write, True))
         offset = self.next_offset
         self.file.write_at(offset, stored)
         end = max(offset + len(stored), self.layout.data_end)
@@ -513,11 +490,7 @@ async def save_fixed(
                 totals.qemu_bytes += len(chunk)
                 parser.feed(chunk)
                 saver.add(parser.next_records())
-            parser.close()
-            saver.add(parser.next_records())
-            if parser.eof_offset is None:
-                raise MigpipeError("QEMU stream ended without its EOF item", totals.qemu_bytes,
-                                   EXIT_TRUNCATED)  # fmt: skip
+            saver.add(parser.finish())
             totals.wire_bytes = saver.finish()  # what was written becomes the file's size
         except BaseException:
             saver.abort()
@@ -555,7 +528,7 @@ class FixedReader:
             raise MigpipeError(f"malformed fixed-layout header (geometry {extras})", 12,
                                EXIT_CORRUPT)  # fmt: skip
         self.page_size = header.page_size
-        self.sealer = Sealer(open_chain(header, secrets), totals)
+        self.chain = open_chain(header, secrets, totals)
         locator = head[end : end + LOCATOR]
         if crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
             raise MigpipeError("fixed-layout locator checksum mismatch", end, EXIT_CORRUPT)
@@ -569,7 +542,7 @@ class FixedReader:
         stored = self._read(offset, length, "the index")
         if crc32(stored) != BE32.unpack_from(locator, 24)[0]:
             raise MigpipeError("index checksum mismatch", offset, EXIT_CORRUPT)
-        index = self.sealer.open(stored, MAX_INDEX, Position(write, True))
+        index = self.chain.open(stored, MAX_INDEX, Position(write, True))
         try:
             self._parse_index(memoryview(index), offset)
         except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
@@ -636,7 +609,7 @@ class FixedReader:
         stored = self._read(offset, entry.length, where)
         if crc32(stored) != entry.crc:
             raise MigpipeError(f"checksum mismatch in {where}", offset, EXIT_CORRUPT)
-        plain = self.sealer.open(stored, room, Position(entry.write, False))
+        plain = self.chain.open(stored, room, Position(entry.write, False))
         return Extent.unpack(plain, self.page_size, where)
 
     def pages(self, block: RamBlock) -> Iterator[tuple[int, bytes]]:
@@ -660,7 +633,7 @@ class FixedReader:
             stored = self._read(offset, length, "device state")
             if crc32(stored) != crc:
                 raise MigpipeError("checksum mismatch in device state", offset, EXIT_CORRUPT)
-            plain = self.sealer.open(stored, _chunk_limit(n == last), Position(write, False))
+            plain = self.chain.open(stored, _chunk_limit(n == last), Position(write, False))
             if n == last and plain[:1] != bytes([fmt.ITEM_EOF]):
                 raise MigpipeError("the last device-state chunk does not start with the "
                                    "stream's EOF item", offset, EXIT_CORRUPT)  # fmt: skip
@@ -673,7 +646,7 @@ class FixedReader:
         """What the file says about itself, for inspect."""
         writes = [write for write, _, _ in SLOT_ENTRY.iter_unpack(self.entries) if write]
         return {
-            "filters": [[f.name, f.params()] for f in self.sealer.byte_filters],
+            "filters": [[f.name, f.params()] for f in self.chain.byte_filters],
             "slots": self.layout.slots,
             "slots_written": len(writes),
             "writes": max(writes, default=0),

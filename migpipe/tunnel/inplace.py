@@ -20,21 +20,14 @@ from functools import partial
 
 from isal.isal_zlib import crc32
 
+from migpipe.chain import FilterChain
 from migpipe.io.channel import Channel, FdChannel
 from migpipe.io.direct import DirectWriter
 from migpipe.stream.parser import StreamParser
 from migpipe.tunnel.dataplane import run_interruptible
-from migpipe.tunnel.pipeline import FRAME_TARGET, Totals, finish_parsing, with_progress
+from migpipe.tunnel.pipeline import FRAME_TARGET, Totals, with_progress
 from migpipe.tunnel.progress import Progress
-from migpipe.wire import (
-    FRAME_DATA,
-    FRAME_FINAL,
-    FRAME_HEADER_SIZE,
-    crc_of,
-    encode_header,
-    encode_trailer,
-    frame_header,
-)
+from migpipe.wire import FRAME_HEADER_SIZE, WireWriter, crc_of
 
 
 async def encode_in_place(
@@ -45,7 +38,7 @@ async def encode_in_place(
     framer = _Framer(source, writer)
 
     def run() -> None:
-        header = encode_header(())
+        header = framer.wire.header()
         head.write([header])
         framer.totals.wire_bytes += len(header)
         framer.run()
@@ -55,10 +48,14 @@ async def encode_in_place(
 
 
 class _Framer:
+    """One thread's: it reads, parses and frames (`wire` numbers the frames and keeps the
+    digest); the DirectWriter's ring holds the bytes, and its own thread writes them out."""
+
     def __init__(self, source: FdChannel, writer: DirectWriter) -> None:
         self.source = source
         self.writer = writer
         self.totals = Totals()
+        self.wire = WireWriter(FilterChain(()))
         self.parser = StreamParser(pages=False)
 
     def run(self) -> None:
@@ -66,13 +63,14 @@ class _Framer:
         while chunk := self.source.read():
             self._parse(chunk)
             final += chunk
-        finish_parsing(self.parser, self.totals.qemu_bytes)
+        self.parser.finish()
         self.totals.count_parsed(self.parser)
-        crc = crc32(final)
-        head = frame_header(FRAME_FINAL, self._count_frame(len(final), crc), len(final), crc)
-        trailer = encode_trailer(self.totals.frames, self.totals.trailer())
+        head = self._frame_header(True, len(final), crc32(final))
+        totals = self.totals
+        totals.frames, totals.digest = self.wire.frames, self.wire.digest
+        trailer = self.wire.trailer(self.wire.summary(totals.qemu_bytes, totals.page_records))
         self.writer.write([head, final, trailer])
-        self.totals.wire_bytes += len(trailer)
+        totals.wire_bytes += len(trailer)
 
     def _data_frames(self) -> bytes:
         """Read and frame the stream up to its EOF item; returns what was read from there on."""
@@ -82,7 +80,7 @@ class _Framer:
             spare = writer.spare()  # up to a whole buffer: fewer trips through this loop
             count = self.source.readinto(spare)
             if not count:  # the input ended before the EOF item: this raises
-                finish_parsing(self.parser, self.totals.qemu_bytes)
+                self.parser.finish()
             self._parse(spare[:count])
             writer.advance(count)
             cut = self.parser.eof_offset
@@ -93,8 +91,7 @@ class _Framer:
             beyond = writer.retract(self.totals.qemu_bytes - cut)
             if cut > start:
                 crc = crc_of(writer.view_since(mark + FRAME_HEADER_SIZE))
-                sequence = self._count_frame(cut - start, crc)
-                writer.fill(mark, frame_header(FRAME_DATA, sequence, cut - start, crc))
+                writer.fill(mark, self._frame_header(False, cut - start, crc))
             else:  # the EOF item begins the open frame: it stays empty, and its room goes
                 writer.retract(FRAME_HEADER_SIZE)
             if self.parser.eof_offset is not None:
@@ -107,6 +104,7 @@ class _Framer:
         self.parser.next_records()
         self.totals.qemu_bytes += len(data)
 
-    def _count_frame(self, length: int, crc: int) -> int:
-        """Count a frame of `length` QEMU bytes into the totals; its sequence number."""
-        return self.totals.count_frame(length, crc, FRAME_HEADER_SIZE + length)
+    def _frame_header(self, final: bool, length: int, crc: int) -> bytes:
+        """The header of the next frame, of `length` QEMU bytes whose CRC-32 is `crc`."""
+        self.totals.wire_bytes += FRAME_HEADER_SIZE + length
+        return self.wire.frame_header(self.wire.position(final), length, crc)

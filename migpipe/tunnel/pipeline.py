@@ -27,30 +27,26 @@ import trio
 from isal.isal_zlib import crc32
 
 from migpipe import chain as filters
-from migpipe.chain import Position
-from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
+from migpipe.chain import FilterChain, Position
+from migpipe.errors import EXIT_CORRUPT, MigpipeError
 from migpipe.io.channel import Channel, as_channel, stream_sink
 from migpipe.keys import Secrets
-from migpipe.stream.format import BE32, BE64, XBZRLE_ENCODING_FLAG
+from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
 from migpipe.tunnel.dataplane import run_ordered
 from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
-    FRAME_DATA,
     FRAME_FINAL,
     FRAME_HEADER_SIZE,
-    MAX_FRAME,
     Frame,
     Trailer,
-    WireReader,
+    WireDecoder,
+    WireWriter,
     crc_of,
-    encode_frame,
-    encode_header,
-    encode_trailer,
 )
-from migpipe.wire.header import Header, open_chain
+from migpipe.wire.header import Header
 
 FRAME_TARGET = 1 << 20
 
@@ -60,7 +56,11 @@ T = TypeVar("T")
 
 @dataclass
 class Totals:
-    """What crossed: the QEMU stream's size, pages and digest, the wire's size, filter time."""
+    """What crossed: the QEMU stream's size, pages and digest, the wire's size, filter time.
+
+    Figures only: the wire's own counts that the trailer checks live in WireWriter and
+    WireDecoder, which hand `frames` and `digest` over at the end.
+    """
 
     qemu_bytes: int = 0
     page_records: int = 0
@@ -112,21 +112,6 @@ class Totals:
         self.pages.update(parser.page_counts)
         self.page_records = sum(self.pages.values())
 
-    def trailer(self) -> Trailer:
-        return Trailer(self.qemu_bytes, self.page_records, self.frames, self.digest)
-
-    def count_frame(self, qemu_length: int, crc: int, wire_length: int) -> int:
-        """Count a data or final frame sent (its QEMU bytes' length and CRC-32, its size on
-        the wire); returns its sequence number."""
-        self.frames += 1
-        self.chain(qemu_length, crc)
-        self.wire_bytes += wire_length
-        return self.frames - 1
-
-    def chain(self, length: int, crc: int) -> None:
-        """Fold one frame's QEMU bytes (their length and CRC-32) into the stream digest."""
-        self.digest = crc32(BE64.pack(length) + BE32.pack(crc), self.digest)
-
 
 @dataclass
 class Outgoing:
@@ -137,21 +122,11 @@ class Outgoing:
     is what bounds the memory then, and the chunks were another 7 MiB beside it.
     """
 
-    kind: int
-    sequence: int
+    position: Position  # from WireWriter.position()
     qemu: Pieces  # the QEMU bytes as the payload; empty when `records` is
     records: bytearray | None  # serialised filtered records
     qemu_length: int
     qemu_crc: int | None  # None: the workers compute it from `qemu`
-
-
-def finish_parsing(parser: StreamParser, length: int) -> list[Record]:
-    """The last records of a stream of `length` bytes, or the error of one that ended early."""
-    parser.close()
-    records = parser.next_records()
-    if parser.eof_offset is None:
-        raise MigpipeError("QEMU stream ended without its EOF item", length)
-    return records
 
 
 class Encoder:
@@ -159,21 +134,23 @@ class Encoder:
 
     Frames end where the parser has reached, so each frame holds whole records; without page
     filters a frame's payload is its QEMU bytes, unchanged (only parsed, to check them), so the
-    parser then only counts the page records instead of making them.
+    parser then only counts the page records instead of making them. Frames are numbered by
+    `wire`, which encode writes them with.
     """
 
     def __init__(
         self, chain: Sequence[filters.Filter], page_size: int = 4096, totals: Totals | None = None
     ) -> None:
         self.totals = totals or Totals()
-        self._transforms = [f.encoder() for f in chain if isinstance(f, filters.PageFilter)]
+        self.chain = FilterChain(chain, self.totals)
+        self.wire = WireWriter(self.chain, page_size)
+        self._transforms = self.chain.encoders()
         self._parser = StreamParser(page_size=page_size, pages=bool(self._transforms))
         self._writer = StreamWriter()
         self._pieces: Pieces = []  # QEMU bytes read, not yet in a frame
         self._pieces_start = 0  # stream offset of the first of them
         self._records = bytearray()  # page-filter mode: serialised records of the next frame
         self._final_records = bytearray()
-        self._sequence = 0
 
     def feed(self, chunk: bytes) -> list[Outgoing]:
         self.totals.qemu_bytes += len(chunk)
@@ -184,33 +161,34 @@ class Encoder:
         if boundary is None:
             boundary = self._parser.offset
         elif self._pieces_start < boundary:
-            return [self._frame(FRAME_DATA, boundary)]  # the last data before the EOF item
+            return [self._frame(False, boundary)]  # the last data before the EOF item
         else:
             return []  # from EOF on, everything waits for the FINAL frame
         if boundary - self._pieces_start >= FRAME_TARGET:
-            return [self._frame(FRAME_DATA, boundary)]
+            return [self._frame(False, boundary)]
         return []
 
     def finish(self) -> list[Outgoing]:
-        self._take(finish_parsing(self._parser, self.totals.qemu_bytes))
+        self._take(self._parser.finish())
         eof = self._parser.eof_offset
-        frames = [self._frame(FRAME_DATA, eof)] if self._pieces_start < eof else []
+        frames = [self._frame(False, eof)] if self._pieces_start < eof else []
         self._records = self._final_records
-        frames.append(self._frame(FRAME_FINAL, self.totals.qemu_bytes))
+        frames.append(self._frame(True, self.totals.qemu_bytes))
         return frames
 
     def trailer(self) -> Trailer:
+        """What the trailer says, once `wire` made every frame; the figures are final then."""
         for transform in self._transforms:
             self.totals.filter_counters[transform.name] = transform.counters()
-        return self.totals.trailer()
+        self.totals.frames, self.totals.digest = self.wire.frames, self.wire.digest
+        return self.wire.summary(self.totals.qemu_bytes, self.totals.page_records)
 
     def _take(self, records: list[Record]) -> None:
         if not self._transforms:  # no page records: the parser counted them
             self.totals.count_parsed(self._parser)
             return
         self.totals.count_pages(records)
-        for transform in self._transforms:
-            records = self.totals.timed(transform.name, transform.transform, records)
+        records = self.chain.transform(self._transforms, records)
         at = next((i for i, r in enumerate(records) if type(r) is Eof), None)
         if at is not None:
             self._writer.write_all(self._records, records[:at])
@@ -218,7 +196,7 @@ class Encoder:
         target = self._final_records if self._parser.eof_offset is not None else self._records
         self._writer.write_all(target, records)
 
-    def _frame(self, kind: int, upto: int) -> Outgoing:
+    def _frame(self, final: bool, upto: int) -> Outgoing:
         """The QEMU bytes up to stream offset `upto` (and their records) as the next frame."""
         qemu: Pieces = []
         left = upto - self._pieces_start
@@ -232,35 +210,61 @@ class Encoder:
                 self._pieces[0] = piece[left:]
                 left = 0
         length, self._pieces_start = upto - self._pieces_start, upto
+        position = self.wire.position(final)
         if self._transforms:
             records, self._records = self._records, bytearray()  # handed on, not copied
-            frame = Outgoing(kind, self._sequence, [], records, length, crc_of(qemu))
-        else:
-            frame = Outgoing(kind, self._sequence, qemu, None, length, None)
-        self._sequence += 1
-        return frame
+            return Outgoing(position, [], records, length, crc_of(qemu))
+        return Outgoing(position, qemu, None, length, None)
 
 
 class Decoder:
-    """Frame payloads in, QEMU stream bytes out; the FINAL part is released only by finish()."""
+    """Wire bytes in, QEMU stream bytes out; the FINAL part is released only by finish().
+
+    The wire's side (frames, the chain, the trailer's totals) is `wire`'s; this adds QEMU's:
+    the page filters' transforms, the records they need, and holding the stream's end back.
+    Threads: feed(), close() and next_frames() by the reader; unfilter() by the workers, in
+    parallel; payload() and finish() by the writer, in frame order.
+    """
 
     def __init__(
-        self, header: Header, totals: Totals | None = None, secrets: Secrets | None = None
+        self,
+        totals: Totals | None = None,
+        secrets: Secrets | None = None,
+        opened: Callable[[Header, FilterChain], None] | None = None,
     ) -> None:
-        self.chain = chain = open_chain(header, secrets)
-        self.byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
-        self._transforms = [f.decoder() for f in chain if isinstance(f, filters.PageFilter)]
-        self._transforms.reverse()
-        self._parser = None
-        if self._transforms:
-            encodings = frozenset({XBZRLE_ENCODING_FLAG}).union(
-                *(f.wire_encodings for f in chain if isinstance(f, filters.PageFilter))
-            )
-            self._parser = StreamParser(page_size=header.page_size, xbzrle_encodings=encodings)
+        self.totals = totals or Totals()
+        self.wire = WireDecoder(secrets, self.totals)
+        self._opened = opened
+        self._transforms: list[filters.RecordTransform] = []
+        self._parser: StreamParser | None = None
         self._writer = StreamWriter()
         self._parsed = 0  # unfiltered payload bytes fed to the parser: its offsets count them
         self._held: bytes | bytearray | None = None
-        self.totals = totals or Totals()
+
+    def feed(self, data: bytes) -> None:
+        self.wire.feed(data)
+
+    def close(self) -> None:
+        self.wire.close()
+
+    def next_frames(self) -> list[Frame]:
+        """The frames the wire so far completes, for unfilter(); the header opens the chain
+        (and calls `opened`) before the first of them is handed on."""
+        opening = self.wire.chain is None
+        frames = self.wire.next_frames()
+        if opening and self.wire.chain is not None:
+            self._open(self.wire.header, self.wire.chain)
+        return frames
+
+    def _open(self, header: Header, chain: FilterChain) -> None:
+        self._transforms = chain.decoders()
+        if self._transforms:
+            encodings = frozenset({XBZRLE_ENCODING_FLAG}).union(
+                *(f.wire_encodings for f in chain.page_filters)
+            )
+            self._parser = StreamParser(page_size=header.page_size, xbzrle_encodings=encodings)
+        if self._opened is not None:
+            self._opened(header, chain)
 
     def unfilter(self, frame: Frame) -> tuple[Frame, int | None]:
         """Check and undo one frame (thread-safe: the workers call it, in parallel).
@@ -268,16 +272,10 @@ class Decoder:
         Returns the frame with its QEMU bytes, and their CRC-32 when it is known here (without
         page filters); with page filters it is computed after rebuilding, in order.
         """
-        crc = frame.verified()
-        data = frame.payload
-        position = Position(frame.sequence, frame.kind == FRAME_FINAL)
-        for byte_filter in reversed(self.byte_filters):
-            data = self.totals.timed(
-                byte_filter.name, byte_filter.decode, data, MAX_FRAME, position
-            )
+        data, crc = self.wire.open_frame(frame)
         if self._parser is not None:
             return replace(frame, payload=data), None
-        if self.byte_filters:
+        if crc is None:
             crc = crc32(data)
         return replace(frame, payload=data), crc
 
@@ -287,17 +285,15 @@ class Decoder:
             raise MigpipeError("data frame after the final frame", status=EXIT_CORRUPT)
         data = frame.payload
         if self._parser is not None:
-            records = self._records_of(frame)
-            for transform in self._transforms:
-                records = self.totals.timed(transform.name, transform.transform, records)
+            records = self.wire.chain.transform(self._transforms, self._records_of(frame))
             self.totals.count_pages(records)
             data = bytearray()
             self._writer.write_all(data, records)
             crc = crc32(data)
-        self.totals.frames += 1
         self.totals.qemu_bytes += len(data)
-        self.totals.chain(len(data), crc)
-        if frame.kind == FRAME_FINAL:
+        final = frame.kind == FRAME_FINAL
+        self.wire.rebuilt(len(data), crc, final)
+        if final:
             if not data.startswith(b"\x00"):
                 raise MigpipeError(
                     "final frame does not start with QEMU's EOF item", status=EXIT_CORRUPT
@@ -316,38 +312,23 @@ class Decoder:
             return self._parser.next_records()
         except MigpipeError as e:
             within = (e.offset or 0) - start
-            if self.byte_filters or not 0 <= within < len(frame.payload):
+            if self.wire.chain.byte_filters or not 0 <= within < len(frame.payload):
                 where = f"{e.message} (byte {within} of frame {frame.sequence}'s records)"
                 raise MigpipeError(where, frame.offset, e.status) from None
             raise MigpipeError(e.message, frame.offset + FRAME_HEADER_SIZE + within,
                                e.status) from None  # fmt: skip
 
-    def finish(self, trailer: Trailer | None) -> bytes | bytearray:
+    def finish(self) -> bytes | bytearray:
         """Check the totals against the trailer; only then release the stream's end."""
-        if trailer is None:
-            raise MigpipeError("wire ended without a trailer", status=EXIT_CORRUPT)
         if self._parser is not None:
             self._parser.close()
             if self._parser.next_records():
                 raise MigpipeError("wire ended inside a record", status=EXIT_CORRUPT)
         for transform in self._transforms:
             self.totals.filter_counters[transform.name] = transform.counters()
-        t = self.totals
-        problems = []
-        if self._held is None:
-            problems.append("no final frame")
-        if (t.qemu_bytes, t.digest) != (trailer.qemu_bytes, trailer.qemu_digest):
-            problems.append(
-                f"rebuilt {t.qemu_bytes} bytes with digest {t.digest:08x}, the encoder read "
-                f"{trailer.qemu_bytes} with {trailer.qemu_digest:08x}"
-            )
-        if t.frames != trailer.data_frames:
-            problems.append(f"{t.frames} data frames, the encoder sent {trailer.data_frames}")
-        if self._parser is not None and t.page_records != trailer.page_records:
-            problems.append(f"{t.page_records} pages, the encoder read {trailer.page_records}")
-        if problems:
-            message = "wire totals do not match: " + "; ".join(problems)
-            raise MigpipeError(message, status=EXIT_CORRUPT)
+        self.totals.frames, self.totals.digest = self.wire.frames, self.wire.digest
+        pages = self.totals.page_records if self._parser is not None else None
+        self.wire.finish(pages)  # raises unless every check passed
         return self._held
 
 
@@ -357,26 +338,22 @@ def decode_chunks(
     """The QEMU stream from wire bytes, synchronously, in one thread (for inspect and tests);
     the same checks as decode, and the stream's end only after the trailer matched.
     `described` (if given) receives the header's filters and the wire's totals."""
-    reader, decoder, trailer = WireReader(), None, None
+
+    def opened(header: Header, chain: FilterChain) -> None:
+        if described is not None:
+            described["filters"] = [[name, params] for name, params in header.filters]
+
+    decoder = Decoder(secrets=secrets, opened=opened)
     wire_bytes = 0
     for chunk in itertools.chain(chunks, [b""]):  # b"": the end
         wire_bytes += len(chunk)
         if chunk:
-            reader.feed(chunk)
+            decoder.feed(chunk)
         else:
-            reader.close()
-        for event in reader.next_events():
-            if isinstance(event, Header):
-                decoder = Decoder(event, secrets=secrets)
-                if described is not None:
-                    described["filters"] = [[name, params] for name, params in event.filters]
-            elif isinstance(event, Frame):
-                yield decoder.payload(*decoder.unfilter(event))
-            else:
-                trailer = event
-    if decoder is None:
-        raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
-    yield decoder.finish(trailer)
+            decoder.close()
+        for frame in decoder.next_frames():
+            yield decoder.payload(*decoder.unfilter(frame))
+    yield decoder.finish()
     if described is not None:
         described.update(wire_bytes=wire_bytes, frames=decoder.totals.frames)
 
@@ -431,27 +408,20 @@ async def encode(
     without the FINAL frame and the trailer no decoder ever gives QEMU the stream's end."""
     source, wire = as_channel(source), as_channel(wire)
     encoder = Encoder(chain)
-    totals = encoder.totals
-    byte_filters = [f for f in chain if isinstance(f, filters.ByteFilter)]
+    totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
 
-    def frame(out: Outgoing) -> tuple[list, int, int, bool]:
-        qemu_length, qemu_crc = out.qemu_length, out.qemu_crc
+    def frame(out: Outgoing) -> tuple[Position, list, int, tuple[int, int]]:
+        qemu_crc = out.qemu_crc
         if qemu_crc is None:
             qemu_crc = crc_of(out.qemu)
         payload: Sequence = out.qemu if out.records is None else [out.records]
-        payload_crc = qemu_crc if out.records is None else None  # the same bytes: CRC once
-        if byte_filters:
-            data = _joined(payload)
-            position = Position(out.sequence, out.kind == FRAME_FINAL)
-            for byte_filter in byte_filters:
-                data = totals.timed(byte_filter.name, byte_filter.encode, data, position)
+        if sealing.byte_filters:
+            data = sealing.seal(_joined(payload), out.position)
             if isinstance(data, memoryview):  # a filter gave its input back: not ours to keep
                 data = bytes(data)
-            payload, payload_crc = [data], None
-        head = encode_frame(out.kind, out.sequence, payload, payload_crc)
-        return [head, *payload], qemu_length, qemu_crc, out.kind == FRAME_FINAL
-
-    head = encode_header(chain)
+            payload = [data]
+        crc = qemu_crc if payload is out.qemu else crc_of(payload)  # the same bytes: CRC once
+        return out.position, payload, crc, (out.qemu_length, qemu_crc)
 
     def produce(submit: Callable[[Outgoing], None]) -> None:
         while chunk := source.read():
@@ -460,18 +430,20 @@ async def encode(
         for out in encoder.finish():
             submit(out)
 
-    def write(item: tuple[list, int, int, bool]) -> None:
-        parts, qemu_length, qemu_crc, final = item
+    def write(item: tuple[Position, list, int, tuple[int, int]]) -> None:
+        position, payload, crc, qemu = item
         if before_frame is not None:
-            before_frame(final)
-        totals.count_frame(qemu_length, qemu_crc, sum(len(p) for p in parts))
+            before_frame(position.final)
+        parts = writer.frame(position, payload, crc, qemu)
+        totals.wire_bytes += sum(len(p) for p in parts)
         wire.write(parts)
 
+    head = writer.header()
     await trio.to_thread.run_sync(wire.write, [head])
     totals.wire_bytes += len(head)
     run = partial(run_ordered, produce, frame, write, interrupt=source.interrupt)
     await with_progress(progress, totals, run)
-    trailer = encode_trailer(totals.frames, encoder.trailer())
+    trailer = writer.trailer(encoder.trailer())
     await trio.to_thread.run_sync(wire.write, [trailer])
     totals.wire_bytes += len(trailer)
     return totals
@@ -497,43 +469,33 @@ async def _decode(
     secrets: Secrets | None,
     opened: Callable[[Sequence[filters.Filter]], None] | None,
 ) -> Totals:
-    reader = WireReader()
-    decoder: Decoder | None = None
-    totals = Totals()  # until the header names the filters; then the decoder's
-    trailer: Trailer | None = None
+    totals = Totals()
+
+    def opening(header: Header, chain: FilterChain) -> None:
+        if opened is not None:
+            opened(chain.filters)
+
+    decoder = Decoder(totals, secrets, opening)
 
     def produce(submit: Callable[[Frame], None]) -> None:
-        nonlocal decoder, trailer
         finished = False
         while not finished:
             chunk = wire.read()
             totals.wire_bytes += len(chunk)
             if chunk:
-                reader.feed(chunk)
+                decoder.feed(chunk)
             else:
-                reader.close()
+                decoder.close()
                 finished = True
-            for event in reader.next_events():
-                if isinstance(event, Header):
-                    decoder = Decoder(event, totals, secrets)  # before any frame reaches a worker
-                    if opened is not None:
-                        opened(decoder.chain)
-                elif isinstance(event, Frame):
-                    submit(event)
-                else:
-                    trailer = event
-
-    def unfilter(frame: Frame) -> tuple[Frame, int | None]:
-        return decoder.unfilter(frame)
+            for frame in decoder.next_frames():  # the chain is open before one reaches a worker
+                submit(frame)
 
     def write(item: tuple[Frame, int | None]) -> None:
         if data := decoder.payload(*item):
             sink.write([data])
 
-    run = partial(run_ordered, produce, unfilter, write, interrupt=wire.interrupt)
+    run = partial(run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt)
     await with_progress(progress, totals, run)
-    if decoder is None:
-        raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
-    final = decoder.finish(trailer)  # raises unless every check passed
+    final = decoder.finish()  # raises unless every check passed
     await trio.to_thread.run_sync(sink.write, [final])
     return totals

@@ -65,12 +65,11 @@ def encode_header(
 
 
 def header_for(
-    magic: bytes, version: int, chain: Sequence[filters.Filter], fields: dict[str, Any]
+    magic: bytes, version: int, chain: filters.FilterChain, fields: dict[str, Any]
 ) -> bytes:
-    """The header naming `chain` besides `fields`, with every filter of `chain` bound to it."""
-    head = encode_header(magic, version, describe(chain) | fields, sealer_of(chain))
-    for f in chain:
-        f.bind(head)
+    """The header naming `chain` besides `fields`, with `chain` bound to it."""
+    head = encode_header(magic, version, describe(chain.filters) | fields, sealer_of(chain.filters))
+    chain.bind(head)
     return head
 
 
@@ -141,8 +140,11 @@ def _checked(fields: Any) -> tuple[tuple[tuple[str, dict[str, Any]], ...], int]:
     return tuple(chain), size
 
 
-def open_chain(header: Header, secrets: Secrets | None) -> list[filters.Filter]:
-    """The decoding filters `header` names, once it is known to be trustworthy enough to act on.
+def open_chain(
+    header: Header, secrets: Secrets | None, timer: filters.Timer | None = None
+) -> filters.FilterChain:
+    """The decoding chain `header` names (bound to it, timed into `timer`), once the header is
+    known to be trustworthy enough to act on.
 
     With a key given, input not sealed with it is refused (see Secrets.sealing_required). A
     sealed header is checked first: its sealing filter is made (unwrapping the stream's key,
@@ -169,6 +171,6 @@ def open_chain(header: Header, secrets: Secrets | None) -> list[filters.Filter]:
     else:
         chain = [filters.create(name, params, secrets) for name, params in header.filters]
     filters.check_order(chain)
-    for f in chain:
-        f.bind(header.encoded)
-    return chain
+    opened = filters.FilterChain(chain, timer)
+    opened.bind(header.encoded)
+    return opened
