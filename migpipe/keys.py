@@ -19,10 +19,12 @@ from pathlib import Path
 
 from migpipe.errors import EXIT_KEY, EXIT_USAGE, MigpipeError
 from migpipe.io.files import (
+    NameTaken,
+    atomic_fd,
     check_directories_up,
-    create_private,
     read_private_fd,
     read_private_file,
+    write_all,
 )
 
 KEY_PREFIX = "migpipe-key-v1:"
@@ -152,30 +154,23 @@ def format_key(key: bytes) -> str:
 def keygen(path: Path) -> None:
     """Write a new random key to `path`, mode 0600, complete or not at all, never replacing.
 
-    The key is written to a private temporary file, synced, then hard-linked into place: link()
-    fails if the name exists, so an existing key (and every stream it protects) is never lost.
-    A directory where reading the key would be refused (see read_private_file) is refused first.
+    The key is written to a private temporary file, synced, then hard-linked into place (and
+    only so): link() fails if the name exists, so an existing key (and every stream it
+    protects) is never lost. A directory where reading the key would be refused (see
+    read_private_file) is refused first, and the file is made in that very directory.
     """
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
-    temporary = f".{path.name}.{secrets.token_hex(4)}.partial"
     try:
         check_directories_up(dir_fd, f"key file {path}")
-        fd = create_private(dir_fd, temporary, path.parent)
-        try:
-            os.write(fd, format_key(secrets.token_bytes(KEY_SIZE)).encode())
+        with atomic_fd(path, dir_fd=dir_fd, link_only=True) as fd:
+            write_all(fd, format_key(secrets.token_bytes(KEY_SIZE)).encode())
             os.fsync(fd)
-            os.link(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except FileExistsError:
-            raise MigpipeError(f"{path} exists; keygen never replaces a key") from None
-        except OSError as e:
-            raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
-        finally:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=dir_fd)
-        os.fsync(dir_fd)
+    except NameTaken:
+        raise MigpipeError(f"{path} exists; keygen never replaces a key") from None
+    except OSError as e:
+        raise MigpipeError(f"cannot create {path}: {e.strerror}") from None
     finally:
         os.close(dir_fd)

@@ -185,29 +185,44 @@ def write_all(fd: int, data: bytes | bytearray) -> None:
         done += os.write(fd, data[done:])
 
 
+class NameTaken(MigpipeError):
+    """The name an atomic file was to take exists, or appeared while the file was written."""
+
+
 @contextlib.contextmanager
-def _atomic(path: Path, force: bool) -> Iterator[tuple[int, Path]]:
+def _atomic(
+    path: Path, force: bool, dir_fd: int | None = None, link_only: bool = False
+) -> Iterator[tuple[int, Path]]:
     """A temporary file beside `path` (its descriptor and name), published as `path` when the
-    block ends without error; see atomic_path."""
+    block ends without error; see atomic_path and atomic_fd."""
     if os.path.lexists(path) and not force:  # a dangling symlink is somebody's name too
-        raise MigpipeError(f"{path} exists; use --force to replace it")
+        raise NameTaken(f"{path} exists; use --force to replace it")
+    if dir_fd is None:
+        try:
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise MigpipeError(f"cannot create a file in {path.parent}: {e.strerror}") from None
+    else:
+        directory = os.dup(dir_fd)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    except OSError as e:
-        raise MigpipeError(f"cannot create a file in {path.parent}: {e.strerror}") from None
-    temporary = Path(name)
-    try:
-        yield fd, temporary
-        if force:
-            os.replace(temporary, path)
-        else:
-            _publish_new(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+        try:  # made in the directory open as `directory`, whatever its name means meanwhile
+            fd, name = tempfile.mkstemp(
+                prefix=f".{path.name}.", suffix=".partial", dir=f"/proc/self/fd/{directory}"
+            )
+        except OSError as e:
+            raise MigpipeError(f"cannot create a file in {path.parent}: {e.strerror}") from None
+        os.fchmod(fd, PRIVATE_MODE)  # whatever the umask
+        temporary = os.path.basename(name)
+        try:
+            yield fd, path.parent / temporary
+            if force:
+                os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+            else:
+                _publish_new(directory, temporary, path, link_only)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=directory)
+            raise
         os.fsync(directory)
     finally:
         os.close(directory)
@@ -232,33 +247,43 @@ def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_fd(path: Path, *, force: bool = False) -> Iterator[int]:
+def atomic_fd(
+    path: Path, *, force: bool = False, dir_fd: int | None = None, link_only: bool = False
+) -> Iterator[int]:
     """As atomic_path, but the caller writes (and syncs) through the descriptor that created
-    the temporary file, never reopening it by name."""
-    with _atomic(path, force) as (fd, _):
+    the temporary file, never reopening it by name.
+
+    `dir_fd`, a descriptor on `path`'s directory that the caller has checked, is the one
+    created in, published in and synced, whatever its name comes to mean meanwhile.
+    `link_only` refuses a file system without hard links rather than fall back to a
+    check-then-rename: for a file whose loss is not to be risked at all (a key).
+    """
+    with _atomic(path, force, dir_fd, link_only) as (fd, _):
         try:
             yield fd
         finally:
             os.close(fd)
 
 
-def _publish_new(temporary: Path, path: Path) -> None:
+def _publish_new(dir_fd: int, temporary: str, path: Path, link_only: bool) -> None:
     """Give `temporary` the name `path` unless something has it; then drop the temporary name."""
     try:
-        os.link(temporary, path)
+        os.link(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileExistsError:
-        raise MigpipeError(f"{path} appeared while this file was written; left untouched, "
-                           "nothing saved (use --force to replace it)") from None  # fmt: skip
+        raise NameTaken(f"{path} appeared while this file was written; left untouched, "
+                        "nothing saved (use --force to replace it)") from None  # fmt: skip
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+        if link_only or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
             raise
         # A file system without hard links: the narrow check-then-rename is the best left.
-        if os.path.lexists(path):
-            raise MigpipeError(f"{path} appeared while this file was written; left "
-                               "untouched, nothing saved") from None  # fmt: skip
-        os.rename(temporary, path)
-        return
-    os.unlink(temporary)
+        try:
+            os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        raise NameTaken(f"{path} appeared while this file was written; left untouched, "
+                        "nothing saved") from None  # fmt: skip
+    os.unlink(temporary, dir_fd=dir_fd)
 
 
 @contextlib.contextmanager
