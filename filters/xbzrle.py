@@ -26,7 +26,7 @@ from migpipe.stream.xbzrle import encode_deltas
 from migpipe.units import parse_size
 
 WIRE_ENCODING = 0x02  # QEMU uses 0x01; 0x02 marks migpipe's own deltas on migpipe's wire
-DEFAULT_CACHE = 64 << 20  # QEMU's default xbzrle-cache-size
+DEFAULT_CACHE = fmt.XBZRLE_CACHE_SIZE
 MAX_CACHE = 1 << 30
 """The largest cache either end accepts: the decoder maps as much as the (unauthenticated)
 wire header names, so it must be bounded. 1 GiB is 16 times QEMU's default; QEMU itself allows

@@ -6,6 +6,7 @@ from pathlib import Path
 from migpipe.cli.command import Command
 from migpipe.cli.options import size_argument
 from migpipe.running import run_trio
+from migpipe.service import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_JOBS
 
 
 def register(command: Command) -> None:
@@ -34,11 +35,11 @@ def register(command: Command) -> None:
     serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                        help="also serve this uid (repeatable; the socket becomes 0666 and "
                        "SO_PEERCRED decides)")  # fmt: skip
-    # The defaults are the service's (not imported here: it would slow every command's start).
-    serve.add_argument("--max-jobs", type=int, metavar="N",
-                       help="jobs running at once, over all connections (64)")  # fmt: skip
-    serve.add_argument("--max-connections", type=int, metavar="N",
-                       help="clients served at once; more are refused (128)")  # fmt: skip
+    serve.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS, metavar="N",
+                       help="jobs running at once, over all connections (%(default)s)")  # fmt: skip
+    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       metavar="N", help="clients served at once; more are refused "
+                       "(%(default)s)")  # fmt: skip
     serve.add_argument("--max-jobs-per-uid", type=int, metavar="N",
                        help="jobs one uid may run at once (half of --max-jobs with "
                        "--allow-uid, else all)")  # fmt: skip
@@ -48,8 +49,8 @@ def register(command: Command) -> None:
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
     )
-    demo.add_argument("--size", type=size_argument, default=256 << 20, help="guest RAM (256M)")
-    demo.add_argument("--iterations", type=int, default=4)
+    demo.add_argument("--size", type=size_argument, default="256M", help="guest RAM (%(default)s)")
+    demo.add_argument("--iterations", type=int, default=4, help="precopy passes (%(default)s)")
     demo.add_argument("--seed", type=int, default=1)
 
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from migpipe.errors import EXIT_USAGE, MigpipeError
 from migpipe.io.files import open_input, open_output
-from migpipe.units import parse_size
+from migpipe.stream.format import XBZRLE_CACHE_SIZE
+from migpipe.units import UNITS, parse_size
 
 if TYPE_CHECKING:
     from migpipe.io.channel import Channel
@@ -28,6 +29,15 @@ def size_argument(text: str) -> int:
         return parse_size(text)
     except MigpipeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size_text(size: int) -> str:
+    """A size as a user would write it (64M), for a default that help shows and argparse parses
+    with size_argument: the library's constant, not a copy of it."""
+    for unit in "TGMK":
+        if size % UNITS[unit] == 0:
+            return f"{size // UNITS[unit]}{unit}"
+    return str(size)
 
 
 def seconds(text: str) -> float:
@@ -91,7 +101,7 @@ def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="keep retrying --connect this long while nobody listens (30)",
+        help="keep retrying --connect this long while nobody listens (%(default)g)",
     )
     sub.add_argument(
         "--accept-timeout",
@@ -134,7 +144,8 @@ def filter_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--xbzrle-cache",
         metavar="SIZE",
-        help="xbzrle's page cache on each end (implies --xbzrle; default 64M)",
+        help=f"xbzrle's page cache on each end (implies --xbzrle; default "
+        f"{size_text(XBZRLE_CACHE_SIZE)})",
     )
     sub.add_argument(
         "--encrypt", action="store_true", help="encrypt and authenticate (AES-256-GCM); needs a key"

@@ -19,10 +19,12 @@ from migpipe.cli.options import (
     reporting_options,
     secrets_of,
     size_argument,
+    size_text,
 )
 from migpipe.errors import EXIT_USAGE, MigpipeError
 from migpipe.io.channel import stream_sink
 from migpipe.running import run_trio
+from migpipe.save import DEFAULT_CACHE, LAYOUTS, LIBVIRT_FORMATS
 
 if TYPE_CHECKING:
     from migpipe.tunnel.progress import Progress
@@ -41,17 +43,17 @@ def register(command: Command) -> None:
                       help="with --qmp: run the guest after the save, if it ran")  # fmt: skip
     save.add_argument(
         "--layout",
-        choices=("stream", "fixed"),
-        default="stream",
+        choices=LAYOUTS,
+        default=LAYOUTS[0],
         help="stream: the stream as sent (default); fixed: each RAM page stored once",
     )
-    save.add_argument("--cache", type=size_argument, default=64 << 20,
-                      help="fixed layout: RAM extents kept in memory (64M)")  # fmt: skip
+    save.add_argument("--cache", type=size_argument, default=size_text(DEFAULT_CACHE),
+                      help="fixed layout: RAM extents kept in memory (%(default)s)")  # fmt: skip
     save.add_argument("--force", action="store_true", help="replace an existing FILE")
     save.add_argument("--summary", action="store_true", help="print what was stored, on stderr")
     save.add_argument("--libvirt-xml", metavar="XML",
                       help="write a libvirt save image (virsh restore) of this domain")  # fmt: skip
-    save.add_argument("--image-format", choices=("raw", "gzip", "bzip2", "xz", "lzop", "zstd"),
+    save.add_argument("--image-format", choices=LIBVIRT_FORMATS,
                       help="with --libvirt-xml: how libvirt compresses the body (raw)")  # fmt: skip
     save.add_argument("--paused", action="store_true",
                       help="with --libvirt-xml: virsh restore leaves the guest paused")  # fmt: skip

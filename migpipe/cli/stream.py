@@ -6,12 +6,19 @@ import json
 from pathlib import Path
 
 from migpipe.cli.command import Command
-from migpipe.cli.options import reader_key_options, secrets_of, size_argument
+from migpipe.cli.options import reader_key_options, secrets_of, size_argument, size_text
 from migpipe.errors import EXIT_KEY, MigpipeError
 from migpipe.io.files import open_input, open_output, read_chunks, write_stream
+from migpipe.stream import format as fmt
 from migpipe.stream.parser import iter_records
+from migpipe.tools.synthetic import GuestModel
 
-PAGE_SIZE = {"type": int, "default": 4096, "help": "target page size (4096 on x86)"}
+PAGE_SIZE = {
+    "type": int,
+    "default": fmt.DEFAULT_PAGE_SIZE,
+    "help": "target page size (%(default)s on x86)",
+}
+GUEST = GuestModel()  # generate --synthetic's defaults are the synthetic guest's
 
 
 def register(command: Command) -> None:
@@ -44,19 +51,21 @@ def register(command: Command) -> None:
     source.add_argument("--synthetic", action="store_true", help="a synthetic guest")
     generate.add_argument("-o", "--output", help="output file (default: stdout)")
     generate.add_argument("--force", action="store_true", help="replace an existing output")
-    generate.add_argument("--size", type=size_argument, default=64 << 20, help="guest RAM (64M)")
-    generate.add_argument("--iterations", type=int, default=3, help="precopy passes (3)")
+    generate.add_argument("--size", type=size_argument, default=size_text(GUEST.ram_size),
+                          help="guest RAM (%(default)s)")  # fmt: skip
+    generate.add_argument("--iterations", type=int, default=GUEST.iterations,
+                          help="precopy passes (%(default)s)")  # fmt: skip
     generate.add_argument(
         "--dirty",
         type=float,
-        default=0.05,
-        help="share of RAM re-dirtied before each later pass (0.05)",
+        default=GUEST.dirty_share,
+        help="share of RAM re-dirtied before each later pass (%(default)s)",
     )
     generate.add_argument(
         "--rewrite",
         type=float,
-        default=0.2,
-        help="share of dirtied pages rewritten whole; the rest change sparsely (0.2)",
+        default=GUEST.rewrite_share,
+        help="share of dirtied pages rewritten whole; the rest change sparsely (%(default)s)",
     )
     generate.add_argument(
         "--mix",
@@ -64,7 +73,7 @@ def register(command: Command) -> None:
         default=None,
         help="page kinds, e.g. zero=0.6,text=0.125,structured=0.13,random=0.145",
     )
-    generate.add_argument("--seed", type=int, default=1)
+    generate.add_argument("--seed", type=int, default=GUEST.seed)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -142,11 +151,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         records = rebuild(args.source)
     else:
-        from migpipe.tools.synthetic import GuestModel, SyntheticGuest
+        from migpipe.tools.synthetic import SyntheticGuest
 
         model = GuestModel(
             ram_size=args.size,
-            mix=args.mix or GuestModel().mix,
+            mix=args.mix or GUEST.mix,
             iterations=args.iterations,
             dirty_share=args.dirty,
             rewrite_share=args.rewrite,

@@ -40,6 +40,7 @@ from migpipe.errors import (
     MigpipeError,
 )
 from migpipe.io.channel import CHUNK, Channel, FdChannel
+from migpipe.save import LIBVIRT_FORMATS
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"
@@ -50,8 +51,7 @@ XML_PADDING = 64 << 10  # libvirt's room for the XML to grow
 MAX_DATA_LEN = 64 << 20  # read whole into memory, as libvirt does; real images hold ~70 KiB
 
 # On-disk codes, by position; libvirt never renumbers them. 6 is QEMU's mapped-ram layout.
-FORMAT_CODES = ("raw", "gzip", "bzip2", "xz", "lzop", "zstd", "sparse")
-FORMATS = FORMAT_CODES[:6]  # the ones migpipe reads and writes
+FORMAT_CODES = (*LIBVIRT_FORMATS, "sparse")  # libvirt's numbering
 # What libvirt's `PROG -c` gives (libvirt passes -3 to xz only); zstd also uses every core.
 DEFAULT_LEVELS = {"gzip": 6, "bzip2": 9, "xz": 3, "lzop": 3, "zstd": 3}
 
@@ -108,7 +108,7 @@ def parse_header(head: bytes) -> tuple[SaveImage, int]:
                            EXIT_INCOMPATIBLE)  # fmt: skip
     if code >= len(FORMAT_CODES):
         raise MigpipeError(f"unknown save image format code {code}", 28, EXIT_INCOMPATIBLE)
-    if FORMAT_CODES[code] not in FORMATS:
+    if FORMAT_CODES[code] not in LIBVIRT_FORMATS:
         raise MigpipeError("a 'sparse' (QEMU mapped-ram) save image: migpipe reads only streamed "
                            "images; restore it with libvirt", 28, EXIT_INCOMPATIBLE)  # fmt: skip
     for index, word in enumerate(unused):
@@ -160,7 +160,7 @@ def encode_prefix(
     `partial` writes PARTIAL_MAGIC: the image is marked complete by writing SAVE_MAGIC at
     FINAL_MAGIC_OFFSET after the body, which needs a seekable file; for a pipe pass False.
     """
-    if image_format not in FORMATS:
+    if image_format not in LIBVIRT_FORMATS:
         raise MigpipeError(f"unknown save image format {image_format!r}", status=EXIT_USAGE)
     xml_bytes, cookie_bytes = xml.encode(), (cookie or "").encode()
     if not xml_bytes or b"\0" in xml_bytes + cookie_bytes:

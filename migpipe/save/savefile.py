@@ -30,6 +30,7 @@ from migpipe.io.channel import Channel, FdChannel, as_channel, stream_sink
 from migpipe.io.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.io.files import atomic_path, read_chunks
 from migpipe.keys import Secrets
+from migpipe.save import DEFAULT_CACHE
 from migpipe.save.fixedfile import UNPUBLISHED, PlainFile
 from migpipe.stream.writer import StreamWriter
 from migpipe.tunnel.dataplane import run_interruptible
@@ -37,7 +38,6 @@ from migpipe.tunnel.inplace import encode_in_place
 from migpipe.tunnel.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
 from migpipe.tunnel.progress import Progress
 
-LAYOUTS = ("stream", "fixed")
 QEMU_MAGIC = b"QEVM"
 LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
 UNSEALED_KINDS = {"qemu": "a bare QEMU stream", "libvirt": "a libvirt save image"}  # no key seals
@@ -161,7 +161,7 @@ async def save(
     layout: str = "stream",
     force: bool = False,
     progress: Progress | None = None,
-    cache: int = 64 << 20,
+    cache: int = DEFAULT_CACHE,
     libvirt: LibvirtTarget | None = None,
     commit: Callable[[], Awaitable[None]] | None = None,
     direct: Direct = False,
@@ -221,7 +221,7 @@ async def save_into(
     chain: Sequence[filters.Filter],
     layout: str = "stream",
     progress: Progress | None = None,
-    cache: int = 64 << 20,
+    cache: int = DEFAULT_CACHE,
     libvirt: LibvirtTarget | None = None,
     published: bool = True,
 ) -> Totals:

@@ -49,8 +49,10 @@ from migpipe.errors import (
 from migpipe.io.channel import Channel, FdChannel, read_waiting
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
+from migpipe.save import LAYOUTS
 from migpipe.save.fixedfile import PlainFile, check_chain
-from migpipe.save.savefile import LAYOUTS, restore_from, save_into
+from migpipe.save.savefile import restore_from, save_into
+from migpipe.service import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FDS, DEFAULT_MAX_JOBS
 from migpipe.service.protocol import (
     BOOLEAN,
     COMMANDS,
@@ -90,9 +92,6 @@ from migpipe.tunnel.pipeline import Totals, decode, encode
 from migpipe.tunnel.progress import INTERVAL, Progress
 from migpipe.units import parse_size
 
-DEFAULT_MAX_JOBS = 64
-DEFAULT_MAX_CONNECTIONS = 128  # each may hold DEFAULT_MAX_FDS, and fds for a line it has not ended
-DEFAULT_MAX_FDS = 64  # named fds that one connection may hold
 OUTBOX = 64  # messages queued for one client; progress events are dropped beyond it
 FLUSH_SECONDS = 5.0  # how long a flooding client gets to read its error before the close
 ACCEPT_BACKOFF = 0.1  # out of fds or memory: retry accept() after this long
