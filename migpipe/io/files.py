@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from migpipe.errors import MigpipeError
+from migpipe.io.channel import CHUNK
 from migpipe.stream.records import Record
 from migpipe.stream.writer import StreamWriter
 
-CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20  # pipe-max-size on stock Linux; 16x fewer wake-ups than the 64 KiB default
 
 

@@ -32,13 +32,13 @@ from migpipe.io.files import atomic_path, read_chunks
 from migpipe.keys import Secrets
 from migpipe.save import DEFAULT_CACHE
 from migpipe.save.fixedfile import UNPUBLISHED, PlainFile
+from migpipe.stream import format as fmt
 from migpipe.stream.writer import StreamWriter
 from migpipe.tunnel.dataplane import run_interruptible
 from migpipe.tunnel.inplace import encode_in_place
 from migpipe.tunnel.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
 from migpipe.tunnel.progress import Progress
 
-QEMU_MAGIC = b"QEVM"
 LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
 UNSEALED_KINDS = {"qemu": "a bare QEMU stream", "libvirt": "a libvirt save image"}  # no key seals
 
@@ -73,7 +73,7 @@ def _kind_of(head: bytes, path: Path | str) -> str:
         return "fixed"
     if head.startswith(LIBVIRT_MAGICS):
         return "libvirt"
-    if head.startswith(QEMU_MAGIC):
+    if head.startswith(fmt.BE32.pack(fmt.MAGIC)):
         return "qemu"
     if head and head.strip(b"\0") == b"":
         raise MigpipeError(f"{path}: an unfinished migpipe save (its header was never written)")

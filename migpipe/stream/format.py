@@ -62,7 +62,6 @@ CONFIG_UUID = "configuration/uuid"
 
 DEFAULT_PAGE_SIZE = 4096  # TARGET_PAGE_SIZE on x86
 XBZRLE_CACHE_SIZE = 64 << 20  # QEMU's default xbzrle-cache-size; migpipe's xbzrle filter's too
-MAPPED_RAM_HEADER_SIZE = 28
 
 BE16 = struct.Struct(">H")
 BE32 = struct.Struct(">I")

@@ -60,6 +60,10 @@ class OpaqueData(NamedTuple):
 
 
 class RamBlock(NamedTuple):
+    """One block of MEM_SIZE's list. `page_size` and `mapped_ram` are always None today (the
+    parser refuses streams that carry them), but the writer emits them, so the block list of a
+    huge-page or mapped-ram stream is rewritten byte for byte once the parser takes one."""
+
     name: str
     used_length: int
     page_size: int | None = None  # only for huge-page blocks under postcopy
@@ -131,7 +135,6 @@ class VmDescription(NamedTuple):
     json: bytes
 
 
-PageRecord = ZeroPage | NormalPage | XbzrlePage | CompressedPage
 Record = (
     FileHeader
     | Configuration
