@@ -12,7 +12,7 @@ is specified in migpipe-wire(5).
 import base64
 import hashlib
 import hmac
-import secrets as random
+from secrets import token_bytes  # the CSPRNG (`secrets` names the user's Secrets here)
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -79,7 +79,7 @@ class Encrypt(ByteFilter):
                 status=EXIT_USAGE,
             )
         user = secrets.user_key("encrypt")
-        file_key, salt = random.token_bytes(KEY_SIZE), random.token_bytes(SALT_SIZE)
+        file_key, salt = token_bytes(KEY_SIZE), token_bytes(SALT_SIZE)
         log_n = SCRYPT_LOG_N if user.kind == "passphrase" else None
         wrapped = AESGCM(_wrapping_key(user, salt, log_n)).encrypt(
             WRAP_NONCE, file_key, WRAP_INFO + cipher.encode()
