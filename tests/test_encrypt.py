@@ -371,3 +371,13 @@ def test_a_readers_scrypt_ceiling_is_checked_before_any_work(
     out, error = decode_bytes(data, lowered)
     assert out == b"" and error.status == EXIT_CORRUPT and ran == []
     assert "scrypt cost 2^12 is outside 2^10..2^11" in error.message
+
+
+def test_a_key_refuses_a_bare_stream_on_standard_input(key: Path) -> None:
+    """inspect - reads a bare QEMU stream, which nothing can have sealed: with a key, refused
+    as a named file of that kind is."""
+    result = migpipe("inspect", "-", "--key-file", str(key), stdin=small_stream())
+    assert result.returncode == EXIT_KEY and b"standard input (a bare QEMU stream)" in result.stderr
+    allowed = migpipe("inspect", "-", "--key-file", str(key), "--allow-unencrypted",
+                      stdin=small_stream())  # fmt: skip
+    assert allowed.returncode == 0

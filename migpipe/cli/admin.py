@@ -5,6 +5,7 @@ from pathlib import Path
 
 from migpipe.cli.command import Command
 from migpipe.cli.options import size_argument
+from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.running import run_trio
 from migpipe.service import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_JOBS
 
@@ -22,7 +23,8 @@ def register(command: Command) -> None:
                           help="the listening host's DNS names and IP addresses")  # fmt: skip
     tls_init.add_argument("--client-name", required=True, metavar="NAME",
                           help="the connecting host's name")  # fmt: skip
-    tls_init.add_argument("--days", type=int, default=1095, help="validity in days (1095)")
+    tls_init.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS,
+                          help="validity in days (%(default)s)")  # fmt: skip
     tls_init.add_argument("--force", action="store_true", help="replace existing credentials")
     tls_init.add_argument("--ca-dir", type=Path, metavar="DIR",
                           help="put ca-key.pem (and ca-cert.pem) here, off the hosts")  # fmt: skip

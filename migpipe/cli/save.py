@@ -111,8 +111,8 @@ def libvirt_target(args: argparse.Namespace, chain: list):
     from migpipe.save.savefile import LibvirtTarget
 
     if args.libvirt_xml is None:
-        if args.image_format is not None:
-            raise MigpipeError("--image-format needs --libvirt-xml", status=EXIT_USAGE)
+        if args.image_format is not None or args.paused:
+            raise MigpipeError("--image-format and --paused need --libvirt-xml", status=EXIT_USAGE)
         return None
     if chain or args.layout != "stream":
         message = ("a libvirt save image holds QEMU's stream, compressed by --image-format: "

@@ -82,7 +82,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stats = StreamStats(args.page_size)
     error, about = None, {}
     with contextlib.ExitStack() as stack:
-        if args.stream == "-":
+        if args.stream == "-":  # a bare QEMU stream: nothing a key could have sealed
+            secrets_of(args).check_sealed(False, "standard input (a bare QEMU stream)")
             chunks = read_chunks(stack.enter_context(open_input("-")))
         else:
             from migpipe.save.savefile import saved_stream

@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.io.files import atomic_fd, private_directory, write_all
 from migpipe.io.tls import CA_CERT, CLIENT, SERVER
 
 CA_KEY = "ca-key.pem"
-DEFAULT_DAYS = 1095
 KEY_MODE, CERT_MODE = 0o600, 0o644
 MAX_DAYS = 36500
 FILES = (CA_CERT, CA_KEY, SERVER.cert, SERVER.key, CLIENT.cert, CLIENT.key)
@@ -166,7 +166,7 @@ def tls_init(
     ca_name: str,
     server_names: Sequence[str],
     client_name: str,
-    days: int = DEFAULT_DAYS,
+    days: int = DEFAULT_CERT_DAYS,
     *,
     force: bool = False,
     ca_directory: Path | None = None,
