@@ -58,8 +58,8 @@ T = TypeVar("T")
 class Totals:
     """What crossed: the QEMU stream's size, pages and digest, the wire's size, filter time.
 
-    Figures only: the wire's own counts that the trailer checks live in WireWriter and
-    WireDecoder, which hand `frames` and `digest` over at the end.
+    Figures only, for progress and --stats-json: the counts the trailer vouches for are kept
+    by WireWriter and WireDecoder, and `frames` and `digest` are copied from them at the end.
     """
 
     qemu_bytes: int = 0
