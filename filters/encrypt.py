@@ -22,7 +22,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from migpipe.chain import ByteFilter, Position
-from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_KEY, EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    IncompatibleError,
+    SecretError,
+    UsageError,
+)
 from migpipe.keys import KEY_SIZE, Secrets, UserKey
 
 CIPHERS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
@@ -48,7 +53,7 @@ def _unb64(text: Any, size: int, what: str) -> bytes:
     except (TypeError, ValueError):
         data = b""
     if len(data) != size:
-        raise MigpipeError(f"encrypt: malformed {what} in the header", status=EXIT_CORRUPT)
+        raise CorruptError(f"encrypt: malformed {what} in the header")
     return data
 
 
@@ -74,9 +79,8 @@ class Encrypt(ByteFilter):
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Encrypt":
         cipher = CIPHER_NAMES.get(argument or "aes")
         if cipher is None:
-            raise MigpipeError(
+            raise UsageError(
                 f"encrypt: unknown cipher {argument!r} (aes-256-gcm or chacha20-poly1305)",
-                status=EXIT_USAGE,
             )
         user = secrets.user_key("encrypt")
         file_key, salt = token_bytes(KEY_SIZE), token_bytes(SALT_SIZE)
@@ -101,26 +105,24 @@ class Encrypt(ByteFilter):
         expected = {"cipher", "kdf", "salt", "wrapped", *(["log_n"] if kdf == "scrypt" else [])}
         if cipher not in CIPHERS or kdf not in ("key", "scrypt") or set(params) != expected:
             message = f"encrypt: unknown cipher {cipher!r}, kdf {kdf!r} or fields {sorted(params)}"
-            raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+            raise IncompatibleError(message)
         ceiling = min(SCRYPT_LOG_N_MAX, secrets.max_scrypt_log_n or SCRYPT_LOG_N_MAX)
         if kdf == "scrypt" and not (type(log_n) is int and 10 <= log_n <= ceiling):
-            raise MigpipeError(f"encrypt: scrypt cost 2^{log_n} is outside 2^10..2^{ceiling}",
-                               status=EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(f"encrypt: scrypt cost 2^{log_n} is outside 2^10..2^{ceiling}")
         salt = _unb64(params["salt"], SALT_SIZE, "salt")
         wrapped = _unb64(params["wrapped"], KEY_SIZE + TAG_SIZE, "wrapped key")
         user = secrets.user_key("this stream is encrypted and")
         if (user.kind == "passphrase") != (kdf == "scrypt"):
             needed = "a passphrase" if kdf == "scrypt" else "a key file (--key-file/--key-fd)"
-            raise MigpipeError(f"this stream was encrypted with {needed}", status=EXIT_KEY)
+            raise SecretError(f"this stream was encrypted with {needed}")
         try:
             file_key = AESGCM(_wrapping_key(user, salt, log_n)).decrypt(
                 WRAP_NONCE, wrapped, WRAP_INFO + cipher.encode()
             )
         except InvalidTag:
-            raise MigpipeError(
+            raise SecretError(
                 "encrypt: the key does not open this stream (wrong key or passphrase, "
                 "or an altered header)",
-                status=EXIT_KEY,
             ) from None
         return cls(cipher, file_key, {k: v for k, v in params.items() if k != "cipher"})
 
@@ -134,9 +136,8 @@ class Encrypt(ByteFilter):
 
     def check_header_tag(self, signed: bytes, tag: bytes) -> None:
         if not hmac.compare_digest(self.header_tag(signed), tag):
-            raise MigpipeError(
+            raise CorruptError(
                 "encrypt: the header failed authentication (altered after it was sealed)",
-                status=EXIT_CORRUPT,
             )
 
     def bind(self, header: bytes) -> None:
@@ -155,9 +156,8 @@ class Encrypt(ByteFilter):
         try:
             return self._reply.decrypt(index.to_bytes(12, "big"), sealed, None)
         except InvalidTag:
-            raise MigpipeError(
+            raise CorruptError(
                 "encrypt: the answer failed authentication (not sealed for this stream)",
-                status=EXIT_CORRUPT,
             ) from None
 
     @staticmethod
@@ -169,13 +169,14 @@ class Encrypt(ByteFilter):
 
     def decode(self, data: bytes, limit: int, position: Position) -> bytes:
         if not TAG_SIZE <= len(data) <= limit + TAG_SIZE:
-            raise MigpipeError(f"encrypt: payload {position.index} of {len(data)} bytes "
-                               "cannot be a sealed payload", status=EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(
+                f"encrypt: payload {position.index} of {len(data)} bytes cannot be a sealed payload"
+            )
         try:
             return self._aead.decrypt(self._nonce(position), data, None)
         except InvalidTag:
             what = "last payload" if position.final else f"payload {position.index}"
-            raise MigpipeError(
+            raise CorruptError(
                 f"encrypt: {what} failed authentication (altered, reordered, repeated, "
-                "or from another stream)", status=EXIT_CORRUPT,
-            ) from None  # fmt: skip
+                "or from another stream)",
+            ) from None

@@ -7,7 +7,10 @@ decompression (see perf-anchors); frames are independent so two threads work at 
 import lz4.frame
 
 from migpipe.chain import ByteFilter, Position, number_argument
-from migpipe.errors import EXIT_CORRUPT, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    MigpipeError,
+)
 from migpipe.keys import Secrets
 
 
@@ -36,14 +39,12 @@ class Lz4(ByteFilter):
         try:
             size = lz4.frame.get_frame_info(data)["content_size"]
             if not 0 < size <= limit:
-                raise MigpipeError(f"lz4 frame declares {size} bytes (limit {limit})",
-                                   status=EXIT_CORRUPT)  # fmt: skip
+                raise CorruptError(f"lz4 frame declares {size} bytes (limit {limit})")
             decompressor = lz4.frame.LZ4FrameDecompressor()
             payload = decompressor.decompress(data, max_length=size)
             complete = decompressor.eof and not decompressor.unused_data
         except RuntimeError as e:
-            raise MigpipeError(f"corrupt lz4 frame: {e}", status=EXIT_CORRUPT) from None
+            raise CorruptError(f"corrupt lz4 frame: {e}") from None
         if not complete or len(payload) != size:
-            raise MigpipeError(f"corrupt lz4 frame: {len(payload)} bytes of {size}, or extra data",
-                               status=EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(f"corrupt lz4 frame: {len(payload)} bytes of {size}, or extra data")
         return payload

@@ -17,7 +17,11 @@ from collections import OrderedDict
 from typing import Any
 
 from migpipe.chain import PageFilter, RecordTransform
-from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    IncompatibleError,
+    MigpipeError,
+)
 from migpipe.keys import Secrets
 from migpipe.stream import format as fmt
 from migpipe.stream.ramimage import apply_page, inflate_page
@@ -154,8 +158,13 @@ class _Encoder(RecordTransform):
         return out
 
     def counters(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "overflows": self.overflows,
-                "unchanged": self.unchanged, "evictions": self.cache.evictions}  # fmt: skip
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "overflows": self.overflows,
+            "unchanged": self.unchanged,
+            "evictions": self.cache.evictions,
+        }
 
 
 class _Decoder(RecordTransform):
@@ -173,10 +182,10 @@ class _Decoder(RecordTransform):
             if kind is XbzrlePage and record.encoding == WIRE_ENCODING:
                 page = cache.update((record.block, record.offset), record)
                 if page is None:
-                    raise MigpipeError(
+                    raise CorruptError(
                         f"xbzrle delta for page 0x{record.offset:x} of {record.block!r}, "
-                        "which is not in the cache: the two ends disagree", status=EXIT_CORRUPT,
-                    )  # fmt: skip
+                        "which is not in the cache: the two ends disagree",
+                    )
                 record = NormalPage(record.block, record.offset, bytes(page), record.named)
                 self.deltas += 1
             elif kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
@@ -203,7 +212,7 @@ class Xbzrle(PageFilter):
         try:
             return cls(**params)
         except MigpipeError as e:
-            raise MigpipeError(f"wire header: {e.message}", None, EXIT_INCOMPATIBLE) from None
+            raise IncompatibleError(f"wire header: {e.message}", None) from None
 
     @classmethod
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Xbzrle":

@@ -9,7 +9,10 @@ import threading
 import zstandard
 
 from migpipe.chain import ByteFilter, Position, number_argument
-from migpipe.errors import EXIT_CORRUPT, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    MigpipeError,
+)
 from migpipe.keys import Secrets
 
 _local = threading.local()  # zstandard (de)compressor objects are not thread-safe
@@ -41,11 +44,10 @@ class Zstd(ByteFilter):
         try:
             size = zstandard.frame_content_size(data)
             if size < 0 or size > limit:
-                raise MigpipeError(f"zstd frame declares {size} bytes (limit {limit})",
-                                   status=EXIT_CORRUPT)  # fmt: skip
+                raise CorruptError(f"zstd frame declares {size} bytes (limit {limit})")
             decompressor = _local.__dict__.get("decompressor")
             if decompressor is None:
                 decompressor = _local.decompressor = zstandard.ZstdDecompressor()
             return decompressor.decompress(data, max_output_size=limit, allow_extra_data=False)
         except zstandard.ZstdError as e:
-            raise MigpipeError(f"corrupt zstd frame: {e}", status=EXIT_CORRUPT) from None
+            raise CorruptError(f"corrupt zstd frame: {e}") from None

@@ -13,7 +13,10 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
-from migpipe.errors import EXIT_INCOMPATIBLE, MigpipeError
+from migpipe.errors import (
+    IncompatibleError,
+    MigpipeError,
+)
 from migpipe.keys import Secrets
 from migpipe.stream.records import Record
 
@@ -219,7 +222,7 @@ def load(name: str) -> type[Filter]:
         except Exception as e:  # a broken plugin must fail clearly, and only when used
             raise MigpipeError(f"filter plugin {name!r} failed to load: {e}") from None
     message = f"unknown filter {name!r} (installed: {', '.join(installed())})"
-    raise MigpipeError(message, None, EXIT_INCOMPATIBLE)
+    raise IncompatibleError(message, None)
 
 
 def create(name: str, params: dict[str, Any], secrets: Secrets | None = None) -> Filter:
@@ -229,7 +232,7 @@ def create(name: str, params: dict[str, Any], secrets: Secrets | None = None) ->
         return cls.from_params(params, secrets or Secrets())
     except TypeError as e:
         message = f"bad parameters for filter {name!r}: {e}"
-        raise MigpipeError(message, None, EXIT_INCOMPATIBLE) from None
+        raise IncompatibleError(message, None) from None
 
 
 def parse_chain(text: str, secrets: Secrets | None = None) -> list[Filter]:
@@ -249,4 +252,4 @@ def check_order(chain: Sequence[Filter]) -> None:
             "filters run in this order: page filters (xbzrle), then compression (zstd, lz4), "
             "then encryption (encrypt)"
         )
-        raise MigpipeError(message, None, EXIT_INCOMPATIBLE)
+        raise IncompatibleError(message, None)

@@ -30,16 +30,83 @@ def leaves(exc: BaseException) -> Iterator[BaseException]:
 class MigpipeError(Exception):
     """A failure explained for the user, with the stream offset where it was found, if any."""
 
-    def __init__(self, message: str, offset: int | None = None, status: int = EXIT_ERROR) -> None:
+    default_status = EXIT_ERROR  # each subclass below names its own
+
+    def __init__(self, message: str, offset: int | None = None, status: int | None = None) -> None:
         super().__init__(message, offset)
         self.message = message
         self.offset = offset
-        self.status = status
+        self.status = self.default_status if status is None else status
 
     def __str__(self) -> str:
         if self.offset is None:
             return self.message
         return f"{self.message} (at byte offset {self.offset})"
+
+
+class UsageError(MigpipeError):
+    """A wrong option or combination of options (status 2)."""
+
+    default_status = EXIT_USAGE
+
+
+class CorruptError(MigpipeError):
+    """Input that failed a check: a checksum, an order, a total, a malformed header (3)."""
+
+    default_status = EXIT_CORRUPT
+
+
+class TruncatedError(MigpipeError):
+    """Input that ended early (4)."""
+
+    default_status = EXIT_TRUNCATED
+
+
+class PeerGoneError(MigpipeError):
+    """The other end of a pipe or connection went away, or never came (5)."""
+
+    default_status = EXIT_PEER_GONE
+
+
+class IncompatibleError(MigpipeError):
+    """Input of a version, flag, filter or parameter this migpipe does not take (6)."""
+
+    default_status = EXIT_INCOMPATIBLE
+
+
+class SecretError(MigpipeError):
+    """No key, the wrong key, or input a key was given for that is not sealed with it (7)."""
+
+    default_status = EXIT_KEY
+
+
+class TlsError(MigpipeError):
+    """A TLS handshake or peer check failed (8)."""
+
+    default_status = EXIT_TLS
+
+
+class UnconfirmedError(MigpipeError):
+    """QEMU completed a migration, but whether the destination did is unknown (9)."""
+
+    default_status = EXIT_UNCONFIRMED
+
+
+# The subclass for each status, for code that picks one at run time.
+BY_STATUS: dict[int, type[MigpipeError]] = {
+    cls.default_status: cls
+    for cls in (
+        MigpipeError,
+        UsageError,
+        CorruptError,
+        TruncatedError,
+        PeerGoneError,
+        IncompatibleError,
+        SecretError,
+        TlsError,
+        UnconfirmedError,
+    )
+}
 
 
 class Stopped(Exception):

@@ -17,7 +17,11 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from migpipe.errors import EXIT_KEY, EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    MigpipeError,
+    SecretError,
+    UsageError,
+)
 from migpipe.io.files import (
     NameTaken,
     atomic_fd,
@@ -73,10 +77,9 @@ class Secrets:
         """Refuse `what` (the input, a file) when it is not sealed but must be; before one
         byte of it reaches QEMU."""
         if self.sealing_required and not sealed:
-            raise MigpipeError(
+            raise SecretError(
                 f"{what} is not encrypted, but a key was given: refused, since anyone could have "
                 "written it (--allow-unencrypted accepts it)",
-                status=EXIT_KEY,
             )
 
     def user_key(self, purpose: str) -> UserKey:
@@ -98,19 +101,18 @@ class Secrets:
             return passphrase(text, f"fd {self.passphrase_fd}")
         if self.ask_passphrase:
             return passphrase(self._prompt(), "the terminal")
-        raise MigpipeError(
+        raise SecretError(
             f"{purpose} needs a key: give --key-file FILE, --key-fd N, --passphrase-file FILE, "
             "--passphrase-fd N or --ask-passphrase",
-            status=EXIT_KEY,
         )
 
     def _prompt(self) -> bytes:
         try:
             text = getpass.getpass("migpipe passphrase: ")
             if self.confirm and getpass.getpass("migpipe passphrase (again): ") != text:
-                raise MigpipeError("the passphrases do not match", status=EXIT_USAGE)
+                raise UsageError("the passphrases do not match")
         except EOFError:
-            raise MigpipeError("no passphrase given", status=EXIT_USAGE) from None
+            raise UsageError("no passphrase given") from None
         return text.encode()
 
 

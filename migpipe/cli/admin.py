@@ -19,35 +19,67 @@ def register(command: Command) -> None:
     )
     tls_init.add_argument("directory", type=Path, help="where to write them (created 0700)")
     tls_init.add_argument("--ca", required=True, metavar="NAME", help="the CA's common name")
-    tls_init.add_argument("--server-name", required=True, metavar="NAME[,NAME...]",
-                          help="the listening host's DNS names and IP addresses")  # fmt: skip
-    tls_init.add_argument("--client-name", required=True, metavar="NAME",
-                          help="the connecting host's name")  # fmt: skip
-    tls_init.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS,
-                          help="validity in days (%(default)s)")  # fmt: skip
+    tls_init.add_argument(
+        "--server-name",
+        required=True,
+        metavar="NAME[,NAME...]",
+        help="the listening host's DNS names and IP addresses",
+    )
+    tls_init.add_argument(
+        "--client-name", required=True, metavar="NAME", help="the connecting host's name"
+    )
+    tls_init.add_argument(
+        "--days", type=int, default=DEFAULT_CERT_DAYS, help="validity in days (%(default)s)"
+    )
     tls_init.add_argument("--force", action="store_true", help="replace existing credentials")
-    tls_init.add_argument("--ca-dir", type=Path, metavar="DIR",
-                          help="put ca-key.pem (and ca-cert.pem) here, off the hosts")  # fmt: skip
+    tls_init.add_argument(
+        "--ca-dir",
+        type=Path,
+        metavar="DIR",
+        help="put ca-key.pem (and ca-cert.pem) here, off the hosts",
+    )
 
     serve = command(
         "serve", cmd_serve, "Run encode and decode jobs on fds that daemons pass over a socket."
     )
-    serve.add_argument("--socket", required=True, metavar="PATH",
-                       help="the UNIX socket to listen on (mode 0600)")  # fmt: skip
-    serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                       help="also serve this uid (repeatable; the socket becomes 0666 and "
-                       "SO_PEERCRED decides)")  # fmt: skip
-    serve.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS, metavar="N",
-                       help="jobs running at once, over all connections (%(default)s)")  # fmt: skip
-    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                       metavar="N", help="clients served at once; more are refused "
-                       "(%(default)s)")  # fmt: skip
-    serve.add_argument("--max-jobs-per-uid", type=int, metavar="N",
-                       help="jobs one uid may run at once (half of --max-jobs with "
-                       "--allow-uid, else all)")  # fmt: skip
-    serve.add_argument("--max-connections-per-uid", type=int, metavar="N",
-                       help="clients of one uid served at once (half of --max-connections "
-                       "with --allow-uid, else all)")  # fmt: skip
+    serve.add_argument(
+        "--socket", required=True, metavar="PATH", help="the UNIX socket to listen on (mode 0600)"
+    )
+    serve.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also serve this uid (repeatable; the socket becomes 0666 and SO_PEERCRED decides)",
+    )
+    serve.add_argument(
+        "--max-jobs",
+        type=int,
+        default=DEFAULT_MAX_JOBS,
+        metavar="N",
+        help="jobs running at once, over all connections (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="clients served at once; more are refused (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-jobs-per-uid",
+        type=int,
+        metavar="N",
+        help="jobs one uid may run at once (half of --max-jobs with --allow-uid, else all)",
+    )
+    serve.add_argument(
+        "--max-connections-per-uid",
+        type=int,
+        metavar="N",
+        help="clients of one uid served at once (half of --max-connections "
+        "with --allow-uid, else all)",
+    )
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
     )
@@ -68,8 +100,15 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     from migpipe.io.tlsinit import instructions, tls_init
 
     names = [name.strip() for name in args.server_name.split(",")]
-    written = tls_init(args.directory, args.ca, names, args.client_name, args.days,
-                       force=args.force, ca_directory=args.ca_dir)  # fmt: skip
+    written = tls_init(
+        args.directory,
+        args.ca,
+        names,
+        args.client_name,
+        args.days,
+        force=args.force,
+        ca_directory=args.ca_dir,
+    )
     print(instructions(written))
     return 0
 

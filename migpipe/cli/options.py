@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    MigpipeError,
+    UsageError,
+)
 from migpipe.io.files import open_input, open_output
 from migpipe.stream.format import XBZRLE_CACHE_SIZE
 from migpipe.units import UNITS, parse_size
@@ -182,9 +185,15 @@ def direct_option(sub: argparse.ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"--direct takes no value or 'try', not {text!r}")
         return text
 
-    sub.add_argument("--direct", nargs="?", const=True, default=False, type=mode,
-                     help="bypass the page cache (O_DIRECT); =try: fall back to buffered I/O "
-                     "that drops the cache behind it")  # fmt: skip
+    sub.add_argument(
+        "--direct",
+        nargs="?",
+        const=True,
+        default=False,
+        type=mode,
+        help="bypass the page cache (O_DIRECT); =try: fall back to buffered I/O "
+        "that drops the cache behind it",
+    )
 
 
 def filter_chain(args: argparse.Namespace) -> list:
@@ -242,7 +251,7 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
     given = args.input != "-" if role == "input" else args.output is not None
     if (args.connect or args.listen) and given:
         option = "--in" if role == "input" else "--out"
-        raise MigpipeError(f"{option} and --connect/--listen both name the wire", None, EXIT_USAGE)
+        raise UsageError(f"{option} and --connect/--listen both name the wire", None)
     wrap, gate = tls_ends(args)  # bad credentials fail before the network is touched
     if args.connect or args.listen:
         if args.connect:
@@ -276,14 +285,14 @@ def tls_ends(args: argparse.Namespace) -> tuple[Callable | None, Callable | None
     by (its handshake and --tls-peer check); (None, None) without --tls-creds."""
     if args.tls_creds is None:
         if args.tls_hostname or args.tls12 or args.tls_peer:
-            raise MigpipeError("--tls-hostname, --tls-peer and --tls12 need --tls-creds",
-                               status=EXIT_USAGE)  # fmt: skip
+            raise UsageError("--tls-hostname, --tls-peer and --tls12 need --tls-creds")
         return None, None
     if not (args.connect or args.listen):
-        raise MigpipeError("--tls-creds needs --connect or --listen", status=EXIT_USAGE)
+        raise UsageError("--tls-creds needs --connect or --listen")
     if args.listen and args.tls_hostname:  # the listener checks the client's certificate only
-        raise MigpipeError("--tls-hostname names the server to check: it goes with --connect, "
-                           "not --listen", status=EXIT_USAGE)  # fmt: skip
+        raise UsageError(
+            "--tls-hostname names the server to check: it goes with --connect, not --listen"
+        )
     from migpipe.io import tls
 
     if args.connect:

@@ -21,7 +21,10 @@ from migpipe.cli.options import (
     size_argument,
     size_text,
 )
-from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    MigpipeError,
+    UsageError,
+)
 from migpipe.io.channel import stream_sink
 from migpipe.running import run_trio
 from migpipe.save import DEFAULT_CACHE, LAYOUTS, LIBVIRT_FORMATS
@@ -35,28 +38,44 @@ def register(command: Command) -> None:
     save.add_argument("file", help="the file to write (appears only once complete)")
     given = save.add_mutually_exclusive_group()
     given.add_argument("--fd", type=int, metavar="N", help="read the stream from fd N (stdin)")
-    given.add_argument("--qmp", metavar="SOCKET",
-                       help="save the QEMU behind this QMP socket, driving it")  # fmt: skip
-    save.add_argument("--live", action="store_true",
-                      help="with --qmp: the guest runs on during the save")  # fmt: skip
-    save.add_argument("--resume", action="store_true",
-                      help="with --qmp: run the guest after the save, if it ran")  # fmt: skip
+    given.add_argument(
+        "--qmp", metavar="SOCKET", help="save the QEMU behind this QMP socket, driving it"
+    )
+    save.add_argument(
+        "--live", action="store_true", help="with --qmp: the guest runs on during the save"
+    )
+    save.add_argument(
+        "--resume", action="store_true", help="with --qmp: run the guest after the save, if it ran"
+    )
     save.add_argument(
         "--layout",
         choices=LAYOUTS,
         default=LAYOUTS[0],
         help="stream: the stream as sent (default); fixed: each RAM page stored once",
     )
-    save.add_argument("--cache", type=size_argument, default=size_text(DEFAULT_CACHE),
-                      help="fixed layout: RAM extents kept in memory (%(default)s)")  # fmt: skip
+    save.add_argument(
+        "--cache",
+        type=size_argument,
+        default=size_text(DEFAULT_CACHE),
+        help="fixed layout: RAM extents kept in memory (%(default)s)",
+    )
     save.add_argument("--force", action="store_true", help="replace an existing FILE")
     save.add_argument("--summary", action="store_true", help="print what was stored, on stderr")
-    save.add_argument("--libvirt-xml", metavar="XML",
-                      help="write a libvirt save image (virsh restore) of this domain")  # fmt: skip
-    save.add_argument("--image-format", choices=LIBVIRT_FORMATS,
-                      help="with --libvirt-xml: how libvirt compresses the body (raw)")  # fmt: skip
-    save.add_argument("--paused", action="store_true",
-                      help="with --libvirt-xml: virsh restore leaves the guest paused")  # fmt: skip
+    save.add_argument(
+        "--libvirt-xml",
+        metavar="XML",
+        help="write a libvirt save image (virsh restore) of this domain",
+    )
+    save.add_argument(
+        "--image-format",
+        choices=LIBVIRT_FORMATS,
+        help="with --libvirt-xml: how libvirt compresses the body (raw)",
+    )
+    save.add_argument(
+        "--paused",
+        action="store_true",
+        help="with --libvirt-xml: virsh restore leaves the guest paused",
+    )
     reporting_options(save)
     direct_option(save)
     filter_options(save)
@@ -65,8 +84,9 @@ def register(command: Command) -> None:
     restore.add_argument("file", help="a file written by migpipe save (or migpipe encode)")
     taker = restore.add_mutually_exclusive_group()
     taker.add_argument("--fd", type=int, metavar="N", help="write the stream to fd N (stdout)")
-    taker.add_argument("--qmp", metavar="SOCKET",
-                       help="load it into the QEMU behind this QMP socket")  # fmt: skip
+    taker.add_argument(
+        "--qmp", metavar="SOCKET", help="load it into the QEMU behind this QMP socket"
+    )
     reporting_options(restore)
     direct_option(restore)
     reader_key_options(restore)
@@ -84,12 +104,20 @@ def cmd_save(args: argparse.Namespace) -> int:
     from migpipe.save.savefile import save
 
     if args.qmp is None and (args.live or args.resume):
-        raise MigpipeError("--live and --resume drive QEMU: they need --qmp", status=EXIT_USAGE)
+        raise UsageError("--live and --resume drive QEMU: they need --qmp")
     chain = filter_chain(args)
     libvirt = libvirt_target(args, chain)
-    store = functools.partial(save, path=Path(args.file), chain=chain, layout=args.layout,
-                              force=args.force, progress=progress(args, "save"),
-                              cache=args.cache, libvirt=libvirt, direct=args.direct)  # fmt: skip
+    store = functools.partial(
+        save,
+        path=Path(args.file),
+        chain=chain,
+        layout=args.layout,
+        force=args.force,
+        progress=progress(args, "save"),
+        cache=args.cache,
+        libvirt=libvirt,
+        direct=args.direct,
+    )
     if args.qmp is not None:
         from migpipe.qemu import migration as drive
 
@@ -112,12 +140,14 @@ def libvirt_target(args: argparse.Namespace, chain: list):
 
     if args.libvirt_xml is None:
         if args.image_format is not None or args.paused:
-            raise MigpipeError("--image-format and --paused need --libvirt-xml", status=EXIT_USAGE)
+            raise UsageError("--image-format and --paused need --libvirt-xml")
         return None
     if chain or args.layout != "stream":
-        message = ("a libvirt save image holds QEMU's stream, compressed by --image-format: "
-                   "it takes no migpipe filters and no --layout")  # fmt: skip
-        raise MigpipeError(message, status=EXIT_USAGE)
+        message = (
+            "a libvirt save image holds QEMU's stream, compressed by --image-format: "
+            "it takes no migpipe filters and no --layout"
+        )
+        raise UsageError(message)
     try:
         xml = Path(args.libvirt_xml).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -129,8 +159,9 @@ def print_save_summary(path: Path, totals) -> None:
     size = path.stat().st_size
     used = path.stat().st_blocks * 512
     fixed = totals.filter_counters.get("fixed")
-    lines = [f"saved {totals.qemu_bytes:,} stream bytes to {path}: {size:,} bytes "
-             f"({used:,} on disk)"]  # fmt: skip
+    lines = [
+        f"saved {totals.qemu_bytes:,} stream bytes to {path}: {size:,} bytes ({used:,} on disk)"
+    ]
     if fixed:
         lines.append(
             f"pages received {fixed['pages_received']:,}, stored {fixed['pages_stored']:,}, "
@@ -149,8 +180,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from migpipe.qemu import migration as drive
 
         sized(shown, args.file)
-        outcome = run_trio(drive.restore, args.qmp, Path(args.file), secrets_of(args), shown,
-                           args.direct)  # fmt: skip
+        outcome = run_trio(
+            drive.restore, args.qmp, Path(args.file), secrets_of(args), shown, args.direct
+        )
         report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
         print(drive.summary("restore", outcome), file=sys.stderr)
         return 0

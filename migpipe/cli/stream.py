@@ -51,10 +51,15 @@ def register(command: Command) -> None:
     source.add_argument("--synthetic", action="store_true", help="a synthetic guest")
     generate.add_argument("-o", "--output", help="output file (default: stdout)")
     generate.add_argument("--force", action="store_true", help="replace an existing output")
-    generate.add_argument("--size", type=size_argument, default=size_text(GUEST.ram_size),
-                          help="guest RAM (%(default)s)")  # fmt: skip
-    generate.add_argument("--iterations", type=int, default=GUEST.iterations,
-                          help="precopy passes (%(default)s)")  # fmt: skip
+    generate.add_argument(
+        "--size",
+        type=size_argument,
+        default=size_text(GUEST.ram_size),
+        help="guest RAM (%(default)s)",
+    )
+    generate.add_argument(
+        "--iterations", type=int, default=GUEST.iterations, help="precopy passes (%(default)s)"
+    )
     generate.add_argument(
         "--dirty",
         type=float,
@@ -120,11 +125,12 @@ def describe_file(about: dict) -> str:
         after = "running" if about["was_running"] else "paused"
         chain = f"{about['libvirt_format']} body, guest {after} after virsh restore"
     kind = "libvirt save image" if about["layout"] == "libvirt" else f"{about['layout']} layout"
-    line = (f"file: {kind}, {chain}; {about['file_bytes']:,} bytes "
-            f"({about['disk_bytes']:,} on disk)")  # fmt: skip
+    line = f"file: {kind}, {chain}; {about['file_bytes']:,} bytes ({about['disk_bytes']:,} on disk)"
     if "slots" in about:
-        line += (f"; {about['slots_written']:,} of {about['slots']:,} extent slots written, "
-                 f"{about['writes']:,} writes")  # fmt: skip
+        line += (
+            f"; {about['slots_written']:,} of {about['slots']:,} extent slots written, "
+            f"{about['writes']:,} writes"
+        )
     elif "frames" in about:
         line += f"; {about['frames']:,} frames"
     return line + "\n"

@@ -19,7 +19,9 @@ from migpipe.cli.options import (
     wire_end,
     wire_options,
 )
-from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    UsageError,
+)
 from migpipe.io.channel import stream_sink
 from migpipe.io.files import open_input, open_output
 from migpipe.running import run_trio
@@ -96,12 +98,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from migpipe.qemu.migration import migrate, summary
 
     if args.peer and (args.connect or args.listen or args.output is not None):
-        raise MigpipeError("COMMAND and --out/--connect/--listen both name the wire", None,
-                           EXIT_USAGE)  # fmt: skip
+        raise UsageError("COMMAND and --out/--connect/--listen both name the wire", None)
     chain = filter_chain(args)
     link = functools.partial(peer_link, args)
-    outcome = run_trio(migrate, args.qmp, link, chain, progress(args, "migrate"),
-                       not args.no_confirmation)  # fmt: skip
+    outcome = run_trio(
+        migrate, args.qmp, link, chain, progress(args, "migrate"), not args.no_confirmation
+    )
     answer = outcome.confirmation
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
     report(args, outcome.totals, qemu=outcome.qemu, destination=destination)
@@ -135,8 +137,9 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             else:
                 yield wire, sys.stdout.fileno() if args.input == "-" else None
 
-    outcome = run_trio(incoming, args.qmp, wire_and_answer, secrets_of(args),
-                       progress(args, "incoming"))  # fmt: skip
+    outcome = run_trio(
+        incoming, args.qmp, wire_and_answer, secrets_of(args), progress(args, "incoming")
+    )
     report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
     print(summary("incoming", outcome), file=sys.stderr)
     return 0

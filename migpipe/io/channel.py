@@ -16,7 +16,10 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from migpipe.errors import EXIT_PEER_GONE, MigpipeError, Stopped
+from migpipe.errors import (
+    PeerGoneError,
+    Stopped,
+)
 
 CHUNK = 1 << 20
 _INT = bytes(4)  # FIONREAD's out-parameter
@@ -113,7 +116,7 @@ class FdChannel:
                     views[0] = views[0][written:]
         except (BrokenPipeError, ConnectionResetError):
             message = "output closed by the reader (broken pipe)"
-            raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+            raise PeerGoneError(message) from None
 
 
 @contextlib.contextmanager
@@ -122,7 +125,7 @@ def _reset_is_peer_gone() -> Iterator[None]:
         yield
     except ConnectionResetError as e:
         message = f"input connection reset ({e.strerror})"
-        raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+        raise PeerGoneError(message) from None
 
 
 def _may_wait(fd: int) -> bool:

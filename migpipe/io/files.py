@@ -270,8 +270,10 @@ def _publish_new(dir_fd: int, temporary: str, path: Path, link_only: bool) -> No
     try:
         os.link(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileExistsError:
-        raise NameTaken(f"{path} appeared while this file was written; left untouched, "
-                        "nothing saved (use --force to replace it)") from None  # fmt: skip
+        raise NameTaken(
+            f"{path} appeared while this file was written; left untouched, "
+            "nothing saved (use --force to replace it)"
+        ) from None
     except OSError as e:
         if link_only or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
             raise
@@ -281,8 +283,9 @@ def _publish_new(dir_fd: int, temporary: str, path: Path, link_only: bool) -> No
         except FileNotFoundError:
             os.rename(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return
-        raise NameTaken(f"{path} appeared while this file was written; left untouched, "
-                        "nothing saved") from None  # fmt: skip
+        raise NameTaken(
+            f"{path} appeared while this file was written; left untouched, nothing saved"
+        ) from None
     os.unlink(temporary, dir_fd=dir_fd)
 
 

@@ -32,7 +32,13 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from migpipe.errors import EXIT_CORRUPT, EXIT_PEER_GONE, EXIT_TLS, EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    MigpipeError,
+    PeerGoneError,
+    TlsError,
+    UsageError,
+)
 from migpipe.io.channel import CHUNK, Readable
 from migpipe.io.files import read_private_file
 from migpipe.io.transport import parse_endpoint
@@ -148,9 +154,8 @@ def server_name(connect: str, tls_hostname: str | None) -> str:
     if tls_hostname:
         return tls_hostname
     if connect.startswith("unix:"):
-        raise MigpipeError(
+        raise UsageError(
             "TLS over a UNIX socket needs --tls-hostname NAME (a name in the server certificate)",
-            status=EXIT_USAGE,
         )
     _, (host, _) = parse_endpoint(connect, listening=False)
     return host or "localhost"  # where ":PORT" connects
@@ -229,10 +234,9 @@ def check_peer(ssl_sock: ssl.SSLSocket, tls: TlsContext) -> None:
         return
     other = CLIENT if tls.role is SERVER else SERVER
     shown = ", ".join(repr(name) for name in sorted(carried)) or "no name"
-    raise MigpipeError(
+    raise TlsError(
         f"TLS: the {other.name} certificate carries none of the --tls-peer names "
         f"({', '.join(tls.peers)}); it carries {shown}",
-        status=EXIT_TLS,
     )
 
 
@@ -341,7 +345,7 @@ def _reason(e: ssl.SSLError) -> str:
 
 def handshake_error(e: BaseException, tls: TlsContext, host: str | None) -> MigpipeError:
     """One line naming what failed in a handshake, and what to change; `host` on the client."""
-    return MigpipeError(f"TLS: {_explain(e, tls, host)}", status=EXIT_TLS)
+    return TlsError(f"TLS: {_explain(e, tls, host)}")
 
 
 def _explain(e: BaseException, tls: TlsContext, host: str | None) -> str:
@@ -457,7 +461,7 @@ class TlsChannel:
             raise _data_error(e, "reading") from None
         except ConnectionResetError as e:
             message = f"TLS connection reset by the peer while reading ({e.strerror})"
-            raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+            raise PeerGoneError(message) from None
         finally:
             view.release()
         del buffer[length:]
@@ -494,7 +498,7 @@ class TlsChannel:
                 self.socket.sendall(small)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
             message = "TLS connection closed by the reader (broken pipe)"
-            raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+            raise PeerGoneError(message) from None
         except ssl.SSLError as e:
             raise _data_error(e, "writing") from None
 
@@ -534,8 +538,8 @@ class TlsChannel:
 def _data_error(e: ssl.SSLError, doing: str) -> MigpipeError:
     if e.reason in REFUSED:  # a TLS 1.3 refusal that came after the handshake
         message = f"TLS: the other end refused our certificate: {REFUSED[e.reason]}"
-        return MigpipeError(message, status=EXIT_TLS)
+        return TlsError(message)
     if e.reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC":
         message = "TLS: a record failed its integrity check: the connection was tampered with"
-        return MigpipeError(message, status=EXIT_CORRUPT)
-    return MigpipeError(f"TLS error while {doing}: {_reason(e)}", status=EXIT_PEER_GONE)
+        return CorruptError(message)
+    return PeerGoneError(f"TLS error while {doing}: {_reason(e)}")

@@ -26,7 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from migpipe.errors import EXIT_USAGE, MigpipeError
+from migpipe.errors import (
+    UsageError,
+)
 from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.io.files import atomic_fd, private_directory, write_all
 from migpipe.io.tls import CA_CERT, CLIENT, SERVER
@@ -54,7 +56,7 @@ def san_entry(name: str) -> x509.GeneralName:
     except ValueError:
         pass
     if not HOST_NAME.fullmatch(name):
-        raise MigpipeError(f"{name!r} is neither a host name nor an IP address", status=EXIT_USAGE)
+        raise UsageError(f"{name!r} is neither a host name nor an IP address")
     return x509.DNSName(name)
 
 
@@ -154,10 +156,9 @@ def prepare_directory(directory: Path, names: Sequence[str], *, force: bool) -> 
     os.close(private_directory(directory, empty=False))
     existing = [name for name in names if os.path.lexists(directory / name)]
     if existing and not force:
-        raise MigpipeError(
+        raise UsageError(
             f"{directory / existing[0]} exists; tls-init never replaces credentials "
             "without --force (hosts that trust the old CA would be locked out)",
-            status=EXIT_USAGE,
         )
 
 
@@ -174,9 +175,9 @@ def tls_init(
     """Write a CA and a server and client certificate into `directory`, the CA's key into
     `ca_directory` (`directory` when None); the paths written."""
     if not server_names or not all(server_names) or not client_name:
-        raise MigpipeError("--server-name and --client-name need a name", status=EXIT_USAGE)
+        raise UsageError("--server-name and --client-name need a name")
     if not 1 <= days <= MAX_DAYS:
-        raise MigpipeError(f"--days must be 1 to {MAX_DAYS}, not {days}", status=EXIT_USAGE)
+        raise UsageError(f"--days must be 1 to {MAX_DAYS}, not {days}")
     for name in server_names:
         san_entry(name)  # refuses a bad name before anything is written
     separate = ca_directory is not None and ca_directory.resolve() != directory.resolve()

@@ -23,7 +23,10 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
-from migpipe.errors import EXIT_PEER_GONE, MigpipeError
+from migpipe.errors import (
+    MigpipeError,
+    PeerGoneError,
+)
 
 SOCKET_BUFFER = 4 << 20
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
@@ -80,14 +83,11 @@ def connect(spec: str, timeout: float) -> Iterator[socket.socket]:
             break
         except (ConnectionRefusedError, FileNotFoundError) as e:
             if time.monotonic() + delay > deadline:
-                raise MigpipeError(
-                    f"cannot connect to {spec}: {e.strerror}", status=EXIT_PEER_GONE
-                ) from None
+                raise PeerGoneError(f"cannot connect to {spec}: {e.strerror}") from None
             time.sleep(delay)  # the listener is not up yet: back off and try again
             delay = min(delay * 2, RETRY_MAX)
         except OSError as e:
-            raise MigpipeError(f"cannot connect to {spec}: {e.strerror or e}",
-                               status=EXIT_PEER_GONE) from None  # fmt: skip
+            raise PeerGoneError(f"cannot connect to {spec}: {e.strerror or e}") from None
     with sock:
         _tune(sock)
         yield sock
@@ -192,7 +192,7 @@ class _Admission:
                 if deadline is not None and now >= deadline:
                     more = f" ({self.refused} refused)" if self.refused else ""
                     message = f"no connection on {self.spec} within {timeout:g} s{more}"
-                    raise MigpipeError(message, status=EXIT_PEER_GONE)
+                    raise PeerGoneError(message)
                 for fd in [fd for fd, c in self.checking.items() if c.until <= now]:
                     if admitted := self._step(fd, TimeoutError(errno.ETIMEDOUT, "timed out")):
                         return admitted

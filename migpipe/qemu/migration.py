@@ -39,7 +39,11 @@ from typing import Any, Protocol
 import trio
 
 from migpipe import chain as filters
-from migpipe.errors import EXIT_PEER_GONE, EXIT_UNCONFIRMED, MigpipeError
+from migpipe.errors import (
+    MigpipeError,
+    PeerGoneError,
+    UnconfirmedError,
+)
 from migpipe.io.channel import Channel, as_channel
 from migpipe.io.direct import Direct
 from migpipe.io.files import enlarge_pipe
@@ -129,8 +133,9 @@ class Replies:
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buffer:
             if self._ended and not self._buffer.strip():
-                return Confirmation("lost", "the destination closed the connection without an "
-                                    "answer")  # fmt: skip
+                return Confirmation(
+                    "lost", "the destination closed the connection without an answer"
+                )
             if self._ended or len(self._buffer) > CONFIRMATION_LIMIT:
                 self._buffer += b"\n"  # a last line without its end is read as it is
                 break
@@ -141,8 +146,9 @@ class Replies:
                 chunk = self._read()
             except (OSError, MigpipeError) as e:
                 why = e.strerror if isinstance(e, OSError) else e.message
-                return Confirmation("lost", f"the link broke before the destination answered "
-                                    f"({why})")  # fmt: skip
+                return Confirmation(
+                    "lost", f"the link broke before the destination answered ({why})"
+                )
             self._buffer += chunk
             self._ended = not chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -424,11 +430,10 @@ async def migrate(
                     raise MigpipeError(f"the destination failed: {answer.error}")
             answer = _trusted(answer, sealer, confirmed)
             if answer.status == "lost":
-                raise MigpipeError(
+                raise UnconfirmedError(
                     f"{answer.error}: QEMU completed, the source VM stays paused and the "
                     "destination's state is unknown; check the destination, then `cont` or "
                     "`quit` the source",
-                    status=EXIT_UNCONFIRMED,
                 )
             return Outcome(totals, await monitor.execute("query-migrate"), answer)
 
@@ -439,8 +444,11 @@ def _trusted(answer: Confirmation, sealer: filters.Filter | None, confirmed: boo
     if not confirmed and answer.status == "lost":
         return Confirmation(error=answer.error)  # as the user said: no answer comes
     if sealer is not None and answer.status is not None and not answer.sealed:
-        return Confirmation("lost", f"the destination's answer ({answer.status}) was not sealed "
-                            "with the stream's key, so anyone could have sent it")  # fmt: skip
+        return Confirmation(
+            "lost",
+            f"the destination's answer ({answer.status}) was not sealed "
+            "with the stream's key, so anyone could have sent it",
+        )
     return answer
 
 
@@ -466,9 +474,12 @@ class EndGate:
         waiting = final and not self._opened
         self._heed(max(0.0, self._deadline - time.monotonic()) if waiting else 0.0)
         if final and not self._opened:
-            self.early = Confirmation("lost", f"the destination did not say it opened the stream "
-                                      f"within {ACK_TIMEOUT:g} s (is it `migpipe incoming`? "
-                                      "if not, use --no-confirmation)")  # fmt: skip
+            self.early = Confirmation(
+                "lost",
+                f"the destination did not say it opened the stream "
+                f"within {ACK_TIMEOUT:g} s (is it `migpipe incoming`? "
+                "if not, use --no-confirmation)",
+            )
             raise MigpipeError(self.early.error)
 
     def _heed(self, timeout: float) -> None:
@@ -491,8 +502,7 @@ class EndGate:
             return MigpipeError(
                 "the destination's word that it opened the stream cannot be trusted"
             )
-        return MigpipeError(f"the destination went away before the stream's end ({answer.error})",
-                            status=EXIT_PEER_GONE)  # fmt: skip
+        return PeerGoneError(f"the destination went away before the stream's end ({answer.error})")
 
 
 async def _confirmation(link: Link, sealer: filters.Filter | None) -> Confirmation:
@@ -587,8 +597,9 @@ async def _leave_source(monitor: qmp.Qmp, was_running: bool) -> str:
         with trio.fail_after(RECOVERY_TIMEOUT):
             await monitor.execute("migrate_cancel")
             while (await monitor.execute("query-migrate")).get("status", "none") not in (
-                *FINAL, "none"
-            ):  # fmt: skip
+                *FINAL,
+                "none",
+            ):
                 await monitor.next_event("MIGRATION")
             state = await monitor.execute("query-status")
             if was_running and not state["running"]:
@@ -735,8 +746,10 @@ def summary(command: str, outcome: Outcome) -> str:
     ratio = t.qemu_bytes / t.wire_bytes if t.wire_bytes else 0.0
     pages = ", ".join(f"{kind} {count:,}" for kind, count in t.pages.items() if count)
     medium = "file" if command in ("save", "restore") else "wire"
-    ours = (f"migpipe: {t.qemu_bytes:,} stream bytes, {t.wire_bytes:,} {medium} bytes "
-            f"(ratio {ratio:.2f})" + (f"; pages: {pages}" if pages else ""))  # fmt: skip
+    ours = (
+        f"migpipe: {t.qemu_bytes:,} stream bytes, {t.wire_bytes:,} {medium} bytes "
+        f"(ratio {ratio:.2f})" + (f"; pages: {pages}" if pages else "")
+    )
     if command in ("incoming", "restore"):
         return f"migpipe {command}: completed, the VM is {outcome.runstate}\n  {ours}"
     q, ram = outcome.qemu, outcome.qemu.get("ram", {})

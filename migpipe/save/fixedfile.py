@@ -35,11 +35,11 @@ from isal.isal_zlib import crc32
 from migpipe import chain as filters
 from migpipe.chain import FilterChain, Position
 from migpipe.errors import (
-    EXIT_CORRUPT,
-    EXIT_INCOMPATIBLE,
-    EXIT_TRUNCATED,
+    CorruptError,
+    IncompatibleError,
     MigpipeError,
     Stopped,
+    TruncatedError,
 )
 from migpipe.io.channel import Channel, as_channel
 from migpipe.io.direct import DirectFile
@@ -152,7 +152,7 @@ class Layout:
         slots, offset = 0, UNIT
         for block in blocks:
             if block.name in self.first_slot:
-                raise MigpipeError(f"RAM block {block.name!r} listed twice", status=EXIT_CORRUPT)
+                raise CorruptError(f"RAM block {block.name!r} listed twice")
             self.first_slot[block.name] = slots
             self.starts.append(slots)
             self.offsets.append(offset)
@@ -213,8 +213,9 @@ class Extent:
                 else:
                     parts.append(page)
         size = EXTENT_PAGES // 8
-        return b"".join([self.present.to_bytes(size, "little"), zero.to_bytes(size, "little"),
-                         *parts])  # fmt: skip
+        return b"".join(
+            [self.present.to_bytes(size, "little"), zero.to_bytes(size, "little"), *parts]
+        )
 
     @classmethod
     def unpack(cls, plain: bytes, page_size: int, where: str) -> "Extent":
@@ -223,15 +224,14 @@ class Extent:
         extent.present = int.from_bytes(plain[:size], "little")
         zero = int.from_bytes(plain[size : 2 * size], "little")
         if zero & ~extent.present:
-            raise MigpipeError(f"{where}: zero pages that were never sent", status=EXIT_CORRUPT)
+            raise CorruptError(f"{where}: zero pages that were never sent")
         pos = 2 * size
         for i in range(EXTENT_PAGES):
             if extent.present >> i & 1 and not zero >> i & 1:
                 extent.data[i * page_size : (i + 1) * page_size] = plain[pos : pos + page_size]
                 pos += page_size
         if pos != len(plain):
-            raise MigpipeError(f"{where}: {len(plain)} bytes where the bitmaps call for {pos}",
-                               status=EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(f"{where}: {len(plain)} bytes where the bitmaps call for {pos}")
         return extent
 
     def pages(self, page_size: int, base: int, limit: int) -> Iterator[tuple[int, bytes]]:
@@ -260,7 +260,7 @@ def check_chain(chain: Sequence[filters.Filter]) -> None:
     """Refuse page filters: the fixed layout stores each page once, so deltas have no use."""
     if any(isinstance(f, filters.PageFilter) for f in chain):
         message = "the fixed layout stores each page once: xbzrle has nothing to do there"
-        raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+        raise IncompatibleError(message)
 
 
 class FixedSaver:
@@ -277,9 +277,11 @@ class FixedSaver:
     ) -> None:
         check_chain(chain)
         if isinstance(file, DirectFile) and file.direct and UNIT % file.align:
-            raise MigpipeError(f"O_DIRECT on this file system needs {file.align}-byte alignment, "
-                               f"and the fixed layout writes {UNIT}-byte units: save it without "
-                               "--direct", status=EXIT_INCOMPATIBLE)  # fmt: skip
+            raise IncompatibleError(
+                f"O_DIRECT on this file system needs {file.align}-byte alignment, "
+                f"and the fixed layout writes {UNIT}-byte units: save it without "
+                "--direct"
+            )
         self.file = file
         self.published = published
         self.totals = totals
@@ -319,13 +321,16 @@ class FixedSaver:
 
     def _announce(self, record: MemSize) -> None:
         if self.layout is not None:
-            raise MigpipeError("a second RAM block list: the fixed layout cannot follow RAM "
-                               "blocks that change mid-stream")  # fmt: skip
+            raise MigpipeError(
+                "a second RAM block list: the fixed layout cannot follow RAM "
+                "blocks that change mid-stream"
+            )
         layout = Layout(record.blocks, self.page_size)
         if layout.slots > MAX_SLOTS:  # the index could not list them
-            raise MigpipeError(f"{record.total} bytes of RAM: the fixed layout holds at most "
-                               f"{MAX_SLOTS * layout.per_extent >> 40} TiB",
-                               status=EXIT_INCOMPATIBLE)  # fmt: skip
+            raise IncompatibleError(
+                f"{record.total} bytes of RAM: the fixed layout holds at most "
+                f"{MAX_SLOTS * layout.per_extent >> 40} TiB"
+            )
         self.layout = layout
         self.sizes = {b.name: b.used_length for b in record.blocks}
         self.next_offset = layout.data_end
@@ -333,8 +338,10 @@ class FixedSaver:
     def _page(self, record: Record) -> None:
         size = self.sizes.get(record.block) if self.layout else None
         if size is None or record.offset + self.page_size > size:
-            raise MigpipeError(f"page 0x{record.offset:x} of RAM block {record.block!r} is "
-                               "outside the blocks announced", status=EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(
+                f"page 0x{record.offset:x} of RAM block {record.block!r} is "
+                "outside the blocks announced"
+            )
         per_extent = EXTENT_PAGES * self.page_size
         slot = self.layout.first_slot[record.block] + record.offset // per_extent
         index = record.offset % per_extent // self.page_size
@@ -394,8 +401,9 @@ class FixedSaver:
         stored = self.chain.seal(plain, Position(write, False))
         offset, room = self.layout.place(slot)
         if len(stored) > room:
-            raise MigpipeError(f"a filter made extent {slot} larger ({len(stored)} bytes) than "
-                               f"its slot ({room})")  # fmt: skip
+            raise MigpipeError(
+                f"a filter made extent {slot} larger ({len(stored)} bytes) than its slot ({room})"
+            )
         self.file.write_at(offset, stored)
         with self.lock:
             entry = self.table.setdefault(slot, Slot())
@@ -459,8 +467,10 @@ def encode_index(manifest: dict, table: dict[int, Slot], slots: int, chunks: lis
     meta = {"skeleton": manifest, "slots": slots, "chunks": len(chunks)}
     text = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     if len(text) > MAX_INDEX_TEXT:
-        raise MigpipeError(f"the stream's skeleton takes {len(text)} bytes of JSON, more than "
-                           f"an index holds ({MAX_INDEX_TEXT})")  # fmt: skip
+        raise MigpipeError(
+            f"the stream's skeleton takes {len(text)} bytes of JSON, more than "
+            f"an index holds ({MAX_INDEX_TEXT})"
+        )
     entries = bytearray(SLOT_ENTRY.size * slots)
     for slot, s in table.items():
         SLOT_ENTRY.pack_into(entries, SLOT_ENTRY.size * slot, s.write, s.length, s.crc)
@@ -520,40 +530,38 @@ class FixedReader:
         head = file.read_at(0, UNIT)
         header, end = parse_header(head, MAGIC, VERSION, "migpipe fixed-layout file")
         if end + LOCATOR > UNIT:
-            raise MigpipeError("fixed-layout header longer than its unit", 0, EXIT_CORRUPT)
+            raise CorruptError("fixed-layout header longer than its unit", 0)
         if header is None or len(head) < end + LOCATOR:
-            raise MigpipeError("file truncated in its header", len(head), EXIT_TRUNCATED)
+            raise TruncatedError("file truncated in its header", len(head))
         extras = header.fields.get("extent_pages"), header.fields.get("unit"), header.page_size
         if extras != (EXTENT_PAGES, UNIT, 4096):
-            raise MigpipeError(f"malformed fixed-layout header (geometry {extras})", 12,
-                               EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(f"malformed fixed-layout header (geometry {extras})", 12)
         self.page_size = header.page_size
         self.chain = open_chain(header, secrets, totals)
         locator = head[end : end + LOCATOR]
         if crc32(locator[:28]) != BE32.unpack_from(locator, 28)[0]:
-            raise MigpipeError("fixed-layout locator checksum mismatch", end, EXIT_CORRUPT)
+            raise CorruptError("fixed-layout locator checksum mismatch", end)
         offset, length, write = (BE64.unpack_from(locator, i)[0] for i in (0, 8, 16))
         if length > sealed_room(MAX_INDEX):
-            raise MigpipeError(f"index of {length} bytes", end, EXIT_CORRUPT)
+            raise CorruptError(f"index of {length} bytes", end)
         self.size = os.fstat(file.fd).st_size  # every piece is checked against it, then read
         if offset + length > self.size:
-            raise MigpipeError(f"file truncated: its index ends at {offset + length}",
-                               self.size, EXIT_TRUNCATED)  # fmt: skip
+            raise TruncatedError(f"file truncated: its index ends at {offset + length}", self.size)
         stored = self._read(offset, length, "the index")
         if crc32(stored) != BE32.unpack_from(locator, 24)[0]:
-            raise MigpipeError("index checksum mismatch", offset, EXIT_CORRUPT)
+            raise CorruptError("index checksum mismatch", offset)
         index = self.chain.open(stored, MAX_INDEX, Position(write, True))
         try:
             self._parse_index(memoryview(index), offset)
         except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
             reason = "nested too deeply" if isinstance(e, RecursionError) else e
-            raise MigpipeError(f"malformed index ({reason})", offset, EXIT_CORRUPT) from None
+            raise CorruptError(f"malformed index ({reason})", offset) from None
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
         data = self.file.read_at(offset, length)
         self.totals.wire_bytes += len(data)
         if len(data) != length:
-            raise MigpipeError(f"file truncated in {what}", offset + len(data), EXIT_TRUNCATED)
+            raise TruncatedError(f"file truncated in {what}", offset + len(data))
         return data
 
     def _parse_index(self, index: memoryview, at: int) -> None:
@@ -605,10 +613,10 @@ class FixedReader:
         where = f"extent {slot}"
         offset, room = self.layout.place(slot)
         if entry.length > room:
-            raise MigpipeError(f"{where} longer than its slot", offset, EXIT_CORRUPT)
+            raise CorruptError(f"{where} longer than its slot", offset)
         stored = self._read(offset, entry.length, where)
         if crc32(stored) != entry.crc:
-            raise MigpipeError(f"checksum mismatch in {where}", offset, EXIT_CORRUPT)
+            raise CorruptError(f"checksum mismatch in {where}", offset)
         plain = self.chain.open(stored, room, Position(entry.write, False))
         return Extent.unpack(plain, self.page_size, where)
 
@@ -632,11 +640,12 @@ class FixedReader:
         for n, (offset, length, crc, write) in enumerate(self.chunks):
             stored = self._read(offset, length, "device state")
             if crc32(stored) != crc:
-                raise MigpipeError("checksum mismatch in device state", offset, EXIT_CORRUPT)
+                raise CorruptError("checksum mismatch in device state", offset)
             plain = self.chain.open(stored, _chunk_limit(n == last), Position(write, False))
             if n == last and plain[:1] != bytes([fmt.ITEM_EOF]):
-                raise MigpipeError("the last device-state chunk does not start with the "
-                                   "stream's EOF item", offset, EXIT_CORRUPT)  # fmt: skip
+                raise CorruptError(
+                    "the last device-state chunk does not start with the stream's EOF item", offset
+                )
             yield plain
 
     def records(self) -> Iterator[Record]:

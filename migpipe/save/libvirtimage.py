@@ -33,11 +33,11 @@ from typing import Any
 import zstandard
 
 from migpipe.errors import (
-    EXIT_CORRUPT,
-    EXIT_INCOMPATIBLE,
-    EXIT_TRUNCATED,
-    EXIT_USAGE,
+    CorruptError,
+    IncompatibleError,
     MigpipeError,
+    TruncatedError,
+    UsageError,
 )
 from migpipe.io.channel import CHUNK, Channel, FdChannel
 from migpipe.save import LIBVIRT_FORMATS
@@ -86,43 +86,45 @@ def parse_header(head: bytes) -> tuple[SaveImage, int]:
     """
     magic = head[:16]
     if magic == PARTIAL_MAGIC:
-        raise MigpipeError("save image is incomplete (libvirt marks it partial)", 0,
-                           EXIT_TRUNCATED)  # fmt: skip
+        raise TruncatedError("save image is incomplete (libvirt marks it partial)", 0)
     if len(head) < HEADER_SIZE and SAVE_MAGIC.startswith(magic):
-        raise MigpipeError(f"save image ends inside its {HEADER_SIZE}-byte header", len(head),
-                           EXIT_TRUNCATED)  # fmt: skip
+        raise TruncatedError(f"save image ends inside its {HEADER_SIZE}-byte header", len(head))
     if magic != SAVE_MAGIC:
-        raise MigpipeError("not a libvirt QEMU save image (bad magic)", 0, EXIT_CORRUPT)
+        raise CorruptError("not a libvirt QEMU save image (bad magic)", 0)
     byteorder = sys.byteorder
     words = struct.unpack_from(_ORDERS[byteorder] + _WORDS.format, head, 16)
     if words[0] > VERSION:
         byteorder = "big" if byteorder == "little" else "little"
         swapped = struct.unpack_from(_ORDERS[byteorder] + _WORDS.format, head, 16)
         if swapped[0] > VERSION:
-            raise MigpipeError(f"save image version {words[0]} is not supported (only {VERSION})",
-                               16, EXIT_INCOMPATIBLE)  # fmt: skip
+            raise IncompatibleError(
+                f"save image version {words[0]} is not supported (only {VERSION})", 16
+            )
         words = swapped
     version, data_len, was_running, code, cookie_offset, *unused = words
     if version != VERSION:
-        raise MigpipeError(f"save image version {version} is not supported (only {VERSION})", 16,
-                           EXIT_INCOMPATIBLE)  # fmt: skip
+        raise IncompatibleError(
+            f"save image version {version} is not supported (only {VERSION})", 16
+        )
     if code >= len(FORMAT_CODES):
-        raise MigpipeError(f"unknown save image format code {code}", 28, EXIT_INCOMPATIBLE)
+        raise IncompatibleError(f"unknown save image format code {code}", 28)
     if FORMAT_CODES[code] not in LIBVIRT_FORMATS:
-        raise MigpipeError("a 'sparse' (QEMU mapped-ram) save image: migpipe reads only streamed "
-                           "images; restore it with libvirt", 28, EXIT_INCOMPATIBLE)  # fmt: skip
+        raise IncompatibleError(
+            "a 'sparse' (QEMU mapped-ram) save image: migpipe reads only streamed "
+            "images; restore it with libvirt",
+            28,
+        )
     for index, word in enumerate(unused):
         if word:
-            raise MigpipeError("unused header words are not zero (a newer or foreign image)",
-                               36 + 4 * index, EXIT_INCOMPATIBLE)  # fmt: skip
+            raise IncompatibleError(
+                "unused header words are not zero (a newer or foreign image)", 36 + 4 * index
+            )
     if not data_len:
-        raise MigpipeError("save image has no domain XML (data_len is 0)", 20, EXIT_CORRUPT)
+        raise CorruptError("save image has no domain XML (data_len is 0)", 20)
     if data_len > MAX_DATA_LEN:
-        raise MigpipeError(f"save image data_len {data_len} is over {MAX_DATA_LEN >> 20} MiB",
-                           20, EXIT_CORRUPT)  # fmt: skip
+        raise CorruptError(f"save image data_len {data_len} is over {MAX_DATA_LEN >> 20} MiB", 20)
     if cookie_offset > data_len:
-        raise MigpipeError(f"cookie offset {cookie_offset} is beyond data_len {data_len}", 32,
-                           EXIT_CORRUPT)  # fmt: skip
+        raise CorruptError(f"cookie offset {cookie_offset} is beyond data_len {data_len}", 32)
     image = SaveImage("", bool(was_running), FORMAT_CODES[code], None, data_len, byteorder)
     return image, cookie_offset
 
@@ -131,12 +133,13 @@ def parse_data(image: SaveImage, cookie_offset: int, data: bytes) -> SaveImage:
     """The image with its XML and cookie, from the data_len bytes after the header."""
     xml = _text(data[: cookie_offset or len(data)], "domain XML", HEADER_SIZE)
     if not xml:
-        raise MigpipeError("save image has no domain XML", HEADER_SIZE, EXIT_CORRUPT)
+        raise CorruptError("save image has no domain XML", HEADER_SIZE)
     cookie = None
     if cookie_offset:
         cookie = _text(data[cookie_offset:], "cookie", HEADER_SIZE + cookie_offset) or None
-    return SaveImage(xml, image.was_running, image.image_format, cookie, image.data_len,
-                     image.byteorder)  # fmt: skip
+    return SaveImage(
+        xml, image.was_running, image.image_format, cookie, image.data_len, image.byteorder
+    )
 
 
 def _text(region: bytes, what: str, offset: int) -> str:
@@ -144,7 +147,7 @@ def _text(region: bytes, what: str, offset: int) -> str:
     try:
         return region.split(b"\0", 1)[0].decode()
     except UnicodeDecodeError as e:
-        raise MigpipeError(f"the {what} is not UTF-8", offset + e.start, EXIT_CORRUPT) from None
+        raise CorruptError(f"the {what} is not UTF-8", offset + e.start) from None
 
 
 def encode_prefix(
@@ -161,18 +164,23 @@ def encode_prefix(
     FINAL_MAGIC_OFFSET after the body, which needs a seekable file; for a pipe pass False.
     """
     if image_format not in LIBVIRT_FORMATS:
-        raise MigpipeError(f"unknown save image format {image_format!r}", status=EXIT_USAGE)
+        raise UsageError(f"unknown save image format {image_format!r}")
     xml_bytes, cookie_bytes = xml.encode(), (cookie or "").encode()
     if not xml_bytes or b"\0" in xml_bytes + cookie_bytes:
-        raise MigpipeError("the domain XML is empty or holds a NUL byte", status=EXIT_USAGE)
+        raise UsageError("the domain XML is empty or holds a NUL byte")
     text = xml_bytes + b"\0" + (cookie_bytes + b"\0" if cookie_bytes else b"")
     data_len = len(text) + XML_PADDING
     if data_len > MAX_DATA_LEN:
-        raise MigpipeError(f"domain XML and padding are over {MAX_DATA_LEN >> 20} MiB",
-                           status=EXIT_USAGE)  # fmt: skip
+        raise UsageError(f"domain XML and padding are over {MAX_DATA_LEN >> 20} MiB")
     cookie_offset = len(xml_bytes) + 1 if cookie_bytes else 0
-    words = _WORDS.pack(VERSION, data_len, int(was_running), FORMAT_CODES.index(image_format),
-                        cookie_offset, *[0] * 14)  # fmt: skip
+    words = _WORDS.pack(
+        VERSION,
+        data_len,
+        int(was_running),
+        FORMAT_CODES.index(image_format),
+        cookie_offset,
+        *[0] * 14,
+    )
     magic = PARTIAL_MAGIC if partial else SAVE_MAGIC
     return magic + words + text + bytes(XML_PADDING)
 
@@ -183,8 +191,9 @@ def read_prefix(source: Channel) -> tuple[SaveImage, bytes]:
     image, cookie_offset = parse_header(buffer[:HEADER_SIZE])
     buffer = _read_at_least(source, buffer, image.stream_offset)
     if len(buffer) < image.stream_offset:
-        raise MigpipeError(f"save image ends inside its domain XML (data_len {image.data_len})",
-                           len(buffer), EXIT_TRUNCATED)  # fmt: skip
+        raise TruncatedError(
+            f"save image ends inside its domain XML (data_len {image.data_len})", len(buffer)
+        )
     image = parse_data(image, cookie_offset, buffer[HEADER_SIZE : image.stream_offset])
     return image, buffer[image.stream_offset :]
 
@@ -277,9 +286,9 @@ class Inflater:
         """The input has ended: refuse a body cut off inside a member."""
         end = self._offset + len(self._input)
         if self._member is not None:
-            raise MigpipeError(f"{self.name} body truncated", end, EXIT_TRUNCATED)
+            raise TruncatedError(f"{self.name} body truncated", end)
         if not self._members:
-            raise MigpipeError(f"{self.name} body is missing", end, EXIT_TRUNCATED)
+            raise TruncatedError(f"{self.name} body is missing", end)
 
     def _decompress(self, room: int) -> bytes | None:
         """One call into the decompressor: its output, or None when it needs input."""
@@ -294,8 +303,9 @@ class Inflater:
         try:
             out, used = self._step(self._member, data, room)
         except _CORRUPT as e:
-            raise MigpipeError(f"{self.name} body is corrupt ({e})", self._offset + len(data),
-                               EXIT_CORRUPT) from None  # fmt: skip
+            raise CorruptError(
+                f"{self.name} body is corrupt ({e})", self._offset + len(data)
+            ) from None
         self._input, self._offset = self._input[used:], self._offset + used
         if self._member.eof:
             rest = self._member.unused_data
@@ -311,8 +321,7 @@ class Inflater:
         data = bytes(self._input)
         zeros = len(data) - len(data.lstrip(b"\0"))
         if zeros < len(data):
-            raise MigpipeError(f"unexpected bytes after the {self.name} body",
-                               self._offset + zeros, EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(f"unexpected bytes after the {self.name} body", self._offset + zeros)
         self._input, self._offset = memoryview(b""), self._offset + len(data)
 
 
@@ -366,10 +375,15 @@ class _Program:
         path = shutil.which(self.name)
         if path is None:
             message = f"{self.name} images need the {self.name} program (apt-get install it)"
-            raise MigpipeError(message, status=EXIT_INCOMPATIBLE)
+            raise IncompatibleError(message)
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- closed once the program ends
-        self.process = subprocess.Popen([path, *argv[1:]], bufsize=0, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self._stderr)  # fmt: skip
+        self.process = subprocess.Popen(
+            [path, *argv[1:]],
+            bufsize=0,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None and stdout is not None
         self._ours, theirs = (stdout, stdin) if feed else (stdin, stdout)
@@ -444,9 +458,9 @@ class _ProgramBody:
         if not out:
             complaint = self._program.wait()
             if complaint is not None and self._whole and self._tail != bytes(4):
-                raise MigpipeError("lzop body truncated", self._end, EXIT_TRUNCATED)
+                raise TruncatedError("lzop body truncated", self._end)
             if complaint is not None:
-                raise MigpipeError(f"lzop body is corrupt ({complaint})", status=EXIT_CORRUPT)
+                raise CorruptError(f"lzop body is corrupt ({complaint})")
         return out
 
     def close(self) -> None:
@@ -557,8 +571,9 @@ class LibvirtImageWriter:
         level: int | None = None,
         partial: bool = True,
     ) -> None:
-        self._prefix = encode_prefix(xml, was_running=was_running, image_format=image_format,
-                                     cookie=cookie, partial=partial)  # fmt: skip
+        self._prefix = encode_prefix(
+            xml, was_running=was_running, image_format=image_format, cookie=cookie, partial=partial
+        )
         self._sink, self._format = sink, image_format
         self._level = DEFAULT_LEVELS.get(image_format, 0) if level is None else level
         self._body: _CompressingBody | _ProgramWriterBody | None = None

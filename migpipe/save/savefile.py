@@ -65,8 +65,9 @@ def _kind_of(head: bytes, path: Path | str) -> str:
     from migpipe.save.fixedfile import MAGIC as FIXED_MAGIC
 
     if head[:1] == UNPUBLISHED and head[1:8] in (wire.MAGIC[1:8], FIXED_MAGIC[1:8]):
-        raise MigpipeError(f"{path}: an unfinished migpipe save (interrupted before it was "
-                           "complete and published)")  # fmt: skip
+        raise MigpipeError(
+            f"{path}: an unfinished migpipe save (interrupted before it was complete and published)"
+        )
     if head.startswith(wire.MAGIC):
         return "stream"
     if head.startswith(FIXED_MAGIC):
@@ -85,8 +86,9 @@ def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[b
     `about` receives what the file itself says (layout, filters, sizes). A file of a kind
     `secrets` refuse is refused now, before anything is read or reported."""
     kind = file_kind(path, secrets)
-    about.update(layout=kind, file_bytes=path.stat().st_size,
-                 disk_bytes=path.stat().st_blocks * 512)  # fmt: skip
+    about.update(
+        layout=kind, file_bytes=path.stat().st_size, disk_bytes=path.stat().st_blocks * 512
+    )
     return _saved_chunks(path, kind, secrets, about)
 
 
@@ -118,8 +120,12 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
             reader = LibvirtImageReader(FdChannel(f.fileno()))
             try:
                 image = reader.image
-                about.update(libvirt_format=image.image_format, was_running=image.was_running,
-                             xml=image.xml, filters=[])  # fmt: skip
+                about.update(
+                    libvirt_format=image.image_format,
+                    was_running=image.was_running,
+                    xml=image.xml,
+                    filters=[],
+                )
                 while chunk := reader.read():
                     yield chunk
             finally:
@@ -174,8 +180,9 @@ async def save(
         # read and written: the fixed layout reads extents back
         open_direct(str(temporary), "r+", direct=direct) as file,
     ):
-        totals = await save_into(source, file, chain, layout, progress, cache, libvirt,
-                                 published=False)  # fmt: skip
+        totals = await save_into(
+            source, file, chain, layout, progress, cache, libvirt, published=False
+        )
         if commit is not None:
             await commit()
         await trio.to_thread.run_sync(publish, file)
@@ -315,8 +322,9 @@ async def save_libvirt(
         direct = isinstance(file, DirectFile)
         with contextlib.ExitStack() as stack:
             sink = stack.enter_context(DirectWriter(file)) if direct else FdChannel(file.fd)
-            writer = LibvirtImageWriter(sink, target.xml, was_running=target.was_running,
-                                        image_format=target.image_format)  # fmt: skip
+            writer = LibvirtImageWriter(
+                sink, target.xml, was_running=target.was_running, image_format=target.image_format
+            )
             try:
                 copy_checked(source.read, writer, totals)
                 writer.finish()

@@ -228,8 +228,9 @@ def connect(
         _, uid, _ = peer_credentials(sock.getsockopt)
         trusted = os.geteuid() if expected_uid is None else expected_uid
         if uid not in (0, trusted):
-            raise PermissionError(f"{path} is served by uid {uid}, not by uid {trusted} or "
-                                  "root: not passing it fds")  # fmt: skip
+            raise PermissionError(
+                f"{path} is served by uid {uid}, not by uid {trusted} or root: not passing it fds"
+            )
         return Client(sock, timeout, wait_timeout)
     except BaseException:
         sock.close()

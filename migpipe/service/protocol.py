@@ -92,8 +92,9 @@ class Reader:
         if not self._flood and len(self._partial.fds) > MAX_FDS_PER_MESSAGE:
             # Each sendmsg may bring fds for a line it does not end: without this bound, a
             # client that never ends its line would make the service hold fds without limit.
-            self._flood = (f"more than {MAX_FDS_PER_MESSAGE} fds for one line; closing the "
-                           "connection")  # fmt: skip
+            self._flood = (
+                f"more than {MAX_FDS_PER_MESSAGE} fds for one line; closing the connection"
+            )
 
     def next_line(self) -> Line | None:
         """The next complete line, or None until more is fed; Flood after a flood."""
@@ -144,8 +145,12 @@ class FdInfo:
     writable: bool
 
     def as_dict(self, name: str) -> dict[str, Any]:
-        return {"name": name, "type": self.type, "readable": self.readable,
-                "writable": self.writable}  # fmt: skip
+        return {
+            "name": name,
+            "type": self.type,
+            "readable": self.readable,
+            "writable": self.writable,
+        }
 
 
 STREAM_TYPES = frozenset({"pipe", "socket", "file", "character device", "block device"})
@@ -274,8 +279,9 @@ def check_fds(name: str, line: Line, id: Any) -> None:
         raise CommandError(f"more than {MAX_FDS_PER_MESSAGE} fds attached; all were closed", id=id)
     if name in FD_COMMANDS and count != 1:
         closed = "; they were closed" if count else ""
-        raise CommandError(f"'{name}' needs exactly one fd attached (SCM_RIGHTS), got "
-                           f"{count}{closed}", id=id)  # fmt: skip
+        raise CommandError(
+            f"'{name}' needs exactly one fd attached (SCM_RIGHTS), got {count}{closed}", id=id
+        )
     if name not in FD_COMMANDS and count:
         raise CommandError(f"'{name}' takes no fd; the {count} attached were closed", id=id)
 
@@ -291,19 +297,26 @@ def check_arguments(
                 raise CommandError(f"'{command}' needs argument '{name}'", id=id)
         elif not arg.type.check(arguments[name]):
             value = json_type(arguments[name])
-            raise CommandError(f"argument '{name}' of '{command}' must be {arg.type.what}, "
-                               f"not {value}", id=id)  # fmt: skip
+            raise CommandError(
+                f"argument '{name}' of '{command}' must be {arg.type.what}, not {value}", id=id
+            )
     if not open and (unexpected := sorted(set(arguments) - set(schema))):
         takes = ", ".join(schema) or "none"
-        raise CommandError(f"'{command}' has no argument '{unexpected[0]}' (it takes: {takes})",
-                           id=id)  # fmt: skip
+        raise CommandError(
+            f"'{command}' has no argument '{unexpected[0]}' (it takes: {takes})", id=id
+        )
 
 
 def json_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    for kind, what in ((str, "a string"), (int, "an integer"), (float, "a number"),
-                       (list, "a list"), (dict, "an object")):  # fmt: skip
+    for kind, what in (
+        (str, "a string"),
+        (int, "an integer"),
+        (float, "a number"),
+        (list, "a list"),
+        (dict, "an object"),
+    ):
         if isinstance(value, kind):
             return what
     return "null"

@@ -40,10 +40,10 @@ import trio
 from migpipe.chain import Filter, parse_chain
 from migpipe.errors import (
     EXIT_ERROR,
-    EXIT_PEER_GONE,
-    EXIT_USAGE,
     MigpipeError,
+    PeerGoneError,
     Stopped,
+    UsageError,
     leaves,
 )
 from migpipe.io.channel import Channel, FdChannel, read_waiting
@@ -181,7 +181,7 @@ class LoopChannel:
                 await trio.lowlevel.wait_readable(self._fd)
             except ConnectionResetError:
                 message = f"{self._what}: connection reset by the peer"
-                raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+                raise PeerGoneError(message) from None
 
     async def _write(self, parts: Sequence[bytes | memoryview]) -> None:
         self._check()
@@ -194,7 +194,7 @@ class LoopChannel:
                     await trio.lowlevel.wait_writable(self._fd)
                 except (BrokenPipeError, ConnectionResetError):
                     message = f"{self._what} was closed by its reader"
-                    raise MigpipeError(message, status=EXIT_PEER_GONE) from None
+                    raise PeerGoneError(message) from None
 
 
 # -- job kinds -----------------------------------------------------------------------------------
@@ -310,8 +310,9 @@ def _save(job: JobSetup) -> Runner:
 def _restore(job: JobSetup) -> Runner:
     secrets = job.secrets()
     file = job.file("input")
-    return lambda progress: restore_from(file, job.channel("output"), secrets, progress,
-                                         f"fd '{job.fds['input'].name}'")  # fmt: skip
+    return lambda progress: restore_from(
+        file, job.channel("output"), secrets, progress, f"fd '{job.fds['input'].name}'"
+    )
 
 
 ENDS: Schema = {"input": Arg(STRING, fd=INPUT), "output": Arg(STRING, fd=OUTPUT)}
@@ -430,7 +431,7 @@ class Service:
             ("--max-connections-per-uid", self.max_connections_per_uid),
         ):
             if value < 1:
-                raise MigpipeError(f"{option} must be at least 1, not {value}", status=EXIT_USAGE)
+                raise UsageError(f"{option} must be at least 1, not {value}")
         self.max_fds = max_fds
         self.jobs = 0  # running, and being prepared by a start-job
         self.connections = 0  # open, refused ones too until they are closed
@@ -494,11 +495,15 @@ class Service:
     def check_job_limits(self, uid: int) -> None:
         """Before a start-job takes a place: the service's limit, then the uid's share."""
         if self.jobs >= self.max_jobs:
-            raise CommandError(f"the service runs {self.jobs} jobs, the most it may "
-                               "(migpipe serve --max-jobs); wait for one to end")  # fmt: skip
+            raise CommandError(
+                f"the service runs {self.jobs} jobs, the most it may "
+                "(migpipe serve --max-jobs); wait for one to end"
+            )
         if (held := self.jobs_of[uid]) >= self.max_jobs_per_uid:
-            raise CommandError(f"uid {uid} runs {held} jobs, the most one uid may (migpipe "
-                               "serve --max-jobs-per-uid); wait for one to end")  # fmt: skip
+            raise CommandError(
+                f"uid {uid} runs {held} jobs, the most one uid may (migpipe "
+                "serve --max-jobs-per-uid); wait for one to end"
+            )
 
     def connection_refusal(self, uid: int) -> str | None:
         """Why a peer of `uid` is not served, or None when it is."""
@@ -506,11 +511,15 @@ class Service:
             return f"uid {uid} may not use this migpipe service"
         # Every connection may hold fds: without a bound, clients could take them all.
         if self.sessions >= self.max_connections:
-            return (f"the service has {self.sessions} connections, the most it may (migpipe "
-                    "serve --max-connections); close one")  # fmt: skip
+            return (
+                f"the service has {self.sessions} connections, the most it may (migpipe "
+                "serve --max-connections); close one"
+            )
         if self.sessions_of[uid] >= self.max_connections_per_uid:
-            return (f"uid {uid} has {self.sessions_of[uid]} connections, the most one uid may "
-                    "(migpipe serve --max-connections-per-uid); close one")  # fmt: skip
+            return (
+                f"uid {uid} has {self.sessions_of[uid]} connections, the most one uid may "
+                "(migpipe serve --max-connections-per-uid); close one"
+            )
         return None
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
@@ -564,8 +573,10 @@ class RefusalLog:
     def tick(self) -> None:
         """The end of an interval: say how many were not logged, and log again."""
         if self._held:
-            self._log(f"refused {self._held} more connections in {self._interval:g} s "
-                      "(not logged one by one)")  # fmt: skip
+            self._log(
+                f"refused {self._held} more connections in {self._interval:g} s "
+                "(not logged one by one)"
+            )
         self._logged = self._held = 0
 
     async def run(self) -> None:
@@ -694,8 +705,10 @@ class Connection:
         if name in self.fds:
             raise CommandError(f"an fd named '{name}' is already added; remove-fd it first")
         if len(self.fds) >= self.service.max_fds:
-            raise CommandError(f"this connection holds {len(self.fds)} fds, the most it may; "
-                               "remove-fd some, or start the jobs that use them")  # fmt: skip
+            raise CommandError(
+                f"this connection holds {len(self.fds)} fds, the most it may; "
+                "remove-fd some, or start the jobs that use them"
+            )
         fd = command.fds[0]
         info = describe_fd(fd)
         self.fds[name] = (fd, info)
@@ -743,8 +756,9 @@ class Connection:
         for t in taken.values():  # from here on the job owns them
             del self.fds[t.name]
         progress = JobProgress(lambda: self._progress(job))
-        job = Job(self.service.new_job_id(), kind, spec.reads_wire, run, list(taken.values()),
-                  progress)  # fmt: skip
+        job = Job(
+            self.service.new_job_id(), kind, spec.reads_wire, run, list(taken.values()), progress
+        )
         self.jobs[job.id] = job
         assert self._job_nursery is not None
         self._job_nursery.start_soon(self._run_job, job, self._replied)
@@ -756,8 +770,10 @@ class Connection:
     async def _cancel_job(self, command: Command) -> dict:
         job = self.jobs.get(command.arguments["id"])
         if job is None:
-            raise CommandError(f"no job '{command.arguments['id']}' on this connection "
-                               "(query-jobs lists them; ended jobs are gone)")  # fmt: skip
+            raise CommandError(
+                f"no job '{command.arguments['id']}' on this connection "
+                "(query-jobs lists them; ended jobs are gone)"
+            )
         job.scope.cancel()
         return {}
 

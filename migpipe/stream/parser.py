@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Literal
 
-from migpipe.errors import EXIT_ERROR, EXIT_INCOMPATIBLE, EXIT_TRUNCATED, MigpipeError
+from migpipe.errors import (
+    EXIT_ERROR,
+    EXIT_INCOMPATIBLE,
+    IncompatibleError,
+    MigpipeError,
+    TruncatedError,
+)
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
     PAGE_KIND_NAMES,
@@ -210,8 +216,7 @@ class StreamParser:
         self.close()
         records = self.next_records()
         if self.eof_offset is None:
-            raise MigpipeError("QEMU stream ended without its EOF item", self.offset,
-                               EXIT_TRUNCATED)  # fmt: skip
+            raise TruncatedError("QEMU stream ended without its EOF item", self.offset)
         return records
 
     def mark_record_boundary(self) -> None:
@@ -244,7 +249,7 @@ class StreamParser:
             self._own()
         if self._closed and not self.done:
             at = self._base + self._pos
-            raise MigpipeError(f"stream truncated in {self._where}", at, EXIT_TRUNCATED)
+            raise TruncatedError(f"stream truncated in {self._where}", at)
         return out
 
     # -- buffer helpers ---------------------------------------------------------------------
@@ -320,7 +325,7 @@ class StreamParser:
             or page_size & (page_size - 1)
         ):
             message = f"target page size {page_size!r} is not a power of two from {low} to {high}"
-            raise MigpipeError(message, None if at is None else self._base + at, EXIT_INCOMPATIBLE)
+            raise IncompatibleError(message, None if at is None else self._base + at)
         self._page_size = page_size
         self._page_mask = page_size - 1
         # The longest page record (word, block name, compressed length and page) fits a bridge.

@@ -64,14 +64,20 @@ def run_demo(size: int, iterations: int, seed: int) -> int:
         ("passes over RAM", f"{stats.passes}"),
         ("pages sent more than once", f"{stats.pages_resent:,} (up to {stats.max_sends}x)"),
         ("device state", f"{stats.device_bytes:,} bytes"),
-        (f"wire ({CHAIN})", f"{encoded.wire_bytes:,} bytes, "
-                            f"ratio {stream_bytes / encoded.wire_bytes:.2f}"),
+        (
+            f"wire ({CHAIN})",
+            f"{encoded.wire_bytes:,} bytes, ratio {stream_bytes / encoded.wire_bytes:.2f}",
+        ),
         ("encode", f"{stream_bytes / encode_seconds / 1e6:,.0f} MB/s"),
         ("decode", f"{stream_bytes / decode_seconds / 1e6:,.0f} MB/s"),
         ("decoded stream", "byte-identical" if identical else "DIFFERENT"),
-        ("replayed RAM", "equals the guest's memory" if not mismatched
-         else f"DIFFERS in {', '.join(mismatched)}"),
-    ]  # fmt: skip
+        (
+            "replayed RAM",
+            "equals the guest's memory"
+            if not mismatched
+            else f"DIFFERS in {', '.join(mismatched)}",
+        ),
+    ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

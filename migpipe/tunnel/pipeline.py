@@ -28,7 +28,10 @@ from isal.isal_zlib import crc32
 
 from migpipe import chain as filters
 from migpipe.chain import FilterChain, Position
-from migpipe.errors import EXIT_CORRUPT, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    MigpipeError,
+)
 from migpipe.io.channel import Channel, as_channel, stream_sink
 from migpipe.keys import Secrets
 from migpipe.stream.format import XBZRLE_ENCODING_FLAG
@@ -282,7 +285,7 @@ class Decoder:
     def payload(self, frame: Frame, crc: int | None) -> bytes | bytearray:
         """The QEMU bytes to write now for one frame, in frame order."""
         if self._held is not None:
-            raise MigpipeError("data frame after the final frame", status=EXIT_CORRUPT)
+            raise CorruptError("data frame after the final frame")
         data = frame.payload
         if self._parser is not None:
             records = self.wire.chain.transform(self._transforms, self._records_of(frame))
@@ -295,9 +298,7 @@ class Decoder:
         self.wire.rebuilt(len(data), crc, final)
         if final:
             if not data.startswith(b"\x00"):
-                raise MigpipeError(
-                    "final frame does not start with QEMU's EOF item", status=EXIT_CORRUPT
-                )
+                raise CorruptError("final frame does not start with QEMU's EOF item")
             self._held = data
             return b""
         return data
@@ -315,15 +316,16 @@ class Decoder:
             if self.wire.chain.byte_filters or not 0 <= within < len(frame.payload):
                 where = f"{e.message} (byte {within} of frame {frame.sequence}'s records)"
                 raise MigpipeError(where, frame.offset, e.status) from None
-            raise MigpipeError(e.message, frame.offset + FRAME_HEADER_SIZE + within,
-                               e.status) from None  # fmt: skip
+            raise MigpipeError(
+                e.message, frame.offset + FRAME_HEADER_SIZE + within, e.status
+            ) from None
 
     def finish(self) -> bytes | bytearray:
         """Check the totals against the trailer; only then release the stream's end."""
         if self._parser is not None:
             self._parser.close()
             if self._parser.next_records():
-                raise MigpipeError("wire ended inside a record", status=EXIT_CORRUPT)
+                raise CorruptError("wire ended inside a record")
         for transform in self._transforms:
             self.totals.filter_counters[transform.name] = transform.counters()
         self.totals.frames, self.totals.digest = self.wire.frames, self.wire.digest

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~3x as fast (see pyproject.toml)
 
 from migpipe.chain import Buffer, Filter, FilterChain, Position, Timer
-from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, MigpipeError
+from migpipe.errors import (
+    EXIT_CORRUPT,
+    EXIT_TRUNCATED,
+    CorruptError,
+    MigpipeError,
+    TruncatedError,
+)
 from migpipe.keys import Secrets
 from migpipe.stream.format import BE32, BE64
 from migpipe.wire.header import Header, header_for, open_chain, parse_header
@@ -55,8 +61,7 @@ class Frame:
         """The payload's CRC-32, after checking it against the header's."""
         crc = crc32(self.payload)
         if crc != self.crc:
-            raise MigpipeError(f"checksum mismatch in frame {self.sequence}", self.offset,
-                               EXIT_CORRUPT)  # fmt: skip
+            raise CorruptError(f"checksum mismatch in frame {self.sequence}", self.offset)
         return crc
 
 
@@ -342,9 +347,9 @@ class WireDecoder:
         digest, and `page_records` when the caller counted the pages it rebuilt."""
         trailer = self._reader.trailer
         if self.header is None:
-            raise MigpipeError("wire ended before its header", status=EXIT_TRUNCATED)
+            raise TruncatedError("wire ended before its header")
         if trailer is None:
-            raise MigpipeError("wire ended without a trailer", status=EXIT_CORRUPT)
+            raise CorruptError("wire ended without a trailer")
         problems = []
         if not self._final:
             problems.append("no final frame")
@@ -359,4 +364,4 @@ class WireDecoder:
             problems.append(f"{page_records} pages, the encoder read {trailer.page_records}")
         if problems:
             message = "wire totals do not match: " + "; ".join(problems)
-            raise MigpipeError(message, status=EXIT_CORRUPT)
+            raise CorruptError(message)

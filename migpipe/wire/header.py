@@ -20,7 +20,10 @@ from typing import Any
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~3x as fast (see pyproject.toml)
 
 from migpipe import chain as filters
-from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, MigpipeError
+from migpipe.errors import (
+    CorruptError,
+    IncompatibleError,
+)
 from migpipe.keys import Secrets
 from migpipe.stream.format import BE16, BE32
 
@@ -81,15 +84,15 @@ def parse_header(
     `buf` in the input, for them."""
     if len(buf) < 12:
         if not magic.startswith(bytes(buf[:8])):
-            raise MigpipeError(f"not a {what} (bad magic)", base, EXIT_CORRUPT)
+            raise CorruptError(f"not a {what} (bad magic)", base)
         return None, 12
     if buf[:8] != magic:
-        raise MigpipeError(f"not a {what} (bad magic)", base, EXIT_CORRUPT)
+        raise CorruptError(f"not a {what} (bad magic)", base)
     if buf[8] != version:
-        raise MigpipeError(
+        raise IncompatibleError(
             f"{what} version {buf[8]} is not {version}: written by a different migpipe version",
-            base + 8, EXIT_INCOMPATIBLE,
-        )  # fmt: skip
+            base + 8,
+        )
     flags = buf[9]
     (length,) = BE16.unpack_from(buf, 10)
     text_end = 12 + length
@@ -98,16 +101,15 @@ def parse_header(
     if len(buf) < end:
         return None, end
     if crc32(buf[:tag_end]) != BE32.unpack_from(buf, tag_end)[0]:
-        raise MigpipeError(f"{what} header checksum mismatch", base, EXIT_CORRUPT)
+        raise CorruptError(f"{what} header checksum mismatch", base)
     if flags & ~SEALED:
-        raise MigpipeError(f"unknown {what} header flags 0x{flags:02x}", base + 9,
-                           EXIT_INCOMPATIBLE)  # fmt: skip
+        raise IncompatibleError(f"unknown {what} header flags 0x{flags:02x}", base + 9)
     try:
         fields = json.loads(bytes(buf[12:text_end]))
         chain, page_size = _checked(fields)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         reason = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise MigpipeError(f"malformed {what} header ({reason})", base + 12, EXIT_CORRUPT) from None
+        raise CorruptError(f"malformed {what} header ({reason})", base + 12) from None
     header = Header(
         chain,
         page_size,
@@ -155,14 +157,12 @@ def open_chain(
     sealed = bool(classes) and classes[-1].seals
     secrets.check_sealed(sealed, "the input")
     if header.tag is not None and not sealed:
-        raise MigpipeError("the header carries a tag but names no sealing filter",
-                           status=EXIT_CORRUPT)  # fmt: skip
+        raise CorruptError("the header carries a tag but names no sealing filter")
     if sealed:
         if header.tag is None:
-            raise MigpipeError(
+            raise CorruptError(
                 "encrypted, but the header carries no tag (written by an earlier migpipe, or "
                 "altered): refused, since its contents cannot be checked",
-                status=EXIT_CORRUPT,
             )
         sealer = filters.create(*header.filters[-1], secrets)
         sealer.check_header_tag(header.signed, header.tag)
