@@ -92,23 +92,6 @@ class UnconfirmedError(MigpipeError):
     default_status = EXIT_UNCONFIRMED
 
 
-# The subclass for each status, for code that picks one at run time.
-BY_STATUS: dict[int, type[MigpipeError]] = {
-    cls.default_status: cls
-    for cls in (
-        MigpipeError,
-        UsageError,
-        CorruptError,
-        TruncatedError,
-        PeerGoneError,
-        IncompatibleError,
-        SecretError,
-        TlsError,
-        UnconfirmedError,
-    )
-}
-
-
 class Stopped(Exception):
     """Raised in a pipeline thread that was told to stop (another stage failed, or the task was
     cancelled) while it waited: in the data plane's queue, or in a read from its peer. The
