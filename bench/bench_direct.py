@@ -270,8 +270,10 @@ def cached_share(path: Path) -> float:
     """The share of `path` in the page cache, by fincore(1)."""
     out = subprocess.run(
         ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout.strip()) / max(1, path.stat().st_size)
 
 
@@ -400,8 +402,10 @@ def measure(
             cpu = statistics.median(c for _, c, _ in results[name])
             request = statistics.median(r for _, _, r in results[name])
             share = f"{cached[name]:>6.1%}" if name in cached else ""
-            print(f"  {name:<42} {mb_s(name):>8,.0f} {mb_s(name) / reference:>6.2f} {cpu:>6.2f} "
-                  f"{share:>7} {request:>8,.0f}")  # fmt: skip
+            print(
+                f"  {name:<42} {mb_s(name):>8,.0f} {mb_s(name) / reference:>6.2f} {cpu:>6.2f} "
+                f"{share:>7} {request:>8,.0f}"
+            )
 
     # The rows of a pair ran one after the other in each round: each ratio shares one moment's load.
     def ratios(reference: str, name: str) -> list[float]:
@@ -412,8 +416,10 @@ def measure(
     ratio = statistics.median(judged)
     verdict = "met" if ratio >= TARGET else "NOT met"
     each = ", ".join(f"{r:.2f}" for r in judged)
-    print(f"\ntarget: migpipe save --direct >= {TARGET}x dd oflag=direct bs=4M of the same "
-          f"stream: {ratio:.2f}x, {verdict} (median of the rounds' ratios: {each})")  # fmt: skip
+    print(
+        f"\ntarget: migpipe save --direct >= {TARGET}x dd oflag=direct bs=4M of the same "
+        f"stream: {ratio:.2f}x, {verdict} (median of the rounds' ratios: {each})"
+    )
     if not target_only:
         piped = statistics.median(ratios(DD_PIPE_ROW, SAVE_PIPE_ROW))
         print(f"both fed by cat, through a pipe: save --direct {piped:.2f}x dd")

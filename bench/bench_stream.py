@@ -282,8 +282,10 @@ def synthetic_stream(
     """A temporary directory with a synthetic stream of about `size` bytes; prints the banner."""
     with tempfile.TemporaryDirectory(prefix="migpipe-bench-", dir=tmpdir) as tmp:
         directory = Path(tmp).resolve()
-        print(f"migpipe {title} benchmark: about {size / MIB:,.0f} MiB of stream, "
-              f"median of {runs} runs")  # fmt: skip
+        print(
+            f"migpipe {title} benchmark: about {size / MIB:,.0f} MiB of stream, "
+            f"median of {runs} runs"
+        )
         for line in machine_facts(directory):
             print(line)
         print()

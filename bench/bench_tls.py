@@ -177,9 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=size_argument, default=64 * MIB, help="checked bytes (64M)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per row (3)")
     parser.add_argument("--quick", action="store_true", help="256 MiB and one run")
-    parser.add_argument("--idle-wait", type=float, default=None, metavar="SECONDS",
-                        help=f"wait up to this long for the box to be <= {IDLE:.0%}% busy "
-                        "(10, --quick 0)")  # fmt: skip
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"wait up to this long for the box to be <= {IDLE:.0%}% busy (10, --quick 0)",
+    )
     args = parser.parse_args(argv)
     size = 256 * MIB if args.quick else args.size
     runs = args.runs or (1 if args.quick else 3)
@@ -198,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             for row in table:
                 waited += wait_for_idle(idle_wait)
                 row.runs.append(move(row, size, check=False))
-    print(f"{size:,} bytes per run as {size // CHUNK:,} frames of 1 MiB + 17 bytes, over TCP "
-          f"loopback; median of {runs} run(s); {ssl.OPENSSL_VERSION}")  # fmt: skip
+    print(
+        f"{size:,} bytes per run as {size // CHUNK:,} frames of 1 MiB + 17 bytes, over TCP "
+        f"loopback; median of {runs} run(s); {ssl.OPENSSL_VERSION}"
+    )
     for line in render(table, size):
         print(line)
     print(

@@ -201,15 +201,20 @@ def build_rows(stream: Path) -> list[Row]:
     codecs += [(chain, ["--filters", chain, *keyed]) for chain in ("encrypt", "zstd:1,encrypt")]
     for label, options in codecs:
         encode = [*migpipe, "encode", *options]
-        rows.append(Row(f"migpipe encode {label}", [["cat", path], encode],
-                        rss_stages={"encode": 1}))  # fmt: skip
+        rows.append(
+            Row(f"migpipe encode {label}", [["cat", path], encode], rss_stages={"encode": 1})
+        )
     for label, options in codecs:
         encode = [*migpipe, "encode", *options]
         decode = [*migpipe, "decode", *(keyed if "encrypt" in label else [])]
         rows.append(
-            Row(f"migpipe encode | decode {label}", [["cat", path], encode, decode],
-                rss_stages={"encode": 1, "decode": 2}, roundtrip=True)
-        )  # fmt: skip
+            Row(
+                f"migpipe encode | decode {label}",
+                [["cat", path], encode, decode],
+                rss_stages={"encode": 1, "decode": 2},
+                roundtrip=True,
+            )
+        )
     dd_in = ["dd", f"if={path}", "bs=1M", "status=none"]
     dd_out = ["dd", "of=/dev/null", "bs=1M", "status=none"]
     rows.append(Row("dd bs=1M | dd bs=1M (64 KiB pipe)", [dd_in, dd_out], rss_stages={"": 1}))
@@ -280,18 +285,38 @@ def targets(rows: list[Row], total: int) -> list[str]:
 
     lines = []
     comparisons = [
-        ("pass-through vs dd|dd (64 KiB pipe)", "migpipe encode pass-through",
-         "dd bs=1M | dd bs=1M (64 KiB pipe)", 0.5, False),
-        ("pass-through vs dd|dd (1 MiB pipe)", "migpipe encode pass-through",
-         "dd bs=1M | dd bs=1M (1 MiB pipe)", 0.5, False),
+        (
+            "pass-through vs dd|dd (64 KiB pipe)",
+            "migpipe encode pass-through",
+            "dd bs=1M | dd bs=1M (64 KiB pipe)",
+            0.5,
+            False,
+        ),
+        (
+            "pass-through vs dd|dd (1 MiB pipe)",
+            "migpipe encode pass-through",
+            "dd bs=1M | dd bs=1M (1 MiB pipe)",
+            0.5,
+            False,
+        ),
         ("zstd:1 vs zstd -1 -T0", "migpipe encode zstd:1", "zstd -1 -T0 -c", 1.5, True),
         ("lz4 vs lz4 -1", "migpipe encode lz4", "lz4 -1 -c", 2.0, True),
         # encryption may cost at most 10% of encode's wall time: speed >= 1/1.1 of without
-        ("encrypt vs pass-through", "migpipe encode encrypt", "migpipe encode pass-through",
-         0.91, False),
-        ("zstd:1,encrypt vs zstd:1", "migpipe encode zstd:1,encrypt", "migpipe encode zstd:1",
-         0.91, False),
-    ]  # fmt: skip
+        (
+            "encrypt vs pass-through",
+            "migpipe encode encrypt",
+            "migpipe encode pass-through",
+            0.91,
+            False,
+        ),
+        (
+            "zstd:1,encrypt vs zstd:1",
+            "migpipe encode zstd:1,encrypt",
+            "migpipe encode zstd:1",
+            0.91,
+            False,
+        ),
+    ]
     for label, ours, theirs, goal, same_ratio in comparisons:
         mine, peer = rate(ours), rate(theirs)
         if mine is None or peer is None:

@@ -486,8 +486,10 @@ def main() -> int:
             + "".join(f"{row[c]:>12.0f}" if c in row else f"{'-':>12}" for c in columns)
         )
     base = rows.get("standalone C (gcc -O2)")
-    for label, short in (("C ext, batch of 4096", "batch"),
-                         ("C ext, batch, contiguous pages", "contiguous")):  # fmt: skip
+    for label, short in (
+        ("C ext, batch of 4096", "batch"),
+        ("C ext, batch, contiguous pages", "contiguous"),
+    ):
         ours = rows.get(label)
         if base and ours:
             print(

@@ -48,11 +48,23 @@ READY = b"READY\n"
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 GUEST_CFLAGS = (
-    "-m32", "-march=i686", "-O2", "-Wall", "-Wextra",
-    "-ffreestanding", "-fno-builtin", "-fno-pic", "-fno-pie", "-no-pie", "-nostdlib", "-static",
-    "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
-    "-Wl,--build-id=none", "-Wl,-n",
-)  # fmt: skip
+    "-m32",
+    "-march=i686",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-ffreestanding",
+    "-fno-builtin",
+    "-fno-pic",
+    "-fno-pie",
+    "-no-pie",
+    "-nostdlib",
+    "-static",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-Wl,--build-id=none",
+    "-Wl,-n",
+)
 
 KINDS = ("idle", "dirty", "xbzrle")
 #: Busy-wait iterations between two guest writes in the live kinds. With PACINGS below this
@@ -131,8 +143,15 @@ def build_guest(out_dir: Path) -> Path:
         raise RuntimeError("gcc is needed to build the test guest")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "guest.elf"
-    cmd = [CC, *GUEST_CFLAGS, "-T", str(GUEST_DIR / "guest.ld"), "-o", str(out),
-           str(GUEST_DIR / "guest.c")]  # fmt: skip
+    cmd = [
+        CC,
+        *GUEST_CFLAGS,
+        "-T",
+        str(GUEST_DIR / "guest.ld"),
+        "-o",
+        str(out),
+        str(GUEST_DIR / "guest.c"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"building the test guest failed: {shlex.join(cmd)}\n{proc.stderr}")
@@ -283,16 +302,33 @@ class Vm:
         qmp_ours, qmp_theirs = socket.socketpair()
         keep = [qmp_theirs]
         cmd = [
-            QEMU, "-machine", "pc", "-accel", "tcg,thread=single", "-m", str(RAM_SIZE >> 20),
-            "-nographic", "-nodefaults", "-display", "none", "-serial", "none",
-            "-chardev", f"socket,id=qmp,fd={qmp_theirs.fileno()}",
-            "-mon", "chardev=qmp,mode=control",
-        ]  # fmt: skip
+            QEMU,
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg,thread=single",
+            "-m",
+            str(RAM_SIZE >> 20),
+            "-nographic",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+            "-chardev",
+            f"socket,id=qmp,fd={qmp_theirs.fileno()}",
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]
         if self.console:
             con_ours, con_theirs = socket.socketpair()
             keep.append(con_theirs)
-            cmd += ["-chardev", f"socket,id=dbg,fd={con_theirs.fileno()}",
-                    "-device", "isa-debugcon,chardev=dbg,iobase=0xe9"]  # fmt: skip
+            cmd += [
+                "-chardev",
+                f"socket,id=dbg,fd={con_theirs.fileno()}",
+                "-device",
+                "isa-debugcon,chardev=dbg,iobase=0xe9",
+            ]
             self._console = con_ours
         cmd += self.args
         try:
@@ -300,11 +336,15 @@ class Vm:
                 log.write(f"$ {shlex.join(cmd)}\n".encode())
                 log.flush()
                 self.proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    pass_fds=[s.fileno() for s in keep], cwd=self.workdir,
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=[s.fileno() for s in keep],
+                    cwd=self.workdir,
                     start_new_session=True,  # its own process group: kill() reaches exec: children
                     preexec_fn=_die_with_parent,
-                )  # fmt: skip
+                )
         finally:
             for s in keep:
                 s.close()
@@ -537,8 +577,10 @@ def run_migration(
                         given_up = NotConverged(
                             f"{src.name}: migration not converged after {passes} passes "
                             f"({seconds:.1f} s); cancelled",
-                            passes, seconds, info,
-                        )  # fmt: skip
+                            passes,
+                            seconds,
+                            info,
+                        )
                 continue
             status = event["data"]["status"]
             if status == "completed":
@@ -655,10 +697,14 @@ def capture_stream(
             raise src.error(f"`cat > {out_path}` exited with status {status}")
         memory = src.pmemsave(workdir / f"{src.name}.mem") if pacing.stop_first else None
     return Capture(
-        kind=kind, path=out_path, seconds=seconds, size=out_path.stat().st_size,
-        dirty_syncs=int(info.get("ram", {}).get("dirty-sync-count", 0)), info=info,
+        kind=kind,
+        path=out_path,
+        seconds=seconds,
+        size=out_path.stat().st_size,
+        dirty_syncs=int(info.get("ram", {}).get("dirty-sync-count", 0)),
+        info=info,
         source_memory=memory,
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -727,6 +773,9 @@ def migrate_through(
         seconds = time.monotonic() - start
         memory = dest.pmemsave(workdir / "dest.mem")
     return Migration(
-        source_stream=source_stream, dest_memory=memory, source_info=info,
-        sender_status=status, seconds=seconds,
-    )  # fmt: skip
+        source_stream=source_stream,
+        dest_memory=memory,
+        source_info=info,
+        sender_status=status,
+        seconds=seconds,
+    )

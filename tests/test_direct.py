@@ -34,8 +34,13 @@ MIB = 1 << 20
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
-]  # fmt: skip
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
@@ -65,8 +70,9 @@ def private_mount(directory: Path, fstype: str, options: str = "defaults") -> It
     script = f'mount -t {fstype} -o {options} none "$1" && echo mounted && exec cat'
     holder = subprocess.Popen(
         ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(directory)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert holder.stdin is not None and holder.stdout is not None
     try:
         assert holder.stdout.readline() == b"mounted\n", f"cannot mount {fstype} in a namespace"

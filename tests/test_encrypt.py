@@ -254,20 +254,32 @@ def test_reordered_duplicated_dropped_and_foreign_payloads(sealed, tmp_path: Pat
     stream, data, secrets = sealed
     header, frames, trailer = split_wire(data)
     swapped = [frames[0], frames[2], frames[1], *frames[3:]]
-    assert_refused(decode_bytes(join_wire(header, swapped, trailer), secrets), stream,
-                   "payload 1 failed authentication")  # fmt: skip
+    assert_refused(
+        decode_bytes(join_wire(header, swapped, trailer), secrets),
+        stream,
+        "payload 1 failed authentication",
+    )
     repeated = [frames[0], frames[1], frames[1], *frames[2:]]
-    assert_refused(decode_bytes(join_wire(header, repeated, trailer), secrets), stream,
-                   "payload 2 failed authentication")  # fmt: skip
+    assert_refused(
+        decode_bytes(join_wire(header, repeated, trailer), secrets),
+        stream,
+        "payload 2 failed authentication",
+    )
     dropped = [frames[0], *frames[2:]]
-    assert_refused(decode_bytes(join_wire(header, dropped, trailer), secrets), stream,
-                   "payload 1 failed authentication")  # fmt: skip
+    assert_refused(
+        decode_bytes(join_wire(header, dropped, trailer), secrets),
+        stream,
+        "payload 1 failed authentication",
+    )
     # the same key and position, another stream: its file key (and header) differ
     (tmp_path / "other").mkdir()
     other = encode_bytes(small_stream(seed=2), "zstd:1,encrypt", secrets, tmp_path / "other")
     foreign = [*frames[:3], split_wire(other)[1][3], *frames[4:]]
-    assert_refused(decode_bytes(join_wire(header, foreign, trailer), secrets), stream,
-                   "payload 3 failed authentication")  # fmt: skip
+    assert_refused(
+        decode_bytes(join_wire(header, foreign, trailer), secrets),
+        stream,
+        "payload 3 failed authentication",
+    )
 
 
 def test_a_forged_last_payload(sealed) -> None:
@@ -275,8 +287,11 @@ def test_a_forged_last_payload(sealed) -> None:
     stream, data, secrets = sealed
     header, frames, trailer = split_wire(data)
     cut = [*frames[:3], (wire.FRAME_FINAL, frames[3][1])]
-    assert_refused(decode_bytes(join_wire(header, cut, trailer), secrets), stream,
-                   "last payload failed authentication")  # fmt: skip
+    assert_refused(
+        decode_bytes(join_wire(header, cut, trailer), secrets),
+        stream,
+        "last payload failed authentication",
+    )
 
 
 def test_every_truncation_point(key: Path, tmp_path: Path, small_frames: None) -> None:
@@ -291,8 +306,13 @@ def test_every_truncation_point(key: Path, tmp_path: Path, small_frames: None) -
 
 
 def migpipe(*args: str, stdin: bytes = b"", **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "migpipe", *args], input=stdin,
-                          capture_output=True, check=False, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "migpipe", *args],
+        input=stdin,
+        capture_output=True,
+        check=False,
+        **kwargs,
+    )
 
 
 def test_cli_keys(tmp_path: Path) -> None:
@@ -312,8 +332,9 @@ def test_cli_keys(tmp_path: Path) -> None:
     sealed = migpipe("encode", "--encrypt", "--key-file", str(key), stdin=stream)
     assert sealed.returncode == 0, sealed.stderr
     with open(key, "rb") as f:  # a daemon hands the key over as a descriptor
-        result = migpipe("decode", "--key-fd", str(f.fileno()), stdin=sealed.stdout,
-                         pass_fds=[f.fileno()])  # fmt: skip
+        result = migpipe(
+            "decode", "--key-fd", str(f.fileno()), stdin=sealed.stdout, pass_fds=[f.fileno()]
+        )
     assert result.returncode == 0 and result.stdout == stream
 
     key.chmod(0o644)
@@ -378,6 +399,7 @@ def test_a_key_refuses_a_bare_stream_on_standard_input(key: Path) -> None:
     as a named file of that kind is."""
     result = migpipe("inspect", "-", "--key-file", str(key), stdin=small_stream())
     assert result.returncode == EXIT_KEY and b"standard input (a bare QEMU stream)" in result.stderr
-    allowed = migpipe("inspect", "-", "--key-file", str(key), "--allow-unencrypted",
-                      stdin=small_stream())  # fmt: skip
+    allowed = migpipe(
+        "inspect", "-", "--key-file", str(key), "--allow-unencrypted", stdin=small_stream()
+    )
     assert allowed.returncode == 0

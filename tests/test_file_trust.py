@@ -271,8 +271,17 @@ def test_a_key_of_one_repeated_byte_is_refused(key: Path, byte: int) -> None:
 
 
 def tls_init(directory: Path, *more: str) -> subprocess.CompletedProcess:
-    return migpipe("tls-init", str(directory), "--ca", "CA", "--server-name", "dst",
-                   "--client-name", "src", *more)  # fmt: skip
+    return migpipe(
+        "tls-init",
+        str(directory),
+        "--ca",
+        "CA",
+        "--server-name",
+        "dst",
+        "--client-name",
+        "src",
+        *more,
+    )
 
 
 @pytest.mark.parametrize(

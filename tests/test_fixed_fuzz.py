@@ -136,8 +136,15 @@ def fix_checksums(image: bytearray, offset: int, write: int) -> None:
             place, length, _, write_ = CHUNK_ENTRY.unpack_from(index, entry)
             crc = crc32(image[place : place + length])
             CHUNK_ENTRY.pack_into(index, entry, place, length, crc, write_)
-    except (ValueError, KeyError, TypeError, IndexError, struct.error, RecursionError,
-            MigpipeError):  # fmt: skip
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        struct.error,
+        RecursionError,
+        MigpipeError,
+    ):
         pass  # a part that no longer parses keeps its checksum: the reader refuses it anyway
     image[offset:] = index
     image[at : at + LOCATOR] = encode_locator(offset, len(index), write, crc32(index))

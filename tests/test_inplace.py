@@ -128,11 +128,13 @@ def test_random_pieces(tmp_path: Path, stream: bytes, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(
     ("cut", "message"),
-    [(lambda s: s[:-10], "truncated in the VM description"),
-     (lambda s: s[: len(s) // 2], "truncated in"),
-     (lambda s: b"QEVX" + s[4:], "not a QEMU migration stream")],
+    [
+        (lambda s: s[:-10], "truncated in the VM description"),
+        (lambda s: s[: len(s) // 2], "truncated in"),
+        (lambda s: b"QEVX" + s[4:], "not a QEMU migration stream"),
+    ],
     ids=["in the VM description", "in RAM", "bad magic"],
-)  # fmt: skip
+)
 def test_a_bad_stream_is_refused(tmp_path: Path, stream: bytes, cut, message: str) -> None:
     with pytest.raises(BaseExceptionGroup) as refused:
         save_in_place(tmp_path, Pieces(cut(stream), []))

@@ -23,8 +23,14 @@ def open_fd(path: Path, flags: int) -> int:
 def save(path: Path, fd: int, data: bytes, **kwargs) -> subprocess.CompletedProcess:
     """libvirt's save: the file is the child's stdout, FD 1, and the stream comes on stdin."""
     try:
-        return subprocess.run([*IOHELPER, str(path), "1"], input=data, stdout=fd,
-                              stderr=subprocess.PIPE, check=False, **kwargs)  # fmt: skip
+        return subprocess.run(
+            [*IOHELPER, str(path), "1"],
+            input=data,
+            stdout=fd,
+            stderr=subprocess.PIPE,
+            check=False,
+            **kwargs,
+        )
     finally:
         os.close(fd)
 
@@ -32,8 +38,9 @@ def save(path: Path, fd: int, data: bytes, **kwargs) -> subprocess.CompletedProc
 def restore(path: Path, fd: int) -> subprocess.CompletedProcess:
     """libvirt's restore: the file is the child's stdin, FD 0, and the stream goes to stdout."""
     try:
-        return subprocess.run([*IOHELPER, str(path), "0"], stdin=fd, capture_output=True,
-                              check=False)  # fmt: skip
+        return subprocess.run(
+            [*IOHELPER, str(path), "0"], stdin=fd, capture_output=True, check=False
+        )
     finally:
         os.close(fd)
 
@@ -64,8 +71,13 @@ def test_the_fd_need_not_be_stdin_or_stdout(tmp_path: Path) -> None:
     data, path = payload(3 * MIB + 1), tmp_path / "save.img"
     fd = open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
     os.set_inheritable(fd, True)
-    result = subprocess.run([*IOHELPER, str(path), str(fd)], input=data, capture_output=True,
-                            pass_fds=(fd,), check=False)  # fmt: skip
+    result = subprocess.run(
+        [*IOHELPER, str(path), str(fd)],
+        input=data,
+        capture_output=True,
+        pass_fds=(fd,),
+        check=False,
+    )
     os.close(fd)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
     assert path.read_bytes() == data
@@ -89,22 +101,27 @@ def test_refusals(tmp_path: Path) -> None:
     path.write_bytes(payload(8192))
     result = save(path, open_fd(path, os.O_RDWR), b"x")
     assert (result.returncode, result.stderr) == (
-        1, failure(path, "fd 1 is open for reading and writing; give one direction")
-    )  # fmt: skip
+        1,
+        failure(path, "fd 1 is open for reading and writing; give one direction"),
+    )
     result = save(path, open_fd(path, os.O_WRONLY | os.O_DIRECT), b"x")
     assert (result.returncode, result.stderr) == (
-        1, failure(path, "O_DIRECT write needs an empty seekable file")
-    )  # fmt: skip
+        1,
+        failure(path, "O_DIRECT write needs an empty seekable file"),
+    )
     fd = open_fd(path, os.O_RDONLY | os.O_DIRECT)
     os.lseek(fd, 4096, os.SEEK_SET)
     result = restore(path, fd)
     assert (result.returncode, result.stdout, result.stderr) == (
-        1, b"", failure(path, "O_DIRECT read needs the entire seekable file, from offset 0")
-    )  # fmt: skip
+        1,
+        b"",
+        failure(path, "O_DIRECT read needs the entire seekable file, from offset 0"),
+    )
     result = subprocess.run([*IOHELPER, str(path), "9"], capture_output=True, check=False)
     assert (result.returncode, result.stderr) == (
-        1, failure(path, "cannot use fd 9: Bad file descriptor")
-    )  # fmt: skip
+        1,
+        failure(path, "cannot use fd 9: Bad file descriptor"),
+    )
 
 
 def test_a_full_file_system(tmp_path: Path) -> None:
@@ -126,16 +143,18 @@ def test_a_file_size_limit_under_o_direct(tmp_path: Path) -> None:
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
     assert (result.returncode, result.stderr) == (
-        1, failure(path, f"cannot write {path}: File too large (at byte offset {limit})")
-    )  # fmt: skip
+        1,
+        failure(path, f"cannot write {path}: File too large (at byte offset {limit})"),
+    )
 
 
 def test_restore_into_a_reader_that_goes_away(tmp_path: Path) -> None:
     path = tmp_path / "save.img"
     path.write_bytes(payload(32 * MIB))
     fd = open_fd(path, os.O_RDONLY | os.O_DIRECT)
-    child = subprocess.Popen([*IOHELPER, str(path), "0"], stdin=fd, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)  # fmt: skip
+    child = subprocess.Popen(
+        [*IOHELPER, str(path), "0"], stdin=fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     os.close(fd)
     assert child.stdout is not None and child.stderr is not None
     assert len(child.stdout.read(MIB)) == MIB

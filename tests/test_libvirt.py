@@ -91,8 +91,10 @@ class Virsh:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 ["stdbuf", "-oL", VIRSH, "-q", "-c", f"qemu:///embed?root={root}"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-            )  # fmt: skip
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         self._pending = b""
         self._log_seen = 0
 
@@ -110,8 +112,9 @@ class Virsh:
         while mark not in self._pending:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                raise VirshError(f"virsh {command}: no answer in {COMMAND_TIMEOUT:.0f} s:\n"
-                                 f"{self._new_log()}")  # fmt: skip
+                raise VirshError(
+                    f"virsh {command}: no answer in {COMMAND_TIMEOUT:.0f} s:\n{self._new_log()}"
+                )
             chunk = os.read(self.proc.stdout.fileno(), 65536)
             if not chunk:
                 raise VirshError(f"virsh exited during {command!r}:\n{self._new_log()}")
@@ -206,8 +209,12 @@ def domain_xml(name: str, guest_elf: Path, kind: str, console: Path | None = Non
     libvirt adds -no-acpi unless told otherwise). `console`: a socket for its isa-debugcon."""
     extra = ""
     if console is not None:
-        args = ["-chardev", f"socket,id=dbg,path={console}",
-                "-device", "isa-debugcon,chardev=dbg,iobase=0xe9"]  # fmt: skip
+        args = [
+            "-chardev",
+            f"socket,id=dbg,path={console}",
+            "-device",
+            "isa-debugcon,chardev=dbg,iobase=0xe9",
+        ]
         extra = "<qemu:commandline>{}</qemu:commandline>".format(
             "".join(f"<qemu:arg value={quoteattr(arg)}/>" for arg in args)
         )
@@ -313,16 +320,25 @@ def test_migpipe_image_restores_with_virsh(
     xml.write_text(domain_xml(name, guest_elf, "dirty"))
     image = tmp_path / "vm.img"
     with open(dirty_capture.path, "rb") as stream:
-        saved = migpipe("save", str(image), "--libvirt-xml", str(xml), "--image-format", "gzip",
-                        "--paused", stdin=stream)  # fmt: skip
+        saved = migpipe(
+            "save",
+            str(image),
+            "--libvirt-xml",
+            str(xml),
+            "--image-format",
+            "gzip",
+            "--paused",
+            stdin=stream,
+        )
     assert saved.returncode == 0, saved.stderr
 
     virsh.run(f"restore {image}")
     try:
         assert virsh.state(name) == "paused"  # as the image's header asked (--paused)
         dump = virsh.root / "restored.mem"
-        virsh.monitor(name, "pmemsave", val=qemuvm.IMAGE_START, size=qemuvm.IMAGE_SIZE,
-                      filename=str(dump))  # fmt: skip
+        virsh.monitor(
+            name, "pmemsave", val=qemuvm.IMAGE_START, size=qemuvm.IMAGE_SIZE, filename=str(dump)
+        )
         memory = dump.read_bytes()
         dump.unlink()
         assert oracle.first_difference(memory, replay.image) is None
@@ -368,8 +384,11 @@ def test_interrupted_migpipe_image_is_refused(
     image = out / "vm.img"
     stream = dirty_capture.path.read_bytes()
     with open(tmp_path / "save.err", "w+b") as err:
-        saver = subprocess.Popen([*MIGPIPE, "save", str(image), "--libvirt-xml", str(xml)],
-                                 stdin=subprocess.PIPE, stderr=err)  # fmt: skip
+        saver = subprocess.Popen(
+            [*MIGPIPE, "save", str(image), "--libvirt-xml", str(xml)],
+            stdin=subprocess.PIPE,
+            stderr=err,
+        )
         try:
             assert saver.stdin is not None
             saver.stdin.write(stream[: len(stream) // 2])  # the rest never comes

@@ -31,8 +31,13 @@ from migpipe.save.libvirtimage import (
 
 CODES = {"raw": 0, "gzip": 1, "bzip2": 2, "xz": 3, "lzop": 4, "zstd": 5}
 COMPRESSED = [name for name in CODES if name != "raw"]
-COMPRESS = {"gzip": ["gzip", "-c"], "bzip2": ["bzip2", "-c"], "xz": ["xz", "-c", "-3"],
-            "lzop": ["lzop", "-c"], "zstd": ["zstd", "-c", "-q"]}  # fmt: skip
+COMPRESS = {
+    "gzip": ["gzip", "-c"],
+    "bzip2": ["bzip2", "-c"],
+    "xz": ["xz", "-c", "-3"],
+    "lzop": ["lzop", "-c"],
+    "zstd": ["zstd", "-c", "-q"],
+}
 XML = "<domain type='kvm'><name>vm-ü</name><memory unit='KiB'>8192</memory></domain>"
 COOKIE = "<qemucookie><cpu mode='custom'/></qemucookie>"
 PAD = 65536
@@ -58,11 +63,20 @@ def bodies(stream: bytes) -> dict[str, bytes]:
     return found
 
 
-def header(code: int, data_len: int, *, cookie_offset: int = 0, order: str = ORDER,
-           magic: bytes = SAVE_MAGIC, version: int = 2, running: int = 1,
-           unused: tuple = (0,) * 14) -> bytes:  # fmt: skip
-    return magic + struct.pack(f"{order}5I14I", version, data_len, running, code, cookie_offset,
-                               *unused)  # fmt: skip
+def header(
+    code: int,
+    data_len: int,
+    *,
+    cookie_offset: int = 0,
+    order: str = ORDER,
+    magic: bytes = SAVE_MAGIC,
+    version: int = 2,
+    running: int = 1,
+    unused: tuple = (0,) * 14,
+) -> bytes:
+    return magic + struct.pack(
+        f"{order}5I14I", version, data_len, running, code, cookie_offset, *unused
+    )
 
 
 def image(body: bytes, image_format: str, *, cookie: str | None = None, **fields) -> bytes:
@@ -144,8 +158,10 @@ def test_concatenated_members_and_zero_padding(
     """pigz/pbzip2-style multi-member bodies, then the zeros iohelper leaves on block devices."""
     half = len(stream) // 2
     argv = COMPRESS[image_format]
-    parts = [subprocess.run(argv, input=p, capture_output=True, check=True).stdout
-             for p in (stream[:half], stream[half:])]  # fmt: skip
+    parts = [
+        subprocess.run(argv, input=p, capture_output=True, check=True).stdout
+        for p in (stream[:half], stream[half:])
+    ]
     path = tmp_path / "vm.save"
     path.write_bytes(image(b"".join(parts) + bytes(4096), image_format))
     assert read_all(path)[1] == stream
@@ -157,8 +173,9 @@ def test_highly_compressible_body_comes_out_in_bounded_reads(
 ) -> None:
     """64 MiB of zeros in a few KiB: every read() is still at most 1 MiB (read_all checks)."""
     zeros = bytes(64 << 20)
-    body = subprocess.run(COMPRESS[image_format], input=zeros, capture_output=True,
-                          check=True).stdout  # fmt: skip
+    body = subprocess.run(
+        COMPRESS[image_format], input=zeros, capture_output=True, check=True
+    ).stdout
     assert len(body) < 100 << 10
     path = tmp_path / "vm.save"
     path.write_bytes(image(body, image_format))
@@ -173,20 +190,27 @@ TEXT_LEN = len(XML.encode()) + 1 + PAD
 @pytest.mark.parametrize(
     ("fields", "message", "offset", "status"),
     [
-        ({"magic": PARTIAL_MAGIC}, "save image is incomplete (libvirt marks it partial)", 0,
-         EXIT_TRUNCATED),
+        (
+            {"magic": PARTIAL_MAGIC},
+            "save image is incomplete (libvirt marks it partial)",
+            0,
+            EXIT_TRUNCATED,
+        ),
         ({"magic": b"LibvirtQemudXXXX"}, "bad magic", 0, EXIT_CORRUPT),
         ({"version": 3}, "version 3 is not supported", 16, EXIT_INCOMPATIBLE),
         ({"code": 7}, "unknown save image format code 7", 28, EXIT_INCOMPATIBLE),
         ({"code": 6}, "'sparse' (QEMU mapped-ram)", 28, EXIT_INCOMPATIBLE),
         ({"data_len": 0}, "no domain XML", 20, EXIT_CORRUPT),
         ({"data_len": 100 << 20}, "data_len 104857600 is over 64 MiB", 20, EXIT_CORRUPT),
-        ({"cookie_offset": TEXT_LEN + 1}, f"cookie offset {TEXT_LEN + 1} is beyond data_len",
-         32, EXIT_CORRUPT),
-        ({"unused": (0,) * 13 + (1,)}, "unused header words are not zero", 88,
-         EXIT_INCOMPATIBLE),
+        (
+            {"cookie_offset": TEXT_LEN + 1},
+            f"cookie offset {TEXT_LEN + 1} is beyond data_len",
+            32,
+            EXIT_CORRUPT,
+        ),
+        ({"unused": (0,) * 13 + (1,)}, "unused header words are not zero", 88, EXIT_INCOMPATIBLE),
     ],
-)  # fmt: skip
+)
 def test_bad_headers_are_refused(
     tmp_path: Path, fields: dict, message: str, offset: int, status: int
 ) -> None:
@@ -307,8 +331,10 @@ def test_closing_early_ends_the_lzop_program(tmp_path: Path, bodies: dict[str, b
 
 def cli_body(path: Path, offset: int, image_format: str) -> bytes:
     """The body as libvirt's restore sees it: `dd skip=OFFSET | PROG -dc`."""
-    dd = subprocess.Popen(["dd", f"if={path}", "bs=1M", "iflag=skip_bytes", f"skip={offset}",
-                           "status=none"], stdout=subprocess.PIPE)  # fmt: skip
+    dd = subprocess.Popen(
+        ["dd", f"if={path}", "bs=1M", "iflag=skip_bytes", f"skip={offset}", "status=none"],
+        stdout=subprocess.PIPE,
+    )
     assert dd.stdout is not None
     if image_format == "raw":
         out = dd.stdout.read()
@@ -327,8 +353,9 @@ def test_written_images_decode_with_the_real_programs(
     path = tmp_path / "vm.save"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        writer = LibvirtImageWriter(FdChannel(fd), XML, was_running=True,
-                                    image_format=image_format, cookie=COOKIE)  # fmt: skip
+        writer = LibvirtImageWriter(
+            FdChannel(fd), XML, was_running=True, image_format=image_format, cookie=COOKIE
+        )
         view = memoryview(stream)
         for at in range(0, len(stream), 1 << 20):
             writer.write([view[at : at + (1 << 19)], view[at + (1 << 19) : at + (1 << 20)]])
@@ -353,8 +380,9 @@ def test_written_images_decode_with_the_real_programs(
 def test_writer_options(tmp_path: Path, stream: bytes) -> None:
     """A complete magic from the start (for pipes), no cookie, a level, a paused guest."""
     read, write = os.pipe()
-    writer = LibvirtImageWriter(FdChannel(write), XML, was_running=False, image_format="gzip",
-                                level=1, partial=False)  # fmt: skip
+    writer = LibvirtImageWriter(
+        FdChannel(write), XML, was_running=False, image_format="gzip", level=1, partial=False
+    )
     path = tmp_path / "vm.save"
     with open(path, "wb") as f:
         reader = subprocess.Popen(["cat"], stdin=read, stdout=f)

@@ -90,8 +90,10 @@ def _table(rows: dict[str, Row]) -> list[str]:
     def num(value: int | None) -> str:
         return "-" if value is None else f"{value:,}"
 
-    lines = [f"{'':24} {'outcome':>13} {'seconds':>7} {'passes':>6} {'QEMU bytes':>12} "
-             f"{'wire bytes':>12} {'downtime ms':>11} {'downtime B':>11}"]  # fmt: skip
+    lines = [
+        f"{'':24} {'outcome':>13} {'seconds':>7} {'passes':>6} {'QEMU bytes':>12} "
+        f"{'wire bytes':>12} {'downtime ms':>11} {'downtime B':>11}"
+    ]
     for label, r in rows.items():
         lines.append(
             f"{label:24} {r.outcome:>13} {r.seconds:7.2f} {r.passes:6} {num(r.qemu_bytes):>12} "
@@ -113,9 +115,14 @@ def _not_converged(guest_elf: Path, workdir: Path, sender: str, pacing: qemuvm.P
         # Not a near miss: what is still dirty is more than twice what the limit allows.
         assert ram["remaining"] > 2 * LINK_RATE * DOWNTIME_S, exc.info
         return Row(
-            outcome="gave up", seconds=exc.seconds, passes=exc.passes,
-            qemu_bytes=ram["transferred"], wire_bytes=None, downtime_ms=None, downtime_bytes=None,
-        )  # fmt: skip
+            outcome="gave up",
+            seconds=exc.seconds,
+            passes=exc.passes,
+            qemu_bytes=ram["transferred"],
+            wire_bytes=None,
+            downtime_ms=None,
+            downtime_bytes=None,
+        )
     # QEMU switched over anyway. Behind `migpipe encode` that happens now and then: QEMU sees
     # the link through encode's read-ahead (~20 MB), and when that has drained it takes a
     # burst that one of QEMU's 100 ms bandwidth samples reads as several times the link's
@@ -129,10 +136,14 @@ def _not_converged(guest_elf: Path, workdir: Path, sender: str, pacing: qemuvm.P
         f"converged for real: {migration.seconds:.2f} s, {ram['dirty-sync-count']} passes: {info}"
     )
     return Row(
-        outcome="switched over", seconds=migration.seconds, passes=ram["dirty-sync-count"],
-        qemu_bytes=ram["transferred"], wire_bytes=None, downtime_ms=info.get("downtime"),
+        outcome="switched over",
+        seconds=migration.seconds,
+        passes=ram["dirty-sync-count"],
+        qemu_bytes=ram["transferred"],
+        wire_bytes=None,
+        downtime_ms=info.get("downtime"),
         downtime_bytes=ram["downtime-bytes"],
-    )  # fmt: skip
+    )
 
 
 def _converged(
@@ -155,10 +166,14 @@ def _converged(
     stats = json.loads(stats_path.read_text())
     assert stats["qemu_bytes"] == migration.source_stream.stat().st_size
     row = Row(
-        outcome="converged", seconds=migration.seconds, passes=info["ram"]["dirty-sync-count"],
-        qemu_bytes=stats["qemu_bytes"], wire_bytes=stats["wire_bytes"],
-        downtime_ms=info.get("downtime"), downtime_bytes=info["ram"]["downtime-bytes"],
-    )  # fmt: skip
+        outcome="converged",
+        seconds=migration.seconds,
+        passes=info["ram"]["dirty-sync-count"],
+        qemu_bytes=stats["qemu_bytes"],
+        wire_bytes=stats["wire_bytes"],
+        downtime_ms=info.get("downtime"),
+        downtime_bytes=info["ram"]["downtime-bytes"],
+    )
     return row, stats, replay
 
 

@@ -51,9 +51,11 @@ class Migpipe:
     def __init__(self, *args: str | Path) -> None:
         self.process = subprocess.Popen(
             [*MIGPIPE, *map(str, args)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # kill() reaches the commands it runs, which share stderr
-        )  # fmt: skip
+        )
 
     def finish(self) -> tuple[int, str]:
         """Exit status and stderr, once it has exited."""
@@ -170,10 +172,12 @@ def test_migrate_to_incoming_over_tcp(guest_elf: Path, tmp_path: Path) -> None:
         driven_source(guest_elf, tmp_path) as src,
         recording_relay(listen, wire) as relay,
     ):
-        incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen,
-                           "--stats-json", in_stats)  # fmt: skip
-        migrate = start_migrate(tmp_path, "--filters", "xbzrle,zstd", "--connect", relay,
-                                "--stats-json", out_stats)  # fmt: skip
+        incoming = Migpipe(
+            "incoming", "--qmp", dst_qmp, "--listen", listen, "--stats-json", in_stats
+        )
+        migrate = start_migrate(
+            tmp_path, "--filters", "xbzrle,zstd", "--connect", relay, "--stats-json", out_stats
+        )
         with running(incoming, migrate):
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = migrate.finish()
@@ -212,11 +216,22 @@ def test_migrate_to_incoming_over_tls(guest_elf: Path, tmp_path: Path) -> None:
         driven_source(guest_elf, tmp_path) as src,
         recording_monitor(tmp_path / "src.qmp", sent) as monitor,
     ):
-        incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", f"127.0.0.1:{port}",
-                           "--tls-creds", creds)  # fmt: skip
-        migrate = Migpipe("migrate", "--qmp", monitor, "--filters", "xbzrle,zstd:1",
-                          "--connect", f"localhost:{port}", "--tls-creds", creds,
-                          "--stats-json", out_stats)  # fmt: skip
+        incoming = Migpipe(
+            "incoming", "--qmp", dst_qmp, "--listen", f"127.0.0.1:{port}", "--tls-creds", creds
+        )
+        migrate = Migpipe(
+            "migrate",
+            "--qmp",
+            monitor,
+            "--filters",
+            "xbzrle,zstd:1",
+            "--connect",
+            f"localhost:{port}",
+            "--tls-creds",
+            creds,
+            "--stats-json",
+            out_stats,
+        )
         with running(incoming, migrate):
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = migrate.finish()
@@ -308,8 +323,10 @@ def test_the_destinations_answer_decides_after_qemu_completed(
         with running(migrate):
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = migrate.finish()
-        assert (status, err) == (1, "migpipe migrate: error: the destination failed: disk full; "
-                                    "the source VM is running\n")  # fmt: skip
+        assert (status, err) == (
+            1,
+            "migpipe migrate: error: the destination failed: disk full; the source VM is running\n",
+        )
         assert src.qmp.execute("query-status")["status"] == "running"
 
         src.qmp.events.clear()
@@ -318,9 +335,11 @@ def test_the_destinations_answer_decides_after_qemu_completed(
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = migrate.finish()
         assert status == EXIT_UNCONFIRMED
-        assert err.startswith("migpipe migrate: error: sh exited with status 3: QEMU completed, "
-                              "the source VM stays paused and the destination's state is "
-                              "unknown")  # fmt: skip
+        assert err.startswith(
+            "migpipe migrate: error: sh exited with status 3: QEMU completed, "
+            "the source VM stays paused and the destination's state is "
+            "unknown"
+        )
         assert src.qmp.execute("query-status")["status"] == "postmigrate"
 
 
@@ -401,13 +420,23 @@ def test_a_host_without_the_key_never_gets_the_streams_end(guest_elf: Path, tmp_
     (key,) = keys(tmp_path, "key")
     forged = b'{"status": "opened"}\n{"status": "completed", "error": ""}\n'
     with idle_source(guest_elf, tmp_path, "src") as src, fake_destination(forged) as to:
-        migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
-                          "--key-file", key, "--connect", to)  # fmt: skip
+        migrate = Migpipe(
+            "migrate",
+            "--qmp",
+            tmp_path / "src.qmp",
+            "--encrypt",
+            "--key-file",
+            key,
+            "--connect",
+            to,
+        )
         with running(migrate):
             status, err = migrate.finish()
         assert status == 1, err
-        assert err == ("migpipe migrate: error: the destination's word that it opened the stream "
-                       "cannot be trusted; the source VM is running\n")  # fmt: skip
+        assert err == (
+            "migpipe migrate: error: the destination's word that it opened the stream "
+            "cannot be trusted; the source VM is running\n"
+        )
         assert src.qmp.execute("query-status")["status"] == "running"
 
 
@@ -436,8 +465,16 @@ def test_a_verdict_without_the_key_leaves_the_source_paused(
         forging_relay(listen, FORGED[forged]) as relay,
     ):
         incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen, "--key-file", key)
-        migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
-                          "--key-file", key, "--connect", relay)  # fmt: skip
+        migrate = Migpipe(
+            "migrate",
+            "--qmp",
+            tmp_path / "src.qmp",
+            "--encrypt",
+            "--key-file",
+            key,
+            "--connect",
+            relay,
+        )
         with running(incoming, migrate):
             status, err = migrate.finish()
             assert incoming.finish()[0] == 0
@@ -460,11 +497,21 @@ def test_a_wrong_key_on_the_destination_stops_the_stream_and_the_source_runs(
         for name, expected in (("wrong", 1), ("right", 0)):
             listen, dst_qmp = free_port(), tmp_path / f"dst-{name}.qmp"
             with destination(tmp_path, dst_qmp, f"dest-{name}") as dest:
-                incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen,
-                                   "--key-file", keyring[name])  # fmt: skip
-                migrate = Migpipe("migrate", "--qmp", tmp_path / "src.qmp", "--encrypt",
-                                  "--key-file", keyring["right"], "--connect", listen,
-                                  "--stats-json", out_stats)  # fmt: skip
+                incoming = Migpipe(
+                    "incoming", "--qmp", dst_qmp, "--listen", listen, "--key-file", keyring[name]
+                )
+                migrate = Migpipe(
+                    "migrate",
+                    "--qmp",
+                    tmp_path / "src.qmp",
+                    "--encrypt",
+                    "--key-file",
+                    keyring["right"],
+                    "--connect",
+                    listen,
+                    "--stats-json",
+                    out_stats,
+                )
                 with running(incoming, migrate):
                     status, err = migrate.finish()
                     in_status, in_err = incoming.finish()
@@ -490,9 +537,11 @@ def test_qmp_framing() -> None:
     ident, line = protocol.command("getfd", {"fdname": "x"})
     assert json.loads(line) == {"execute": "getfd", "id": ident, "arguments": {"fdname": "x"}}
     assert line.endswith(b"\n") and protocol.command("stop", {})[0] == ident + 1
-    data = (b'{"QMP": {"version": {}}}\r\n{"event": "MIGRATION", "data": {"status": "active"}}'
-            b'\r\n\r\n{"return": {}, "id": 1}\r\n{"error": {"desc": "no"}, "id": 2}\r\n'
-            b'{"ret')  # fmt: skip
+    data = (
+        b'{"QMP": {"version": {}}}\r\n{"event": "MIGRATION", "data": {"status": "active"}}'
+        b'\r\n\r\n{"return": {}, "id": 1}\r\n{"error": {"desc": "no"}, "id": 2}\r\n'
+        b'{"ret'
+    )
     messages = [m for i in range(len(data)) for m in protocol.receive_data(data[i : i + 1])]
     assert messages == [
         {"QMP": {"version": {}}},
@@ -505,8 +554,9 @@ def test_qmp_framing() -> None:
 
 
 def run_migpipe(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*MIGPIPE, *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)  # fmt: skip
+    return subprocess.run(
+        [*MIGPIPE, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
 
 
 def test_refusals_are_one_clear_line(qemu_binary: str, tmp_path: Path) -> None:

@@ -31,8 +31,10 @@ def test_save_and_restore_a_dirtying_guest(
     saved = tmp_path / "vm.mig"
     options = f"--compress zstd:1 --encrypt --key-file {key}" if sealed else "--direct=try"
     restoring = f"--key-file {key}" if sealed else "--direct=try"
-    sender = (f"{MIGPIPE} save {saved} --layout {layout} {options} --cache 8M && "
-              f"{MIGPIPE} restore {saved} {restoring} > {{fifo}}")  # fmt: skip
+    sender = (
+        f"{MIGPIPE} save {saved} --layout {layout} {options} --cache 8M && "
+        f"{MIGPIPE} restore {saved} {restoring} > {{fifo}}"
+    )
     migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)

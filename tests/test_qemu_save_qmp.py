@@ -109,8 +109,14 @@ def recording_monitor(qemu_qmp: Path, record: Path) -> Iterator[Path]:
 
 
 def run_migpipe(*args: str | Path, **popen) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "migpipe", *map(str, args)], capture_output=True,
-                          text=True, timeout=TIMEOUT, check=False, **popen)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "migpipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        **popen,
+    )
 
 
 def _bandwidth(vm: qemuvm.Vm) -> int:
@@ -132,9 +138,23 @@ def test_a_live_save_restores_what_the_source_sent(guest_elf: Path, tmp_path: Pa
         driven_source(guest_elf, tmp_path) as src,
         recording_monitor(tmp_path / "src.qmp", sent) as monitor,
     ):
-        save = Migpipe("save", "--qmp", monitor, saved, "--live", "--layout", "fixed",
-                       "--compress", "zstd", "--encrypt", "--key-file", key, "--cache", "8M",
-                       "--summary")  # fmt: skip
+        save = Migpipe(
+            "save",
+            "--qmp",
+            monitor,
+            saved,
+            "--live",
+            "--layout",
+            "fixed",
+            "--compress",
+            "zstd",
+            "--encrypt",
+            "--key-file",
+            key,
+            "--cache",
+            "8M",
+            "--summary",
+        )
         with running(save):
             assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
             status, err = save.finish()
@@ -233,8 +253,9 @@ def test_live_and_resume_need_qmp(tmp_path: Path) -> None:
     for option in ("--live", "--resume"):
         result = run_migpipe("save", tmp_path / "vm.mig", option)
         assert (result.returncode, result.stderr) == (
-            EXIT_USAGE, "migpipe save: error: --live and --resume drive QEMU: they need --qmp\n"
-        )  # fmt: skip
+            EXIT_USAGE,
+            "migpipe save: error: --live and --resume drive QEMU: they need --qmp\n",
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -24,10 +24,16 @@ MANGLE = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_na
 
 @pytest.mark.parametrize(
     "kind,filters",
-    [("dirty", ""), ("dirty", "--compress zstd:1"), ("xbzrle", "--compress lz4"),
-     ("xbzrle", "--filters zstd:3"), ("dirty", "--xbzrle"), ("dirty", "--filters xbzrle,zstd:1"),
-     ("xbzrle", "--xbzrle --xbzrle-cache 1M --compress lz4")],
-)  # fmt: skip
+    [
+        ("dirty", ""),
+        ("dirty", "--compress zstd:1"),
+        ("xbzrle", "--compress lz4"),
+        ("xbzrle", "--filters zstd:3"),
+        ("dirty", "--xbzrle"),
+        ("dirty", "--filters xbzrle,zstd:1"),
+        ("xbzrle", "--xbzrle --xbzrle-cache 1M --compress lz4"),
+    ],
+)
 def test_migration_through_the_tunnel(
     guest_elf: Path, tmp_path: Path, kind: str, filters: str
 ) -> None:
@@ -54,10 +60,12 @@ def test_a_damaged_wire_never_completes_a_migration(
 def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
     link = free_port()
     migration = qemuvm.migrate_through(
-        guest_elf, "dirty", tmp_path,
+        guest_elf,
+        "dirty",
+        tmp_path,
         sender=f"{MIGPIPE} encode --compress zstd:1 --connect {link}",
         incoming=f"exec:{MIGPIPE} decode --listen {link}",
-    )  # fmt: skip
+    )
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0
@@ -67,8 +75,10 @@ def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
 def test_encrypted_migration(guest_elf: Path, tmp_path: Path) -> None:
     key = tmp_path / "key"
     keygen(key)
-    sender = (f"{MIGPIPE} encode --filters xbzrle,zstd,encrypt --key-file {key} | "
-              f"{MIGPIPE} decode --key-file {key} > {{fifo}}")  # fmt: skip
+    sender = (
+        f"{MIGPIPE} encode --filters xbzrle,zstd,encrypt --key-file {key} | "
+        f"{MIGPIPE} decode --key-file {key} > {{fifo}}"
+    )
     migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
@@ -82,10 +92,12 @@ def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
     port = free_port().rpartition(":")[2]
     tls = f"--tls-creds {creds}"
     migration = qemuvm.migrate_through(
-        guest_elf, "dirty", tmp_path,
+        guest_elf,
+        "dirty",
+        tmp_path,
         sender=f"{MIGPIPE} encode --filters xbzrle,lz4 --connect localhost:{port} {tls}",
         incoming=f"exec:{MIGPIPE} decode --listen 127.0.0.1:{port} {tls}",
-    )  # fmt: skip
+    )
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0

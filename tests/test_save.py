@@ -102,8 +102,18 @@ def test_fixed_save_counts_the_bytes_it_writes_as_it_goes(tmp_path: Path, stream
 
 def test_summary_and_stats(tmp_path: Path, stream: bytes) -> None:
     stats = tmp_path / "stats.json"
-    result = migpipe("save", str(tmp_path / "vm.mig"), "--layout", "fixed", "--cache", "2M",
-                     "--summary", "--stats-json", str(stats), stdin=stream)  # fmt: skip
+    result = migpipe(
+        "save",
+        str(tmp_path / "vm.mig"),
+        "--layout",
+        "fixed",
+        "--cache",
+        "2M",
+        "--summary",
+        "--stats-json",
+        str(stats),
+        stdin=stream,
+    )
     assert result.returncode == 0, result.stderr
     summary = result.stderr.decode()
     assert f"saved {len(stream):,} stream bytes" in summary
@@ -167,8 +177,9 @@ def test_sigkill_at_many_points_leaves_nothing_under_the_name(
     for fed in (0, 1, 4096, len(stream) // 3, len(stream) - 1, len(stream)):
         saver = subprocess.Popen(
             [sys.executable, "-m", "migpipe", "save", str(saved), "--force", *layout],
-            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         saver.stdin.write(stream[:fed])
         saver.stdin.flush()
         saver.send_signal(signal.SIGKILL)
@@ -192,8 +203,9 @@ def _file_size_limit(limit: int):
 @writes
 def test_a_full_disk_fails_cleanly(tmp_path: Path, stream: bytes, layout: list[str]) -> None:
     saved = tmp_path / "vm.mig"
-    result = migpipe("save", str(saved), *layout, stdin=stream,
-                     preexec_fn=_file_size_limit(len(stream) // 4))  # fmt: skip
+    result = migpipe(
+        "save", str(saved), *layout, stdin=stream, preexec_fn=_file_size_limit(len(stream) // 4)
+    )
     assert result.returncode == 1
     message = result.stderr.decode()
     assert message.count("\n") == 1 and "File too large" in message, message
@@ -211,8 +223,10 @@ def test_damaged_files_never_restore_complete(
 ) -> None:
     saved = tmp_path / "vm.mig"
     keys = ["--key-file", str(key)] if "--encrypt" in filters else []
-    assert migpipe("save", str(saved), "--layout", layout, *filters, *keys,
-                   stdin=stream).returncode == 0  # fmt: skip
+    assert (
+        migpipe("save", str(saved), "--layout", layout, *filters, *keys, stdin=stream).returncode
+        == 0
+    )
     data = saved.read_bytes()
     used = [i for i in range(0, len(data), 4096) if data[i : i + 4096].strip(b"\0")]
     damaged = tmp_path / "damaged.mig"
@@ -244,8 +258,10 @@ def test_restore_to_an_fd(tmp_path: Path, stream: bytes) -> None:
     saved = tmp_path / "vm.mig"
     assert migpipe("save", str(saved), stdin=stream).returncode == 0
     read, write = os.pipe()
-    restorer = subprocess.Popen([sys.executable, "-m", "migpipe", "restore", str(saved), "--fd",
-                                 str(write)], pass_fds=[write])  # fmt: skip
+    restorer = subprocess.Popen(
+        [sys.executable, "-m", "migpipe", "restore", str(saved), "--fd", str(write)],
+        pass_fds=[write],
+    )
     os.close(write)
     with os.fdopen(read, "rb") as f:
         assert f.read() == stream
@@ -255,8 +271,21 @@ def test_restore_to_an_fd(tmp_path: Path, stream: bytes) -> None:
 @pytest.mark.parametrize("layout", ["stream", "fixed"])
 def test_inspect_reads_saved_files(tmp_path: Path, stream: bytes, key: Path, layout: str) -> None:
     saved = tmp_path / "vm.mig"
-    assert migpipe("save", str(saved), "--layout", layout, "--compress", "zstd:1", "--encrypt",
-                   "--key-file", str(key), stdin=stream).returncode == 0  # fmt: skip
+    assert (
+        migpipe(
+            "save",
+            str(saved),
+            "--layout",
+            layout,
+            "--compress",
+            "zstd:1",
+            "--encrypt",
+            "--key-file",
+            str(key),
+            stdin=stream,
+        ).returncode
+        == 0
+    )
     result = migpipe("inspect", str(saved), "--json", "--key-file", str(key))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -279,8 +308,16 @@ def test_libvirt_save_image(tmp_path: Path, stream: bytes, image_format: str) ->
     xml = tmp_path / "vm.xml"
     xml.write_text("<domain type='qemu'><name>vm</name></domain>")
     image = tmp_path / "vm.img"
-    result = migpipe("save", str(image), "--libvirt-xml", str(xml), "--image-format",
-                     image_format, "--paused", stdin=stream)  # fmt: skip
+    result = migpipe(
+        "save",
+        str(image),
+        "--libvirt-xml",
+        str(xml),
+        "--image-format",
+        image_format,
+        "--paused",
+        stdin=stream,
+    )
     assert result.returncode == 0, result.stderr
     data = image.read_bytes()
     assert data.startswith(b"LibvirtQemudSave") and b"<name>vm</name>" in data[92:1000]
@@ -295,19 +332,26 @@ def test_libvirt_images_that_must_not_restore(tmp_path: Path, stream: bytes) -> 
     xml = tmp_path / "vm.xml"
     xml.write_text("<domain/>")
     image = tmp_path / "vm.img"
-    assert migpipe("save", str(image), "--libvirt-xml", str(xml), "--image-format", "gzip",
-                   stdin=stream).returncode == 0  # fmt: skip
+    assert (
+        migpipe(
+            "save", str(image), "--libvirt-xml", str(xml), "--image-format", "gzip", stdin=stream
+        ).returncode
+        == 0
+    )
     data = image.read_bytes()
     tail = stream[eof_at(stream) :]
     damaged = tmp_path / "damaged.img"
-    for bad in (data[: len(data) - 9],  # the gzip trailer (CRC, size) cut off
-                data[:-5] + bytes([data[-5] ^ 1]) + data[-4:],  # a flipped CRC bit
-                b"LibvirtQemudPart" + data[16:]):  # fmt: skip
+    for bad in (
+        data[: len(data) - 9],  # the gzip trailer (CRC, size) cut off
+        data[:-5] + bytes([data[-5] ^ 1]) + data[-4:],  # a flipped CRC bit
+        b"LibvirtQemudPart" + data[16:],
+    ):
         damaged.write_bytes(bad)
         result = migpipe("restore", str(damaged))
         assert result.returncode != 0 and tail not in result.stdout, result.stderr
-    result = migpipe("save", str(tmp_path / "x.img"), "--libvirt-xml", str(xml), "--compress=lz4",
-                     stdin=stream)  # fmt: skip
+    result = migpipe(
+        "save", str(tmp_path / "x.img"), "--libvirt-xml", str(xml), "--compress=lz4", stdin=stream
+    )
     assert result.returncode == 2 and b"takes no migpipe filters" in result.stderr
 
 
@@ -322,8 +366,7 @@ def test_direct_save_and_restore_leave_the_page_cache_alone(
     from test_direct import resident_pages
 
     saved = tmp_path / "vm.mig"
-    result = migpipe("save", str(saved), "--layout", layout, *filters, "--direct",
-                     stdin=stream)  # fmt: skip
+    result = migpipe("save", str(saved), "--layout", layout, *filters, "--direct", stdin=stream)
     assert result.returncode == 0, result.stderr
     assert resident_pages(saved) == 0
     restored = migpipe("restore", str(saved), "--direct")
@@ -442,9 +485,17 @@ def test_a_save_killed_after_its_last_byte_leaves_no_file_that_restores(
         savefile.LibvirtTarget("<domain><name>vm</name></domain>") if layout == "libvirt" else None
     )
     with open(source, "rb") as f:
-        trio.run(functools.partial(savefile.save, f.fileno(), saved, [],
-                                   layout="stream" if target else layout, libvirt=target,
-                                   commit=commit))  # fmt: skip
+        trio.run(
+            functools.partial(
+                savefile.save,
+                f.fileno(),
+                saved,
+                [],
+                layout="stream" if target else layout,
+                libvirt=target,
+                commit=commit,
+            )
+        )
     refused = migpipe("restore", str(on_disk))
     assert refused.returncode != 0 and refused.stdout == NOT_A_STREAM
     expected = b"incomplete" if target else b"an unfinished migpipe save"
@@ -561,8 +612,15 @@ def test_a_fixed_save_of_a_guest_beyond_the_layout_is_refused_at_once(tmp_path: 
     """A stream announcing 32 TiB (a few hundred bytes, within the parser's bound) is refused
     when it announces it, not after a walk of 32 million slots."""
     crafted = write_records(_with_blocks(_small_guest(), 32 << 40))
-    result = migpipe("save", str(tmp_path / "vm.mig"), "--layout", "fixed", stdin=crafted,
-                     timeout=60, preexec_fn=_address_space(1 << 30))  # fmt: skip
+    result = migpipe(
+        "save",
+        str(tmp_path / "vm.mig"),
+        "--layout",
+        "fixed",
+        stdin=crafted,
+        timeout=60,
+        preexec_fn=_address_space(1 << 30),
+    )
     assert result.returncode == 6, result.stderr  # EXIT_INCOMPATIBLE
     assert result.stderr.count(b"\n") == 1 and b"at most 16 TiB" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -636,12 +694,14 @@ MALFORMED_INDEXES = {  # an edit of the index's JSON, and what the error says
     "more slots than entries": (lambda m: m.update(slots=m["slots"] + 1), "bytes for"),
     "page size 2^36": (lambda m: m["skeleton"].update(page_size=1 << 36), "page size"),
     "a block name beyond Latin-1": (
-        lambda m: m["skeleton"]["blocks"][0].update(name="\u0100"), "latin-1"),
+        lambda m: m["skeleton"]["blocks"][0].update(name="\u0100"),
+        "latin-1",
+    ),
     "a negative version": (lambda m: m["skeleton"].update(version=-1), "not a count"),
     "a machine that is a number": (lambda m: m["skeleton"].update(machine=5), "not a name"),
     "JSON of 5 MiB": (lambda m: m.update(padding="x" * (5 << 20)), "bytes of JSON"),
     "JSON nested 100000 deep": (lambda m: NESTED, "nested too deeply"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", MALFORMED_INDEXES)

@@ -376,32 +376,77 @@ def test_fds_for_a_line_never_ended_are_a_flood() -> None:
         (b"[" * 60000, (), GENERIC_ERROR, "JSON parse error", NO_ID),
         (b"[1, 2]", (), GENERIC_ERROR, "a JSON object, not a list", NO_ID),
         (b'{"execute": "query-fds", "arguments": {"a": NaN}}', (), GENERIC_ERROR, "NaN", NO_ID),
-        (b'{"execute": "query-fds", "id": 1e999999}', (), GENERIC_ERROR,
-         "JSON parse error: a number too large for a double", NO_ID),
-        (b'{"execute": "query-fds", "arguments": {"a": -1' + b"0" * 400 + b'.5}}', (),
-         GENERIC_ERROR, "a number too large for a double", NO_ID),
+        (
+            b'{"execute": "query-fds", "id": 1e999999}',
+            (),
+            GENERIC_ERROR,
+            "JSON parse error: a number too large for a double",
+            NO_ID,
+        ),
+        (
+            b'{"execute": "query-fds", "arguments": {"a": -1' + b"0" * 400 + b".5}}",
+            (),
+            GENERIC_ERROR,
+            "a number too large for a double",
+            NO_ID,
+        ),
         (b'{"execute": 5, "id": "x"}', (), GENERIC_ERROR, "'execute' must be given", "x"),
         (b'{"execute": "eject", "id": 7}', (), COMMAND_NOT_FOUND, "unknown command 'eject'", 7),
         (b'{"execute": "query-fds", "exec-oob": 1}', (), GENERIC_ERROR, "member 'exec-oob'", NO_ID),
         (b'{"execute": "query-fds", "arguments": []}', (), GENERIC_ERROR, "not a list", NO_ID),
-        (b'{"execute": "query-fds", "arguments": {"x": 1}}', (), GENERIC_ERROR,
-         "'query-fds' has no argument 'x' (it takes: none)", NO_ID),
-        (b'{"execute": "add-fd", "arguments": {}}', (3,), GENERIC_ERROR,
-         "'add-fd' needs argument 'name'", NO_ID),
-        (b'{"execute": "add-fd", "arguments": {"name": 5}}', (3,), GENERIC_ERROR,
-         "argument 'name' of 'add-fd' must be an fd name", NO_ID),
-        (b'{"execute": "add-fd", "arguments": {"name": "a b"}}', (3,), GENERIC_ERROR,
-         "must be an fd name", NO_ID),
-        (b'{"execute": "add-fd", "arguments": {"name": "a"}}', (), GENERIC_ERROR,
-         "exactly one fd attached (SCM_RIGHTS), got 0", NO_ID),
-        (b'{"execute": "add-fd", "arguments": {"name": "a"}}', (3, 4), GENERIC_ERROR,
-         "got 2; they were closed", NO_ID),
+        (
+            b'{"execute": "query-fds", "arguments": {"x": 1}}',
+            (),
+            GENERIC_ERROR,
+            "'query-fds' has no argument 'x' (it takes: none)",
+            NO_ID,
+        ),
+        (
+            b'{"execute": "add-fd", "arguments": {}}',
+            (3,),
+            GENERIC_ERROR,
+            "'add-fd' needs argument 'name'",
+            NO_ID,
+        ),
+        (
+            b'{"execute": "add-fd", "arguments": {"name": 5}}',
+            (3,),
+            GENERIC_ERROR,
+            "argument 'name' of 'add-fd' must be an fd name",
+            NO_ID,
+        ),
+        (
+            b'{"execute": "add-fd", "arguments": {"name": "a b"}}',
+            (3,),
+            GENERIC_ERROR,
+            "must be an fd name",
+            NO_ID,
+        ),
+        (
+            b'{"execute": "add-fd", "arguments": {"name": "a"}}',
+            (),
+            GENERIC_ERROR,
+            "exactly one fd attached (SCM_RIGHTS), got 0",
+            NO_ID,
+        ),
+        (
+            b'{"execute": "add-fd", "arguments": {"name": "a"}}',
+            (3, 4),
+            GENERIC_ERROR,
+            "got 2; they were closed",
+            NO_ID,
+        ),
         (b'{"execute": "query-fds"}', (3,), GENERIC_ERROR, "takes no fd; the 1 attached", NO_ID),
         (b"  ", (3,), GENERIC_ERROR, "fds arrived with an empty line", NO_ID),
-        (b'{"execute": "start-job", "arguments": {"kind": 1}}', (), GENERIC_ERROR,
-         "argument 'kind' of 'start-job' must be a string, not an integer", NO_ID),
+        (
+            b'{"execute": "start-job", "arguments": {"kind": 1}}',
+            (),
+            GENERIC_ERROR,
+            "argument 'kind' of 'start-job' must be a string, not an integer",
+            NO_ID,
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_commands(
     text: bytes, fds: tuple[int, ...], error_class: str, desc: str, id: object
 ) -> None:
@@ -475,8 +520,11 @@ def test_encode_then_decode_reproduces_the_stream(
     with service.connect() as session:
         src = os.open(tmp_path / "in", os.O_RDONLY)
         assert session.add_fd("src", src) == {
-            "name": "src", "type": "file", "readable": True, "writable": False
-        }  # fmt: skip
+            "name": "src",
+            "type": "file",
+            "readable": True,
+            "writable": False,
+        }
         os.close(src)
         give(session, "dst", os.open(tmp_path / "wire", os.O_WRONLY | os.O_CREAT, 0o600))
         job = session.start_job("encode", input="src", output="dst", filters=["xbzrle", "zstd"])
@@ -509,8 +557,7 @@ def test_save_then_restore_jobs(
         r, w = os.pipe()
         give(session, "qemu", r)
         give(session, "file", os.open(tmp_path / "vm.mig", os.O_RDWR | os.O_CREAT, 0o600))
-        job = session.start_job("save", input="qemu", output="file", layout=layout,
-                                filters=["lz4"])  # fmt: skip
+        job = session.start_job("save", input="qemu", output="file", layout=layout, filters=["lz4"])
         with os.fdopen(w, "wb") as qemu:
             qemu.write(stream)
         saved = session.wait_job(job)
@@ -585,12 +632,19 @@ def test_a_save_job_refuses_a_file_it_could_not_restore_from(
     real_lseek(offset, 4096, os.SEEK_SET)  # the file is empty all the same
     with service.connect() as session:
         for name, fd, error in (
-            ("appending", appending, "output fd 'appending' is open with O_APPEND, which puts "
-             "every write at the end; open it without"),
+            (
+                "appending",
+                appending,
+                "output fd 'appending' is open with O_APPEND, which puts "
+                "every write at the end; open it without",
+            ),
             ("offset", offset, "output fd 'offset' is at offset 4096; a save writes from offset 0"),
-            ("unseekable", os.open(tmp_path / "unseekable", os.O_RDWR),
-             "output fd 'unseekable' cannot seek (Illegal seek); a saved file must"),
-        ):  # fmt: skip
+            (
+                "unseekable",
+                os.open(tmp_path / "unseekable", os.O_RDWR),
+                "output fd 'unseekable' cannot seek (Illegal seek); a saved file must",
+            ),
+        ):
             r, w = os.pipe()
             os.close(w)
             give(session, "qemu", r)
@@ -655,10 +709,12 @@ def test_a_reader_given_a_key_refuses_an_unencrypted_input(
         give(session, "plain", os.open(tmp_path / "plain", os.O_RDONLY))
         give(session, "out", os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600))
         give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
-        with pytest.raises(ServiceError, match="'allow-unencrypted' of 'start-job' must be a "
-                           "boolean, not a string"):  # fmt: skip
-            session.start_job(kind, input="plain", output="out", key="key",
-                              **{"allow-unencrypted": "yes"})  # fmt: skip
+        with pytest.raises(
+            ServiceError, match="'allow-unencrypted' of 'start-job' must be a boolean, not a string"
+        ):
+            session.start_job(
+                kind, input="plain", output="out", key="key", **{"allow-unencrypted": "yes"}
+            )
         with pytest.raises(JobError) as refused:
             session.wait_job(session.start_job(kind, input="plain", output="out", key="key"))
         assert refused.value.error_class == JOB_FAILED
@@ -669,8 +725,9 @@ def test_a_reader_given_a_key_refuses_an_unencrypted_input(
         give(session, "plain", os.open(tmp_path / "plain", os.O_RDONLY))
         give(session, "out", w)
         give(session, "key", os.open(tmp_path / "key", os.O_RDONLY))
-        job = session.start_job(kind, input="plain", output="out", key="key",
-                                **{"allow-unencrypted": True})  # fmt: skip
+        job = session.start_job(
+            kind, input="plain", output="out", key="key", **{"allow-unencrypted": True}
+        )
         assert read_all(r) == small_stream
         session.wait_job(job)
 
@@ -690,8 +747,14 @@ def test_keys_are_derived_off_the_event_loop(
         gate = Gate(encrypt._wrapping_key)
         monkeypatch.setattr(encrypt, "_wrapping_key", gate)
         with ThreadPoolExecutor(1) as pool:  # start-job waits at the gate
-            started = pool.submit(session.start_job, "encode", input="src", output="dst",
-                                  filters=["encrypt"], passphrase="pass")  # fmt: skip
+            started = pool.submit(
+                session.start_job,
+                "encode",
+                input="src",
+                output="dst",
+                filters=["encrypt"],
+                passphrase="pass",
+            )
             gate.others_are_served(service)
             session.wait_job(started.result(TIMEOUT))
 
@@ -741,8 +804,11 @@ def test_32_jobs_at_once(service: Harness, small_stream: bytes, tmp_path: Path) 
             r, w = os.pipe()
             give(session, f"in{n}", r)
             give(session, f"out{n}", os.open(tmp_path / f"wire{n}", os.O_WRONLY | os.O_CREAT))
-            jobs.append(session.start_job("encode", input=f"in{n}", output=f"out{n}",
-                                          filters=["xbzrle", "zstd:1"]))  # fmt: skip
+            jobs.append(
+                session.start_job(
+                    "encode", input=f"in{n}", output=f"out{n}", filters=["xbzrle", "zstd:1"]
+                )
+            )
             feeds.append(w)
         running = session.query_jobs()
         assert [j["id"] for j in running] == jobs  # all 32 started before any had input
@@ -887,21 +953,43 @@ def test_bad_input_gets_an_error_and_the_connection_lives(service: Harness) -> N
         (b"{nonsense\n", GENERIC_ERROR, "JSON parse error"),
         (b'"hello"\n', GENERIC_ERROR, "a JSON object, not a string"),
         (b'{"execute": "migrate", "id": 1}\n', COMMAND_NOT_FOUND, "unknown command 'migrate'"),
-        (b'{"execute": "remove-fd", "arguments": {"name": ["x"]}}\n', GENERIC_ERROR,
-         "must be a string, not a list"),
-        (b'{"execute": "cancel-job", "arguments": {"id": "job-1", "force": true}}\n',
-         GENERIC_ERROR, "no argument 'force'"),
-        (b'{"execute": "start-job", "arguments": {"kind": "teleport"}}\n', GENERIC_ERROR,
-         "unknown job kind 'teleport' (kinds: encode, decode, save, restore)"),
-        (b'{"execute": "start-job", "arguments": {"kind": "encode", "input": "a"}}\n',
-         GENERIC_ERROR, "'start-job' needs argument 'output'"),
-        (b'{"execute": "start-job", "arguments": {"kind": "decode", "input": "a", "output": "b",'
-         b' "filters": []}}\n', GENERIC_ERROR, "'start-job' has no argument 'filters'"),
-        (b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n', GENERIC_ERROR,
-         "no capability 'oob'"),
-        (b'{"execute": "query-fds", "id": 1e999999}\n', GENERIC_ERROR,
-         "a number too large for a double"),
-    ]  # fmt: skip
+        (
+            b'{"execute": "remove-fd", "arguments": {"name": ["x"]}}\n',
+            GENERIC_ERROR,
+            "must be a string, not a list",
+        ),
+        (
+            b'{"execute": "cancel-job", "arguments": {"id": "job-1", "force": true}}\n',
+            GENERIC_ERROR,
+            "no argument 'force'",
+        ),
+        (
+            b'{"execute": "start-job", "arguments": {"kind": "teleport"}}\n',
+            GENERIC_ERROR,
+            "unknown job kind 'teleport' (kinds: encode, decode, save, restore)",
+        ),
+        (
+            b'{"execute": "start-job", "arguments": {"kind": "encode", "input": "a"}}\n',
+            GENERIC_ERROR,
+            "'start-job' needs argument 'output'",
+        ),
+        (
+            b'{"execute": "start-job", "arguments": {"kind": "decode", "input": "a", "output": "b",'
+            b' "filters": []}}\n',
+            GENERIC_ERROR,
+            "'start-job' has no argument 'filters'",
+        ),
+        (
+            b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n',
+            GENERIC_ERROR,
+            "no capability 'oob'",
+        ),
+        (
+            b'{"execute": "query-fds", "id": 1e999999}\n',
+            GENERIC_ERROR,
+            "a number too large for a double",
+        ),
+    ]
     for text, error_class, desc in cases:
         raw.send(text)
         answer = raw.read()
@@ -978,8 +1066,9 @@ def test_bad_sizes_get_an_error_and_the_connection_lives(service: Harness) -> No
             give(session, f"in{n}", os.open(os.devnull, os.O_RDONLY))
             give(session, f"out{n}", sink())
             with pytest.raises(ServiceError, match=f"xbzrle cache size: not a size: '{size}'"):
-                session.start_job("encode", input=f"in{n}", output=f"out{n}",
-                                  filters=[f"xbzrle:{size}"])  # fmt: skip
+                session.start_job(
+                    "encode", input=f"in{n}", output=f"out{n}", filters=[f"xbzrle:{size}"]
+                )
         assert len(session.execute("query-fds")) == 10  # a refused start-job takes nothing
 
 
@@ -1008,10 +1097,12 @@ def test_fds_on_the_wrong_command_are_closed(service: Harness) -> None:
     assert "got 2; they were closed" in raw.read()["error"]["desc"]
     raw.send(b'{"execute": "query-jobs", "id": 4}\n', [pipes[2][0]])
     assert raw.read() == {
-        "error": {"class": GENERIC_ERROR,
-                  "desc": "'query-jobs' takes no fd; the 1 attached were closed"},
+        "error": {
+            "class": GENERIC_ERROR,
+            "desc": "'query-jobs' takes no fd; the 1 attached were closed",
+        },
         "id": 4,
-    }  # fmt: skip
+    }
     for r, _ in pipes:
         os.close(r)
     raw.send(b'{"execute": "query-fds"}\n')
@@ -1062,27 +1153,44 @@ def test_fds_of_the_wrong_kind_are_refused_at_start(service: Harness, tmp_path: 
         with pytest.raises(ServiceError, match="an fd named 'dir' is already added"):
             give(session, "dir", sink())
         refused = [
-            ({"input": "dir", "output": "pipe-out"}, "'dir' (argument 'input', read from) is a "
-             "directory; it must be one of: block device, character device, file, pipe, socket"),
-            ({"input": "pipe-in", "output": "readonly"}, "'readonly' (argument 'output', "
-             "written to) is not open for writing"),
-            ({"input": "path", "output": "pipe-out"}, "'path' (argument 'input', read from) is "
-             "not open for reading"),
+            (
+                {"input": "dir", "output": "pipe-out"},
+                "'dir' (argument 'input', read from) is a "
+                "directory; it must be one of: block device, character device, file, pipe, socket",
+            ),
+            (
+                {"input": "pipe-in", "output": "readonly"},
+                "'readonly' (argument 'output', written to) is not open for writing",
+            ),
+            (
+                {"input": "path", "output": "pipe-out"},
+                "'path' (argument 'input', read from) is not open for reading",
+            ),
             ({"input": "pipe-out", "output": "pipe-out"}, "fd 'pipe-out' is given twice"),
             ({"input": "nope", "output": "pipe-out"}, "no fd named 'nope'"),
             ({"input": "pipe-in", "output": "pipe-out", "key": "pipe-in"}, "given twice"),
-            ({"input": "pipe-in", "output": "pipe-out", "key": "readonly",
-              "passphrase": "key"}, "give 'key' or 'passphrase', not both"),
-            ({"input": "pipe-in", "output": "pipe-out", "filters": ["gzip"]},
-             "unknown filter 'gzip'"),
-            ({"input": "pipe-in", "output": "pipe-out", "filters": ["zstd,lz4"]},
-             "one filter per item of 'filters'"),
-            ({"input": "pipe-in", "output": "pipe-out", "filters": "zstd"},
-             "must be a list of strings, not a string"),
-            ({"input": "pipe-in", "output": "pipe-out", "filters": ["encrypt"], "key": "key"},
-             "is not a migpipe key file"),
+            (
+                {"input": "pipe-in", "output": "pipe-out", "key": "readonly", "passphrase": "key"},
+                "give 'key' or 'passphrase', not both",
+            ),
+            (
+                {"input": "pipe-in", "output": "pipe-out", "filters": ["gzip"]},
+                "unknown filter 'gzip'",
+            ),
+            (
+                {"input": "pipe-in", "output": "pipe-out", "filters": ["zstd,lz4"]},
+                "one filter per item of 'filters'",
+            ),
+            (
+                {"input": "pipe-in", "output": "pipe-out", "filters": "zstd"},
+                "must be a list of strings, not a string",
+            ),
+            (
+                {"input": "pipe-in", "output": "pipe-out", "filters": ["encrypt"], "key": "key"},
+                "is not a migpipe key file",
+            ),
             ({"input": "pipe-in", "output": "pipe-out", "filters": ["encrypt"]}, "needs a key"),
-        ]  # fmt: skip
+        ]
         for arguments, desc in refused:
             with pytest.raises(ServiceError) as raised:
                 session.start_job("encode", **arguments)
@@ -1189,8 +1297,10 @@ def test_a_late_reply_is_dropped_not_taken_for_the_next_ones() -> None:
         received = theirs.makefile("rb")
         sent = [json.loads(received.readline()) for _ in range(3)]
         assert [(m["execute"], m["id"]) for m in sent] == [
-            ("query-fds", 1), ("query-jobs", 2), ("query-fds", 3)
-        ]  # fmt: skip
+            ("query-fds", 1),
+            ("query-jobs", 2),
+            ("query-fds", 3),
+        ]
 
 
 # -- the socket ----------------------------------------------------------------------------------
@@ -1271,8 +1381,14 @@ def test_peers_are_checked_with_so_peercred() -> None:
         with serving(path, allow_uids=[DAEMON]) as service:
             assert stat.S_IMODE(path.stat().st_mode) == 0o666  # SO_PEERCRED is the gate
             refused = _connect_as(NOBODY, path)
-            assert refused == [{"error": {"class": GENERIC_ERROR, "desc":
-                                f"uid {NOBODY} may not use this migpipe service"}}]  # fmt: skip
+            assert refused == [
+                {
+                    "error": {
+                        "class": GENERIC_ERROR,
+                        "desc": f"uid {NOBODY} may not use this migpipe service",
+                    }
+                }
+            ]
             assert "migpipe" in _connect_as(DAEMON, path)[0]
             assert f"refused a connection from uid {NOBODY}" in service.log[0]
         with serving(path) as service:
@@ -1290,8 +1406,9 @@ def test_refused_connections_are_logged_at_a_bounded_rate() -> None:
         refused = _connect_as(NOBODY, path, REFUSALS_LOGGED + 25)
         assert len(refused) == REFUSALS_LOGGED + 25 and all("error" in line for line in refused)
         assert len(service.log) == REFUSALS_LOGGED
-        assert all(line.startswith(f"refused a connection from uid {NOBODY} (pid ")
-                   for line in service.log)  # fmt: skip
+        assert all(
+            line.startswith(f"refused a connection from uid {NOBODY} (pid ") for line in service.log
+        )
         service.on_loop(service.service.refusals.tick)
         assert service.log[-1] == "refused 25 more connections in 3600 s (not logged one by one)"
         service.on_loop(service.service.refusals.tick)  # nothing held back: nothing to say
@@ -1388,8 +1505,11 @@ def test_the_client_passes_fds_only_to_a_service_run_by_whom_it_expects() -> Non
         with ThreadPoolExecutor(1) as pool:
             served = pool.submit(as_uid, NOBODY, greet_twice)
             assert os.read(ready_r, 1) == b"!"
-            with pytest.raises(PermissionError, match=f"{path} is served by uid {NOBODY}, not "
-                               f"by uid {os.geteuid()} or root: not passing it fds"):  # fmt: skip
+            with pytest.raises(
+                PermissionError,
+                match=f"{path} is served by uid {NOBODY}, not "
+                f"by uid {os.geteuid()} or root: not passing it fds",
+            ):
                 service_client.connect(str(path), TIMEOUT)
             with service_client.connect(str(path), TIMEOUT, expected_uid=NOBODY) as session:
                 assert session.greeting == greeting()["migpipe"]
@@ -1402,8 +1522,10 @@ def test_migpipe_serve(tmp_path: Path, small_stream: bytes) -> None:
     path = tmp_path / "migpipe.sock"
     server = subprocess.Popen(
         [*MIGPIPE, "serve", "--socket", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout.readline() == f"migpipe serve: listening on {path}\n"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -40,8 +40,18 @@ JOIN = 60  # seconds a test waits for its other end before calling it hung
 
 
 def tls_init(directory: Path, *more: str) -> subprocess.CompletedProcess:
-    argv = [*MIGPIPE, "tls-init", str(directory), "--ca", "Test CA",
-            "--server-name", "localhost,127.0.0.1", "--client-name", "source", *more]  # fmt: skip
+    argv = [
+        *MIGPIPE,
+        "tls-init",
+        str(directory),
+        "--ca",
+        "Test CA",
+        "--server-name",
+        "localhost,127.0.0.1",
+        "--client-name",
+        "source",
+        *more,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
@@ -291,10 +301,17 @@ def read_or_stopped(channel: tls.TlsChannel) -> object:
 
 def test_server_from_another_ca(creds: Path, other_ca: Path) -> None:
     server, client = connected(serve(other_ca), dial(creds))
-    assert_tls_error(client, "the server certificate for 'localhost' is not signed by the CA in",
-                     str(creds / "ca-cert.pem"))  # fmt: skip
-    assert_tls_error(server, "the connecting end (--connect) refused our certificate",
-                     str(other_ca / "server-cert.pem"), "not signed by the CA")  # fmt: skip
+    assert_tls_error(
+        client,
+        "the server certificate for 'localhost' is not signed by the CA in",
+        str(creds / "ca-cert.pem"),
+    )
+    assert_tls_error(
+        server,
+        "the connecting end (--connect) refused our certificate",
+        str(other_ca / "server-cert.pem"),
+        "not signed by the CA",
+    )
     assert server.result is None  # nothing was read
 
 
@@ -303,10 +320,15 @@ def test_client_from_another_ca(creds: Path, other_ca: Path) -> None:
     for name in ("client-cert.pem", "client-key.pem"):
         shutil.copy2(other_ca / name, creds / name)
     server, client = connected(serve(creds), dial(creds))
-    assert_tls_error(server, "the client certificate is not signed by the CA in",
-                     str(creds / "ca-cert.pem"))  # fmt: skip
-    assert_tls_error(client, "the listening end (--listen) refused our certificate",
-                     str(creds / "client-cert.pem"), "not signed by the CA")  # fmt: skip
+    assert_tls_error(
+        server, "the client certificate is not signed by the CA in", str(creds / "ca-cert.pem")
+    )
+    assert_tls_error(
+        client,
+        "the listening end (--listen) refused our certificate",
+        str(creds / "client-cert.pem"),
+        "not signed by the CA",
+    )
     assert server.result is None
 
 
@@ -324,8 +346,11 @@ def issue(
     ca_cert = x509.load_pem_x509_certificate((creds / tls.CA_CERT).read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if role is tls.SERVER else (
-        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)  # fmt: skip
+    usage = (
+        x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+        if role is tls.SERVER
+        else (x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
+    )
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, names[0])]))
@@ -336,7 +361,7 @@ def issue(
         .not_valid_after(now + datetime.timedelta(days=days[1]))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([tlsinit.san_entry(n) for n in names]), False)
-    )  # fmt: skip
+    )
     if purpose:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
@@ -357,15 +382,17 @@ def test_expired_client_certificate(creds: Path) -> None:
     issue(creds, tls.CLIENT, ["source"], days=(-30, -1))
     server, client = connected(serve(creds), dial(creds))
     assert_tls_error(server, "the client certificate has expired")
-    assert_tls_error(client, "the listening end (--listen) refused our certificate",
-                     "it has expired")  # fmt: skip
+    assert_tls_error(
+        client, "the listening end (--listen) refused our certificate", "it has expired"
+    )
     assert server.result is None
 
 
 def test_hostname_mismatch(creds: Path) -> None:
     server, client = connected(serve(creds), dial(creds, "b.example"))
-    assert_tls_error(client, "the server certificate does not carry the name 'b.example'",
-                     "--tls-hostname")  # fmt: skip
+    assert_tls_error(
+        client, "the server certificate does not carry the name 'b.example'", "--tls-hostname"
+    )
     assert_tls_error(server, "refused our certificate")
     assert server.result is None
 
@@ -407,8 +434,9 @@ def test_revoked_server_certificate(creds: Path) -> None:
     )
     (creds / tls.CA_CRL).write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     server, client = connected(serve(creds), dial(creds))
-    assert_tls_error(client, "the server certificate for 'localhost' is revoked in",
-                     str(creds / tls.CA_CRL))  # fmt: skip
+    assert_tls_error(
+        client, "the server certificate for 'localhost' is revoked in", str(creds / tls.CA_CRL)
+    )
     assert_tls_error(server, "refused our certificate", "revoked")
     assert server.result is None
 
@@ -430,8 +458,9 @@ def test_plain_client_to_a_tls_listener(creds: Path) -> None:
         return sock.recv(100)  # the listener's answer: it closes
 
     server, client = connected(serve(creds), plain_encode)
-    assert_tls_error(server, "the connecting end (--connect) does not speak TLS",
-                     "without --tls-creds")  # fmt: skip
+    assert_tls_error(
+        server, "the connecting end (--connect) does not speak TLS", "without --tls-creds"
+    )
     assert server.result is None
     assert client.error is not None or client.result == b""  # a reset, or an end: no reply
 
@@ -448,8 +477,11 @@ def test_tls_client_to_a_plain_listener(creds: Path) -> None:
 
     server, client = connected(plain_decode, dial(creds))
     assert server.error is None and server.result == "refused"
-    assert_tls_error(client, "the listening end (--listen) closed the connection during the "
-                     "handshake", "--tls-creds")  # fmt: skip
+    assert_tls_error(
+        client,
+        "the listening end (--listen) closed the connection during the handshake",
+        "--tls-creds",
+    )
 
 
 def test_a_silent_listener_times_out(creds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -489,8 +521,11 @@ def test_tls12_only_when_both_ends_ask(creds: Path) -> None:
 
 def test_private_key_readable_by_others_is_refused(creds: Path) -> None:
     (creds / "server-key.pem").chmod(0o644)
-    with pytest.raises(MigpipeError, match=r"server-key.pem can be read by its group or others "
-                       r"\(mode 0644\); chmod 600 it"):  # fmt: skip
+    with pytest.raises(
+        MigpipeError,
+        match=r"server-key.pem can be read by its group or others "
+        r"\(mode 0644\); chmod 600 it",
+    ):
         tls.server_context(creds)
     tls.client_context(creds)  # the client's own key is still fine
 
@@ -502,11 +537,14 @@ def test_private_key_readable_by_others_is_refused(creds: Path) -> None:
         (lambda d: (d / "client-cert.pem").unlink(), "client", "{d}/client-cert.pem is missing"),
         (lambda d: (d / "server-key.pem").unlink(), "server", "{d}/server-key.pem: No such"),
         (lambda d: (d / "ca-cert.pem").write_text("junk\n"), "server", "{d}/ca-cert.pem holds no"),
-        (lambda d: shutil.copy2(d / "client-key.pem", d / "server-key.pem"), "server",
-         "{d}/server-key.pem is not the key of {d}/server-cert.pem"),
+        (
+            lambda d: shutil.copy2(d / "client-key.pem", d / "server-key.pem"),
+            "server",
+            "{d}/server-key.pem is not the key of {d}/server-cert.pem",
+        ),
         (lambda d: shutil.rmtree(d), "client", "credentials directory {d} does not exist"),
     ],
-)  # fmt: skip
+)
 def test_bad_credentials_are_named(creds: Path, spoil, side: str, words: str) -> None:
     spoil(creds)
     make = tls.client_context if side == "client" else tls.server_context
@@ -559,8 +597,17 @@ def test_tls_init_never_overwrites_without_force(made: Path, tmp_path: Path) -> 
 
 def test_tls_init_refuses_what_is_not_a_host_name(tmp_path: Path) -> None:
     directory = tmp_path / "creds"
-    argv = [*MIGPIPE, "tls-init", str(directory), "--ca", "CA", "--server-name", "dst,my host",
-            "--client-name", "source host"]  # fmt: skip
+    argv = [
+        *MIGPIPE,
+        "tls-init",
+        str(directory),
+        "--ca",
+        "CA",
+        "--server-name",
+        "dst,my host",
+        "--client-name",
+        "source host",
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert result.returncode == EXIT_USAGE
     assert "'my host' is neither a host name nor an IP address" in result.stderr
@@ -570,8 +617,16 @@ def test_tls_init_refuses_what_is_not_a_host_name(tmp_path: Path) -> None:
 def test_tls_hostname_on_a_listener_is_a_usage_error(made: Path) -> None:
     """It names the server to check; a listener checks only the client: silently ignoring it
     would let a user believe a name is checked that is not."""
-    argv = [*MIGPIPE, "decode", "--listen", "127.0.0.1:0", "--tls-creds", str(made),
-            "--tls-hostname", "dst"]  # fmt: skip
+    argv = [
+        *MIGPIPE,
+        "decode",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-creds",
+        str(made),
+        "--tls-hostname",
+        "dst",
+    ]
     result = subprocess.run(argv, capture_output=True, check=False)
     assert result.returncode == EXIT_USAGE
     assert b"--tls-hostname names the server to check" in result.stderr
@@ -579,8 +634,11 @@ def test_tls_hostname_on_a_listener_is_a_usage_error(made: Path) -> None:
 
 
 def test_tls_peer_needs_tls_creds() -> None:
-    result = subprocess.run([*MIGPIPE, "decode", "--listen", "127.0.0.1:0", "--tls-peer", "src"],
-                            capture_output=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        [*MIGPIPE, "decode", "--listen", "127.0.0.1:0", "--tls-peer", "src"],
+        capture_output=True,
+        check=False,
+    )
     assert result.returncode == EXIT_USAGE
     assert b"--tls-hostname, --tls-peer and --tls12 need --tls-creds" in result.stderr
 
@@ -596,8 +654,11 @@ def test_tls_peer_on_the_connecting_end(creds: Path) -> None:
         assert end.error is None and server.result == [b"x"], end.error
     client = tls.client_context(creds, peers=["dst.example", "10.0.0.2"])
     server, end = connected(serve(creds), dial(client))
-    assert_tls_error(end, "the server certificate carries none of the --tls-peer names "
-                     "(dst.example, 10.0.0.2); it carries '127.0.0.1', 'localhost'")  # fmt: skip
+    assert_tls_error(
+        end,
+        "the server certificate carries none of the --tls-peer names "
+        "(dst.example, 10.0.0.2); it carries '127.0.0.1', 'localhost'",
+    )
     assert server.result == []  # the server read an end, and not one byte
 
 
@@ -606,8 +667,11 @@ def test_tls_peer_on_the_listening_end(creds: Path) -> None:
     QEMU's tls-authz refuses it; a listed one is let in, by its CN alone if need be."""
     issue(creds, tls.CLIENT, ["intruder.example"])
     server, client = connected(serve(tls.server_context(creds, peers=["source"])), dial(creds))
-    assert_tls_error(server, "the client certificate carries none of the --tls-peer names "
-                     "(source); it carries 'intruder.example'")  # fmt: skip
+    assert_tls_error(
+        server,
+        "the client certificate carries none of the --tls-peer names "
+        "(source); it carries 'intruder.example'",
+    )
     assert server.result is None
     issue(creds, tls.CLIENT, ["source"])
     server, client = connected(serve(tls.server_context(creds, peers=["source"])), dial(creds))
@@ -665,15 +729,19 @@ def test_a_tls_listener_outlives_strays_and_refused_peers(
     address = f"127.0.0.1:{free_port()}"
     decoder = subprocess.Popen(
         [*MIGPIPE, "decode", "--listen", address, "--tls-creds", str(made), "--tls-peer", "source"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    ports = [stray(address, work) for work in (plain_request, tls_client(foreign),
-                                               tls_client(intruder))]  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    ports = [
+        stray(address, work) for work in (plain_request, tls_client(foreign), tls_client(intruder))
+    ]
     with transport.connect(address, JOIN):  # silent, while the source comes and goes
         encoder = subprocess.run(
             [*MIGPIPE, "encode", "--tls-creds", str(made), "--connect", address],
-            input=stream, capture_output=True, check=False,
-        )  # fmt: skip
+            input=stream,
+            capture_output=True,
+            check=False,
+        )
     out, err = decoder.communicate(timeout=JOIN)
     assert encoder.returncode == 0, encoder.stderr
     assert decoder.returncode == 0, err

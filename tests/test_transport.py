@@ -48,8 +48,10 @@ def test_wire_over_a_connection(kind: str, stream: bytes, tmp_path: Path) -> Non
     )
     encoder = subprocess.run(  # started right away: --connect retries until decode listens
         [*MIGPIPE, "encode", "--compress", "zstd:1", "--connect", address],
-        input=stream, capture_output=True, check=False,
-    )  # fmt: skip
+        input=stream,
+        capture_output=True,
+        check=False,
+    )
     out, err = decoder.communicate(timeout=60)
     assert encoder.returncode == 0, encoder.stderr
     assert decoder.returncode == 0, err
@@ -60,8 +62,10 @@ def test_wire_over_a_connection(kind: str, stream: bytes, tmp_path: Path) -> Non
 def test_nobody_listening_is_a_clear_failure(stream: bytes) -> None:
     result = subprocess.run(
         [*MIGPIPE, "encode", "--connect", f"127.0.0.1:{free_port()}", "--connect-timeout", "0.2"],
-        input=stream, capture_output=True, check=False,
-    )  # fmt: skip
+        input=stream,
+        capture_output=True,
+        check=False,
+    )
     assert result.returncode == EXIT_PEER_GONE
     assert b"cannot connect to 127.0.0.1:" in result.stderr and b"refused" in result.stderr
 
@@ -75,8 +79,9 @@ def test_decoder_gone_mid_stream(stream: bytes, tmp_path: Path) -> None:
         server.listen(1)
         encoder = subprocess.Popen(
             [*MIGPIPE, "encode", "--connect", address],
-            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         conn, _ = server.accept()
         conn.recv(1 << 16)
         conn.close()  # the reader goes away after the first bytes
@@ -146,8 +151,12 @@ def test_strays_do_not_end_a_decoding_listener(stream: bytes) -> None:
     empty = refused(address)
     short = refused(address, MAGIC[:3])
     with transport.connect(address, 30.0):  # silent, open while the source comes and goes
-        encoder = subprocess.run([*MIGPIPE, "encode", "--connect", address], input=stream,
-                                 capture_output=True, check=False)  # fmt: skip
+        encoder = subprocess.run(
+            [*MIGPIPE, "encode", "--connect", address],
+            input=stream,
+            capture_output=True,
+            check=False,
+        )
     out, err = decoder.communicate(timeout=60)
     assert encoder.returncode == 0, encoder.stderr
     assert decoder.returncode == 0, err
@@ -164,16 +173,22 @@ def test_strays_do_not_end_a_decoding_listener(stream: bytes) -> None:
 
 def test_listen_gives_up_after_accept_timeout() -> None:
     address = f"127.0.0.1:{free_port()}"
-    result = subprocess.run([*MIGPIPE, "decode", "--listen", address, "--accept-timeout", "0.5"],
-                            capture_output=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        [*MIGPIPE, "decode", "--listen", address, "--accept-timeout", "0.5"],
+        capture_output=True,
+        check=False,
+    )
     assert result.returncode == EXIT_PEER_GONE
     assert result.stderr.decode() == (
         f"migpipe decode: error: no connection on {address} within 0.5 s\n"
     )
     assert result.stdout == b"MGP!"  # QEMU, behind decode, fails its load at once
     for bad in ("-1", "nan", "soon"):
-        result = subprocess.run([*MIGPIPE, "encode", "--listen", address, "--accept-timeout", bad],
-                                capture_output=True, check=False)  # fmt: skip
+        result = subprocess.run(
+            [*MIGPIPE, "encode", "--listen", address, "--accept-timeout", bad],
+            capture_output=True,
+            check=False,
+        )
         assert result.returncode == EXIT_USAGE
         assert f"{bad!r} is not a number of seconds" in result.stderr.decode()
 
@@ -208,9 +223,14 @@ def test_refusals_are_logged_at_a_bounded_rate(monkeypatch: pytest.MonkeyPatch) 
     assert listener.received == MAGIC  # the wire's first bytes, still there to be read
     lines = listener.lines
     assert len(lines) == transport.LOG_BURST + 1
-    assert all(re.fullmatch(rf"refused a connection on {address} from 127\.0\.0\.1:\d+: not a "
-                            r"migpipe wire \(it began with b'xxxxxxxx'\)", line)
-               for line in lines[:-1])  # fmt: skip
+    assert all(
+        re.fullmatch(
+            rf"refused a connection on {address} from 127\.0\.0\.1:\d+: not a "
+            r"migpipe wire \(it began with b'xxxxxxxx'\)",
+            line,
+        )
+        for line in lines[:-1]
+    )
     assert lines[-1] == "5 more refused connections not logged"
 
 
@@ -231,8 +251,10 @@ def test_a_flood_of_silent_connections_pushes_out_the_oldest_not_the_source() ->
     listener = Listener(address := f"127.0.0.1:{free_port()}")
     listener.start()
     with contextlib.ExitStack() as silent:
-        ports = [silent.enter_context(transport.connect(address, 30.0)).getsockname()[1]
-                 for _ in range(transport.MAX_PENDING)]  # fmt: skip
+        ports = [
+            silent.enter_context(transport.connect(address, 30.0)).getsockname()[1]
+            for _ in range(transport.MAX_PENDING)
+        ]
         with transport.connect(address, 30.0) as source:
             source.sendall(MAGIC)
             listener.join(60)

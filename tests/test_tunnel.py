@@ -67,8 +67,10 @@ def test_round_trip_is_byte_identical(encoded: bytes, stream: bytes) -> None:
 
 
 def test_compression_shrinks_the_wire(stream: bytes) -> None:
-    sizes = {codec: len(migpipe("encode", "--compress", codec, stdin=stream).stdout)
-             for codec in ("zstd:1", "lz4")}  # fmt: skip
+    sizes = {
+        codec: len(migpipe("encode", "--compress", codec, stdin=stream).stdout)
+        for codec in ("zstd:1", "lz4")
+    }
     assert all(size < len(stream) * 0.8 for size in sizes.values()), sizes
 
 
@@ -81,8 +83,14 @@ def test_every_flipped_frame_byte_is_caught(encoded: bytes, stream: bytes) -> No
 
 
 def test_truncated_wire_never_completes(encoded: bytes, stream: bytes) -> None:
-    for cut in [0, 5, 40, len(encoded) // 2, len(encoded) - wire.TRAILER_SIZE - 14,
-                len(encoded) - 1]:  # fmt: skip
+    for cut in [
+        0,
+        5,
+        40,
+        len(encoded) // 2,
+        len(encoded) - wire.TRAILER_SIZE - 14,
+        len(encoded) - 1,
+    ]:
         result = decode(encoded[:cut])
         assert_never_complete(result, stream)
         assert result.returncode in (EXIT_TRUNCATED, EXIT_CORRUPT)
@@ -96,8 +104,12 @@ def test_frames_out_of_order_are_refused(stream: bytes) -> None:
     first_end = header_end + wire.FRAME_HEADER_SIZE + first_length
     second_length = int.from_bytes(encoded[first_end + 5 : first_end + 9], "big")
     second_end = first_end + wire.FRAME_HEADER_SIZE + second_length
-    swapped = (encoded[:header_end] + encoded[first_end:second_end]
-               + encoded[header_end:first_end] + encoded[second_end:])  # fmt: skip
+    swapped = (
+        encoded[:header_end]
+        + encoded[first_end:second_end]
+        + encoded[header_end:first_end]
+        + encoded[second_end:]
+    )
     result = decode(swapped)
     assert_never_complete(result, stream)
     assert b"frame 1 where frame 0 was due" in result.stderr
@@ -131,8 +143,9 @@ def test_decode_output_file_appears_only_when_complete(encoded: bytes, tmp_path:
 
 def test_stats_json_and_progress(stream: bytes, tmp_path: Path) -> None:
     stats = tmp_path / "stats.json"
-    result = migpipe("encode", "--compress", "zstd:1", "--progress", "--stats-json", str(stats),
-                     stdin=stream)  # fmt: skip
+    result = migpipe(
+        "encode", "--compress", "zstd:1", "--progress", "--stats-json", str(stats), stdin=stream
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(stats.read_text())
     assert figures["qemu_bytes"] == len(stream)
@@ -186,11 +199,13 @@ def test_conflicting_wire_options_are_a_usage_error(stream: bytes) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["decode", "--in", "/nonexistent/wire"],
-     ["decode", "--listen", "127.0.0.1:0", "--tls-creds", "/nonexistent/pki"],
-     ["restore", "/nonexistent/vm.mig"]],
+    [
+        ["decode", "--in", "/nonexistent/wire"],
+        ["decode", "--listen", "127.0.0.1:0", "--tls-creds", "/nonexistent/pki"],
+        ["restore", "/nonexistent/vm.mig"],
+    ],
     ids=["missing wire", "missing TLS credentials", "missing saved file"],
-)  # fmt: skip
+)
 def test_a_stream_that_cannot_start_fails_qemus_load(args: list[str]) -> None:
     """Failing before the wire or file is even open writes NOT_A_STREAM too: QEMU 7.2 waits on
     an `exec:` pipe closed empty forever (tests/test_qemu_tunnel.py shows both sides of that)."""
@@ -253,8 +268,10 @@ def test_a_job_started_with_sigint_ignored_keeps_it_ignored() -> None:
     script = 'trap "" INT; exec "$0" -m migpipe decode'
     with subprocess.Popen(
         ["sh", "-c", script, sys.executable],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    ) as proc:  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
         wait_until_blocked(proc.pid, frozenset({POLL}))  # started up, reading the idle pipe
         masks = signal_masks(proc.pid)
         assert masks["SigIgn"] & 1 << signal.SIGINT - 1

@@ -116,14 +116,21 @@ def test_encoder_and_decoder_mirror_each_other() -> None:
     new[100:104] = b"ABCD"
     sparse = bytearray(PAGE)
     sparse[10:14] = b"WXYZ"  # a few bytes over the zero page the cache now holds
-    records = [*records_for(old, bytes(new), bytes(new)), ZeroPage("pc.ram", 0),
-               NormalPage("pc.ram", 0, bytes(sparse))]  # fmt: skip
+    records = [
+        *records_for(old, bytes(new), bytes(new)),
+        ZeroPage("pc.ram", 0),
+        NormalPage("pc.ram", 0, bytes(sparse)),
+    ]
     encoder, decoder = Xbzrle().encoder(), Xbzrle().decoder()
     wire = encoder.transform(records)
     kinds = [(type(r).__name__, getattr(r, "encoding", None)) for r in wire]
-    assert kinds == [("NormalPage", None), ("XbzrlePage", WIRE_ENCODING),
-                     ("XbzrlePage", WIRE_ENCODING), ("ZeroPage", None),
-                     ("XbzrlePage", WIRE_ENCODING)]  # fmt: skip
+    assert kinds == [
+        ("NormalPage", None),
+        ("XbzrlePage", WIRE_ENCODING),
+        ("XbzrlePage", WIRE_ENCODING),
+        ("ZeroPage", None),
+        ("XbzrlePage", WIRE_ENCODING),
+    ]
     assert wire[2].data == b""  # unchanged: an empty delta
     assert decoder.transform(wire) == records
     assert encoder.counters()["unchanged"] == 1
