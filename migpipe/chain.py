@@ -13,10 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
-from migpipe.errors import (
-    IncompatibleError,
-    MigpipeError,
-)
+from migpipe.errors import EXIT_ERROR, IncompatibleError, MigpipeError
 from migpipe.keys import Secrets
 from migpipe.stream.records import Record
 
@@ -233,6 +230,10 @@ def create(name: str, params: dict[str, Any], secrets: Secrets | None = None) ->
     except TypeError as e:
         message = f"bad parameters for filter {name!r}: {e}"
         raise IncompatibleError(message, None) from None
+    except MigpipeError as e:
+        if e.status != EXIT_ERROR:  # a key problem, or a filter that said which kind it is
+            raise
+        raise IncompatibleError(f"bad parameters for filter {name!r}: {e.message}") from None
 
 
 def parse_chain(text: str, secrets: Secrets | None = None) -> list[Filter]:

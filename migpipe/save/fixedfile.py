@@ -44,6 +44,7 @@ from migpipe.errors import (
 from migpipe.io.channel import Channel, as_channel
 from migpipe.io.direct import DirectFile
 from migpipe.keys import Secrets
+from migpipe.save import DEFAULT_CACHE
 from migpipe.stream import format as fmt
 from migpipe.stream.format import BE32, BE64
 from migpipe.stream.parser import (
@@ -71,9 +72,8 @@ VERSION = 1
 UNIT = 4096  # every slot, chunk and the index start at a multiple of this (O_DIRECT-friendly)
 EXTENT_PAGES = 256
 DEVICE_CHUNK = 1 << 20
-DEFAULT_CACHE = 64 << 20
 LOCATOR = 32  # be64 index offset, length, write number; be32 CRC-32 of it; be32 CRC of these
-IN_FLIGHT = 4
+EXTENTS_IN_FLIGHT = 4  # extents being sealed and written at once (not dataplane's queue)
 SLOT_ENTRY = struct.Struct(">QII")  # write number, stored length, CRC-32
 CHUNK_ENTRY = struct.Struct(">QIIQ")  # offset, stored length, CRC-32, write number
 MAX_SLOTS = 1 << 24
@@ -389,7 +389,7 @@ class FixedSaver:
         previous = self.in_flight.pop(slot, None)
         if previous is not None:
             previous[0].result()  # one slot's writes stay in order
-        while len(self.in_flight) >= IN_FLIGHT:
+        while len(self.in_flight) >= EXTENTS_IN_FLIGHT:
             oldest = next(iter(self.in_flight))
             self.in_flight.pop(oldest)[0].result()
         plain = extent.pack(self.page_size)

@@ -45,7 +45,7 @@ TRAILER_SIZE = 28
 
 @dataclass(frozen=True)
 class Frame:
-    """A frame whose header was checked; its payload CRC is checked by `verified()`.
+    """A frame whose header was checked; its payload CRC is checked by `checked_crc()`.
 
     The payload check is separate so that it runs in the worker threads, in parallel, and so
     that without byte filters the same CRC serves as the CRC of the QEMU bytes.
@@ -57,7 +57,7 @@ class Frame:
     crc: int
     offset: int  # of the frame in the wire, for error messages
 
-    def verified(self) -> int:
+    def checked_crc(self) -> int:
         """The payload's CRC-32, after checking it against the header's."""
         crc = crc32(self.payload)
         if crc != self.crc:
@@ -208,7 +208,7 @@ class WireReader:
         frame = Frame(kind, sequence, payload, crc, self._base + pos)
         if kind != FRAME_TRAILER:
             return frame, end  # its payload is checked by the worker that unfilters it
-        frame.verified()
+        frame.checked_crc()
         if length != TRAILER_SIZE:
             self._fail(f"trailer of {length} bytes (expected {TRAILER_SIZE})", pos)
         self.trailer = Trailer(
@@ -330,7 +330,7 @@ class WireDecoder:
     def open_frame(self, frame: Frame) -> tuple[Buffer, int | None]:
         """A frame's payload, checked and run back through the byte filters; and its CRC-32
         when that is known here (without byte filters, the wire's CRC is the payload's)."""
-        crc = frame.verified()
+        crc = frame.checked_crc()
         position = Position(frame.sequence, frame.kind == FRAME_FINAL)
         data = self.chain.open(frame.payload, MAX_FRAME, position)
         return data, None if self.chain.byte_filters else crc
