@@ -58,3 +58,17 @@ def test_imports_run_downward() -> None:
             if layer_of(imported) > own:
                 upward.append(f"{module} imports {imported}")
     assert upward == []
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists the packages by hand (the plug-ins install under another name):
+    a new package left out of it would work from the checkout and be missing once installed."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    found = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
+    assert found | {"migpipe_filters"} == listed
