@@ -1,11 +1,10 @@
 """inspect, extract, generate and the XBZRLE decoder, through the API and the real CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import PAGE, migpipe
 
 from migpipe.errors import MigpipeError
 from migpipe.stream.parser import parse_bytes
@@ -14,14 +13,6 @@ from migpipe.stream.xbzrle import apply_delta
 from migpipe.tools.extracted import extract, image_file_name, rebuild
 from migpipe.tools.stats import StreamStats
 from migpipe.tools.synthetic import GuestModel, SyntheticGuest
-
-PAGE = 4096
-
-
-def migpipe(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "migpipe", *args], input=stdin, capture_output=True, check=False
-    )
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,19 @@ could try (frames renumbered and re-checksummed, so only authentication can catc
 
 import os
 import stat
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import trio
 from migpipe_filters import encrypt
+from support import migpipe, synthetic_stream
 
 from migpipe import wire
 from migpipe.chain import parse_chain
 from migpipe.errors import EXIT_CORRUPT, EXIT_KEY, MigpipeError
 from migpipe.io.channel import NOT_A_STREAM
 from migpipe.keys import Secrets, keygen
-from migpipe.stream.writer import write_records
-from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 from migpipe.tunnel.pipeline import decode_chunks, encode
 
 
@@ -36,8 +33,7 @@ def key(tmp_path: Path) -> Path:
 
 
 def small_stream(seed: int = 1) -> bytes:
-    model = GuestModel(ram_size=64 << 10, iterations=2, dirty_share=0.5, seed=seed)
-    return write_records(SyntheticGuest(model).records())
+    return synthetic_stream(64 << 10, 2, dirty_share=0.5, seed=seed)
 
 
 def encode_bytes(stream: bytes, chain: str, secrets: Secrets, tmp_path: Path) -> bytes:
@@ -303,16 +299,6 @@ def test_every_truncation_point(key: Path, tmp_path: Path, small_frames: None) -
         out, error = decode_bytes(data[:cut], secrets)
         assert error is not None, cut
         assert stream.startswith(out) and len(out) <= eof, cut
-
-
-def migpipe(*args: str, stdin: bytes = b"", **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "migpipe", *args],
-        input=stdin,
-        capture_output=True,
-        check=False,
-        **kwargs,
-    )
 
 
 def test_cli_keys(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import oracle
 import pytest
 import qemuvm
 import trio
+from support import MIGPIPE, free_port
 
 from migpipe.errors import (
     EXIT_KEY,
@@ -40,7 +41,6 @@ from migpipe.io.tlsinit import tls_init
 from migpipe.io.transport import connect
 from migpipe.qemu.qmp import QmpProtocol
 
-MIGPIPE = [sys.executable, "-m", "migpipe"]
 TIMEOUT = qemuvm.MIGRATION_TIMEOUT  # failsafes only: every wait below ends on an event
 FINAL = ("completed", "failed", "cancelled")
 
@@ -76,12 +76,6 @@ def running(*commands: Migpipe) -> Iterator[None]:
         for command in commands:
             if command.process.poll() is None:
                 command.kill()
-
-
-def free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 @contextlib.contextmanager

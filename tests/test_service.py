@@ -15,7 +15,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from migpipe_filters import encrypt
+from support import MIGPIPE, synthetic_stream
 
 from migpipe.errors import EXIT_KEY, EXIT_PEER_GONE, MigpipeError
 from migpipe.io.channel import FdChannel
@@ -62,11 +62,8 @@ from migpipe.service.protocol import (
     reply,
 )
 from migpipe.service.server import REFUSALS_LOGGED, Service, bind_private, describe_fd
-from migpipe.stream.writer import write_records
-from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 from migpipe.tunnel.pipeline import decode
 
-MIGPIPE = [sys.executable, "-m", "migpipe"]
 TIMEOUT = 60.0  # only ever reached when something is broken; nothing waits for it to pass
 IDLE_TIMEOUT = 10.0  # the same, for the service to notice that every client has gone
 NOBODY, DAEMON = 65534, 1
@@ -74,12 +71,12 @@ NOBODY, DAEMON = 65534, 1
 
 @pytest.fixture(scope="module")
 def stream() -> bytes:
-    return write_records(SyntheticGuest(GuestModel(ram_size=4 << 20, iterations=3)).records())
+    return synthetic_stream(4 << 20, 3, dirty_share=0.05, seed=1)
 
 
 @pytest.fixture(scope="module")
 def small_stream() -> bytes:
-    return write_records(SyntheticGuest(GuestModel(ram_size=256 << 10, iterations=2)).records())
+    return synthetic_stream(256 << 10, 2, dirty_share=0.05, seed=1)
 
 
 def open_fds() -> int:

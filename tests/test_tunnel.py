@@ -9,29 +9,20 @@ from pathlib import Path
 
 import pytest
 from blocking import POLL, wait_until_blocked, watches_syscalls
+from support import MIGPIPE, migpipe, synthetic_stream
 
 from migpipe import wire
 from migpipe.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
 from migpipe.io.channel import NOT_A_STREAM
-from migpipe.stream.writer import write_records
-from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 from migpipe.wire.header import encode_header
 
 CHAINS = [[], ["--compress", "zstd:1"], ["--compress", "lz4"], ["--filters", "zstd:3"]]
 
 
-def migpipe(*args: str, stdin: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "migpipe", *args], input=stdin, capture_output=True, check=False
-    )
-
-
 @pytest.fixture(scope="module")
 def stream() -> bytes:
-    return write_records(
-        SyntheticGuest(GuestModel(ram_size=8 << 20, iterations=3, dirty_share=0.1)).records()
-    )
+    return synthetic_stream(8 << 20, 3, dirty_share=0.1, seed=1)
 
 
 @pytest.fixture(scope="module", params=CHAINS, ids=lambda c: " ".join(c) or "pass-through")
@@ -238,7 +229,7 @@ def test_a_signal_ends_a_command_whose_input_is_silent(
 ) -> None:
     """QEMU paused or the peer idle: Ctrl-C or SIGTERM must not wait for the next byte, and a
     stopped save leaves nothing behind, not even its temporary file."""
-    argv = [sys.executable, "-m", "migpipe", *(a.format(file=tmp_path / "vm.mig") for a in command)]
+    argv = [*MIGPIPE, *(a.format(file=tmp_path / "vm.mig") for a in command)]
     with subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as proc:

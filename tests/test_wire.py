@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support import PAGE
 
 from migpipe.chain import parse_chain
 from migpipe.errors import MigpipeError
@@ -39,7 +40,6 @@ from migpipe.wire.header import Header
 
 CHUNKINGS = (1, 7, None)  # None: the whole wire at once
 READ = 40  # what the source hands encode at a time: with FRAME_TARGET below, a few frames
-PAGE = 4096
 
 
 class Source:

@@ -17,6 +17,7 @@ from types import ModuleType
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import PAGE
 
 from migpipe.errors import MigpipeError
 from migpipe.stream import xbzrle
@@ -30,7 +31,6 @@ from migpipe.stream.xbzrle import (
     encode_deltas_py,
 )
 
-PAGE = 4096
 FORCED_PYTHON = os.environ.get("MIGPIPE_XBZRLE") == "python"
 
 

@@ -2,14 +2,13 @@
 
 import json
 import mmap
-import subprocess
-import sys
 import tracemalloc
 import zlib
 from pathlib import Path
 
 import pytest
 from migpipe_filters.xbzrle import MAX_CACHE, WIRE_ENCODING, PageCache, Xbzrle
+from support import PAGE, migpipe
 
 from migpipe import chain as filters
 from migpipe.errors import EXIT_ERROR, EXIT_INCOMPATIBLE, MigpipeError
@@ -18,14 +17,6 @@ from migpipe.stream.parser import parse_bytes
 from migpipe.stream.records import CompressedPage, NormalPage, XbzrlePage, ZeroPage
 from migpipe.stream.writer import write_records
 from migpipe.tools.synthetic import GuestModel, SyntheticGuest
-
-PAGE = 4096
-
-
-def migpipe(*args: str, stdin: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "migpipe", *args], input=stdin, capture_output=True, check=False
-    )
 
 
 @pytest.fixture(scope="module")
