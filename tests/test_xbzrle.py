@@ -453,6 +453,39 @@ def test_c_and_python_decoders_agree_on_damaged_deltas() -> None:
         assert c_page == py_page  # including the pairs applied before an error
 
 
+# -- decoding: the destination's acceptance rules, through apply_delta alone ---------------------
+
+
+def test_xbzrle_example_from_qemu_docs() -> None:
+    page = bytearray(PAGE)
+    apply_delta(bytes([0xE9, 0x07, 0x0F, *range(1, 16)]), page)  # 1001 unchanged, 15 new
+    assert page[1001:1016] == bytes(range(1, 16))
+    assert page.count(0) == PAGE - 15
+
+
+def test_xbzrle_empty_delta_leaves_the_page() -> None:
+    page = bytearray(b"\x55" * PAGE)
+    apply_delta(b"", page)
+    assert page == b"\x55" * PAGE
+
+
+@pytest.mark.parametrize(
+    "delta,why",
+    [
+        (bytes([0x00]), "truncated zero run"),  # fewer than two bytes before a zero run
+        (bytes([0x00, 0x01, 0xAA, 0x00, 0x01, 0xBB]), "empty zero run"),  # zrun 0 after the first
+        (bytes([0x00, 0x00, 0x00]), "literal run empty"),  # nzrun 0
+        (bytes([0x80, 0x80, 0x01, 0x01]), "longer than two bytes"),  # 3-byte ULEB
+        (bytes([0xFF, 0x1F, 0x02, 0xAA, 0xBB]), "past the page"),  # 4095 + 2 > 4096
+        (bytes([0x00, 0x05, 0xAA]), "past the page"),  # literal longer than the delta
+        (bytes([0x00, 0x01, 0xAA, 0x05]), "truncated zero run"),  # trailing zero run alone
+    ],
+)
+def test_xbzrle_deltas_qemu_rejects(delta: bytes, why: str) -> None:
+    with pytest.raises(MigpipeError, match=why):
+        apply_delta(delta, bytearray(PAGE))
+
+
 # -- real QEMU payloads ------------------------------------------------------------------------
 
 
