@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import functools
 import json
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -245,8 +244,13 @@ def report(args: argparse.Namespace, totals, **more: object) -> None:
 
 @contextlib.contextmanager
 def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
-    """The wire side: a connection (TLS when asked) when asked for one, else --in/--out."""
+    """The wire side: a connection (TLS when asked) when asked for one, else --in/--out.
+
+    A plain connection is yielded as its descriptor, as a file is (migrate answers it as an
+    FdLink); after the caller is done, the connection's writing direction ends through its
+    Sink, TLS or not, so that the peer's read sees the end of the wire."""
     from migpipe.io import transport
+    from migpipe.io.channel import FdChannel
 
     given = args.input != "-" if role == "input" else args.output is not None
     if (args.connect or args.listen) and given:
@@ -263,15 +267,14 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
                 gate = transport.first_bytes(MAGIC)
             log = functools.partial(print, f"migpipe {args.command}:", file=sys.stderr, flush=True)
             link = transport.listen(args.listen, gate, timeout=args.accept_timeout, log=log)
-        with link as sock:
-            if wrap is not None:
-                with wrap(sock) as channel:
-                    yield channel
-                    channel.finish()  # close_notify, then the peer's read sees the end
-                return
-            yield sock.fileno()
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)  # the peer's read sees the end of the wire
+        with link as sock, contextlib.ExitStack() as stack:
+            if wrap is None:
+                connection: Channel = FdChannel(sock.fileno())
+                end: int | Channel = sock.fileno()
+            else:
+                connection = end = stack.enter_context(wrap(sock))
+            yield end
+            connection.finish()  # close_notify or shutdown(SHUT_WR), before either is closed
     elif role == "input":
         with open_input(args.input) as f:
             yield f.fileno()

@@ -1,14 +1,17 @@
 """Where the pipeline's bytes come from and go to: a file descriptor, or a TLS connection.
 
-The pipeline calls these from worker threads (reads and writes block, and release the GIL), and
-never reads and writes one channel at once. A plain fd covers pipes, files and sockets; a TLS
-connection needs its own object (migpipe.io.tls) because its bytes pass through OpenSSL.
+A Source is read and a Sink is written, each by one thread at a time (a pipeline stage's,
+in a worker thread: reads and writes block, and release the GIL); a Channel is both ends of
+one connection, used one direction at a time. A plain fd covers pipes, files and sockets and
+can be either; a TLS connection needs its own object (migpipe.io.tls) because its bytes pass
+through OpenSSL.
 """
 
 import contextlib
 import fcntl
 import os
 import select
+import socket
 import stat
 import sys
 import termios
@@ -25,21 +28,66 @@ CHUNK = 1 << 20
 _INT = bytes(4)  # FIONREAD's out-parameter
 
 
-class Channel(Protocol):
+class Source(Protocol):
+    """Bytes read in order: the QEMU stream, a wire, a saved file.
+
+    Threads: read() by one thread at a time, the stage that reads; interrupt() from any
+    other, at any time. Memory: a buffer read() returns is the caller's alone; the source
+    keeps no reference and never reuses it, so the caller may hand it to another thread,
+    keep it, or change it (a bytearray) without a copy.
+    """
+
     def read(self) -> bytes | bytearray:
-        """Up to CHUNK bytes as soon as some are there; b"" at the end."""
+        """Up to CHUNK bytes as soon as some are there (it blocks until then); b"" at the end."""
         ...
+
+    def interrupt(self) -> None:
+        """From another thread, never blocking: make the read that waits for the peer now,
+        and every later one, raise Stopped (bytes already received, such as TLS records
+        OpenSSL decrypted, may still come first). The pipeline calls it when it stops (a
+        failed stage, Ctrl-C), so that a read from a silent peer (QEMU paused, an idle
+        connection) does not hold it until the peer speaks.
+
+        It ends waits for a peer only: not a read already copying bytes (a TLS record that
+        has begun to arrive is read to its end), not a write (see Sink), and it closes
+        nothing: the source's owner still does. A source whose reads never wait for a peer
+        (a file, a disk) only refuses the reads after it."""
+        ...
+
+
+class Sink(Protocol):
+    """Bytes written in order: the wire, the QEMU stream, a saved file.
+
+    Threads: write() by one thread at a time, the stage that writes (or the trio task
+    through trio.to_thread, for a wire's header and trailer, while no stage writes).
+    Memory: the parts are lent for the call only; a sink copies what it keeps (DirectWriter
+    into its ring), so the caller may reuse them once write() returns.
+
+    A write is never interrupted: one that waits for a peer which stopped reading ends when
+    the peer reads, or goes away (PeerGoneError). A sink whose writing direction can end
+    before it is closed, as a connection's can, also has finish() (Finishable).
+    """
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         """All of `parts`, in order, however the other end splits its reads."""
         ...
 
-    def interrupt(self) -> None:
-        """From another thread: make the read that waits now, and every later one, raise
-        Stopped. The pipeline calls it when it stops (a failed stage, Ctrl-C), so that a read
-        from a silent peer (QEMU paused, an idle connection) does not hold it until the peer
-        speaks. Channels whose reads never wait for a peer (files) may do nothing."""
+
+class Finishable(Sink, Protocol):
+    """A Sink whose writing direction can end on its own (trio's HalfCloseableStream)."""
+
+    def finish(self) -> None:
+        """End the writing direction, after the last write and by the same thread (or once
+        it is done): the reader sees the end of the bytes (TLS's close_notify, a socket's
+        shutdown(SHUT_WR)) while an answer can still come back the other way. Errors are
+        ignored, as the peer may be gone already; closing stays the owner's."""
         ...
+
+
+class Channel(Source, Finishable, Protocol):
+    """Both directions of one connection (a socket, TLS): the wire, when the other side
+    answers on it. One direction at a time: the destination answers once it stopped reading
+    the wire, and the source reads that answer after finish()."""
 
 
 class Readable:
@@ -83,7 +131,8 @@ class Readable:
 
 
 class FdChannel:
-    """A pipe, file or plain socket by its descriptor (not owned: the caller closes it)."""
+    """A pipe, file or plain socket by its descriptor (not owned: the caller closes it): a
+    Source, a Sink, or both (a Channel) when it is a socket."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -118,6 +167,16 @@ class FdChannel:
             message = "output closed by the reader (broken pipe)"
             raise PeerGoneError(message) from None
 
+    def finish(self) -> None:
+        """A socket's shutdown(SHUT_WR): its peer reads the end, and can still answer. A pipe or
+        a file ends only when its owner closes it, so for them this does nothing."""
+        with contextlib.suppress(OSError):  # ENOTSOCK, or a peer gone already
+            sock = socket.socket(fileno=self.fd)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            finally:
+                sock.detach()  # the descriptor stays the caller's
+
 
 @contextlib.contextmanager
 def _reset_is_peer_gone() -> Iterator[None]:
@@ -146,8 +205,13 @@ def read_waiting(fd: int) -> bytes:
     return os.read(fd, min(waiting, CHUNK) or CHUNK)
 
 
-def as_channel(end: "int | Channel") -> Channel:
-    """A descriptor becomes an FdChannel; a Channel stays as it is."""
+def as_source(end: int | Source) -> Source:
+    """A descriptor becomes an FdChannel; a Source stays as it is."""
+    return FdChannel(end) if isinstance(end, int) else end
+
+
+def as_sink(end: int | Sink) -> Sink:
+    """A descriptor becomes an FdChannel; a Sink stays as it is."""
     return FdChannel(end) if isinstance(end, int) else end
 
 
@@ -157,27 +221,21 @@ NOT_A_STREAM = b"MGP!"
 
 
 class _Watched:
-    """A channel that remembers whether anything was (or may have been) written to it."""
+    """A sink that remembers whether anything was (or may have been) written to it."""
 
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
         self.touched = False
-
-    def read(self) -> bytes | bytearray:
-        return self.channel.read()
-
-    def interrupt(self) -> None:
-        self.channel.interrupt()
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         if any(len(p) for p in parts):
             self.touched = True  # before the write: a partial write counts
-        self.channel.write(parts)
+        self.sink.write(parts)
 
 
 @contextlib.contextmanager
-def stream_sink(end: "int | Channel") -> Iterator[Channel]:
-    """The channel a QEMU stream is written to, failing visibly to QEMU.
+def stream_sink(end: int | Sink) -> Iterator[Sink]:
+    """The sink a QEMU stream is written to, failing visibly to QEMU.
 
     QEMU 7.2 starts an incoming `exec:` or `fd:` migration from a watch that waits for its pipe
     to be readable; a pipe whose writer closed with nothing in it is only hung up, never
@@ -187,11 +245,11 @@ def stream_sink(end: "int | Channel") -> Iterator[Channel]:
     stream". After the first byte there is nothing to add: QEMU reads the end of its pipe
     mid-stream and fails.
     """
-    watched = _Watched(as_channel(end))
+    watched = _Watched(as_sink(end))
     try:
         yield watched
     except BaseException:
-        target = watched.channel
+        target = watched.sink
         if not watched.touched and isinstance(target, FdChannel) and _live(target.fd):
             with contextlib.suppress(OSError):
                 os.write(target.fd, NOT_A_STREAM)  # 4 bytes into an empty pipe: never blocks

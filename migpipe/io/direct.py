@@ -399,7 +399,7 @@ class _DiskThread:
 
 
 class DirectWriter(_DiskThread):
-    """A sequential sink (Channel.write) for a DirectFile: bytes in any sizes in, aligned
+    """A sequential Sink (migpipe.io.channel) for a DirectFile: bytes in any sizes in, aligned
     BUFFER_SIZE writes out from a background thread, while the caller produces the next ones.
 
     The ring of buffers bounds the memory and how far the caller runs ahead of the disk. A disk
@@ -407,7 +407,7 @@ class DirectWriter(_DiskThread):
     and the thread keeps handing buffers back so the caller never waits forever. The file
     position is left alone: a file is written by offset from `offset` (default: the position),
     a pipe in order. Nothing may write_at() the file until finish(), which turns O_DIRECT off
-    for a moment to write the unaligned tail.
+    for a moment to write the unaligned tail, and syncs: a file's end, not a Finishable's.
 
     A producer may also fill the ring in place, without a copy: read into spare() and advance()
     by what was read. A header that depends on what follows it (a length, a checksum) is given
@@ -604,8 +604,8 @@ class DirectWriter(_DiskThread):
 
 
 class DirectReader(_DiskThread):
-    """A sequential source (Channel.read) for a DirectFile, read ahead in aligned BUFFER_SIZE
-    pieces by a background thread while the caller consumes the previous ones.
+    """A sequential Source (migpipe.io.channel) for a DirectFile, read ahead in aligned
+    BUFFER_SIZE pieces by a background thread while the caller consumes the previous ones.
 
     Starts at `offset` (default: the file position); an error in the thread is raised at the
     caller's next read() or pump(). close() stops the read-ahead early.

@@ -413,7 +413,8 @@ def _explain_verify(e: ssl.SSLCertVerificationError, d: Path, other: Role, host:
 
 
 class TlsChannel:
-    """The pipeline's Channel over a TLS connection (see migpipe.io.channel).
+    """The wire's connection over TLS, a Channel (see migpipe.io.channel): a Source, and a
+    Sink that can finish.
 
     One SSL_read returns at most one 16 KiB record, so read() gathers every record already
     there into up to CHUNK bytes and blocks only for the first: the pipeline then hands a
@@ -421,9 +422,10 @@ class TlsChannel:
     write() joins runs of small parts (a frame's QEMU bytes may come in many short pieces) so
     that they travel as full records, as FdChannel's writev sends them in one call.
 
-    finish() ends the writing direction with close_notify. The wire's own trailer already
-    catches a connection cut short, so a reader accepts an end without close_notify and
-    leaves the verdict to the trailer; close_notify only makes a clean end explicit.
+    finish(), the Sink's, ends the writing direction with close_notify. The wire's own
+    trailer already catches a connection cut short, so a reader accepts an end without
+    close_notify and leaves the verdict to the trailer; close_notify only makes a clean end
+    explicit.
     """
 
     def __init__(self, ssl_sock: ssl.SSLSocket, early: bytes = b"") -> None:

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -44,7 +44,7 @@ from migpipe.errors import (
     PeerGoneError,
     UnconfirmedError,
 )
-from migpipe.io.channel import Channel, as_channel
+from migpipe.io.channel import Sink, Source, as_sink, as_source
 from migpipe.io.direct import Direct
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
@@ -54,6 +54,9 @@ from migpipe.tunnel.dataplane import run_interruptible
 from migpipe.tunnel.pipeline import Totals, decode, encode
 from migpipe.tunnel.progress import Progress
 from migpipe.wire.header import sealer_of
+
+if TYPE_CHECKING:
+    from migpipe.io.tls import TlsChannel
 
 FINAL = ("completed", "failed", "cancelled")
 EVENTS = [{"capability": "events", "state": True}]  # MIGRATION events, as libvirt asks too
@@ -172,7 +175,7 @@ def _fd_replies(fd: int) -> Replies:
 class Link(Protocol):
     """The wire's way to the destination, and the way its lines come back."""
 
-    wire: "int | Channel"
+    wire: int | Sink
     replies: Replies | None  # None: no peer can answer (a file, a pipe)
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
@@ -205,7 +208,7 @@ class FdLink:
 class ChannelLink:
     """A TLS connection (migpipe.io.tls.TlsChannel): the answer comes back over TLS too."""
 
-    wire: Channel
+    wire: "TlsChannel"
 
     def __post_init__(self) -> None:
         tls = self.wire
@@ -216,7 +219,7 @@ class ChannelLink:
         self.replies = Replies(tls.read, ready)
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
-        self.wire.finish()  # close_notify and our side shut: decode sees the wire's end
+        self.wire.finish()  # the Sink's end (close_notify, our side shut): decode sees it
         return self.replies.verdict(sealer)
 
 
@@ -619,7 +622,7 @@ async def _leave_source(monitor: qmp.Qmp, was_running: bool) -> str:
 
 async def incoming(
     qmp_path: str,
-    open_wire: Callable[[], AbstractContextManager[tuple["int | Channel", "int | Channel | None"]]],
+    open_wire: Callable[[], AbstractContextManager[tuple[int | Source, int | Sink | None]]],
     secrets: Secrets | None = None,
     progress: Progress | None = None,
 ) -> Outcome:
@@ -705,8 +708,8 @@ class Answerer:
     soon as decode has read and authenticated the header, then the verdict; sealed and numbered
     when the stream is. If the source is gone, it has its own error to report."""
 
-    def __init__(self, to: "int | Channel | None") -> None:
-        self._to = None if to is None else as_channel(to)
+    def __init__(self, to: int | Sink | None) -> None:
+        self._to = None if to is None else as_sink(to)
         self._sealer: filters.Filter | None = None
         self._index = 0
 
@@ -722,11 +725,11 @@ class Answerer:
         self._index += 1
 
 
-async def _drain(wire: "int | Channel") -> None:
+async def _drain(wire: int | Source) -> None:
     """Read the rest of the wire (bounded by DRAIN_TIMEOUT) after answering on its connection:
     closing a socket with unread bytes resets it, and the reset can discard the answer before
     the source reads it. The source stops sending once it sees the answer."""
-    channel = as_channel(wire)
+    channel = as_source(wire)
 
     def discard() -> None:
         while channel.read():

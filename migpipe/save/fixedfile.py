@@ -41,7 +41,7 @@ from migpipe.errors import (
     Stopped,
     TruncatedError,
 )
-from migpipe.io.channel import Channel, as_channel
+from migpipe.io.channel import Sink, Source, as_sink, as_source
 from migpipe.io.direct import DirectFile
 from migpipe.keys import Secrets
 from migpipe.save import DEFAULT_CACHE
@@ -480,7 +480,7 @@ def encode_index(manifest: dict, table: dict[int, Slot], slots: int, chunks: lis
 
 
 async def save_fixed(
-    source: int | Channel,
+    source: int | Source,
     file: "PlainFile | DirectFile",
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
@@ -489,7 +489,7 @@ async def save_fixed(
 ) -> Totals:
     """Parse the QEMU stream from `source` into the fixed layout in `file` (empty); the caller
     syncs it. Unless `published`, the superblock's first byte says it is not yet (savefile)."""
-    source = as_channel(source)
+    source = as_source(source)
     totals = Totals()
     saver = FixedSaver(file, chain, totals, cache, published)
     parser = StreamParser(page_size=saver.page_size)
@@ -672,13 +672,13 @@ def _chunk_limit(last: bool) -> int:
 
 async def restore_fixed(
     file: "PlainFile | DirectFile",
-    sink: int | Channel,
+    sink: int | Sink,
     secrets: Secrets | None = None,
     progress: Progress | None = None,
 ) -> Totals:
     """The compact stream of a fixed-layout file; every piece is checked before it is written,
     so the stream's end (in the last device-state chunk) comes out only if all of it passed."""
-    sink = as_channel(sink)
+    sink = as_sink(sink)
     totals = Totals()
     stopping = threading.Event()  # set when the task is cancelled: Ctrl-C, a failed job
 

@@ -10,8 +10,8 @@ stream, compressed whole by the program the format code names (libvirt runs `PRO
 libvirt writes the magic "LibvirtQemudPart" first and rewrites it to "LibvirtQemudSave" only
 after the whole image is on disk; a reader refuses the first, so a crashed save never restores.
 
-The header codec is plain code over bytes. The body codecs are Channels: LibvirtImageReader
-gives the QEMU stream of an image read from a Channel, LibvirtImageWriter writes an image to one.
+The header codec is plain code over bytes. The body codecs wrap I/O: LibvirtImageReader gives
+the QEMU stream of an image it reads from an Input, LibvirtImageWriter writes one to a Sink.
 gzip, bzip2, xz and zstd run in-process (zlib, bz2, lzma and zstandard release the GIL); lzop
 has no Python module, so it runs the `lzop` program, as libvirt does.
 """
@@ -28,7 +28,7 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -39,7 +39,7 @@ from migpipe.errors import (
     TruncatedError,
     UsageError,
 )
-from migpipe.io.channel import CHUNK, Channel, FdChannel
+from migpipe.io.channel import CHUNK, FdChannel, Sink
 from migpipe.save import LIBVIRT_FORMATS
 
 SAVE_MAGIC = b"LibvirtQemudSave"
@@ -54,6 +54,16 @@ MAX_DATA_LEN = 64 << 20  # read whole into memory, as libvirt does; real images 
 FORMAT_CODES = (*LIBVIRT_FORMATS, "sparse")  # libvirt's numbering
 # What libvirt's `PROG -c` gives (libvirt passes -3 to xz only); zstd also uses every core.
 DEFAULT_LEVELS = {"gzip": 6, "bzip2": 9, "xz": 3, "lzop": 3, "zstd": 3}
+
+
+class Input(Protocol):
+    """What an image is read from: a Source's read() alone (FdChannel, DirectReader, or
+    savefile.Reading). The reader never stops it; the stage that owns the Source does."""
+
+    def read(self) -> bytes | bytearray:
+        """As Source.read: some bytes, b"" at the end."""
+        ...
+
 
 _WORDS = struct.Struct("5I14I")  # the header after the magic, in one byte order or the other
 _ORDERS = {"little": "<", "big": ">"}
@@ -185,7 +195,7 @@ def encode_prefix(
     return magic + words + text + bytes(XML_PADDING)
 
 
-def read_prefix(source: Channel) -> tuple[SaveImage, bytes]:
+def read_prefix(source: Input) -> tuple[SaveImage, bytes]:
     """Read header and XML from `source`: the image, and what was read of the body after them."""
     buffer = _read_at_least(source, b"", HEADER_SIZE)
     image, cookie_offset = parse_header(buffer[:HEADER_SIZE])
@@ -198,7 +208,7 @@ def read_prefix(source: Channel) -> tuple[SaveImage, bytes]:
     return image, buffer[image.stream_offset :]
 
 
-def _read_at_least(source: Channel, buffer: bytes, size: int) -> bytes:
+def _read_at_least(source: Input, buffer: bytes, size: int) -> bytes:
     """`buffer` and more from `source` until it holds `size` bytes or the source ends."""
     parts = [buffer]
     have = len(buffer)
@@ -247,7 +257,7 @@ SLICE = 64 << 10  # input per call: bounds how far past a fault its reported off
 class Inflater:
     """A compressed body in (feed), the QEMU stream out (read), in bounded memory.
 
-    It holds what it was fed (a Channel chunk, 1 MiB) and what read() asked for; for zstd,
+    It holds what it was fed (a chunk a Source read, 1 MiB) and what read() asked for; for zstd,
     which has no output limit, one 1 KiB slice can also leave up to ~32 MiB waiting.
 
     Like `PROG -dc`, it reads members (streams, frames) one after another, and takes zero
@@ -326,7 +336,7 @@ class Inflater:
 
 
 class _InflatingBody:
-    def __init__(self, inflater: Inflater, source: Channel, rest: bytes) -> None:
+    def __init__(self, inflater: Inflater, source: Input, rest: bytes) -> None:
         self._inflater, self._source, self._ended = inflater, source, False
         inflater.feed(rest)
 
@@ -345,7 +355,7 @@ class _InflatingBody:
 
 
 class _RawBody:
-    def __init__(self, source: Channel, rest: bytes) -> None:
+    def __init__(self, source: Input, rest: bytes) -> None:
         self._source, self._rest = source, rest
 
     def read(self) -> bytes:
@@ -438,7 +448,7 @@ class _Program:
 class _ProgramBody:
     """The body through `lzop -dc --ignore-warn`, libvirt's command."""
 
-    def __init__(self, source: Channel, rest: bytes, start: int) -> None:
+    def __init__(self, source: Input, rest: bytes, start: int) -> None:
         self._end = start  # file offset up to which the body went to lzop
         self._tail = b""  # its last 4 bytes: a whole lzop file ends with a zero word
         self._whole = False  # lzop was given the whole body
@@ -468,14 +478,15 @@ class _ProgramBody:
 
 
 class LibvirtImageReader:
-    """The QEMU stream inside a libvirt save image, as a Channel one reads.
+    """The QEMU stream inside a libvirt save image, given by read() as a Source's; it has no
+    interrupt(): close() stops it early, and the Source behind its Input ends a waiting read.
 
     Creating it reads the header and XML from `source` (it blocks: call it from a worker
     thread); `image` then describes them. read() gives the stream, decompressed, and raises
     MigpipeError at the end of a truncated or corrupt body. close() stops early.
     """
 
-    def __init__(self, source: Channel) -> None:
+    def __init__(self, source: Input) -> None:
         self.image, rest = read_prefix(source)
         image_format, start = self.image.image_format, self.image.stream_offset
         if image_format == "raw":
@@ -516,7 +527,7 @@ _COMPRESSORS: dict[str, Callable[[int], Any]] = {
 
 
 class _CompressingBody:
-    def __init__(self, sink: Channel, compressor: Any) -> None:
+    def __init__(self, sink: Sink, compressor: Any) -> None:
         self._sink, self._compressor = sink, compressor
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
@@ -533,7 +544,7 @@ class _CompressingBody:
 class _ProgramWriterBody:
     """The body through `lzop -c`; a thread carries lzop's output to the sink."""
 
-    def __init__(self, sink: Channel, level: int) -> None:
+    def __init__(self, sink: Sink, level: int) -> None:
         self._program = _Program(["lzop", "-c", f"-{level}"], drain=lambda out: sink.write([out]))
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
@@ -553,7 +564,7 @@ class _ProgramWriterBody:
 
 
 class LibvirtImageWriter:
-    """A libvirt save image written to `sink`, as a Channel one writes the QEMU stream to.
+    """A libvirt save image written to `sink`: a Sink one writes the QEMU stream to.
 
     The first write() (or finish()) writes the header, XML and padding; finish() completes the
     compressed body. The image is then complete but for its magic when `partial` (the default):
@@ -562,7 +573,7 @@ class LibvirtImageWriter:
 
     def __init__(
         self,
-        sink: Channel,
+        sink: Sink,
         xml: str,
         *,
         was_running: bool,

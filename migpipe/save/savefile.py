@@ -26,7 +26,7 @@ import trio
 from migpipe import chain as filters
 from migpipe import wire
 from migpipe.errors import MigpipeError
-from migpipe.io.channel import Channel, FdChannel, as_channel, stream_sink
+from migpipe.io.channel import FdChannel, Sink, Source, as_source, stream_sink
 from migpipe.io.direct import Direct, DirectFile, DirectReader, DirectWriter, open_direct
 from migpipe.io.files import atomic_path, read_chunks
 from migpipe.keys import Secrets
@@ -134,7 +134,8 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
 
 @dataclass(frozen=True)
 class Reading:
-    """A Channel to read from, made of a read function (counting what crosses, say)."""
+    """What LibvirtImageReader reads (its Input), made of a read function (counting what
+    crosses, say); stopping the read is for the Source behind the function."""
 
     read: Callable[[], bytes]
 
@@ -148,7 +149,7 @@ class LibvirtTarget:
     was_running: bool = True
 
 
-def copy_checked(read: Callable[[], bytes], sink: Channel, totals: Totals) -> None:
+def copy_checked(read: Callable[[], bytes], sink: Sink, totals: Totals) -> None:
     """Copy a bare QEMU stream, parsed on the way; its end (from the EOF item on) is written
     only once `read` reached its end without an error, so a body whose corruption shows only
     at its end (a gzip CRC) never completes a destination."""
@@ -161,7 +162,7 @@ def copy_checked(read: Callable[[], bytes], sink: Channel, totals: Totals) -> No
 
 
 async def save(
-    source: int | Channel,
+    source: int | Source,
     path: Path,
     chain: Sequence[filters.Filter],
     layout: str = "stream",
@@ -205,25 +206,19 @@ def publish(file: "DirectFile | PlainFile") -> None:
 class _Unpublished:
     """The stream layout's file while it is written: its first byte goes out as UNPUBLISHED."""
 
-    def __init__(self, channel: Channel) -> None:
-        self._channel = channel
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
         self._first = True
-
-    def read(self) -> bytes | bytearray:
-        return self._channel.read()
-
-    def interrupt(self) -> None:
-        self._channel.interrupt()
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         if self._first and parts and len(parts[0]):
             self._first = False
             parts = [UNPUBLISHED + bytes(parts[0][1:]), *parts[1:]]
-        self._channel.write(parts)
+        self._sink.write(parts)
 
 
 async def save_into(
-    source: int | Channel,
+    source: int | Source,
     file: "DirectFile | PlainFile",
     chain: Sequence[filters.Filter],
     layout: str = "stream",
@@ -235,15 +230,15 @@ async def save_into(
     """Write the saved file into `file` (empty; opened by save, or handed to the service by a
     daemon that names it) and sync it; unless `published`, for publish() to finish."""
     if libvirt is not None:
-        totals = await save_libvirt(as_channel(source), file, libvirt, progress, published)
+        totals = await save_libvirt(as_source(source), file, libvirt, progress, published)
     elif layout == "fixed":
         from migpipe.save.fixedfile import save_fixed
 
         totals = await save_fixed(source, file, chain, progress, cache, published)
     elif isinstance(file, DirectFile):
-        source = as_channel(source)
+        source = as_source(source)
         with DirectWriter(file) as writer:
-            sink = writer if published else _Unpublished(writer)
+            sink: Sink = writer if published else _Unpublished(writer)
             if not chain and isinstance(source, FdChannel):  # nothing to do but frame it
                 totals = await encode_in_place(source, writer, sink, progress)
             else:
@@ -258,7 +253,7 @@ async def save_into(
 
 async def restore(
     path: Path,
-    sink: int | Channel,
+    sink: int | Sink,
     secrets: Secrets | None = None,
     progress: Progress | None = None,
     direct: Direct = False,
@@ -270,7 +265,7 @@ async def restore(
 
 async def restore_from(
     file: "DirectFile | PlainFile",
-    sink: int | Channel,
+    sink: int | Sink,
     secrets: Secrets | None = None,
     progress: Progress | None = None,
     name: Path | str = "the file",
@@ -282,7 +277,7 @@ async def restore_from(
 
 async def _restore_kind(
     file: "DirectFile | PlainFile",
-    sink: Channel,
+    sink: Sink,
     secrets: Secrets | None,
     progress: Progress | None,
     name: Path | str,
@@ -294,7 +289,7 @@ async def _restore_kind(
         return await restore_fixed(file, sink, secrets, progress)
     with contextlib.ExitStack() as stack:
         if isinstance(file, DirectFile):
-            source: Channel = stack.enter_context(DirectReader(file))
+            source: Source = stack.enter_context(DirectReader(file))
         else:
             os.lseek(file.fd, 0, os.SEEK_SET)
             source = FdChannel(file.fd)
@@ -305,7 +300,7 @@ async def _restore_kind(
 
 
 async def save_libvirt(
-    source: Channel,
+    source: Source,
     file: "DirectFile | PlainFile",
     target: LibvirtTarget,
     progress: Progress | None,
@@ -342,7 +337,7 @@ async def save_libvirt(
 
 
 async def restore_libvirt(
-    source: Channel, size: int, sink: Channel, progress: Progress | None, raw: bool = False
+    source: Source, size: int, sink: Sink, progress: Progress | None, raw: bool = False
 ) -> Totals:
     """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file) of `size`
     bytes, checked as it goes; its end only once the whole body was read without an error."""

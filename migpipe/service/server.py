@@ -46,7 +46,7 @@ from migpipe.errors import (
     UsageError,
     leaves,
 )
-from migpipe.io.channel import Channel, FdChannel, read_waiting
+from migpipe.io.channel import FdChannel, read_waiting
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
 from migpipe.save import LAYOUTS
@@ -141,7 +141,8 @@ def close_all(fds: Iterable[int]) -> None:
 
 
 class LoopChannel:
-    """A pipe, socket or character device that the trio loop waits on.
+    """A pipe, socket or character device that the trio loop waits on: a job's Source or Sink
+    (migpipe.io.channel), as its argument says, like the FdChannel it stands in for.
 
     A job's cancel scope must be able to stop a job whose peer has stalled. A blocking read in
     a worker thread (FdChannel) cannot be interrupted. So the pipeline's worker threads hop back
@@ -227,7 +228,8 @@ class JobSetup:
     arguments: dict[str, Any]
     fds: dict[str, TakenFd]  # by argument ("input", "output", "key", ...)
 
-    def channel(self, argument: str) -> Channel:
+    def channel(self, argument: str) -> FdChannel | LoopChannel:
+        """The fd of `argument`, read (input) or written (output) by the job's pipeline."""
         taken = self.fds[argument]
         if taken.info.type in ("file", "block device"):
             return FdChannel(taken.number)  # never stalls for long, and epoll refuses them

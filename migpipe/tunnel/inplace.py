@@ -21,7 +21,7 @@ from functools import partial
 from isal.isal_zlib import crc32
 
 from migpipe.chain import FilterChain
-from migpipe.io.channel import Channel, FdChannel
+from migpipe.io.channel import FdChannel, Sink
 from migpipe.io.direct import DirectWriter
 from migpipe.stream.parser import StreamParser
 from migpipe.tunnel.dataplane import run_interruptible
@@ -31,7 +31,7 @@ from migpipe.wire import FRAME_HEADER_SIZE, WireWriter, crc_of
 
 
 async def encode_in_place(
-    source: FdChannel, writer: DirectWriter, head: Channel, progress: Progress | None = None
+    source: FdChannel, writer: DirectWriter, head: Sink, progress: Progress | None = None
 ) -> Totals:
     """The wire of the QEMU stream from `source`, without filters, into `writer`; its first
     write (the wire header) goes through `head`, which is `writer` or wraps it."""

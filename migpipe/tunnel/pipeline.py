@@ -32,7 +32,7 @@ from migpipe.errors import (
     CorruptError,
     MigpipeError,
 )
-from migpipe.io.channel import Channel, as_channel, stream_sink
+from migpipe.io.channel import Sink, Source, as_sink, as_source, stream_sink
 from migpipe.keys import Secrets
 from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
@@ -399,8 +399,8 @@ def _joined(pieces: Sequence[bytes | memoryview]) -> bytes | memoryview:
 
 
 async def encode(
-    source: int | Channel,
-    wire: int | Channel,
+    source: int | Source,
+    wire: int | Sink,
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
     before_frame: Callable[[bool], None] | None = None,
@@ -408,7 +408,7 @@ async def encode(
     """The wire of the QEMU stream from `source`. `before_frame(final)` is called in the writer
     thread before each data or FINAL frame goes out, and may stop the stream by raising:
     without the FINAL frame and the trailer no decoder ever gives QEMU the stream's end."""
-    source, wire = as_channel(source), as_channel(wire)
+    source, wire = as_source(source), as_sink(wire)
     encoder = Encoder(chain)
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
 
@@ -452,8 +452,8 @@ async def encode(
 
 
 async def decode(
-    wire: int | Channel,
-    sink: int | Channel,
+    wire: int | Source,
+    sink: int | Sink,
     progress: Progress | None = None,
     secrets: Secrets | None = None,
     opened: Callable[[Sequence[filters.Filter]], None] | None = None,
@@ -461,12 +461,12 @@ async def decode(
     """The QEMU stream from the wire; its end only once every check passed. `opened` is
     called with the filter chain once the header was read (and authenticated, if sealed)."""
     with stream_sink(sink) as qemu:
-        return await _decode(as_channel(wire), qemu, progress, secrets, opened)
+        return await _decode(as_source(wire), qemu, progress, secrets, opened)
 
 
 async def _decode(
-    wire: Channel,
-    sink: Channel,
+    wire: Source,
+    sink: Sink,
     progress: Progress | None,
     secrets: Secrets | None,
     opened: Callable[[Sequence[filters.Filter]], None] | None,
