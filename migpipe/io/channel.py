@@ -86,8 +86,9 @@ class Finishable(Sink, Protocol):
 
 class Channel(Source, Finishable, Protocol):
     """Both directions of one connection (a socket, TLS): the wire, when the other side
-    answers on it. One direction at a time: the destination answers once it stopped reading
-    the wire, and the source reads that answer after finish()."""
+    answers on it. Never read and written at once: the destination's reading thread writes
+    "opened" between two reads and the verdict after the last, and the source reads the
+    answers after finish()."""
 
 
 class Readable:
