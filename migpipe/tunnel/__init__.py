@@ -9,7 +9,7 @@ How work leaves the trio loop, for the whole of migpipe (one rule, three sanctio
   reader, WORKERS filter threads, one in-order writer; run_interruptible: a single stage), each
   through trio.to_thread with a limiter of its own, so a cancelled task stops them and waits
   for them. A queue bounded to IN_FLIGHT items between them is the backpressure; a buffer
-  belongs to the stage that holds it and is handed on, never shared (see Channel.read).
+  belongs to the stage that holds it and is handed on, never shared (see io.channel.Source.read).
 - A single blocking call that is not a stream (an fdatasync, a publish, waiting for the
   destination's answer) is one trio.to_thread.run_sync; abandon_on_cancel only where nothing
   is closed under the abandoned thread.

@@ -10,7 +10,7 @@ Backpressure: at most `in_flight` items are between the producer and the writer;
 blocks when the writer falls behind. The first stage to fail stops the others (they end quietly,
 so its error is the one reported); cancelling the calling task stops them too. Stopping also
 calls the caller's `interrupt`, which ends a read that waits for a silent peer (see
-channel.Channel.interrupt); a write that waits for a peer which stopped reading is not
+io.channel.Source.interrupt); a write that waits for a peer which stopped reading is not
 interrupted: it ends when that peer reads or goes away.
 """
 
