@@ -414,16 +414,7 @@ def test_a_host_without_the_key_never_gets_the_streams_end(guest_elf: Path, tmp_
     (key,) = keys(tmp_path, "key")
     forged = b'{"status": "opened"}\n{"status": "completed", "error": ""}\n'
     with idle_source(guest_elf, tmp_path, "src") as src, fake_destination(forged) as to:
-        migrate = Migpipe(
-            "migrate",
-            "--qmp",
-            tmp_path / "src.qmp",
-            "--encrypt",
-            "--key-file",
-            key,
-            "--connect",
-            to,
-        )
+        migrate = start_migrate(tmp_path, "--encrypt", "--key-file", key, "--connect", to)
         with running(migrate):
             status, err = migrate.finish()
         assert status == 1, err
@@ -459,16 +450,7 @@ def test_a_verdict_without_the_key_leaves_the_source_paused(
         forging_relay(listen, FORGED[forged]) as relay,
     ):
         incoming = Migpipe("incoming", "--qmp", dst_qmp, "--listen", listen, "--key-file", key)
-        migrate = Migpipe(
-            "migrate",
-            "--qmp",
-            tmp_path / "src.qmp",
-            "--encrypt",
-            "--key-file",
-            key,
-            "--connect",
-            relay,
-        )
+        migrate = start_migrate(tmp_path, "--encrypt", "--key-file", key, "--connect", relay)
         with running(incoming, migrate):
             status, err = migrate.finish()
             assert incoming.finish()[0] == 0
@@ -494,10 +476,8 @@ def test_a_wrong_key_on_the_destination_stops_the_stream_and_the_source_runs(
                 incoming = Migpipe(
                     "incoming", "--qmp", dst_qmp, "--listen", listen, "--key-file", keyring[name]
                 )
-                migrate = Migpipe(
-                    "migrate",
-                    "--qmp",
-                    tmp_path / "src.qmp",
+                migrate = start_migrate(
+                    tmp_path,
                     "--encrypt",
                     "--key-file",
                     keyring["right"],
