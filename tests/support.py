@@ -8,7 +8,10 @@ import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 
+from migpipe.errors import MigpipeError
+from migpipe.keys import Secrets
 from migpipe.stream.writer import write_records
 from migpipe.tools.synthetic import GuestModel, SyntheticGuest
 
@@ -38,3 +41,17 @@ def free_port() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def decode_wire(chunks: Iterable[bytes], secrets: Secrets) -> tuple[bytes, MigpipeError | None]:
+    """What decode would write of a wire handed over in `chunks`, in-process through the sans-IO
+    decoder, and the error that stopped it (None when it completed)."""
+    from migpipe.tunnel.pipeline import decode_chunks  # trio's: only for the files that decode
+
+    out = bytearray()
+    try:
+        for piece in decode_chunks(chunks, secrets):
+            out += piece
+    except MigpipeError as e:
+        return bytes(out), e
+    return bytes(out), None

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import trio
 from migpipe_filters import encrypt
-from support import migpipe, synthetic_stream
+from support import decode_wire, migpipe, synthetic_stream
 
 from migpipe import wire
 from migpipe.chain import parse_chain
 from migpipe.errors import EXIT_CORRUPT, EXIT_KEY, MigpipeError
 from migpipe.io.channel import NOT_A_STREAM
 from migpipe.keys import Secrets, keygen
-from migpipe.tunnel.pipeline import decode_chunks, encode
+from migpipe.tunnel.pipeline import encode
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +47,7 @@ def encode_bytes(stream: bytes, chain: str, secrets: Secrets, tmp_path: Path) ->
 
 def decode_bytes(data: bytes, secrets: Secrets) -> tuple[bytes, MigpipeError | None]:
     """What decode would write, and its error."""
-    out = bytearray()
-    try:
-        for piece in decode_chunks([data], secrets):
-            out += piece
-    except MigpipeError as e:
-        return bytes(out), e
-    return bytes(out), None
+    return decode_wire([data], secrets)
 
 
 def split_wire(data: bytes) -> tuple[bytes, list[tuple[int, bytes]], wire.Trailer]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from support import PAGE
+from support import PAGE, decode_wire
 
 from migpipe.chain import parse_chain
 from migpipe.errors import MigpipeError
@@ -34,7 +34,7 @@ from migpipe.stream.records import (
     ZeroPage,
 )
 from migpipe.stream.writer import write_records
-from migpipe.tunnel.pipeline import decode_chunks, encode
+from migpipe.tunnel.pipeline import encode
 from migpipe.wire import FRAME_FINAL, Frame, WireReader
 from migpipe.wire.header import Header
 
@@ -123,13 +123,7 @@ def chunked(data: bytes, size: int | None) -> Iterator[bytes]:
 
 def decoded(data: bytes, size: int | None, secrets: Secrets) -> tuple[bytes, MigpipeError | None]:
     """What decode would write of `data` fed in `size`-byte chunks, and its error."""
-    out = bytearray()
-    try:
-        for piece in decode_chunks(chunked(data, size), secrets):
-            out += piece
-    except MigpipeError as e:
-        return bytes(out), e
-    return bytes(out), None
+    return decode_wire(chunked(data, size), secrets)
 
 
 def refused(data: bytes, size: int | None, secrets: Secrets, tail: bytes, what: str) -> None:
