@@ -14,12 +14,10 @@ into the original page record. An unchanged page costs 11 bytes instead of 4 KiB
 
 import mmap
 from collections import OrderedDict
-from typing import Any
 
 from migpipe.chain import PageFilter, RecordTransform
 from migpipe.errors import (
     CorruptError,
-    IncompatibleError,
     MigpipeError,
 )
 from migpipe.keys import Secrets
@@ -205,14 +203,6 @@ class Xbzrle(PageFilter):
         if type(cache) is not int or not PAGE <= cache <= MAX_CACHE:
             raise MigpipeError(f"xbzrle cache of {cache!r} bytes is not from {PAGE} to {MAX_CACHE}")
         self.cache = cache
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], secrets: Secrets) -> "Xbzrle":
-        """A cache size the decoder refuses is a header it cannot follow (status 6)."""
-        try:
-            return cls(**params)
-        except MigpipeError as e:
-            raise IncompatibleError(f"wire header: {e.message}", None) from None
 
     @classmethod
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Xbzrle":

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
-from migpipe.errors import EXIT_ERROR, IncompatibleError, MigpipeError
+from migpipe.errors import IncompatibleError, MigpipeError
 from migpipe.keys import Secrets
 from migpipe.stream.records import Record
 
@@ -40,8 +40,13 @@ class Filter:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], secrets: Secrets) -> "Filter":
-        """The filter a wire header describes (`params()` of the encoder's instance)."""
-        return cls(**params)
+        """The filter a wire header describes (`params()` of the encoder's instance). A value
+        its constructor refuses is a header this migpipe cannot follow (status 6), where the
+        same value on the command line is a plain error."""
+        try:
+            return cls(**params)
+        except MigpipeError as e:
+            raise IncompatibleError(f"wire header: {e.message}") from None
 
     def params(self) -> dict[str, Any]:
         """What the decoder needs to rebuild this filter; written into the wire header."""
@@ -230,10 +235,6 @@ def create(name: str, params: dict[str, Any], secrets: Secrets | None = None) ->
     except TypeError as e:
         message = f"bad parameters for filter {name!r}: {e}"
         raise IncompatibleError(message, None) from None
-    except MigpipeError as e:
-        if e.status != EXIT_ERROR:  # a key problem, or a filter that said which kind it is
-            raise
-        raise IncompatibleError(f"bad parameters for filter {name!r}: {e.message}") from None
 
 
 def parse_chain(text: str, secrets: Secrets | None = None) -> list[Filter]:

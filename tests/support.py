@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterable
+from typing import IO
 
 from migpipe.errors import MigpipeError
 from migpipe.keys import Secrets
@@ -20,12 +21,13 @@ MIGPIPE_SHELL = shlex.join(MIGPIPE)  # the same, in a shell command line (exec:,
 PAGE = 4096
 
 
-def migpipe(*args: str, stdin: bytes = b"", **kwargs: object) -> subprocess.CompletedProcess:
-    """`migpipe ARGS` with `stdin` as its input (empty by default, never the terminal's),
-    stdout and stderr captured, whatever its exit status."""
-    return subprocess.run(
-        [*MIGPIPE, *args], input=stdin, capture_output=True, check=False, **kwargs
-    )
+def migpipe(
+    *args: str, stdin: bytes | IO[bytes] = b"", **kwargs: object
+) -> subprocess.CompletedProcess:
+    """`migpipe ARGS` reading `stdin`, bytes or an open file (empty by default, never the
+    terminal's), stdout and stderr captured, whatever its exit status."""
+    given = {"input": stdin} if isinstance(stdin, bytes | bytearray) else {"stdin": stdin}
+    return subprocess.run([*MIGPIPE, *args], capture_output=True, check=False, **given, **kwargs)
 
 
 def synthetic_stream(

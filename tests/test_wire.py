@@ -177,3 +177,23 @@ def _header(wire: bytes) -> Header:
     reader.feed(wire)
     (header, *_) = reader.next_events()
     return header
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"level": 30}, {"level": "3"}, {"level": 3, "window": 1}],
+    ids=["range", "type", "extra"],
+)
+def test_a_header_whose_filter_refuses_its_parameters_is_incompatible(params: dict) -> None:
+    """The same refusal as an unknown filter (status 6, before any frame): the wire asks for
+    something this migpipe cannot follow; on the command line `zstd:30` is a plain error."""
+    from migpipe import wire
+    from migpipe.errors import EXIT_INCOMPATIBLE
+    from migpipe.wire.header import encode_header
+
+    fields = {"filters": [["zstd", params]], "page_size": PAGE}
+    data = encode_header(wire.MAGIC, wire.VERSION, fields) + wire.encode_trailer(
+        0, wire.Trailer(0, 0, 0, 0)
+    )
+    out, error = decode_wire([data], Secrets())
+    assert out == b"" and error is not None and error.status == EXIT_INCOMPATIBLE
