@@ -93,7 +93,7 @@ def test_cancelling_the_task_stops_every_thread_even_one_waiting_in_trio():
         def produce(submit):
             submit(0)
             trio.from_thread.run_sync(producer_waiting.set)
-            trio.from_thread.run(trio.sleep_forever)  # as a stalled service.LoopChannel read
+            trio.from_thread.run(trio.sleep_forever)  # as a stalled service LoopSource read
 
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:

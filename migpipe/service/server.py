@@ -140,41 +140,39 @@ def close_all(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
-class LoopChannel:
-    """A pipe, socket or character device that the trio loop waits on: a job's Source or Sink
-    (migpipe.io.channel), as its argument says, like the FdChannel it stands in for.
+class _LoopFd:
+    """A job's pipe, socket or character device, non-blocking, waited on by the trio loop.
 
-    A job's cancel scope must be able to stop a job whose peer has stalled. A blocking read in
-    a worker thread (FdChannel) cannot be interrupted. So the pipeline's worker threads hop back
-    into the job's task for each read and write (trio.from_thread.run runs it there), and there
-    the wait is cancellable. The fd is non-blocking and owned by the job.
+    A job must end on cancel-job even while its peer stalls. In a worker thread a read can be
+    interrupted (io.channel.Readable), but a write to a peer that stopped reading cannot. So
+    the pipeline's threads hop back into the job's task for each read and write
+    (trio.from_thread.run runs it there), where the wait is cancelled with the job. The fd is
+    owned by the job.
     """
 
     def __init__(self, fd: int, what: str) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
         self._what = what
-        self._stopping = False
+
+
+class LoopSource(_LoopFd):
+    """A job's input (an io.channel.Source)."""
+
+    _stopping = False
 
     def read(self) -> bytes:
         return trio.from_thread.run(self._read)
 
-    def write(self, parts: Sequence[bytes | memoryview]) -> None:
-        trio.from_thread.run(self._write, parts)
-
     def interrupt(self) -> None:
-        """Make every later read and write raise Stopped. A wait is cancelled with the job's
-        task anyway, but a stage busy in Python between reads (a fixed-layout save parsing)
-        whose peer always has bytes ready would never wait, and so never see the cancel."""
+        """Make every later read raise Stopped. A wait is cancelled with the job's task anyway,
+        but a stage busy in Python between reads (a fixed-layout save parsing) whose peer
+        always has bytes ready would never wait, and so never see the cancel."""
         self._stopping = True
 
-    def _check(self) -> None:
-        """On the loop, where the job's stop has run before any read it could race with."""
-        if self._stopping:
-            raise Stopped
-
     async def _read(self) -> bytes:
-        self._check()
+        if self._stopping:  # on the loop, where the job's stop has run before this read
+            raise Stopped
         while True:
             try:
                 return read_waiting(self._fd)
@@ -184,8 +182,14 @@ class LoopChannel:
                 message = f"{self._what}: connection reset by the peer"
                 raise PeerGoneError(message) from None
 
+
+class LoopSink(_LoopFd):
+    """A job's output (an io.channel.Sink); a write waiting for its reader ends with the job."""
+
+    def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        trio.from_thread.run(self._write, parts)
+
     async def _write(self, parts: Sequence[bytes | memoryview]) -> None:
-        self._check()
         for part in parts:
             view = memoryview(part)
             while view:
@@ -228,13 +232,20 @@ class JobSetup:
     arguments: dict[str, Any]
     fds: dict[str, TakenFd]  # by argument ("input", "output", "key", ...)
 
-    def channel(self, argument: str) -> FdChannel | LoopChannel:
-        """The fd of `argument`, read (input) or written (output) by the job's pipeline."""
+    def source(self, argument: str) -> FdChannel | LoopSource:
+        """The fd of `argument`, read by the job's pipeline."""
+        return self._end(argument, LoopSource)
+
+    def sink(self, argument: str) -> FdChannel | LoopSink:
+        """The fd of `argument`, written by the job's pipeline."""
+        return self._end(argument, LoopSink)
+
+    def _end(self, argument: str, kind: type[_LoopFd]) -> Any:
         taken = self.fds[argument]
         if taken.info.type in ("file", "block device"):
             return FdChannel(taken.number)  # never stalls for long, and epoll refuses them
         enlarge_pipe(taken.number)
-        return LoopChannel(taken.number, f"{argument} fd '{taken.name}'")
+        return kind(taken.number, f"{argument} fd '{taken.name}'")
 
     def file(self, argument: str, saving: bool = False) -> PlainFile:
         """A saved file, read (and, `saving`, written) at offsets; refused unless every byte
@@ -287,12 +298,12 @@ class JobKind:
 
 def _encode(job: JobSetup) -> Runner:
     chain = job.filters()
-    return lambda progress: encode(job.channel("input"), job.channel("output"), chain, progress)
+    return lambda progress: encode(job.source("input"), job.sink("output"), chain, progress)
 
 
 def _decode(job: JobSetup) -> Runner:
     secrets = job.secrets()
-    return lambda progress: decode(job.channel("input"), job.channel("output"), progress, secrets)
+    return lambda progress: decode(job.source("input"), job.sink("output"), progress, secrets)
 
 
 def _save(job: JobSetup) -> Runner:
@@ -306,14 +317,14 @@ def _save(job: JobSetup) -> Runner:
     if os.fstat(job.fds["output"].number).st_size:
         raise MigpipeError("the output file of a save must be empty (the daemon opened it)")
     file = job.file("output", saving=True)
-    return lambda progress: save_into(job.channel("input"), file, chain, layout, progress, cache)
+    return lambda progress: save_into(job.source("input"), file, chain, layout, progress, cache)
 
 
 def _restore(job: JobSetup) -> Runner:
     secrets = job.secrets()
     file = job.file("input")
     return lambda progress: restore_from(
-        file, job.channel("output"), secrets, progress, f"fd '{job.fds['input'].name}'"
+        file, job.sink("output"), secrets, progress, f"fd '{job.fds['input'].name}'"
     )
 
 
@@ -449,8 +460,8 @@ class Service:
     async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen on `path` until cancelled, then remove the socket (if it is still ours)."""
         limiter = trio.to_thread.current_default_thread_limiter()
-        # A stalled job keeps a thread of this limiter waiting for its peer (LoopChannel: the
-        # wire's header or trailer; a pipeline's own threads have a limiter of their own):
+        # A stalled job keeps a thread of this limiter waiting for its peer (a loop source or
+        # sink: the wire's header or trailer; a pipeline's own threads have a limiter of their own):
         # enough tokens that max_jobs stalled jobs never starve a running one of threads.
         limiter.total_tokens = max(limiter.total_tokens, self.max_jobs + 1)
         sock, identity = bind_private(path, self.socket_mode)

@@ -21,5 +21,5 @@ How a blocked stage is stopped: stopping calls the source channel's interrupt(),
 read that waits for a silent peer (io.channel.Readable: poll beside an eventfd). A write to a
 peer that stopped reading is not interrupted; it ends when the peer reads or goes away. The
 service, whose jobs must end on cancel-job even then, gives its jobs channels whose every read
-and write waits in the job's trio task (service.server.LoopChannel) instead.
+and write waits in the job's trio task (service.server.LoopSource, LoopSink) instead.
 """

@@ -4,7 +4,7 @@ Handing every 1 MiB frame to trio and back (a to_thread round trip per read, per
 per write) cost encode 15-25% of its time on two cores, CPU that zstd needs. So the bytes move
 between long-lived threads over one bounded queue, and trio only starts the threads, waits for
 them and stops them. Each thread still runs under trio.to_thread, so a channel that waits in
-trio (service.LoopChannel) keeps working and is cancelled with the job.
+trio (service.server.LoopSource) keeps working and is cancelled with the job.
 
 Backpressure: at most `in_flight` items are between the producer and the writer; the producer
 blocks when the writer falls behind. The first stage to fail stops the others (they end quietly,
