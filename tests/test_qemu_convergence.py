@@ -181,7 +181,9 @@ def test_the_link_alone_is_too_slow_for_the_busy_guest(
     guest_elf: Path, tmp_path: Path, record: Record
 ) -> None:
     """The control: no migpipe, and QEMU's 300 ms limit from pass 1 (its estimate is sound)."""
-    pacing = dataclasses.replace(BUSY, downtime_ms=300, switchover_pass=None, give_up_pass=GIVE_UP)
+    pacing = dataclasses.replace(
+        BUSY, downtime_ms=300, switchover_pass=None, give_up_pass=GIVE_UP, give_up_seconds=0
+    )
     row = _not_converged(guest_elf, tmp_path, f"{LINK} > {{fifo}}", pacing)
     record("plain pv link (control)", row)
 
@@ -190,7 +192,7 @@ def test_without_xbzrle_the_migration_does_not_converge(
     guest_elf: Path, tmp_path: Path, record: Record
 ) -> None:
     sender = f"{MIGPIPE} encode | {LINK} | {MIGPIPE} decode > {{fifo}}"
-    pacing = dataclasses.replace(BUSY, give_up_pass=GIVE_UP)
+    pacing = dataclasses.replace(BUSY, give_up_pass=GIVE_UP, give_up_seconds=0)
     record("encode (no xbzrle)", _not_converged(guest_elf, tmp_path, sender, pacing))
 
 
