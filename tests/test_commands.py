@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support import PAGE, migpipe
+from support import PAGE, migpipe, synthetic_stream
 
 from migpipe.errors import MigpipeError
 from migpipe.stream.parser import parse_bytes
@@ -196,3 +196,26 @@ def test_cli_extract_of_block_names_that_once_shared_a_file(tmp_path: Path) -> N
     rebuilt = migpipe("generate", "--from", str(tmp_path / "x"))
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert b"\xaa" * PAGE in rebuilt.stdout
+
+
+def test_stats_json_is_checked_before_the_job_and_never_fails_a_finished_one(
+    tmp_path: Path,
+) -> None:
+    """A --stats-json FILE that cannot be written is refused before the job reads a byte; one
+    that fails only when the figures are written (a full disk) is a warning after a job that
+    completed: a finished migration must never be reported as failed."""
+    stream = synthetic_stream(1 << 20, 1)
+    refused = migpipe("encode", "--stats-json", str(tmp_path / "no" / "x.json"), stdin=stream)
+    assert refused.returncode == 2 and refused.stdout == b""
+    assert (
+        refused.stderr
+        == (
+            f"migpipe encode: error: cannot write --stats-json {tmp_path / 'no' / 'x.json'}: "
+            f"no directory {tmp_path / 'no'}\n"
+        ).encode()
+    )
+    full = migpipe("encode", "--stats-json", "/dev/full", stdin=stream)
+    assert full.returncode == 0 and full.stdout.startswith(b"\x89MGP")
+    assert b"warning: the job completed, but --stats-json /dev/full could not be written" in (
+        full.stderr
+    )

@@ -17,6 +17,7 @@ from migpipe import __version__
 from migpipe.cli import admin, save, stream, tunnel
 from migpipe.cli.arenas import use_one_arena
 from migpipe.cli.command import Handler
+from migpipe.cli.options import check_stats_path
 from migpipe.errors import EXIT_ERROR, EXIT_PEER_GONE, MigpipeError
 
 EXIT_INTERRUPTED = 130
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     termination = SigtermAsInterrupt()
     termination.install()
     try:
+        check_stats_path(args)
         return args.handler(args)
     except MigpipeError as e:
         print(f"migpipe {args.command}: error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -234,12 +235,39 @@ def progress(args: argparse.Namespace, label: str) -> "Progress | None":
     return Progress(label) if wanted else None
 
 
+def check_stats_path(args: argparse.Namespace) -> None:
+    """Refuse a --stats-json FILE that could not be written, before the job starts: the job's
+    figures are written after it finished, when a failure could only mislabel a finished job
+    (a migration reported failed whose guest runs on the destination)."""
+    path = getattr(args, "stats_json", None)
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        why = "it is a directory"
+    elif not target.parent.is_dir():
+        why = f"no directory {target.parent}"
+    elif not os.access(target if target.exists() else target.parent, os.W_OK):
+        why = "permission denied"
+    else:
+        return
+    raise UsageError(f"cannot write --stats-json {path}: {why}")
+
+
 def report(args: argparse.Namespace, totals, **more: object) -> None:
-    """--stats-json: the final figures, in QEMU's query-migrate words where they exist."""
+    """--stats-json: the final figures, in QEMU's query-migrate words where they exist. The
+    job has finished: failing to write them is a warning, never the job's failure."""
     if not args.stats_json:
         return
     figures = {**totals.figures(time.monotonic() - args.started), **more}
-    Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+    try:
+        Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+    except OSError as e:
+        print(
+            f"migpipe {args.command}: warning: the job completed, but --stats-json "
+            f"{args.stats_json} could not be written ({e.strerror})",
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager
