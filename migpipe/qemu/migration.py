@@ -66,6 +66,7 @@ CONFIRMATION_LIMIT = 64 << 10
 CONFIRMATION_TIMEOUT = 300.0  # from the wire's end: what is still in buffers, then QEMU's load
 DRAIN_TIMEOUT = 30.0  # for a source to stop sending once a failed destination answered
 ACK_TIMEOUT = 10.0  # from the start, for the destination to say it opened the stream
+BREAK_ANSWER_TIMEOUT = 2.0  # for a destination's last words after the wire broke
 UNTHROTTLED = 1 << 40  # max-bandwidth (bytes/s) for a stopped guest's save: no disk is as fast
 ENDED = {"cancelled": "the migration was cancelled in QEMU", "exited": "the source QEMU exited"}
 LOAD_ENDED = {
@@ -425,6 +426,9 @@ async def migrate(
                     "migrate",
                     lambda fd, _: encode(fd, link.wire, chain, progress, gate.before_frame),
                 )
+                if isinstance(finish.carried, MigpipeError) and finish.carried_first:
+                    # the wire broke first: a destination that failed said why on its way out
+                    await trio.to_thread.run_sync(gate.after_break, BREAK_ANSWER_TIMEOUT)
                 if gate.early is not None:  # the stream stopped short of its end: no one has it
                     raise gate.early_error()
                 totals = await _source_result(monitor, finish)
@@ -495,6 +499,13 @@ class EndGate:
                 continue
             self.early = reply
             raise MigpipeError("the destination answered before the stream's end")
+
+    def after_break(self, timeout: float) -> None:
+        """The wire broke before its end (a write met a closed pipe or a reset): take what the
+        destination said on its way out, so its reason is reported rather than the break."""
+        if self._replies is not None and self.early is None:
+            with contextlib.suppress(MigpipeError):
+                self._heed(timeout)
 
     def early_error(self) -> MigpipeError:
         """The error a migration stopped by the destination ends with (the source runs on)."""
