@@ -62,6 +62,8 @@ DEFAULT_MAX_VMDESC = 64 << 20
 # QEMU's targets have pages of 1 KiB (arm's legacy minimum) to 64 KiB (the largest any
 # defines): a larger page would make every page record, and the bytes held for it, larger.
 MIN_PAGE_BITS, MAX_PAGE_BITS = 10, 16
+
+PAGE_SIZES = frozenset(1 << bits for bits in range(MIN_PAGE_BITS, MAX_PAGE_BITS + 1))
 MAX_RAM_TOTAL = 1 << 46
 """The most RAM a MEM_SIZE record may declare (the sum of its blocks' used lengths, so also
 the most any one block may have): 64 TiB, beyond any guest QEMU runs today (the largest have
@@ -87,6 +89,12 @@ _KIND_NAMES = {
 }
 _NORMAL_CONTINUE = fmt.RAM_PAGE | fmt.RAM_CONTINUE
 _ZERO_CONTINUE = fmt.RAM_ZERO | fmt.RAM_CONTINUE
+
+
+def is_page_size(value: object) -> bool:
+    """Whether `value` is a target page size QEMU can have (an int, not 1024.0 or True):
+    a header, a manifest or a caller may say otherwise, and none of them is trusted to."""
+    return type(value) is int and value in PAGE_SIZES
 
 
 def skip_pages_py(buf: bytes, pos: int, page_size: int, block_length: int) -> tuple[int, int, int]:
@@ -319,11 +327,7 @@ class StreamParser:
     def _set_page_size(self, page_size: int, at: int | None) -> None:
         """The target page size: from the caller (a wire header's), or the stream's."""
         low, high = 1 << MIN_PAGE_BITS, 1 << MAX_PAGE_BITS
-        if (
-            type(page_size) is not int
-            or not low <= page_size <= high
-            or page_size & (page_size - 1)
-        ):
+        if not is_page_size(page_size):
             message = f"target page size {page_size!r} is not a power of two from {low} to {high}"
             raise IncompatibleError(message, None if at is None else self._base + at)
         self._page_size = page_size

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from migpipe.errors import MigpipeError
 from migpipe.stream import format as fmt
-from migpipe.stream.parser import MAX_MACHINE_NAME, MAX_PAGE_BITS, MAX_RAM_BLOCKS, MIN_PAGE_BITS
+from migpipe.stream.parser import MAX_MACHINE_NAME, MAX_RAM_BLOCKS, is_page_size
 from migpipe.stream.records import (
     Command,
     ConfigSubsection,
@@ -195,7 +195,7 @@ def checked_blocks(skeleton: Any, page_size: int, limits: Limits) -> list[RamBlo
     size = skeleton["page_size"] if type(skeleton) is dict else None
     if type(size) is not int or size != page_size:
         raise ValueError(f"a skeleton whose page size is not {page_size}")
-    if not any(size == 1 << bits for bits in range(MIN_PAGE_BITS, MAX_PAGE_BITS + 1)):
+    if not is_page_size(size):
         raise ValueError(f"a page size of {size}")
     checked_count(skeleton["version"], 0xFFFFFFFF)
     _name(skeleton["machine"], MAX_MACHINE_NAME)

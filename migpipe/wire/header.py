@@ -26,11 +26,10 @@ from migpipe.errors import (
 )
 from migpipe.keys import Secrets
 from migpipe.stream.format import BE16, BE32
+from migpipe.stream.parser import is_page_size
 
 SEALED = 0x01  # a tag follows the text
 TAG_SIZE = 32
-MIN_PAGE_SIZE = 1 << 10
-MAX_PAGE_SIZE = 1 << 16  # the largest target page QEMU has (ppc64, aarch64 64K)
 MAX_FILTERS = 8
 
 
@@ -137,7 +136,7 @@ def _checked(fields: Any) -> tuple[tuple[tuple[str, dict[str, Any]], ...], int]:
             raise ValueError("a filter must be [name, parameters]")
         chain.append((name, params))
     size = fields["page_size"]
-    if type(size) is not int or not MIN_PAGE_SIZE <= size <= MAX_PAGE_SIZE or size & (size - 1):
+    if not is_page_size(size):
         raise ValueError(f"page size {size!r}")
     return tuple(chain), size
 
