@@ -48,6 +48,7 @@ from migpipe.io.channel import Sink, Source, as_sink, as_source
 from migpipe.io.direct import Direct
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
+from migpipe.lines import LineSplitter, LineTooLong
 from migpipe.qemu import qmp
 from migpipe.save import savefile
 from migpipe.tunnel.dataplane import run_interruptible
@@ -127,7 +128,7 @@ class Replies:
     def __init__(self, read: Callable[[], bytes], ready: Callable[[float], bool]) -> None:
         self._read = read
         self._ready = ready  # whether a read would not wait, within that many seconds
-        self._buffer = b""
+        self._lines = LineSplitter(CONFIRMATION_LIMIT)
         self._ended = False
         self._index = 0
 
@@ -135,14 +136,20 @@ class Replies:
         """The next line, "lost" at the end or on an error, None if none came in `timeout`
         seconds (None: wait for it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            if self._ended and not self._buffer.strip():
+        while True:
+            try:
+                line = self._lines.next_line()
+            except LineTooLong:
+                too_long = f"the destination answered a line of over {CONFIRMATION_LIMIT} bytes"
+                return Confirmation("lost", too_long)
+            if line is not None:
+                if line.strip():
+                    break
+                continue  # blank: not an answer
+            if self._ended:
                 return Confirmation(
                     "lost", "the destination closed the connection without an answer"
                 )
-            if self._ended or len(self._buffer) > CONFIRMATION_LIMIT:
-                self._buffer += b"\n"  # a last line without its end is read as it is
-                break
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if left is not None and not self._ready(left):
                 return None
@@ -153,9 +160,8 @@ class Replies:
                 return Confirmation(
                     "lost", f"the link broke before the destination answered ({why})"
                 )
-            self._buffer += chunk
+            self._lines.feed(chunk or b"\n")  # at the end, a last line without its newline
             self._ended = not chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
         self._index += 1
         return Confirmation.parse(line, sealer, self._index - 1)
 
