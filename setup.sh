@@ -28,6 +28,28 @@ if [ "$(id -u)" = 0 ]; then
     getent passwd libvirt-qemu >/dev/null || useradd --system --gid kvm --no-create-home \
         --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 fi
+# QEMU 10.0 for the real-VM tests, beside Debian's 7.2: its packages from bookworm-backports,
+# unpacked into .qemu/10.0 (installed, they would replace 7.2), run with -L for its firmware. apt
+# reads a sources list and lists of our own, so the system's apt configuration stays as it was.
+qemu10=.qemu/10.0
+if [ ! -x "$qemu10/usr/bin/qemu-system-x86_64" ]; then
+    apt_dir="$PWD/.qemu/apt"
+    rm -rf "$apt_dir" "$qemu10.part"
+    mkdir -p "$apt_dir/lists/partial" "$qemu10.part"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" >"$apt_dir/sources.list"
+    set -- -q -o Dir::Etc::SourceList="$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+        -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir/cache" \
+        -o APT::Sandbox::User="$(id -un)"
+    if apt-get "$@" update >/dev/null && (cd "$apt_dir" && apt-get "$@" download \
+        qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
+        qemu-system-data/bookworm-backports qemu-system-gui/bookworm-backports >/dev/null); then
+        for deb in "$apt_dir"/*.deb; do dpkg -x "$deb" "$qemu10.part"; done
+        mv "$qemu10.part" "$qemu10"
+    else
+        echo "setup.sh: could not fetch QEMU 10.0 from bookworm-backports; its tests will fail" >&2
+    fi
+    rm -rf "$apt_dir" "$qemu10.part"
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # An editable install leaves migpipe's bytecode to be written on first use, which never happens
