@@ -1,9 +1,9 @@
 """A small synchronous harness that runs real QEMU for migpipe's tests.
 
 It starts `qemu-system-x86_64` (TCG, 128 MiB, `pc` machine) with the test guest from
-tests/guest/, talks QMP to it, and migrates it: into a file (`capture_stream`), from a file
-(`load_stream`), or live from a source VM through any shell pipeline into a destination VM
-(`migrate_through`).
+tests/guest/, on Debian's QEMU 7.2 or another QemuBuild (the 10.0 that setup.sh unpacks), talks
+QMP to it, and migrates it: into a file (`capture_stream`), from a file (`load_stream`), or live
+from a source VM through any shell pipeline into a destination VM (`migrate_through`).
 
 Synchronisation is by blocking on sockets and QMP events only: QMP and the guest's debug console
 are socketpairs handed to QEMU as file descriptors (so there is nothing to poll for), the guest
@@ -37,6 +37,7 @@ from typing import Any
 
 QEMU = shutil.which("qemu-system-x86_64")
 CC = shutil.which("gcc")
+REPO = Path(__file__).resolve().parent.parent
 
 PAGE_SIZE = 4096
 RAM_SIZE = 128 << 20
@@ -135,6 +136,72 @@ class QmpError(QemuError):
 
 class QmpClosed(QemuError, ConnectionError):
     """QEMU closed the QMP connection (it exited)."""
+
+
+@dataclass(frozen=True)
+class QemuBuild:
+    """One QEMU the tests run on: users run Debian's 7.2 and current releases alike.
+
+    An unpacked build (setup.sh puts 10.0 in .qemu/10.0, beside the system's 7.2, which
+    installing it would replace) needs `args` (-L for its own firmware) and `env` (its own
+    module directory: the system's are 7.2's, which it would refuse or misload).
+    """
+
+    version: str  # "7.2", "10.0": names the tests and the machine type `pc` stands for
+    binary: str | None  # None where it is not installed
+    missing: str  # what to do when it is not
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return f"qemu{self.version}"
+
+    @property
+    def machine(self) -> str:
+        """The machine type the `pc` alias resolves to, as the stream's configuration names it."""
+        return f"pc-i440fx-{self.version}"
+
+    def command(self) -> list[str]:
+        """The binary and the arguments every VM of this build starts with."""
+        if self.binary is None:
+            raise QemuError(self.missing)
+        return [self.binary, *self.args]
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **dict(self.env)}
+
+    def reported_version(self) -> str:
+        """What the binary says it is ("10.0.2"): the unpacked one comes from whatever
+        bookworm-backports carries, which may move on past the version it is named after."""
+        out = subprocess.run(
+            [*self.command(), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=self.environ(),
+        ).stdout
+        return out.split()[3]  # "QEMU emulator version 10.0.2 (Debian ...)"
+
+
+def unpacked_build(version: str) -> QemuBuild:
+    """The QEMU that setup.sh unpacked into .qemu/VERSION (None binary until it has)."""
+    root = REPO / ".qemu" / version
+    binary = root / "usr" / "bin" / "qemu-system-x86_64"
+    return QemuBuild(
+        version=version,
+        binary=str(binary) if os.access(binary, os.X_OK) else None,
+        missing=f"QEMU {version} is not unpacked in {root}: run ./setup.sh",
+        args=("-L", str(root / "usr" / "share" / "qemu")),
+        env=(("QEMU_MODULE_DIR", str(root / "usr" / "lib" / "x86_64-linux-gnu" / "qemu")),),
+    )
+
+
+#: Debian 12's own QEMU, the default everywhere a build is not given.
+QEMU_7_2 = QemuBuild(
+    "7.2", QEMU, "qemu-system-x86_64 is not installed: run ./setup.sh as root (qemu-system-x86)"
+)
+QEMU_10_0 = unpacked_build("10.0")  # bookworm-backports' qemu-system-x86 1:10.0.2
+BUILDS = (QEMU_7_2, QEMU_10_0)
 
 
 def build_guest(out_dir: Path) -> Path:
@@ -279,16 +346,24 @@ class Vm:
     """One QEMU process (a context manager that always kills it and its exec: children).
 
     QMP and the optional debug console are socketpairs passed to QEMU as fds. QEMU's stdout and
-    stderr go to WORKDIR/NAME.log, whose tail is included in raised errors.
+    stderr go to WORKDIR/NAME.log, whose tail is included in raised errors. `qemu` is the build
+    it runs (Debian's 7.2 by default).
     """
 
     def __init__(
-        self, workdir: Path, name: str, args: Sequence[str] = (), *, console: bool = False
+        self,
+        workdir: Path,
+        name: str,
+        args: Sequence[str] = (),
+        *,
+        console: bool = False,
+        qemu: QemuBuild = QEMU_7_2,
     ) -> None:
         self.workdir = Path(workdir)
         self.name = name
         self.args = list(args)
         self.console = console
+        self.qemu = qemu
         self.log_path = self.workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._qmp: Qmp | None = None
@@ -296,13 +371,11 @@ class Vm:
         self._console_buf = bytearray()
 
     def start(self) -> Vm:
-        if QEMU is None:
-            raise QemuError("qemu-system-x86_64 is not installed")
+        cmd = self.qemu.command()
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_ours, qmp_theirs = socket.socketpair()
         keep = [qmp_theirs]
-        cmd = [
-            QEMU,
+        cmd += [
             "-machine",
             "pc",
             "-accel",
@@ -342,6 +415,7 @@ class Vm:
                     stderr=subprocess.STDOUT,
                     pass_fds=[s.fileno() for s in keep],
                     cwd=self.workdir,
+                    env=self.qemu.environ(),
                     start_new_session=True,  # its own process group: kill() reaches exec: children
                     preexec_fn=_die_with_parent,
                 )
@@ -506,6 +580,7 @@ def source_vm(
     pacing: Pacing | None = None,
     name: str = "source",
     args: Sequence[str] = (),
+    qemu: QemuBuild = QEMU_7_2,
 ) -> Iterator[Vm]:
     """A running source VM whose guest has filled its memory, set up for `kind`'s migration.
 
@@ -513,7 +588,8 @@ def source_vm(
     `args` are more QEMU arguments (e.g. `qmp_socket_args`, for a client other than the harness).
     """
     pacing = pacing or PACINGS[kind]
-    with Vm(workdir, name, [*guest_args(guest_elf, kind), "-S", *args], console=True) as vm:
+    args = [*guest_args(guest_elf, kind), "-S", *args]
+    with Vm(workdir, name, args, console=True, qemu=qemu) as vm:
         vm.qmp.execute("cont")
         vm.wait_console(READY)
         caps = [{"capability": "events", "state": True}]
@@ -611,8 +687,9 @@ def run_migration(
         os.close(fd)
 
 
-def wait_incoming(dest: Vm, *, timeout: float = MIGRATION_TIMEOUT) -> None:
-    """Wait for the destination's load to complete; MigrationFailed with QEMU's text if not.
+def wait_incoming(dest: Vm, *, timeout: float = MIGRATION_TIMEOUT) -> dict[str, Any]:
+    """Wait for the destination's load to complete and return its `completed` event (whose
+    timestamp ends the guest's real pause); MigrationFailed with QEMU's text if it failed.
 
     QEMU 7.2 exits when a load fails ("load of migration failed: ..."), so a closed QMP
     connection means failure too, explained by its stderr.
@@ -630,7 +707,7 @@ def wait_incoming(dest: Vm, *, timeout: float = MIGRATION_TIMEOUT) -> None:
         raise dest.error(f"{dest.name}: load did not finish: {exc}") from exc
     status = event["data"]["status"]
     if status == "completed":
-        return
+        return event
     desc = ""
     with contextlib.suppress(QmpClosed, QmpError):
         desc = dest.qmp.execute("query-migrate").get("error-desc", "")
@@ -648,9 +725,12 @@ def _unique(workdir: Path, stem: str) -> str:
 
 
 @contextlib.contextmanager
-def destination_vm(workdir: Path, uri: str, *, name: str = "dest") -> Iterator[Vm]:
+def destination_vm(
+    workdir: Path, uri: str, *, name: str = "dest", qemu: QemuBuild = QEMU_7_2
+) -> Iterator[Vm]:
     """A paused destination (-S -incoming defer) already listening on `uri` (migrate-incoming)."""
-    with Vm(workdir, _unique(Path(workdir), name), ["-S", "-incoming", "defer"]) as vm:
+    args = ["-S", "-incoming", "defer"]
+    with Vm(workdir, _unique(Path(workdir), name), args, qemu=qemu) as vm:
         vm.qmp.execute(
             "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
         )
@@ -658,14 +738,20 @@ def destination_vm(workdir: Path, uri: str, *, name: str = "dest") -> Iterator[V
         yield vm
 
 
-def load_stream(stream_path: Path, workdir: Path, *, timeout: float = MIGRATION_TIMEOUT) -> bytes:
+def load_stream(
+    stream_path: Path,
+    workdir: Path,
+    *,
+    timeout: float = MIGRATION_TIMEOUT,
+    qemu: QemuBuild = QEMU_7_2,
+) -> bytes:
     """Load a stream file into a fresh paused destination and return its RAM from 1 MiB.
 
     Raises MigrationFailed (with QEMU's error text) if QEMU rejects the stream.
     """
     workdir = Path(workdir)
     uri = f"exec:cat {shlex.quote(str(Path(stream_path).resolve()))}"
-    with destination_vm(workdir, uri, name="load") as dest:
+    with destination_vm(workdir, uri, name="load", qemu=qemu) as dest:
         wait_incoming(dest, timeout=timeout)
         return dest.pmemsave(workdir / f"{dest.name}.mem")
 
@@ -676,6 +762,7 @@ class Capture:
 
     kind: str
     path: Path
+    qemu: QemuBuild  # the build that wrote it
     seconds: float  # from `migrate` to the stream file being complete
     size: int
     dirty_syncs: int  # QEMU's dirty-bitmap sync count (MIGRATION_PASS events)
@@ -684,7 +771,13 @@ class Capture:
 
 
 def capture_stream(
-    guest_elf: Path, kind: str, out_path: Path, workdir: Path, *, pacing: Pacing | None = None
+    guest_elf: Path,
+    kind: str,
+    out_path: Path,
+    workdir: Path,
+    *,
+    pacing: Pacing | None = None,
+    qemu: QemuBuild = QEMU_7_2,
 ) -> Capture:
     """Migrate a fresh source running the guest in `kind` mode into `out_path` (exec:cat).
 
@@ -695,7 +788,8 @@ def capture_stream(
     pacing = pacing or PACINGS[kind]
     out_path = Path(out_path).resolve()
     workdir = Path(workdir)
-    with source_vm(guest_elf, kind, workdir, pacing=pacing, name=_unique(workdir, kind)) as src:
+    name = _unique(workdir, kind)
+    with source_vm(guest_elf, kind, workdir, pacing=pacing, name=name, qemu=qemu) as src:
         start = time.monotonic()
         info, status = run_migration(src, f"cat > {shlex.quote(str(out_path))}", pacing)
         seconds = time.monotonic() - start
@@ -705,6 +799,7 @@ def capture_stream(
     return Capture(
         kind=kind,
         path=out_path,
+        qemu=qemu,
         seconds=seconds,
         size=out_path.stat().st_size,
         dirty_syncs=int(info.get("ram", {}).get("dirty-sync-count", 0)),
@@ -722,6 +817,13 @@ class Migration:
     source_info: dict[str, Any] = field(repr=False)  # query-migrate on the source afterwards
     sender_status: int  # exit status of the sender (last stage of the source pipeline)
     seconds: float  # from `migrate` to the destination having loaded everything
+    real_pause: float  # seconds the guest ran nowhere: the source's STOP to the load's end
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """A QMP event's host-clock timestamp in seconds (both VMs here share the host's clock)."""
+    stamp = event["timestamp"]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
 
 
 def migrate_through(
@@ -733,6 +835,7 @@ def migrate_through(
     incoming: str = "exec:cat {fifo}",
     pacing: Pacing | None = None,
     timeout: float = MIGRATION_TIMEOUT,
+    qemu: QemuBuild = QEMU_7_2,
 ) -> Migration:
     """Live-migrate a source VM running the guest into a destination VM through a pipeline.
 
@@ -744,6 +847,7 @@ def migrate_through(
     `sender="migpipe encode | migpipe decode > {fifo}"`, or a sender that connects to a port the
     destination's `incoming` (`tcp:127.0.0.1:PORT`, `exec:migpipe receive ...`) listens on.
     A failure on either side raises MigrationFailed with the destination's and source's errors.
+    Both VMs run `qemu`.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -761,8 +865,8 @@ def migrate_through(
     source_stream = workdir / f"{name}.stream"
     command = f"tee {shlex.quote(str(source_stream))} | {fill(sender)}"
     with (
-        destination_vm(workdir, fill(incoming)) as dest,
-        source_vm(guest_elf, kind, workdir, pacing=pacing, name=name) as src,
+        destination_vm(workdir, fill(incoming), qemu=qemu) as dest,
+        source_vm(guest_elf, kind, workdir, pacing=pacing, name=name, qemu=qemu) as src,
     ):
         start = time.monotonic()
         try:
@@ -775,8 +879,9 @@ def migrate_through(
                 desc = "\n".join([dest.log_tail(5), getattr(exc, "desc", "")]).strip()
                 raise dest.failure(f"{exc}\n(destination follows)", desc) from exc
             raise
-        wait_incoming(dest, timeout=_remaining(start + timeout, "the destination"))
+        loaded = wait_incoming(dest, timeout=_remaining(start + timeout, "the destination"))
         seconds = time.monotonic() - start
+        stop = src.qmp.wait_event("STOP", timeout=5)  # queued while the migration ran
         memory = dest.pmemsave(workdir / "dest.mem")
     return Migration(
         source_stream=source_stream,
@@ -784,4 +889,5 @@ def migrate_through(
         source_info=info,
         sender_status=status,
         seconds=seconds,
+        real_pause=event_time(loaded) - event_time(stop),
     )
