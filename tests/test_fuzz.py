@@ -119,8 +119,8 @@ def test_mutated_real_streams(small_qemu_streams: list[bytes], data: st.DataObje
 
 
 @pytest.fixture(scope="module")
-def small_qemu_streams(qemu_streams: dict[str, Path]) -> list[bytes]:
-    return [path.read_bytes() for path in qemu_streams.values()]
+def small_qemu_streams(every_build_streams: list[Path]) -> list[bytes]:
+    return [path.read_bytes() for path in every_build_streams]
 
 
 def header_then(*items: bytes) -> bytes:

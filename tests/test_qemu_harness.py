@@ -1,6 +1,7 @@
 """The real-QEMU harness and the stream oracle, proven against plain `cat` before any test
 trusts them with migpipe: what QEMU loads from a captured stream is what the oracle replays,
-the captures really are multi-pass (and XBZRLE) migrations, and broken streams fail loudly."""
+the captures really are multi-pass (and XBZRLE) migrations, and broken streams fail loudly; on
+every build the tests run on (QEMU 7.2 and 10.0)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ LIVE = ("dirty", "xbzrle")
 
 
 @pytest.fixture(scope="module")
-def replays(qemu_streams: dict[str, Path]) -> dict[str, oracle.Replay]:
-    return {kind: oracle.replay(path) for kind, path in qemu_streams.items()}
+def replays(build_captures: dict[str, qemuvm.Capture]) -> dict[str, oracle.Replay]:
+    return {kind: oracle.replay(capture.path) for kind, capture in build_captures.items()}
 
 
 def test_guest_is_a_32bit_multiboot_elf(guest_elf: Path) -> None:
@@ -37,9 +38,13 @@ def test_guest_is_a_32bit_multiboot_elf(guest_elf: Path) -> None:
 
 @pytest.mark.parametrize("kind", qemuvm.KINDS)
 def test_qemu_loads_what_the_oracle_replays(
-    kind: str, qemu_streams: dict[str, Path], replays: dict[str, oracle.Replay], tmp_path: Path
+    kind: str,
+    build_captures: dict[str, qemuvm.Capture],
+    replays: dict[str, oracle.Replay],
+    tmp_path: Path,
 ) -> None:
-    loaded = qemuvm.load_stream(qemu_streams[kind], tmp_path)
+    capture = build_captures[kind]
+    loaded = qemuvm.load_stream(capture.path, tmp_path, qemu=capture.qemu)
     assert len(loaded) == qemuvm.IMAGE_SIZE
     diff = oracle.first_difference(loaded, replays[kind].image)
     assert diff is None, diff
@@ -56,13 +61,13 @@ def test_streams_carry_zero_and_normal_pages(kind: str, replays: dict[str, oracl
 
 
 def test_idle_capture_is_one_pass_of_the_paused_source(
-    qemu_captures: dict[str, qemuvm.Capture], replays: dict[str, oracle.Replay]
+    build_captures: dict[str, qemuvm.Capture], replays: dict[str, oracle.Replay]
 ) -> None:
     replay = replays["idle"]
     assert replay.max_sends == 1
     assert replay.pages_resent == 0
     # Paused source: its own memory is an oracle too, and the replay must agree with it.
-    source = qemu_captures["idle"].source_memory
+    source = build_captures["idle"].source_memory
     assert source is not None
     diff = oracle.first_difference(replay.image, source)
     assert diff is None, diff
@@ -70,9 +75,9 @@ def test_idle_capture_is_one_pass_of_the_paused_source(
 
 @pytest.mark.parametrize("kind", LIVE)
 def test_live_captures_have_several_passes(
-    kind: str, qemu_captures: dict[str, qemuvm.Capture], replays: dict[str, oracle.Replay]
+    kind: str, build_captures: dict[str, qemuvm.Capture], replays: dict[str, oracle.Replay]
 ) -> None:
-    capture, replay = qemu_captures[kind], replays[kind]
+    capture, replay = build_captures[kind], replays[kind]
     assert capture.info["status"] == "completed"
     assert capture.dirty_syncs >= 3
     assert replay.ram_sections >= 4  # START, at least two PARTs, END
@@ -87,19 +92,24 @@ def test_only_the_xbzrle_capture_has_xbzrle_records(replays: dict[str, oracle.Re
     assert replays["idle"].xbzrle_pages == 0
 
 
-def test_truncated_stream_fails_to_load(qemu_streams: dict[str, Path], tmp_path: Path) -> None:
-    data = qemu_streams["dirty"].read_bytes()
+def test_truncated_stream_fails_to_load(
+    build_captures: dict[str, qemuvm.Capture], tmp_path: Path
+) -> None:
+    capture = build_captures["dirty"]
+    data = capture.path.read_bytes()
     truncated = tmp_path / "truncated.stream"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(oracle.StreamError):
         oracle.replay(truncated)
     with pytest.raises(qemuvm.MigrationFailed) as failed:
-        qemuvm.load_stream(truncated, tmp_path)
+        qemuvm.load_stream(truncated, tmp_path, qemu=capture.qemu)
     assert "load of migration failed" in failed.value.desc
 
 
-def test_migrate_through_cat_into_a_destination(guest_elf: Path, tmp_path: Path) -> None:
-    migration = qemuvm.migrate_through(guest_elf, "xbzrle", tmp_path)
+def test_migrate_through_cat_into_a_destination(
+    guest_elf: Path, tmp_path: Path, qemu_build: qemuvm.QemuBuild
+) -> None:
+    migration = qemuvm.migrate_through(guest_elf, "xbzrle", tmp_path, qemu=qemu_build)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.max_sends >= 3
@@ -108,9 +118,12 @@ def test_migrate_through_cat_into_a_destination(guest_elf: Path, tmp_path: Path)
     assert diff is None, diff
 
 
-def test_migrate_through_a_broken_pipeline_fails(guest_elf: Path, tmp_path: Path) -> None:
+def test_migrate_through_a_broken_pipeline_fails(
+    guest_elf: Path, tmp_path: Path, qemu_build: qemuvm.QemuBuild
+) -> None:
+    sender = "head -c 1000000 > {fifo}"
     with pytest.raises(qemuvm.MigrationFailed) as failed:
-        qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender="head -c 1000000 > {fifo}")
+        qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender, qemu=qemu_build)
     assert "load of migration failed" in failed.value.desc
 
 
@@ -126,11 +139,11 @@ def _read_to_eof(fd: int, timeout: float = 60.0) -> bytes:
         chunks.append(chunk)
 
 
-def test_getfd_passes_a_descriptor_to_qemu(qemu_binary: str, tmp_path: Path) -> None:
+def test_getfd_passes_a_descriptor_to_qemu(qemu_build: qemuvm.QemuBuild, tmp_path: Path) -> None:
     """execute_with_fd (SCM_RIGHTS): a VM that never ran migrates into our pipe via fd:."""
     read_end, write_end = os.pipe()
     try:
-        with qemuvm.Vm(tmp_path, "fd", ["-S"]) as vm:
+        with qemuvm.Vm(tmp_path, "fd", ["-S"], qemu=qemu_build) as vm:
             vm.qmp.execute(
                 "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
             )

@@ -1,4 +1,4 @@
-"""The stream core against streams a real QEMU 7.2 wrote, loaded back into a real QEMU.
+"""The stream core against streams a real QEMU 7.2 and 10.0 wrote, loaded back into the same QEMU.
 
 The oracle for memory is what the source sent, replayed by tests/oracle.py (code that shares
 nothing with migpipe's parser), because QEMU 7.2 under TCG can miss guest writes between dirty
@@ -22,14 +22,16 @@ pytestmark = pytest.mark.qemu
 IMAGE_START = 1 << 20  # below 1 MiB, ROM and VGA windows overlay pc.ram
 
 
-@pytest.fixture(scope="module", params=["idle", "dirty", "xbzrle"])
-def capture(request: pytest.FixtureRequest, qemu_streams: dict[str, Path]) -> tuple[str, Path]:
-    return request.param, qemu_streams[request.param]
+@pytest.fixture(scope="module", params=qemuvm.KINDS)
+def capture(
+    request: pytest.FixtureRequest, build_captures: dict[str, qemuvm.Capture]
+) -> qemuvm.Capture:
+    return build_captures[request.param]
 
 
 @pytest.fixture(scope="module")
-def replayed(capture: tuple[str, Path]) -> oracle.Replay:
-    return oracle.replay(capture[1])
+def replayed(capture: qemuvm.Capture) -> oracle.Replay:
+    return oracle.replay(capture.path)
 
 
 def rewrite(source: Path, target: Path, chunk: int) -> None:
@@ -44,8 +46,8 @@ def rewrite(source: Path, target: Path, chunk: int) -> None:
     target.write_bytes(out)
 
 
-def test_rewrite_is_byte_identical(capture: tuple[str, Path], tmp_path: Path) -> None:
-    _, stream = capture
+def test_rewrite_is_byte_identical(capture: qemuvm.Capture, tmp_path: Path) -> None:
+    stream = capture.path
     for chunk in (1 << 20, 4093):
         rewrite(stream, tmp_path / "rewritten.stream", chunk)
         rewritten = (tmp_path / "rewritten.stream").read_bytes()
@@ -53,8 +55,8 @@ def test_rewrite_is_byte_identical(capture: tuple[str, Path], tmp_path: Path) ->
         assert rewritten == stream.read_bytes(), "rewritten stream differs"
 
 
-def test_captures_are_what_they_claim(capture: tuple[str, Path], replayed: oracle.Replay):
-    kind, _ = capture
+def test_captures_are_what_they_claim(capture: qemuvm.Capture, replayed: oracle.Replay):
+    kind = capture.kind
     assert replayed.normal_pages > 0 and replayed.zero_pages > 0
     if kind == "idle":
         assert replayed.pages_resent == 0
@@ -63,13 +65,16 @@ def test_captures_are_what_they_claim(capture: tuple[str, Path], replayed: oracl
     assert (replayed.xbzrle_pages > 0) == (kind == "xbzrle")
 
 
-def test_inspect_agrees_with_the_oracle(capture: tuple[str, Path], replayed: oracle.Replay):
-    _, stream = capture
+def test_inspect_agrees_with_the_oracle(capture: qemuvm.Capture, replayed: oracle.Replay):
+    stream = capture.path
     result = migpipe("inspect", "--json", str(stream))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["bytes"] == stream.stat().st_size
-    assert report["machine"] == "pc-i440fx-7.2"
+    assert report["machine"] == capture.qemu.machine
+    # 10.0 announces the switch-over (for devices that prepare for it) before RAM's END.
+    switchover = {"SWITCHOVER_START": 1} if capture.qemu.version != "7.2" else {}
+    assert report["commands"] == switchover
     ram = {b["name"]: b["used_length"] for b in report["ram_blocks"]}
     assert ram == replayed.blocks
     # The oracle counts pc.ram and every other block alike; so does inspect.
@@ -85,19 +90,18 @@ def test_inspect_agrees_with_the_oracle(capture: tuple[str, Path], replayed: ora
 
 
 def test_destination_loads_the_rewritten_stream(
-    capture: tuple[str, Path], replayed: oracle.Replay, tmp_path: Path
+    capture: qemuvm.Capture, replayed: oracle.Replay, tmp_path: Path
 ) -> None:
-    _, stream = capture
     rewritten = tmp_path / "rewritten.stream"
-    rewrite(stream, rewritten, 1 << 16)
-    memory = qemuvm.load_stream(rewritten, tmp_path)
+    rewrite(capture.path, rewritten, 1 << 16)
+    memory = qemuvm.load_stream(rewritten, tmp_path, qemu=capture.qemu)
     assert oracle.first_difference(memory, replayed.image) is None
 
 
 def test_extract_then_generate_loads_into_qemu(
-    capture: tuple[str, Path], replayed: oracle.Replay, tmp_path: Path
+    capture: qemuvm.Capture, replayed: oracle.Replay, tmp_path: Path
 ) -> None:
-    _, stream = capture
+    stream = capture.path
     extracted = tmp_path / "extracted"
     result = migpipe("extract", str(stream), str(extracted))
     assert result.returncode == 0, result.stderr
@@ -115,5 +119,5 @@ def test_extract_then_generate_loads_into_qemu(
     for record in parser.next_records():
         stats.add(record)
     assert stats.pages_resent == 0 and stats.pages["xbzrle"] == 0  # each page once, whole
-    loaded = qemuvm.load_stream(compact, tmp_path)
+    loaded = qemuvm.load_stream(compact, tmp_path, qemu=capture.qemu)
     assert oracle.first_difference(loaded, replayed.image) is None

@@ -1,4 +1,4 @@
-"""Live migrations of a real QEMU 7.2 guest through `migpipe encode | migpipe decode`.
+"""Live migrations of a real guest through `migpipe encode | migpipe decode`, on QEMU 7.2 and 10.0.
 
 The destination must complete holding exactly what the source sent (replayed by tests/oracle.py
 from the source's own stream, tee'd before migpipe touched it), and must fail, never complete,
@@ -35,11 +35,11 @@ MANGLE = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_na
     ],
 )
 def test_migration_through_the_tunnel(
-    guest_elf: Path, tmp_path: Path, kind: str, filters: str
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, kind: str, filters: str
 ) -> None:
     stats = tmp_path / "encode.json"
     sender = f"{MIGPIPE} encode {filters} --stats-json {stats} | {MIGPIPE} decode > {{fifo}}"
-    migration = qemuvm.migrate_through(guest_elf, kind, tmp_path, sender=sender)
+    migration = qemuvm.migrate_through(guest_elf, kind, tmp_path, sender=sender, qemu=qemu_build)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0  # a live, multi-pass migration
@@ -49,15 +49,19 @@ def test_migration_through_the_tunnel(
 
 @pytest.mark.parametrize("mode", ["flip", "truncate"])
 def test_a_damaged_wire_never_completes_a_migration(
-    guest_elf: Path, tmp_path: Path, mode: str
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, mode: str
 ) -> None:
     # Past the wire header and well inside the stream: RAM frames are flowing by then.
     sender = f"{MIGPIPE} encode | {MANGLE} {mode} 3000000 | {MIGPIPE} decode > {{fifo}}"
     with pytest.raises(qemuvm.MigrationFailed):
-        qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender, timeout=60)
+        qemuvm.migrate_through(
+            guest_elf, "dirty", tmp_path, sender=sender, timeout=60, qemu=qemu_build
+        )
 
 
-def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
+def test_migration_over_a_tcp_link(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
     link = free_port()
     migration = qemuvm.migrate_through(
         guest_elf,
@@ -65,6 +69,7 @@ def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
         tmp_path,
         sender=f"{MIGPIPE} encode --compress zstd:1 --connect {link}",
         incoming=f"exec:{MIGPIPE} decode --listen {link}",
+        qemu=qemu_build,
     )
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
@@ -72,21 +77,21 @@ def test_migration_over_a_tcp_link(guest_elf: Path, tmp_path: Path) -> None:
     assert oracle.first_difference(migration.dest_memory, replay.image) is None
 
 
-def test_encrypted_migration(guest_elf: Path, tmp_path: Path) -> None:
+def test_encrypted_migration(guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path) -> None:
     key = tmp_path / "key"
     keygen(key)
     sender = (
         f"{MIGPIPE} encode --filters xbzrle,zstd,encrypt --key-file {key} | "
         f"{MIGPIPE} decode --key-file {key} > {{fifo}}"
     )
-    migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender)
+    migration = qemuvm.migrate_through(guest_elf, "dirty", tmp_path, sender=sender, qemu=qemu_build)
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0
     assert oracle.first_difference(migration.dest_memory, replay.image) is None
 
 
-def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
+def test_migration_over_tls(guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path) -> None:
     creds = tmp_path / "pki"
     tls_init(creds, "migpipe test CA", ["localhost"], "source", 1)
     port = free_port().rpartition(":")[2]
@@ -97,6 +102,7 @@ def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
         tmp_path,
         sender=f"{MIGPIPE} encode --filters xbzrle,lz4 --connect localhost:{port} {tls}",
         incoming=f"exec:{MIGPIPE} decode --listen 127.0.0.1:{port} {tls}",
+        qemu=qemu_build,
     )
     assert migration.sender_status == 0
     replay = oracle.replay(migration.source_stream)
@@ -106,7 +112,7 @@ def test_migration_over_tls(guest_elf: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("wire", ["empty", "not a wire"])
 def test_a_wire_that_fails_before_any_stream_byte_fails_the_load(
-    qemu_binary: str, tmp_path: Path, wire: str
+    qemu_build: qemuvm.QemuBuild, tmp_path: Path, wire: str
 ) -> None:
     """QEMU 7.2 waits for an `exec:` pipe to be readable before it starts loading, and a pipe
     closed with nothing in it never is: without a first byte QEMU would spin forever. decode
@@ -114,7 +120,8 @@ def test_a_wire_that_fails_before_any_stream_byte_fails_the_load(
     path = tmp_path / "wire"
     path.write_bytes(b"" if wire == "empty" else b"QEVM, but not migpipe's magic")
     uri = f"exec:{MIGPIPE} decode --in {shlex.quote(str(path))}"
-    with qemuvm.destination_vm(tmp_path, uri) as dest, pytest.raises(qemuvm.MigrationFailed) as e:
+    dest_vm = qemuvm.destination_vm(tmp_path, uri, qemu=qemu_build)
+    with dest_vm as dest, pytest.raises(qemuvm.MigrationFailed) as e:
         qemuvm.wait_incoming(dest, timeout=30)
     assert "Not a migration stream" in dest.log_tail()
     assert "load" in str(e.value)

@@ -13,6 +13,7 @@ import random
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -252,8 +253,8 @@ def test_mutated_real_streams_in_every_mode(
 
 
 @pytest.fixture(scope="module")
-def small_qemu_streams(qemu_streams: dict) -> list[bytes]:
-    return [path.read_bytes() for path in qemu_streams.values()]
+def small_qemu_streams(every_build_streams: list[Path]) -> list[bytes]:
+    return [path.read_bytes() for path in every_build_streams]
 
 
 # -- the skipper itself ----------------------------------------------------------------------------

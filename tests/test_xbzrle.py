@@ -11,10 +11,10 @@ import os
 import random
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+import qemuvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import PAGE
@@ -490,16 +490,18 @@ def test_xbzrle_deltas_qemu_rejects(delta: bytes, why: str) -> None:
 
 
 @pytest.mark.qemu
-def test_reencoding_qemu_payloads_gives_the_same_bytes(qemu_streams: dict[str, Path]) -> None:
+def test_reencoding_qemu_payloads_gives_the_same_bytes(
+    build_captures: dict[str, qemuvm.Capture],
+) -> None:
     """Replay the XBZRLE capture; the page before and after each XBZRLE record, re-encoded,
-    must give exactly the payload QEMU 7.2 sent (QEMU's cache equals the destination's page)."""
+    must give exactly the payload QEMU sent (QEMU's cache equals the destination's page)."""
     from migpipe.stream.parser import iter_records
     from migpipe.stream.ramimage import RamImages, in_memory
     from migpipe.stream.records import XbzrlePage
 
     ram = RamImages(in_memory)
     payloads = 0
-    with open(qemu_streams["xbzrle"], "rb") as f:
+    with open(build_captures["xbzrle"].path, "rb") as f:
         for record in iter_records(iter(lambda: f.read(1 << 20), b"")):
             if type(record) is XbzrlePage:
                 image = ram.images[record.block]
