@@ -9,7 +9,9 @@ It is deliberately minimal and strict. It walks the header, the configuration it
 subsections), COMMAND items and the `ram` section's START/PART/END records (MEM_SIZE, ZERO,
 PAGE, XBZRLE, EOS, CONTINUE) and stops after ram's END section: for the test guests ram is the
 first START section and the only section with START/PART bodies, and everything after ram's END
-is device state. Anything else raises StreamError.
+is device state. Anything else raises StreamError. QEMU 10.0's streams differ from 7.2's before
+ram's END only by a SWITCHOVER_START command (11, no payload), skipped like every command but
+PACKAGED; its section ids differ too, which is why ram's id is read, never assumed.
 """
 
 from __future__ import annotations

@@ -148,6 +148,24 @@ def test_commands_and_packaged_blob_are_carried() -> None:
     assert write_records(parse_in_chunks(data, [3])) == data
 
 
+def test_qemu_10_switchover_start_round_trips() -> None:
+    """QEMU 10.0 (10.0 machine types) sends SWITCHOVER_START after the last PART and before the
+    END sections; after another live handler's opaque body it must end that body's search."""
+    records = ram_stream([ZeroPage("pc.ram", 0, 0, True)])
+    records[1] = Configuration("pc-i440fx-10.0")
+    end = records.index(SectionEnd(2))
+    records[end:end] = [SectionPart(4), OpaqueData(b"\x7e" * 9), SectionFooter(4), Command(11, b"")]
+    first_part = records.index(SectionPart(2))
+    records[first_part:first_part] = [
+        SectionStart(4, "dirty-bitmap", 0, 1),
+        OpaqueData(b"\x00"),
+        SectionFooter(4),
+    ]
+    data = write_records(records)
+    assert merge_opaque(parse_bytes(data)) == records
+    assert write_records(parse_in_chunks(data, [1])) == data
+
+
 def test_device_state_with_a_fake_footer_inside() -> None:
     """A footer pattern followed by bytes that cannot start an item is body, not footer."""
     body = b"\x7e\x00\x00\x00\x03" + b"\xee" * 20 + b"\x7e\x00\x00\x00\x03\x01\x00\x00\x00\x09\x00"
