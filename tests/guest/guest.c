@@ -4,7 +4,7 @@
  * A multiboot v1 kernel, loaded by QEMU with `-kernel guest.elf -append "..."`, running in
  * 32-bit protected mode with paging off, so guest-physical addresses are plain pointers.
  *
- * 1. Fills REGION_START .. REGION_START + REGION_PAGES pages with a per-page mix of content, so a
+ * 1. Fills REGION_START .. REGION_START + `pages` pages with a per-page mix of content, so a
  *    migration stream carries both zero pages and normal pages: zero, text-like, patterned and
  *    pseudo-random pages.
  * 2. Writes "READY\n" to the isa-debugcon port 0xe9; the harness blocks on that line.
@@ -16,7 +16,8 @@
  *    Between writes it busy-waits `delay` iterations, which sets the dirty rate.
  *
  * Command line words (any order, unknown words ignored): mode=idle|dirty, delay=N, hot=N
- * (pages in the hot set, at most REGION_PAGES), seed=N.
+ * (pages in the hot set, at most the region's), pages=N (the region's size, at most
+ * MAX_REGION_PAGES; default REGION_PAGES), seed=N.
  */
 #include <stdint.h>
 
@@ -27,7 +28,8 @@
 
 #define PAGE_SIZE 4096u
 #define REGION_START 0x00800000u /* 8 MiB */
-#define REGION_PAGES 8192u       /* 32 MiB, so the region ends at 40 MiB */
+#define REGION_PAGES 8192u       /* 32 MiB by default, so the region ends at 40 MiB */
+#define MAX_REGION_PAGES 16384u  /* 64 MiB: up to 72 MiB of the 128 MiB guest */
 #define DEBUGCON_PORT 0xe9
 
 __attribute__((section(".multiboot"), used, aligned(4)))
@@ -36,6 +38,7 @@ static const uint32_t multiboot_header[3] = {
 };
 
 uint8_t guest_stack[16384] __attribute__((aligned(16)));
+static uint32_t region_pages = REGION_PAGES;
 
 void guest_main(uint32_t boot_magic, const uint32_t *info);
 
@@ -174,7 +177,7 @@ static void fill_random(volatile uint8_t *p, uint32_t *rng)
 static void fill_region(uint32_t seed)
 {
     uint32_t rng = seed;
-    for (uint32_t page = 0; page < REGION_PAGES; page++) {
+    for (uint32_t page = 0; page < region_pages; page++) {
         uint32_t h = page * 0x9E3779B1u;
         h ^= h >> 15;
         switch (h & 3) {
@@ -200,13 +203,13 @@ static __attribute__((noreturn)) void dirty_forever(uint32_t seed, uint32_t dela
         uint32_t r = xorshift32(&rng);
         uint32_t page;
         if ((r >> 24) == 0) {
-            page = xorshift32(&rng) % REGION_PAGES;
+            page = xorshift32(&rng) % region_pages;
             fill_random(region_page(page), &rng);
         } else {
             if ((r & 1) && hot) {
                 page = (r >> 1) % hot;
             } else {
-                page = xorshift32(&rng) % REGION_PAGES;
+                page = xorshift32(&rng) % region_pages;
             }
             uint32_t v = xorshift32(&rng);
             region_page(page)[v % PAGE_SIZE] = (uint8_t)(v >> 16);
@@ -226,11 +229,15 @@ void guest_main(uint32_t boot_magic, const uint32_t *info)
     uint32_t seed = option_number(cmdline, "seed", 12345);
     uint32_t delay = option_number(cmdline, "delay", 5000);
     uint32_t hot = option_number(cmdline, "hot", 256);
+    region_pages = option_number(cmdline, "pages", REGION_PAGES);
     if (seed == 0) {
         seed = 1; /* xorshift's only fixed point */
     }
-    if (hot > REGION_PAGES) {
-        hot = REGION_PAGES;
+    if (region_pages == 0 || region_pages > MAX_REGION_PAGES) {
+        region_pages = MAX_REGION_PAGES;
+    }
+    if (hot > region_pages) {
+        hot = region_pages;
     }
 
     fill_region(seed);
