@@ -10,10 +10,16 @@ stays bounded by `cache` on both sides.
 A re-sent page whose delta (QEMU's XBZRLE encoding) is smaller than the page goes on the wire
 as an XBZRLE record with encoding byte WIRE_ENCODING, never seen by QEMU: decode turns it back
 into the original page record. An unchanged page costs 11 bytes instead of 4 KiB.
+
+The cache and both transforms' loops over a batch of records run in C
+(migpipe.stream._xbzrle_cache) when it was built; PythonPageCache, the reference, gives the same
+results otherwise (CACHE_IMPLEMENTATION says which is in use; MIGPIPE_XBZRLE=python forces it).
 """
 
 import mmap
+import os
 from collections import OrderedDict
+from typing import Literal
 
 from migpipe.chain import PageFilter, RecordTransform
 from migpipe.errors import (
@@ -36,15 +42,19 @@ any power of two up to the guest's RAM, migpipe any whole number of bytes (the c
 size // 4096 pages), as its encoders have always written."""
 PAGE = fmt.DEFAULT_PAGE_SIZE  # the only page size the cache keeps, on both ends alike
 XBZRLE_HEADER = 3  # encoding byte + be16 length: a delta must beat the page by more than this
+DELTA_LIMIT = PAGE - XBZRLE_HEADER - 1  # the longest delta worth sending instead of the page
 
 
-class PageCache:
+class PythonPageCache:
     """The pages that crossed, LRU-bounded; encoder and decoder update it identically.
 
     The pages live in one anonymous mapping of `size` bytes (touched only as it fills), not as
     a bytes object each: long-lived 4 KiB objects scattered among the pipeline's short-lived
     megabyte buffers fragmented the heap until RSS exceeded the cache by 75 MiB on a 4 GiB
     stream. Only pages of PAGE bytes are kept; any other size is forgotten, on both ends alike.
+
+    This is the reference and the fallback: migpipe.stream._xbzrle_cache.PageCache has the
+    same methods, counters and results in C (PageCache is whichever is in use).
     """
 
     def __init__(self, size: int) -> None:
@@ -55,9 +65,15 @@ class PageCache:
         self._free: list[int] = []  # slots of forgotten pages
         self._unused = 0  # slots from here on were never filled
         self.evictions = 0
+        self.hits = self.misses = self.overflows = self.unchanged = 0  # encode()'s
+        self.deltas = 0  # decode()'s
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._slots
+
+    def keys(self) -> list[tuple[str, int]]:
+        """The keys held, least recently used first."""
+        return list(self._slots)
 
     def get(self, key: tuple[str, int]) -> bytes | None:
         """A copy of the page: its slot may be refilled before the caller is done with it."""
@@ -105,9 +121,9 @@ class PageCache:
             # Update, never insert: a guest's bulk pass is mostly zero pages, which would
             # otherwise fill the LRU and evict the pages worth a delta; QEMU's own deltas are
             # followed only for the pages we hold.
-            self.update(key, record)
+            self._update(key, record)
 
-    def update(self, key: tuple[str, int], record: Record) -> memoryview | None:
+    def _update(self, key: tuple[str, int], record: Record) -> memoryview | None:
         """Apply a zero or delta page record to the page held under `key`, in place; the page
         (a view of its slot, valid until the next change) or None when none is held."""
         slot = self._slots.get(key)
@@ -118,33 +134,28 @@ class PageCache:
         apply_page(record, page)
         return page
 
-
-class _Encoder(RecordTransform):
-    name = "xbzrle"
-
-    def __init__(self, cache_size: int) -> None:
-        self.cache = PageCache(cache_size)
-        self.hits = self.misses = self.overflows = self.unchanged = 0
-
-    def transform(self, records: list[Record]) -> list[Record]:
+    def encode(self, records: list[Record], encoding: int, limit: int) -> list[Record]:
+        """The encoder's transform: every record, in order, updating the cache; a NORMAL page
+        whose key is held becomes an XBZRLE record with `encoding` when its delta against the
+        held copy fits `limit` bytes."""
         out: list[Record] = []
         positions, olds, news = [], [], []
-        cache = self.cache
         for record in records:
             kind = type(record)
             if kind is NormalPage:
-                old = cache.get((record.block, record.offset))
+                # A page of another size has no delta: put() forgets its key.
+                old = self.get((record.block, record.offset)) if len(record.data) == PAGE else None
                 if old is None:
                     self.misses += 1
                 else:
                     positions.append(len(out))
                     olds.append(old)
                     news.append(record.data)
-            if kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
-                cache.observe(record)
+            if kind in _PAGE_KINDS:
+                self.observe(record)
             out.append(record)
         if positions:
-            deltas = encode_deltas(olds, news, PAGE - XBZRLE_HEADER - 1)
+            deltas = encode_deltas(olds, news, limit)
             for at, delta in zip(positions, deltas, strict=True):
                 if delta is None:
                     self.overflows += 1
@@ -152,16 +163,59 @@ class _Encoder(RecordTransform):
                 self.hits += 1
                 self.unchanged += not delta
                 page = out[at]
-                out[at] = XbzrlePage(page.block, page.offset, delta, page.named, WIRE_ENCODING)
+                out[at] = XbzrlePage(page.block, page.offset, delta, page.named, encoding)
         return out
 
+    def decode(self, records: list[Record], encoding: int) -> list[Record]:
+        """The decoder's transform: every record, in order, updating the cache as encode()
+        did; an XBZRLE record with `encoding` becomes the NORMAL page it was."""
+        out: list[Record] = []
+        for record in records:
+            kind = type(record)
+            if kind is XbzrlePage and record.encoding == encoding:
+                page = self._update((record.block, record.offset), record)
+                if page is None:
+                    raise CorruptError(
+                        f"xbzrle delta for page 0x{record.offset:x} of {record.block!r}, "
+                        "which is not in the cache: the two ends disagree",
+                    )
+                record = NormalPage(record.block, record.offset, bytes(page), record.named)
+                self.deltas += 1
+            elif kind in _PAGE_KINDS:
+                self.observe(record)
+            out.append(record)
+        return out
+
+
+_PAGE_KINDS = (NormalPage, ZeroPage, XbzrlePage, CompressedPage)
+
+try:
+    if os.environ.get("MIGPIPE_XBZRLE") == "python":
+        raise ImportError("MIGPIPE_XBZRLE=python")
+    from migpipe.stream._xbzrle_cache import PageCache
+except ImportError:
+    PageCache = PythonPageCache  # type: ignore[assignment,misc]
+
+CACHE_IMPLEMENTATION: Literal["c", "python"] = "python" if PageCache is PythonPageCache else "c"
+
+
+class _Encoder(RecordTransform):
+    name = "xbzrle"
+
+    def __init__(self, cache_size: int) -> None:
+        self.cache = PageCache(cache_size)
+
+    def transform(self, records: list[Record]) -> list[Record]:
+        return self.cache.encode(records, WIRE_ENCODING, DELTA_LIMIT)
+
     def counters(self) -> dict[str, int]:
+        cache = self.cache
         return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "overflows": self.overflows,
-            "unchanged": self.unchanged,
-            "evictions": self.cache.evictions,
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "overflows": cache.overflows,
+            "unchanged": cache.unchanged,
+            "evictions": cache.evictions,
         }
 
 
@@ -170,29 +224,12 @@ class _Decoder(RecordTransform):
 
     def __init__(self, cache_size: int) -> None:
         self.cache = PageCache(cache_size)
-        self.deltas = 0
 
     def transform(self, records: list[Record]) -> list[Record]:
-        out: list[Record] = []
-        cache = self.cache
-        for record in records:
-            kind = type(record)
-            if kind is XbzrlePage and record.encoding == WIRE_ENCODING:
-                page = cache.update((record.block, record.offset), record)
-                if page is None:
-                    raise CorruptError(
-                        f"xbzrle delta for page 0x{record.offset:x} of {record.block!r}, "
-                        "which is not in the cache: the two ends disagree",
-                    )
-                record = NormalPage(record.block, record.offset, bytes(page), record.named)
-                self.deltas += 1
-            elif kind in (NormalPage, ZeroPage, XbzrlePage, CompressedPage):
-                cache.observe(record)
-            out.append(record)
-        return out
+        return self.cache.decode(records, WIRE_ENCODING)
 
     def counters(self) -> dict[str, int]:
-        return {"deltas": self.deltas, "evictions": self.cache.evictions}
+        return {"deltas": self.cache.deltas, "evictions": self.cache.evictions}
 
 
 class Xbzrle(PageFilter):
