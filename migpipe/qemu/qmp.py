@@ -6,6 +6,10 @@ messages arriving at any time in between. QmpProtocol does that framing and matc
 I/O. Qmp runs it over a trio socket with one reader task, so one task can send a command
 (`migrate_cancel`) while another waits for events (MIGRATION), and it can attach a file
 descriptor to a command as SCM_RIGHTS (`getfd`), which is how libvirt hands QEMU its pipes.
+
+QEMU stamps each event with the wall clock; Qmp keeps when the latest event of each name
+happened on this host's monotonic clock (`happened`), for the guest's real pause: the wall
+clock may step during a migration, an event's age when it arrives is a few milliseconds.
 """
 
 import array
@@ -14,6 +18,7 @@ import itertools
 import json
 import math
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,6 +79,17 @@ def _message(line: bytes) -> dict[str, Any]:
     return message
 
 
+def event_time(event: dict[str, Any]) -> float:
+    """When `event`, arriving now, happened on this host's monotonic clock: now less its age on
+    the wall clock QEMU stamped it with (no age if it has no stamp, or one from the future)."""
+    stamp = event.get("timestamp", {})
+    try:
+        wall = float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+    except (KeyError, TypeError, ValueError):
+        wall = time.time()
+    return time.monotonic() - max(0.0, time.time() - wall)
+
+
 class _Reply:
     def __init__(self) -> None:
         self.arrived = trio.Event()
@@ -92,6 +108,7 @@ class Qmp:
         self._events_in, self._events = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._greeted = trio.Event()
         self._closed: MigpipeError | None = None
+        self._happened: dict[str, float] = {}
         self.greeting: dict[str, Any] = {}
 
     async def execute(self, command: str, **arguments: Any) -> Any:
@@ -108,6 +125,11 @@ class Qmp:
             if event.get("event") == name:
                 return event
         raise self._lost()
+
+    def happened(self, name: str) -> float | None:
+        """When the latest event called `name` happened (time.monotonic), None if none came
+        on this connection. Kept as events arrive, whether or not next_event takes them."""
+        return self._happened.get(name)
 
     async def _call(self, command: str, arguments: dict[str, Any], fd: int | None) -> Any:
         if self._closed is not None:
@@ -159,6 +181,7 @@ class Qmp:
 
     def _deliver(self, message: dict[str, Any]) -> None:
         if "event" in message:
+            self._happened[str(message["event"])] = event_time(message)
             self._events_in.send_nowait(message)
         elif "QMP" in message:
             self.greeting = message
