@@ -104,9 +104,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     outcome = run_trio(
         migrate, args.qmp, link, chain, progress(args, "migrate"), not args.no_confirmation
     )
-    answer = outcome.confirmation
+    answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
-    report(args, outcome.totals, qemu=outcome.qemu, destination=destination)
+    real_pause = None if pause is None else pause.figures(outcome.qemu.get("downtime"))
+    report(args, outcome.totals, qemu=outcome.qemu, destination=destination, real_pause=real_pause)
     print(summary("migrate", outcome), file=sys.stderr)
     return 0
 
@@ -140,6 +141,10 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     outcome = run_trio(
         incoming, args.qmp, wire_and_answer, secrets_of(args), progress(args, "incoming")
     )
-    report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
+    landing = outcome.landing
+    real_pause = None if landing is None else landing.figures()
+    report(
+        args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate, real_pause=real_pause
+    )
     print(summary("incoming", outcome), file=sys.stderr)
     return 0

@@ -28,11 +28,13 @@ import os
 import select
 import socket
 import stat
+import struct
 import subprocess
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,7 +46,7 @@ from migpipe.errors import (
     PeerGoneError,
     UnconfirmedError,
 )
-from migpipe.io.channel import Sink, Source, as_sink, as_source
+from migpipe.io.channel import FdChannel, Sink, Source, as_sink, as_source
 from migpipe.io.direct import Direct
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
@@ -68,6 +70,12 @@ CONFIRMATION_TIMEOUT = 300.0  # from the wire's end: what is still in buffers, t
 DRAIN_TIMEOUT = 30.0  # for a source to stop sending once a failed destination answered
 ACK_TIMEOUT = 10.0  # from the start, for the destination to say it opened the stream
 BREAK_ANSWER_TIMEOUT = 2.0  # for a destination's last words after the wire broke
+SWITCHOVER_BANDWIDTH = "avail-switchover-bandwidth"  # QEMU 8.2+
+RATE_WINDOW = 1.0  # seconds QEMU's byte count is averaged over for it
+RATE_UPDATE = 0.25  # seconds between two looks at that count
+TCP_INFO_SIZE = 256  # struct tcp_info, enough of it
+MIN_RTT_OFFSET = 148  # its tcpi_min_rtt, in microseconds
+NO_RTT = 0xFFFFFFFF  # tcpi_min_rtt before the first measurement
 UNTHROTTLED = 1 << 40  # max-bandwidth (bytes/s) for a stopped guest's save: no disk is as fast
 ENDED = {"cancelled": "the migration was cancelled in QEMU", "exited": "the source QEMU exited"}
 LOAD_ENDED = {
@@ -79,22 +87,68 @@ LOAD_ENDED = {
 
 
 @dataclass(frozen=True)
+class Landing:
+    """The destination's part of the guest's pause, which its "completed" verdict carries (as
+    "pause"): seconds from the wire's end, when decode read it, to the load's end (QEMU's
+    MIGRATION completed, or its RESUME when the guest runs there: `end`), and from then to the
+    verdict leaving, so that the source can take the destination's time out of its round trip."""
+
+    loaded: float
+    answered: float
+    end: str = "completed"  # or "resumed"
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "loaded_ms": round(self.loaded * 1e3, 3),
+            "answered_ms": round(self.answered * 1e3, 3),
+            "end": self.end,
+        }
+
+    def figures(self) -> dict[str, Any]:
+        """For incoming's --stats-json, in milliseconds."""
+        return {"destination_ms": _ms(self.loaded), "end": self.end}
+
+    @classmethod
+    def of(cls, message: object) -> "Landing | None":
+        """From a verdict's "pause"; None when it has none (an older migpipe incoming) or one
+        that is not this shape: the verdict itself stands either way."""
+        if not isinstance(message, dict) or message.get("end") not in ("completed", "resumed"):
+            return None
+        figures = [message.get(name) for name in ("loaded_ms", "answered_ms")]
+        if not all(_duration(figure) for figure in figures):
+            return None
+        loaded, answered = (float(figure) / 1e3 for figure in figures)
+        return cls(loaded, answered, message["end"])
+
+
+def _duration(value: object) -> bool:
+    """Whether a peer's figure is a number of milliseconds: finite, not negative, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9
+
+
+@dataclass(frozen=True)
 class Confirmation:
     """One of the destination's lines back to the source: "opened" once it has read (and, with
-    encrypt, authenticated) the wire's header, then "completed" or "failed" (with why) for the
-    load. "lost" stands for an answer that did not come, or cannot be trusted; None only where
-    no peer can answer (a file).
+    encrypt, authenticated) the wire's header, then "completed" (with its Landing) or "failed"
+    (with why) for the load. "lost" stands for an answer that did not come, or cannot be
+    trusted; None only where no peer can answer (a file).
 
     With encrypt each line is sealed under the stream's key (Filter.seal_reply, numbered in
-    order), so only the destination that opened this stream can give it: `sealed` says so."""
+    order), so only the destination that opened this stream can give it: `sealed` says so.
+    `received` is when the source read it (time.monotonic), not part of the line."""
 
     status: str | None = None
     error: str = ""
     sealed: bool = False
+    landing: Landing | None = None
+    received: float = field(default=0.0, compare=False)
 
     def line(self, sealer: filters.Filter | None = None, index: int = 0) -> bytes:
         """The line as sent: JSON, or with a sealer JSON naming the sealed JSON."""
-        plain = json.dumps({"status": self.status, "error": self.error}).encode()
+        message: dict[str, Any] = {"status": self.status, "error": self.error}
+        if self.landing is not None:
+            message["pause"] = self.landing.message()
+        plain = json.dumps(message).encode()
         if sealer is None:
             return plain + b"\n"
         sealed = base64.b64encode(sealer.seal_reply(plain, index)).decode()
@@ -112,7 +166,8 @@ class Confirmation:
                 plain = sealer.open_reply(base64.b64decode(message["sealed"], validate=True), index)
                 message = json.loads(plain)
             if message["status"] in ("opened", "completed", "failed"):
-                return cls(message["status"], str(message.get("error", "")), sealed)
+                landing = Landing.of(message.get("pause"))
+                return cls(message["status"], str(message.get("error", "")), sealed, landing)
         except (ValueError, KeyError, TypeError, RecursionError):
             pass
         except MigpipeError as e:
@@ -131,6 +186,7 @@ class Replies:
         self._lines = LineSplitter(CONFIRMATION_LIMIT)
         self._ended = False
         self._index = 0
+        self._read_at = 0.0  # when the last chunk came: a line's arrival
 
     def next(self, sealer: filters.Filter | None, timeout: float | None) -> Confirmation | None:
         """The next line, "lost" at the end or on an error, None if none came in `timeout`
@@ -160,10 +216,11 @@ class Replies:
                 return Confirmation(
                     "lost", f"the link broke before the destination answered ({why})"
                 )
+            self._read_at = time.monotonic()
             self._lines.feed(chunk or b"\n")  # at the end, a last line without its newline
             self._ended = not chunk
         self._index += 1
-        return Confirmation.parse(line, sealer, self._index - 1)
+        return replace(Confirmation.parse(line, sealer, self._index - 1), received=self._read_at)
 
     def verdict(self, sealer: filters.Filter | None) -> Confirmation:
         """The load's outcome: the next line that is not "opened" (blocking)."""
@@ -184,9 +241,14 @@ class Link(Protocol):
 
     wire: int | Sink
     replies: Replies | None  # None: no peer can answer (a file, a pipe)
+    ended: float  # when confirm() ended the wire (time.monotonic)
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         """End the wire and wait for the destination's verdict (blocking)."""
+        ...
+
+    def one_way(self) -> float | None:
+        """The link's one-way time in seconds, where it can be measured on the wire."""
         ...
 
 
@@ -195,6 +257,7 @@ class FdLink:
     """A file, pipe or socket by descriptor (not owned). Only a socket can answer."""
 
     wire: int
+    ended: float = 0.0
 
     def __post_init__(self) -> None:
         socket_ = stat.S_ISSOCK(os.fstat(self.wire).st_mode)
@@ -202,13 +265,21 @@ class FdLink:
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         if self.replies is None:
+            self.ended = time.monotonic()
             return Confirmation()
         with socket.socket(fileno=os.dup(self.wire)) as sock:
             try:
                 sock.shutdown(socket.SHUT_WR)  # decode on the other side sees the wire's end
             except OSError as e:
                 return Confirmation("lost", f"the link broke at its end ({e.strerror})")
+        self.ended = time.monotonic()
         return self.replies.verdict(sealer)
+
+    def one_way(self) -> float | None:
+        if self.replies is None:
+            return None
+        with socket.socket(fileno=os.dup(self.wire)) as sock:
+            return tcp_one_way(sock)
 
 
 @dataclass
@@ -216,6 +287,7 @@ class ChannelLink:
     """A TLS connection (migpipe.io.tls.TlsChannel): the answer comes back over TLS too."""
 
     wire: "TlsChannel"
+    ended: float = 0.0
 
     def __post_init__(self) -> None:
         tls = self.wire
@@ -227,12 +299,17 @@ class ChannelLink:
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         self.wire.finish()  # the Sink's end (close_notify, our side shut): decode sees it
+        self.ended = time.monotonic()
         return self.replies.verdict(sealer)
+
+    def one_way(self) -> float | None:
+        return tcp_one_way(self.wire.socket)
 
 
 class CommandLink:
     """A command (`ssh dst migpipe incoming ...`) that takes the wire on stdin and answers on
-    stdout; its exit status stands in for an answer it did not give."""
+    stdout; its exit status stands in for an answer it did not give. What lies beyond the
+    command (ssh's connection) is not migpipe's to measure: it has no one-way time."""
 
     def __init__(self, argv: Sequence[str]) -> None:
         try:
@@ -242,15 +319,20 @@ class CommandLink:
         self._name = argv[0]
         self.wire = self._process.stdin.fileno()
         self.replies = _fd_replies(self._process.stdout.fileno())
+        self.ended = 0.0
         enlarge_pipe(self.wire)
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         self._process.stdin.close()
+        self.ended = time.monotonic()
         answer = self.replies.verdict(sealer)
         status = self._process.wait()
         if answer.status == "lost" and status != 0:
             return Confirmation("lost", f"{self._name} exited with status {status}")
         return answer
+
+    def one_way(self) -> None:
+        return None
 
     def close(self) -> None:
         """Stop feeding the command and reap it (after a failure it sees a cut wire)."""
@@ -263,6 +345,20 @@ class CommandLink:
             self._process.wait()
 
 
+def tcp_one_way(sock: socket.socket) -> float | None:
+    """Half the smallest round trip the kernel measured on a TCP connection (tcpi_min_rtt, Linux
+    4.6+: propagation and the network stacks, without the queues), in seconds; None for any
+    other socket (UNIX), an older kernel, or before a round trip was measured."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    except OSError:
+        return None
+    if len(info) < MIN_RTT_OFFSET + 4:
+        return None
+    (microseconds,) = struct.unpack_from("=I", info, MIN_RTT_OFFSET)
+    return None if microseconds == NO_RTT else microseconds / 2e6
+
+
 @contextlib.contextmanager
 def command_link(argv: Sequence[str]) -> Iterator[CommandLink]:
     link = CommandLink(argv)
@@ -270,6 +366,72 @@ def command_link(argv: Sequence[str]) -> Iterator[CommandLink]:
         yield link
     finally:
         link.close()
+
+
+# -- the guest's real pause ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The guest's real pause, as the source works it out: from its QEMU's STOP to the
+    destination's load end, on two clocks that are never compared. Each side times its own part
+    on its own monotonic clock; the link's part is what is left of the round trip at the end:
+    the verdict arrived `round_trip` after the wire's end, the destination held it for
+    landing.loaded + landing.answered of that, and its way back took the link's one-way time.
+    So whatever the link and the buffers on both ends still held when the wire ended counts,
+    which the one-way time alone would miss."""
+
+    source: float  # STOP to the wire's end (migrate ended its writing direction)
+    landing: Landing | None  # the destination's part; None when it reported none
+    round_trip: float  # the wire's end to the verdict's arrival
+    one_way: float | None  # None: not measured (not a TCP connection), counted as 0
+
+    @property
+    def link(self) -> float | None:
+        """The wire's end to decode reading it: the one-way time and all still in flight."""
+        if self.landing is None:
+            return None
+        held = self.landing.loaded + self.landing.answered
+        return max(0.0, self.round_trip - held - (self.one_way or 0.0))
+
+    @property
+    def total(self) -> float | None:
+        link = self.link
+        if link is None or self.landing is None:
+            return None
+        return self.source + link + self.landing.loaded
+
+    def figures(self, qemu_downtime_ms: object) -> dict[str, Any]:
+        """For --stats-json, in milliseconds: None where the destination reported nothing."""
+        landing = self.landing
+        return {
+            "ms": _ms(self.total),
+            "qemu_downtime_ms": qemu_downtime_ms,
+            "source_ms": _ms(self.source),
+            "link_ms": _ms(self.link),
+            "destination_ms": _ms(landing.loaded if landing else None),
+            "one_way_ms": _ms(self.one_way),
+            "end": landing.end if landing else None,
+        }
+
+    def describe(self) -> str:
+        """The summary's line on the parts."""
+        source = f"source {self.source * 1e3:,.1f} ms (STOP to the wire's end)"
+        if self.landing is None:
+            return (
+                f"real pause: {source}; no figures from the destination "
+                "(not migpipe incoming, or an older one)"
+            )
+        one_way = "not measured" if self.one_way is None else f"{self.one_way * 1e3:,.2f} ms"
+        return (
+            f"real pause: {source}, link {self.link * 1e3:,.1f} ms (the wire's end to decode, "
+            f"one-way time {one_way}), destination {self.landing.loaded * 1e3:,.1f} ms "
+            f"(the wire's end to the load {self.landing.end})"
+        )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
 
 
 @dataclass
@@ -280,6 +442,8 @@ class Outcome:
     qemu: dict[str, Any] = field(default_factory=dict)  # the source's final query-migrate
     confirmation: Confirmation | None = None  # the destination's answer (source side)
     runstate: str = ""  # the VM's run state at the end (destination side)
+    pause: Pause | None = None  # the guest's real pause (source side; None: it was not running)
+    landing: Landing | None = None  # this destination's part of it (destination side)
 
 
 # -- one side of a migration, through a pipe ----------------------------------------------------
@@ -318,12 +482,18 @@ class Finish:
     carried_first: bool
 
 
-async def _through_pipe(monitor: qmp.Qmp, command: str, carry: Carry) -> Finish:
+async def _through_pipe(
+    monitor: qmp.Qmp,
+    command: str,
+    carry: Carry,
+    beside: Callable[[qmp.Qmp], Awaitable[None]] | None = None,
+) -> Finish:
     """Hand QEMU one end of a pipe for `command` ("migrate": the write end; "migrate-incoming":
     the read end) and run `carry` on ours while following QEMU's MIGRATION events to a final
     status. Our end is closed as soon as carry stops, so QEMU never waits on it: a writing QEMU
     gets EPIPE (after `migrate_cancel`, so it ends "cancelled"), a reading one the stream's end,
-    without its EOF item if carry failed, so it fails the load."""
+    without its EOF item if carry failed, so it fails the load. `beside` runs meanwhile, until
+    it returns (it must not raise) or the migration ended."""
     read_end, write_end = os.pipe()
     source = command == "migrate"
     ours, qemu_end = (read_end, write_end) if source else (write_end, read_end)
@@ -361,8 +531,18 @@ async def _through_pipe(monitor: qmp.Qmp, command: str, carry: Carry) -> Finish:
         order.append("qemu")
 
     async with trio.open_nursery() as nursery:
+        if beside is not None:
+            aside = trio.CancelScope()
+
+            async def run_beside() -> None:
+                with aside:
+                    await beside(monitor)
+
+            nursery.start_soon(run_beside)
         nursery.start_soon(run_carry)
-        nursery.start_soon(watch)
+        await watch()
+        if beside is not None:
+            aside.cancel()
     assert carried is not None
     return Finish(carried, ending.status, order[0] == "carry")
 
@@ -431,6 +611,7 @@ async def migrate(
                     monitor,
                     "migrate",
                     lambda fd, _: encode(fd, link.wire, chain, progress, gate.before_frame),
+                    tell_switchover_rate,
                 )
                 if isinstance(finish.carried, MigpipeError) and finish.carried_first:
                     # the wire broke first: a destination that failed said why on its way out
@@ -448,7 +629,61 @@ async def migrate(
                     "destination's state is unknown; check the destination, then `cont` or "
                     "`quit` the source",
                 )
-            return Outcome(totals, await monitor.execute("query-migrate"), answer)
+            stop = monitor.happened("STOP") if was_running else None
+            pause = None
+            if stop is not None:
+                round_trip = answer.received - link.ended
+                pause = Pause(link.ended - stop, answer.landing, round_trip, link.one_way())
+            return Outcome(totals, await monitor.execute("query-migrate"), answer, pause=pause)
+
+
+def _tunnel_rate(samples: deque[tuple[float, int]], ram: dict[str, Any]) -> int:
+    """QEMU bytes per second over the last RATE_WINDOW, at most QEMU's own last estimate (its
+    query-migrate `ram`, added to `samples`); 0 until a whole window was seen."""
+    now = time.monotonic()
+    transferred = ram.get("transferred", 0)
+    samples.append((now, transferred))
+    while len(samples) > 1 and samples[1][0] <= now - RATE_WINDOW:
+        samples.popleft()
+    since, sent = samples[0]
+    if now - since < RATE_WINDOW:
+        return 0
+    averaged = (transferred - sent) / (now - since)
+    return int(min(averaged, ram.get("mbps", 0) * 1e6 / 8))
+
+
+async def tell_switchover_rate(monitor: qmp.Qmp) -> None:
+    """While a live migration runs, tell QEMU the rate the tunnel takes its bytes at, as its
+    avail-switchover-bandwidth (QEMU 8.2+), which QEMU then uses instead of its own estimate to
+    decide when the rest fits its downtime limit; 0 (QEMU's own estimate) again at the end.
+
+    QEMU's estimate is its bytes into the pipe over its last 100 ms: after a pass, when the
+    buffers behind the pipe have drained, that is the speed of the buffers, not the link's, and
+    a rate too high is a switch-over with more left than the link carries within the limit.
+    Averaged over RATE_WINDOW the same count is the tunnel's rate (its buffers hold far less
+    than a second of it), and migpipe never tells more than QEMU's own last estimate, so it
+    only ever makes QEMU's decision more cautious. Nothing is told where QEMU lacks the
+    parameter or the user set it (not 0); if migpipe is killed, its last figure stays set
+    (see migpipe(1))."""
+    parameters = await monitor.execute("query-migrate-parameters")
+    if parameters.get(SWITCHOVER_BANDWIDTH) != 0:
+        return
+    told = 0
+    samples: deque[tuple[float, int]] = deque()  # (when, QEMU's transferred bytes)
+    try:
+        while True:
+            ram = (await monitor.execute("query-migrate")).get("ram")
+            rate = 0 if ram is None else _tunnel_rate(samples, ram)
+            if rate > 0 and rate != told:
+                await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: rate})
+                told = rate
+            await trio.sleep(RATE_UPDATE)
+    except MigpipeError:
+        pass  # QEMU went away or refused: the migration's own outcome says what happened
+    finally:
+        if told:
+            with trio.CancelScope(shield=True), contextlib.suppress(MigpipeError):
+                await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: 0})
 
 
 def _trusted(answer: Confirmation, sealer: filters.Filter | None, confirmed: bool) -> Confirmation:
@@ -655,9 +890,10 @@ async def incoming(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
             source = Answerer(answer)
+            timed = timed_end(wire)
 
             def carry(fd: int, _: Ending) -> Awaitable[Totals]:
-                return decode(wire, fd, progress, secrets, source.opened)
+                return decode(timed, fd, progress, secrets, source.opened)
 
             try:
                 finish = await _through_pipe(monitor, "migrate-incoming", carry)
@@ -667,8 +903,50 @@ async def incoming(
                 if answer is wire:  # let the answer leave before the connection closes
                     await _drain(wire)
                 raise
-            source.tell(Confirmation("completed"))
+            resumed = outcome.runstate == "running" and monitor.happened("RESUME") is not None
+            ended = monitor.happened("RESUME" if resumed else "MIGRATION")
+            assert ended is not None  # the completed event _through_pipe waited for
+            outcome.landing = Landing(
+                ended - timed.ended, time.monotonic() - ended, "resumed" if resumed else "completed"
+            )
+            source.tell(Confirmation("completed", landing=outcome.landing))
         return outcome
+
+
+class TimedFd(FdChannel):
+    """The wire as a descriptor, noting when decode read its end (an FdChannel still, so that
+    the pipeline treats it as any other descriptor)."""
+
+    ended = 0.0
+
+    def read(self) -> bytes:
+        data = super().read()
+        if not data:
+            self.ended = time.monotonic()
+        return data
+
+
+class TimedSource:
+    """Any other wire (TLS), noting when decode read its end."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self.ended = 0.0
+
+    def read(self) -> bytes | bytearray:
+        data = self._source.read()
+        if not data:
+            self.ended = time.monotonic()
+        return data
+
+    def interrupt(self) -> None:
+        self._source.interrupt()
+
+
+def timed_end(wire: int | Source) -> TimedFd | TimedSource:
+    """The wire, noting when decode read its end: where the destination's part of the pause
+    starts."""
+    return TimedFd(wire) if isinstance(wire, int) else TimedSource(wire)
 
 
 async def restore(
@@ -771,11 +1049,26 @@ def summary(command: str, outcome: Outcome) -> str:
         f"(ratio {ratio:.2f})" + (f"; pages: {pages}" if pages else "")
     )
     if command in ("incoming", "restore"):
-        return f"migpipe {command}: completed, the VM is {outcome.runstate}\n  {ours}"
+        lines = [f"migpipe {command}: completed, the VM is {outcome.runstate}"]
+        if outcome.landing is not None:
+            landing = outcome.landing
+            lines.append(
+                f"  real pause: destination {landing.loaded * 1e3:,.1f} ms (the wire's end to "
+                f"the load {landing.end}; migrate reports the whole pause)"
+            )
+        return "\n".join([*lines, f"  {ours}"])
     q, ram = outcome.qemu, outcome.qemu.get("ram", {})
+    pause = outcome.pause
+    total = None if pause is None else pause.total
+    if pause is None:
+        real = ""
+    elif total is None:
+        real = f", real pause at least {pause.source * 1e3:,.1f} ms"
+    else:
+        real = f", real pause {total * 1e3:,.1f} ms"
     lines = [
         f"migpipe {command}: {q.get('status')} in {q.get('total-time', 0):,} ms, downtime "
-        f"{q.get('downtime', 0):,} ms, setup {q.get('setup-time', 0):,} ms",
+        f"{q.get('downtime', 0):,} ms{real}, setup {q.get('setup-time', 0):,} ms",
         f"  QEMU: transferred {ram.get('transferred', 0):,} bytes, normal {ram.get('normal', 0):,}"
         f" pages, duplicate {ram.get('duplicate', 0):,}, dirty-sync-count "
         f"{ram.get('dirty-sync-count', 0)}, {ram.get('mbps', 0):,.0f} mbps",
@@ -786,6 +1079,8 @@ def summary(command: str, outcome: Outcome) -> str:
             f"  QEMU xbzrle: {x.get('pages', 0):,} pages, {x.get('bytes', 0):,} bytes, "
             f"cache-miss {x.get('cache-miss', 0):,}, overflow {x.get('overflow', 0):,}"
         )
+    if pause is not None:
+        lines.append("  " + pause.describe())
     lines.append("  " + ours)
     if command == "save":
         lines.append(f"  the VM is {outcome.runstate}")
