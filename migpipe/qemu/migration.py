@@ -637,10 +637,9 @@ async def migrate(
             return Outcome(totals, await monitor.execute("query-migrate"), answer, pause=pause)
 
 
-def _tunnel_rate(samples: deque[tuple[float, int]], ram: dict[str, Any]) -> int:
+def tunnel_rate(samples: deque[tuple[float, int]], ram: dict[str, Any], now: float) -> int:
     """QEMU bytes per second over the last RATE_WINDOW, at most QEMU's own last estimate (its
-    query-migrate `ram`, added to `samples`); 0 until a whole window was seen."""
-    now = time.monotonic()
+    query-migrate `ram` at `now`, added to `samples`); 0 until a whole window was seen."""
     transferred = ram.get("transferred", 0)
     samples.append((now, transferred))
     while len(samples) > 1 and samples[1][0] <= now - RATE_WINDOW:
@@ -673,7 +672,7 @@ async def tell_switchover_rate(monitor: qmp.Qmp) -> None:
     try:
         while True:
             ram = (await monitor.execute("query-migrate")).get("ram")
-            rate = 0 if ram is None else _tunnel_rate(samples, ram)
+            rate = 0 if ram is None else tunnel_rate(samples, ram, time.monotonic())
             if rate > 0 and rate != told:
                 await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: rate})
                 told = rate
