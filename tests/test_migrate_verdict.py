@@ -1,6 +1,7 @@
 """migrate's protocol with incoming, without I/O: the verdict line and the figures it carries for
 the guest's real pause (Landing), how the source puts the pause together from both sides'
-parts (Pause), and the rate it tells QEMU as avail-switchover-bandwidth.
+parts (Pause), and the rate it tells QEMU as avail-switchover-bandwidth (against a monitor
+that answers as QEMU would, on trio's virtual clock).
 
 Compatibility both ways: a verdict from an older migpipe incoming has no "pause", and the
 source then reports its own part alone; an older source reads only "status" and "error", which
@@ -13,16 +14,22 @@ import base64
 import json
 import math
 from collections import deque
+from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from migpipe_filters.encrypt import Encrypt
 
 from migpipe.qemu.migration import (
+    RATE_UPDATE,
     RATE_WINDOW,
+    SWITCHOVER_BANDWIDTH,
     Confirmation,
     Landing,
     Pause,
     Replies,
+    tell_switchover_rate,
     tunnel_rate,
 )
 
@@ -150,3 +157,52 @@ def test_the_rate_told_is_a_seconds_average_and_never_above_qemus_own() -> None:
     assert rate == 50_000_000 and samples[0] == (10.5, 20_000_000)
     # QEMU's own estimate, lower, caps it: migpipe only ever makes QEMU more cautious.
     assert tunnel_rate(samples, {"transferred": 90_000_000, "mbps": 80.0}, 12.0) == 10_000_000
+
+
+class Monitor:
+    """QEMU's side of tell_switchover_rate: `parameters` as query-migrate-parameters gives them,
+    and a migration that has sent 10 MB more at each look (one every RATE_UPDATE) while QEMU's
+    own estimate says 100 MB/s."""
+
+    def __init__(self, parameters: dict[str, int]) -> None:
+        self.parameters = parameters
+        self.told: list[int] = []
+        self._sent = 0
+
+    async def execute(self, command: str, **arguments: Any) -> Any:
+        if command == "query-migrate-parameters":
+            return dict(self.parameters)
+        if command == "query-migrate":
+            self._sent += 10_000_000
+            return {"status": "active", "ram": {"transferred": self._sent, "mbps": 800.0}}
+        assert command == "migrate-set-parameters", command
+        self.parameters.update(arguments)
+        self.told.append(arguments[SWITCHOVER_BANDWIDTH])
+        return {}
+
+
+def follow(monitor: Monitor, seconds: float) -> None:
+    """tell_switchover_rate for `seconds` of a migration, then cancelled (the migration ended)."""
+
+    async def migration() -> None:
+        with trio.move_on_after(seconds):
+            await tell_switchover_rate(monitor)
+
+    trio.run(migration, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_migrate_tells_qemu_the_tunnels_rate_and_sets_0_again_at_the_end() -> None:
+    qemu = Monitor({SWITCHOVER_BANDWIDTH: 0})
+    follow(qemu, 3 * RATE_WINDOW)
+    rate, restored = qemu.told  # once a whole window was seen; the same rate since
+    assert rate == pytest.approx(10_000_000 / RATE_UPDATE, rel=1e-6) and rate < 100_000_000
+    assert restored == 0 == qemu.parameters[SWITCHOVER_BANDWIDTH]
+
+
+@pytest.mark.parametrize("parameters", [{}, {SWITCHOVER_BANDWIDTH: 25_000_000}], ids=["7.2", "set"])
+def test_migrate_leaves_qemu_alone_without_the_parameter_or_with_the_users_figure(
+    parameters: dict[str, int],
+) -> None:
+    qemu = Monitor(dict(parameters))
+    follow(qemu, 3 * RATE_WINDOW)
+    assert qemu.told == [] and qemu.parameters == parameters

@@ -672,7 +672,7 @@ async def tell_switchover_rate(monitor: qmp.Qmp) -> None:
     try:
         while True:
             ram = (await monitor.execute("query-migrate")).get("ram")
-            rate = 0 if ram is None else tunnel_rate(samples, ram, time.monotonic())
+            rate = 0 if ram is None else tunnel_rate(samples, ram, trio.current_time())
             if rate > 0 and rate != told:
                 await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: rate})
                 told = rate
