@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from migpipe.qemu.qmp import QmpProtocol
 
 TIMEOUT = qemuvm.MIGRATION_TIMEOUT  # failsafes only: every wait below ends on an event
 FINAL = ("completed", "failed", "cancelled")
+SWITCHOVER = "avail-switchover-bandwidth"  # QEMU 8.2+
 
 
 class Migpipe:
@@ -79,10 +81,12 @@ def running(*commands: Migpipe) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def destination(workdir: Path, qmp_socket: Path, name: str) -> Iterator[qemuvm.Vm]:
+def destination(
+    workdir: Path, qmp_socket: Path, name: str, qemu: qemuvm.QemuBuild = qemuvm.QEMU_7_2
+) -> Iterator[qemuvm.Vm]:
     """A paused destination waiting with `-incoming defer`, for migpipe to start the load."""
     args = ["-S", "-incoming", "defer", *qemuvm.qmp_socket_args(qmp_socket)]
-    with qemuvm.Vm(workdir, name, args) as vm:
+    with qemuvm.Vm(workdir, name, args, qemu=qemu) as vm:
         yield vm
 
 
@@ -117,10 +121,10 @@ def recording_relay(upstream: str, record: Path) -> Iterator[str]:
     assert not thread.is_alive()
 
 
-def pace(src: qemuvm.Vm, pacing: qemuvm.Pacing) -> str:
+def pace(src: qemuvm.Vm, pacing: qemuvm.Pacing, ready: Callable[[], bool] | None = None) -> str:
     """Follow on the harness's monitor a migration that migpipe drives, doing the pacing's part
-    (raise the downtime limit at its switch-over pass, as run_migration does); QEMU's final
-    status."""
+    (raise the downtime limit at its switch-over pass, as run_migration does, or at a later
+    pass once `ready()` says so); QEMU's final status."""
     deadline = time.monotonic() + TIMEOUT
     switched = False
     while True:
@@ -128,7 +132,8 @@ def pace(src: qemuvm.Vm, pacing: qemuvm.Pacing) -> str:
             ("MIGRATION", "MIGRATION_PASS"), timeout=deadline - time.monotonic()
         )
         if event["event"] == "MIGRATION_PASS":
-            if not switched and event["data"]["pass"] >= (pacing.switchover_pass or 0):
+            due = event["data"]["pass"] >= (pacing.switchover_pass or 0)
+            if not switched and due and (ready is None or ready()):
                 src.qmp.execute(
                     "migrate-set-parameters", **{"downtime-limit": pacing.final_downtime_ms}
                 )
@@ -146,10 +151,12 @@ def sent_stream(wire: Path, workdir: Path) -> oracle.Replay:
     return oracle.replay(stream)
 
 
-def driven_source(guest_elf: Path, workdir: Path) -> AbstractContextManager[qemuvm.Vm]:
+def driven_source(
+    guest_elf: Path, workdir: Path, qemu: qemuvm.QemuBuild = qemuvm.QEMU_7_2
+) -> AbstractContextManager[qemuvm.Vm]:
     """A source VM whose guest dirties memory, with a QMP socket for migpipe at WORKDIR/src.qmp."""
     qmp = qemuvm.qmp_socket_args(workdir / "src.qmp")
-    return qemuvm.source_vm(guest_elf, "dirty", workdir, args=qmp)
+    return qemuvm.source_vm(guest_elf, "dirty", workdir, args=qmp, qemu=qemu)
 
 
 def start_migrate(workdir: Path, *args: str | Path) -> Migpipe:
@@ -194,6 +201,113 @@ def test_migrate_to_incoming_over_tcp(guest_elf: Path, tmp_path: Path) -> None:
     assert sent["destination"] == {"status": "completed", "error": "", "sealed": False}
     assert received["runstate"] == "paused"
     assert "downtime" in err and "destination: completed" in err and "ratio" in err
+
+
+#: How far migpipe's real pause may lie from the one the harness takes from both VMs' events on
+#: this host. Both read the same clock (QMP stamps: the wall clock; migpipe ages each stamp on
+#: arrival to its monotonic clock), so what is left is what migpipe counts that the events do
+#: not: the scheduler's delay in waking the source's reader of the verdict and in sending it
+#: after the destination timed it, and the answer's way back where it is not measured (a
+#: command: a pipe's wake-up) or measured shorter (TCP's smallest round trip, halved). Here
+#: 0.05-0.3 ms over TCP and a command, 7.2 and 10.0; a loaded 2-CPU runner wakes a thread
+#: within a few milliseconds. Only the measured one-way time can make migpipe's figure short,
+#: by microseconds on loopback.
+PAUSE_LATE_MS = 5.0
+PAUSE_EARLY_MS = 0.5
+
+
+def real_pause_ms(src: qemuvm.Vm, dest: qemuvm.Vm) -> float:
+    """The harness's own figure: the source's STOP to the destination's load completed, from
+    the QMP events both VMs sent its monitors (both share this host's clock)."""
+    loaded = qemuvm.wait_incoming(dest)
+    stop = src.qmp.wait_event("STOP")  # queued while the migration ran
+    return (qemuvm.event_time(loaded) - qemuvm.event_time(stop)) * 1e3
+
+
+@pytest.mark.parametrize("link", ["tcp", "command"])
+def test_the_real_pause_is_what_both_vms_events_say(
+    qemu_build: qemuvm.QemuBuild, guest_elf: Path, tmp_path: Path, link: str
+) -> None:
+    """migrate puts the guest's real pause together from its own part (STOP to the wire's end),
+    the destination's (the wire's end to its load's end, in the verdict) and the link's (the
+    round trip at the end less both): on one host it must be what the VMs' events say, at
+    least QEMU's own downtime, which ends when the last byte is in migpipe's pipe. Over TCP
+    the answer's way back is TCP's one-way time; through a command it cannot be measured."""
+    dst_qmp = tmp_path / "dst.qmp"
+    out_stats, in_stats = tmp_path / "migrate.json", tmp_path / "incoming.json"
+    incoming = ["incoming", "--qmp", dst_qmp, "--stats-json", in_stats]
+    with (
+        destination(tmp_path, dst_qmp, "dest", qemu_build) as dest,
+        driven_source(guest_elf, tmp_path, qemu_build) as src,
+    ):
+        filters = ("--filters", "xbzrle,zstd:1", "--stats-json", out_stats)
+        if link == "tcp":
+            listen = free_port()
+            peer = [Migpipe(*incoming, "--listen", listen)]
+            migrate = start_migrate(tmp_path, *filters, "--connect", listen)
+        else:
+            peer = []
+            migrate = start_migrate(tmp_path, *filters, "--", *MIGPIPE, *map(str, incoming))
+        with running(migrate, *peer):
+            assert pace(src, qemuvm.PACINGS["dirty"]) == "completed"
+            status, err = migrate.finish()
+            assert status == 0, err
+            in_err = peer[0].finish()[1] if peer else ""
+        harness_ms = real_pause_ms(src, dest)
+
+    pause = json.loads(out_stats.read_text())["real_pause"]
+    assert pause["ms"] > 0 and pause["ms"] >= pause["qemu_downtime_ms"] > 0, pause
+    assert -PAUSE_EARLY_MS <= pause["ms"] - harness_ms <= PAUSE_LATE_MS, (pause, harness_ms)
+    parts = pause["source_ms"] + pause["link_ms"] + pause["destination_ms"]
+    assert min(pause["source_ms"], pause["link_ms"], pause["destination_ms"]) >= 0, pause
+    assert parts == pytest.approx(pause["ms"], abs=0.01), pause
+    assert pause["end"] == "completed"  # the destination stays paused (-S)
+    if link == "tcp":
+        assert 0 < pause["one_way_ms"] < 1, pause  # loopback
+    else:
+        assert pause["one_way_ms"] is None, pause
+    assert json.loads(in_stats.read_text())["real_pause"] == {
+        "destination_ms": pause["destination_ms"],
+        "end": "completed",
+    }
+    summary = re.search(r"downtime ([\d,]+) ms, real pause ([\d,.]+) ms", err)
+    assert summary is not None, err
+    downtime, shown = (float(figure.replace(",", "")) for figure in summary.groups())
+    assert downtime == pause["qemu_downtime_ms"] and shown == pytest.approx(pause["ms"], abs=0.1)
+    assert "real pause: source " in err and "real pause: destination " in err + in_err
+
+
+def test_migrate_tells_qemu_the_tunnels_rate_while_it_migrates(
+    qemu_build: qemuvm.QemuBuild, guest_elf: Path, tmp_path: Path
+) -> None:
+    """Where QEMU has avail-switchover-bandwidth (8.2+: 10.0, not 7.2), migrate tells it the
+    tunnel's rate while the migration runs, and sets it back to 0 (QEMU's own estimate) at the
+    end; the harness lets QEMU switch over only once it has seen a rate told."""
+    dst_qmp = tmp_path / "dst.qmp"
+    told: list[int] = []
+
+    def rate_told() -> bool:
+        told.append(src.qmp.execute("query-migrate-parameters")[SWITCHOVER])
+        return told[-1] > 0
+
+    with (
+        destination(tmp_path, dst_qmp, "dest", qemu_build),
+        driven_source(guest_elf, tmp_path, qemu_build) as src,
+    ):
+        has_it = SWITCHOVER in src.qmp.execute("query-migrate-parameters")
+        assert has_it == (qemu_build.version != "7.2")
+        incoming = [*MIGPIPE, "incoming", "--qmp", str(dst_qmp)]
+        migrate = start_migrate(tmp_path, "--compress", "lz4", "--", *incoming)
+        with running(migrate):
+            paced = pace(src, qemuvm.PACINGS["dirty"], rate_told if has_it else None)
+            assert paced == "completed"
+            status, err = migrate.finish()
+        assert status == 0, err
+        after = src.qmp.execute("query-migrate-parameters")
+    if has_it:
+        assert told[-1] > 0 and after[SWITCHOVER] == 0, (told, after)
+    else:
+        assert told == [] and SWITCHOVER not in after
 
 
 def test_migrate_to_incoming_over_tls(guest_elf: Path, tmp_path: Path) -> None:
