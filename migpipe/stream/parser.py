@@ -12,6 +12,9 @@ A consumer that needs the stream's structure but not its pages (pass-through enc
 StreamParser(pages=False): page records are then checked exactly as always but only counted, and
 runs of them are skipped by the C extension `migpipe.stream._scan` when it was built (it is
 optional; SKIP_IMPLEMENTATION says which is in use, MIGPIPE_SCAN=python forces the Python loop).
+A consumer that wants the page records (page filters) gets the runs of them made by the C
+extension `migpipe.stream._pages` when it was built (optional too; PAGES_IMPLEMENTATION says
+which is in use, MIGPIPE_PAGES=python forces the Python loop).
 """
 
 import os
@@ -136,6 +139,17 @@ except ImportError:
 
 SKIP_IMPLEMENTATION: Literal["c", "python"] = "python" if skip_pages is skip_pages_py else "c"
 
+# Runs of CONTINUE page records made into records in C (migpipe/stream/_pages.c), when built;
+# without it the loop of _step_ram makes every record itself, the same ones.
+try:
+    if os.environ.get("MIGPIPE_PAGES") == "python":
+        raise ImportError("MIGPIPE_PAGES=python")
+    from migpipe.stream._pages import parse_pages
+except ImportError:
+    parse_pages = None
+
+PAGES_IMPLEMENTATION: Literal["c", "python"] = "python" if parse_pages is None else "c"
+
 # A step parses what it can, appends records and returns whether it made progress.
 _Step = Callable[[list[Record]], bool]
 
@@ -162,6 +176,7 @@ class StreamParser:
         self._max_vmdesc = max_vmdesc
         self._max_held = max(MAX_HELD, max_vmdesc + 5)
         self._xbzrle_encodings = xbzrle_encodings
+        self._xbzrle_table = bytes(i in xbzrle_encodings for i in range(256))  # for parse_pages
         self._buf = b""  # immutable, so a page is copied out once, by slicing
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -661,7 +676,8 @@ class StreamParser:
         """The hot loop: one RAM record per iteration, locals only, no per-record calls.
 
         With pages=False, runs of plain pages are skipped by skip_pages and page records are
-        counted instead of made; the records that stop a run go through the same checks.
+        counted instead of made; otherwise parse_pages, when built, makes the records of runs
+        of CONTINUE pages. Either way the records that stop a run go through the same checks.
         """
         buf = self._buf
         pos = start = self._pos
@@ -677,6 +693,8 @@ class StreamParser:
         new_zero = partial(tuple.__new__, ZeroPage)
         emit, counted = self._pages, self._page_tally
         skip = None if emit else skip_pages
+        parse = parse_pages if emit else None
+        encodings = self._xbzrle_table
         q = pos  # the end of the record read last; past `end` when the bytes ran out in it
         try:
             while end - pos >= 8:
@@ -684,6 +702,10 @@ class StreamParser:
                     pos, normal, zero = skip(buf, pos, page_size, last_length)
                     counted[fmt.RAM_PAGE] += normal
                     counted[fmt.RAM_ZERO] += zero
+                    if end - pos < 8:
+                        break
+                elif parse is not None and last is not None:
+                    pos = parse(buf, pos, page_size, last, last_length, encodings, out)
                     if end - pos < 8:
                         break
                 (word,) = unpack64(buf, pos)

@@ -3,9 +3,15 @@
 For every record the parser produces, writing it gives back exactly the bytes it was parsed from.
 Records built by hand (the generator, filters) may leave `named` False everywhere: the writer
 names a RAM block whenever its own output has not named it last, so CONTINUE is always correct.
+
+write_all() writes runs of page records with the C extension `migpipe.stream._pages` when it
+was built (it is optional; PAGES_IMPLEMENTATION says which is in use, MIGPIPE_PAGES=python
+forces the Python methods, which write the same bytes and every record the C leaves to them).
 """
 
+import os
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
@@ -31,6 +37,15 @@ from migpipe.stream.records import (
 )
 
 BE16, BE32, BE64 = fmt.BE16, fmt.BE32, fmt.BE64
+
+try:
+    if os.environ.get("MIGPIPE_PAGES") == "python":
+        raise ImportError("MIGPIPE_PAGES=python")
+    from migpipe.stream._pages import write_pages
+except ImportError:
+    write_pages = None
+
+PAGES_IMPLEMENTATION: Literal["c", "python"] = "python" if write_pages is None else "c"
 _HEADER_TYPES = {SectionStart: fmt.ITEM_SECTION_START, SectionFull: fmt.ITEM_SECTION_FULL}
 _ID_TYPES = {
     SectionPart: fmt.ITEM_SECTION_PART,
@@ -82,8 +97,19 @@ class StreamWriter:
 
     def write_all(self, out: bytearray, records: Iterable[Record]) -> None:
         writers = self._writers
-        for record in records:
-            writers[type(record)](out, record)
+        if write_pages is None or type(out) is not bytearray:
+            for record in records:
+                writers[type(record)](out, record)
+            return
+        if type(records) is not list:
+            records = list(records)
+        at, end = 0, len(records)
+        while at < end:
+            at, self._last_block = write_pages(out, records, at, self._last_block)
+            if at < end:  # a record the C leaves to the methods
+                record = records[at]
+                writers[type(record)](out, record)
+                at += 1
 
     def encode(self, record: Record) -> bytes:
         out = bytearray()
