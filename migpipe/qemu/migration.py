@@ -660,8 +660,8 @@ async def tell_switchover_rate(monitor: qmp.Qmp) -> None:
     buffers behind the pipe have drained, that is the speed of the buffers, not the link's, and
     a rate too high is a switch-over with more left than the link carries within the limit.
     Averaged over RATE_WINDOW the same count is the tunnel's rate (its buffers hold far less
-    than a second of it), and migpipe never tells more than QEMU's own last estimate, so it
-    only ever makes QEMU's decision more cautious. Nothing is told where QEMU lacks the
+    than a second of it), and migpipe never tells more than QEMU's own estimate of the moment,
+    so it makes QEMU's decision more cautious, not bolder. Nothing is told where QEMU lacks the
     parameter or the user set it (not 0); if migpipe is killed, its last figure stays set
     (see migpipe(1))."""
     parameters = await monitor.execute("query-migrate-parameters")
