@@ -20,6 +20,12 @@ and times them in MB/s of guest page bytes (10^6 B/s), the best of --runs sample
   C ext, 2 threads the same from two threads at once (the C loop runs without the GIL)
   C ext, per page  encode_delta / apply_delta, one call per page
   Python fallback  what migpipe does without the extension (MIGPIPE_XBZRLE=python)
+  filter, C cache  the xbzrle filter's whole page path (migpipe_filters.xbzrle's encoder and
+                   decoder transforms, batches of 256 NORMAL page records, as a 1 MiB chunk of
+                   stream gives): cache lookup, delta, cache update, the records made; the
+                   cache holds the other set, so every page is re-sent (olds and news in turn)
+  filter, Python cache  the same with PythonPageCache (and the C delta codec): the path
+                   before the cache moved to C
 
 "dirty dec" applies the dirty set's deltas over the old pages. The standalone program also
 reports the size, overflow count and CRC of its output, which must match the extension's.
@@ -49,7 +55,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout, migpipe not installed
     sys.path.insert(0, str(REPO))
 
+from migpipe_filters import xbzrle as xbzrle_filter  # noqa: E402
+
 from migpipe.stream import xbzrle  # noqa: E402
+from migpipe.stream.records import NormalPage, Record  # noqa: E402
 
 try:
     from migpipe.stream import _xbzrle as ext_mod
@@ -58,6 +67,7 @@ except ImportError:  # not built: only the standalone C and Python rows
 
 PAGE = 4096
 BATCH = 4096
+RECORD_BATCH = 256  # page records per transform call: a 1 MiB chunk of stream
 MIN_SAMPLE = 0.05  # seconds; the standalone program uses the same (MIN_NS)
 Pages = list[bytes]
 Deltas = list[bytes | None]
@@ -397,6 +407,36 @@ def decode_all(
             apply(delta, page)
 
 
+def page_records(pages: Pages) -> list[list[Record]]:
+    """The pages as NORMAL page records of one block, in transform-sized batches."""
+    records = [NormalPage("pc.ram", i * PAGE, page, i == 0) for i, page in enumerate(pages)]
+    return [records[at : at + RECORD_BATCH] for at in range(0, len(records), RECORD_BATCH)]
+
+
+def filter_rows(cache_class: type, olds: Pages, news: Pages, runs: int) -> tuple[float, float]:
+    """(encode MB/s, decode MB/s) of the xbzrle filter's transforms with `cache_class`, every
+    page re-sent: the caches hold olds, then news and olds are sent in turn."""
+    size = len(olds) * PAGE
+    sets = [page_records(news), page_records(olds)]
+    encoder, decoder = cache_class(size), cache_class(size)
+    limit, encoding = xbzrle_filter.DELTA_LIMIT, xbzrle_filter.WIRE_ENCODING
+    for batch in sets[1]:
+        decoder.decode(encoder.encode(batch, encoding, limit), encoding)
+    wires = [[encoder.encode(batch, encoding, limit) for batch in records] for records in sets]
+
+    def encode() -> None:
+        for records in sets:
+            for batch in records:
+                encoder.encode(batch, encoding, limit)
+
+    def decode() -> None:
+        for wire in wires:
+            for batch in wire:
+                decoder.decode(batch, encoding)
+
+    return best_mbs(2 * len(olds), encode, runs), best_mbs(2 * len(olds), decode, runs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sets, a few seconds")
@@ -471,6 +511,17 @@ def main() -> int:
     py_row["dirty dec"] = best_mbs(
         part, lambda: decode_all(xbzrle.apply_delta_py, work, deltas), args.runs
     )
+
+    caches = {"filter, C cache": xbzrle_filter.PageCache}
+    caches["filter, Python cache"] = xbzrle_filter.PythonPageCache
+    if caches["filter, C cache"] is xbzrle_filter.PythonPageCache:  # not built, or turned off
+        del caches["filter, C cache"]
+    for label, cache_class in caches.items():
+        row = rows.setdefault(label, {})
+        for name, (olds, news) in sets.items():
+            row[name], decoded = filter_rows(cache_class, olds, news, args.runs)
+            if name == "dirty":
+                row["dirty dec"] = decoded
 
     columns = ["dirty", "unchanged", "overflow", "dirty dec"]
     print(
