@@ -130,6 +130,15 @@ class Readable:
         if self._stopping:
             raise Stopped
 
+    def quiet(self, seconds: float) -> bool:
+        """Whether nothing (no byte, no end) arrives within `seconds`; Stopped as wait()."""
+        if self._stopping:
+            raise Stopped
+        quiet = not self._ready.poll(seconds * 1000)  # an interrupt() ends it too
+        if self._stopping:
+            raise Stopped
+        return quiet
+
 
 class FdChannel:
     """A pipe, file or plain socket by its descriptor (not owned: the caller closes it): a
@@ -141,6 +150,11 @@ class FdChannel:
 
     def interrupt(self) -> None:
         self._readable.interrupt()
+
+    def quiet(self, seconds: float) -> bool:
+        """Whether the peer stays silent for `seconds`: a reader holding a partial frame sends
+        it on then rather than wait for bytes that may not come soon (QEMU between passes)."""
+        return self._readable.quiet(seconds)
 
     def read(self) -> bytes:
         with _reset_is_peer_gone():

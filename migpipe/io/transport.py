@@ -28,7 +28,7 @@ from migpipe.errors import (
     PeerGoneError,
 )
 
-SOCKET_BUFFER = 4 << 20
+UNSENT = 128 << 10  # bytes a TCP socket may hold not yet sent (TCP_NOTSENT_LOWAT)
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
 ACCEPT_TIMEOUT = 120.0  # --accept-timeout's default: see migpipe(1)
 PATIENCE = 30.0  # what one connection is given to prove itself the peer
@@ -56,11 +56,12 @@ def parse_endpoint(spec: str, *, listening: bool) -> tuple[int, object]:
 
 
 def _tune(sock: socket.socket) -> None:
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    """A TCP connection sends each frame at once and keeps little unsent: what the kernel
+    holds for a slow link is what a stopped guest waits for (io.latency). The buffers stay
+    the kernel's to size (autotuning follows the link); a UNIX socket keeps its defaults."""
     if sock.family != socket.AF_UNIX:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ from migpipe.errors import (
     CorruptError,
     MigpipeError,
 )
-from migpipe.io.channel import Sink, Source, as_sink, as_source, stream_sink
+from migpipe.io.channel import FdChannel, Sink, Source, as_sink, as_source, stream_sink
+from migpipe.io.latency import PipeBuffer, Rate
 from migpipe.keys import Secrets
 from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
@@ -51,7 +52,9 @@ from migpipe.wire import (
 )
 from migpipe.wire.header import Header
 
-FRAME_TARGET = 1 << 20
+FRAME_TARGET = 1 << 20  # the most QEMU bytes in one frame: fewer is slower on a fast link
+MIN_FRAME = 64 << 10  # the least, unless the input goes quiet
+QUIET = 0.002  # seconds without input after which encode sends what it has (see Encoder.flush)
 
 Pieces = list[memoryview]
 T = TypeVar("T")
@@ -138,8 +141,12 @@ class Encoder:
     Frames end where the parser has reached, so each frame holds whole records; without page
     filters a frame's payload is its QEMU bytes, unchanged (only parsed, to check them), so the
     parser then only counts the page records instead of making them. Frames are numbered by
-    `wire`, which encode writes them with.
+    `wire`, which encode writes them with. A frame holds `frame_size` QEMU bytes, which the
+    I/O edge sets to a few milliseconds at the measured rate (io.latency), so that the frames
+    in flight are a bounded time, not a bounded size, of the guest's pause.
     """
+
+    frame_size = FRAME_TARGET
 
     def __init__(
         self, chain: Sequence[filters.Filter], page_size: int = 4096, totals: Totals | None = None
@@ -167,9 +174,20 @@ class Encoder:
             return [self._frame(False, boundary)]  # the last data before the EOF item
         else:
             return []  # from EOF on, everything waits for the FINAL frame
-        if boundary - self._pieces_start >= FRAME_TARGET:
+        if boundary - self._pieces_start >= self.frame_size:
             return [self._frame(False, boundary)]
         return []
+
+    @property
+    def holding(self) -> bool:
+        """Whether whole records wait for their frame to fill (flush() would send them)."""
+        return self._parser.eof_offset is None and self._parser.offset > self._pieces_start
+
+    def flush(self) -> list[Outgoing]:
+        """The whole records read so far as a frame now, when the input went quiet (QEMU
+        between two passes, throttled, or stopped for its last pass): holding them until a
+        frame fills would hold them until QEMU writes again."""
+        return [self._frame(False, self._parser.offset)] if self.holding else []
 
     def finish(self) -> list[Outgoing]:
         self._take(self._parser.finish())
@@ -410,7 +428,12 @@ async def encode(
     without the FINAL frame and the trailer no decoder ever gives QEMU the stream's end."""
     source, wire = as_source(source), as_sink(wire)
     encoder = Encoder(chain)
+    smallest = min(MIN_FRAME, FRAME_TARGET)
+    encoder.frame_size = smallest  # until the rate is known
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
+    qemu_rate, wire_rate = Rate(), Rate()
+    inbound, outbound = PipeBuffer(source), PipeBuffer(wire)
+    quiet = source.quiet if isinstance(source, FdChannel) else None
 
     def frame(out: Outgoing) -> tuple[Position, list, int, tuple[int, int]]:
         qemu_crc = out.qemu_crc
@@ -426,7 +449,16 @@ async def encode(
         return out.position, payload, crc, (out.qemu_length, qemu_crc)
 
     def produce(submit: Callable[[Outgoing], None]) -> None:
-        while chunk := source.read():
+        while True:
+            if quiet is not None and encoder.holding and quiet(QUIET):
+                for out in encoder.flush():
+                    submit(out)
+            chunk = source.read()
+            if not chunk:
+                break
+            if qemu_rate.add(len(chunk)):
+                inbound.fit(qemu_rate)
+                encoder.frame_size = qemu_rate.budget(smallest, FRAME_TARGET)
             for out in encoder.feed(chunk):
                 submit(out)
         for out in encoder.finish():
@@ -437,8 +469,11 @@ async def encode(
         if before_frame is not None:
             before_frame(position.final)
         parts = writer.frame(position, payload, crc, qemu)
-        totals.wire_bytes += sum(len(p) for p in parts)
+        size = sum(len(p) for p in parts)
+        totals.wire_bytes += size
         wire.write(parts)
+        if wire_rate.add(size):
+            outbound.fit(wire_rate)
 
     head = writer.header()
     await trio.to_thread.run_sync(wire.write, [head])
@@ -460,13 +495,16 @@ async def decode(
 ) -> Totals:
     """The QEMU stream from the wire; its end only once every check passed. `opened` is
     called with the filter chain once the header was read (and authenticated, if sealed)."""
+    sink = as_sink(sink)
+    outbound = PipeBuffer(sink)
     with stream_sink(sink) as qemu:
-        return await _decode(as_source(wire), qemu, progress, secrets, opened)
+        return await _decode(as_source(wire), qemu, outbound, progress, secrets, opened)
 
 
 async def _decode(
     wire: Source,
     sink: Sink,
+    outbound: PipeBuffer,
     progress: Progress | None,
     secrets: Secrets | None,
     opened: Callable[[Sequence[filters.Filter]], None] | None,
@@ -478,12 +516,16 @@ async def _decode(
             opened(chain.filters)
 
     decoder = Decoder(totals, secrets, opening)
+    wire_rate, qemu_rate = Rate(), Rate()
+    inbound = PipeBuffer(wire)
 
     def produce(submit: Callable[[Frame], None]) -> None:
         finished = False
         while not finished:
             chunk = wire.read()
             totals.wire_bytes += len(chunk)
+            if wire_rate.add(len(chunk)):
+                inbound.fit(wire_rate)
             if chunk:
                 decoder.feed(chunk)
             else:
@@ -495,6 +537,8 @@ async def _decode(
     def write(item: tuple[Frame, int | None]) -> None:
         if data := decoder.payload(*item):
             sink.write([data])
+            if qemu_rate.add(len(data)):
+                outbound.fit(qemu_rate)
 
     run = partial(run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt)
     await with_progress(progress, totals, run)

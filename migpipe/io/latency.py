@@ -1,0 +1,83 @@
+"""Buffers bounded in time, not bytes: what sits between QEMU and the link when QEMU stops the
+guest must all cross during the guest's pause, so it is held to BUFFER_TIME at the rate the
+bytes actually move.
+
+A pipe's kernel buffer (1 MiB once, 16 times the default) is resized as the measured rate
+changes: at 30 MB/s 128 KiB, at 1 GB/s the 1 MiB that keeps wake-ups rare. A fixed size is
+wrong at one end or the other: at 10 MB/s a megabyte is 100 ms of pause, and with xbzrle a
+megabyte of wire can be 30 of QEMU's. The rate is measured where the bytes move (the stage
+reading or writing that pipe), over windows of at least WINDOW, so it is the bottleneck's rate
+whenever the pipeline is backed up, which is when buffers fill.
+"""
+
+import contextlib
+import fcntl
+import os
+import stat
+import time
+
+from migpipe.io.channel import FdChannel, Sink, Source
+
+BUFFER_TIME = 0.004  # seconds of the measured rate one buffer may hold
+WINDOW = 0.05  # a rate is measured over at least this long
+MIN_PIPE = 16 << 10
+MAX_PIPE = 1 << 20  # pipe-max-size on stock Linux
+
+
+class Rate:
+    """Bytes per second over the last window of at least WINDOW seconds (None until then).
+
+    One thread adds; any may read `per_second` (a float, replaced whole).
+    """
+
+    def __init__(self) -> None:
+        self.per_second: float | None = None
+        self._start = time.monotonic()
+        self._bytes = 0
+
+    def add(self, count: int) -> bool:
+        """Count `count` bytes moved now; True when that closed a window (a new rate)."""
+        self._bytes += count
+        now = time.monotonic()
+        elapsed = now - self._start
+        if elapsed < WINDOW:
+            return False
+        self.per_second = self._bytes / elapsed
+        self._start, self._bytes = now, 0
+        return True
+
+    def budget(self, low: int, high: int) -> int:
+        """BUFFER_TIME's worth of bytes at this rate, within [low, high] (`low` until the rate
+        is known: small first, grown once the rate shows it is fast)."""
+        if self.per_second is None:
+            return low
+        return min(high, max(low, int(self.per_second * BUFFER_TIME)))
+
+
+class PipeBuffer:
+    """The kernel buffer of a pipe a stage reads or writes, sized to the rate through it.
+
+    Anything that is not a pipe (a file, a socket: see io.transport for sockets, a TLS
+    channel) is left alone. Shrinking below what the pipe holds fails with EBUSY; the next
+    window tries again.
+    """
+
+    def __init__(self, end: Source | Sink) -> None:
+        self._fd: int | None = None
+        self._size = 0
+        if isinstance(end, FdChannel):
+            with contextlib.suppress(OSError):
+                if stat.S_ISFIFO(os.fstat(end.fd).st_mode):
+                    self._fd = end.fd
+                    self._resize(MIN_PIPE)  # until the rate is known (it may have been enlarged)
+
+    def fit(self, rate: Rate) -> None:
+        """Hold BUFFER_TIME at `rate` (a stage calls it when `rate` closed a window)."""
+        if self._fd is not None:
+            wanted = rate.budget(MIN_PIPE, MAX_PIPE)
+            self._resize(1 << (wanted - 1).bit_length())  # the kernel's sizes: powers of two
+
+    def _resize(self, size: int) -> None:
+        if size != self._size:
+            with contextlib.suppress(OSError):  # EBUSY (fuller than that), EPERM (over the max)
+                self._size = fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, size)
