@@ -183,14 +183,24 @@ class FdChannel:
             raise PeerGoneError(message) from None
 
     def finish(self) -> None:
-        """A socket's shutdown(SHUT_WR): its peer reads the end, and can still answer. A pipe or
-        a file ends only when its owner closes it, so for them this does nothing."""
-        with contextlib.suppress(OSError):  # ENOTSOCK, or a peer gone already
-            sock = socket.socket(fileno=self.fd)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            finally:
-                sock.detach()  # the descriptor stays the caller's
+        """A socket's shutdown(SHUT_WR): its peer reads the end, and can still answer. A pipe's
+        end is replaced by /dev/null, so that its reader sees the end now, not when this
+        process exits (writing its figures, tearing down) while a guest waits. The descriptor
+        stays the caller's to close; a file is left as it is."""
+        with contextlib.suppress(OSError):  # a peer gone already
+            mode = os.fstat(self.fd).st_mode
+            if stat.S_ISSOCK(mode):
+                sock = socket.socket(fileno=self.fd)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                finally:
+                    sock.detach()  # the descriptor stays the caller's
+            elif stat.S_ISFIFO(mode):
+                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.dup2(null, self.fd)
+                finally:
+                    os.close(null)
 
 
 @contextlib.contextmanager

@@ -483,6 +483,8 @@ async def encode(
     trailer = writer.trailer(encoder.trailer())
     await trio.to_thread.run_sync(wire.write, [trailer])
     totals.wire_bytes += len(trailer)
+    if isinstance(wire, FdChannel):
+        wire.finish()  # decode may release the stream's end now (a socket, a pipe)
     return totals
 
 
