@@ -1,8 +1,10 @@
 """xbzrle: a page QEMU sends again travels as a delta against the copy that last crossed.
 
 Both ends keep the same cache of pages, in bytes that crossed the wire (never live guest
-memory, so nothing can race the guest): an LRU of at most `cache` bytes, keyed by (block,
-offset), updated by every page record in stream order (zero pages only update entries).
+memory, so nothing can race the guest) of at most `cache` bytes, keyed by (block, offset),
+direct-mapped by page (PythonDirectCache; the wire header says "index": "direct") or, on wires
+written before that, an LRU (PythonPageCache), updated by every page record in stream order
+(zero pages only update entries).
 Because the decoder sees the very same record sequence (it rebuilds it), its cache mirrors the
 encoder's exactly, so a delta always applies to the page it was computed against, and memory
 stays bounded by `cache` on both sides.
@@ -19,7 +21,7 @@ results otherwise (CACHE_IMPLEMENTATION says which is in use; MIGPIPE_XBZRLE=pyt
 import mmap
 import os
 from collections import OrderedDict
-from typing import Literal
+from typing import Any, Literal
 
 from migpipe.chain import PageFilter, RecordTransform
 from migpipe.errors import (
@@ -187,6 +189,81 @@ class PythonPageCache:
         return out
 
 
+FNV_OFFSET = 0xCBF29CE484222325  # FNV-1a (64-bit): a hash both ends compute alike, unlike
+FNV_PRIME = 0x100000001B3  # Python's hash() of a str, which is salted per process
+
+
+def block_base(block: str) -> int:
+    """The direct-mapped index's base for a RAM block: FNV-1a over the name's characters (its
+    bytes on the wire, which the parser reads as latin-1), so different blocks' pages spread
+    over different slots and both ends, which see the same names, derive the same base."""
+    h = FNV_OFFSET
+    for char in block:
+        h = ((h ^ ord(char)) * FNV_PRIME) & 0xFFFF_FFFF_FFFF_FFFF
+    return h
+
+
+class PythonDirectCache(PythonPageCache):
+    """The pages that crossed, direct-mapped: the page at `offset` of `block` can only be held
+    in slot (block_base(block) + offset // PAGE) % capacity, and a new page there replaces
+    whatever it held, as QEMU's own xbzrle cache does. A cyclic scan over more pages than the
+    cache holds then keeps most of the pages it will meet again, where an LRU would have
+    evicted each one just before it comes round.
+
+    Same methods, counters and rules as PythonPageCache otherwise (zero pages and QEMU's own
+    deltas only update a held page); keys() lists the held keys by slot. This is the reference
+    for PageCache(size, "direct") in C.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._keys: list[tuple[str, int] | None] = [None] * self.capacity
+
+    def _slot(self, key: tuple[str, int]) -> int:
+        block, offset = key
+        return (block_base(block) + offset // PAGE) % self.capacity
+
+    def _held(self, key: tuple[str, int]) -> int | None:
+        slot = self._slot(key)
+        return slot if self._keys[slot] == key else None
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return self._held(key) is not None
+
+    def keys(self) -> list[tuple[str, int]]:
+        """The keys held, by slot."""
+        return [key for key in self._keys if key is not None]
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        slot = self._held(key)
+        if slot is None:
+            return None
+        return self._slab[slot * PAGE : (slot + 1) * PAGE]
+
+    def put(self, key: tuple[str, int], page: bytes | bytearray) -> None:
+        if len(page) != PAGE:
+            self.forget(key)
+            return
+        slot = self._slot(key)
+        if self._keys[slot] not in (None, key):
+            self.evictions += 1
+        self._keys[slot] = key
+        self._slab[slot * PAGE : (slot + 1) * PAGE] = page
+
+    def forget(self, key: tuple[str, int]) -> None:
+        slot = self._held(key)
+        if slot is not None:
+            self._keys[slot] = None
+
+    def _update(self, key: tuple[str, int], record: Record) -> memoryview | None:
+        slot = self._held(key)
+        if slot is None:
+            return None
+        page = self._view[slot * PAGE : (slot + 1) * PAGE]
+        apply_page(record, page)
+        return page
+
+
 _PAGE_KINDS = (NormalPage, ZeroPage, XbzrlePage, CompressedPage)
 
 try:
@@ -198,12 +275,26 @@ except ImportError:
 
 CACHE_IMPLEMENTATION: Literal["c", "python"] = "python" if PageCache is PythonPageCache else "c"
 
+Index = Literal["lru", "direct"]
+INDEXES: tuple[Index, ...] = ("lru", "direct")
+DEFAULT_INDEX: Index = "direct"
+"""What a new wire's cache is, unless asked for "lru" (which every decoder reads): on a busy
+guest's real stream the LRU missed most re-sent pages once the dirtied region was as large as
+the cache; see Xbzrle."""
+
+
+def new_cache(size: int, index: Index) -> PythonPageCache:
+    """The cache in use (C or Python) with that index."""
+    if PageCache is PythonPageCache:
+        return PythonDirectCache(size) if index == "direct" else PythonPageCache(size)
+    return PageCache(size, index)  # type: ignore[call-arg]
+
 
 class _Encoder(RecordTransform):
     name = "xbzrle"
 
-    def __init__(self, cache_size: int) -> None:
-        self.cache = PageCache(cache_size)
+    def __init__(self, cache_size: int, index: Index) -> None:
+        self.cache = new_cache(cache_size, index)
 
     def transform(self, records: list[Record]) -> list[Record]:
         return self.cache.encode(records, WIRE_ENCODING, DELTA_LIMIT)
@@ -222,8 +313,8 @@ class _Encoder(RecordTransform):
 class _Decoder(RecordTransform):
     name = "xbzrle"
 
-    def __init__(self, cache_size: int) -> None:
-        self.cache = PageCache(cache_size)
+    def __init__(self, cache_size: int, index: Index) -> None:
+        self.cache = new_cache(cache_size, index)
 
     def transform(self, records: list[Record]) -> list[Record]:
         return self.cache.decode(records, WIRE_ENCODING)
@@ -233,13 +324,28 @@ class _Decoder(RecordTransform):
 
 
 class Xbzrle(PageFilter):
+    """The filter, with a cache of `cache` bytes on each end and its `index`.
+
+    The index is in the wire header as {"index": "direct"}; a header without one (every wire
+    written before there was a choice) means "lru", and an LRU filter writes none, so that
+    older decoders still read it. An older decoder refuses "index" as a parameter it does not
+    know (status 6), rather than mirror the wrong cache.
+    """
+
     name = "xbzrle"
     wire_encodings = frozenset({WIRE_ENCODING})
 
-    def __init__(self, cache: int = DEFAULT_CACHE) -> None:
+    def __init__(self, cache: int = DEFAULT_CACHE, index: Index = DEFAULT_INDEX) -> None:
         if type(cache) is not int or not PAGE <= cache <= MAX_CACHE:
             raise MigpipeError(f"xbzrle cache of {cache!r} bytes is not from {PAGE} to {MAX_CACHE}")
+        if index not in INDEXES:
+            raise MigpipeError(f"xbzrle cache index {index!r} is not one of {', '.join(INDEXES)}")
         self.cache = cache
+        self.index = index
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], secrets: Secrets) -> "Xbzrle":
+        return super().from_params({"index": "lru", **params}, secrets)  # type: ignore[return-value]
 
     @classmethod
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Xbzrle":
@@ -251,11 +357,13 @@ class Xbzrle(PageFilter):
             raise MigpipeError(f"xbzrle cache size: {e}") from None
         return cls(size)
 
-    def params(self) -> dict[str, int]:
-        return {"cache": self.cache}
+    def params(self) -> dict[str, Any]:
+        if self.index == "lru":
+            return {"cache": self.cache}
+        return {"cache": self.cache, "index": self.index}
 
     def encoder(self) -> RecordTransform:
-        return _Encoder(self.cache)
+        return _Encoder(self.cache, self.index)
 
     def decoder(self) -> RecordTransform:
-        return _Decoder(self.cache)
+        return _Decoder(self.cache, self.index)

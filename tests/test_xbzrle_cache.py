@@ -21,8 +21,10 @@ from migpipe_filters.xbzrle import (
     CACHE_IMPLEMENTATION,
     DELTA_LIMIT,
     WIRE_ENCODING,
+    PythonDirectCache,
     PythonPageCache,
     Xbzrle,
+    block_base,
 )
 from support import PAGE
 
@@ -140,6 +142,46 @@ def test_buffers_other_than_bytes(cache_class: Cache) -> None:
     assert cache.get(("a", 0)) == page
 
 
+def test_a_direct_mapped_cache_holds_a_page_in_one_slot() -> None:
+    """Slot (FNV-1a of the name + offset // 4096) mod capacity; a new page replaces what held
+    its slot; zero pages and QEMU's deltas update a held page only; C and Python alike."""
+    assert block_base("") == 0xCBF29CE484222325 and block_base("a") == 0xAF63DC4C8601EC8C
+    base = block_base("pc.ram") % 3
+    caches = [PythonDirectCache(3 * PAGE)]
+    if not FORCED_PYTHON:
+        caches.append(c_cache()(3 * PAGE, "direct"))
+    page = bytes(range(256)) * 16
+    for cache in caches:
+        for n in range(3):
+            cache.put(("pc.ram", n * PAGE), bytes([n]) * PAGE)
+        assert cache.keys() == sorted(cache.keys(), key=lambda k: (base + k[1] // PAGE) % 3)
+        assert cache.evictions == 0
+        cache.put(("pc.ram", 3 * PAGE), page)  # the slot of page 0, whatever its age
+        assert ("pc.ram", 0) not in cache and cache.get(("pc.ram", 3 * PAGE)) == page
+        cache.observe(ZeroPage("pc.ram", 0, 0))  # not held: never inserted
+        cache.observe(ZeroPage("pc.ram", PAGE, 9))
+        assert ("pc.ram", 0) not in cache and cache.get(("pc.ram", PAGE)) == b"\t" * PAGE
+        cache.forget(("pc.ram", 4 * PAGE))  # its slot holds page 1, which stays
+        assert ("pc.ram", PAGE) in cache and cache.evictions == 1
+        cache.forget(("pc.ram", PAGE))
+        assert len(cache.keys()) == 2
+
+
+def test_a_direct_mapped_cache_keeps_a_cyclic_scan(cache_class: Cache) -> None:
+    """Passes over 5 pages in address order through a 4-page cache: the LRU always evicts the
+    page the scan meets next; direct-mapped, only the 2 pages sharing a slot miss."""
+    scan = [NormalPage("pc.ram", n * PAGE, bytes([n]) * PAGE) for n in range(5)] * 4
+    lru = cache_class(4 * PAGE)
+    if cache_class is PythonPageCache:
+        direct = PythonDirectCache(4 * PAGE)
+    else:
+        direct = c_cache()(4 * PAGE, "direct")
+    for cache in (lru, direct):
+        cache.encode(scan, WIRE_ENCODING, DELTA_LIMIT)
+    assert (lru.hits, lru.misses) == (0, 20)
+    assert (direct.hits, direct.misses) == (9, 11)
+
+
 # -- the C cache against the Python one, on random record sequences ---------------------------
 
 _rng = random.Random(5)
@@ -190,14 +232,23 @@ def state(cache: PythonPageCache) -> tuple:
     return keys, [cache.get(k) for k in keys], [getattr(cache, c) for c in counters]
 
 
+def pair(index: str, size: int) -> list[PythonPageCache]:
+    """The Python reference and the C cache with that index."""
+    reference = PythonDirectCache if index == "direct" else PythonPageCache
+    return [reference(size), c_cache()(size, index)]
+
+
 @pytest.mark.skipif(FORCED_PYTHON, reason="MIGPIPE_XBZRLE=python: the C extension is off")
 @settings(max_examples=300, deadline=None)
-@given(st.lists(records_lists, min_size=1, max_size=4), st.integers(1, 5))
-def test_c_and_python_caches_agree(batches: list[list[Record]], pages: int) -> None:
+@given(
+    st.lists(records_lists, min_size=1, max_size=4),
+    st.integers(1, 5),
+    st.sampled_from(["lru", "direct"]),
+)
+def test_c_and_python_caches_agree(batches: list[list[Record]], pages: int, index: str) -> None:
     """Encode, batch after batch, with both; decode each one's wire with both: identical
-    records, errors, keys in LRU order, pages and counters at every step."""
-    encoders = [PythonPageCache(pages * PAGE), c_cache()(pages * PAGE)]
-    decoders = [PythonPageCache(pages * PAGE), c_cache()(pages * PAGE)]
+    records, errors, keys in LRU (or slot) order, pages and counters at every step."""
+    encoders, decoders = pair(index, pages * PAGE), pair(index, pages * PAGE)
     for records in batches:
         py, c = (run(partial(e.encode, records, WIRE_ENCODING, DELTA_LIMIT)) for e in encoders)
         assert c == py
@@ -213,7 +264,8 @@ def test_c_and_python_caches_agree(batches: list[list[Record]], pages: int) -> N
 
 
 @pytest.mark.skipif(FORCED_PYTHON, reason="MIGPIPE_XBZRLE=python: the C extension is off")
-def test_every_operation_on_a_two_page_cache() -> None:
+@pytest.mark.parametrize("index", ["lru", "direct"])
+def test_every_operation_on_a_two_page_cache(index: str) -> None:
     """Every sequence of three operations from a small set, on both: the same state after each."""
     ops: list[tuple[str, object]] = [
         ("put", (k, p)) for k in [("a", 0), ("a", PAGE)] for p in PAGES[4:7]
@@ -227,7 +279,7 @@ def test_every_operation_on_a_two_page_cache() -> None:
     for first in ops:
         for second in ops:
             for third in ops:
-                caches = [PythonPageCache(2 * PAGE), c_cache()(2 * PAGE)]
+                caches = pair(index, 2 * PAGE)
                 for name, argument in (first, second, third):
                     args = argument if name == "put" else (argument,)
                     py, c = (run(partial(getattr(cache, name), *args)) for cache in caches)

@@ -70,12 +70,58 @@ def test_a_wire_headers_cache_size_is_refused_before_any_mapping(
 
 
 def test_the_encoders_cache_argument_has_the_decoders_bounds() -> None:
-    assert Xbzrle.from_argument("1G", Secrets()).params() == {"cache": MAX_CACHE}
-    assert Xbzrle.from_argument("4K", Secrets()).params() == {"cache": 4096}
+    direct = {"index": "direct"}
+    assert Xbzrle.from_argument("1G", Secrets()).params() == {"cache": MAX_CACHE, **direct}
+    assert Xbzrle.from_argument("4K", Secrets()).params() == {"cache": 4096, **direct}
     for too_large in ("1025M", "2G", "16T"):
         with pytest.raises(MigpipeError, match="is not from 4096 to 1073741824") as caught:
             Xbzrle.from_argument(too_large, Secrets())
         assert caught.value.status == EXIT_ERROR  # a filter argument out of range
+
+
+def test_new_wires_are_direct_mapped_and_old_ones_still_lru(stream: bytes) -> None:
+    """A header without "index" (every wire before it) is an LRU; a new writer's says "direct";
+    an LRU filter writes no "index", so that older decoders still read its wires."""
+    assert Xbzrle().params() == {"cache": 64 << 20, "index": "direct"}
+    assert Xbzrle(4096, "lru").params() == {"cache": 4096}
+    old = filters.create("xbzrle", {"cache": 1 << 20})
+    assert isinstance(old, Xbzrle) and old.index == "lru"
+    assert filters.create("xbzrle", {"cache": 1 << 20, "index": "direct"}).index == "direct"
+    with pytest.raises(MigpipeError, match="index 'mru' is not one of lru, direct") as caught:
+        filters.create("xbzrle", {"cache": 1 << 20, "index": "mru"})
+    assert caught.value.status == EXIT_INCOMPATIBLE
+    records = parse_bytes(stream)
+    for index in ("lru", "direct"):
+        wire = Xbzrle(256 << 10, index).encoder().transform(records)
+        decoder = filters.create("xbzrle", Xbzrle(256 << 10, index).params()).decoder()
+        assert decoder.transform(wire) == records
+    scan = [NormalPage("pc.ram", n * PAGE, bytes([n]) * PAGE) for n in range(5)] * 2
+    direct_wire = Xbzrle(4 * PAGE, "direct").encoder().transform(scan)
+    with pytest.raises(MigpipeError, match="not in the cache"):  # so the header must say
+        Xbzrle(4 * PAGE, "lru").decoder().transform(direct_wire)
+
+
+def test_an_older_decoder_refuses_the_index_in_one_line(
+    stream: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder from before "index" (its Xbzrle took `cache` alone) refuses a new wire with
+    status 6 and one line naming the parameter, before it decodes anything."""
+
+    class OldXbzrle(Xbzrle):
+        def __init__(self, cache: int = 64 << 20) -> None:
+            super().__init__(cache, "lru")
+
+        @classmethod
+        def from_params(cls, params: dict, secrets: Secrets) -> "OldXbzrle":
+            return cls(**params)  # as Filter.from_params did then, without the "lru" default
+
+    monkeypatch.setattr(filters, "load", lambda name: OldXbzrle)
+    with pytest.raises(MigpipeError) as caught:
+        filters.create("xbzrle", Xbzrle().params())
+    assert caught.value.status == EXIT_INCOMPATIBLE
+    assert "\n" not in caught.value.message and "'index'" in caught.value.message
+    assert caught.value.message.startswith("bad parameters for filter 'xbzrle'")
+    assert isinstance(filters.create("xbzrle", Xbzrle(4096, "lru").params()), OldXbzrle)
 
 
 def test_compressed_pages_are_inflated_to_a_page_at_most() -> None:

@@ -15,6 +15,13 @@
  * exactly one page; ZERO and XBZRLE records only update a held page, never insert.  A new key
  * takes a forgotten slot first, then a never-used one, and only then evicts the least recent.
  *
+ * Or, with index "direct" (PythonDirectCache's rules), direct-mapped: a key can only be held in
+ * slot (base + offset / 4096) mod capacity, base being FNV-1a over the block name's characters,
+ * and a new key there replaces whatever it held.  Why: QEMU's passes walk dirty pages in
+ * address order, and an LRU as large as the working set evicts exactly the page the scan
+ * meets next, so nearly every re-sent page missed; a direct-mapped cache keeps most of them
+ * (QEMU's own cache is direct-mapped for the same reason).  No LRU order or hash index then.
+ *
  * Layout: the pages live in one anonymous mapping, touched only as it fills, in transparent huge
  * pages where the kernel has them (a page's delta then costs no TLB miss: 30% of the filter's
  * time with 4 KiB pages over a 64 MiB cache); per slot, its key, a hash chain link and its two
@@ -61,6 +68,7 @@ typedef struct {
     uint32_t *buckets;
     uint64_t bucket_mask;
     Py_ssize_t capacity;
+    int direct;              /* direct-mapped instead of LRU: no buckets, no LRU order */
     uint32_t oldest, newest; /* the LRU's ends, NIL when nothing is held */
     uint32_t free;           /* forgotten slots, linked by chain */
     uint32_t unused;         /* slots from here on were never filled */
@@ -141,9 +149,37 @@ page_of(PageCache *self, uint32_t slot)
 
 /* ---- the index and the LRU --------------------------------------------------------------- */
 
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+
+/* The one slot a direct-mapped cache may hold the key in.  The block's base is FNV-1a over
+ * its name's characters (the wire's bytes: the parser reads names as latin-1), a hash both
+ * ends compute alike, where the str's own hash is salted per process; names are a few bytes,
+ * hashed again each time rather than remembered. */
+static uint32_t
+direct_slot(const PageCache *self, const Key *key)
+{
+    PyObject *name = key->block;
+    int kind = PyUnicode_KIND(name);
+    const void *data = PyUnicode_DATA(name);
+    uint64_t h = FNV_OFFSET, capacity = (uint64_t)self->capacity;
+    for (Py_ssize_t i = 0, n = PyUnicode_GET_LENGTH(name); i < n; i++)
+        h = (h ^ PyUnicode_READ(kind, data, i)) * FNV_PRIME;
+    /* (base + page) mod capacity, reduced first so that the sum cannot wrap. */
+    return (uint32_t)((h % capacity + (key->offset / PAGE) % capacity) % capacity);
+}
+
 static uint32_t
 lookup(PageCache *self, const Key *key)
 {
+    if (self->direct) {
+        uint32_t s = direct_slot(self, key);
+        Slot *slot = &self->slots[s];
+        return slot->block != NULL && slot->offset == key->offset &&
+                       same_block(slot->block, key->block)
+                   ? s
+                   : NIL;
+    }
     uint32_t s = self->buckets[key->hash & self->bucket_mask];
     while (s != NIL) {
         Slot *slot = &self->slots[s];
@@ -186,7 +222,7 @@ lru_append(PageCache *self, uint32_t s)
 static inline void
 touch(PageCache *self, uint32_t s)
 {
-    if (self->newest != s) {
+    if (!self->direct && self->newest != s) {
         lru_unlink(self, s);
         lru_append(self, s);
     }
@@ -210,6 +246,16 @@ static uint32_t
 hold(PageCache *self, const Key *key)
 {
     uint32_t s;
+    if (self->direct) { /* its one slot, whatever it held */
+        Slot *slot = &self->slots[s = direct_slot(self, key)];
+        if (slot->block != NULL) {
+            Py_DECREF(slot->block);
+            self->evictions++;
+        }
+        slot->block = Py_NewRef(key->block);
+        slot->offset = key->offset;
+        return s;
+    }
     if (self->free != NIL) {
         s = self->free;
         self->free = self->slots[s].chain;
@@ -236,7 +282,9 @@ static void
 forget(PageCache *self, const Key *key)
 {
     uint32_t s = lookup(self, key);
-    if (s != NIL) {
+    if (s != NIL && self->direct)
+        Py_CLEAR(self->slots[s].block);
+    else if (s != NIL) {
         drop(self, s);
         self->slots[s].chain = self->free;
         self->free = s;
@@ -403,10 +451,17 @@ new_record(PyTypeObject *type, Py_ssize_t n, PyObject *const *fields)
 static PyObject *
 cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"size", NULL};
+    static char *keywords[] = {"size", "index", NULL};
     Py_ssize_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:PageCache", keywords, &size))
+    const char *index = "lru";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|s:PageCache", keywords, &size, &index))
         return NULL;
+    int direct = strcmp(index, "direct") == 0;
+    if (!direct && strcmp(index, "lru") != 0) {
+        PyErr_Format(PyExc_ValueError, "a page cache's index is 'lru' or 'direct', not '%s'",
+                     index);
+        return NULL;
+    }
     Py_ssize_t capacity = size / PAGE > 1 ? size / PAGE : 1;
     if (capacity >= (Py_ssize_t)NIL / 2) {
         PyErr_Format(PyExc_OverflowError, "page cache of %zd bytes is too large", size);
@@ -420,15 +475,19 @@ cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         buckets <<= 1;
     self->slab = MAP_FAILED;
     self->capacity = capacity;
+    self->direct = direct;
     self->bucket_mask = buckets - 1;
     self->oldest = self->newest = self->free = NIL;
     self->slots = calloc((size_t)capacity, sizeof(Slot));
-    self->buckets = malloc(buckets * sizeof(uint32_t));
-    if (self->slots == NULL || self->buckets == NULL) {
+    if (!direct) { /* a direct-mapped cache finds a key's slot without an index */
+        self->buckets = malloc(buckets * sizeof(uint32_t));
+        if (self->buckets != NULL)
+            memset(self->buckets, 0xff, buckets * sizeof(uint32_t)); /* NIL everywhere */
+    }
+    if (self->slots == NULL || (!direct && self->buckets == NULL)) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    memset(self->buckets, 0xff, buckets * sizeof(uint32_t)); /* NIL everywhere */
     self->slab = mmap(NULL, (size_t)capacity * PAGE, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (self->slab == MAP_FAILED) {
@@ -445,8 +504,8 @@ cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static void
 cache_dealloc(PageCache *self)
 {
-    if (self->slots != NULL)
-        for (uint32_t s = 0; s < self->unused; s++)
+    if (self->slots != NULL) /* a direct-mapped cache fills slots in any order */
+        for (Py_ssize_t s = 0; s < self->capacity; s++)
             Py_CLEAR(self->slots[s].block);
     if (self->slab != MAP_FAILED)
         munmap(self->slab, (size_t)self->capacity * PAGE);
@@ -519,7 +578,16 @@ cache_observe(PageCache *self, PyObject *record)
 }
 
 PyDoc_STRVAR(keys_doc, "keys() -> list[tuple[str, int]]\n\n"
-                       "The keys held, least recently used first.");
+                       "The keys held, least recently used first (by slot when direct-mapped).");
+
+/* The slot keys() looks at after s: the next newer, or the next slot when direct-mapped. */
+static uint32_t
+next_key(const PageCache *self, uint32_t s)
+{
+    if (!self->direct)
+        return self->slots[s].newer;
+    return (Py_ssize_t)s + 1 < self->capacity ? s + 1 : NIL;
+}
 
 static PyObject *
 cache_keys(PageCache *self, PyObject *unused)
@@ -527,7 +595,10 @@ cache_keys(PageCache *self, PyObject *unused)
     PyObject *keys = PyList_New(0);
     if (keys == NULL)
         return NULL;
-    for (uint32_t s = self->oldest; s != NIL; s = self->slots[s].newer) {
+    uint32_t s = self->direct ? 0 : self->oldest;
+    for (; s != NIL; s = next_key(self, s)) {
+        if (self->slots[s].block == NULL) /* an empty slot of a direct-mapped cache */
+            continue;
         PyObject *key = Py_BuildValue("(OK)", self->slots[s].block,
                                       (unsigned long long)self->slots[s].offset);
         if (key == NULL || PyList_Append(keys, key) < 0) {
@@ -739,8 +810,9 @@ static PySequenceMethods cache_as_sequence = {
 static PyTypeObject PageCacheType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "migpipe.stream._xbzrle_cache.PageCache",
-    .tp_doc = PyDoc_STR("PageCache(size): the pages that crossed, LRU-bounded to size // 4096 "
-                        "pages (at least one); encoder and decoder update it identically."),
+    .tp_doc = PyDoc_STR("PageCache(size, index='lru'): the pages that crossed, at most size // "
+                        "4096 of them (at least one), in an LRU or, with index='direct', "
+                        "direct-mapped by page; encoder and decoder update it identically."),
     .tp_basicsize = sizeof(PageCache),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = cache_new,
