@@ -210,6 +210,31 @@ def test_an_answer_after_the_end_of_the_wire(creds: Path) -> None:
     assert client.result == [b"stream received"]
 
 
+def test_an_answer_that_came_before_the_end_is_not_lost(creds: Path) -> None:
+    """The destination may answer before the source has ended its direction (a quick load, a
+    slow source thread): finish() must not swallow that answer. It did when it sent
+    close_notify, whose second SSL_shutdown read and discarded the records already there."""
+
+    def reader(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)) as channel:
+            channel.write([b"completed\n"])
+            received = read_all(channel)
+            channel.finish()
+            return received
+
+    def writer(sock: socket.socket) -> object:
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost") as channel:
+            channel.write([b"the wire"])
+            select.select([channel.socket], [], [], JOIN)  # the answer is here (a failsafe)
+            channel.finish()
+            return read_all(channel)
+
+    server, client = connected(reader, writer)
+    assert server.error is None and client.error is None
+    assert server.result == [b"the wire"]
+    assert b"".join(client.result) == b"completed\n"
+
+
 def test_read_gathers_every_record_already_there(creds: Path) -> None:
     """Many 16 KiB records in one read, not one record per call; then a clean end."""
     parts = [b"h" * 17, payload(40 << 10), b"x" * 100, payload(50 << 10, 3)]

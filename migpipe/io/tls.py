@@ -512,9 +512,19 @@ class TlsChannel:
         read. Errors are ignored, as the peer may be gone already.
         """
         with contextlib.suppress(OSError):
+            self._keep_what_came()
             self._send_close_notify()
         with contextlib.suppress(OSError):  # not SSLSocket.shutdown, which ends reading TLS too
             socket.socket.shutdown(self.socket, socket.SHUT_WR)
+
+    def _keep_what_came(self) -> None:
+        """Take the records the peer already sent (the destination's verdict, if it answered
+        quickly) before close_notify goes out: Python's ssl sends it by running SSL_shutdown
+        twice, and the second run reads the peer's records and discards their data."""
+        buffer = bytearray(CHUNK)
+        with memoryview(buffer) as view:
+            length = self._gather(view)
+        self._early += bytes(buffer[:length])
 
     def _send_close_notify(self) -> None:
         self.socket.setblocking(False)  # else unwrap() would wait for the peer's close_notify
