@@ -241,10 +241,15 @@ class Link(Protocol):
 
     wire: int | Sink
     replies: Replies | None  # None: no peer can answer (a file, a pipe)
-    ended: float  # when confirm() ended the wire (time.monotonic)
+    ended: float  # when end() ended the wire (time.monotonic)
+
+    def end(self) -> None:
+        """End the wire once its trailer is out, so that decode releases the stream's end at
+        once (the guest waits for it), and note when; errors show in the verdict's absence."""
+        ...
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
-        """End the wire and wait for the destination's verdict (blocking)."""
+        """The destination's verdict, once the wire has ended (blocking)."""
         ...
 
     def one_way(self) -> float | None:
@@ -263,17 +268,12 @@ class FdLink:
         socket_ = stat.S_ISSOCK(os.fstat(self.wire).st_mode)
         self.replies = _fd_replies(self.wire) if socket_ else None
 
-    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
-        if self.replies is None:
-            self.ended = time.monotonic()
-            return Confirmation()
-        with socket.socket(fileno=os.dup(self.wire)) as sock:
-            try:
-                sock.shutdown(socket.SHUT_WR)  # decode on the other side sees the wire's end
-            except OSError as e:
-                return Confirmation("lost", f"the link broke at its end ({e.strerror})")
+    def end(self) -> None:
+        FdChannel(self.wire).finish()  # a socket's shutdown: the answer can still come back
         self.ended = time.monotonic()
-        return self.replies.verdict(sealer)
+
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
+        return Confirmation() if self.replies is None else self.replies.verdict(sealer)
 
     def one_way(self) -> float | None:
         if self.replies is None:
@@ -297,9 +297,11 @@ class ChannelLink:
 
         self.replies = Replies(tls.read, ready)
 
-    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
+    def end(self) -> None:
         self.wire.finish()  # the Sink's end (close_notify, our side shut): decode sees it
         self.ended = time.monotonic()
+
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         return self.replies.verdict(sealer)
 
     def one_way(self) -> float | None:
@@ -322,9 +324,12 @@ class CommandLink:
         self.ended = 0.0
         enlarge_pipe(self.wire)
 
-    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
-        self._process.stdin.close()
+    def end(self) -> None:
+        with contextlib.suppress(OSError):  # the command is gone: its exit status tells
+            self._process.stdin.close()
         self.ended = time.monotonic()
+
+    def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         answer = self.replies.verdict(sealer)
         status = self._process.wait()
         if answer.status == "lost" and status != 0:
@@ -610,7 +615,7 @@ async def migrate(
                 finish = await _through_pipe(
                     monitor,
                     "migrate",
-                    lambda fd, _: encode(fd, link.wire, chain, progress, gate.before_frame),
+                    lambda fd, _: _send(fd, link, chain, progress, gate),
                     tell_switchover_rate,
                 )
                 if isinstance(finish.carried, MigpipeError) and finish.carried_first:
@@ -683,6 +688,20 @@ async def tell_switchover_rate(monitor: qmp.Qmp) -> None:
         if told:
             with trio.CancelScope(shield=True), contextlib.suppress(MigpipeError):
                 await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: 0})
+
+
+async def _send(
+    fd: int,
+    link: Link,
+    chain: Sequence[filters.Filter],
+    progress: Progress | None,
+    gate: "EndGate",
+) -> Totals:
+    """encode from QEMU's pipe to the link, whose end goes out with the trailer: the sooner
+    decode has it, the sooner the destination can complete."""
+    totals = await encode(fd, link.wire, chain, progress, gate.before_frame)
+    await trio.to_thread.run_sync(link.end)
+    return totals
 
 
 def _trusted(answer: Confirmation, sealer: filters.Filter | None, confirmed: bool) -> Confirmation:
