@@ -1,25 +1,39 @@
-"""Convergence over a 30 MB/s link: with XBZRLE a busy guest migrates, without it it does not.
+"""The guest's real pause and convergence over a 30 MB/s link, as a user runs it (issue 21).
 
-The "busy" guest (qemuvm.GUEST_APPEND) writes single bytes all over its 32 MiB region, so every
-pass leaves ~32 MiB to send again: far more than a 30 MB/s link (`pv -q -L 30m` between encode
-and decode) carries within QEMU's default 300 ms downtime limit, but nearly all of it pages
-that an XBZRLE delta carries in a few bytes. PACINGS["busy"] leaves the switchover to QEMU from
-pass 3 on (see there why not from pass 1) and gives up, cancelling, after `give_up_pass`.
+The "busy" guest (qemuvm.GUEST_APPEND) writes single bytes all over a 64 MiB region, so every
+pass leaves most of it dirty again: far more than a 30 MB/s link (`pv -q -L 30m`) carries within
+a downtime limit, but nearly all of it pages that an XBZRLE delta carries in a few bytes. QEMU
+runs with its parameters as a user leaves them (PACINGS["busy"]: unthrottled, as libvirt
+migrates, and the downtime limit from the first pass), with QEMU's default limit of 300 ms and
+with 50 ms, a limit operators set; on QEMU 7.2 and 10.0.
 
-Three migrations of it over the same link: `migpipe encode` alone must not converge; `encode
---xbzrle` and QEMU's own xbzrle capability must, with the destination holding exactly what the
-source sent (tests/oracle.py), checked the same way for both. A control shows that the guest is
-too busy for the link by itself, with no migpipe and QEMU deciding from pass 1.
+For each build and limit, QEMU's own xbzrle over the bare link is the control: it converges,
+and what it puts on the link is the reference. `migpipe encode --xbzrle --compress zstd:1 |
+link` into `migpipe decode` as the destination's exec: command, and `migpipe migrate --qmp`
+with the same filters into `migpipe incoming --qmp` over the same link, must converge too,
+with the destination holding exactly what the source sent (tests/oracle.py), at most 0.4
+times the control's bytes on the link, and a real pause (the source's STOP to the
+destination's completion, QMP timestamps of one host) that QEMU's own downtime figure
+undercounts by at most TAIL_MS: what the tunnel still held when QEMU wrote its last byte.
+migrate's own figure of the pause must be what the events say. Issue 21 asks more: the pause
+within the limit plus 10 ms in every run. That is not asserted, because it does not hold in
+every run yet: QEMU stops the guest when what is left fits its estimate of the rate, taken in
+100 ms samples, and through a tunnel whose rate in QEMU bytes depends on how well the pages
+compress it now and then overshoots (a sample of pages that compressed well before pages
+that do not); the table shows each run's pause beside the limit. Without XBZRLE (the bare
+link, plain `encode`) nothing converges.
 
 "Must not converge" is: the harness gives up at pass GIVE_UP (NotConverged), or QEMU, misled
 about the link's speed, switches over with more left to send than the link carries within the
-downtime limit (see _not_converged). The module prints a comparison (seconds, passes,
-bytes) at its end; each test also records its figures with `record_property` (--junitxml).
+downtime limit (see _not_converged). The module prints a comparison at its end; each test also
+records its figures with `record_property` (--junitxml).
 """
 
 import dataclasses
 import json
 import shlex
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +42,23 @@ from typing import Any
 import oracle
 import pytest
 import qemuvm
+from support import MIGPIPE as MIGPIPE_ARGS
 from support import MIGPIPE_SHELL as MIGPIPE
 
 pytestmark = pytest.mark.qemu
 LINK = "pv -q -L 30m"
 LINK_RATE = 30 << 20  # bytes per second: pv's "m" is MiB
-DOWNTIME_S = 0.3  # QEMU's default downtime limit, PACINGS["busy"] from pass 3 on
-GIVE_UP = 8  # passes: ~6 s without XBZRLE (the converging runs took 5-11, under BUSY's 20)
+LIMITS_MS = (300, 50)  # QEMU's default downtime limit, and a tight one
+GIVE_UP = 8  # passes, for the migrations that must not converge
 BUSY = qemuvm.PACINGS["busy"]
-REGION_PAGES = 8192  # the guest's dirtied region (tests/guest/guest.c)
+REGION_PAGES = qemuvm.BUSY_PAGES
+FILTERS = "--xbzrle --compress zstd:1"
+# What the tunnel may add to QEMU's own downtime figure. Measured here (16 runs of each path,
+# this change): 5-31 ms through exec:, 4-97 ms through migrate, whose link is a command
+# (tee | pv | incoming); pv sends in 100 ms slots, so the final pass's wire bytes may wait for
+# the next one. Before it: 30-890 ms (1-4 MiB pipes, 1 MiB frames, 4 MiB socket buffers).
+TAIL_MS = 100
+LINK_SHARE = 0.4  # of the control's bytes on the link, at most
 
 
 @dataclass
@@ -47,9 +69,9 @@ class Row:
     seconds: float  # `migrate` to destination loaded, or to the give-up pass
     passes: int  # QEMU's dirty-sync count
     qemu_bytes: int  # what the source sent
-    wire_bytes: int | None  # what crossed the link (None: not known, see the callers)
+    link_bytes: int | None  # what crossed the link (None: not known, see the callers)
     downtime_ms: int | None  # QEMU's own figure (it ends when the last byte enters the sender)
-    downtime_bytes: int | None  # what QEMU sent with the guest stopped
+    pause_ms: int | None  # the guest's real pause: source STOP to destination completed
 
 
 Record = Callable[[str, Row], None]
@@ -91,48 +113,58 @@ def _table(rows: dict[str, Row]) -> list[str]:
         return "-" if value is None else f"{value:,}"
 
     lines = [
-        f"{'':24} {'outcome':>13} {'seconds':>7} {'passes':>6} {'QEMU bytes':>12} "
-        f"{'wire bytes':>12} {'downtime ms':>11} {'downtime B':>11}"
+        f"{'':46} {'outcome':>13} {'seconds':>7} {'passes':>6} {'QEMU bytes':>13} "
+        f"{'link bytes':>12} {'downtime ms':>11} {'pause ms':>8}"
     ]
     for label, r in rows.items():
         lines.append(
-            f"{label:24} {r.outcome:>13} {r.seconds:7.2f} {r.passes:6} {num(r.qemu_bytes):>12} "
-            f"{num(r.wire_bytes):>12} {num(r.downtime_ms):>11} {num(r.downtime_bytes):>11}"
+            f"{label:46} {r.outcome:>13} {r.seconds:7.2f} {r.passes:6} {num(r.qemu_bytes):>13} "
+            f"{num(r.link_bytes):>12} {num(r.downtime_ms):>11} {num(r.pause_ms):>8}"
         )
     return lines
 
 
-def _not_converged(guest_elf: Path, workdir: Path, sender: str, pacing: qemuvm.Pacing) -> Row:
+def _link(sender: str) -> dict[str, str]:
+    """migrate_through's arguments for SENDER on the source's side of the link, and on the
+    destination's side what a user runs there: `migpipe decode` as its exec: command when the
+    sender is migpipe encode, else `cat` (no extra stage on either path)."""
+    receiver = f"{MIGPIPE} decode" if sender.startswith(f"{MIGPIPE} encode") else "cat"
+    return {"sender": f"{sender} > {{fifo}}", "incoming": f"exec:{receiver} < {{fifo}}"}
+
+
+def _not_converged(
+    guest_elf: Path, build: qemuvm.QemuBuild, workdir: Path, sender: str, pacing: qemuvm.Pacing
+) -> Row:
     """Migrate over SENDER, which must not manage a switchover within the downtime limit.
 
     The wire bytes are not known: the sender is cut off when the migration is cancelled, so
     `encode` writes no figures; plain `encode` puts on the wire what it reads, plus framing.
     """
     try:
-        migration = qemuvm.migrate_through(guest_elf, "busy", workdir, sender=sender, pacing=pacing)
+        migration = qemuvm.migrate_through(
+            guest_elf, "busy", workdir, pacing=pacing, qemu=build, **_link(sender)
+        )
     except qemuvm.NotConverged as exc:
         ram = exc.info["ram"]
         # Not a near miss: what is still dirty is more than twice what the limit allows.
-        assert ram["remaining"] > 2 * LINK_RATE * DOWNTIME_S, exc.info
+        assert ram["remaining"] > 2 * LINK_RATE * pacing.downtime_ms / 1000, exc.info
         return Row(
             outcome="gave up",
             seconds=exc.seconds,
             passes=exc.passes,
             qemu_bytes=ram["transferred"],
-            wire_bytes=None,
+            link_bytes=None,
             downtime_ms=None,
-            downtime_bytes=None,
+            pause_ms=None,
         )
-    # QEMU switched over anyway. Behind `migpipe encode` that happens now and then: QEMU sees
-    # the link through encode's read-ahead (~20 MB), and when that has drained it takes a
-    # burst that one of QEMU's 100 ms bandwidth samples reads as several times the link's
-    # rate (in one run QEMU then sent 25.9 MB in its "219 ms" of downtime). That is no
-    # convergence: what QEMU sent with the guest stopped still had to cross the link, so the
-    # guest's real downtime was at least downtime-bytes / link rate, more than the limit
-    # (measured: 1.6 s for 33.5 MB; with XBZRLE those bytes shrink, so no such bound holds).
+    # QEMU switched over anyway: one of its 100 ms bandwidth samples caught a burst (pv lets
+    # unused allowance through at once; over the bare link once in ~30 runs) and read it as
+    # several times the link's rate. That is no convergence: what QEMU sent with the guest
+    # stopped still had to cross the link, so the guest's real pause was at least
+    # downtime-bytes / link rate, more than the limit.
     info = migration.source_info
     ram = info["ram"]
-    assert ram["downtime-bytes"] > LINK_RATE * DOWNTIME_S, (
+    assert ram["downtime-bytes"] > LINK_RATE * pacing.downtime_ms / 1000, (
         f"converged for real: {migration.seconds:.2f} s, {ram['dirty-sync-count']} passes: {info}"
     )
     return Row(
@@ -140,71 +172,174 @@ def _not_converged(guest_elf: Path, workdir: Path, sender: str, pacing: qemuvm.P
         seconds=migration.seconds,
         passes=ram["dirty-sync-count"],
         qemu_bytes=ram["transferred"],
-        wire_bytes=None,
+        link_bytes=None,
         downtime_ms=info.get("downtime"),
-        downtime_bytes=ram["downtime-bytes"],
+        pause_ms=round(migration.real_pause * 1000),
     )
 
 
 def _converged(
-    guest_elf: Path, workdir: Path, filters: str, pacing: qemuvm.Pacing
-) -> tuple[Row, dict[str, Any], oracle.Replay]:
-    """Migrate over `encode FILTERS | LINK | decode`; check the destination against the oracle."""
-    stats_path = workdir / "encode.json"
-    sender = (
-        f"{MIGPIPE} encode {filters} --stats-json {shlex.quote(str(stats_path))} "
-        f"| {LINK} | {MIGPIPE} decode > {{fifo}}"
+    guest_elf: Path, build: qemuvm.QemuBuild, workdir: Path, sender: str, pacing: qemuvm.Pacing
+) -> tuple[qemuvm.Migration, oracle.Replay]:
+    """Migrate over SENDER, which must converge; check the destination against the oracle."""
+    migration = qemuvm.migrate_through(
+        guest_elf, "busy", workdir, pacing=pacing, qemu=build, **_link(sender)
     )
-    migration = qemuvm.migrate_through(guest_elf, "busy", workdir, sender=sender, pacing=pacing)
     assert migration.sender_status == 0
-    info = migration.source_info
-    assert info["status"] == "completed"
+    assert migration.source_info["status"] == "completed"
     replay = oracle.replay(migration.source_stream)
     assert replay.pages_resent > 0  # a live, multi-pass migration
     diff = oracle.first_difference(migration.dest_memory, replay.image)
     assert diff is None, diff
-    stats = json.loads(stats_path.read_text())
-    assert stats["qemu_bytes"] == migration.source_stream.stat().st_size
-    row = Row(
+    return migration, replay
+
+
+def _row(migration: qemuvm.Migration, link_bytes: int) -> Row:
+    info = migration.source_info
+    return Row(
         outcome="converged",
         seconds=migration.seconds,
         passes=info["ram"]["dirty-sync-count"],
-        qemu_bytes=stats["qemu_bytes"],
-        wire_bytes=stats["wire_bytes"],
-        downtime_ms=info.get("downtime"),
-        downtime_bytes=info["ram"]["downtime-bytes"],
+        qemu_bytes=migration.source_stream.stat().st_size,
+        link_bytes=link_bytes,
+        downtime_ms=info["downtime"],
+        pause_ms=round(migration.real_pause * 1000),
     )
-    return row, stats, replay
+
+
+_controls: dict[tuple[str, int], Row] = {}
+
+
+def _control(guest_elf: Path, build: qemuvm.QemuBuild, workdir: Path, limit: int) -> Row:
+    """QEMU's own xbzrle over the bare link (once per build and limit): the reference."""
+    key = (str(build), limit)
+    if key not in _controls:
+        pacing = dataclasses.replace(BUSY, downtime_ms=limit, xbzrle=True)
+        migration, replay = _converged(guest_elf, build, workdir, LINK, pacing)
+        assert replay.xbzrle_pages > 0
+        _controls[key] = _row(migration, migration.source_stream.stat().st_size)
+    return _controls[key]
+
+
+@pytest.mark.parametrize("limit", LIMITS_MS)
+def test_qemu_xbzrle_converges(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, record: Record, limit: int
+) -> None:
+    """The control: QEMU's own xbzrle, no migpipe. Its pause is QEMU's downtime and little more."""
+    row = _control(guest_elf, qemu_build, tmp_path, limit)
+    record(f"{qemu_build} {limit} ms: QEMU xbzrle, bare link", row)
+
+
+@pytest.mark.parametrize("limit", LIMITS_MS)
+def test_migpipe_xbzrle_converges_and_keeps_the_pause(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, record: Record, limit: int
+) -> None:
+    control = _control(guest_elf, qemu_build, tmp_path / "control", limit)
+    stats_path = tmp_path / "encode.json"
+    sender = f"{MIGPIPE} encode {FILTERS} --stats-json {shlex.quote(str(stats_path))} | {LINK}"
+    pacing = dataclasses.replace(BUSY, downtime_ms=limit)
+    migration, _ = _converged(guest_elf, qemu_build, tmp_path, sender, pacing)
+    stats = json.loads(stats_path.read_text())
+    assert stats["qemu_bytes"] == migration.source_stream.stat().st_size
+    counters = stats["filters"]["xbzrle"]
+    assert counters["hits"] > REGION_PAGES // 2, counters  # deltas, not just a lucky pass
+    row = _row(migration, stats["wire_bytes"])
+    record(f"{qemu_build} {limit} ms: encode {FILTERS}", row)
+    assert row.link_bytes <= LINK_SHARE * control.link_bytes, (row, control, counters)
+    assert row.pause_ms - row.downtime_ms <= TAIL_MS, row
 
 
 def test_the_link_alone_is_too_slow_for_the_busy_guest(
-    guest_elf: Path, tmp_path: Path, record: Record
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, record: Record
 ) -> None:
-    """The control: no migpipe, and QEMU's 300 ms limit from pass 1 (its estimate is sound)."""
-    pacing = dataclasses.replace(
-        BUSY, downtime_ms=300, switchover_pass=None, give_up_pass=GIVE_UP, give_up_seconds=0
-    )
-    row = _not_converged(guest_elf, tmp_path, f"{LINK} > {{fifo}}", pacing)
-    record("plain pv link (control)", row)
+    """No migpipe and no xbzrle: QEMU's estimate of the bare link is sound, and it iterates."""
+    pacing = dataclasses.replace(BUSY, give_up_pass=GIVE_UP, give_up_seconds=0)
+    row = _not_converged(guest_elf, qemu_build, tmp_path, LINK, pacing)
+    record(f"{qemu_build} 300 ms: bare link (control)", row)
 
 
 def test_without_xbzrle_the_migration_does_not_converge(
-    guest_elf: Path, tmp_path: Path, record: Record
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, record: Record
 ) -> None:
-    sender = f"{MIGPIPE} encode | {LINK} | {MIGPIPE} decode > {{fifo}}"
     pacing = dataclasses.replace(BUSY, give_up_pass=GIVE_UP, give_up_seconds=0)
-    record("encode (no xbzrle)", _not_converged(guest_elf, tmp_path, sender, pacing))
+    row = _not_converged(guest_elf, qemu_build, tmp_path, f"{MIGPIPE} encode | {LINK}", pacing)
+    record(f"{qemu_build} 300 ms: encode (no xbzrle)", row)
 
 
-def test_migpipe_xbzrle_converges(guest_elf: Path, tmp_path: Path, record: Record) -> None:
-    row, stats, _ = _converged(guest_elf, tmp_path, "--xbzrle", BUSY)
-    counters = stats["filters"]["xbzrle"]
-    assert counters["hits"] > REGION_PAGES // 2, counters  # deltas, not just a lucky pass
-    assert stats["wire_bytes"] < stats["qemu_bytes"]
-    record("encode --xbzrle", row)
+@pytest.mark.parametrize("limit", LIMITS_MS)
+def test_migrate_qmp_xbzrle_converges_and_keeps_the_pause(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, record: Record, limit: int
+) -> None:
+    """The same through `migpipe migrate --qmp` and `incoming --qmp`, as a management daemon
+    drives them: the link is the command between them, and what crossed it is kept (tee) for
+    the oracle. migrate's own figure of the pause must be what the VMs' events say."""
+    control = _control(guest_elf, qemu_build, tmp_path / "control", limit)
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    wire, stats_path = tmp_path / "wire", tmp_path / "migrate.json"
+    incoming = shlex.join([*MIGPIPE_ARGS, "incoming", "--qmp", str(dst_qmp)])
+    link = f"tee {shlex.quote(str(wire))} | {LINK} | {incoming}"
+    pacing = dataclasses.replace(BUSY, downtime_ms=limit)
+    dest_args = ["-S", "-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    with (
+        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build) as dest,
+        qemuvm.source_vm(
+            guest_elf,
+            "busy",
+            tmp_path,
+            pacing=pacing,
+            args=qemuvm.qmp_socket_args(src_qmp),
+            qemu=qemu_build,
+        ) as src,
+    ):
+        command = [*MIGPIPE_ARGS, "migrate", "--qmp", str(src_qmp), *FILTERS.split()]
+        command += ["--stats-json", str(stats_path), "--", "sh", "-c", link]
+        start = time.monotonic()
+        migrate = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            status = _follow(src, pacing.give_up_seconds)
+            seconds = time.monotonic() - start
+            _, err = migrate.communicate(timeout=qemuvm.MIGRATION_TIMEOUT)
+        finally:
+            migrate.kill()
+            migrate.wait()
+        assert status == "completed", err
+        assert migrate.returncode == 0, err
+        loaded = qemuvm.wait_incoming(dest)
+        stop = src.qmp.wait_event("STOP")  # queued while the migration ran
+        memory = dest.pmemsave(tmp_path / "dest.mem")
+        info = src.qmp.execute("query-migrate")
+    stream = tmp_path / "sent.stream"
+    subprocess.run([*MIGPIPE_ARGS, "decode", "--in", str(wire), "--out", str(stream)], check=True)
+    replay = oracle.replay(stream)
+    assert replay.pages_resent > 0
+    diff = oracle.first_difference(memory, replay.image)
+    assert diff is None, diff
+    pause = json.loads(stats_path.read_text())["real_pause"]
+    events_ms = (qemuvm.event_time(loaded) - qemuvm.event_time(stop)) * 1000
+    row = Row(
+        outcome="converged",
+        seconds=seconds,
+        passes=info["ram"]["dirty-sync-count"],
+        qemu_bytes=stream.stat().st_size,
+        link_bytes=wire.stat().st_size,
+        downtime_ms=info["downtime"],
+        pause_ms=round(events_ms),
+    )
+    record(f"{qemu_build} {limit} ms: migrate --qmp {FILTERS}", row)
+    assert abs(pause["ms"] - events_ms) <= 10, (pause, events_ms)  # migrate's figure is right
+    assert row.link_bytes <= LINK_SHARE * control.link_bytes, (row, control)
+    assert row.pause_ms - row.downtime_ms <= TAIL_MS, row
 
 
-def test_qemu_xbzrle_converges(guest_elf: Path, tmp_path: Path, record: Record) -> None:
-    row, _, replay = _converged(guest_elf, tmp_path, "", dataclasses.replace(BUSY, xbzrle=True))
-    assert replay.xbzrle_pages > 0
-    record("QEMU xbzrle + encode", row)
+def _follow(src: qemuvm.Vm, give_up_seconds: float) -> str:
+    """The source's final migration status, on the harness's own monitor; a migration still
+    running after `give_up_seconds` is cancelled (not converged), as run_migration does."""
+    deadline = time.monotonic() + give_up_seconds
+    while True:
+        try:
+            event = src.qmp.wait_event("MIGRATION", timeout=max(deadline - time.monotonic(), 0.1))
+        except TimeoutError:
+            src.qmp.execute("migrate_cancel")
+            return f"not converged in {give_up_seconds:.0f} s: cancelled"
+        if event["data"]["status"] in ("completed", "failed", "cancelled"):
+            return event["data"]["status"]
