@@ -68,7 +68,7 @@ def test_an_older_destinations_verdict_has_no_figures() -> None:
     answer = Confirmation.parse(b'{"status": "completed", "error": ""}\n', None, 1)
     assert answer == Confirmation("completed")
     pause = Pause(source=0.030, landing=answer.landing, round_trip=0.004, one_way=None)
-    assert (pause.link, pause.total) == (None, None)
+    assert pause.parts() == (0.030, None, None) and pause.total is None
     assert pause.figures(25)["ms"] is None and pause.figures(25)["source_ms"] == 30.0
     assert "no figures from the destination" in pause.describe()
 
@@ -120,7 +120,7 @@ def test_the_pause_is_the_round_trip_less_what_the_destination_held_and_the_way_
     destination held it 2.5 ms and its way back took 0.5 ms: the wire's end took 7 ms to reach
     decode (what the link still held), and the pause is 30 + 7 + 2.1 ms."""
     pause = Pause(source=0.030, landing=LANDING, round_trip=0.010, one_way=0.0005)
-    assert pause.link == pytest.approx(0.007)
+    assert pause.parts() == pytest.approx((0.030, 0.007, 0.0021))
     assert pause.total == pytest.approx(0.0391)
     assert pause.figures(25) == {
         "ms": 39.1,
@@ -136,11 +136,13 @@ def test_the_pause_is_the_round_trip_less_what_the_destination_held_and_the_way_
     assert "one-way time not measured" in unmeasured.describe()
 
 
-def test_the_link_part_is_never_negative() -> None:
-    """A one-way time longer than what is left of the round trip (clocks drift by parts per
-    million, the kernel's smallest round trip is not this one's): the link took no time."""
+def test_a_wire_end_timed_late_is_the_sources_time_not_a_negative_link() -> None:
+    """The total does not depend on when either side timed the wire's end: STOP to the
+    verdict's arrival less the destination's time after its load and the way back. The source
+    timed it 0.4 ms after it was: the link's part is 0, the 0.4 ms came off the source's."""
     pause = Pause(source=0.030, landing=LANDING, round_trip=0.0026, one_way=0.0005)
-    assert pause.link == 0.0 and pause.total == pytest.approx(0.0321)
+    assert pause.total == pytest.approx(0.0317)
+    assert pause.parts() == pytest.approx((0.0296, 0.0, 0.0021))
 
 
 def test_the_rate_told_is_a_seconds_average_and_never_above_qemus_own() -> None:

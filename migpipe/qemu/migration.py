@@ -241,11 +241,12 @@ class Link(Protocol):
 
     wire: int | Sink
     replies: Replies | None  # None: no peer can answer (a file, a pipe)
-    ended: float  # when end() ended the wire (time.monotonic)
+    ended: float  # when the trailer went out (time.monotonic), as end() was told
 
-    def end(self) -> None:
-        """End the wire once its trailer is out, so that decode releases the stream's end at
-        once (the guest waits for it), and note when; errors show in the verdict's absence."""
+    def end(self, at: float) -> None:
+        """End the wire, whose trailer went out `at`, so that decode releases the stream's end
+        at once (the guest waits for it); errors show in the verdict's absence. It does not
+        block: a shutdown or a close."""
         ...
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
@@ -268,9 +269,9 @@ class FdLink:
         socket_ = stat.S_ISSOCK(os.fstat(self.wire).st_mode)
         self.replies = _fd_replies(self.wire) if socket_ else None
 
-    def end(self) -> None:
+    def end(self, at: float) -> None:
+        self.ended = at
         FdChannel(self.wire).finish()  # a socket's shutdown: the answer can still come back
-        self.ended = time.monotonic()
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         return Confirmation() if self.replies is None else self.replies.verdict(sealer)
@@ -297,9 +298,9 @@ class ChannelLink:
 
         self.replies = Replies(tls.read, ready)
 
-    def end(self) -> None:
+    def end(self, at: float) -> None:
+        self.ended = at
         self.wire.finish()  # the Sink's end (close_notify, our side shut): decode sees it
-        self.ended = time.monotonic()
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         return self.replies.verdict(sealer)
@@ -324,10 +325,10 @@ class CommandLink:
         self.ended = 0.0
         enlarge_pipe(self.wire)
 
-    def end(self) -> None:
+    def end(self, at: float) -> None:
+        self.ended = at
         with contextlib.suppress(OSError):  # the command is gone: its exit status tells
             self._process.stdin.close()
-        self.ended = time.monotonic()
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         answer = self.replies.verdict(sealer)
@@ -379,58 +380,60 @@ def command_link(argv: Sequence[str]) -> Iterator[CommandLink]:
 @dataclass(frozen=True)
 class Pause:
     """The guest's real pause, as the source works it out: from its QEMU's STOP to the
-    destination's load end, on two clocks that are never compared. Each side times its own part
-    on its own monotonic clock; the link's part is what is left of the round trip at the end:
-    the verdict arrived `round_trip` after the wire's end, the destination held it for
-    landing.loaded + landing.answered of that, and its way back took the link's one-way time.
-    So whatever the link and the buffers on both ends still held when the wire ended counts,
-    which the one-way time alone would miss."""
+    destination's load end, on two clocks that are never compared. The verdict arrived
+    `source + round_trip` after STOP, on the source's clock; of that, the destination's
+    `landing.answered` came after its load's end, and the verdict's own way back took the
+    link's one-way time. Each side's part is timed on its own clock, the link's is the rest:
+    the wire's end crossing behind whatever the link and the buffers on both ends still held,
+    which a one-way time alone would miss."""
 
-    source: float  # STOP to the wire's end (migrate ended its writing direction)
+    source: float  # STOP to the wire's end (the trailer out, the wire ended)
     landing: Landing | None  # the destination's part; None when it reported none
     round_trip: float  # the wire's end to the verdict's arrival
     one_way: float | None  # None: not measured (not a TCP connection), counted as 0
 
     @property
-    def link(self) -> float | None:
-        """The wire's end to decode reading it: the one-way time and all still in flight."""
+    def total(self) -> float | None:
         if self.landing is None:
             return None
-        held = self.landing.loaded + self.landing.answered
-        return max(0.0, self.round_trip - held - (self.one_way or 0.0))
+        return self.source + self.round_trip - self.landing.answered - (self.one_way or 0.0)
 
-    @property
-    def total(self) -> float | None:
-        link = self.link
-        if link is None or self.landing is None:
-            return None
-        return self.source + link + self.landing.loaded
+    def parts(self) -> tuple[float, float | None, float | None]:
+        """The source's, the link's and the destination's part, adding up to the total. A
+        wire's end timed late (the source's thread held up) would make the link's negative:
+        that time is the source's."""
+        total, landing = self.total, self.landing
+        if total is None or landing is None:
+            return self.source, None, None
+        link = max(0.0, total - self.source - landing.loaded)
+        return total - link - landing.loaded, link, landing.loaded
 
     def figures(self, qemu_downtime_ms: object) -> dict[str, Any]:
         """For --stats-json, in milliseconds: None where the destination reported nothing."""
-        landing = self.landing
+        source, link, destination = self.parts()
         return {
             "ms": _ms(self.total),
             "qemu_downtime_ms": qemu_downtime_ms,
-            "source_ms": _ms(self.source),
-            "link_ms": _ms(self.link),
-            "destination_ms": _ms(landing.loaded if landing else None),
+            "source_ms": _ms(source),
+            "link_ms": _ms(link),
+            "destination_ms": _ms(destination),
             "one_way_ms": _ms(self.one_way),
-            "end": landing.end if landing else None,
+            "end": self.landing.end if self.landing else None,
         }
 
     def describe(self) -> str:
         """The summary's line on the parts."""
-        source = f"source {self.source * 1e3:,.1f} ms (STOP to the wire's end)"
-        if self.landing is None:
+        source, link, destination = self.parts()
+        said = f"source {source * 1e3:,.1f} ms (STOP to the wire's end)"
+        if link is None or destination is None or self.landing is None:
             return (
-                f"real pause: {source}; no figures from the destination "
+                f"real pause: {said}; no figures from the destination "
                 "(not migpipe incoming, or an older one)"
             )
         one_way = "not measured" if self.one_way is None else f"{self.one_way * 1e3:,.2f} ms"
         return (
-            f"real pause: {source}, link {self.link * 1e3:,.1f} ms (the wire's end to decode, "
-            f"one-way time {one_way}), destination {self.landing.loaded * 1e3:,.1f} ms "
+            f"real pause: {said}, link {link * 1e3:,.1f} ms (the wire's end to decode, "
+            f"one-way time {one_way}), destination {destination * 1e3:,.1f} ms "
             f"(the wire's end to the load {self.landing.end})"
         )
 
@@ -700,7 +703,10 @@ async def _send(
     """encode from QEMU's pipe to the link, whose end goes out with the trailer: the sooner
     decode has it, the sooner the destination can complete."""
     totals = await encode(fd, link.wire, chain, progress, gate.before_frame)
-    await trio.to_thread.run_sync(link.end)
+    # Timed before anything allocates (a garbage collection can take milliseconds), and ended
+    # at once (so can a thread's start): encode itself ends a socket's or a pipe's.
+    ended = time.monotonic()
+    link.end(ended)
     return totals
 
 
