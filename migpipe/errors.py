@@ -27,6 +27,13 @@ def leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
+def printable(data: bytes) -> str:
+    """Bytes from a peer or a file as a message shows them: printable ASCII as it is, any other
+    byte as \\xNN, in double quotes (not Python's b'...' repr)."""
+    text = "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in data)
+    return f'"{text}"'
+
+
 class MigpipeError(Exception):
     """A failure explained for the user, with the stream offset where it was found, if any."""
 

@@ -1,11 +1,13 @@
 """inspect, extract, generate and the demo, through the API and the real CLI."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
-from support import PAGE, migpipe, synthetic_stream
+from support import MIGPIPE, PAGE, free_port, migpipe, synthetic_stream
 
+from migpipe import __version__
 from migpipe.errors import MigpipeError
 from migpipe.stream.parser import parse_bytes
 from migpipe.stream.writer import write_records
@@ -219,3 +221,193 @@ def test_stats_json_is_checked_before_the_job_and_never_fails_a_finished_one(
     assert b"warning: the job completed, but --stats-json /dev/full could not be written" in (
         full.stderr
     )
+
+
+# -- what a user sees when something around migpipe is off --------------------------------------
+
+
+def test_closed_stdin_and_stdout_are_one_line_that_names_them(stream: bytes) -> None:
+    """`migpipe inspect <&-` and `migpipe generate >&-`: the closed stream named, no traceback."""
+    import os
+
+    inspect = migpipe("inspect", stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert inspect.returncode == 1
+    assert inspect.stderr == b"migpipe inspect: error: standard input (fd 0) is closed\n"
+    generate = subprocess.run(
+        [*MIGPIPE, "generate", "--synthetic", "--size", "256K"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+        check=False,
+    )
+    assert generate.returncode == 1
+    assert generate.stderr == b"migpipe generate: error: standard output (fd 1) is closed\n"
+
+
+@pytest.mark.parametrize(
+    "args", [("inspect", "-"), ("generate", "--synthetic", "--size", "1M")], ids=lambda a: a[0]
+)
+def test_a_reader_that_goes_ends_migpipe_quietly_as_cat(stream: bytes, args: tuple) -> None:
+    """`migpipe inspect x | head`: the reader gone, migpipe dies of SIGPIPE as cat does, without
+    a word (a shell shows 141); its output pipe's reading end is closed before it writes."""
+    import os
+    import signal
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [*MIGPIPE, *args], input=stream, stdout=write, stderr=subprocess.PIPE, check=False
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (-signal.SIGPIPE, b"")
+
+
+def test_an_fd_option_that_names_no_open_fd_says_which() -> None:
+    result = migpipe("restore", "--fd", "99", "vm.mig")
+    assert result.returncode == 1
+    assert result.stderr == b"migpipe restore: error: --fd 99: Bad file descriptor\n"
+
+
+def test_messages_show_no_python_reprs(tmp_path: Path) -> None:
+    """A port in use, a bad page mix, a bad endpoint: said in the user's words, never with a
+    tuple, a dict or repr quotes."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = migpipe("decode", "--listen", f"127.0.0.1:{port}")
+    assert (
+        busy.stderr
+        == (
+            f"migpipe decode: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+        ).encode()
+    )
+    mix = migpipe("generate", "--synthetic", "--mix", "bogus=1", "-o", str(tmp_path / "x"))
+    assert mix.stderr == (
+        b"migpipe generate: error: page mix bogus=1 must weigh zero, text, structured, random\n"
+    )
+    endpoint = migpipe("decode", "--connect", "host:99999")
+    assert endpoint.stderr == (
+        b"migpipe decode: error: bad endpoint host:99999: "
+        b"expected HOST:PORT, [V6]:PORT or unix:PATH\n"
+    )
+    for result in (busy, mix, endpoint):
+        assert not set(b"'{}()<>") & set(result.stderr.split(b": error: ")[1])
+
+
+def test_progress_json_is_a_json_object_per_line(stream: bytes) -> None:
+    wire = migpipe("encode", "--progress=json", "--xbzrle", stdin=stream)
+    assert wire.returncode == 0, wire.stderr
+    result = migpipe("decode", "--progress=json", stdin=wire.stdout)
+    assert result.returncode == 0, result.stderr
+    for run, command in ((wire, "encode"), (result, "decode")):
+        records = [json.loads(line) for line in run.stderr.decode().splitlines()]
+        assert all(r["done"] is False for r in records[:-1])
+        assert records[-1]["done"] is True and records[-1]["command"] == command
+        assert records[-1]["qemu_bytes"] == len(stream)
+    assert records[-1]["wire_bytes"] == len(wire.stdout)
+    assert records[-1]["pages"]["normal"] > 0
+
+
+def test_quiet_leaves_warnings_and_errors_only(stream: bytes) -> None:
+    """-q before or after the command: no progress, and only the warning of a job that
+    completed; an error is still said."""
+    for args in (("-q", "encode"), ("encode", "-q")):
+        result = migpipe(*args, "--progress", "--stats-json", "/dev/full", stdin=stream)
+        assert result.returncode == 0
+        assert result.stderr == (
+            b"migpipe encode: warning: the job completed, but --stats-json /dev/full could not "
+            b"be written (No space left on device)\n"
+        )
+    failed = migpipe("-q", "inspect", stdin=b"not a migration stream at all")
+    assert failed.returncode == 1 and failed.stderr.startswith(b"migpipe inspect: error: not a")
+
+
+def test_verbose_says_what_it_does_at_each_step(stream: bytes) -> None:
+    """-v on a decode that listens and an encode that connects: what each was asked to do,
+    where it listens, what it accepted, where it connected."""
+    address = free_port()
+    decode = subprocess.Popen(
+        [*MIGPIPE, "-v", "decode", "--listen", address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    encode = migpipe("encode", "-v", "--compress", "lz4", "--connect", address, stdin=stream)
+    out, err = decode.communicate(timeout=60)
+    assert (encode.returncode, decode.returncode, out) == (0, 0, stream), err
+    said = encode.stderr.decode().splitlines()
+    assert said[0] == f"migpipe encode: migpipe {__version__}, --in -, --connect {address}, " + (
+        "--compress lz4"
+    )
+    assert said[1].startswith(f"migpipe encode: connecting to {address} (retried for 30 s")
+    assert f"migpipe encode: connected to {address}" in said
+    heard = err.decode().splitlines()
+    assert heard[1] == f"migpipe decode: listening on {address} for 120 s"
+    assert heard[2].startswith(f"migpipe decode: accepted a connection on {address} from ")
+
+
+def test_a_qmp_monitor_that_never_greets_is_a_deadline_not_a_hang(tmp_path: Path) -> None:
+    """QEMU serves one QMP client per socket: a second one (libvirt holds the first) is
+    accepted by the kernel and never greeted. A socket that listens and never speaks is that."""
+    import socket
+
+    path = tmp_path / "busy.qmp"
+    with socket.socket(socket.AF_UNIX) as held:
+        held.bind(str(path))
+        held.listen()
+        result = migpipe("save", "--qmp", str(path), "--qmp-timeout", "0.5", str(tmp_path / "x"))
+    assert result.returncode == 5
+    assert (
+        result.stderr
+        == (
+            f"migpipe save: error: no QMP greeting from {path} within 0.5 s (is another client, "
+            "such as libvirt, connected to it? --qmp-timeout sets the wait)\n"
+        ).encode()
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_listen_nobody_connects_to_ends_at_its_deadline() -> None:
+    address = free_port()
+    result = migpipe("decode", "--listen", address, "--accept-timeout", "0.3")
+    assert result.returncode == 5
+    assert (
+        result.stderr
+        == f"migpipe decode: error: no connection on {address} within 0.3 s\n".encode()
+    )
+
+
+def test_verbose_names_qemu_and_its_version(tmp_path: Path) -> None:
+    """A monitor that greets as QEMU 7.2.0 does, takes qmp_capabilities, then hangs up: -v
+    has said whom migpipe talks to before the error says what went wrong."""
+    import socket
+    import threading
+
+    path = tmp_path / "vm.qmp"
+    greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}}}
+
+    def monitor(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as peer:
+            peer.write(json.dumps(greeting).encode() + b"\n")
+            peer.flush()
+            ident = json.loads(peer.readline())["id"]
+            peer.write(json.dumps({"return": {}, "id": ident}).encode() + b"\n")
+            peer.flush()
+            peer.readline()  # the next command: answered by hanging up
+
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        thread = threading.Thread(target=monitor, args=(server,))
+        thread.start()
+        result = migpipe("-v", "save", "--qmp", str(path), str(tmp_path / "vm.mig"))
+        thread.join(30)
+    said = result.stderr.decode().splitlines()
+    assert f"migpipe save: QEMU 7.2.0 greeted on {path}" in said
+    assert said[-1].startswith("migpipe save: error: ") and result.returncode != 0

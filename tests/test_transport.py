@@ -163,7 +163,7 @@ def test_strays_do_not_end_a_decoding_listener(stream: bytes) -> None:
     assert out == stream
     assert err.decode().splitlines() == [
         f"migpipe decode: refused a connection on {address} from 127.0.0.1:{http}: "
-        "not a migpipe wire (it began with b'GET / HT')",
+        'not a migpipe wire (it began with "GET / HT")',
         f"migpipe decode: refused a connection on {address} from 127.0.0.1:{empty}: "
         "closed without sending anything",
         f"migpipe decode: refused a connection on {address} from 127.0.0.1:{short}: "
@@ -226,7 +226,7 @@ def test_refusals_are_logged_at_a_bounded_rate(monkeypatch: pytest.MonkeyPatch) 
     assert all(
         re.fullmatch(
             rf"refused a connection on {address} from 127\.0\.0\.1:\d+: not a "
-            r"migpipe wire \(it began with b'xxxxxxxx'\)",
+            r'migpipe wire \(it began with "xxxxxxxx"\)',
             line,
         )
         for line in lines[:-1]

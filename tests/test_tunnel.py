@@ -146,7 +146,7 @@ def test_stats_json_and_progress(stream: bytes, tmp_path: Path) -> None:
     assert figures["wall_seconds"] > 0
     progress = result.stderr.decode()
     assert progress.startswith("\rencode: ") and progress.endswith("\n")
-    assert f"{len(stream) / 1e6:,.1f} MB stream" in progress.rsplit("\r", 1)[-1]
+    assert f"{len(stream) / 2**20:,.1f} MiB stream" in progress.rsplit("\r", 1)[-1]
     quiet = migpipe("encode", stdin=stream)  # stderr is not a terminal: no progress by default
     assert quiet.stderr == b""
 

@@ -57,11 +57,23 @@ def seconds(text: str) -> float:
 def reporting_options(sub: argparse.ArgumentParser) -> None:
     """--stats-json and --progress."""
     sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+    # --progress=json is an option string of its own: a --progress that took an optional
+    # value would eat the next argument (`restore --progress vm.mig`).
     sub.add_argument(
         "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress on stderr (default: when stderr is a terminal)",
+        action="store_const",
+        const="line",
+        help="a progress line on stderr, redrawn in place (default: when stderr is a terminal)",
+    )
+    sub.add_argument(
+        "--progress=json",
+        dest="progress",
+        action="store_const",
+        const="json",
+        help="progress as a JSON object per line on stderr, for scripts",
+    )
+    sub.add_argument(
+        "--no-progress", dest="progress", action="store_const", const="none", help="no progress"
     )
 
 
@@ -228,11 +240,11 @@ def secrets_of(args: argparse.Namespace, *, confirm: bool = False) -> "Secrets":
 
 
 def progress(args: argparse.Namespace, label: str) -> "Progress | None":
-    """A progress line on stderr: asked for, or by default when stderr is a terminal."""
-    from migpipe.tunnel.progress import Progress
+    """Progress on stderr: asked for, or a line by default when stderr is a terminal."""
+    from migpipe.tunnel.progress import JsonProgress, Progress
 
-    wanted = sys.stderr.isatty() if args.progress is None else args.progress
-    return Progress(label) if wanted else None
+    wanted = args.progress or ("line" if sys.stderr.isatty() else "none")
+    return {"line": Progress, "json": JsonProgress}[wanted](label) if wanted != "none" else None
 
 
 def check_stats_path(args: argparse.Namespace) -> None:

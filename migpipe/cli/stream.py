@@ -180,4 +180,4 @@ def parse_mix(text: str) -> dict[str, float]:
         pairs = (item.split("=", 1) for item in text.split(","))
         return {kind.strip(): float(weight) for kind, weight in pairs}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a page mix: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a page mix: {text}") from None

@@ -15,6 +15,7 @@ otherwise wait for ever.
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from migpipe.errors import (
     MigpipeError,
     PeerGoneError,
+    printable,
 )
 
 UNSENT = 128 << 10  # bytes a TCP socket may hold not yet sent (TCP_NOTSENT_LOWAT)
@@ -34,6 +36,7 @@ ACCEPT_TIMEOUT = 120.0  # --accept-timeout's default: see migpipe(1)
 PATIENCE = 30.0  # what one connection is given to prove itself the peer
 MAX_PENDING = 16  # connections being checked at once; a new one pushes out the oldest
 LOG_BURST, LOG_EVERY = 10, 6.0  # refusal lines: 10 at once, then one per 6 s (10 a minute)
+logger = logging.getLogger(__name__)  # what migpipe -v prints
 
 # A gate checks one accepted connection without blocking: it yields the poll events it waits
 # for, returns the socket to hand on (a TLS one, say), or raises MigpipeError saying why the
@@ -50,7 +53,7 @@ def parse_endpoint(spec: str, *, listening: bool) -> tuple[int, object]:
         host, port = ("" if listening else "localhost"), spec
     host = host.removeprefix("[").removesuffix("]")
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise MigpipeError(f"bad endpoint {spec!r}: expected HOST:PORT, [V6]:PORT or unix:PATH")
+        raise MigpipeError(f"bad endpoint {spec}: expected HOST:PORT, [V6]:PORT or unix:PATH")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return family, (host, int(port))
 
@@ -68,6 +71,7 @@ def _tune(sock: socket.socket) -> None:
 def connect(spec: str, timeout: float) -> Iterator[socket.socket]:
     """A connection to `spec`, retried for `timeout` seconds while nobody listens there yet."""
     family, address = parse_endpoint(spec, listening=False)
+    logger.info("connecting to %s (retried for %g s while nobody listens)", spec, timeout)
     deadline = time.monotonic() + timeout
     delay = RETRY_FIRST
     while True:
@@ -91,6 +95,7 @@ def connect(spec: str, timeout: float) -> Iterator[socket.socket]:
             raise PeerGoneError(f"cannot connect to {spec}: {e.strerror or e}") from None
     with sock:
         _tune(sock)
+        logger.info("connected to %s", spec)
         yield sock
 
 
@@ -117,8 +122,9 @@ def listen(
             server = socket.create_server(
                 address, family=family, backlog=MAX_PENDING, reuse_port=False
             )
-    except OSError as e:
-        raise MigpipeError(f"cannot listen on {spec}: {e.strerror or e}") from None
+    except OSError as e:  # strerror alone: create_server's adds the address as a tuple
+        raise MigpipeError(f"cannot listen on {spec}: {os.strerror(e.errno or 0)}") from None
+    logger.info("listening on %s for %s", spec, f"{timeout:g} s" if timeout else "ever")
     try:
         with server:
             conn = _Admission(server, spec, gate, patience, log or _stderr).run(timeout)
@@ -150,7 +156,7 @@ def first_bytes(expected: bytes) -> Gate:
         if len(first) < len(expected):  # the poll woke for the end, not for the bytes
             raise MigpipeError(f"closed after {len(first)} bytes")
         if first != expected:
-            raise MigpipeError(f"not a migpipe wire (it began with {first[:8]!r})")
+            raise MigpipeError(f"not a migpipe wire (it began with {printable(first[:8])})")
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return conn
 
@@ -222,6 +228,7 @@ class _Admission:
             conn, address = self.server.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return None  # gone before we took it
+        logger.info("accepted a connection on %s from %s", self.spec, _address(address))
         if self.gate is None:
             return conn
         if len(self.checking) >= MAX_PENDING:

@@ -16,6 +16,7 @@ import array
 import contextlib
 import itertools
 import json
+import logging
 import math
 import socket
 import time
@@ -24,10 +25,14 @@ from typing import Any
 
 import trio
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import MigpipeError, PeerGoneError, printable
 from migpipe.lines import LineSplitter, LineTooLong
 
 TIMEOUT = 30.0  # a failsafe: QEMU answers commands at once unless its main loop is stuck
+# QEMU greets a client at once, unless another client holds the monitor (it serves one per
+# socket: libvirt, a forgotten socat); --qmp-timeout sets it for the commands that drive QEMU.
+GREETING_TIMEOUT = 10.0
+logger = logging.getLogger(__name__)  # what migpipe -v prints
 MAX_LINE = 16 << 20  # far above any reply migpipe asks for; a peer that never ends a line
 
 
@@ -75,7 +80,7 @@ def _message(line: bytes) -> dict[str, Any]:
     except ValueError:
         message = None
     if not isinstance(message, dict):
-        raise MigpipeError(f"not a QMP message: {line[:80]!r}")
+        raise MigpipeError(f"not a QMP message: {printable(line[:80])}")
     return message
 
 
@@ -134,6 +139,8 @@ class Qmp:
     async def _call(self, command: str, arguments: dict[str, Any], fd: int | None) -> Any:
         if self._closed is not None:
             raise self._lost()
+        if not command.startswith("query-"):  # queries are polled: -v would scroll with them
+            logger.info("QMP %s%s", command, f" {json.dumps(arguments)}" if arguments else "")
         ident, line = self._protocol.command(command, arguments)
         reply = self._replies[ident] = _Reply()
         try:
@@ -197,9 +204,22 @@ class Qmp:
         return MigpipeError(closed.message)
 
 
+def qemu_version(greeting: dict[str, Any]) -> str:
+    """QEMU's version as its greeting gives it: 7.2.0, or "unknown"."""
+    version = greeting.get("QMP", {}).get("version", {}).get("qemu", {})
+    try:
+        return f"{version['major']}.{version['minor']}.{version['micro']}"
+    except (KeyError, TypeError):
+        return "unknown"
+
+
 @contextlib.asynccontextmanager
-async def connect(path: str, timeout: float = TIMEOUT) -> AsyncIterator[Qmp]:
-    """A ready QMP connection to the UNIX socket `path` (greeted, capabilities negotiated)."""
+async def connect(path: str, timeout: float | None = None) -> AsyncIterator[Qmp]:
+    """A ready QMP connection to the UNIX socket `path` (greeted, capabilities negotiated);
+    no greeting within `timeout` seconds (GREETING_TIMEOUT when None, 0: no limit) is an
+    error that says why it may not come."""
+    if timeout is None:
+        timeout = GREETING_TIMEOUT
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with sock:
         try:
@@ -209,16 +229,18 @@ async def connect(path: str, timeout: float = TIMEOUT) -> AsyncIterator[Qmp]:
         qmp = Qmp(sock, path)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(qmp._read)
-            with trio.move_on_after(timeout):
+            logger.info("connected to QMP at %s, waiting for its greeting", path)
+            with trio.move_on_after(timeout or math.inf):
                 await qmp._greeted.wait()
             if qmp._closed is not None:
                 raise qmp._lost()
             if "QMP" not in qmp.greeting:
                 # QEMU serves one QMP client per socket; a second one waits, ungreeted.
-                raise MigpipeError(
-                    f"no QMP greeting from {path} within {timeout:g} s "
-                    "(is another client connected to it?)"
+                raise PeerGoneError(
+                    f"no QMP greeting from {path} within {timeout:g} s (is another client, "
+                    "such as libvirt, connected to it? --qmp-timeout sets the wait)"
                 )
+            logger.info("QEMU %s greeted on %s", qemu_version(qmp.greeting), path)
             await qmp.execute("qmp_capabilities")
             try:
                 yield qmp

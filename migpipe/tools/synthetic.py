@@ -70,7 +70,8 @@ class GuestModel:
         if self.ram_size <= 0 or self.ram_size % PAGE:
             raise MigpipeError(f"guest RAM size {self.ram_size} is not a positive page multiple")
         if set(self.mix) - set(PAGE_KINDS) or not sum(self.mix.values()) > 0:
-            raise MigpipeError(f"page mix {self.mix} must weigh {', '.join(PAGE_KINDS)}")
+            given = ",".join(f"{kind}={weight:g}" for kind, weight in self.mix.items())
+            raise MigpipeError(f"page mix {given} must weigh {', '.join(PAGE_KINDS)}")
         if self.iterations < 1:
             raise MigpipeError("a migration has at least one pass")
         if not (0 <= self.dirty_share <= 1 and 0 <= self.rewrite_share <= 1):
