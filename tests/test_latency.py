@@ -106,6 +106,26 @@ def test_a_full_pipe_keeps_its_size_until_it_can_shrink(clock: Clock) -> None:
         os.close(write_end)
 
 
+@pytest.mark.parametrize("per_second,expected", [(1e6, MIN_PIPE), (30e6, 128 << 10)])
+def test_a_unix_socket_holds_buffer_time_at_the_rate_through_it(
+    clock: Clock, per_second: float, expected: int
+) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        buffer = PipeBuffer(FdChannel(ours.fileno()))
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == MIN_PIPE
+        buffer.fit(rate_of(clock, per_second))
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
+
+
+def test_a_tcp_socket_keeps_the_kernels_buffers(clock: Clock) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname()) as sock:
+        before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        PipeBuffer(FdChannel(sock.fileno())).fit(rate_of(clock, 1e6))
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
+
+
 def test_a_file_is_left_alone(clock: Clock, tmp_path) -> None:
     with open(tmp_path / "f", "wb") as f:
         PipeBuffer(FdChannel(f.fileno())).fit(rate_of(clock, 1e9))  # no error, nothing to size

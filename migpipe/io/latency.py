@@ -13,6 +13,7 @@ whenever the pipeline is backed up, which is when buffers fill.
 import contextlib
 import fcntl
 import os
+import socket
 import stat
 import time
 
@@ -55,19 +56,28 @@ class Rate:
 
 
 class PipeBuffer:
-    """The kernel buffer of a pipe a stage reads or writes, sized to the rate through it.
+    """The kernel buffer of a pipe or UNIX socket a stage reads or writes, sized to the rate
+    through it.
 
-    Anything that is not a pipe (a file, a socket: see io.transport for sockets, a TLS
-    channel) is left alone. Shrinking below what the pipe holds fails with EBUSY; the next
-    window tries again.
+    A pipe's size is set with F_SETPIPE_SZ; shrinking below what it holds fails with EBUSY,
+    and the next window tries again. A UNIX stream socket's sender is held by its send buffer
+    (what the peer has not read counts against it), so that is set (SO_SNDBUF; the kernel
+    doubles it for its bookkeeping). Anything else is left alone: a file; a TCP socket, whose
+    unsent bytes io.transport bounds with TCP_NOTSENT_LOWAT while the kernel sizes what the
+    link needs in flight; a TLS channel, which rides such a socket.
     """
 
     def __init__(self, end: Source | Sink) -> None:
         self._fd: int | None = None
         self._size = 0
+        self._unix = False
         if isinstance(end, FdChannel):
             with contextlib.suppress(OSError):
-                if stat.S_ISFIFO(os.fstat(end.fd).st_mode):
+                mode = os.fstat(end.fd).st_mode
+                if stat.S_ISSOCK(mode):
+                    with socket.socket(fileno=os.dup(end.fd)) as sock:
+                        self._unix = sock.family == socket.AF_UNIX
+                if stat.S_ISFIFO(mode) or self._unix:
                     self._fd = end.fd
                     self._resize(MIN_PIPE)  # until the rate is known (it may have been enlarged)
 
@@ -78,6 +88,12 @@ class PipeBuffer:
             self._resize(1 << (wanted - 1).bit_length())  # the kernel's sizes: powers of two
 
     def _resize(self, size: int) -> None:
-        if size != self._size:
-            with contextlib.suppress(OSError):  # EBUSY (fuller than that), EPERM (over the max)
+        if size == self._size:
+            return
+        with contextlib.suppress(OSError):  # EBUSY (fuller than that), EPERM (over the max)
+            if self._unix:
+                with socket.socket(fileno=os.dup(self._fd)) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size // 2)
+                self._size = size
+            else:
                 self._size = fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, size)
