@@ -29,7 +29,7 @@ from migpipe.qemu.migration import (
     Landing,
     Pause,
     Replies,
-    tell_switchover_rate,
+    SwitchoverRate,
     tunnel_rate,
 )
 
@@ -162,7 +162,7 @@ def test_the_rate_told_is_a_seconds_average_and_never_above_qemus_own() -> None:
 
 
 class Monitor:
-    """QEMU's side of tell_switchover_rate: `parameters` as query-migrate-parameters gives them,
+    """QEMU's side of SwitchoverRate: `parameters` as query-migrate-parameters gives them,
     and a migration that has sent 10 MB more at each look (one every RATE_UPDATE) while QEMU's
     own estimate says 100 MB/s."""
 
@@ -184,11 +184,14 @@ class Monitor:
 
 
 def follow(monitor: Monitor, seconds: float) -> None:
-    """tell_switchover_rate for `seconds` of a migration, then cancelled (the migration ended)."""
+    """SwitchoverRate through `seconds` of a migration (then cancelled: the migration ended),
+    and reset when migrate ends."""
 
     async def migration() -> None:
+        rate = SwitchoverRate()
         with trio.move_on_after(seconds):
-            await tell_switchover_rate(monitor)
+            await rate.follow(monitor)
+        await rate.reset(monitor)
 
     trio.run(migration, clock=trio.testing.MockClock(autojump_threshold=0))
 

@@ -588,6 +588,62 @@ def _as_error(error: BaseException) -> MigpipeError:
 # -- the source ---------------------------------------------------------------------------------
 
 
+def tunnel_rate(samples: deque[tuple[float, int]], ram: dict[str, Any], now: float) -> int:
+    """QEMU bytes per second over the last RATE_WINDOW, at most QEMU's own last estimate (its
+    query-migrate `ram` at `now`, added to `samples`); 0 until a whole window was seen."""
+    transferred = ram.get("transferred", 0)
+    samples.append((now, transferred))
+    while len(samples) > 1 and samples[1][0] <= now - RATE_WINDOW:
+        samples.popleft()
+    since, sent = samples[0]
+    if now - since < RATE_WINDOW:
+        return 0
+    averaged = (transferred - sent) / (now - since)
+    return int(min(averaged, ram.get("mbps", 0) * 1e6 / 8))
+
+
+@dataclass
+class SwitchoverRate:
+    """While a live migration runs, tell QEMU the rate the tunnel takes its bytes at, as its
+    avail-switchover-bandwidth (QEMU 8.2+), which QEMU then uses instead of its own estimate to
+    decide when the rest fits its downtime limit; 0 (QEMU's own estimate) again afterwards.
+
+    QEMU's estimate is its bytes into the pipe over its last 100 ms: after a pass, when the
+    buffers behind the pipe have drained, that is the speed of the buffers, not the link's, and
+    a rate too high is a switch-over with more left than the link carries within the limit.
+    Averaged over RATE_WINDOW the same count is the tunnel's rate (its buffers hold far less
+    than a second of it), and migpipe never tells more than QEMU's own estimate of the moment,
+    so it makes QEMU's decision more cautious, not bolder. Nothing is told where QEMU lacks the
+    parameter or the user set it (not 0); if migpipe is killed, its last figure stays set
+    (see migpipe(1))."""
+
+    told: int = 0  # what QEMU was last told, 0 for nothing
+
+    async def follow(self, monitor: qmp.Qmp) -> None:
+        """Tell QEMU the rate every RATE_UPDATE until cancelled (the migration ended)."""
+        parameters = await monitor.execute("query-migrate-parameters")
+        if parameters.get(SWITCHOVER_BANDWIDTH) != 0:
+            return
+        samples: deque[tuple[float, int]] = deque()  # (when, QEMU's transferred bytes)
+        with contextlib.suppress(MigpipeError):  # QEMU went away or refused: its outcome tells
+            while True:
+                ram = (await monitor.execute("query-migrate")).get("ram")
+                rate = 0 if ram is None else tunnel_rate(samples, ram, trio.current_time())
+                if rate > 0 and rate != self.told:
+                    arguments = {SWITCHOVER_BANDWIDTH: rate}
+                    self.told = rate  # before QEMU has it: if this is cancelled, reset anyway
+                    await monitor.execute("migrate-set-parameters", **arguments)
+                await trio.sleep(RATE_UPDATE)
+
+    async def reset(self, monitor: qmp.Qmp) -> None:
+        """0 again, however migrate ends: called after the verdict, not when QEMU completed,
+        so that no QMP round trip delays the source's reading of it (its arrival is timed)."""
+        if self.told:
+            with trio.CancelScope(shield=True), contextlib.suppress(MigpipeError):
+                await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: 0})
+            self.told = 0
+
+
 async def migrate(
     qmp_path: str,
     open_link: Callable[[], AbstractContextManager[Link]],
@@ -606,91 +662,47 @@ async def migrate(
     completed, and the source runs on; without a trustworthy verdict after the end, the
     outcome is unknown: the source stays paused and the error has status EXIT_UNCONFIRMED."""
     sealer = sealer_of(chain)
+    rate = SwitchoverRate()
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
         await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)  # not if busy
-        with contextlib.ExitStack() as stack:
-            link = await trio.to_thread.run_sync(
-                stack.enter_context, open_link(), abandon_on_cancel=True
-            )
-            gate = EndGate(link.replies if confirmed else None, sealer)
-            async with _keeping_source(monitor, was_running):
-                finish = await _through_pipe(
-                    monitor,
-                    "migrate",
-                    lambda fd, _: _send(fd, link, chain, progress, gate),
-                    tell_switchover_rate,
+        try:
+            with contextlib.ExitStack() as stack:
+                link = await trio.to_thread.run_sync(
+                    stack.enter_context, open_link(), abandon_on_cancel=True
                 )
-                if isinstance(finish.carried, MigpipeError) and finish.carried_first:
-                    # the wire broke first: a destination that failed said why on its way out
-                    await trio.to_thread.run_sync(gate.after_break, BREAK_ANSWER_TIMEOUT)
-                if gate.early is not None:  # the stream stopped short of its end: no one has it
-                    raise gate.early_error()
-                totals = await _source_result(monitor, finish)
-                answer = await _confirmation(link, sealer)
-                if answer.status == "failed" and (answer.sealed or sealer is None):
-                    raise MigpipeError(f"the destination failed: {answer.error}")
-            answer = _trusted(answer, sealer, confirmed)
-            if answer.status == "lost":
-                raise UnconfirmedError(
-                    f"{answer.error}: QEMU completed, the source VM stays paused and the "
-                    "destination's state is unknown; check the destination, then `cont` or "
-                    "`quit` the source",
-                )
-            stop = monitor.happened("STOP") if was_running else None
-            pause = None
-            if stop is not None:
-                round_trip = answer.received - link.ended
-                pause = Pause(link.ended - stop, answer.landing, round_trip, link.one_way())
-            return Outcome(totals, await monitor.execute("query-migrate"), answer, pause=pause)
-
-
-def tunnel_rate(samples: deque[tuple[float, int]], ram: dict[str, Any], now: float) -> int:
-    """QEMU bytes per second over the last RATE_WINDOW, at most QEMU's own last estimate (its
-    query-migrate `ram` at `now`, added to `samples`); 0 until a whole window was seen."""
-    transferred = ram.get("transferred", 0)
-    samples.append((now, transferred))
-    while len(samples) > 1 and samples[1][0] <= now - RATE_WINDOW:
-        samples.popleft()
-    since, sent = samples[0]
-    if now - since < RATE_WINDOW:
-        return 0
-    averaged = (transferred - sent) / (now - since)
-    return int(min(averaged, ram.get("mbps", 0) * 1e6 / 8))
-
-
-async def tell_switchover_rate(monitor: qmp.Qmp) -> None:
-    """While a live migration runs, tell QEMU the rate the tunnel takes its bytes at, as its
-    avail-switchover-bandwidth (QEMU 8.2+), which QEMU then uses instead of its own estimate to
-    decide when the rest fits its downtime limit; 0 (QEMU's own estimate) again at the end.
-
-    QEMU's estimate is its bytes into the pipe over its last 100 ms: after a pass, when the
-    buffers behind the pipe have drained, that is the speed of the buffers, not the link's, and
-    a rate too high is a switch-over with more left than the link carries within the limit.
-    Averaged over RATE_WINDOW the same count is the tunnel's rate (its buffers hold far less
-    than a second of it), and migpipe never tells more than QEMU's own estimate of the moment,
-    so it makes QEMU's decision more cautious, not bolder. Nothing is told where QEMU lacks the
-    parameter or the user set it (not 0); if migpipe is killed, its last figure stays set
-    (see migpipe(1))."""
-    parameters = await monitor.execute("query-migrate-parameters")
-    if parameters.get(SWITCHOVER_BANDWIDTH) != 0:
-        return
-    told = 0
-    samples: deque[tuple[float, int]] = deque()  # (when, QEMU's transferred bytes)
-    try:
-        while True:
-            ram = (await monitor.execute("query-migrate")).get("ram")
-            rate = 0 if ram is None else tunnel_rate(samples, ram, trio.current_time())
-            if rate > 0 and rate != told:
-                await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: rate})
-                told = rate
-            await trio.sleep(RATE_UPDATE)
-    except MigpipeError:
-        pass  # QEMU went away or refused: the migration's own outcome says what happened
-    finally:
-        if told:
-            with trio.CancelScope(shield=True), contextlib.suppress(MigpipeError):
-                await monitor.execute("migrate-set-parameters", **{SWITCHOVER_BANDWIDTH: 0})
+                gate = EndGate(link.replies if confirmed else None, sealer)
+                async with _keeping_source(monitor, was_running):
+                    finish = await _through_pipe(
+                        monitor,
+                        "migrate",
+                        lambda fd, _: _send(fd, link, chain, progress, gate),
+                        rate.follow,
+                    )
+                    if isinstance(finish.carried, MigpipeError) and finish.carried_first:
+                        # the wire broke first: a destination that failed said why on its way out
+                        await trio.to_thread.run_sync(gate.after_break, BREAK_ANSWER_TIMEOUT)
+                    if gate.early is not None:  # the stream stopped short of its end: no one has it
+                        raise gate.early_error()
+                    totals = await _source_result(monitor, finish)
+                    answer = await _confirmation(link, sealer)
+                    if answer.status == "failed" and (answer.sealed or sealer is None):
+                        raise MigpipeError(f"the destination failed: {answer.error}")
+                answer = _trusted(answer, sealer, confirmed)
+                if answer.status == "lost":
+                    raise UnconfirmedError(
+                        f"{answer.error}: QEMU completed, the source VM stays paused and the "
+                        "destination's state is unknown; check the destination, then `cont` or "
+                        "`quit` the source",
+                    )
+                stop = monitor.happened("STOP") if was_running else None
+                pause = None
+                if stop is not None:
+                    round_trip = answer.received - link.ended
+                    pause = Pause(link.ended - stop, answer.landing, round_trip, link.one_way())
+                return Outcome(totals, await monitor.execute("query-migrate"), answer, pause=pause)
+        finally:
+            await rate.reset(monitor)  # after the verdict: see SwitchoverRate.reset
 
 
 async def _send(
