@@ -759,3 +759,46 @@ def test_a_restore_walking_unwritten_extents_stops_when_told(tmp_path: Path) -> 
             for _ in reader.records():
                 pass
     assert stopping.polls == -1  # stopped at the first poll that said so
+
+
+@pytest.mark.qemu
+def test_restore_running_and_paused_override_the_saved_run_state(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """As virsh restore: by default the guest comes back as it was saved (a --live save ran to
+    the end, a plain save stopped it first); --running runs it, --paused keeps it from running
+    a single cycle (no RESUME event), whatever the file says."""
+    import qemuvm
+    from test_qemu_drive import driven_source, run_migpipe
+
+    live, stopped = tmp_path / "live.mig", tmp_path / "stopped.mig"
+    with driven_source(guest_elf, tmp_path):
+        saved = run_migpipe("save", "--qmp", tmp_path / "src.qmp", live, "--live", "--resume")
+        assert saved.returncode == 0, saved.stderr
+        saved = run_migpipe("save", "--qmp", tmp_path / "src.qmp", stopped)
+        assert saved.returncode == 0, saved.stderr
+
+    cases = [(live, [], "running"), (live, ["--paused"], "paused"), (stopped, [], "paused")]
+    cases.append((stopped, ["--running"], "running"))
+    for n, (file, options, state) in enumerate(cases):
+        qmp = tmp_path / f"dst{n}.qmp"
+        # no -S (unlike test_qemu_drive's destination): QEMU itself would run the guest
+        waiting = ["-incoming", "defer", *qemuvm.qmp_socket_args(qmp)]
+        with qemuvm.Vm(tmp_path, f"dst{n}", waiting) as dest:
+            restored = run_migpipe("restore", "--qmp", qmp, file, *options)
+            assert restored.returncode == 0, restored.stderr
+            assert f"the VM is {state}" in restored.stderr
+            assert dest.qmp.execute("query-status")["status"] == state
+            ran = any(event["event"] == "RESUME" for event in dest.qmp.events)
+            assert ran == (state == "running"), (file.name, options)
+
+
+def test_running_and_paused_need_qmp(tmp_path: Path, stream: bytes) -> None:
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), stdin=stream).returncode == 0
+    for option in ("--running", "--paused"):
+        result = migpipe("restore", str(saved), option)
+        assert (result.returncode, result.stderr) == (
+            2,
+            b"migpipe restore: error: --running and --paused drive QEMU: they need --qmp\n",
+        )

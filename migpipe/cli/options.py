@@ -77,6 +77,29 @@ def reporting_options(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def config_option(sub: argparse.ArgumentParser) -> None:
+    """--config, once per command, whose settings fill in what the command line left out just
+    before the command runs (migpipe.cli.config)."""
+    from migpipe.cli import config
+
+    try:
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"defaults from FILE (${config.ENVIRONMENT}, else {config.SYSTEM_CONFIG})",
+        )
+    except argparse.ArgumentError:
+        return  # added by another group of options
+    config.COMMANDS.add(sub.prog.split()[-1])
+    handler = sub.get_default("handler")
+
+    def configured(args: argparse.Namespace) -> int:
+        config.apply(args, sub, seconds)
+        return handler(args)
+
+    sub.set_defaults(handler=configured)
+
+
 def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
     """The wire's options; `wire` ("input", "output") when the other side is QEMU's."""
     from migpipe.io.transport import ACCEPT_TIMEOUT
@@ -99,6 +122,7 @@ def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
         )
         sub.add_argument("--force", action="store_true", help="replace an existing --out FILE")
     reporting_options(sub)
+    config_option(sub)
     link = sub.add_mutually_exclusive_group()
     link.add_argument(
         "--connect",
@@ -181,6 +205,7 @@ def reader_key_options(sub: argparse.ArgumentParser) -> None:
 
 def key_options(sub: argparse.ArgumentParser) -> None:
     """Where the encrypt filter's key comes from; one of them, never the secret itself."""
+    config_option(sub)
     keys = sub.add_mutually_exclusive_group()
     keys.add_argument("--key-file", metavar="FILE", help="key made by `migpipe keygen` (0600)")
     keys.add_argument("--key-fd", type=int, metavar="N", help="read the key file from fd N")
@@ -221,7 +246,13 @@ def filter_chain(args: argparse.Namespace) -> list:
         items.append(args.compress)
     if args.encrypt:
         items.append("encrypt")
-    return parse_chain(",".join(items), secrets_of(args, confirm=True))
+    origin = getattr(args, "filters_from", None)  # FILE:LINE of a chain the config file gave
+    try:
+        return parse_chain(",".join(items), secrets_of(args, confirm=True))
+    except MigpipeError as e:
+        if origin is not None:
+            e.message = f"{e.message} (the filters of {origin})"
+        raise
 
 
 def secrets_of(args: argparse.Namespace, *, confirm: bool = False) -> "Secrets":

@@ -87,6 +87,22 @@ def register(command: Command) -> None:
     taker.add_argument(
         "--qmp", metavar="SOCKET", help="load it into the QEMU behind this QMP socket"
     )
+    state = restore.add_mutually_exclusive_group()
+    state.add_argument(
+        "--running",
+        dest="run",
+        action="store_const",
+        const=True,
+        help="with --qmp: run the guest once loaded, as virsh restore --running "
+        "(default: as it was when saved)",
+    )
+    state.add_argument(
+        "--paused",
+        dest="run",
+        action="store_const",
+        const=False,
+        help="with --qmp: leave the guest paused once loaded, as virsh restore --paused",
+    )
     reporting_options(restore)
     direct_option(restore)
     reader_key_options(restore)
@@ -175,13 +191,16 @@ def print_save_summary(path: Path, totals) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     from migpipe.save.savefile import restore
 
+    if args.qmp is None and args.run is not None:
+        raise UsageError("--running and --paused drive QEMU: they need --qmp")
     shown = progress(args, "restore")
     if args.qmp is not None:
         from migpipe.qemu import migration as drive
 
         sized(shown, args.file)
+        file = Path(args.file)
         outcome = run_trio(
-            drive.restore, args.qmp, Path(args.file), secrets_of(args), shown, args.direct
+            drive.restore, args.qmp, file, secrets_of(args), shown, args.direct, args.run
         )
         report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
         print(drive.summary("restore", outcome), file=sys.stderr)

@@ -991,19 +991,30 @@ async def restore(
     secrets: Secrets | None = None,
     progress: Progress | None = None,
     direct: Direct = False,
+    running: bool | None = None,
 ) -> Outcome:
     """Load the file `path` (savefile.restore, which withholds the stream's end until all of it
     checked) into the QEMU behind `qmp_path` (started with `-incoming defer`). A file that is
     not one restore reads is refused before QEMU is touched; MigpipeError unless QEMU completed
-    the load."""
+    the load.
+
+    `running` is virsh restore's --running/--paused: None leaves the guest as the saved stream
+    says (QEMU runs it if it ran when saved), True runs it (`cont`), False keeps it paused: a
+    `stop` while QEMU is inmigrate only clears its autostart, so the guest never runs a cycle."""
     savefile.file_kind(path, secrets)
     async with _waiting(qmp_path) as monitor:
+        if running is False:
+            await monitor.execute("stop")
         finish = await _through_pipe(
             monitor,
             "migrate-incoming",
             lambda fd, _: savefile.restore(path, fd, secrets, progress, direct),
         )
-        return await _loaded(monitor, finish)
+        outcome = await _loaded(monitor, finish)
+        if running and outcome.runstate != "running":
+            await monitor.execute("cont")
+            outcome.runstate = (await monitor.execute("query-status"))["status"]
+        return outcome
 
 
 @contextlib.asynccontextmanager
