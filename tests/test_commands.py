@@ -72,6 +72,14 @@ def test_cli_inspect_garbage_is_one_line() -> None:
     )
 
 
+def test_cli_inspect_prints_no_empty_report_when_nothing_was_read(tmp_path: Path) -> None:
+    """A missing file or one that is no stream: the reason alone, no report of zeros."""
+    for args in ((str(tmp_path / "nosuch.stream"),), ("-",)):
+        result = migpipe("inspect", *args, stdin=b"not a migration stream at all")
+        assert result.returncode == 1 and result.stdout == b"", result.stdout
+        assert result.stderr.startswith(b"migpipe inspect: error: ")
+
+
 # -- extract and generate ----------------------------------------------------------------------
 
 

@@ -136,3 +136,17 @@ def test_an_error_starts_on_a_line_of_its_own(pane: Pane, stream: bytes, tmp_pat
     assert screen[0].startswith("decode: 0:00:0"), screen  # the last redraw, left as it was
     assert screen[1].startswith("migpipe decode: error: wire stream truncated"), screen
     assert screen[-1] == "rc=4"
+
+
+@pytest.mark.parametrize("command", ["encode", "decode", "generate --synthetic"])
+def test_binary_to_a_terminal_is_refused_with_a_hint_that_fits_the_command(
+    pane: Pane, command: str
+) -> None:
+    """encode and decode name a file with --out, generate with -o: the hint names neither."""
+    pane.run(f"{MIGPIPE_SHELL} {command} < /dev/null")
+    screen = " ".join(row for row in pane.finished() if row)  # the message may wrap
+    name = command.split()[0]
+    assert screen.replace(" ", "") == (
+        f"migpipe {name}: error: refusing to write a binary stream to standard output, a "
+        "terminal; redirect it, or name a file rc=1"
+    ).replace(" ", "")

@@ -94,11 +94,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             from migpipe.save.savefile import saved_stream
 
             chunks = saved_stream(Path(args.stream), secrets_of(args), about)
+        read = False
         try:
             for record in iter_records(chunks, page_size=args.page_size):
                 stats.add(record)
+                read = True
         except MigpipeError as e:
-            if e.status == EXIT_KEY:  # nothing was read: no report, only why
+            # Nothing read (no key, no file, not a stream): no empty report, only why; JSON
+            # keeps its report, whose error member a script reads.
+            if e.status == EXIT_KEY or not (read or args.json):
                 raise
             error = e
     if args.json:

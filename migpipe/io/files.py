@@ -303,7 +303,10 @@ def open_output(path: str | None, *, force: bool = False) -> Iterator[BinaryIO]:
     """Standard output when no path is given (refusing a terminal), else an atomic file."""
     if path is None or path == "-":
         if sys.stdout.isatty():
-            raise MigpipeError("refusing to write a binary stream to a terminal; use -o FILE")
+            raise MigpipeError(  # the option differs: -o (generate), --out (encode, decode)
+                "refusing to write a binary stream to standard output, a terminal; "
+                "redirect it, or name a file"
+            )
         enlarge_pipe(sys.stdout.fileno())
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()

@@ -173,7 +173,7 @@ class StreamStats:
             )
         lines.append("")
         capabilities = ", ".join(self.capabilities) or "-"
-        lines.append(f"machine: {self.machine}   capabilities: {capabilities}")
+        lines.append(f"machine: {self.machine or 'not given'}   capabilities: {capabilities}")
         for name, size in self.blocks.items():
             pages = size // self._page_size
             lines.append(f"RAM block {name:<32} {size:>14,} bytes ({pages:,} pages)")
