@@ -419,3 +419,27 @@ def test_verbose_names_qemu_and_its_version(tmp_path: Path) -> None:
     said = result.stderr.decode().splitlines()
     assert f"migpipe save: QEMU 7.2.0 greeted on {path}" in said
     assert said[-1].startswith("migpipe save: error: ") and result.returncode != 0
+
+
+def test_progress_knows_the_size_of_an_input_file(stream: bytes, tmp_path: Path) -> None:
+    """encode --in FILE (or < FILE) knows the stream's size, decode --in FILE the wire's: the
+    progress line shows the share done and an ETA, as pv does."""
+    from migpipe.tunnel.pipeline import Totals
+    from migpipe.tunnel.progress import Progress
+
+    source = tmp_path / "s.stream"
+    source.write_bytes(stream)
+    with source.open("rb") as redirected:
+        encode = migpipe("encode", "--progress=json", stdin=redirected)
+    assert json.loads(encode.stderr.splitlines()[-1])["stream_expected"] == len(stream)
+    (tmp_path / "s.wire").write_bytes(encode.stdout)
+    decode = migpipe("decode", "--progress=json", "--in", str(tmp_path / "s.wire"))
+    assert json.loads(decode.stderr.splitlines()[-1])["wire_expected"] == len(encode.stdout)
+
+    shown, totals = Progress("encode"), Totals()
+    shown.stream_size = 4 << 20
+    shown.sample(totals)
+    totals.qemu_bytes, totals.wire_bytes = 1 << 20, 1 << 19
+    shown.sample(totals)
+    line = shown.line(totals, None)
+    assert ", 1.0 MiB stream, 512.0 KiB wire, 25%, ETA 0:00:0" in line

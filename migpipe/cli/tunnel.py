@@ -4,6 +4,8 @@ ends of it."""
 import argparse
 import contextlib
 import functools
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -75,8 +77,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from migpipe.tunnel.pipeline import encode
 
     chain = filter_chain(args)
+    shown = progress(args, "encode")
     with open_input(args.input) as source, wire_end(args, "output") as wire:
-        totals = run_trio(encode, source.fileno(), wire, chain, progress(args, "encode"))
+        if shown is not None:
+            shown.stream_size = file_size(source.fileno())
+        totals = run_trio(encode, source.fileno(), wire, chain, shown)
     report(args, totals)
     return 0
 
@@ -89,9 +94,19 @@ def cmd_decode(args: argparse.Namespace) -> int:
         stream_sink(out.fileno()) as sink,  # a wire that fails to open fails QEMU's load too
         wire_end(args, "input") as wire,
     ):
-        totals = run_trio(decode, wire, sink, progress(args, "decode"), secrets_of(args))
+        shown = progress(args, "decode")
+        if shown is not None and isinstance(wire, int):
+            shown.size = file_size(wire)
+        totals = run_trio(decode, wire, sink, shown, secrets_of(args))
     report(args, totals)
     return 0
+
+
+def file_size(fd: int) -> int | None:
+    """What `fd` has left to read when it is a regular file (`--in FILE`, `< FILE`), for
+    progress's share done and ETA; None for a pipe or a connection, whose end is unknown."""
+    st = os.fstat(fd)
+    return st.st_size - os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(st.st_mode) else None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

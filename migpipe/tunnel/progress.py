@@ -50,8 +50,9 @@ def clock(seconds: float) -> str:
 class Progress:
     """Redraws `label` and the figures of `totals` (read live) every INTERVAL.
 
-    `size` is what the wire will be, when the caller knows (restore's file): it gives a share
-    done and an ETA, as does a `totals.wire_expected` the reader sets."""
+    `stream_size` is what the QEMU stream will be, `size` what the wire will be, when the
+    caller knows (encode's or decode's input file, restore's file): either gives a share done
+    and an ETA, as does a `totals.wire_expected` the reader sets."""
 
     def __init__(self, label: str, stream: TextIO = sys.stderr, size: int | None = None) -> None:
         self._label = label
@@ -60,6 +61,7 @@ class Progress:
         self._samples: deque[tuple[float, int, int]] = deque(maxlen=WINDOW + 1)
         self._flowing = self._started  # the last sample before the stream's first byte
         self.size = size
+        self.stream_size: int | None = None
 
     def sample(self, totals) -> None:
         """Take the figures now. Until the first byte comes out, only the latest sample is
@@ -86,12 +88,14 @@ class Progress:
             f"{binary(totals.qemu_bytes)} stream",
             f"{binary(totals.wire_bytes)} wire",
         ]
-        size = totals.wire_expected or self.size
+        if self.stream_size:
+            done, size, speed = totals.qemu_bytes, self.stream_size, rate
+        else:
+            done, size, speed = totals.wire_bytes, totals.wire_expected or self.size, wire_rate
         if size and not final:
-            share = min(totals.wire_bytes / size, 1.0)
-            shown.append(f"{share:.0%}")
-            if wire_rate > 0:
-                shown.append(f"ETA {clock(max(size - totals.wire_bytes, 0) / wire_rate)}")
+            shown.append(f"{min(done / size, 1.0):.0%}")
+            if speed > 0:
+                shown.append(f"ETA {clock(max(size - done, 0) / speed)}")
         if totals.wire_bytes >= RATIO_FLOOR or (final and totals.wire_bytes):
             shown.append(f"ratio {totals.qemu_bytes / totals.wire_bytes:.2f}")
         pages = " ".join(f"{kind} {count:,}" for kind, count in totals.pages.items() if count)
@@ -158,6 +162,7 @@ class JsonProgress(Progress):
             "qemu_bytes": totals.qemu_bytes,
             "wire_bytes": totals.wire_bytes,
             "wire_expected": size,
+            "stream_expected": self.stream_size,
             "rate": round((last[1] - first[1]) / span) if span > 0 else None,
             "pages": totals.pages,
             "filters": totals.filter_counters,
