@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,17 @@ def test_main_reads_the_system_file(
     monkeypatch.setattr(config, "SYSTEM_CONFIG", write(tmp_path / "etc.conf", "[x]\n"))
     monkeypatch.delenv(config.ENVIRONMENT, raising=False)
     assert main(["decode", "--in", str(tmp_path / "none")]) == 2  # the bad /etc file, first
+
+
+def test_the_qmp_greeting_deadline_comes_from_the_file(tmp_path: Path, stream: bytes) -> None:
+    """A monitor another client holds never greets: qmp-timeout from the file gives up."""
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), stdin=stream).returncode == 0
+    conf = write(tmp_path / "m.conf", "[restore]\nqmp-timeout = 0.3\n")
+    with socket.socket(socket.AF_UNIX) as held:
+        held.bind(str(tmp_path / "qmp"))
+        held.listen()  # accepted by the kernel, never greeted
+        result = migpipe("restore", "--config", str(conf), "--qmp", str(tmp_path / "qmp"),
+                         str(saved), timeout=30)  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    assert b"within 0.3 s" in result.stderr, result.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import oracle
 import pytest
 import trio
-from support import migpipe, synthetic_stream
+from support import MIGPIPE, migpipe, synthetic_stream
 from test_tunnel import eof_at
 
 from migpipe.cli import EXIT_INTERRUPTED
@@ -779,13 +779,17 @@ def test_restore_running_and_paused_override_the_saved_run_state(
         assert saved.returncode == 0, saved.stderr
 
     cases = [(live, [], "running"), (live, ["--paused"], "paused"), (stopped, [], "paused")]
-    cases.append((stopped, ["--running"], "running"))
+    cases += [(stopped, ["--running"], "running"), (stopped, ["-", "--running"], "running")]
     for n, (file, options, state) in enumerate(cases):
         qmp = tmp_path / f"dst{n}.qmp"
         # no -S (unlike test_qemu_drive's destination): QEMU itself would run the guest
         waiting = ["-incoming", "defer", *qemuvm.qmp_socket_args(qmp)]
-        with qemuvm.Vm(tmp_path, f"dst{n}", waiting) as dest:
-            restored = run_migpipe("restore", "--qmp", qmp, file, *options)
+        with qemuvm.Vm(tmp_path, f"dst{n}", waiting) as dest, open(file, "rb") as pipe_in:
+            if "-" in options:  # `ssh host cat vm.mig | migpipe restore --qmp SOCK -`
+                command = [*MIGPIPE, "restore", "--qmp", str(qmp), *options]
+                restored = subprocess.run(command, stdin=pipe_in, capture_output=True, text=True)
+            else:
+                restored = run_migpipe("restore", "--qmp", qmp, file, *options)
             assert restored.returncode == 0, restored.stderr
             assert f"the VM is {state}" in restored.stderr
             assert dest.qmp.execute("query-status")["status"] == state
@@ -802,3 +806,87 @@ def test_running_and_paused_need_qmp(tmp_path: Path, stream: bytes) -> None:
             2,
             b"migpipe restore: error: --running and --paused drive QEMU: they need --qmp\n",
         )
+
+
+@pytest.mark.parametrize("chain", [[], ["--compress", "lz4", "--encrypt"]], ids=["plain", "sealed"])
+def test_save_dash_writes_the_stream_layout_to_stdout(
+    tmp_path: Path, stream: bytes, key: Path, chain: list
+) -> None:
+    keys = ["--key-file", str(key)] if "--encrypt" in chain else []
+    saved = migpipe("save", "-", *chain, *keys, stdin=stream)
+    assert saved.returncode == 0, saved.stderr
+    (tmp_path / "vm.mig").write_bytes(saved.stdout)
+    assert migpipe("inspect", *keys, str(tmp_path / "vm.mig")).stdout.startswith(
+        b"file: stream layout"
+    )
+    assert migpipe("restore", *keys, str(tmp_path / "vm.mig")).stdout == stream
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--layout", "fixed"], ["--libvirt-xml", "dom.xml"], ["--direct"], ["--summary"]],
+    ids=lambda o: o[0],
+)
+def test_save_dash_refuses_what_needs_a_file(stream: bytes, options: list) -> None:
+    result = migpipe("save", "-", *options, stdin=stream)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode() == (
+        f"migpipe save: error: {' '.join(options[:2]) if options[0] == '--layout' else options[0]}"
+        " needs a FILE to save to, not standard output (-)\n"
+    )
+
+
+def saved_kinds(tmp_path: Path, stream: bytes, key: Path) -> dict[str, tuple[bytes, list]]:
+    """A file of every kind restore reads in order, with the options it needs."""
+    keys = ["--key-file", str(key)]
+    xml = tmp_path / "dom.xml"
+    xml.write_text("<domain type='qemu'><name>vm</name></domain>")
+    made = {
+        "stream": (["--compress", "zstd:1"], []),
+        "sealed": (["--encrypt", *keys], keys),
+        "libvirt": (["--libvirt-xml", str(xml), "--image-format", "gzip"], []),
+    }
+    kinds = {"qemu": (stream, [])}
+    for kind, (options, reading) in made.items():
+        assert migpipe("save", str(tmp_path / kind), *options, stdin=stream).returncode == 0
+        kinds[kind] = ((tmp_path / kind).read_bytes(), reading)
+    return kinds
+
+
+def test_restore_reads_a_pipe_in_order(tmp_path: Path, stream: bytes, key: Path) -> None:
+    """`ssh host cat vm.mig | migpipe restore -` (or /dev/stdin, <(...)): every kind but
+    the fixed layout, checked as from a file: its end only once all of it passed."""
+    for kind, (data, reading) in saved_kinds(tmp_path, stream, key).items():
+        for name in ("-", "/dev/stdin"):
+            restored = migpipe("restore", name, *reading, stdin=data)
+            assert (restored.returncode, restored.stdout) == (0, stream), (kind, restored.stderr)
+        if kind != "qemu":
+            cut = migpipe("restore", "-", *reading, stdin=data[: len(data) * 2 // 3])
+            assert cut.returncode != 0 and cut.stdout != stream, kind  # its end withheld
+    refused = migpipe("restore", "-", "--key-file", str(key), stdin=stream)
+    assert refused.returncode == 7  # a key given: a bare stream from a pipe is refused too
+
+
+def test_restore_says_why_a_fixed_file_cannot_come_from_a_pipe(
+    tmp_path: Path, stream: bytes
+) -> None:
+    saved = tmp_path / "vm.mig"
+    assert migpipe("save", str(saved), "--layout", "fixed", stdin=stream).returncode == 0
+    result = migpipe("restore", "-", stdin=saved.read_bytes())
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr == (
+        b"migpipe restore: error: standard input: a fixed-layout save cannot be restored from "
+        b"a pipe: its pages are found through an index at its end; copy it to a file first\n"
+    )
+    assert migpipe("restore", "-", "--direct", stdin=saved.read_bytes()).returncode == 2
+
+
+def test_stats_json_dash_is_stdout_where_stdout_is_free(tmp_path: Path, stream: bytes) -> None:
+    result = migpipe("save", str(tmp_path / "vm.mig"), "--stats-json", "-", stdin=stream)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["qemu_bytes"] == len(stream)
+    assert not (tmp_path / "-").exists()
+    for command in (["save", "-"], ["encode"], ["restore", str(tmp_path / "vm.mig")]):
+        taken = migpipe(*command, "--stats-json", "-", stdin=stream)
+        assert (taken.returncode, taken.stdout) == (2, b""), command
+        assert b"--stats-json -: standard output carries the stream here" in taken.stderr

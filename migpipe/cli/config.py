@@ -123,3 +123,7 @@ def apply(args: argparse.Namespace, sub: argparse.ArgumentParser, seconds: Calla
                 setattr(args, dest, seconds(setting.value))
             except argparse.ArgumentTypeError as e:
                 raise UsageError(f"{setting.where}: {name}: {e}") from None
+            if dest == "qmp_timeout" and args.qmp is not None:
+                from migpipe.qemu import qmp  # main set it from the command line's, before
+
+                qmp.GREETING_TIMEOUT = args.qmp_timeout

@@ -56,7 +56,9 @@ def seconds(text: str) -> float:
 
 def reporting_options(sub: argparse.ArgumentParser) -> None:
     """--stats-json and --progress."""
-    sub.add_argument("--stats-json", metavar="FILE", help="write the final figures here")
+    sub.add_argument(
+        "--stats-json", metavar="FILE", help="write the final figures here (-: stdout)"
+    )
     # --progress=json is an option string of its own: a --progress that took an optional
     # value would eat the next argument (`restore --progress vm.mig`).
     sub.add_argument(
@@ -285,6 +287,13 @@ def check_stats_path(args: argparse.Namespace) -> None:
     path = getattr(args, "stats_json", None)
     if not path:
         return
+    if path == "-":
+        if stdout_carries_data(args):
+            raise UsageError(
+                "--stats-json -: standard output carries the stream here; "
+                "name a file (or /dev/stderr)"
+            )
+        return
     target = Path(path)
     if target.is_dir():
         why = "it is a directory"
@@ -297,14 +306,34 @@ def check_stats_path(args: argparse.Namespace) -> None:
     raise UsageError(f"cannot write --stats-json {path}: {why}")
 
 
+def stdout_carries_data(args: argparse.Namespace) -> bool:
+    """Whether the command writes its stream (or, incoming, its answer to migrate) on
+    standard output, where --stats-json - would corrupt it."""
+    if args.command == "save":
+        return args.file == "-"
+    if args.command == "restore":
+        return args.qmp is None and args.fd is None
+    linked = bool(args.connect or args.listen)
+    if args.command == "incoming":
+        return args.input == "-" and not linked  # the answer goes back on stdout
+    if args.command == "decode":
+        return args.output in (None, "-")
+    return args.output in (None, "-") and not linked and not getattr(args, "peer", None)
+
+
 def report(args: argparse.Namespace, totals, **more: object) -> None:
     """--stats-json: the final figures, in QEMU's query-migrate words where they exist. The
     job has finished: failing to write them is a warning, never the job's failure."""
     if not args.stats_json:
         return
     figures = {**totals.figures(time.monotonic() - args.started), **more}
+    text = json.dumps(figures, indent=2) + "\n"
     try:
-        Path(args.stats_json).write_text(json.dumps(figures, indent=2) + "\n")
+        if args.stats_json == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            Path(args.stats_json).write_text(text)
     except OSError as e:
         print(
             f"migpipe {args.command}: warning: the job completed, but --stats-json "

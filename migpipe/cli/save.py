@@ -1,8 +1,12 @@
 """save, restore and iohelper: streams to and from files."""
 
 import argparse
+import contextlib
 import functools
+import os
+import stat
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,16 +30,23 @@ from migpipe.errors import (
     UsageError,
 )
 from migpipe.io.channel import stream_sink
+from migpipe.io.files import open_input, open_output
 from migpipe.running import run_trio
 from migpipe.save import DEFAULT_CACHE, LAYOUTS, LIBVIRT_FORMATS
 
 if TYPE_CHECKING:
+    from migpipe.io.channel import Sink
+    from migpipe.tunnel.pipeline import Totals
     from migpipe.tunnel.progress import Progress
+
+HEAD = 16  # the bytes that tell a saved file's kind (savefile.kind_of)
 
 
 def register(command: Command) -> None:
     save = command("save", cmd_save, "Save a QEMU stream to a file, complete or not at all.")
-    save.add_argument("file", help="the file to write (appears only once complete)")
+    save.add_argument(
+        "file", help="the file to write (appears only once complete); -: stdout, stream layout"
+    )
     given = save.add_mutually_exclusive_group()
     given.add_argument("--fd", type=int, metavar="N", help="read the stream from fd N (stdin)")
     given.add_argument(
@@ -81,7 +92,11 @@ def register(command: Command) -> None:
     filter_options(save)
 
     restore = command("restore", cmd_restore, "Write the QEMU stream saved in a file.")
-    restore.add_argument("file", help="a file written by migpipe save (or migpipe encode)")
+    restore.add_argument(
+        "file",
+        help="a file written by migpipe save (or migpipe encode); -: stdin "
+        "(or a pipe: not the fixed layout)",
+    )
     taker = restore.add_mutually_exclusive_group()
     taker.add_argument("--fd", type=int, metavar="N", help="write the stream to fd N (stdout)")
     taker.add_argument(
@@ -121,6 +136,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
     if args.qmp is None and (args.live or args.resume):
         raise UsageError("--live and --resume drive QEMU: they need --qmp")
+    if args.file == "-":
+        return save_to_stdout(args)
     chain = filter_chain(args)
     libvirt = libvirt_target(args, chain)
     store = functools.partial(
@@ -147,6 +164,29 @@ def cmd_save(args: argparse.Namespace) -> int:
         report(args, totals)
     if args.summary:
         print_save_summary(Path(args.file), totals)
+    return 0
+
+
+def save_to_stdout(args: argparse.Namespace) -> int:
+    """`save -`: the stream layout is encode's wire, which can go down a pipe as it is made
+    (`... | ssh host 'cat > vm.mig'`): restore refuses it unless it is complete. The other
+    files cannot: they are finished in place, or named only once QEMU completed."""
+    from migpipe.tunnel.pipeline import encode
+
+    refused = {
+        "--qmp": args.qmp is not None,  # a file it names only once QEMU completed
+        "--layout fixed": args.layout == "fixed",  # each page written in its place
+        "--libvirt-xml": args.libvirt_xml is not None,  # its header is finished last
+        "--direct": bool(args.direct),
+        "--summary": args.summary,
+    }
+    given = [option for option, used in refused.items() if used]
+    if given:
+        raise UsageError(f"{given[0]} needs a FILE to save to, not standard output (-)")
+    chain = filter_chain(args)
+    with input_fd(args) as source, open_output("-") as out:
+        totals = run_trio(encode, source, out.fileno(), chain, progress(args, "save"))
+    report(args, totals)
     return 0
 
 
@@ -194,22 +234,94 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.qmp is None and args.run is not None:
         raise UsageError("--running and --paused drive QEMU: they need --qmp")
     shown = progress(args, "restore")
-    if args.qmp is not None:
-        from migpipe.qemu import migration as drive
+    with piped(args.file) as pipe:
+        load = None if pipe is None else piped_load(pipe, args, shown)
+        if pipe is None:
+            sized(shown, args.file)
+        if args.qmp is not None:
+            from migpipe.qemu import migration as drive
 
-        sized(shown, args.file)
-        file = Path(args.file)
-        outcome = run_trio(
-            drive.restore, args.qmp, file, secrets_of(args), shown, args.direct, args.run
-        )
-        report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
-        print(drive.summary("restore", outcome), file=sys.stderr)
-        return 0
-    with output_fd(args) as fd, stream_sink(fd) as sink:  # a missing file fails QEMU's load too
-        sized(shown, args.file)
-        totals = run_trio(restore, Path(args.file), sink, secrets_of(args), shown, args.direct)
+            file, secrets = Path(args.file), secrets_of(args)
+            outcome = run_trio(
+                drive.restore, args.qmp, file, secrets, shown, args.direct, args.run, load
+            )
+            report(args, outcome.totals, qemu=outcome.qemu, runstate=outcome.runstate)
+            print(drive.summary("restore", outcome), file=sys.stderr)
+            return 0
+        with output_fd(args) as fd, stream_sink(fd) as sink:  # a missing file fails QEMU's too
+            if load is None:
+                file, secrets = Path(args.file), secrets_of(args)
+                totals = run_trio(restore, file, sink, secrets, shown, args.direct)
+            else:
+                totals = run_trio(load, sink)
     report(args, totals)
     return 0
+
+
+@contextlib.contextmanager
+def piped(name: str) -> Iterator[int | None]:
+    """The descriptor of FILE when it can only be read in order (`-`, a pipe, a socket, as
+    `ssh host cat vm.mig | migpipe restore -` or `<(...)` give), else None: restore reads a
+    file by position, and opens it itself."""
+    if name == "-":
+        with open_input("-") as f:
+            yield f.fileno()
+        return
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield None  # restore says why, in its words
+        return
+    try:
+        mode = os.fstat(fd).st_mode
+        yield fd if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) else None
+    finally:
+        os.close(fd)
+
+
+def piped_load(fd: int, args: argparse.Namespace, shown: "Progress | None") -> Callable:
+    """restore's reading of a pipe: the kind told by its first bytes (checked now, before
+    QEMU is touched), then the rest in order, for the kinds that can be read so."""
+    from migpipe.io.channel import FdChannel
+    from migpipe.save.savefile import kind_of, restore_libvirt
+    from migpipe.tunnel.pipeline import decode
+
+    if args.direct:
+        raise UsageError("--direct reads a file around the page cache: a pipe has none")
+    name, secrets = "standard input" if args.file == "-" else args.file, secrets_of(args)
+    head = b""
+    while len(head) < HEAD and (more := os.read(fd, HEAD - len(head))):
+        head += more
+    kind = kind_of(head, name, secrets)
+    if kind == "fixed":
+        raise UsageError(
+            f"{name}: a fixed-layout save cannot be restored from a pipe: its pages are "
+            "found through an index at its end; copy it to a file first"
+        )
+    rest = FdChannel(fd)
+
+    class Rejoined:
+        """The pipe, with the bytes that told its kind given back first."""
+
+        def __init__(self) -> None:
+            self.head = head
+
+        def read(self) -> bytes:
+            if self.head:
+                first, self.head = self.head, b""
+                return first
+            return rest.read()
+
+        def interrupt(self) -> None:
+            rest.interrupt()
+
+    async def load(sink: "int | Sink") -> "Totals":
+        with stream_sink(sink) as qemu:
+            if kind == "stream":
+                return await decode(Rejoined(), qemu, shown, secrets)
+            return await restore_libvirt(Rejoined(), 0, qemu, shown, kind == "qemu")
+
+    return load
 
 
 def sized(shown: "Progress | None", path: str) -> None:

@@ -992,6 +992,7 @@ async def restore(
     progress: Progress | None = None,
     direct: Direct = False,
     running: bool | None = None,
+    load: Callable[[int], Awaitable[Totals]] | None = None,
 ) -> Outcome:
     """Load the file `path` (savefile.restore, which withholds the stream's end until all of it
     checked) into the QEMU behind `qmp_path` (started with `-incoming defer`). A file that is
@@ -1000,15 +1001,21 @@ async def restore(
 
     `running` is virsh restore's --running/--paused: None leaves the guest as the saved stream
     says (QEMU runs it if it ran when saved), True runs it (`cont`), False keeps it paused: a
-    `stop` while QEMU is inmigrate only clears its autostart, so the guest never runs a cycle."""
-    savefile.file_kind(path, secrets)
+    `stop` while QEMU is inmigrate only clears its autostart, so the guest never runs a cycle.
+
+    `load`, given, writes the stream into QEMU's pipe instead of reading `path`: a pipe's,
+    whose kind the caller checked."""
+    if load is None:
+        savefile.file_kind(path, secrets)
     async with _waiting(qmp_path) as monitor:
         if running is False:
             await monitor.execute("stop")
         finish = await _through_pipe(
             monitor,
             "migrate-incoming",
-            lambda fd, _: savefile.restore(path, fd, secrets, progress, direct),
+            lambda fd, _: (
+                savefile.restore(path, fd, secrets, progress, direct) if load is None else load(fd)
+            ),
         )
         outcome = await _loaded(monitor, finish)
         if running and outcome.runstate != "running":
