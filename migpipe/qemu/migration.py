@@ -430,7 +430,7 @@ class Pause:
                 f"real pause: {said}; no figures from the destination "
                 "(not migpipe incoming, or an older one)"
             )
-        one_way = "not measured" if self.one_way is None else f"{self.one_way * 1e3:,.2f} ms"
+        one_way = "not measured" if self.one_way is None else f"{self.one_way * 1e3:,.3f} ms"
         return (
             f"real pause: {said}, link {link * 1e3:,.1f} ms (the wire's end to decode, "
             f"one-way time {one_way}), destination {destination * 1e3:,.1f} ms "
