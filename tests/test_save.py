@@ -890,3 +890,22 @@ def test_stats_json_dash_is_stdout_where_stdout_is_free(tmp_path: Path, stream: 
         taken = migpipe(*command, "--stats-json", "-", stdin=stream)
         assert (taken.returncode, taken.stdout) == (2, b""), command
         assert b"--stats-json -: standard output carries the stream here" in taken.stderr
+
+
+def test_decode_of_a_saved_file_says_to_use_restore(tmp_path: Path, stream: bytes) -> None:
+    fixed, image = tmp_path / "fixed.mig", tmp_path / "vm.save"
+    xml = tmp_path / "dom.xml"
+    xml.write_text("<domain type='qemu'><name>vm</name></domain>")
+    assert migpipe("save", str(fixed), "--layout", "fixed", stdin=stream).returncode == 0
+    assert migpipe("save", str(image), "--libvirt-xml", str(xml), stdin=stream).returncode == 0
+    for data, says in [
+        (fixed.read_bytes(), "a migpipe save in the fixed layout: use migpipe restore"),
+        (image.read_bytes(), "a libvirt save image: use migpipe restore"),
+        (stream, "a bare QEMU stream, which needs no decoding"),
+    ]:
+        result = migpipe("decode", stdin=data)
+        assert result.returncode == 3
+        assert result.stderr.decode() == (
+            f"migpipe decode: error: not a migpipe wire stream (bad magic; it is {says}) "
+            "(at byte offset 0)\n"
+        )

@@ -75,6 +75,23 @@ def header_for(
     return head
 
 
+# The files most often handed to decode by mistake, by their first bytes: restore reads them.
+# (Literals: save/, which defines the first two, sits above this layer.)
+MISTAKEN = {
+    b"\x89MGF": "a migpipe save in the fixed layout: use migpipe restore",
+    b"LibvirtQemud": "a libvirt save image: use migpipe restore",
+    b"QEVM": "a bare QEMU stream, which needs no decoding",
+}
+
+
+def mistaken_for(buf: bytes | bytearray) -> str:
+    """What the bytes a header was expected at start instead, when migpipe knows it."""
+    head = bytes(buf[:12])
+    return next(
+        (f"; it is {what}" for start, what in MISTAKEN.items() if head.startswith(start)), ""
+    )
+
+
 def parse_header(
     buf: bytes | bytearray, magic: bytes, version: int, what: str, base: int = 0
 ) -> tuple[Header | None, int]:
@@ -83,10 +100,10 @@ def parse_header(
     `buf` in the input, for them."""
     if len(buf) < 12:
         if not magic.startswith(bytes(buf[:8])):
-            raise CorruptError(f"not a {what} (bad magic)", base)
+            raise CorruptError(f"not a {what} (bad magic{mistaken_for(buf)})", base)
         return None, 12
     if buf[:8] != magic:
-        raise CorruptError(f"not a {what} (bad magic)", base)
+        raise CorruptError(f"not a {what} (bad magic{mistaken_for(buf)})", base)
     if buf[8] != version:
         raise IncompatibleError(
             f"{what} version {buf[8]} is not {version}: written by a different migpipe version",
