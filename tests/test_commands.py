@@ -321,9 +321,9 @@ def test_progress_json_is_a_json_object_per_line(stream: bytes) -> None:
     assert records[-1]["pages"]["normal"] > 0
 
 
-def test_quiet_leaves_warnings_and_errors_only(stream: bytes) -> None:
-    """-q before or after the command: no progress, and only the warning of a job that
-    completed; an error is still said."""
+def test_quiet_leaves_warnings_and_errors_only(stream: bytes, tmp_path: Path) -> None:
+    """-q before or after the command: no progress, no summary, and only the warning of a job
+    that completed; an error is still said."""
     for args in (("-q", "encode"), ("encode", "-q")):
         result = migpipe(*args, "--progress", "--stats-json", "/dev/full", stdin=stream)
         assert result.returncode == 0
@@ -331,6 +331,10 @@ def test_quiet_leaves_warnings_and_errors_only(stream: bytes) -> None:
             b"migpipe encode: warning: the job completed, but --stats-json /dev/full could not "
             b"be written (No space left on device)\n"
         )
+    said = migpipe("save", str(tmp_path / "said.mig"), "--summary", stdin=stream)
+    quiet = migpipe("-q", "save", str(tmp_path / "quiet.mig"), "--summary", stdin=stream)
+    assert said.stderr.startswith(b"saved ") and quiet.stderr == b""
+    assert quiet.returncode == 0 and (tmp_path / "quiet.mig").exists()
     failed = migpipe("-q", "inspect", stdin=b"not a migration stream at all")
     assert failed.returncode == 1 and failed.stderr.startswith(b"migpipe inspect: error: not a")
 
