@@ -909,3 +909,23 @@ def test_decode_of_a_saved_file_says_to_use_restore(tmp_path: Path, stream: byte
             f"migpipe decode: error: not a migpipe wire stream (bad magic; it is {says}) "
             "(at byte offset 0)\n"
         )
+
+
+def test_inspect_reads_every_kind_from_a_pipe(tmp_path: Path, stream: bytes, key: Path) -> None:
+    """`cat FILE | migpipe inspect` says what `migpipe inspect FILE` does, but the size on
+    disk a pipe does not have; the fixed layout, which is read through its index, is refused
+    with the reason."""
+    for kind, (data, reading) in saved_kinds(tmp_path, stream, key).items():
+        by_path = migpipe("inspect", *reading, str(tmp_path / kind) if kind != "qemu" else "-",
+                          stdin=data)  # fmt: skip
+        by_pipe = migpipe("inspect", *reading, stdin=data)
+        assert by_pipe.returncode == by_path.returncode == 0, (kind, by_pipe.stderr)
+        first, rest = by_pipe.stdout.decode().split("\n", 1)
+        assert by_path.stdout.decode().endswith(rest), kind
+        if kind != "qemu":
+            assert first.startswith(by_path.stdout.decode().split(" (", 1)[0]), kind
+    fixed = tmp_path / "fixed.mig"
+    assert migpipe("save", str(fixed), "--layout", "fixed", stdin=stream).returncode == 0
+    refused = migpipe("inspect", stdin=fixed.read_bytes())
+    assert refused.returncode == 2
+    assert b"a fixed-layout save cannot be inspected from a pipe" in refused.stderr

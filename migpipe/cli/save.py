@@ -27,6 +27,7 @@ from migpipe.cli.options import (
 )
 from migpipe.errors import (
     MigpipeError,
+    SecretError,
     UsageError,
 )
 from migpipe.io.channel import stream_sink
@@ -36,6 +37,7 @@ from migpipe.save import DEFAULT_CACHE, LAYOUTS, LIBVIRT_FORMATS
 
 if TYPE_CHECKING:
     from migpipe.io.channel import Sink
+    from migpipe.keys import Secrets
     from migpipe.tunnel.pipeline import Totals
     from migpipe.tunnel.progress import Progress
 
@@ -279,49 +281,108 @@ def piped(name: str) -> Iterator[int | None]:
         os.close(fd)
 
 
+class Rejoined:
+    """A pipe, with the bytes that told its kind given back first."""
+
+    def __init__(self, head: bytes, fd: int) -> None:
+        from migpipe.io.channel import FdChannel
+
+        self.head, self.rest = head, FdChannel(fd)
+
+    def read(self) -> bytes:
+        if self.head:
+            first, self.head = self.head, b""
+            return first
+        return self.rest.read()
+
+    def interrupt(self) -> None:
+        self.rest.interrupt()
+
+
+def piped_kind(
+    fd: int, name: str, secrets: "Secrets", doing: str, unknown: str | None = None
+) -> tuple[str, Rejoined]:
+    """The kind of saved file a pipe carries, told by its first bytes (savefile.kind_of, which
+    also refuses a kind the key options refuse), and the pipe to read it all from; a
+    UsageError for the fixed layout, which cannot be read in order. Bytes of no kind are
+    `unknown`'s kind if given (inspect: the QEMU stream parser says what is wrong with them)."""
+    from migpipe.save.savefile import kind_of
+
+    head = b""
+    while len(head) < HEAD and (more := os.read(fd, HEAD - len(head))):
+        head += more
+    try:
+        kind = kind_of(head, name, secrets)
+    except SecretError:
+        raise
+    except MigpipeError:
+        if unknown is None:
+            raise
+        kind = unknown
+        secrets.check_sealed(False, f"{name} (a bare QEMU stream)")
+    if kind == "fixed":
+        raise UsageError(
+            f"{name}: a fixed-layout save cannot be {doing} from a pipe: its pages are "
+            "found through an index at its end; copy it to a file first"
+        )
+    return kind, Rejoined(head, fd)
+
+
 def piped_load(fd: int, args: argparse.Namespace, shown: "Progress | None") -> Callable:
-    """restore's reading of a pipe: the kind told by its first bytes (checked now, before
-    QEMU is touched), then the rest in order, for the kinds that can be read so."""
-    from migpipe.io.channel import FdChannel
-    from migpipe.save.savefile import kind_of, restore_libvirt
+    """restore's reading of a pipe: the kind checked now, before QEMU is touched, then the
+    rest in order."""
+    from migpipe.save.savefile import restore_libvirt
     from migpipe.tunnel.pipeline import decode
 
     if args.direct:
         raise UsageError("--direct reads a file around the page cache: a pipe has none")
     name, secrets = "standard input" if args.file == "-" else args.file, secrets_of(args)
-    head = b""
-    while len(head) < HEAD and (more := os.read(fd, HEAD - len(head))):
-        head += more
-    kind = kind_of(head, name, secrets)
-    if kind == "fixed":
-        raise UsageError(
-            f"{name}: a fixed-layout save cannot be restored from a pipe: its pages are "
-            "found through an index at its end; copy it to a file first"
-        )
-    rest = FdChannel(fd)
-
-    class Rejoined:
-        """The pipe, with the bytes that told its kind given back first."""
-
-        def __init__(self) -> None:
-            self.head = head
-
-        def read(self) -> bytes:
-            if self.head:
-                first, self.head = self.head, b""
-                return first
-            return rest.read()
-
-        def interrupt(self) -> None:
-            rest.interrupt()
+    kind, pipe = piped_kind(fd, name, secrets, "restored")
 
     async def load(sink: "int | Sink") -> "Totals":
         with stream_sink(sink) as qemu:
             if kind == "stream":
-                return await decode(Rejoined(), qemu, shown, secrets)
-            return await restore_libvirt(Rejoined(), 0, qemu, shown, kind == "qemu")
+                return await decode(pipe, qemu, shown, secrets)
+            return await restore_libvirt(pipe, 0, qemu, shown, kind == "qemu")
 
     return load
+
+
+def piped_chunks(fd: int, name: str, secrets: "Secrets", about: dict) -> Iterator[bytes]:
+    """inspect's reading of a pipe: the QEMU stream of any kind but the fixed layout, checked
+    as savefile.saved_stream checks a file's; `about` gets what the file says, and at the end
+    the bytes read (a pipe has no size beforehand)."""
+    from migpipe.save.libvirtimage import LibvirtImageReader
+    from migpipe.save.savefile import Reading
+    from migpipe.tunnel.pipeline import decode_chunks
+
+    kind, pipe = piped_kind(fd, name, secrets, "inspected", unknown="qemu")
+    about.update(layout=kind, file_bytes=0)
+
+    def read() -> bytes:
+        chunk = pipe.read()
+        about["file_bytes"] += len(chunk)
+        return chunk
+
+    chunks = iter(read, b"")
+    if kind == "stream":
+        yield from decode_chunks(chunks, secrets, about)
+    elif kind == "qemu":
+        yield from chunks
+    else:
+        reader = LibvirtImageReader(Reading(read))
+        try:
+            image = reader.image
+            about.update(
+                libvirt_format=image.image_format,
+                was_running=image.was_running,
+                xml=image.xml,
+                filters=[],
+            )
+            while chunk := reader.read():
+                yield chunk
+        finally:
+            reader.close()
 
 
 def sized(shown: "Progress | None", path: str) -> None:

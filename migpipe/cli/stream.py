@@ -87,9 +87,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stats = StreamStats(args.page_size)
     error, about = None, {}
     with contextlib.ExitStack() as stack:
-        if args.stream == "-":  # a bare QEMU stream: nothing a key could have sealed
-            secrets_of(args).check_sealed(False, "standard input (a bare QEMU stream)")
-            chunks = read_chunks(stack.enter_context(open_input("-")))
+        if args.stream == "-":  # any kind but the fixed layout, told by its first bytes
+            from migpipe.cli.save import piped_chunks
+
+            stdin = stack.enter_context(open_input("-")).fileno()
+            chunks = piped_chunks(stdin, "standard input", secrets_of(args), about)
         else:
             from migpipe.save.savefile import saved_stream
 
@@ -129,7 +131,9 @@ def describe_file(about: dict) -> str:
         after = "running" if about["was_running"] else "paused"
         chain = f"{about['libvirt_format']} body, guest {after} after virsh restore"
     kind = "libvirt save image" if about["layout"] == "libvirt" else f"{about['layout']} layout"
-    line = f"file: {kind}, {chain}; {about['file_bytes']:,} bytes ({about['disk_bytes']:,} on disk)"
+    line = f"file: {kind}, {chain}; {about['file_bytes']:,} bytes"
+    if "disk_bytes" in about:  # not for a pipe
+        line += f" ({about['disk_bytes']:,} on disk)"
     if "slots" in about:
         line += (
             f"; {about['slots_written']:,} of {about['slots']:,} extent slots written, "
