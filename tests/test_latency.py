@@ -43,6 +43,12 @@ def rate_of(clock: Clock, per_second: float) -> Rate:
     return rate
 
 
+def move(clock: Clock, buffer: PipeBuffer, per_second: float) -> None:
+    """Two windows' worth of bytes at `per_second` through `buffer`."""
+    clock.now += 0.1
+    assert buffer.moved(int(per_second * 0.1))
+
+
 def test_a_rate_is_known_once_a_window_closed(clock: Clock) -> None:
     rate = Rate()
     assert rate.per_second is None and rate.budget(10, 1000) == 10  # small until known
@@ -83,7 +89,7 @@ def test_a_pipe_holds_buffer_time_at_the_rate_through_it(
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)  # as open_output left it
         buffer = PipeBuffer(FdChannel(write_end))
         assert pipe_size(read_end) == MIN_PIPE  # small until the rate is known
-        buffer.fit(rate_of(clock, per_second))
+        move(clock, buffer, per_second)
         assert pipe_size(read_end) == expected
     finally:
         os.close(read_end)
@@ -94,12 +100,12 @@ def test_a_full_pipe_keeps_its_size_until_it_can_shrink(clock: Clock) -> None:
     read_end, write_end = os.pipe()
     try:
         buffer = PipeBuffer(FdChannel(write_end))
-        buffer.fit(rate_of(clock, 1e9))
+        move(clock, buffer, 1e9)
         os.write(write_end, bytes(512 << 10))
-        buffer.fit(rate_of(clock, 1e6))  # EBUSY: more is in it than 16 KiB
+        move(clock, buffer, 1e6)  # EBUSY: more is in it than 16 KiB
         assert pipe_size(read_end) == MAX_PIPE
         os.read(read_end, 1 << 20)
-        buffer.fit(rate_of(clock, 1e6))
+        move(clock, buffer, 1e6)
         assert pipe_size(read_end) == MIN_PIPE
     finally:
         os.close(read_end)
@@ -114,7 +120,7 @@ def test_a_unix_socket_holds_buffer_time_at_the_rate_through_it(
     with ours, theirs:
         buffer = PipeBuffer(FdChannel(ours.fileno()))
         assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == MIN_PIPE
-        buffer.fit(rate_of(clock, per_second))
+        move(clock, buffer, per_second)
         assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
 
 
@@ -122,13 +128,13 @@ def test_a_tcp_socket_keeps_the_kernels_buffers(clock: Clock) -> None:
     server = socket.create_server(("127.0.0.1", 0))
     with server, socket.create_connection(server.getsockname()) as sock:
         before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        PipeBuffer(FdChannel(sock.fileno())).fit(rate_of(clock, 1e6))
+        move(clock, PipeBuffer(FdChannel(sock.fileno())), 1e6)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
 
 
 def test_a_file_is_left_alone(clock: Clock, tmp_path) -> None:
     with open(tmp_path / "f", "wb") as f:
-        PipeBuffer(FdChannel(f.fileno())).fit(rate_of(clock, 1e9))  # no error, nothing to size
+        move(clock, PipeBuffer(FdChannel(f.fileno())), 1e9)  # no error, nothing to size
 
 
 def test_encode_sends_what_it_holds_when_qemu_goes_quiet() -> None:

@@ -57,7 +57,7 @@ class Rate:
 
 class PipeBuffer:
     """The kernel buffer of a pipe or UNIX socket a stage reads or writes, sized to the rate
-    through it.
+    through it, which the stage reports (moved()) and reads back (`rate`).
 
     A pipe's size is set with F_SETPIPE_SZ; shrinking below what it holds fails with EBUSY,
     and the next window tries again. A UNIX stream socket's sender is held by its send buffer
@@ -68,6 +68,7 @@ class PipeBuffer:
     """
 
     def __init__(self, end: Source | Sink) -> None:
+        self.rate = Rate()
         self._fd: int | None = None
         self._size = 0
         self._unix = False
@@ -81,11 +82,15 @@ class PipeBuffer:
                     self._fd = end.fd
                     self._resize(MIN_PIPE)  # until the rate is known (it may have been enlarged)
 
-    def fit(self, rate: Rate) -> None:
-        """Hold BUFFER_TIME at `rate` (a stage calls it when `rate` closed a window)."""
+    def moved(self, count: int) -> bool:
+        """Count `count` bytes read or written through it now; True when that closed a window
+        of `rate`, after which the buffer holds BUFFER_TIME at the new rate."""
+        if not self.rate.add(count):
+            return False
         if self._fd is not None:
-            wanted = rate.budget(MIN_PIPE, MAX_PIPE)
+            wanted = self.rate.budget(MIN_PIPE, MAX_PIPE)
             self._resize(1 << (wanted - 1).bit_length())  # the kernel's sizes: powers of two
+        return True
 
     def _resize(self, size: int) -> None:
         if size == self._size:

@@ -33,7 +33,7 @@ from migpipe.errors import (
     MigpipeError,
 )
 from migpipe.io.channel import FdChannel, Sink, Source, as_sink, as_source, stream_sink
-from migpipe.io.latency import PipeBuffer, Rate
+from migpipe.io.latency import PipeBuffer
 from migpipe.keys import Secrets
 from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
@@ -431,7 +431,6 @@ async def encode(
     smallest = min(MIN_FRAME, FRAME_TARGET)
     encoder.frame_size = smallest  # until the rate is known
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
-    qemu_rate, wire_rate = Rate(), Rate()
     inbound, outbound = PipeBuffer(source), PipeBuffer(wire)
     quiet = source.quiet if isinstance(source, FdChannel) else None
 
@@ -456,9 +455,8 @@ async def encode(
             chunk = source.read()
             if not chunk:
                 break
-            if qemu_rate.add(len(chunk)):
-                inbound.fit(qemu_rate)
-                encoder.frame_size = qemu_rate.budget(smallest, FRAME_TARGET)
+            if inbound.moved(len(chunk)):
+                encoder.frame_size = inbound.rate.budget(smallest, FRAME_TARGET)
             for out in encoder.feed(chunk):
                 submit(out)
         for out in encoder.finish():
@@ -472,8 +470,7 @@ async def encode(
         size = sum(len(p) for p in parts)
         totals.wire_bytes += size
         wire.write(parts)
-        if wire_rate.add(size):
-            outbound.fit(wire_rate)
+        outbound.moved(size)
 
     head = writer.header()
     await trio.to_thread.run_sync(wire.write, [head])
@@ -518,7 +515,6 @@ async def _decode(
             opened(chain.filters)
 
     decoder = Decoder(totals, secrets, opening)
-    wire_rate, qemu_rate = Rate(), Rate()
     inbound = PipeBuffer(wire)
 
     def produce(submit: Callable[[Frame], None]) -> None:
@@ -526,8 +522,7 @@ async def _decode(
         while not finished:
             chunk = wire.read()
             totals.wire_bytes += len(chunk)
-            if wire_rate.add(len(chunk)):
-                inbound.fit(wire_rate)
+            inbound.moved(len(chunk))
             if chunk:
                 decoder.feed(chunk)
             else:
@@ -539,8 +534,7 @@ async def _decode(
     def write(item: tuple[Frame, int | None]) -> None:
         if data := decoder.payload(*item):
             sink.write([data])
-            if qemu_rate.add(len(data)):
-                outbound.fit(qemu_rate)
+            outbound.moved(len(data))
 
     run = partial(run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt)
     await with_progress(progress, totals, run)
