@@ -27,6 +27,7 @@ from migpipe.errors import (
     IncompatibleError,
     SecretError,
     UsageError,
+    quoted,
 )
 from migpipe.keys import KEY_SIZE, Secrets, UserKey
 
@@ -80,7 +81,7 @@ class Encrypt(ByteFilter):
         cipher = CIPHER_NAMES.get(argument or "aes")
         if cipher is None:
             raise UsageError(
-                f"encrypt: unknown cipher {argument!r} (aes-256-gcm or chacha20-poly1305)",
+                f"encrypt: unknown cipher {quoted(argument)} (aes-256-gcm or chacha20-poly1305)",
             )
         user = secrets.user_key("encrypt")
         file_key, salt = token_bytes(KEY_SIZE), token_bytes(SALT_SIZE)
@@ -104,7 +105,10 @@ class Encrypt(ByteFilter):
         log_n = params.get("log_n")
         expected = {"cipher", "kdf", "salt", "wrapped", *(["log_n"] if kdf == "scrypt" else [])}
         if cipher not in CIPHERS or kdf not in ("key", "scrypt") or set(params) != expected:
-            message = f"encrypt: unknown cipher {cipher!r}, kdf {kdf!r} or fields {sorted(params)}"
+            fields = ", ".join(sorted(params))
+            message = (
+                f"encrypt: unknown cipher {quoted(cipher)}, kdf {quoted(kdf)} or fields {fields}"
+            )
             raise IncompatibleError(message)
         ceiling = min(SCRYPT_LOG_N_MAX, secrets.max_scrypt_log_n or SCRYPT_LOG_N_MAX)
         if kdf == "scrypt" and not (type(log_n) is int and 10 <= log_n <= ceiling):

@@ -27,6 +27,7 @@ from migpipe.chain import PageFilter, RecordTransform
 from migpipe.errors import (
     CorruptError,
     MigpipeError,
+    quoted,
 )
 from migpipe.keys import Secrets
 from migpipe.stream import format as fmt
@@ -178,7 +179,7 @@ class PythonPageCache:
                 page = self._update((record.block, record.offset), record)
                 if page is None:
                     raise CorruptError(
-                        f"xbzrle delta for page 0x{record.offset:x} of {record.block!r}, "
+                        f"xbzrle delta for page 0x{record.offset:x} of {quoted(record.block)}, "
                         "which is not in the cache: the two ends disagree",
                     )
                 record = NormalPage(record.block, record.offset, bytes(page), record.named)
@@ -337,9 +338,13 @@ class Xbzrle(PageFilter):
 
     def __init__(self, cache: int = DEFAULT_CACHE, index: Index = DEFAULT_INDEX) -> None:
         if type(cache) is not int or not PAGE <= cache <= MAX_CACHE:
-            raise MigpipeError(f"xbzrle cache of {cache!r} bytes is not from {PAGE} to {MAX_CACHE}")
+            raise MigpipeError(
+                f"xbzrle cache of {quoted(cache)} bytes is not from {PAGE} to {MAX_CACHE}"
+            )
         if index not in INDEXES:
-            raise MigpipeError(f"xbzrle cache index {index!r} is not one of {', '.join(INDEXES)}")
+            raise MigpipeError(
+                f"xbzrle cache index {quoted(index)} is not one of {', '.join(INDEXES)}"
+            )
         self.cache = cache
         self.index = index
 

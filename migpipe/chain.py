@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
-from migpipe.errors import IncompatibleError, MigpipeError
+from migpipe.errors import IncompatibleError, MigpipeError, quoted
 from migpipe.keys import Secrets
 from migpipe.stream.records import Record
 
@@ -35,7 +35,9 @@ class Filter:
     def from_argument(cls, argument: str | None, secrets: Secrets) -> "Filter":
         """The filter for `NAME` or `NAME:ARGUMENT` on the command line."""
         if argument is not None:
-            raise MigpipeError(f"filter {cls.name!r} takes no argument (got {argument!r})")
+            raise MigpipeError(
+                f"filter {quoted(cls.name)} takes no argument (got {quoted(argument)})"
+            )
         return cls()
 
     @classmethod
@@ -81,7 +83,7 @@ def number_argument(name: str, what: str, argument: str) -> int:
     try:
         return int(argument)
     except ValueError:
-        raise MigpipeError(f"{name} {what} must be a number, not {argument!r}") from None
+        raise MigpipeError(f"{name} {what} must be a number, not {quoted(argument)}") from None
 
 
 class Position(NamedTuple):
@@ -222,8 +224,8 @@ def load(name: str) -> type[Filter]:
         try:
             return entry.load()
         except Exception as e:  # a broken plugin must fail clearly, and only when used
-            raise MigpipeError(f"filter plugin {name!r} failed to load: {e}") from None
-    message = f"unknown filter {name!r} (installed: {', '.join(installed())})"
+            raise MigpipeError(f"filter plugin {quoted(name)} failed to load: {e}") from None
+    message = f"unknown filter {quoted(name)} (installed: {', '.join(installed())})"
     raise IncompatibleError(message, None)
 
 
@@ -233,7 +235,7 @@ def create(name: str, params: dict[str, Any], secrets: Secrets | None = None) ->
     try:
         return cls.from_params(params, secrets or Secrets())
     except TypeError as e:
-        message = f"bad parameters for filter {name!r}: {e}"
+        message = f"bad parameters for filter {quoted(name)}: {e}"
         raise IncompatibleError(message, None) from None
 
 

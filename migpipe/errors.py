@@ -4,6 +4,7 @@ Every failure a user can cause (bad input, a truncated stream, a wrong option) i
 MigpipeError, so the CLI can print one line and exit non-zero instead of a traceback.
 """
 
+import json
 from collections.abc import Iterator
 
 # Exit statuses, one per kind of failure a script may want to tell apart (see migpipe(1)).
@@ -32,6 +33,24 @@ def printable(data: bytes) -> str:
     byte as \\xNN, in double quotes (not Python's b'...' repr)."""
     text = "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in data)
     return f'"{text}"'
+
+
+def quoted(value: object) -> str:
+    """A name or value in a message: text in double quotes, any character of it that would not
+    print as \\xNN or \\uNNNN (not Python's '...' repr); a number, list or null from a header
+    as JSON writes it."""
+    if not isinstance(value, str):
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError):
+            return quoted(str(value))
+    return '"' + "".join(_printable_char(c) for c in value) + '"'
+
+
+def _printable_char(c: str) -> str:
+    if c.isprintable() and c not in '"\\':
+        return c
+    return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
 
 
 class MigpipeError(Exception):

@@ -3,7 +3,7 @@
 import re
 from fractions import Fraction
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import MigpipeError, quoted
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_SIZE = (1 << 63) - 1  # off_t's range: no file, memory or cache is larger
@@ -17,9 +17,9 @@ def parse_size(text: str) -> int:
     one line, for anything else (a size comes from users, daemons and the service's clients)."""
     match = SIZE.fullmatch(text.strip().upper())
     if match is None:
-        raise MigpipeError(f"not a size: {text!r} (sizes are like 4096, 64M or 1.5G)")
+        raise MigpipeError(f"not a size: {quoted(text)} (sizes are like 4096, 64M or 1.5G)")
     number, unit = match.groups()
     size = int(Fraction(number) * UNITS[unit])
     if size > MAX_SIZE:
-        raise MigpipeError(f"size {text!r} is larger than {MAX_SIZE} bytes")
+        raise MigpipeError(f"size {quoted(text)} is larger than {MAX_SIZE} bytes")
     return size

@@ -1,6 +1,7 @@
 """inspect, extract, generate and the demo, through the API and the real CLI."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -278,9 +279,9 @@ def test_an_fd_option_that_names_no_open_fd_says_which() -> None:
     assert result.stderr == b"migpipe restore: error: --fd 99: Bad file descriptor\n"
 
 
-def test_messages_show_no_python_reprs(tmp_path: Path) -> None:
-    """A port in use, a bad page mix, a bad endpoint: said in the user's words, never with a
-    tuple, a dict or repr quotes."""
+def test_messages_show_no_python_reprs(tmp_path: Path, stream: bytes) -> None:
+    """A port in use, a bad page mix, a bad endpoint, a bad filter, size or level: said in the
+    user's words, never with a tuple, a dict or repr quotes; a closed output says which."""
     import socket
 
     with socket.socket() as taken:
@@ -305,6 +306,24 @@ def test_messages_show_no_python_reprs(tmp_path: Path) -> None:
     )
     for result in (busy, mix, endpoint):
         assert not set(b"'{}()<>") & set(result.stderr.split(b": error: ")[1])
+    named = {
+        ("--filters", "rot13"): b'unknown filter "rot13" (installed: ',
+        ("--xbzrle-cache", "nanK"): b'xbzrle cache size: not a size: "nanK" (sizes are like ',
+        ("--filters", "zstd:x"): b'zstd level must be a number, not "x"\n',
+    }
+    for args, said in named.items():
+        result = migpipe("encode", *args, stdin=stream)
+        assert said in result.stderr and b"'" not in result.stderr, result.stderr
+    wire = migpipe("encode", stdin=stream).stdout
+    for command, given in (("encode", stream), ("decode", wire)):
+        reader, writer = os.pipe()
+        os.close(reader)
+        with os.fdopen(writer, "wb") as closed:
+            gone = subprocess.run(
+                [*MIGPIPE, command], input=given, stdout=closed, stderr=subprocess.PIPE
+            )
+        said = f"migpipe {command}: error: standard output closed by the reader (broken pipe)\n"
+        assert (gone.returncode, gone.stderr) == (5, said.encode())
 
 
 def test_progress_json_is_a_json_object_per_line(stream: bytes) -> None:

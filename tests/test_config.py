@@ -80,7 +80,7 @@ def test_precedence_command_line_then_environment_then_etc(
         ("# defaults\n[migpipe]\n\nfilters\n", 4, "neither NAME = VALUE nor a [section]: filters"),
         ("[encdoe]\nfilters = lz4\n", 1, "unknown section [encdoe] (use [migpipe] or "),
         ("filters = lz4\n", 1, "filters comes before any [section]"),
-        ("[migpipe]\nconnect-timeout = soon\n", 2, "connect-timeout: 'soon' is not a number"),
+        ("[migpipe]\nconnect-timeout = soon\n", 2, 'connect-timeout: "soon" is not a number'),
         ("[migpipe]\nfilters = gzip\n", 2, "unknown filter"),
     ],
 )

@@ -160,4 +160,6 @@ def test_restore_into_a_reader_that_goes_away(tmp_path: Path) -> None:
     assert len(child.stdout.read(MIB)) == MIB
     child.stdout.close()
     assert child.wait(timeout=60) == EXIT_PEER_GONE
-    assert child.stderr.read() == failure(path, "output closed by the reader (broken pipe)")
+    assert child.stderr.read() == failure(
+        path, "standard output closed by the reader (broken pipe)"
+    )

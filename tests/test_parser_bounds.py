@@ -237,20 +237,20 @@ def test_blocks_up_to_the_ram_limit_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "name,why",
+    "name,shown,why",
     [
-        (b"pc\x00ram", "cannot be a QEMU idstr"),
-        (b"", "cannot be a QEMU idstr"),
-        (b"pc.ram\n", "cannot be a QEMU idstr"),
-        (b"pc.r\xe4m", "cannot be a QEMU idstr"),
-        (b"pc.ram", "is repeated"),
+        (b"pc\x00ram", '"pc\\x00ram"', "cannot be a QEMU idstr"),
+        (b"", '""', "cannot be a QEMU idstr"),
+        (b"pc.ram\n", '"pc.ram\\x0a"', "cannot be a QEMU idstr"),
+        (b"pc.r\xe4m", '"pc.r\xe4m"', "cannot be a QEMU idstr"),
+        (b"pc.ram", '"pc.ram"', "is repeated"),
     ],
 )
-def test_block_names_that_cannot_be_idstrs_are_refused(name: bytes, why: str) -> None:
+def test_block_names_that_cannot_be_idstrs_are_refused(name: bytes, shown: str, why: str) -> None:
     blocks = mem_size([(b"pc.ram", 4096), (name, 4096)])
     data = HEAD + RAM_START + blocks + BE64(fmt.RAM_EOS)
     error = refusal(data)
-    assert f"RAM block name {str(name, 'latin-1')!r} {why}" == error.message
+    assert f"RAM block name {shown} {why}" == error.message
     assert error.offset == data.index(blocks) + 8 + 1 + 6 + 8
 
 
@@ -264,7 +264,7 @@ def test_real_block_names_round_trip() -> None:
 
 def test_a_section_name_with_a_nul_is_refused() -> None:
     data = HEAD + b"\x04" + BE32(3) + b"\x05ti\x00er" + BE32(0) + BE32(2)
-    assert "section name 'ti\\x00er' cannot be a QEMU idstr" in refusal(data).message
+    assert 'section name "ti\\x00er" cannot be a QEMU idstr' in refusal(data).message
 
 
 # -- counts the stream decides ----------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_a_repeated_configuration_subsection_is_refused() -> None:
     uuid = ConfigSubsection(fmt.CONFIG_UUID, 1, bytes(16))
     records = ram_stream([])
     records[1] = Configuration(records[1].machine, (uuid, uuid))
-    assert "'configuration/uuid' repeated" in refusal(write_records(records)).message
+    assert '"configuration/uuid" repeated' in refusal(write_records(records)).message
 
 
 def test_iterative_sections_are_counted() -> None:

@@ -878,7 +878,7 @@ def test_bad_sizes_get_an_error_and_the_connection_lives(service: Harness) -> No
         for n, size in enumerate(["infK", "nanK", "1e400K", "-4M", "lots"]):
             give(session, f"in{n}", os.open(os.devnull, os.O_RDONLY))
             give(session, f"out{n}", sink())
-            with pytest.raises(ServiceError, match=f"xbzrle cache size: not a size: '{size}'"):
+            with pytest.raises(ServiceError, match=f'xbzrle cache size: not a size: "{size}"'):
                 session.start_job(
                     "encode", input=f"in{n}", output=f"out{n}", filters=[f"xbzrle:{size}"]
                 )
@@ -988,7 +988,7 @@ def test_fds_of_the_wrong_kind_are_refused_at_start(service: Harness, tmp_path: 
             ),
             (
                 {"input": "pipe-in", "output": "pipe-out", "filters": ["gzip"]},
-                "unknown filter 'gzip'",
+                'unknown filter "gzip"',
             ),
             (
                 {"input": "pipe-in", "output": "pipe-out", "filters": ["zstd,lz4"]},

@@ -190,7 +190,7 @@ def test_listen_gives_up_after_accept_timeout() -> None:
             check=False,
         )
         assert result.returncode == EXIT_USAGE
-        assert f"{bad!r} is not a number of seconds" in result.stderr.decode()
+        assert f'"{bad}" is not a number of seconds' in result.stderr.decode()
 
 
 class Listener(threading.Thread):

@@ -111,7 +111,7 @@ def test_unknown_filter_and_newer_version(stream: bytes) -> None:
     header = encode_header(wire.MAGIC, wire.VERSION, fields)
     result = decode(header + wire.encode_trailer(0, wire.Trailer(0, 0, 0, 0)))
     assert result.returncode == EXIT_INCOMPATIBLE
-    assert b"unknown filter 'rot13'" in result.stderr
+    assert b'unknown filter "rot13"' in result.stderr
     newer = bytearray(migpipe("encode", stdin=stream).stdout)
     newer[8] = wire.VERSION + 1
     result = decode(bytes(newer))

@@ -87,7 +87,7 @@ def test_new_wires_are_direct_mapped_and_old_ones_still_lru(stream: bytes) -> No
     old = filters.create("xbzrle", {"cache": 1 << 20})
     assert isinstance(old, Xbzrle) and old.index == "lru"
     assert filters.create("xbzrle", {"cache": 1 << 20, "index": "direct"}).index == "direct"
-    with pytest.raises(MigpipeError, match="index 'mru' is not one of lru, direct") as caught:
+    with pytest.raises(MigpipeError, match='index "mru" is not one of lru, direct') as caught:
         filters.create("xbzrle", {"cache": 1 << 20, "index": "mru"})
     assert caught.value.status == EXIT_INCOMPATIBLE
     records = parse_bytes(stream)
@@ -120,7 +120,7 @@ def test_an_older_decoder_refuses_the_index_in_one_line(
         filters.create("xbzrle", Xbzrle().params())
     assert caught.value.status == EXIT_INCOMPATIBLE
     assert "\n" not in caught.value.message and "'index'" in caught.value.message
-    assert caught.value.message.startswith("bad parameters for filter 'xbzrle'")
+    assert caught.value.message.startswith('bad parameters for filter "xbzrle"')
     assert isinstance(filters.create("xbzrle", Xbzrle(4096, "lru").params()), OldXbzrle)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from migpipe.errors import (
     MigpipeError,
     UsageError,
+    quoted,
 )
 from migpipe.io.files import open_input, open_output
 from migpipe.stream.format import XBZRLE_CACHE_SIZE
@@ -50,7 +51,7 @@ def seconds(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is not a number of seconds")
     return value
 
 
@@ -221,7 +222,9 @@ def direct_option(sub: argparse.ArgumentParser) -> None:
 
     def mode(text: str) -> str:
         if text != "try":
-            raise argparse.ArgumentTypeError(f"--direct takes no value or 'try', not {text!r}")
+            raise argparse.ArgumentTypeError(
+                f'--direct takes no value or "try", not {quoted(text)}'
+            )
         return text
 
     sub.add_argument(

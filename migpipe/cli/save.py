@@ -173,6 +173,7 @@ def save_to_stdout(args: argparse.Namespace) -> int:
     """`save -`: the stream layout is encode's wire, which can go down a pipe as it is made
     (`... | ssh host 'cat > vm.mig'`): restore refuses it unless it is complete. The other
     files cannot: they are finished in place, or named only once QEMU completed."""
+    from migpipe.io.channel import FdChannel
     from migpipe.tunnel.pipeline import encode
 
     refused = {
@@ -187,7 +188,8 @@ def save_to_stdout(args: argparse.Namespace) -> int:
         raise UsageError(f"{given[0]} needs a FILE to save to, not standard output (-)")
     chain = filter_chain(args)
     with input_fd(args) as source, open_output("-") as out:
-        totals = run_trio(encode, source, out.fileno(), chain, progress(args, "save"))
+        sink = FdChannel(out.fileno(), "standard output")
+        totals = run_trio(encode, source, sink, chain, progress(args, "save"))
     report(args, totals)
     return 0
 

@@ -24,7 +24,7 @@ from migpipe.cli.options import (
 from migpipe.errors import (
     UsageError,
 )
-from migpipe.io.channel import stream_sink
+from migpipe.io.channel import FdChannel, stream_sink
 from migpipe.io.files import open_input, open_output
 from migpipe.running import run_trio
 
@@ -81,6 +81,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     with open_input(args.input) as source, wire_end(args, "output") as wire:
         if shown is not None:
             shown.stream_size = file_size(source.fileno())
+        if isinstance(wire, int):  # named in a broken pipe's message
+            wire = FdChannel(wire, args.connect or args.listen or output_name(args.output))
         totals = run_trio(encode, source.fileno(), wire, chain, shown)
     report(args, totals)
     return 0
@@ -91,7 +93,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     with (
         open_output(args.output, force=args.force) as out,
-        stream_sink(out.fileno()) as sink,  # a wire that fails to open fails QEMU's load too
+        # a wire that fails to open fails QEMU's load too
+        stream_sink(FdChannel(out.fileno(), output_name(args.output))) as sink,
         wire_end(args, "input") as wire,
     ):
         shown = progress(args, "decode")
@@ -100,6 +103,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
         totals = run_trio(decode, wire, sink, shown, secrets_of(args))
     report(args, totals)
     return 0
+
+
+def output_name(path: str | None) -> str:
+    """What messages call the output open_output(path) opened."""
+    return "standard output" if path in (None, "-") else path
 
 
 def file_size(fd: int) -> int | None:

@@ -142,10 +142,12 @@ class Readable:
 
 class FdChannel:
     """A pipe, file or plain socket by its descriptor (not owned: the caller closes it): a
-    Source, a Sink, or both (a Channel) when it is a socket."""
+    Source, a Sink, or both (a Channel) when it is a socket. `name` is what messages call it
+    ("standard output", a path, an address); "fd N" when not given."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, name: str | None = None) -> None:
         self.fd = fd
+        self.name = f"fd {fd}" if name is None else name
         self._readable = Readable(fd)
 
     def interrupt(self) -> None:
@@ -179,7 +181,7 @@ class FdChannel:
                 if written:
                     views[0] = views[0][written:]
         except (BrokenPipeError, ConnectionResetError):
-            message = "output closed by the reader (broken pipe)"
+            message = f"{self.name} closed by the reader (broken pipe)"
             raise PeerGoneError(message) from None
 
     def finish(self) -> None:

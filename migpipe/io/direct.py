@@ -647,9 +647,10 @@ class DirectReader(_DiskThread):
         """Make the next read raise Stopped (a read waits only for the disk: none to end)."""
         self._stopping = True
 
-    def pump(self, fd: int) -> int:
-        """Write the rest of the file to `fd` (a pipe, say) from the ring; returns the count."""
-        out, total = FdChannel(fd), 0
+    def pump(self, fd: int, name: str | None = None) -> int:
+        """Write the rest of the file to `fd` (a pipe, say, called `name` in messages) from the
+        ring; returns the count."""
+        out, total = FdChannel(fd, name), 0
         while view := self._available():
             out.write([view])
             self._pos += len(view)

@@ -388,7 +388,7 @@ def _explain(e: BaseException, tls: TlsContext, host: str | None) -> str:
 def _explain_verify(e: ssl.SSLCertVerificationError, d: Path, other: Role, host: str | None) -> str:
     """Why the other end's certificate failed verification."""
     code = e.verify_code
-    whose = f"the {other.name} certificate" + (f" for {host!r}" if host else "")
+    whose = f"the {other.name} certificate" + (f" for {host}" if host else "")
     if code in UNTRUSTED:
         return f"{whose} is not signed by the CA in {d / CA_CERT}"
     if code in (EXPIRED, NOT_YET_VALID):
@@ -401,7 +401,7 @@ def _explain_verify(e: ssl.SSLCertVerificationError, d: Path, other: Role, host:
     if code in (HOSTNAME_MISMATCH, IP_MISMATCH):
         kind = "IP address" if code == IP_MISMATCH else "name"
         return (
-            f"the {other.name} certificate does not carry the {kind} {host!r}; connect by a "
+            f"the {other.name} certificate does not carry the {kind} {host}; connect by a "
             "name it carries, give --tls-hostname NAME, or reissue it with this one"
         )
     if code == INVALID_PURPOSE:

@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from migpipe.errors import (
     UsageError,
+    quoted,
 )
 from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.io.files import atomic_fd, private_directory, write_all
@@ -56,7 +57,7 @@ def san_entry(name: str) -> x509.GeneralName:
     except ValueError:
         pass
     if not HOST_NAME.fullmatch(name):
-        raise UsageError(f"{name!r} is neither a host name nor an IP address")
+        raise UsageError(f"{quoted(name)} is neither a host name nor an IP address")
     return x509.DNSName(name)
 
 

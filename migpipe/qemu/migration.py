@@ -45,6 +45,7 @@ from migpipe.errors import (
     MigpipeError,
     PeerGoneError,
     UnconfirmedError,
+    printable,
 )
 from migpipe.io.channel import FdChannel, Sink, Source, as_sink, as_source
 from migpipe.io.direct import Direct
@@ -172,7 +173,7 @@ class Confirmation:
             pass
         except MigpipeError as e:
             return cls("lost", f"the destination's answer {e.message.partition(': ')[2]}")
-        return cls("lost", f"the destination answered {line[:80]!r}")
+        return cls("lost", f"the destination answered {printable(line[:80])}")
 
 
 class Replies:

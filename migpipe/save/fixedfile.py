@@ -40,6 +40,7 @@ from migpipe.errors import (
     MigpipeError,
     Stopped,
     TruncatedError,
+    quoted,
 )
 from migpipe.io.channel import Sink, Source, as_sink, as_source
 from migpipe.io.direct import DirectFile
@@ -152,7 +153,7 @@ class Layout:
         slots, offset = 0, UNIT
         for block in blocks:
             if block.name in self.first_slot:
-                raise CorruptError(f"RAM block {block.name!r} listed twice")
+                raise CorruptError(f"RAM block {quoted(block.name)} listed twice")
             self.first_slot[block.name] = slots
             self.starts.append(slots)
             self.offsets.append(offset)
@@ -339,7 +340,7 @@ class FixedSaver:
         size = self.sizes.get(record.block) if self.layout else None
         if size is None or record.offset + self.page_size > size:
             raise CorruptError(
-                f"page 0x{record.offset:x} of RAM block {record.block!r} is "
+                f"page 0x{record.offset:x} of RAM block {quoted(record.block)} is "
                 "outside the blocks announced"
             )
         per_extent = EXTENT_PAGES * self.page_size

@@ -46,7 +46,7 @@ def copy(path: str, fd: int) -> int:
             raise MigpipeError("O_DIRECT read needs the entire seekable file, from offset 0")
         enlarge_pipe(STDOUT)
         with DirectReader(file) as reader:
-            count = reader.pump(STDOUT)
+            count = reader.pump(STDOUT, "standard output")
         datasync(STDOUT, "standard output")
         return count
 

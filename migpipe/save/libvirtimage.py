@@ -38,6 +38,7 @@ from migpipe.errors import (
     MigpipeError,
     TruncatedError,
     UsageError,
+    quoted,
 )
 from migpipe.io.channel import CHUNK, FdChannel, Sink
 from migpipe.save import LIBVIRT_FORMATS
@@ -174,7 +175,7 @@ def encode_prefix(
     FINAL_MAGIC_OFFSET after the body, which needs a seekable file; for a pipe pass False.
     """
     if image_format not in LIBVIRT_FORMATS:
-        raise UsageError(f"unknown save image format {image_format!r}")
+        raise UsageError(f"unknown save image format {quoted(image_format)}")
     xml_bytes, cookie_bytes = xml.encode(), (cookie or "").encode()
     if not xml_bytes or b"\0" in xml_bytes + cookie_bytes:
         raise UsageError("the domain XML is empty or holds a NUL byte")

@@ -45,6 +45,7 @@ from migpipe.errors import (
     Stopped,
     UsageError,
     leaves,
+    quoted,
 )
 from migpipe.io.channel import FdChannel, read_waiting
 from migpipe.io.files import enlarge_pipe
@@ -278,7 +279,7 @@ class JobSetup:
     def filters(self) -> list[Filter]:
         items = self.arguments.get("filters", [])
         if joined := [item for item in items if "," in item]:
-            raise MigpipeError(f"one filter per item of 'filters', not {joined[0]!r}")
+            raise MigpipeError(f"one filter per item of 'filters', not {quoted(joined[0])}")
         return parse_chain(",".join(items), self.secrets())
 
 

@@ -51,7 +51,7 @@
 
 /* The record classes and errors of migpipe, looked up once when the module loads. */
 static PyTypeObject *NormalPage, *ZeroPage, *XbzrlePage, *CompressedPage;
-static PyObject *MigpipeError, *CorruptError, *inflate_page;
+static PyObject *MigpipeError, *CorruptError, *quoted, *inflate_page;
 
 typedef struct {
     PyObject *block; /* the key's RAM block name (a str, held); NULL while the slot is empty */
@@ -747,10 +747,14 @@ cache_decode(PageCache *self, PyObject *const *args, Py_ssize_t nargs)
             if (s == NIL) {
                 char offset[24]; /* PyUnicode_FromFormat has no %llx before 3.12 */
                 snprintf(offset, sizeof offset, "%llx", (unsigned long long)key.offset);
+                PyObject *shown = PyObject_CallOneArg(quoted, key.block);
+                if (shown == NULL)
+                    goto fail;
                 raise_with(CorruptError,
-                           PyUnicode_FromFormat("xbzrle delta for page 0x%s of %R, which is "
+                           PyUnicode_FromFormat("xbzrle delta for page 0x%s of %U, which is "
                                                 "not in the cache: the two ends disagree",
-                                                offset, key.block));
+                                                offset, shown));
+                Py_DECREF(shown);
                 goto fail;
             }
             if (apply(self, s, record) < 0)
@@ -852,10 +856,10 @@ PyInit__xbzrle_cache(void)
 {
     static const char *const records[] = {"NormalPage", "ZeroPage", "XbzrlePage",
                                           "CompressedPage", NULL};
-    static const char *const errors[] = {"MigpipeError", "CorruptError", NULL};
+    static const char *const errors[] = {"MigpipeError", "CorruptError", "quoted", NULL};
     static const char *const ramimage[] = {"inflate_page", NULL};
     PyObject *types[4];
-    PyObject *errs[2];
+    PyObject *errs[3];
     if (import_names("migpipe.stream.records", records, types) < 0 ||
         import_names("migpipe.errors", errors, errs) < 0 ||
         import_names("migpipe.stream.ramimage", ramimage, &inflate_page) < 0)
@@ -866,6 +870,7 @@ PyInit__xbzrle_cache(void)
     CompressedPage = (PyTypeObject *)types[3];
     MigpipeError = errs[0];
     CorruptError = errs[1];
+    quoted = errs[2]; /* a block name in a message, as the Python cache shows it */
     if (PyType_Ready(&PageCacheType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&cache_module);

@@ -28,6 +28,7 @@ from migpipe.errors import (
     IncompatibleError,
     MigpipeError,
     TruncatedError,
+    quoted,
 )
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
@@ -343,7 +344,9 @@ class StreamParser:
         """The target page size: from the caller (a wire header's), or the stream's."""
         low, high = 1 << MIN_PAGE_BITS, 1 << MAX_PAGE_BITS
         if not is_page_size(page_size):
-            message = f"target page size {page_size!r} is not a power of two from {low} to {high}"
+            message = (
+                f"target page size {quoted(page_size)} is not a power of two from {low} to {high}"
+            )
             raise IncompatibleError(message, None if at is None else self._base + at)
         self._page_size = page_size
         self._page_mask = page_size - 1
@@ -410,7 +413,7 @@ class StreamParser:
                 return False
             subsection, end = parsed
             if any(s.name == subsection.name for s in subsections):  # else no end to them
-                self._fail(f"configuration subsection {subsection.name!r} repeated", p)
+                self._fail(f"configuration subsection {quoted(subsection.name)} repeated", p)
             subsections.append(subsection)
             p = end
         out.append(Configuration(machine, tuple(subsections)))
@@ -433,7 +436,7 @@ class StreamParser:
         elif name in _CONFIG_PAYLOAD_SIZES:
             end = p + _CONFIG_PAYLOAD_SIZES[name]
         else:
-            self._fail(f"unknown configuration subsection {name!r}", at)
+            self._fail(f"unknown configuration subsection {quoted(name)}", at)
         if end is None or end > len(buf):
             return None
         payload = buf[p:end]
@@ -517,7 +520,7 @@ class StreamParser:
         instance_id, version_id = BE32.unpack_from(buf, p)[0], BE32.unpack_from(buf, p + 4)[0]
         is_start = kind == fmt.ITEM_SECTION_START
         if not _is_idstr(idstr):
-            self._fail(f"section name {idstr!r} cannot be a QEMU idstr", pos + 5)
+            self._fail(f"section name {quoted(idstr)} cannot be a QEMU idstr", pos + 5)
         live = self._live_sections
         if is_start and sid not in live and len(live) >= MAX_LIVE_SECTIONS:
             self._fail(f"more than {MAX_LIVE_SECTIONS} iterative sections", pos)
@@ -540,7 +543,7 @@ class StreamParser:
         else:
             self._scan_from = self._pos
             self._step = self._step_device_state
-            self._where = f"the device state of section {sid} ({idstr!r})"
+            self._where = f"the device state of section {sid} ({quoted(idstr)})"
 
     def _command(self, out: list[Record]) -> bool:
         buf, pos = self._buf, self._pos
@@ -726,12 +729,12 @@ class StreamParser:
                         name = str(buf[p + 1 : q], "latin-1")
                         length = blocks.get(name)
                         if length is None:
-                            self._fail(f"page for RAM block {name!r}, never announced", pos)
+                            self._fail(f"page for RAM block {quoted(name)}, never announced", pos)
                         p, named = q, True
                     offset = word ^ flags
                     if offset >= length:
                         self._fail(
-                            f"page offset 0x{offset:x} is beyond RAM block {name!r} "
+                            f"page offset 0x{offset:x} is beyond RAM block {quoted(name)} "
                             f"of 0x{length:x} bytes",
                             pos,
                         )
@@ -835,7 +838,7 @@ class StreamParser:
             name = str(buf[p + 1 : p + 1 + buf[p]], "latin-1")
             if name in names or not _is_idstr(name):
                 why = "is repeated" if name in names else "cannot be a QEMU idstr"
-                self._fail(f"RAM block name {name!r} {why}", p)
+                self._fail(f"RAM block name {quoted(name)} {why}", p)
             names.add(name)
             (used,) = BE64.unpack_from(buf, need - fields)
             addr = BE64.unpack_from(buf, need - 8)[0] if self._ignore_shared else None
@@ -844,7 +847,9 @@ class StreamParser:
                 self._fail("postcopy with huge-page-backed RAM blocks is not supported", at)
             if used > remaining:
                 self._fail(
-                    f"RAM block list exceeds the MEM_SIZE total 0x{total:x} at block {name!r}", at
+                    f"RAM block list exceeds the MEM_SIZE total 0x{total:x} "
+                    f"at block {quoted(name)}",
+                    at,
                 )
             remaining -= used
             blocks.append(RamBlock(name, used, None, addr, None))

@@ -8,7 +8,7 @@ import functools
 import zlib
 from collections.abc import Callable, MutableSequence
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import MigpipeError, quoted
 from migpipe.stream.records import (
     PAGE_KIND_NAMES,
     MemSize,
@@ -43,7 +43,7 @@ class RamImages:
             self._apply_page(record)
         except MigpipeError as e:
             raise MigpipeError(
-                f"{e.message}, for page 0x{record.offset:x} of RAM block {record.block!r}"
+                f"{e.message}, for page 0x{record.offset:x} of RAM block {quoted(record.block)}"
             ) from None
 
     def _apply_page(self, record: Record) -> None:
@@ -63,7 +63,7 @@ class RamImages:
                 self.sizes[block.name] = block.used_length
                 self.pages_received[block.name] = 0
             elif known != block.used_length:
-                raise MigpipeError(f"RAM block {block.name!r} changed size mid-stream")
+                raise MigpipeError(f"RAM block {quoted(block.name)} changed size mid-stream")
 
 
 def in_memory(name: str, size: int) -> bytearray:

@@ -9,7 +9,7 @@ once, from wherever the pages are kept.
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import MigpipeError, quoted
 from migpipe.stream import format as fmt
 from migpipe.stream.parser import MAX_MACHINE_NAME, MAX_RAM_BLOCKS, is_page_size
 from migpipe.stream.records import (
@@ -79,7 +79,7 @@ class Skeleton:
             )
         elif kind is SectionFull:
             raise MigpipeError(
-                f"cannot place device state ({record.idstr!r}) sent before RAM ended "
+                f"cannot place device state ({quoted(record.idstr)}) sent before RAM ended "
                 "(early-setup devices, QEMU 8.0+ virtio-mem)"
             )
         elif kind is Command:
@@ -176,14 +176,14 @@ def compact_stream(
 def checked_count(value: Any, limit: int) -> int:
     """An int from 0 to `limit` (not a bool, a float or a string), or ValueError."""
     if type(value) is not int or not 0 <= value <= limit:
-        raise ValueError(f"{value!r} is not a count from 0 to {limit}")
+        raise ValueError(f"{quoted(value)} is not a count from 0 to {limit}")
     return value
 
 
 def _name(value: Any, limit: int = 255) -> str:
     """A name the stream writer can write: at most `limit` Latin-1 bytes."""
     if type(value) is not str or len(value.encode("latin-1")) > limit:
-        raise ValueError(f"{value!r} is not a name of at most {limit} bytes")
+        raise ValueError(f"{quoted(value)} is not a name of at most {limit} bytes")
     return value
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Literal
 
+from migpipe.errors import quoted
 from migpipe.stream import format as fmt
 from migpipe.stream.records import (
     Command,
@@ -61,7 +62,7 @@ _FLAG_WORDS = {
 def _counted(text: str) -> bytes:
     raw = text.encode("latin-1")
     if len(raw) > 255:
-        raise ValueError(f"name longer than 255 bytes: {text!r}")
+        raise ValueError(f"name longer than 255 bytes: {quoted(text)}")
     return bytes([len(raw)]) + raw
 
 

@@ -16,7 +16,7 @@ import string
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from migpipe.errors import MigpipeError
+from migpipe.errors import MigpipeError, quoted
 from migpipe.io.files import create_private, open_owned, private_directory, write_all
 from migpipe.stream import format as fmt
 from migpipe.stream.ramimage import RamImages
@@ -38,7 +38,9 @@ def image_file_name(block: str) -> str:
     the manifest and the device state."""
     name = "".join(chr(b) if b in _KEPT else f"%{b:02X}" for b in block.encode()) + ".img"
     if len(name) > NAME_MAX:
-        raise MigpipeError(f"RAM block {block!r}: its file name would be {len(name)} bytes long")
+        raise MigpipeError(
+            f"RAM block {quoted(block)}: its file name would be {len(name)} bytes long"
+        )
     return name
 
 
@@ -156,7 +158,7 @@ def load_manifest(dir_fd: int, directory: Path) -> dict:
     for block in manifest.get("blocks", ()):
         name = block.get("file") if isinstance(block, dict) else None
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
-            raise MigpipeError(f"{path}: {name!r} is not a file name inside {directory}")
+            raise MigpipeError(f"{path}: {quoted(name)} is not a file name inside {directory}")
     return manifest
 
 

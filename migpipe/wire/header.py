@@ -23,6 +23,7 @@ from migpipe import chain as filters
 from migpipe.errors import (
     CorruptError,
     IncompatibleError,
+    quoted,
 )
 from migpipe.keys import Secrets
 from migpipe.stream.format import BE16, BE32
@@ -154,7 +155,7 @@ def _checked(fields: Any) -> tuple[tuple[tuple[str, dict[str, Any]], ...], int]:
         chain.append((name, params))
     size = fields["page_size"]
     if not is_page_size(size):
-        raise ValueError(f"page size {size!r}")
+        raise ValueError(f"page size {quoted(size)}")
     return tuple(chain), size
 
 
