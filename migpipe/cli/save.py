@@ -354,8 +354,7 @@ def piped_chunks(fd: int, name: str, secrets: "Secrets", about: dict) -> Iterato
     """inspect's reading of a pipe: the QEMU stream of any kind but the fixed layout, checked
     as savefile.saved_stream checks a file's; `about` gets what the file says, and at the end
     the bytes read (a pipe has no size beforehand)."""
-    from migpipe.save.libvirtimage import LibvirtImageReader
-    from migpipe.save.savefile import Reading
+    from migpipe.save.savefile import Reading, libvirt_chunks
     from migpipe.tunnel.pipeline import decode_chunks
 
     kind, pipe = piped_kind(fd, name, secrets, "inspected", unknown="qemu")
@@ -372,19 +371,7 @@ def piped_chunks(fd: int, name: str, secrets: "Secrets", about: dict) -> Iterato
     elif kind == "qemu":
         yield from chunks
     else:
-        reader = LibvirtImageReader(Reading(read))
-        try:
-            image = reader.image
-            about.update(
-                libvirt_format=image.image_format,
-                was_running=image.was_running,
-                xml=image.xml,
-                filters=[],
-            )
-            while chunk := reader.read():
-                yield chunk
-        finally:
-            reader.close()
+        yield from libvirt_chunks(Reading(read), about)
 
 
 def sized(shown: "Progress | None", path: str) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,6 +39,9 @@ from migpipe.tunnel.dataplane import run_interruptible
 from migpipe.tunnel.inplace import encode_in_place
 from migpipe.tunnel.pipeline import Encoder, Totals, decode, decode_chunks, encode, with_progress
 from migpipe.tunnel.progress import Progress
+
+if TYPE_CHECKING:
+    from migpipe.save.libvirtimage import Input
 
 LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
 UNSEALED_KINDS = {"qemu": "a bare QEMU stream", "libvirt": "a libvirt save image"}  # no key seals
@@ -114,22 +118,28 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
         with open(path, "rb") as f:
             yield from read_chunks(f)
     else:
-        from migpipe.save.libvirtimage import LibvirtImageReader
-
         with open(path, "rb") as f:
-            reader = LibvirtImageReader(FdChannel(f.fileno()))
-            try:
-                image = reader.image
-                about.update(
-                    libvirt_format=image.image_format,
-                    was_running=image.was_running,
-                    xml=image.xml,
-                    filters=[],
-                )
-                while chunk := reader.read():
-                    yield chunk
-            finally:
-                reader.close()
+            yield from libvirt_chunks(FdChannel(f.fileno()), about)
+
+
+def libvirt_chunks(source: "Input", about: dict) -> Iterator[bytes]:
+    """The QEMU stream inside a libvirt save image read from `source` (a file, or a pipe for
+    inspect); `about` gets what the image's header says."""
+    from migpipe.save.libvirtimage import LibvirtImageReader
+
+    reader = LibvirtImageReader(source)
+    try:
+        image = reader.image
+        about.update(
+            libvirt_format=image.image_format,
+            was_running=image.was_running,
+            xml=image.xml,
+            filters=[],
+        )
+        while chunk := reader.read():
+            yield chunk
+    finally:
+        reader.close()
 
 
 @dataclass(frozen=True)
