@@ -82,16 +82,17 @@ def register(command: Command) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from migpipe.cli.save import piped, piped_chunks
     from migpipe.tools.stats import StreamStats
 
     stats = StreamStats(args.page_size)
     error, about = None, {}
     with contextlib.ExitStack() as stack:
-        if args.stream == "-":  # any kind but the fixed layout, told by its first bytes
-            from migpipe.cli.save import piped_chunks
-
-            stdin = stack.enter_context(open_input("-")).fileno()
-            chunks = piped_chunks(stdin, "standard input", secrets_of(args), about)
+        # `-`, a named FIFO, <(...): any kind but the fixed layout, told by its first bytes
+        pipe = stack.enter_context(piped(args.stream))
+        if pipe is not None:
+            name = "standard input" if args.stream == "-" else args.stream
+            chunks = piped_chunks(pipe, name, secrets_of(args), about)
         else:
             from migpipe.save.savefile import saved_stream
 
