@@ -79,6 +79,7 @@ class Totals:
     )
     filter_seconds: dict[str, float] = field(default_factory=dict)
     filter_counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    running: Sequence[filters.RecordTransform] = ()  # page filters whose counters progress shows
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_pages(self, records: list[Record]) -> None:
@@ -97,6 +98,12 @@ class Totals:
         with self._lock:
             self.filter_seconds[name] = self.filter_seconds.get(name, 0.0) + seconds
         return result
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """The filters' counters now, read while they run (xbzrle's hits for progress): a
+        transform's figures are plain ints its thread adds to, so a read is at worst a frame
+        behind; the final ones, once set, win."""
+        return {**{t.name: t.counters() for t in self.running}, **self.filter_counters}
 
     def figures(self, seconds: float) -> dict:
         """The final figures, in QEMU's query-migrate words where they exist: what
@@ -154,7 +161,7 @@ class Encoder:
         self.totals = totals or Totals()
         self.chain = FilterChain(chain, self.totals)
         self.wire = WireWriter(self.chain, page_size)
-        self._transforms = self.chain.encoders()
+        self._transforms = self.totals.running = self.chain.encoders()
         self._parser = StreamParser(page_size=page_size, pages=bool(self._transforms))
         self._writer = StreamWriter()
         self._pieces: Pieces = []  # QEMU bytes read, not yet in a frame

@@ -98,6 +98,9 @@ class Progress:
                 shown.append(f"ETA {clock(max(size - done, 0) / speed)}")
         if totals.wire_bytes >= RATIO_FLOOR or (final and totals.wire_bytes):
             shown.append(f"ratio {totals.qemu_bytes / totals.wire_bytes:.2f}")
+        xbzrle = totals.counters().get("xbzrle", {})
+        if "hits" in xbzrle:  # encode's cache, as QEMU's `info migrate` shows its own
+            shown.append(f"xbzrle hits {xbzrle['hits']:,} misses {xbzrle['misses']:,}")
         pages = " ".join(f"{kind} {count:,}" for kind, count in totals.pages.items() if count)
         if pages:
             shown.append(f"pages: {pages}")
@@ -165,7 +168,7 @@ class JsonProgress(Progress):
             "stream_expected": self.stream_size,
             "rate": round((last[1] - first[1]) / span) if span > 0 else None,
             "pages": totals.pages,
-            "filters": totals.filter_counters,
+            "filters": totals.counters(),
         }
 
     def _write(self, record: dict) -> None:
