@@ -28,28 +28,39 @@ if [ "$(id -u)" = 0 ]; then
     getent passwd libvirt-qemu >/dev/null || useradd --system --gid kvm --no-create-home \
         --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 fi
-# QEMU 10.0 for the real-VM tests, beside Debian's 7.2: its packages from bookworm-backports,
-# unpacked into .qemu/10.0 (installed, they would replace 7.2), run with -L for its firmware. apt
-# reads a sources list and lists of our own, so the system's apt configuration stays as it was.
-qemu10=.qemu/10.0
-if [ ! -x "$qemu10/usr/bin/qemu-system-x86_64" ]; then
-    apt_dir="$PWD/.qemu/apt"
-    rm -rf "$apt_dir" "$qemu10.part"
-    mkdir -p "$apt_dir/lists/partial" "$qemu10.part"
+# Packages from bookworm-backports unpacked beside Debian's own (installed, they would replace
+# them): unpack DIR PACKAGE... fetches them with a sources list and lists of our own, so the
+# system's apt configuration stays as it was, and gives DIR only once all are unpacked.
+unpack() {
+    into=$1
+    shift
+    packages=""
+    for package; do packages="$packages $package/bookworm-backports"; done
+    apt_dir="$PWD/$into.apt"
+    rm -rf "$apt_dir" "$into.part"
+    mkdir -p "$apt_dir/lists/partial" "$into.part"
     echo "deb http://deb.debian.org/debian bookworm-backports main" >"$apt_dir/sources.list"
     set -- -q -o Dir::Etc::SourceList="$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null \
         -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir/cache" \
         -o APT::Sandbox::User="$(id -un)"
-    if apt-get "$@" update >/dev/null && (cd "$apt_dir" && apt-get "$@" download \
-        qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
-        qemu-system-data/bookworm-backports qemu-system-gui/bookworm-backports >/dev/null); then
-        for deb in "$apt_dir"/*.deb; do dpkg -x "$deb" "$qemu10.part"; done
-        mv "$qemu10.part" "$qemu10"
+    # shellcheck disable=SC2086 # package names have no spaces
+    if apt-get "$@" update >/dev/null && (cd "$apt_dir" && apt-get "$@" download $packages \
+        >/dev/null); then
+        for deb in "$apt_dir"/*.deb; do dpkg -x "$deb" "$into.part"; done
+        mv "$into.part" "$into"
     else
-        echo "setup.sh: could not fetch QEMU 10.0 from bookworm-backports; its tests will fail" >&2
+        echo "setup.sh: could not fetch$packages; the tests that need them will fail" >&2
     fi
-    rm -rf "$apt_dir" "$qemu10.part"
-fi
+    rm -rf "$apt_dir" "$into.part"
+}
+# QEMU 10.0 for the real-VM tests, beside Debian's 7.2, run with -L for its firmware.
+[ -x .qemu/10.0/usr/bin/qemu-system-x86_64 ] || { mkdir -p .qemu && unpack .qemu/10.0 \
+    qemu-system-x86 qemu-system-common qemu-system-data qemu-system-gui; }
+# libvirt 11.3 for tests/test_libvirt.py, beside Debian's 9.0: its virsh runs with
+# LD_LIBRARY_PATH and LIBVIRT_DRIVER_DIR pointing here, its QEMU driver embedded in virsh.
+[ -x .libvirt/11.3/usr/bin/virsh ] || { mkdir -p .libvirt && unpack .libvirt/11.3 \
+    libvirt0 libvirt-common libvirt-clients libvirt-daemon libvirt-daemon-common \
+    libvirt-daemon-log libvirt-daemon-driver-qemu; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # An editable install leaves migpipe's bytecode to be written on first use, which never happens
