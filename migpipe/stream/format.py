@@ -60,6 +60,14 @@ CONFIG_TARGET_PAGE_BITS = "configuration/target-page-bits"
 CONFIG_CAPABILITIES = "configuration/capabilities"
 CONFIG_UUID = "configuration/uuid"
 
+# mapped-ram (QEMU 9.0+, ram.c): after each block of MEM_SIZE's list, a header of be32 version,
+# be64 page size, be64 bitmap offset, be64 pages offset (absolute file offsets), then the
+# stream goes on at pages offset + used length. See migpipe-stream(5).
+CAPABILITY_MAPPED_RAM = "mapped-ram"
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")
+MAPPED_RAM_VERSION = 1
+MAPPED_RAM_ALIGNMENT = 1 << 20  # where QEMU puts each block's pages (loaders take any page)
+
 DEFAULT_PAGE_SIZE = 4096  # TARGET_PAGE_SIZE on x86
 XBZRLE_CACHE_SIZE = 64 << 20  # QEMU's default xbzrle-cache-size; migpipe's xbzrle filter's too
 
@@ -71,6 +79,11 @@ BE64 = struct.Struct(">Q")
 def zlib_bound(size: int) -> int:
     """zlib's compressBound(): the largest a compressed page may legally be."""
     return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
+
+
+def mapped_ram_bitmap_size(pages: int) -> int:
+    """The bytes of a block's mapped-ram bitmap: whole host longs (8 bytes on 64-bit hosts)."""
+    return (pages + 63) // 64 * 8
 
 
 def command_name(cmd: int) -> str:

@@ -15,6 +15,13 @@ optional; SKIP_IMPLEMENTATION says which is in use, MIGPIPE_SCAN=python forces t
 A consumer that wants the page records (page filters) gets the runs of them made by the C
 extension `migpipe.stream._pages` when it was built (optional too; PAGES_IMPLEMENTATION says
 which is in use, MIGPIPE_PAGES=python forces the Python loop).
+
+A mapped-ram stream (QEMU 9.0+, `migrate file:` with that capability) is refused unless the
+consumer asks for it (mapped_ram=True): its pages lie in the file outside the stream, between
+the entries of MEM_SIZE's block list. Such a parser reads each block's 28-byte header, checks
+it, and then discards the block's bitmap and page area up to where the stream goes on: a
+consumer reading a file seeks there instead (skip_to, skip()), and reads the areas itself
+(migpipe.stream.mappedram).
 """
 
 import os
@@ -82,6 +89,12 @@ limit, max_vmdesc): the longest other record, a MEM_SIZE of MAX_RAM_BLOCKS block
 # A block list up to this long (real guests' have 1-2 KiB) is waited for block by block; being
 # read again from its start after each, one this long costs 0.1 s of CPU at most.
 _EXACT_MEM_SIZE_WAIT = 4096
+
+MAPPED_RAM_REFUSED = (
+    "a QEMU mapped-ram stream, whose RAM lies in its file outside the stream, each block's "
+    "pages before the next block is named: migpipe reads it from a regular file (its path, "
+    "or < FILE), in which it can seek, not from a pipe or socket"
+)
 
 _CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
 _PAGE_KINDS = frozenset({fmt.RAM_ZERO, fmt.RAM_PAGE, fmt.RAM_XBZRLE, fmt.RAM_COMPRESS_PAGE})
@@ -165,11 +178,15 @@ class StreamParser:
         max_vmdesc: int = DEFAULT_MAX_VMDESC,
         xbzrle_encodings: frozenset[int] = frozenset({fmt.XBZRLE_ENCODING_FLAG}),
         pages: bool = True,
+        mapped_ram: bool = False,
+        origin: int = 0,
     ) -> None:
         """`xbzrle_encodings` beyond QEMU's own are for migpipe's wire, where filters add theirs.
 
         With `pages` false, page records are checked but not produced, only counted (see
         page_counts): the fast mode for consumers that need the records around the pages.
+        `mapped_ram` accepts mapped-ram streams; `origin` is the file offset of the first byte
+        fed, against which their headers' absolute offsets are checked.
         """
         self._set_page_size(page_size, None)
         self._pages = pages
@@ -195,6 +212,13 @@ class StreamParser:
         self._last_block_length = 0
         self._ignore_shared = False
         self._postcopy_huge_pages = False
+        self._accept_mapped_ram = mapped_ram
+        self._origin = origin
+        self._mapped_ram = False  # the stream has the capability
+        self._mapped_blocks: list[RamBlock] = []  # MEM_SIZE's list so far, with their headers
+        self._mapped_total = 0
+        self._mapped_left = 0
+        self._skip_to: int | None = None  # the end of the block area being discarded
         self._opaque_left = 0
         self._scan_from = 0
         self.done = False
@@ -213,6 +237,25 @@ class StreamParser:
         """Page records so far by kind, in PAGE_KIND_NAMES' words; counted only with pages=False."""
         counted = self._page_tally
         return {name: counted[kind] for kind, name in _KIND_NAMES.items()}
+
+    @property
+    def skip_to(self) -> int | None:
+        """In a mapped-ram block's bitmap and pages, the offset (in the bytes fed, as `offset`)
+        where the stream goes on: none of the bytes before it are needed. None elsewhere."""
+        return self._skip_to
+
+    @property
+    def mapped_blocks(self) -> tuple[RamBlock, ...]:
+        """The blocks of a mapped-ram MEM_SIZE read so far, each with its 28-byte header."""
+        return tuple(self._mapped_blocks)
+
+    def skip(self) -> None:
+        """Declare, right after next_records() left skip_to set, that the bytes up to skip_to
+        will not be fed: the next byte fed is the one at skip_to (the caller seeked there)."""
+        if self._skip_to is None or self._pending or self._rest is not None:
+            raise MigpipeError("skip() outside a mapped-ram block area, or with bytes fed")
+        self._buf, self._pos, self._scan_from = b"", 0, 0
+        self._base = self._skip_to
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Queue `data` for next_records(). With pages=False a memoryview is not copied: it is
@@ -470,8 +513,10 @@ class StreamParser:
 
     def _apply_capabilities(self, payload: bytes, at: int) -> None:
         names = capability_names(payload)
-        if "mapped-ram" in names:
-            self._fail("mapped-ram streams are not supported yet", at)
+        if fmt.CAPABILITY_MAPPED_RAM in names:
+            if not self._accept_mapped_ram:
+                self._fail(MAPPED_RAM_REFUSED, at, EXIT_INCOMPATIBLE)
+            self._mapped_ram = True
         self._ignore_shared = "x-ignore-shared" in names
 
     # -- top-level items ------------------------------------------------------------------------
@@ -695,8 +740,9 @@ class StreamParser:
         new_normal = partial(tuple.__new__, NormalPage)
         new_zero = partial(tuple.__new__, ZeroPage)
         emit, counted = self._pages, self._page_tally
-        skip = None if emit else skip_pages
-        parse = parse_pages if emit else None
+        mapped = self._mapped_ram  # no page records: every record goes through the loop
+        skip = None if emit or mapped else skip_pages
+        parse = parse_pages if emit and not mapped else None
         encodings = self._xbzrle_table
         q = pos  # the end of the record read last; past `end` when the bytes ran out in it
         try:
@@ -716,6 +762,8 @@ class StreamParser:
                 kind = flags & ~fmt.RAM_CONTINUE
                 p = pos + 8
                 if kind in _PAGE_KINDS:
+                    if mapped:
+                        self._fail(f"{_KIND_NAMES[kind]} page record in a mapped-ram stream", pos)
                     if flags & fmt.RAM_CONTINUE:
                         if last is None:
                             self._fail("CONTINUE page record before any RAM block was named", pos)
@@ -786,6 +834,10 @@ class StreamParser:
                     pos = p
                     self._step, self._where = self._step_footer, "a section footer"
                     return True
+                if kind == fmt.RAM_MEM_SIZE and mapped:
+                    self._begin_mapped_ram(pos, word ^ flags)
+                    pos = p
+                    return True
                 if kind == fmt.RAM_MEM_SIZE:
                     parsed = self._mem_size(pos, word ^ flags)
                     if parsed is None:
@@ -794,6 +846,8 @@ class StreamParser:
                     blocks = self._blocks
                     append(record)
                 elif kind == fmt.RAM_MULTIFD_FLUSH:
+                    if mapped:
+                        self._fail("multifd flush record in a mapped-ram stream", pos)
                     if word != kind:
                         self._fail("multifd flush record with an address", pos)
                     append(MultifdFlush())
@@ -811,16 +865,17 @@ class StreamParser:
             self._pos = pos
             self._last_block, self._last_block_length = last, last_length
 
-    def _mem_size(self, at: int, total: int) -> tuple[MemSize, int] | None:
-        """The MEM_SIZE record: the block list, whose lengths must add up to `total`.
-
-        QEMU writes as `total` the sum of the used lengths of the blocks it lists, so checking
-        `total` against MAX_RAM_TOTAL, before any block is read, bounds every block too.
-        """
+    def _check_ram_total(self, at: int, total: int) -> None:
+        """QEMU writes as MEM_SIZE's total the sum of the used lengths of the blocks it lists,
+        so checking it against MAX_RAM_TOTAL, before any block is read, bounds every block."""
         if total > MAX_RAM_TOTAL:
             self._fail(
                 f"MEM_SIZE declares 0x{total:x} bytes of RAM (limit 0x{MAX_RAM_TOTAL:x})", at
             )
+
+    def _mem_size(self, at: int, total: int) -> tuple[MemSize, int] | None:
+        """The MEM_SIZE record: the block list, whose lengths must add up to `total`."""
+        self._check_ram_total(at, total)
         buf = self._buf
         p = at + 8
         remaining = total
@@ -855,6 +910,93 @@ class StreamParser:
             blocks.append(RamBlock(name, used, None, addr, None))
         self._blocks = {block.name: block.used_length for block in blocks}
         return MemSize(total, tuple(blocks)), p
+
+    # -- mapped-ram's block list ------------------------------------------------------------
+
+    def _begin_mapped_ram(self, at: int, total: int) -> None:
+        """MEM_SIZE of a mapped-ram stream: its entries come one by one, a block area after each."""
+        self._check_ram_total(at, total)
+        if self._postcopy_huge_pages:
+            self._fail("postcopy with huge-page-backed RAM blocks is not supported", at)
+        self._mapped_blocks, self._mapped_total, self._mapped_left = [], total, total
+        self._step, self._where = self._step_mapped_entry, "a mapped-ram block list"
+
+    def _step_mapped_entry(self, out: list[Record]) -> bool:
+        """One entry of the list (name, used length, address with x-ignore-shared, header),
+        checked; or, once the lengths add up, the whole list as one MemSize record."""
+        blocks = self._mapped_blocks
+        if self._mapped_left == 0:
+            out.append(MemSize(self._mapped_total, tuple(blocks)))
+            self._blocks = {block.name: block.used_length for block in blocks}
+            self._step, self._where = self._step_ram, "a RAM section"
+            return True
+        buf, pos = self._buf, self._pos
+        fields = (16 if self._ignore_shared else 8) + fmt.MAPPED_RAM_HEADER.size
+        if pos >= len(buf) or pos + 1 + buf[pos] + fields > len(buf):
+            return False
+        if len(blocks) >= MAX_RAM_BLOCKS:
+            self._fail(f"more than {MAX_RAM_BLOCKS} RAM blocks", pos)
+        p = pos + 1 + buf[pos]
+        end = p + fields
+        name = str(buf[pos + 1 : p], "latin-1")
+        if not _is_idstr(name) or any(block.name == name for block in blocks):
+            why = "is repeated" if _is_idstr(name) else "cannot be a QEMU idstr"
+            self._fail(f"RAM block name {quoted(name)} {why}", pos)
+        (used,) = BE64.unpack_from(buf, p)
+        addr = BE64.unpack_from(buf, p + 8)[0] if self._ignore_shared else None
+        if used > self._mapped_left:
+            self._fail(
+                f"RAM block list exceeds the MEM_SIZE total 0x{self._mapped_total:x} "
+                f"at block {quoted(name)}",
+                pos,
+            )
+        at = end - fmt.MAPPED_RAM_HEADER.size
+        header = bytes(buf[at:end])
+        pages_offset = self._check_mapped_header(name, used, header, at)
+        blocks.append(RamBlock(name, used, None, addr, header))
+        self._mapped_left -= used
+        self._pos = end
+        self._skip_to = pages_offset + used - self._origin
+        self._step = self._step_mapped_area
+        self._where = f"the bitmap and pages of RAM block {quoted(name)}"
+        return True
+
+    def _check_mapped_header(self, name: str, used: int, header: bytes, at: int) -> int:
+        """What QEMU's loader relies on: version 1, the stream's page size, the bitmap right
+        after the header (where QEMU puts it) and the page area, page-aligned, after that.
+        Returns where the page area starts."""
+        version, page_size, bitmap_offset, pages_offset = fmt.MAPPED_RAM_HEADER.unpack(header)
+        block = f"RAM block {quoted(name)}"
+        if version != fmt.MAPPED_RAM_VERSION:
+            why = f"mapped-ram header version {version} of {block} (only 1 is understood)"
+            self._fail(why, at, EXIT_INCOMPATIBLE)
+        if page_size != self._page_size:
+            why = f"mapped-ram page size {page_size} of {block}, not the stream's {self._page_size}"
+            self._fail(why, at + 4, EXIT_INCOMPATIBLE)
+        here = self._origin + self._base + at + len(header)
+        if bitmap_offset != here:
+            why = f"mapped-ram bitmap of {block} at file offset {bitmap_offset}, not {here}"
+            self._fail(why + " (right after its header)", at + 12)
+        bitmap_end = bitmap_offset + fmt.mapped_ram_bitmap_size(used // page_size)
+        if pages_offset < bitmap_end or pages_offset % page_size or used % page_size:
+            why = (
+                f"mapped-ram pages of {block} ({used} bytes) at file offset {pages_offset}: "
+                f"not whole pages, page-aligned after its bitmap (which ends at {bitmap_end})"
+            )
+            self._fail(why, at + 20)
+        return pages_offset
+
+    def _step_mapped_area(self, out: list[Record]) -> bool:
+        """Discard a block's bitmap and pages (or the bytes fed of them): the stream's next
+        entry, or its next record, is at skip_to."""
+        buf, pos = self._buf, self._pos
+        target = self._skip_to - self._base
+        if target > len(buf):
+            self._pos = len(buf)
+            return pos < len(buf)
+        self._pos, self._skip_to = target, None
+        self._step, self._where = self._step_mapped_entry, "a mapped-ram block list"
+        return True
 
     def _wait_mem_size(self, at: int, need: int) -> None:
         """Wait for the bytes up to `need` that the unfinished MEM_SIZE record at `at` needs
@@ -906,7 +1048,12 @@ def _is_idstr(name: str) -> bool:
 
 # The steps that may read a fed memoryview in place: what they make holds no slice of it.
 _READ_IN_PLACE = frozenset(
-    {StreamParser._step_ram, StreamParser._step_item, StreamParser._step_footer}
+    {
+        StreamParser._step_ram,
+        StreamParser._step_item,
+        StreamParser._step_footer,
+        StreamParser._step_mapped_area,
+    }
 )
 
 
