@@ -29,14 +29,15 @@ from migpipe.errors import (
     MigpipeError,
     SecretError,
     UsageError,
+    quoted,
 )
 from migpipe.io.channel import stream_sink
-from migpipe.io.files import open_input, open_output
+from migpipe.io.files import atomic_fd, open_input, open_output
 from migpipe.running import run_trio
 from migpipe.save import DEFAULT_CACHE, LAYOUTS, LIBVIRT_FORMATS
 
 if TYPE_CHECKING:
-    from migpipe.io.channel import Sink
+    from migpipe.io.channel import Sink, Source
     from migpipe.keys import Secrets
     from migpipe.tunnel.pipeline import Totals
     from migpipe.tunnel.progress import Progress
@@ -104,6 +105,14 @@ def register(command: Command) -> None:
     taker.add_argument(
         "--qmp", metavar="SOCKET", help="load it into the QEMU behind this QMP socket"
     )
+    taker.add_argument(
+        "--to",
+        nargs=2,
+        metavar=("FORMAT", "OUT"),
+        help="write OUT in FORMAT instead: mapped-ram (QEMU's migrate-incoming file:OUT "
+        "with the mapped-ram capability)",
+    )
+    restore.add_argument("--force", action="store_true", help="with --to: replace OUT")
     state = restore.add_mutually_exclusive_group()
     state.add_argument(
         "--running",
@@ -162,11 +171,22 @@ def cmd_save(args: argparse.Namespace) -> int:
         print(drive.summary("save", outcome), file=sys.stderr)
     else:
         with input_fd(args) as source:
-            totals = run_trio(store, source)
+            totals = run_trio(store, mapped_ram_input(source, args))
         report(args, totals)
     if args.summary:
         print_save_summary(Path(args.file), totals)
     return 0
+
+
+def mapped_ram_input(fd: int, args: argparse.Namespace) -> "int | Source":
+    """save's input: a QEMU mapped-ram file (< FILE, --fd) is read as the ordinary stream
+    it holds; anything else is read as it comes."""
+    from migpipe.stream.mappedram import MappedRamSource, is_mapped_ram_file
+
+    if not is_mapped_ram_file(fd):
+        return fd
+    name = "standard input" if args.fd is None else f"fd {args.fd}"
+    return MappedRamSource(fd, 0, name)
 
 
 def save_to_stdout(args: argparse.Namespace) -> int:
@@ -189,7 +209,9 @@ def save_to_stdout(args: argparse.Namespace) -> int:
     chain = filter_chain(args)
     with input_fd(args) as source, open_output("-") as out:
         sink = FdChannel(out.fileno(), "standard output")
-        totals = run_trio(encode, source, sink, chain, progress(args, "save"))
+        totals = run_trio(
+            encode, mapped_ram_input(source, args), sink, chain, progress(args, "save")
+        )
     report(args, totals)
     return 0
 
@@ -237,11 +259,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     if args.qmp is None and args.run is not None:
         raise UsageError("--running and --paused drive QEMU: they need --qmp")
+    if args.force and args.to is None:
+        raise UsageError("--force replaces the file --to names: it needs --to")
     shown = progress(args, "restore")
     with piped(args.file) as pipe:
         load = None if pipe is None else piped_load(pipe, args, shown)
         if pipe is None:
             sized(shown, args.file)
+        if args.to is not None:
+            totals = restore_to(args, shown, load)
+            report(args, totals)
+            return 0
         if args.qmp is not None:
             from migpipe.qemu import migration as drive
 
@@ -260,6 +288,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 totals = run_trio(load, sink)
     report(args, totals)
     return 0
+
+
+def restore_to(args: argparse.Namespace, shown: "Progress | None", load: Callable | None):
+    """restore --to mapped-ram OUT: the stream written as QEMU's mapped-ram file, published
+    complete (the bitmaps are its last bytes) or not at all."""
+    from migpipe.save.savefile import restore
+    from migpipe.stream.mappedram import MappedRamWriter
+
+    kind, out = args.to
+    if kind != "mapped-ram":
+        raise UsageError(f"--to {quoted(kind)}: the one format restore writes is mapped-ram")
+    with atomic_fd(Path(out), force=args.force) as fd:
+        writer = MappedRamWriter(fd)
+        if load is None:
+            file, secrets = Path(args.file), secrets_of(args)
+            totals = run_trio(restore, file, writer, secrets, shown, args.direct)
+        else:
+            totals = run_trio(load, writer)
+        writer.finish()
+        os.fdatasync(fd)
+    return totals
 
 
 @contextlib.contextmanager

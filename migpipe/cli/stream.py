@@ -125,6 +125,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def describe_file(about: dict) -> str:
+    if about["layout"] == "mapped-ram":
+        return describe_mapped_ram(about)
     chain = ", ".join(name for name, _ in about.get("filters", [])) or "no filters"
     if "filters" not in about:
         chain = "unreadable"
@@ -145,13 +147,38 @@ def describe_file(about: dict) -> str:
     return line + "\n"
 
 
+def describe_mapped_ram(about: dict) -> str:
+    """A mapped-ram file's layout: each block's bitmap and page area, and the device state."""
+    blocks = about.get("mapped_ram", [])
+    present = sum(block["present"] for block in blocks)
+    pages = sum(block["pages"] for block in blocks)
+    lines = [
+        f"file: QEMU mapped-ram file; {about['file_bytes']:,} bytes "
+        f"({about['disk_bytes']:,} on disk); {present:,} of {pages:,} pages present"
+    ]
+    for block in blocks:
+        lines.append(
+            f"  {block['name']:<32} {block['used_length']:>14,} bytes  bitmap at "
+            f"{block['bitmap_offset']:,}, pages at {block['pages_offset']:,}: "
+            f"{block['present']:,} of {block['pages']:,} present"
+        )
+    if about.get("device_state_offset") is not None:
+        after = about["device_state_offset"]
+        lines.append(f"  device state and the rest of the stream from {after:,}")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
+    from migpipe.stream.mappedram import MappedRamReader, is_mapped_ram_file
     from migpipe.tools.extracted import extract
 
     with open_input(args.stream) as f:
-        manifest = extract(
-            iter_records(read_chunks(f), page_size=args.page_size), args.directory, args.page_size
-        )
+        if is_mapped_ram_file(f.fileno()):
+            name = "standard input" if args.stream == "-" else args.stream
+            records = MappedRamReader(f.fileno(), 0, name, args.page_size).records()
+        else:
+            records = iter_records(read_chunks(f), page_size=args.page_size)
+        manifest = extract(records, args.directory, args.page_size)
     for block in manifest["blocks"]:
         print(
             f"{block['file']:<40} {block['used_length']:>14,} bytes "

@@ -15,6 +15,7 @@ page one place, so a page sent ten times is stored once.
 """
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from migpipe.keys import Secrets
 from migpipe.save import DEFAULT_CACHE
 from migpipe.save.fixedfile import UNPUBLISHED, PlainFile
 from migpipe.stream import format as fmt
+from migpipe.stream import mappedram
 from migpipe.stream.writer import StreamWriter
 from migpipe.tunnel.dataplane import run_interruptible
 from migpipe.tunnel.inplace import encode_in_place
@@ -44,22 +46,31 @@ if TYPE_CHECKING:
     from migpipe.save.libvirtimage import Input
 
 LIBVIRT_MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
-UNSEALED_KINDS = {"qemu": "a bare QEMU stream", "libvirt": "a libvirt save image"}  # no key seals
+UNSEALED_KINDS = {  # what no key seals
+    "qemu": "a bare QEMU stream",
+    "mapped-ram": "a QEMU mapped-ram file",
+    "libvirt": "a libvirt save image",
+}
 
 
 def file_kind(path: Path, secrets: Secrets | None = None) -> str:
-    """'stream', 'fixed', 'libvirt' or 'qemu' (a raw QEMU stream), from the first bytes."""
+    """'stream', 'fixed', 'libvirt', 'qemu' (a raw QEMU stream) or 'mapped-ram' (QEMU's
+    `file:` migration with that capability), from the first bytes."""
     try:
         with open(path, "rb") as f:
-            return kind_of(f.read(16), path, secrets)
+            return kind_of(f.read(mappedram.HEAD), path, secrets)
     except OSError as e:
         raise MigpipeError(f"cannot open {path}: {e.strerror}") from None
 
 
 def kind_of(head: bytes, path: Path | str, secrets: Secrets | None = None) -> str:
     """The kind of file `head` starts; one that can never be sealed is refused when `secrets`
-    require sealing (the kinds that can are checked when their header is read)."""
+    require sealing (the kinds that can are checked when their header is read). A mapped-ram
+    file is told by its configuration, in its first mappedram.HEAD bytes; fewer (a pipe's
+    first bytes) tell it from a bare stream only when the parser reaches it."""
     kind = _kind_of(head, path)
+    if kind == "qemu" and mappedram.is_mapped_ram(head):
+        kind = "mapped-ram"
     if kind in UNSEALED_KINDS and secrets is not None:
         secrets.check_sealed(False, f"{path} ({UNSEALED_KINDS[kind]})")
     return kind
@@ -117,6 +128,12 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
     elif kind == "qemu":
         with open(path, "rb") as f:
             yield from read_chunks(f)
+    elif kind == "mapped-ram":
+        with open(path, "rb") as f:
+            reader = mappedram.MappedRamReader(f.fileno(), name=str(path))
+            about.update(filters=[], mapped_ram=reader.blocks)
+            yield from reader.chunks()
+            about.update(device_state_offset=reader.device_state_offset)
     else:
         with open(path, "rb") as f:
             yield from libvirt_chunks(FdChannel(f.fileno()), about)
@@ -292,11 +309,16 @@ async def _restore_kind(
     progress: Progress | None,
     name: Path | str,
 ) -> Totals:
-    kind = kind_of(file.read_at(0, 16), name, secrets)  # through the file: no readahead
+    kind = kind_of(file.read_at(0, mappedram.HEAD), name, secrets)  # no readahead
     if kind == "fixed":
         from migpipe.save.fixedfile import restore_fixed
 
         return await restore_fixed(file, sink, secrets, progress)
+    if kind == "mapped-ram":  # read by offset, its pages in runs: no O_DIRECT ring
+        size = os.fstat(file.fd).st_size
+        fcntl.fcntl(file.fd, fcntl.F_SETFL, fcntl.fcntl(file.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        source = mappedram.MappedRamSource(file.fd, 0, str(name))
+        return await restore_libvirt(source, size, sink, progress, raw=True)
     with contextlib.ExitStack() as stack:
         if isinstance(file, DirectFile):
             source: Source = stack.enter_context(DirectReader(file))
