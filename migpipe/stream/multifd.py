@@ -70,8 +70,6 @@ _INIT = struct.Struct(">II16sB39s")
 _HEADER = struct.Struct(">III")
 _RAM = struct.Struct(f">IIIIIIQI{RESERVED_SIZE}s{NAME_SIZE}s")
 _DEVICE = struct.Struct(f">III{NAME_SIZE}sII")
-_ZERO_RESERVED = bytes(RESERVED_SIZE)
-_ZERO_INIT_UNUSED = bytes(INIT_UNUSED_SIZE)
 
 
 class ChannelKind(enum.Enum):
@@ -370,15 +368,14 @@ class MultifdWriter:
             head = _DEVICE.pack(MAGIC, VERSION, record.flags, name, record.instance_id, size)
             return head, record.payload
         if type(record) is ChannelHello:
-            unused = record.unused or _ZERO_INIT_UNUSED
+            unused = _sized(record.unused, INIT_UNUSED_SIZE)
             return _INIT.pack(MAGIC, VERSION, record.uuid, record.channel, unused), b""
         raise TypeError(f"not a multifd record: {type(record).__name__}")
 
     def _ram_header(self, record: RamPacket) -> bytes:
         used = len(record.normal) + len(record.zero)
-        spare_size = 8 * (self._slots - used)
-        if used > self._slots or (record.spare and len(record.spare) != spare_size):
-            raise ValueError(f"{used} pages and {len(record.spare)} spare bytes do not fit")
+        if used > self._slots:
+            raise ValueError(f"{used} pages in a packet of {self._slots}")
         head = _RAM.pack(
             MAGIC,
             VERSION,
@@ -388,11 +385,11 @@ class MultifdWriter:
             record.next_packet_size,
             record.packet_num,
             len(record.zero),
-            record.reserved or _ZERO_RESERVED,
+            _sized(record.reserved, RESERVED_SIZE),
             _name_field(record.block),
         )
         offsets = struct.pack(f">{used}Q", *record.normal, *record.zero)
-        return b"".join([head, offsets, record.spare or bytes(spare_size)])
+        return b"".join([head, offsets, _sized(record.spare, 8 * (self._slots - used))])
 
     def write(self, out: bytearray, record: ChannelRecord) -> None:
         head, payload = self.parts(record)
@@ -403,6 +400,15 @@ class MultifdWriter:
         out = bytearray()
         self.write(out, record)
         return bytes(out)
+
+
+def _sized(kept: bytes, size: int) -> bytes:
+    """A field the parser kept (see _kept): zeros for b"", else exactly `size` bytes."""
+    if not kept:
+        return bytes(size)
+    if len(kept) != size:
+        raise ValueError(f"{len(kept)} bytes for a field of {size}")
+    return kept
 
 
 def _name_field(name: str) -> bytes:
