@@ -1,12 +1,19 @@
-"""migpipe against a real libvirt (9.0, Debian 12): images `virsh save` wrote restore through
-`migpipe restore` into a fresh QEMU; images `migpipe save --libvirt-xml` wrote restore with
-`virsh restore`; an interrupted migpipe image is refused by both.
+"""migpipe against real libvirts: Debian 12's 9.0 driving QEMU 7.2, and the 11.3 setup.sh
+unpacks from bookworm-backports driving QEMU 10.0. Images `virsh save` wrote (each format the
+version has, sparse with parallel channels on 11.3) restore through `migpipe restore` into a
+fresh QEMU with the memory the guest had; images `migpipe save --libvirt-xml` wrote restore
+with `virsh restore`; an interrupted migpipe image is refused by both.
 
 libvirt runs embedded in virsh (`qemu:///embed?root=DIR`): no daemon, nothing outside DIR. Each
 driver load probes QEMU's capabilities, which takes seconds and may happen on every load (on the
 machine this was written on, libvirt found its cached probe stale each time: "host cpuid
 changed"), so the tests share one long-lived virsh shell per save format (the format is
-qemu.conf's, read once when the driver loads), and the shells probe at the same time.
+qemu.conf's, read once when the driver loads), and a version's shells probe at the same time.
+
+The unpacked 11.3 runs as installed but for two environment variables: LD_LIBRARY_PATH for its
+libvirt.so, LIBVIRT_DRIVER_DIR for its QEMU driver module. What it finds by compiled-in paths is
+Debian 9.0's: libvirt_iohelper (the same `PATH FD` contract) and the CPU map; neither changes
+what these tests look at.
 
 The domain is the qemuvm guest on the machine qemuvm's destinations have (pc, 128 MiB, ACPI, no
 USB or balloon), so a stream from either side loads into the other; the guest's isa-debugcon is
@@ -17,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gzip
 import json
 import os
 import select
@@ -29,33 +35,80 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 import oracle
 import pytest
 import qemuvm
-from support import MIGPIPE, migpipe
+from support import MIGPIPE, PAGE, migpipe
 
 from migpipe.io.channel import NOT_A_STREAM
 
-VIRSH = shutil.which("virsh")
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(
-        VIRSH is None,
-        reason="virsh is not installed: run ./setup.sh as root (apt-get install "
-        "libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu)",
-    ),
-]
+pytestmark = pytest.mark.qemu
 
-#: What `virsh save` writes here, one driver (one qemu.conf) each: a shell costs seconds, and
-#: libvirt's other formats are programs migpipe runs itself (lzop) or standard containers that
-#: tests/test_libvirtimage.py covers. libvirt 9.0 has no zstd.
-SAVE_FORMATS = ("raw", "gzip")
+
+@dataclass(frozen=True)
+class LibvirtBuild:
+    """One libvirt the tests drive, and the QEMU it drives (as qemuvm.QemuBuild: a version that
+    is missing fails its tests with `missing`)."""
+
+    version: str
+    virsh: str | None
+    missing: str
+    qemu: qemuvm.QemuBuild
+    #: What its `virsh save` writes here, one driver (one qemu.conf) each: a shell costs
+    #: seconds. 9.0 has no zstd (10.4), and no sparse (11.2), which 11.3 writes by
+    #: `--image-format` in its raw shell. 9.0's other programs are 11.3's too.
+    formats: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return f"libvirt{self.version}"
+
+    def command(self) -> list[str]:
+        if self.virsh is None:
+            pytest.fail(self.missing)
+        return [self.virsh]
+
+
+def unpacked_libvirt(version: str, qemu: qemuvm.QemuBuild, formats: tuple[str, ...]):
+    """The libvirt that setup.sh unpacked into .libvirt/VERSION: its virsh, run with its own
+    libvirt.so and QEMU driver module (the system's are Debian's 9.0)."""
+    usr = qemuvm.REPO / ".libvirt" / version / "usr"
+    lib = usr / "lib" / "x86_64-linux-gnu"
+    virsh = usr / "bin" / "virsh"
+    return LibvirtBuild(
+        version=version,
+        virsh=str(virsh) if os.access(virsh, os.X_OK) else None,
+        missing=f"libvirt {version} is not unpacked in {usr.parent}: run ./setup.sh",
+        qemu=qemu,
+        formats=formats,
+        env=(
+            ("LD_LIBRARY_PATH", str(lib)),
+            ("LIBVIRT_DRIVER_DIR", str(lib / "libvirt" / "connection-driver")),
+        ),
+    )
+
+
+LIBVIRT_9_0 = LibvirtBuild(
+    "9.0",
+    shutil.which("virsh"),
+    "virsh is not installed: run ./setup.sh as root (apt-get install libvirt-clients "
+    "libvirt-daemon libvirt-daemon-driver-qemu)",
+    qemuvm.QEMU_7_2,
+    ("raw", "gzip"),
+)
+LIBVIRT_11_3 = unpacked_libvirt(
+    "11.3", qemuvm.QEMU_10_0, ("raw", "gzip", "bzip2", "xz", "lzop", "zstd")
+)
+LIBVIRTS = (LIBVIRT_9_0, LIBVIRT_11_3)
 COMMAND_TIMEOUT = 120.0  # a failsafe: `virsh save` of this guest takes 1.5 s raw, 4 s gzip
 MARK = "<< end >>"  # what `echo "<<" end ">>"` prints; the command line itself does not hold it
+#: QEMU's module directory, the same path in Debian's 7.2 and in bookworm-backports' 10.0.
+SYSTEM_QEMU_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
 
 QEMU_CONF = """\
 user = "root"
@@ -68,12 +121,42 @@ save_image_format = "{image_format}"
 """
 
 
+def emulator(build: qemuvm.QemuBuild, directory: Path) -> str:
+    """The `<emulator>` that runs `build` for libvirt, which passes QEMU no options or
+    environment of ours: for an unpacked build, a script that adds them.
+
+    Its QEMU would also load the installed 7.2's modules wherever its own directory lacks one
+    (it searches QEMU_MODULE_DIR, then the path compiled in, which is 7.2's), and abort on the
+    first ("Only modules from the same build"): libvirt's capability probe lists every device
+    type, which loads every module. The script hides 7.2's directory from it, in a mount
+    namespace of its own (unshare, as root).
+    """
+    if not build.args and not build.env:
+        return build.command()[0]
+    hide = ""
+    if SYSTEM_QEMU_MODULES.is_dir():
+        empty = directory / "no-modules"
+        empty.mkdir()
+        hide = f"mount --bind {empty} {SYSTEM_QEMU_MODULES} && "
+    script = directory / f"qemu-{build.version}"
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in build.env)
+    command = shlex.join(build.command())
+    inner = f'{hide}exec {command} "$@"'  # sh -c's $0 is "qemu", then libvirt's arguments
+    script.write_text(
+        f"#!/bin/sh\n{exports}exec unshare --mount --propagation private "
+        f'sh -c {shlex.quote(inner)} qemu "$@"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
 class VirshError(AssertionError):
     """A virsh command failed; the message has virsh's own error lines."""
 
 
 class Virsh:
-    """A `virsh` shell on an embedded QEMU driver rooted in `root`.
+    """A `virsh` shell of `build` on an embedded QEMU driver rooted in `root`; its domains run
+    `emulator`.
 
     Commands go to its stdin, each followed by an `echo` of MARK; its output is read up to the
     mark (virsh runs commands in order), so a command's result is known without polling.
@@ -82,18 +165,18 @@ class Virsh:
     next line of input.
     """
 
-    def __init__(self, root: Path, image_format: str) -> None:
-        self.root = root
+    def __init__(self, build: LibvirtBuild, root: Path, image_format: str, emulator: str) -> None:
+        self.build, self.root, self.emulator = build, root, emulator
         (root / "etc").mkdir(parents=True)
         (root / "etc" / "qemu.conf").write_text(QEMU_CONF.format(image_format=image_format))
         self.log = root / "virsh.log"
-        assert VIRSH is not None
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["stdbuf", "-oL", VIRSH, "-q", "-c", f"qemu:///embed?root={root}"],
+                ["stdbuf", "-oL", *build.command(), "-q", "-c", f"qemu:///embed?root={root}"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
+                env={**os.environ, **dict(build.env)},
             )
         self._pending = b""
         self._log_seen = 0
@@ -175,38 +258,50 @@ class Virsh:
 
 
 @pytest.fixture(scope="module")
-def shells(qemu_binary: str) -> Iterator[dict[str, Virsh]]:
-    """One virsh shell per save format, all loading their drivers and probing QEMU at once.
+def shells(qemu_binary: str) -> Iterator[Callable[[LibvirtBuild, str], Virsh]]:
+    """build, save format -> its virsh shell. A build's shells start on first use, all loading
+    their drivers and probing QEMU at once.
 
     Their roots are short directories in /tmp: libvirt puts UNIX sockets (108 bytes at most)
     a few levels under them."""
-    probe = f"domcapabilities --virttype qemu --emulatorbin {qemu_binary} --machine pc"
-    roots = [Path(tempfile.mkdtemp(prefix="lv", dir="/tmp")) for _ in SAVE_FORMATS]
-    shells = {fmt: Virsh(root, fmt) for fmt, root in zip(SAVE_FORMATS, roots, strict=True)}
+    base = Path(tempfile.mkdtemp(prefix="lv", dir="/tmp"))
+    started: dict[LibvirtBuild, dict[str, Virsh]] = {}
+
+    def shell(build: LibvirtBuild, image_format: str) -> Virsh:
+        if build not in started:
+            started[build] = start_shells(build, base / build.version)
+        return started[build][image_format]
+
     try:
-        for shell in shells.values():
-            shell.send(probe)
-        for shell in shells.values():
-            _, errors = shell.result(probe)
-            assert not errors, f"libvirt cannot run QEMU (./setup.sh as root sets it up): {errors}"
-        yield shells
+        yield shell
     finally:
-        for shell in shells.values():
-            shell.close()
-        for root in roots:
-            shutil.rmtree(root, ignore_errors=True)
+        for shells in started.values():
+            for virsh in shells.values():
+                virsh.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def dirty_capture(guest_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> qemuvm.Capture:
-    """A multi-pass stream from a guest that kept dirtying memory, migrated by a real QEMU."""
-    workdir = tmp_path_factory.mktemp("libvirt-capture")
-    return qemuvm.capture_stream(guest_elf, "dirty", workdir / "dirty.stream", workdir)
+def start_shells(build: LibvirtBuild, directory: Path) -> dict[str, Virsh]:
+    """One shell of `build` per save format it writes, each rooted in `directory`/FORMAT, its
+    driver loaded and QEMU probed."""
+    directory.mkdir()
+    qemu = emulator(build.qemu, directory)
+    probe = f"domcapabilities --virttype qemu --emulatorbin {qemu} --machine pc"
+    shells = {fmt: Virsh(build, directory / fmt, fmt, qemu) for fmt in build.formats}
+    for virsh in shells.values():
+        virsh.send(probe)
+    for virsh in shells.values():
+        _, errors = virsh.result(probe)
+        assert not errors, f"{build} cannot run QEMU (./setup.sh as root sets it up): {errors}"
+    return shells
 
 
-def domain_xml(name: str, guest_elf: Path, kind: str, console: Path | None = None) -> str:
-    """The test guest as a libvirt domain whose QEMU matches qemuvm's (`-machine pc`, 128 MiB;
-    libvirt adds -no-acpi unless told otherwise). `console`: a socket for its isa-debugcon."""
+def domain_xml(
+    name: str, guest_elf: Path, kind: str, qemu: str, console: Path | None = None
+) -> str:
+    """The test guest as a libvirt domain whose QEMU (`qemu`, an <emulator>) matches qemuvm's
+    (`-machine pc`, 128 MiB; libvirt adds -no-acpi unless told otherwise). `console`: a socket
+    for its isa-debugcon."""
     extra = ""
     if console is not None:
         args = [
@@ -230,7 +325,7 @@ def domain_xml(name: str, guest_elf: Path, kind: str, console: Path | None = Non
   </os>
   <features><acpi/></features>
   <devices>
-    <emulator>{qemuvm.QEMU}</emulator>
+    <emulator>{qemu}</emulator>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -246,7 +341,7 @@ def running_domain(virsh: Virsh, name: str, guest_elf: Path, kind: str) -> Itera
     the end if it still runs."""
     console = virsh.root / f"{name}.con"
     xml = virsh.root / f"{name}.xml"
-    xml.write_text(domain_xml(name, guest_elf, kind, console))
+    xml.write_text(domain_xml(name, guest_elf, kind, virsh.emulator, console))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(console))
         listener.listen(1)
@@ -267,25 +362,53 @@ def running_domain(virsh: Virsh, name: str, guest_elf: Path, kind: str) -> Itera
 
 def image_body(image: Path, image_format: str) -> bytes:
     """The QEMU stream in a libvirt image, read without migpipe: the body starts after the
-    92-byte header and its data_len (a native-order word at offset 20) of XML and padding."""
+    92-byte header and its data_len (a native-order word at offset 20) of XML and padding, and
+    goes through `PROG -dc` as libvirt's restore sends it."""
     data = image.read_bytes()
     body = data[92 + int.from_bytes(data[20:24], sys.byteorder) :]
-    if image_format == "gzip":
-        return gzip.decompress(body)
-    return body
+    if image_format == "raw":
+        return body
+    return subprocess.run([image_format, "-dc"], input=body, capture_output=True, check=True).stdout
 
 
-@pytest.mark.parametrize("image_format", SAVE_FORMATS)
+def memory_of(virsh: Virsh, name: str) -> bytes:
+    """The guest RAM qemuvm compares (from 1 MiB), read by QEMU through libvirt's monitor."""
+    dump = virsh.root / f"{name}.mem"
+    virsh.monitor(
+        name, "pmemsave", val=qemuvm.IMAGE_START, size=qemuvm.IMAGE_SIZE, filename=str(dump)
+    )
+    memory = dump.read_bytes()
+    dump.unlink()
+    return memory
+
+
+def dirtied_pages(memory: bytes) -> int:
+    return sum(1 for at in range(0, len(memory), PAGE) if memory[at : at + PAGE].count(0) != PAGE)
+
+
+#: (build, what `virsh save` writes): each build's qemu.conf formats, and 11.3's sparse.
+VIRSH_SAVES = [
+    pytest.param(build, fmt, id=f"{build}-{fmt}") for build in LIBVIRTS for fmt in build.formats
+]
+
+
+@pytest.mark.parametrize(("libvirt", "image_format"), VIRSH_SAVES)
 def test_virsh_save_restores_through_migpipe(
-    shells: dict[str, Virsh], guest_elf: Path, tmp_path: Path, image_format: str
+    shells: Callable[[LibvirtBuild, str], Virsh],
+    guest_elf: Path,
+    tmp_path: Path,
+    libvirt: LibvirtBuild,
+    image_format: str,
 ) -> None:
-    virsh = shells[image_format]
+    virsh = shells(libvirt, image_format)
     name = f"save-{image_format}"
     image = tmp_path / "vm.img"
     with running_domain(virsh, name, guest_elf, "dirty"):
-        assert virsh.state(name) == "running"
-        virsh.run(f"save {name} {image}")
+        virsh.run(f"suspend {name}")
+        saved = memory_of(virsh, name)  # what the image must hold: the guest stays paused
+        virsh.run(f"save {name} {image} --running")  # the header says: run it once restored
     assert name not in virsh.run("list --all --name").split()  # saved: the guest is gone
+    assert dirtied_pages(saved) > 4096  # 3 in 4 of the region's 8192 pages: saved after READY
 
     inspected = migpipe("inspect", "--json", str(image))
     assert inspected.returncode == 0, inspected.stderr
@@ -294,39 +417,53 @@ def test_virsh_save_restores_through_migpipe(
     assert f"<name>{name}</name>" in report["file"]["xml"]
     assert report["file"]["libvirt_format"] == image_format
     assert report["file"]["was_running"] is True
-    assert report["machine"] == "pc-i440fx-7.2"
+    assert report["machine"] == libvirt.qemu.machine
 
-    stream = image_body(image, image_format)
     restored = migpipe("restore", str(image))
     assert restored.returncode == 0, restored.stderr
-    assert restored.stdout == stream
-    replay = oracle.replay(stream)
-    assert replay.pages_resent == 0  # libvirt pauses the guest before it saves
-    assert replay.normal_pages > 4096  # 3 in 4 of the region's 8192 pages: saved after READY
+    assert restored.stdout == image_body(image, image_format)  # the stream, byte for byte
     uri = f"exec:{shlex.join([*MIGPIPE, 'restore', str(image)])}"
-    with qemuvm.destination_vm(tmp_path, uri) as dest:
+    with qemuvm.destination_vm(tmp_path, uri, qemu=libvirt.qemu) as dest:
         qemuvm.wait_incoming(dest)
         memory = dest.pmemsave(tmp_path / "dest.mem")
-    assert oracle.first_difference(memory, replay.image) is None
+    assert oracle.first_difference(memory, saved) is None
 
 
+#: (build, what `migpipe save --libvirt-xml` writes for its `virsh restore`): a body as is,
+#: compressed in-process, and by the lzop program. bzip2 and xz are standard containers as
+#: gzip and zstd are, decoded in tests/test_libvirtimage.py by the programs libvirt runs (and
+#: seconds each here: libvirt decompresses them in one thread).
+VIRSH_RESTORES = [
+    pytest.param(build, fmt, id=f"{build}-{fmt}")
+    for build, formats in ((LIBVIRT_9_0, ("gzip",)), (LIBVIRT_11_3, ("raw", "lzop", "zstd")))
+    for fmt in formats
+]
+
+
+@pytest.mark.parametrize(("libvirt", "image_format"), VIRSH_RESTORES)
 def test_migpipe_image_restores_with_virsh(
-    shells: dict[str, Virsh], guest_elf: Path, tmp_path: Path, dirty_capture: qemuvm.Capture
+    shells: Callable[[LibvirtBuild, str], Virsh],
+    capture_kinds: Callable[[qemuvm.QemuBuild], dict[str, qemuvm.Capture]],
+    guest_elf: Path,
+    tmp_path: Path,
+    libvirt: LibvirtBuild,
+    image_format: str,
 ) -> None:
-    virsh, name = shells["raw"], "restored"
-    replay = oracle.replay(dirty_capture.path)
+    virsh, name = shells(libvirt, "raw"), f"restored-{image_format}"
+    capture = capture_kinds(libvirt.qemu)["dirty"]
+    replay = oracle.replay(capture.path)
     assert replay.pages_resent > 0  # a live stream: pages sent in several passes
     xml = tmp_path / "dom.xml"
-    xml.write_text(domain_xml(name, guest_elf, "dirty"))
+    xml.write_text(domain_xml(name, guest_elf, "dirty", virsh.emulator))
     image = tmp_path / "vm.img"
-    with open(dirty_capture.path, "rb") as stream:
+    with open(capture.path, "rb") as stream:
         saved = migpipe(
             "save",
             str(image),
             "--libvirt-xml",
             str(xml),
             "--image-format",
-            "gzip",
+            image_format,
             "--paused",
             stdin=stream,
         )
@@ -335,13 +472,7 @@ def test_migpipe_image_restores_with_virsh(
     virsh.run(f"restore {image}")
     try:
         assert virsh.state(name) == "paused"  # as the image's header asked (--paused)
-        dump = virsh.root / "restored.mem"
-        virsh.monitor(
-            name, "pmemsave", val=qemuvm.IMAGE_START, size=qemuvm.IMAGE_SIZE, filename=str(dump)
-        )
-        memory = dump.read_bytes()
-        dump.unlink()
-        assert oracle.first_difference(memory, replay.image) is None
+        assert oracle.first_difference(memory_of(virsh, name), replay.image) is None
         virsh.run(f"resume {name}")
         assert virsh.state(name) == "running"
         status = virsh.monitor(name, "query-status")["return"]
@@ -373,16 +504,21 @@ def wait_for_bytes(directory: Path, pattern: str, size: int, timeout: float = 60
         os.close(fd)
 
 
+@pytest.mark.parametrize("libvirt", LIBVIRTS, ids=str)
 def test_interrupted_migpipe_image_is_refused(
-    shells: dict[str, Virsh], guest_elf: Path, tmp_path: Path, dirty_capture: qemuvm.Capture
+    shells: Callable[[LibvirtBuild, str], Virsh],
+    qemu_captures: dict[str, qemuvm.Capture],
+    guest_elf: Path,
+    tmp_path: Path,
+    libvirt: LibvirtBuild,
 ) -> None:
-    virsh, name = shells["raw"], "partial"
+    virsh, name = shells(libvirt, "raw"), "partial"
     xml = tmp_path / "dom.xml"
-    xml.write_text(domain_xml(name, guest_elf, "dirty"))
+    xml.write_text(domain_xml(name, guest_elf, "dirty", virsh.emulator))
     out = tmp_path / "out"
     out.mkdir()
     image = out / "vm.img"
-    stream = dirty_capture.path.read_bytes()
+    stream = qemu_captures["dirty"].path.read_bytes()
     with open(tmp_path / "save.err", "w+b") as err:
         saver = subprocess.Popen(
             [*MIGPIPE, "save", str(image), "--libvirt-xml", str(xml)],
