@@ -39,12 +39,14 @@ def register(command: Command) -> None:
         "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."
     )
     wire_options(encode)
+    qemu_option(encode, "listen here for the source QEMU (migrate to unix:PATH or tcp:HOST:PORT)")
     filter_options(encode)
 
     decode = command(
         "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
     )
     wire_options(decode)
+    qemu_option(decode, "connect to the destination QEMU there (its -incoming unix:PATH or tcp:)")
     reader_key_options(decode)
 
     migrate = command(
@@ -73,11 +75,28 @@ def register(command: Command) -> None:
     reader_key_options(incoming)
 
 
+def qemu_option(sub: argparse.ArgumentParser, what: str) -> None:
+    sub.add_argument(
+        "--qemu",
+        metavar="ADDR",
+        help=f"{what}: every connection QEMU opens, both ways (return path, postcopy, multifd)",
+    )
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from migpipe.tunnel.pipeline import encode
 
     chain = filter_chain(args)
     shown = progress(args, "encode")
+    if args.qemu:
+        if args.input != "-":
+            raise UsageError("--in and --qemu both name the QEMU stream", None)
+        from migpipe.tunnel.twoway import encode_two_way
+
+        with wire_end(args, "output") as wire:
+            totals = run_trio(encode_two_way, args.qemu, args.accept_timeout, wire, chain, shown)
+        report(args, totals)
+        return 0
     with open_input(args.input) as source, wire_end(args, "output") as wire:
         if shown is not None:
             shown.stream_size = file_size(source.fileno())
@@ -90,6 +109,19 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from migpipe.tunnel.pipeline import decode
+
+    if args.qemu:
+        if args.output is not None:
+            raise UsageError("--out and --qemu both name where the QEMU stream goes", None)
+        from migpipe.tunnel.twoway import decode_two_way
+
+        with wire_end(args, "input") as wire:
+            shown = progress(args, "decode")
+            totals = run_trio(
+                decode_two_way, wire, args.qemu, args.connect_timeout, shown, secrets_of(args)
+            )
+        report(args, totals)
+        return 0
 
     with (
         open_output(args.output, force=args.force) as out,

@@ -58,7 +58,7 @@ def parse_endpoint(spec: str, *, listening: bool) -> tuple[int, object]:
     return family, (host, int(port))
 
 
-def _tune(sock: socket.socket) -> None:
+def tune(sock: socket.socket) -> None:
     """A TCP connection sends each frame at once and keeps little unsent: what the kernel
     holds for a slow link is what a stopped guest waits for (io.latency). The buffers stay
     the kernel's to size (autotuning follows the link); a UNIX socket keeps its defaults."""
@@ -70,6 +70,12 @@ def _tune(sock: socket.socket) -> None:
 @contextlib.contextmanager
 def connect(spec: str, timeout: float) -> Iterator[socket.socket]:
     """A connection to `spec`, retried for `timeout` seconds while nobody listens there yet."""
+    with connect_socket(spec, timeout) as sock:
+        yield sock
+
+
+def connect_socket(spec: str, timeout: float) -> socket.socket:
+    """connect()'s connection, the caller's to close."""
     family, address = parse_endpoint(spec, listening=False)
     logger.info("connecting to %s (retried for %g s while nobody listens)", spec, timeout)
     deadline = time.monotonic() + timeout
@@ -93,10 +99,9 @@ def connect(spec: str, timeout: float) -> Iterator[socket.socket]:
             delay = min(delay * 2, RETRY_MAX)
         except OSError as e:
             raise PeerGoneError(f"cannot connect to {spec}: {e.strerror or e}") from None
-    with sock:
-        _tune(sock)
-        logger.info("connected to %s", spec)
-        yield sock
+    tune(sock)
+    logger.info("connected to %s", spec)
+    return sock
 
 
 @contextlib.contextmanager
@@ -111,6 +116,32 @@ def listen(
     """The first connection on `spec` that `gate` admits (without a gate: the first one),
     within `timeout` seconds (0: no limit); the listening socket is closed right after.
     Refused connections are closed and reported to `log`, at a bounded rate."""
+    with listening(spec) as server:
+        conn = accept(server, spec, gate, timeout=timeout, patience=patience, log=log)
+    with conn:
+        yield conn
+
+
+def accept(
+    server: socket.socket,
+    spec: str,
+    gate: Gate | None = None,
+    *,
+    timeout: float = ACCEPT_TIMEOUT,
+    patience: float = PATIENCE,
+    log: Callable[[str], None] | None = None,
+) -> socket.socket:
+    """listen()'s first admitted connection on `server`, which stays open: the caller's."""
+    logger.info("listening on %s for %s", spec, f"{timeout:g} s" if timeout else "ever")
+    conn = _Admission(server, spec, gate, patience, log or _stderr).run(timeout)
+    tune(conn)
+    return conn
+
+
+@contextlib.contextmanager
+def listening(spec: str) -> Iterator[socket.socket]:
+    """A socket listening on `spec` (a UNIX socket only our user may use), closed and its path
+    removed afterwards."""
     family, address = parse_endpoint(spec, listening=True)
     try:
         if family == socket.AF_UNIX:
@@ -124,17 +155,13 @@ def listen(
             )
     except OSError as e:  # strerror alone: create_server's adds the address as a tuple
         raise MigpipeError(f"cannot listen on {spec}: {os.strerror(e.errno or 0)}") from None
-    logger.info("listening on %s for %s", spec, f"{timeout:g} s" if timeout else "ever")
     try:
         with server:
-            conn = _Admission(server, spec, gate, patience, log or _stderr).run(timeout)
+            yield server
     finally:
         if family == socket.AF_UNIX:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address)
-    with conn:
-        _tune(conn)
-        yield conn
 
 
 def first_bytes(expected: bytes) -> Gate:

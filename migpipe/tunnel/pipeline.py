@@ -27,7 +27,7 @@ import trio
 from isal.isal_zlib import crc32
 
 from migpipe import chain as filters
-from migpipe.chain import FilterChain, Position
+from migpipe.chain import Buffer, FilterChain, Position
 from migpipe.errors import (
     CorruptError,
     MigpipeError,
@@ -39,7 +39,7 @@ from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
-from migpipe.tunnel.dataplane import run_ordered
+from migpipe.tunnel.dataplane import run_interruptible, run_ordered
 from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_FINAL,
@@ -55,6 +55,7 @@ from migpipe.wire.header import Header
 FRAME_TARGET = 1 << 20  # the most QEMU bytes in one frame: fewer is slower on a fast link
 MIN_FRAME = 64 << 10  # the least, unless the input goes quiet
 QUIET = 0.002  # seconds without input after which encode sends what it has (see Encoder.flush)
+END_QUIET = 0.05  # after an EOF item, how long a VM description may take to follow (two-way)
 
 Pieces = list[memoryview]
 T = TypeVar("T")
@@ -156,11 +157,15 @@ class Encoder:
     frame_size = FRAME_TARGET
 
     def __init__(
-        self, chain: Sequence[filters.Filter], page_size: int = 4096, totals: Totals | None = None
+        self,
+        chain: Sequence[filters.Filter],
+        page_size: int = 4096,
+        totals: Totals | None = None,
+        lanes: bool = False,
     ) -> None:
         self.totals = totals or Totals()
         self.chain = FilterChain(chain, self.totals)
-        self.wire = WireWriter(self.chain, page_size)
+        self.wire = WireWriter(self.chain, page_size, lanes)
         self._transforms = self.totals.running = self.chain.encoders()
         self._parser = StreamParser(page_size=page_size, pages=bool(self._transforms))
         self._writer = StreamWriter()
@@ -184,6 +189,18 @@ class Encoder:
         if boundary - self._pieces_start >= self.frame_size:
             return [self._frame(False, boundary)]
         return []
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stream ended by its own structure: its VM description, or in postcopy its
+        EOF item, came. QEMU on a socket keeps it open after that, waiting for its return path
+        (the destination's SHUT), which only comes once the destination has the stream's end."""
+        return self._parser.done
+
+    @property
+    def at_eof_item(self) -> bool:
+        """Whether the EOF item came and nothing after it yet (a VM description may follow)."""
+        return self._parser.eof_offset is not None and self._parser.offset == self.totals.qemu_bytes
 
     @property
     def holding(self) -> bool:
@@ -429,12 +446,19 @@ async def encode(
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
     before_frame: Callable[[bool], None] | None = None,
+    send: Callable[[Sequence[Buffer]], None] | None = None,
 ) -> Totals:
     """The wire of the QEMU stream from `source`. `before_frame(final)` is called in the writer
     thread before each data or FINAL frame goes out, and may stop the stream by raising:
-    without the FINAL frame and the trailer no decoder ever gives QEMU the stream's end."""
+    without the FINAL frame and the trailer no decoder ever gives QEMU the stream's end.
+
+    With `send`, the two-way tunnel's (see tunnel.twoway): the wire is version 2, its frames
+    go out through `send` beside other lanes', the stream ends by its structure (QEMU keeps
+    its connection open), and the wire's writing direction is the caller's to end."""
     source, wire = as_source(source), as_sink(wire)
-    encoder = Encoder(chain)
+    lanes = send is not None
+    send = send or wire.write
+    encoder = Encoder(chain, lanes=lanes)
     smallest = min(MIN_FRAME, FRAME_TARGET)
     encoder.frame_size = smallest  # until the rate is known
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
@@ -454,8 +478,13 @@ async def encode(
         crc = qemu_crc if payload is out.qemu else crc_of(payload)  # the same bytes: CRC once
         return out.position, payload, crc, (out.qemu_length, qemu_crc)
 
+    def ended() -> bool:
+        if not lanes:
+            return False  # over a pipe QEMU's end is the stream's: read up to it
+        return encoder.complete or (encoder.at_eof_item and quiet(END_QUIET))
+
     def produce(submit: Callable[[Outgoing], None]) -> None:
-        while True:
+        while not ended():
             if quiet is not None and encoder.holding and quiet(QUIET):
                 for out in encoder.flush():
                     submit(out)
@@ -476,18 +505,18 @@ async def encode(
         parts = writer.frame(position, payload, crc, qemu)
         size = sum(len(p) for p in parts)
         totals.wire_bytes += size
-        wire.write(parts)
+        send(parts)
         outbound.moved(size)
 
     head = writer.header()
-    await trio.to_thread.run_sync(wire.write, [head])
+    await trio.to_thread.run_sync(send, [head])
     totals.wire_bytes += len(head)
     run = partial(run_ordered, produce, frame, write, interrupt=source.interrupt)
     await with_progress(progress, totals, run)
     trailer = writer.trailer(encoder.trailer())
-    await trio.to_thread.run_sync(wire.write, [trailer])
+    await trio.to_thread.run_sync(send, [trailer])
     totals.wire_bytes += len(trailer)
-    if isinstance(wire, FdChannel):
+    if isinstance(wire, FdChannel) and not lanes:
         wire.finish()  # decode may release the stream's end now (a socket, a pipe)
     return totals
 
@@ -498,13 +527,27 @@ async def decode(
     progress: Progress | None = None,
     secrets: Secrets | None = None,
     opened: Callable[[Sequence[filters.Filter]], None] | None = None,
+    take: Callable[[Frame], None] | None = None,
 ) -> Totals:
     """The QEMU stream from the wire; its end only once every check passed. `opened` is
-    called with the filter chain once the header was read (and authenticated, if sealed)."""
+    called with the filter chain once the header was read (and authenticated, if sealed).
+
+    A version 2 wire may carry QEMU's other connections (lanes above 0): their frames go to
+    `take`, the two-way tunnel's (see tunnel.twoway), in the reading thread. The stream's end
+    is released once lane 0's trailer vouched for it, and the other lanes are read on
+    until the wire ends."""
     sink = as_sink(sink)
     outbound = PipeBuffer(sink)
     with stream_sink(sink) as qemu:
-        return await _decode(as_source(wire), qemu, outbound, progress, secrets, opened)
+        return await _decode(as_source(wire), qemu, outbound, progress, secrets, opened, take)
+
+
+def _no_lanes(frame: Frame) -> None:
+    raise MigpipeError(
+        f"the wire carries QEMU connection {frame.lane} besides its main stream: "
+        "decode needs --qemu ADDR to give it to the destination QEMU",
+        frame.offset,
+    )
 
 
 async def _decode(
@@ -514,6 +557,7 @@ async def _decode(
     progress: Progress | None,
     secrets: Secrets | None,
     opened: Callable[[Sequence[filters.Filter]], None] | None,
+    take: Callable[[Frame], None] | None,
 ) -> Totals:
     totals = Totals()
 
@@ -523,10 +567,13 @@ async def _decode(
 
     decoder = Decoder(totals, secrets, opening)
     inbound = PipeBuffer(wire)
+    take = take or _no_lanes
 
-    def produce(submit: Callable[[Frame], None]) -> None:
+    def produce(submit: Callable[[Frame], None] | None) -> None:
+        """Read the wire: lane 0's frames to `submit` until its trailer (None: after it),
+        the other lanes' to `take`, until the end."""
         finished = False
-        while not finished:
+        while not (finished or (submit and decoder.wire.trailer_came and decoder.wire.lanes)):
             chunk = wire.read()
             totals.wire_bytes += len(chunk)
             inbound.moved(len(chunk))
@@ -536,7 +583,10 @@ async def _decode(
                 decoder.close()
                 finished = True
             for frame in decoder.next_frames():  # the chain is open before one reaches a worker
-                submit(frame)
+                if frame.lane:
+                    take(frame)
+                else:
+                    submit(frame)
 
     def write(item: tuple[Frame, int | None]) -> None:
         if data := decoder.payload(*item):
@@ -547,4 +597,6 @@ async def _decode(
     await with_progress(progress, totals, run)
     final = decoder.finish()  # raises unless every check passed
     await trio.to_thread.run_sync(sink.write, [final])
+    if decoder.wire.lanes:
+        await run_interruptible(partial(produce, None), wire.interrupt)
     return totals

@@ -7,8 +7,16 @@ The format is specified in migpipe-wire(5); in short:
     header  = magic(8) version(1) flags(1) be16 n, n bytes of JSON, [tag(32)], be32 CRC-32
               (migpipe.wire.header, shared with the fixed save layout)
     frame   = type(1) be32 sequence be32 length be32 CRC-32(payload) be32 CRC-32(bytes 0..12),
-              payload
+              payload                                                         (version 1)
+            = type(1) lane(1) be32 sequence be32 length be32 CRC-32(payload)
+              be32 CRC-32(bytes 0..13), payload                                (version 2)
     trailer = a frame of type TRAILER whose payload holds the totals of the QEMU stream
+
+Version 2 carries several of QEMU's connections (lanes) and both directions: lane 0 is QEMU's
+main stream forward, as version 1 carries it; further lanes are QEMU's other connections
+(postcopy-preempt, multifd), opened with an OPEN frame and ended with an END frame; the answer
+direction (decode to encode, no header) carries each connection's bytes back (QEMU's return
+path) in frames of the same form. Sequence numbers count each lane's frames in each direction.
 
 A FINAL frame carries the end of the QEMU stream (its EOF item and what follows), so a decoder
 can withhold it until the trailer has confirmed everything: a destination never sees a complete
@@ -33,12 +41,26 @@ from migpipe.stream.format import BE32, BE64
 from migpipe.wire.header import Header, header_for, open_chain, parse_header
 
 MAGIC = b"\x89MGP\r\n\x1a\n"  # high bit and CR/LF/^Z catch 7-bit and text-mode mangling
-VERSION = 1
+VERSION = 1  # one QEMU stream, one way
+VERSION_LANES = 2  # QEMU's connections (lanes), both ways
+VERSIONS = (VERSION, VERSION_LANES)
 FRAME_DATA = 0x44  # 'D'
 FRAME_FINAL = 0x46  # 'F'
 FRAME_TRAILER = 0x54  # 'T'
-FRAME_TYPES = {FRAME_DATA: "data", FRAME_FINAL: "final", FRAME_TRAILER: "trailer"}
-FRAME_HEADER_SIZE = 17
+FRAME_OPEN = 0x4F  # 'O': version 2, a lane's first frame (QEMU opened another connection)
+FRAME_END = 0x45  # 'E': version 2, a lane's last frame in its direction (its connection ended)
+FRAME_TYPES = {
+    FRAME_DATA: "data",
+    FRAME_FINAL: "final",
+    FRAME_TRAILER: "trailer",
+    FRAME_OPEN: "open",
+    FRAME_END: "end",
+}
+FRAME_HEADER_SIZE = 17  # version 1's; version 2's has a lane byte more
+FRAME_HEADER_SIZES = {VERSION: FRAME_HEADER_SIZE, VERSION_LANES: FRAME_HEADER_SIZE + 1}
+MAX_LANES = 64  # QEMU opens at most 1 + multifd's 255 channels + 1; 64 bounds what a peer costs
+LANE_END_SIZE = 12  # an END frame's payload: be64 bytes, be32 digest of the lane's bytes
+BACK = 1 << 80  # the answer direction's positions, apart from the forward ones (see lane_position)
 MAX_FRAME = 65 << 20  # the largest VM description the parser accepts (64 MiB) fits one frame
 TRAILER_SIZE = 28
 
@@ -56,6 +78,7 @@ class Frame:
     payload: bytes
     crc: int
     offset: int  # of the frame in the wire, for error messages
+    lane: int = 0  # version 2: which of QEMU's connections it carries
 
     def checked_crc(self) -> int:
         """The payload's CRC-32, after checking it against the header's."""
@@ -79,12 +102,22 @@ class Trailer:
     qemu_digest: int
 
 
-def encode_header(chain: Sequence[Filter] | FilterChain, page_size: int = 4096) -> bytes:
+def encode_header(
+    chain: Sequence[Filter] | FilterChain, page_size: int = 4096, version: int = VERSION
+) -> bytes:
     """The wire header naming `chain`, which is bound to it (sealed when it ends in encrypt;
     see migpipe.wire.header)."""
     if not isinstance(chain, FilterChain):
         chain = FilterChain(chain)
-    return header_for(MAGIC, VERSION, chain, {"page_size": page_size})
+    return header_for(MAGIC, version, chain, {"page_size": page_size})
+
+
+def lane_position(lane: int, sequence: int, back: bool = False) -> Position:
+    """Where a version 2 frame of lane `lane` sits, for the byte filters that bind payloads to
+    their place: lane 0 forward numbers its frames as version 1 does; every other lane, and
+    the answer direction, number theirs in ranges of their own, so that no two payloads of one
+    stream share a position (encrypt's nonce is made of it)."""
+    return Position((BACK if back else 0) | lane << 64 | sequence, False)
 
 
 def crc_of(pieces: Sequence[bytes | memoryview]) -> int:
@@ -107,9 +140,11 @@ def encode_frame(
     return frame_header(kind, sequence, sum(len(p) for p in payload), crc)
 
 
-def frame_header(kind: int, sequence: int, length: int, crc: int) -> bytes:
-    """The FRAME_HEADER_SIZE bytes before a payload of `length` bytes whose CRC-32 is `crc`."""
-    head = bytes([kind]) + BE32.pack(sequence) + BE32.pack(length) + BE32.pack(crc)
+def frame_header(kind: int, sequence: int, length: int, crc: int, lane: int | None = None) -> bytes:
+    """The bytes before a payload of `length` bytes whose CRC-32 is `crc`: version 1's
+    FRAME_HEADER_SIZE, or with `lane` version 2's, one more."""
+    kinds = bytes([kind]) if lane is None else bytes([kind, lane])
+    head = kinds + BE32.pack(sequence) + BE32.pack(length) + BE32.pack(crc)
     return head + BE32.pack(crc32(head))
 
 
@@ -118,24 +153,34 @@ def fold(digest: int, length: int, crc: int) -> int:
     return crc32(BE64.pack(length) + BE32.pack(crc), digest)
 
 
-def encode_trailer(sequence: int, trailer: Trailer) -> bytes:
+def encode_trailer(sequence: int, trailer: Trailer, lane: int | None = None) -> bytes:
     payload = (
         BE64.pack(trailer.qemu_bytes)
         + BE64.pack(trailer.page_records)
         + BE64.pack(trailer.data_frames)
         + BE32.pack(trailer.qemu_digest)
     )
-    return encode_frame(FRAME_TRAILER, sequence, [payload]) + payload
+    return frame_header(FRAME_TRAILER, sequence, len(payload), crc32(payload), lane) + payload
 
 
 class WireReader:
-    """Turns wire bytes into a Header, then Frames, then a Trailer; checks every byte."""
+    """Turns wire bytes into a Header, then Frames, then a Trailer; checks every byte.
 
-    def __init__(self) -> None:
+    Version 2 frames name their lane: lane 0 carries the QEMU stream as version 1 does, up to
+    its trailer; a lane above it starts with an OPEN frame (lanes open in order) and ends with
+    an END frame; the wire ends once lane 0's trailer came and every lane opened has ended.
+    `back` reads the answer direction instead: no header, version 2 frames, DATA and END
+    only, lane 0 and the lanes the forward direction opened (the caller checks which).
+    """
+
+    def __init__(self, back: bool = False) -> None:
         self._buf = bytearray()
         self._base = 0
         self._closed = False
-        self._sequence = 0
+        self._back = back
+        self._sequences: dict[int, int] = {0: 0}  # each lane's next frame number
+        self._open = {0}  # lanes not ended yet
+        self.version = VERSION_LANES if back else None
         self.header: Header | None = None
         self.trailer: Trailer | None = None
 
@@ -144,6 +189,13 @@ class WireReader:
 
     def close(self) -> None:
         self._closed = True
+
+    @property
+    def ended(self) -> bool:
+        """Whether the wire has said all it will: every lane ended, and lane 0's trailer came."""
+        if self._back:
+            return not self._open
+        return self.trailer is not None and self._open <= {0}
 
     def _fail(self, message: str, at: int = 0, status: int = EXIT_CORRUPT) -> None:
         raise MigpipeError(message, self._base + at, status)
@@ -154,13 +206,13 @@ class WireReader:
         pos = 0
         try:
             while True:
-                if self.header is None:
+                if self.version is None:
                     parsed = self._parse_header()  # the header starts the wire: pos is 0
-                elif self.trailer is None:
+                elif not self.ended:
                     parsed = self._parse_frame(pos)
                 else:
                     if pos < len(self._buf):
-                        self._fail("trailing bytes after the wire trailer", pos)
+                        self._fail("trailing bytes after the end of the wire", pos)
                     break
                 if parsed is None:
                     break
@@ -169,43 +221,62 @@ class WireReader:
         finally:
             del self._buf[:pos]
             self._base += pos
-        if self._closed and self.trailer is None:
-            what = "header" if self.header is None else f"frame {self._sequence}"
-            message = f"wire stream truncated in {what} (no trailer: the encoder did not finish)"
-            self._fail(message, len(self._buf), EXIT_TRUNCATED)
+        if self._closed and not self.ended:
+            self._fail(self._truncation(), len(self._buf), EXIT_TRUNCATED)
         return events
 
+    def _truncation(self) -> str:
+        if self.version is None:
+            return "wire stream truncated in header (no trailer: the encoder did not finish)"
+        if self._back:
+            lanes = ", ".join(map(str, sorted(self._open)))
+            return f"answer direction truncated (lanes {lanes} never ended)"
+        if self.trailer is None:
+            what = f"frame {self._sequences[0]}"
+            return f"wire stream truncated in {what} (no trailer: the encoder did not finish)"
+        lanes = ", ".join(map(str, sorted(self._open - {0})))
+        return f"wire stream truncated (lanes {lanes} never ended: the encoder did not finish)"
+
     def _parse_header(self) -> tuple[Header, int] | None:
-        header, size = parse_header(self._buf, MAGIC, VERSION, "migpipe wire stream", self._base)
+        header, size = parse_header(self._buf, MAGIC, VERSIONS, "migpipe wire stream", self._base)
         if header is None:
             return None
-        self.header = header
+        self.header, self.version = header, self._buf[8]
         return header, size
 
     def _parse_frame(self, pos: int) -> tuple[Frame | Trailer, int] | None:
         buf = self._buf
-        if len(buf) - pos < FRAME_HEADER_SIZE:
+        size = FRAME_HEADER_SIZES[self.version]
+        if len(buf) - pos < size:
             return None
-        (header_crc,) = BE32.unpack_from(buf, pos + 13)
-        if crc32(buf[pos : pos + 13]) != header_crc:
-            self._fail(f"checksum mismatch in the header of frame {self._sequence}", pos)
-        kind = buf[pos]
-        (sequence,) = BE32.unpack_from(buf, pos + 1)
-        (length,) = BE32.unpack_from(buf, pos + 5)
-        (crc,) = BE32.unpack_from(buf, pos + 9)
+        (header_crc,) = BE32.unpack_from(buf, pos + size - 4)
+        if crc32(buf[pos : pos + size - 4]) != header_crc:
+            which = f"frame {self._sequences[0]}" if self.version == VERSION else "a frame"
+            self._fail(f"checksum mismatch in the header of {which}", pos)
+        kind, lane = buf[pos], 0
+        at = pos + 1
+        if self.version == VERSION_LANES:
+            lane, at = buf[at], at + 1
+        (sequence,) = BE32.unpack_from(buf, at)
+        (length,) = BE32.unpack_from(buf, at + 4)
+        (crc,) = BE32.unpack_from(buf, at + 8)
         if kind not in FRAME_TYPES:
             self._fail(f"bad frame type 0x{kind:02x}", pos)
-        if sequence != self._sequence:
-            self._fail(f"frame {sequence} where frame {self._sequence} was due", pos)
+        self._check_lane(kind, lane, sequence, pos)
         if length > MAX_FRAME:
             self._fail(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit", pos)
-        end = pos + FRAME_HEADER_SIZE + length
+        end = pos + size + length
         if len(buf) < end:
             return None
-        self._sequence += 1
+        self._sequences[lane] += 1
         with memoryview(buf) as view:
-            payload = bytes(view[pos + FRAME_HEADER_SIZE : end])
-        frame = Frame(kind, sequence, payload, crc, self._base + pos)
+            payload = bytes(view[pos + size : end])
+        frame = Frame(kind, sequence, payload, crc, self._base + pos, lane)
+        if kind == FRAME_END:
+            self._open.discard(lane)
+            frame.checked_crc()
+            if length != LANE_END_SIZE:
+                self._fail(f"end of lane {lane} of {length} bytes (not {LANE_END_SIZE})", pos)
         if kind != FRAME_TRAILER:
             return frame, end  # its payload is checked by the worker that unfilters it
         frame.checked_crc()
@@ -218,6 +289,29 @@ class WireReader:
             BE32.unpack_from(payload, 24)[0],
         )
         return self.trailer, end
+
+    def _check_lane(self, kind: int, lane: int, sequence: int, pos: int) -> None:
+        """Frames of a lane come in order, of the kinds its place allows."""
+        due = self._sequences.get(lane)
+        if due is None:  # a new lane: forward, the next one, opened by its first frame
+            if self._back or lane != len(self._sequences) or kind != FRAME_OPEN:
+                self._fail(f"frame for lane {lane}, which was never opened", pos)
+            if lane >= MAX_LANES:
+                self._fail(f"lane {lane} is past the {MAX_LANES}-lane limit", pos)
+            self._sequences[lane], self._open, due = 0, self._open | {lane}, 0
+        elif lane not in self._open or (lane == 0 and self.trailer is not None):
+            self._fail(f"frame for lane {lane} after its end", pos)
+        if sequence != due:
+            where = f" of lane {lane}" if self.version == VERSION_LANES else ""
+            self._fail(f"frame {sequence}{where} where frame {due} was due", pos)
+        if self._back:
+            allowed = (FRAME_DATA, FRAME_END)
+        elif lane == 0:
+            allowed = (FRAME_DATA, FRAME_FINAL, FRAME_TRAILER)
+        else:
+            allowed = (FRAME_OPEN,) if sequence == 0 else (FRAME_DATA, FRAME_END)
+        if kind not in allowed:
+            self._fail(f"{FRAME_TYPES[kind]} frame in lane {lane}", pos)
 
 
 class WireWriter:
@@ -233,16 +327,18 @@ class WireWriter:
     trailer() last. It keeps no buffer: the payload stays the caller's.
     """
 
-    def __init__(self, chain: FilterChain, page_size: int = 4096) -> None:
+    def __init__(self, chain: FilterChain, page_size: int = 4096, lanes: bool = False) -> None:
         self.chain = chain
         self.page_size = page_size
+        self.version = VERSION_LANES if lanes else VERSION
+        self._lane = 0 if lanes else None  # the lane byte of version 2's frame headers
         self._cut = 0  # positions handed out: the cutting thread's
         self.frames = 0  # data and final frames made, the next one's number: the writing thread's
         self.digest = 0
 
     def header(self) -> bytes:
         """The wire header, which binds the chain: call it before sealing any payload."""
-        return encode_header(self.chain, self.page_size)
+        return encode_header(self.chain, self.page_size, self.version)
 
     def position(self, final: bool) -> Position:
         """The next frame's place in the wire, which the byte filters bind its payload to."""
@@ -273,7 +369,7 @@ class WireWriter:
         self.digest = fold(self.digest, qemu_length, qemu_crc)
         self.frames += 1
         kind = FRAME_FINAL if position.final else FRAME_DATA
-        return frame_header(kind, position.index, length, crc)
+        return frame_header(kind, position.index, length, crc, self._lane)
 
     def summary(self, qemu_bytes: int, page_records: int) -> Trailer:
         """What the trailer says, once every frame was made: the QEMU stream's size and page
@@ -282,7 +378,76 @@ class WireWriter:
 
     def trailer(self, summary: Trailer) -> bytes:
         """The trailer frame, which ends the wire; `summary` is summary()'s."""
-        return encode_trailer(self.frames, summary)
+        return encode_trailer(self.frames, summary, self._lane)
+
+
+class LaneWriter:
+    """Version 2's frames of the lanes above 0 (forward) or of every lane (the answer direction):
+    each lane's sequence numbers, and the END frame that vouches for the bytes it carried.
+
+    Sans-IO and not thread-safe: the caller makes and writes each frame under one lock, so that
+    the frames of every lane leave in the order they were numbered.
+    """
+
+    def __init__(self, back: bool = False) -> None:
+        self.back = back
+        self._sequences: dict[int, int] = {}
+        self._tallies: dict[int, LaneTally] = {}
+
+    def open(self, lane: int) -> bytes:
+        """The OPEN frame that starts a forward lane (its payload is empty)."""
+        self._sequences[lane], self._tallies[lane] = 0, LaneTally(lane)
+        return self._header(FRAME_OPEN, lane, b"")
+
+    def position(self, lane: int) -> Position:
+        """Where the lane's next frame sits, for the byte filters (see lane_position)."""
+        if lane not in self._sequences:  # the answer direction's lanes need no OPEN
+            self._sequences[lane], self._tallies[lane] = 0, LaneTally(lane)
+        return lane_position(lane, self._sequences[lane], self.back)
+
+    def data(self, lane: int, payload: Buffer, qemu: Buffer) -> bytes:
+        """The header of a DATA frame carrying `payload`, made by the byte filters from `qemu`
+        at position(lane)."""
+        self._tallies[lane].add(qemu)
+        return self._header(FRAME_DATA, lane, payload)
+
+    def end(self, lane: int) -> bytes:
+        """The END frame of a lane: how many bytes it carried, and their digest."""
+        self.position(lane)
+        payload = self._tallies.pop(lane).summary()
+        return self._header(FRAME_END, lane, payload) + payload
+
+    def _header(self, kind: int, lane: int, payload: Buffer) -> bytes:
+        sequence = self._sequences[lane]
+        self._sequences[lane] = sequence + 1
+        return frame_header(kind, sequence, len(payload), crc32(payload), lane)
+
+
+class LaneTally:
+    """A lane's bytes as they were read (or rebuilt): their count and a CRC-32 over them,
+    which the lane's END frame carries and the reader checks."""
+
+    def __init__(self, lane: int) -> None:
+        self.lane = lane
+        self.bytes = 0
+        self.crc = 0
+
+    def add(self, data: Buffer) -> None:
+        self.bytes += len(data)
+        self.crc = crc32(data, self.crc)
+
+    def summary(self) -> bytes:
+        return BE64.pack(self.bytes) + BE32.pack(self.crc)
+
+    def check(self, end: Frame) -> None:
+        """Raise unless the END frame `end` vouches for the bytes added here."""
+        if end.payload != self.summary():
+            sent, crc = BE64.unpack_from(end.payload)[0], BE32.unpack_from(end.payload, 8)[0]
+            raise CorruptError(
+                f"lane {self.lane} carried {self.bytes} bytes with CRC-32 {self.crc:08x}, "
+                f"its sender {sent} with {crc:08x}",
+                end.offset,
+            )
 
 
 class WireDecoder:
@@ -311,6 +476,16 @@ class WireDecoder:
 
     def feed(self, data: Buffer) -> None:
         self._reader.feed(data)
+
+    @property
+    def lanes(self) -> bool:
+        """Whether the wire is version 2, which may carry lanes besides lane 0."""
+        return self._reader.version == VERSION_LANES
+
+    @property
+    def trailer_came(self) -> bool:
+        """Whether lane 0's trailer came (on version 2 the wire may go on for other lanes)."""
+        return self._reader.trailer is not None
 
     def close(self) -> None:
         """The wire ended: next_frames() then raises unless its trailer came."""

@@ -94,20 +94,26 @@ def mistaken_for(buf: bytes | bytearray) -> str:
 
 
 def parse_header(
-    buf: bytes | bytearray, magic: bytes, version: int, what: str, base: int = 0
+    buf: bytes | bytearray,
+    magic: bytes,
+    version: int | tuple[int, ...],
+    what: str,
+    base: int = 0,
 ) -> tuple[Header | None, int]:
     """The header at the start of `buf` and its length, or (None, bytes needed in all) when
-    `buf` holds only part of it. `what` names the format in errors; `base` is the offset of
-    `buf` in the input, for them."""
+    `buf` holds only part of it; `version` is the one (or the ones) this reader knows.
+    `what` names the format in errors; `base` is the offset of `buf` in the input, for them."""
+    versions = version if isinstance(version, tuple) else (version,)
     if len(buf) < 12:
         if not magic.startswith(bytes(buf[:8])):
             raise CorruptError(f"not a {what} (bad magic{mistaken_for(buf)})", base)
         return None, 12
     if buf[:8] != magic:
         raise CorruptError(f"not a {what} (bad magic{mistaken_for(buf)})", base)
-    if buf[8] != version:
+    if buf[8] not in versions:
+        known = " or ".join(map(str, versions))
         raise IncompatibleError(
-            f"{what} version {buf[8]} is not {version}: written by a different migpipe version",
+            f"{what} version {buf[8]} is not {known}: written by a different migpipe version",
             base + 8,
         )
     flags = buf[9]

@@ -1,0 +1,333 @@
+"""The two-way tunnel: QEMU's connections on both ends, each a lane of the wire (version 2).
+
+encode listens where the source QEMU migrates to (`--qemu ADDR`); decode connects to where the
+destination QEMU listens (`-incoming unix:PATH`). QEMU's main connection is lane 0: its stream
+goes through the pipeline (parsed, filtered, framed, vouched for by the trailer) as it does over
+a pipe. Each further connection the source QEMU opens (postcopy-preempt's, multifd's) becomes the
+next lane, and decode opens one to the destination for it, in the same order (QEMU 7.2 tells
+them apart by that order). A lane's bytes cross in frames of whatever one read brought, through
+the byte filters. Everything a QEMU writes back on a connection (the destination's return path:
+page requests, acknowledgements, its SHUT) comes back the other way in the answer direction of
+the wire, to the same connection on the source.
+
+Threads: each connection's reading has a thread of its own, so a lane waits behind another only
+for the one frame being written: frames go out under one lock (Relay.write), the pipeline's
+lane 0 frames too. The threads start under trio and stop together: the first that fails
+interrupts every read of the others (Source.interrupt), which then end quietly.
+"""
+
+import os
+import socket
+import stat
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+
+import trio
+
+from migpipe import chain as filters
+from migpipe.chain import Buffer, FilterChain
+from migpipe.errors import CorruptError, MigpipeError, Stopped
+from migpipe.io import transport
+from migpipe.io.channel import Channel, FdChannel, Readable
+from migpipe.keys import Secrets
+from migpipe.tunnel.pipeline import Totals, decode, encode
+from migpipe.tunnel.progress import Progress
+from migpipe.wire import (
+    FRAME_END,
+    FRAME_OPEN,
+    MAX_FRAME,
+    MAX_LANES,
+    Frame,
+    LaneTally,
+    LaneWriter,
+    WireReader,
+    lane_position,
+)
+
+
+class Relay:
+    """One end's connections to its QEMU, and the wire between the ends.
+
+    `back` is the answer direction's side (decode): it reads the lanes and writes answers;
+    the source's side writes lanes and reads answers. Without `two_way` (the wire is a pipe)
+    nothing can come back: a destination QEMU that answers is then an error, and a source
+    QEMU that waits for answers (its return path) waits in vain (migpipe(1) says so).
+    """
+
+    def __init__(self, wire: Channel, two_way: bool, back: bool) -> None:
+        self.wire = wire
+        self.two_way = two_way
+        self.back = back
+        self.chain: FilterChain | None = None  # decode's comes with the wire's header
+        self.lock = threading.Lock()
+        self.frames = LaneWriter(back=back)
+        self.conns: dict[int, FdChannel] = {}
+        self._sockets: list[socket.socket] = []
+        self._tallies: dict[int, LaneTally] = {}  # what came in for each connection
+        self._stopping = False
+        self._start: Callable[[Callable[[], None]], None] | None = None
+        self._pumped: list[int] = []  # connections read by a thread of their own
+        self._pumps = 0  # of them, still being read
+        self._changed = threading.Condition(self.lock)
+        self._header_sent = back  # the answer direction has no header of its own
+
+    # -- the wire ---------------------------------------------------------------------------
+
+    def write(self, parts: Sequence[Buffer]) -> None:
+        """Frames onto the wire, whole, one at a time: the lane 0 pipeline's writer sends
+        through this too, its header first."""
+        with self.lock:
+            self.wire.write(parts)
+            self._header_sent = True
+            self._changed.notify_all()
+
+    def _write_frame(self, make: Callable[[], bytes], *payload: Buffer) -> None:
+        """A frame whose header `make` numbers under the lock, once the wire's header is out."""
+        with self.lock:
+            while not (self._header_sent or self._stopping):
+                self._changed.wait()
+            if self._stopping:
+                raise Stopped
+            self.wire.write([make(), *payload])
+
+    def deliver(self, frame: Frame) -> None:
+        """A frame for one of our connections (a lane's, or an answer to one): its bytes
+        written there, or at its END, the connection's writing direction ended."""
+        conn = self.conns.get(frame.lane)
+        if conn is None:
+            message = f"frame for connection {frame.lane}, which is not open"
+            raise CorruptError(message, frame.offset)
+        tally = self._tallies.setdefault(frame.lane, LaneTally(frame.lane))
+        if frame.kind == FRAME_END:
+            tally.check(frame)
+            conn.finish()
+            return
+        frame.checked_crc()
+        position = lane_position(frame.lane, frame.sequence, back=not self.back)
+        data = self.chain.open(frame.payload, MAX_FRAME, position)
+        tally.add(data)
+        conn.write([data])
+
+    # -- connections ------------------------------------------------------------------------
+
+    def add(self, lane: int, sock: socket.socket, name: str, pump: bool = True) -> FdChannel:
+        """A connection to our QEMU as `lane`; with `pump`, read by a thread of its own."""
+        self._sockets.append(sock)
+        conn = self.conns[lane] = FdChannel(sock.fileno(), name)
+        if pump:
+            with self.lock:
+                self._pumps += 1
+            self._pumped.append(lane)
+            if self._start is not None:  # else run() starts it
+                self._start(partial(self._pump, lane))
+        return conn
+
+    def _pump(self, lane: int) -> None:
+        """A connection's bytes to the other end until our QEMU ends it."""
+        conn = self.conns[lane]
+        try:
+            while data := conn.read():
+                if not self.two_way:
+                    raise MigpipeError(
+                        f"{conn.name} answers (QEMU's return path), but the wire is one way: "
+                        "carry it over --listen/--connect"
+                    )
+                position = self.frames.position(lane)  # only this thread numbers the lane's
+                payload = self.chain.seal(data, position)
+                self._write_frame(partial(self.frames.data, lane, payload, data), payload)
+            if self.two_way:
+                self._write_frame(partial(self.frames.end, lane))
+        finally:
+            with self.lock:
+                self._pumps -= 1
+                self._changed.notify_all()
+
+    def wait_pumps(self) -> None:
+        """Until every pumped connection ended (our QEMU closed them all)."""
+        with self.lock:
+            while self._pumps and not self._stopping:
+                self._changed.wait()
+        if self._stopping:
+            raise Stopped
+
+    def stop(self) -> None:
+        """End every wait of every thread (a failure elsewhere, a cancel)."""
+        self._stopping = True
+        with self.lock:
+            self._changed.notify_all()
+        for conn in self.conns.values():
+            conn.interrupt()
+        self.wire.interrupt()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+    # -- threads ----------------------------------------------------------------------------
+
+    async def run(
+        self, body: Callable[[], Awaitable[Totals]], jobs: Sequence[Callable[[], None]] = ()
+    ) -> Totals:
+        """`body` in this task, beside a thread for each of `jobs` and each pumped connection
+        (those added later too); returns body's result once every thread ended."""
+        limiter = trio.CapacityLimiter(2 * MAX_LANES + 4)
+
+        async def thread(job: Callable[[], None]) -> None:
+            try:
+                await trio.to_thread.run_sync(job, limiter=limiter)
+            except Stopped:
+                if not self._stopping:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+
+        try:
+            async with trio.open_nursery() as nursery:
+                self._start = partial(trio.from_thread.run_sync, nursery.start_soon, thread)
+                for job in [*jobs, *(partial(self._pump, lane) for lane in self._pumped)]:
+                    nursery.start_soon(thread, job)
+                try:
+                    return await body()
+                except BaseException:
+                    self.stop()
+                    raise
+        finally:
+            self.close()
+
+    async def until_pumped(self) -> None:
+        """wait_pumps(), from trio (a cancel abandons the wait, and stop() ends it)."""
+        await trio.to_thread.run_sync(self.wait_pumps, abandon_on_cancel=True)
+
+
+class SourceRelay(Relay):
+    """encode's side: the source QEMU's connections in, its answers out."""
+
+    def __init__(self, wire: Channel, two_way: bool, server: socket.socket, spec: str) -> None:
+        super().__init__(wire, two_way, back=False)
+        self._server = server
+        self._spec = spec
+        self._waiting = Readable(server.fileno())
+        self._accepting = True
+
+    def accept(self) -> None:
+        """The source QEMU's further connections, each the next lane, until stop_accepting()."""
+        while True:
+            try:
+                self._waiting.wait()
+            except Stopped:
+                if self._accepting:
+                    raise
+                return
+            try:
+                sock, _ = self._server.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                continue
+            lane = len(self.conns)
+            if lane >= MAX_LANES:
+                sock.close()
+                raise MigpipeError(f"QEMU opened more than {MAX_LANES} connections on {self._spec}")
+            transport.tune(sock)
+            self._write_frame(partial(self.frames.open, lane))  # before the lane's first DATA
+            self.add(lane, sock, f"the source QEMU's connection {lane} on {self._spec}")
+
+    def stop_accepting(self) -> None:
+        """The main stream ended: QEMU opens no more connections."""
+        self._accepting = False
+        self._waiting.interrupt()
+
+    def answers(self) -> None:
+        """The answer direction of the wire, to the source QEMU's connections."""
+        reader = WireReader(back=True)
+        while True:
+            chunk = self.wire.read()
+            if chunk:
+                reader.feed(chunk)
+            else:
+                reader.close()
+            for event in reader.next_events():
+                self.deliver(event)
+            if not chunk:
+                return
+
+
+class DestinationRelay(Relay):
+    """decode's side: lanes out to the destination QEMU's connections, its answers back."""
+
+    def __init__(self, wire: Channel, two_way: bool, spec: str, timeout: float) -> None:
+        super().__init__(wire, two_way, back=True)
+        self._spec = spec
+        self._timeout = timeout
+
+    def connect(self, lane: int) -> FdChannel:
+        """A connection to the destination QEMU for `lane` (connected now, so in lane order)."""
+        sock = transport.connect_socket(self._spec, self._timeout)
+        return self.add(lane, sock, f"the destination QEMU's connection {lane} on {self._spec}")
+
+    def take(self, frame: Frame) -> None:
+        """A frame of a lane above 0, from the wire's reader."""
+        if frame.kind == FRAME_OPEN:
+            self.connect(frame.lane)
+        else:
+            self.deliver(frame)
+
+
+def _channel(wire: int | Channel) -> tuple[Channel, bool]:
+    """The wire end as a Channel, and whether answers can come back on it (a connection)."""
+    if not isinstance(wire, int):
+        return wire, True  # TLS
+    return FdChannel(wire, "the wire"), stat.S_ISSOCK(os.fstat(wire).st_mode)
+
+
+async def encode_two_way(
+    spec: str,
+    accept_timeout: float,
+    wire: int | Channel,
+    chain: Sequence[filters.Filter],
+    progress: Progress | None = None,
+) -> Totals:
+    """encode --qemu: the source QEMU's connections on `spec` through the wire, both ways."""
+    channel, two_way = _channel(wire)
+    with transport.listening(spec) as server:
+        main = await trio.to_thread.run_sync(
+            partial(transport.accept, server, spec, timeout=accept_timeout)
+        )
+        relay = SourceRelay(channel, two_way, server, spec)
+        relay.chain = FilterChain(chain)  # bound to the wire's header once encode wrote it
+        source = relay.add(0, main, f"the source QEMU's connection on {spec}", pump=False)
+
+        async def body() -> Totals:
+            totals = await encode(source, channel, chain, progress, send=relay.write)
+            relay.stop_accepting()
+            await relay.until_pumped()
+            await trio.to_thread.run_sync(channel.finish)
+            return totals
+
+        jobs = [relay.accept, *([relay.answers] if two_way else [])]
+        return await relay.run(body, jobs)
+
+
+async def decode_two_way(
+    wire: int | Channel,
+    spec: str,
+    connect_timeout: float,
+    progress: Progress | None = None,
+    secrets: Secrets | None = None,
+) -> Totals:
+    """decode --qemu: the wire into the destination QEMU's connections on `spec`, both ways."""
+    channel, two_way = _channel(wire)
+    relay = DestinationRelay(channel, two_way, spec, connect_timeout)
+    sink = relay.connect(0)
+
+    def opened(chain: Sequence[filters.Filter]) -> None:
+        relay.chain = FilterChain(chain)
+
+    async def body() -> Totals:
+        totals = await decode(channel, sink, progress, secrets, opened, take=relay.take)
+        await relay.until_pumped()
+        if two_way:
+            await trio.to_thread.run_sync(channel.finish)
+        return totals
+
+    return await relay.run(body)
