@@ -608,6 +608,7 @@ class StreamParser:
             summary, target = BE64.unpack_from(data, 0)[0], BE64.unpack_from(data, 8)[0]
             self._postcopy_huge_pages = summary != target
         if cmd == fmt.CMD_PACKAGED:
+            self.postcopy = True
             self._opaque_left = BE32.unpack_from(data)[0]
             self._step, self._where = self._step_packaged, "a postcopy package"
         return True
@@ -1014,8 +1015,10 @@ class StreamParser:
     def _step_after_eof(self, out: list[Record]) -> bool:
         buf, pos = self._buf, self._pos
         if pos >= len(buf):
-            if self._closed:
-                self.done = True  # suppress-vmdesc or postcopy: no VM description follows
+            # QEMU sends no VM description in postcopy (nor for suppress-vmdesc machines, which
+            # only the end of the input tells)
+            if self._closed or self.postcopy:
+                self.done = True
             return False
         if buf[pos] != fmt.ITEM_VMDESCRIPTION:
             self._fail(f"unexpected byte 0x{buf[pos]:02x} after the end-of-stream marker", pos)
