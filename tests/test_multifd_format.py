@@ -96,6 +96,15 @@ def test_pages_are_views_of_the_fed_bytes() -> None:
     assert bytes(payload) == page(1) + page(2)
 
 
+def test_fed_memory_the_caller_reuses_is_copied() -> None:
+    """A bytearray or memoryview fed is copied: the caller may reuse it at once."""
+    buffer = bytearray(SAMPLE)
+    parser = MultifdParser()
+    parser.feed(memoryview(buffer))
+    buffer[:] = bytes(len(buffer))
+    assert parser.finish() == sample_records()
+
+
 def test_writer_parts_are_header_and_payload() -> None:
     """parts() is what write() joins: a header and the payload object itself (for writev)."""
     writer = MultifdWriter()

@@ -183,11 +183,6 @@ class MultifdParser:
         self._closed = False
         self.name = "multifd channel"  # "multifd channel N" once the initial message says N
 
-    @property
-    def offset(self) -> int:
-        """Channel offset of the first byte not yet turned into a record."""
-        return self._base + self._pos
-
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Queue `data`; bytes are kept as they are, anything else is copied."""
         if self._closed:
@@ -202,6 +197,7 @@ class MultifdParser:
         self._closed = True
 
     def finish(self) -> list[ChannelRecord]:
+        """close(), then the last records: raises if the channel ended inside a record."""
         self.close()
         return self.next_records()
 
