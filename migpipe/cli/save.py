@@ -394,7 +394,7 @@ def piped_load(fd: int, args: argparse.Namespace, shown: "Progress | None") -> C
         with stream_sink(sink) as qemu:
             if kind == "stream":
                 return await decode(pipe, qemu, shown, secrets)
-            return await restore_libvirt(pipe, 0, qemu, shown, kind == "qemu")
+            return await restore_libvirt(pipe, 0, qemu, shown, kind == "qemu", name=name)
 
     return load
 
@@ -420,7 +420,7 @@ def piped_chunks(fd: int, name: str, secrets: "Secrets", about: dict) -> Iterato
     elif kind == "qemu":
         yield from chunks
     else:
-        yield from libvirt_chunks(Reading(read), about)
+        yield from libvirt_chunks(Reading(read), about, name=name)
 
 
 def sized(shown: "Progress | None", path: str) -> None:

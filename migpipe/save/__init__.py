@@ -6,5 +6,6 @@ layout (and trio with it)."""
 
 LAYOUTS = ("stream", "fixed")
 DEFAULT_CACHE = 64 << 20  # the fixed layout's RAM extents kept in memory while saving
-# The libvirt image bodies migpipe reads and writes, in libvirt's numbering (its format codes).
-LIBVIRT_FORMATS = ("raw", "gzip", "bzip2", "xz", "lzop", "zstd")
+# libvirt's image formats, in its numbering (the codes in its header), all read and written:
+# the QEMU stream as is or compressed whole, and sparse, QEMU's mapped-ram file after the header.
+LIBVIRT_FORMATS = ("raw", "gzip", "bzip2", "xz", "lzop", "zstd", "sparse")

@@ -5,7 +5,10 @@ Layout (libvirt's virQEMUSaveHeader, 92 bytes, every word in the writing host's 
 words; then data_len bytes holding the domain XML, a NUL, an optional cookie and its NUL, and
 zeros (room for `virsh save-image-edit` to grow the XML in place); then the QEMU migration
 stream, compressed whole by the program the format code names (libvirt runs `PROG -c` and
-`PROG -dc`), so any standard container of that format is readable by libvirt.
+`PROG -dc`), so any standard container of that format is readable by libvirt. The sparse
+format (6, libvirt 11.2+) instead holds QEMU's mapped-ram file from there on (`file:` at that
+offset, every page in its place, absent ones as holes), so it is read and written by offset,
+through migpipe.stream.mappedram: from a file, never a pipe.
 
 libvirt writes the magic "LibvirtQemudPart" first and rewrites it to "LibvirtQemudSave" only
 after the whole image is on disk; a reader refuses the first, so a crashed save never restores.
@@ -17,9 +20,11 @@ has no Python module, so it runs the `lzop` program, as libvirt does.
 """
 
 import bz2
+import fcntl
 import lzma
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -42,6 +47,7 @@ from migpipe.errors import (
 )
 from migpipe.io.channel import CHUNK, FdChannel, Sink
 from migpipe.save import LIBVIRT_FORMATS
+from migpipe.stream.mappedram import MappedRamReader, MappedRamWriter
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"
@@ -51,8 +57,8 @@ HEADER_SIZE = 92
 XML_PADDING = 64 << 10  # libvirt's room for the XML to grow
 MAX_DATA_LEN = 64 << 20  # read whole into memory, as libvirt does; real images hold ~70 KiB
 
-# On-disk codes, by position; libvirt never renumbers them. 6 is QEMU's mapped-ram layout.
-FORMAT_CODES = (*LIBVIRT_FORMATS, "sparse")  # libvirt's numbering
+FORMAT_CODES = LIBVIRT_FORMATS  # on-disk codes, by position; libvirt never renumbers them
+SPARSE = "sparse"
 # What libvirt's `PROG -c` gives (libvirt passes -3 to xz only); zstd also uses every core.
 DEFAULT_LEVELS = {"gzip": 6, "bzip2": 9, "xz": 3, "lzop": 3, "zstd": 3}
 
@@ -119,12 +125,6 @@ def parse_header(head: bytes) -> tuple[SaveImage, int]:
         )
     if code >= len(FORMAT_CODES):
         raise IncompatibleError(f"unknown save image format code {code}", 28)
-    if FORMAT_CODES[code] not in LIBVIRT_FORMATS:
-        raise IncompatibleError(
-            "a 'sparse' (QEMU mapped-ram) save image: migpipe reads only streamed "
-            "images; restore it with libvirt",
-            28,
-        )
     for index, word in enumerate(unused):
         if word:
             raise IncompatibleError(
@@ -478,20 +478,52 @@ class _ProgramBody:
         self._program.abort()
 
 
+class _MappedRamBody:
+    """sparse: the ordinary stream of the mapped-ram file after the XML, read by offset through
+    a descriptor of its own: the caller's may be O_DIRECT (restore --direct), which refuses
+    the unaligned reads of a stream that starts after the XML."""
+
+    def __init__(self, fd: int | None, origin: int, name: str) -> None:
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(
+                f"{name}: a sparse libvirt image holds QEMU's mapped-ram file, whose pages are "
+                "found by offset: it cannot be read from a pipe; give its path"
+            )
+        self._fd: int | None = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        self.reader = MappedRamReader(self._fd, origin, name)
+        self._chunks = self.reader.chunks()
+
+    def read(self) -> bytes:
+        return next(self._chunks, b"")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class LibvirtImageReader:
     """The QEMU stream inside a libvirt save image, given by read() as a Source's; it has no
     interrupt(): close() stops it early, and the Source behind its Input ends a waiting read.
 
     Creating it reads the header and XML from `source` (it blocks: call it from a worker
     thread); `image` then describes them. read() gives the stream, decompressed, and raises
-    MigpipeError at the end of a truncated or corrupt body. close() stops early.
+    MigpipeError at the end of a truncated or corrupt body. close() stops early. A sparse
+    image is read through `fd`, the file `source` reads (None: a pipe, which cannot carry
+    one); `name` is what messages call it.
     """
 
-    def __init__(self, source: Input) -> None:
+    def __init__(self, source: Input, fd: int | None = None, name: str = "the image") -> None:
         self.image, rest = read_prefix(source)
         image_format, start = self.image.image_format, self.image.stream_offset
+        self.mapped_ram: MappedRamReader | None = None  # sparse: its blocks, for inspect
         if image_format == "raw":
-            self._body: _RawBody | _InflatingBody | _ProgramBody = _RawBody(source, rest)
+            self._body: _RawBody | _InflatingBody | _ProgramBody | _MappedRamBody = _RawBody(
+                source, rest
+            )
+        elif image_format == SPARSE:
+            self._body = _MappedRamBody(fd, start, name)
+            self.mapped_ram = self._body.reader
         elif image_format == "lzop":
             self._body = _ProgramBody(source, rest, start)
         else:
@@ -564,17 +596,38 @@ class _ProgramWriterBody:
         self._program.abort()
 
 
+class _MappedRamWriterBody:
+    """sparse: the stream placed as QEMU's mapped-ram file after the XML (MappedRamWriter)."""
+
+    def __init__(self, fd: int, origin: int) -> None:
+        self._writer = MappedRamWriter(fd, origin)
+
+    def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._writer.write(parts)
+
+    def finish(self) -> None:
+        self._writer.finish()
+
+    def close(self) -> None:
+        pass
+
+
+Body = _CompressingBody | _ProgramWriterBody | _MappedRamWriterBody
+
+
 class LibvirtImageWriter:
-    """A libvirt save image written to `sink`: a Sink one writes the QEMU stream to.
+    """A libvirt save image written to `target`: a Sink one writes the QEMU stream to, or the
+    descriptor of a regular file, which the sparse format needs (it is written by offset).
 
     The first write() (or finish()) writes the header, XML and padding; finish() completes the
-    compressed body. The image is then complete but for its magic when `partial` (the default):
-    the caller, holding the file, calls mark_complete() on it before syncing.
+    body (the sparse one's bitmaps, then its length). The image is then complete but for its
+    magic when `partial` (the default): the caller, holding the file, calls mark_complete()
+    on it before syncing.
     """
 
     def __init__(
         self,
-        sink: Sink,
+        target: Sink | int,
         xml: str,
         *,
         was_running: bool,
@@ -586,9 +639,11 @@ class LibvirtImageWriter:
         self._prefix = encode_prefix(
             xml, was_running=was_running, image_format=image_format, cookie=cookie, partial=partial
         )
-        self._sink, self._format = sink, image_format
+        if image_format == SPARSE:
+            _check_sparse_target(target)
+        self._target, self._format = target, image_format
         self._level = DEFAULT_LEVELS.get(image_format, 0) if level is None else level
-        self._body: _CompressingBody | _ProgramWriterBody | None = None
+        self._body: Body | None = None
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
         self._started().write(parts)
@@ -601,16 +656,43 @@ class LibvirtImageWriter:
         if self._body is not None:
             self._body.close()
 
-    def _started(self) -> "_CompressingBody | _ProgramWriterBody":
-        if self._body is None:
-            self._sink.write([self._prefix])
-            if self._format == "lzop":
-                self._body = _ProgramWriterBody(self._sink, self._level)
-            elif self._format == "raw":
-                self._body = _CompressingBody(self._sink, _Identity())
-            else:
-                self._body = _CompressingBody(self._sink, _COMPRESSORS[self._format](self._level))
+    def _started(self) -> Body:
+        if self._body is not None:
+            return self._body
+        target = self._target
+        if isinstance(target, int) and self._format == SPARSE:
+            _write_all_at(target, self._prefix, 0)
+            self._body = _MappedRamWriterBody(target, len(self._prefix))
+            return self._body
+        sink = FdChannel(target) if isinstance(target, int) else target
+        sink.write([self._prefix])
+        if self._format == "lzop":
+            self._body = _ProgramWriterBody(sink, self._level)
+        elif self._format == "raw":
+            self._body = _CompressingBody(sink, _Identity())
+        else:
+            self._body = _CompressingBody(sink, _COMPRESSORS[self._format](self._level))
         return self._body
+
+
+def _check_sparse_target(target: Sink | int) -> None:
+    """A sparse image is QEMU's mapped-ram file: written by offset, page by page where each
+    page goes, so into a regular file, through the page cache (O_DIRECT takes only aligned
+    blocks; QEMU's own direct-io is the way around the cache for it)."""
+    if not (isinstance(target, int) and stat.S_ISREG(os.fstat(target).st_mode)):
+        raise UsageError("a sparse libvirt image is written by offset: it needs a file, not a pipe")
+    if fcntl.fcntl(target, fcntl.F_GETFL) & os.O_DIRECT:
+        raise UsageError(
+            "--direct: a sparse libvirt image is written page by page at each page's place, "
+            "through the page cache"
+        )
+
+
+def _write_all_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def mark_complete(fd: int) -> None:

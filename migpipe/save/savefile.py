@@ -136,15 +136,18 @@ def _saved_chunks(path: Path, kind: str, secrets: Secrets | None, about: dict) -
             about.update(device_state_offset=reader.device_state_offset)
     else:
         with open(path, "rb") as f:
-            yield from libvirt_chunks(FdChannel(f.fileno()), about)
+            yield from libvirt_chunks(FdChannel(f.fileno()), about, f.fileno(), str(path))
 
 
-def libvirt_chunks(source: "Input", about: dict) -> Iterator[bytes]:
+def libvirt_chunks(
+    source: "Input", about: dict, fd: int | None = None, name: str = "the image"
+) -> Iterator[bytes]:
     """The QEMU stream inside a libvirt save image read from `source` (a file, or a pipe for
-    inspect); `about` gets what the image's header says."""
+    inspect; a sparse image is read through `fd`, the file's); `about` gets what the image's
+    header says, and a sparse image's mapped-ram blocks."""
     from migpipe.save.libvirtimage import LibvirtImageReader
 
-    reader = LibvirtImageReader(source)
+    reader = LibvirtImageReader(source, fd, name)
     try:
         image = reader.image
         about.update(
@@ -155,6 +158,11 @@ def libvirt_chunks(source: "Input", about: dict) -> Iterator[bytes]:
         )
         while chunk := reader.read():
             yield chunk
+        if reader.mapped_ram is not None:
+            about.update(
+                mapped_ram=reader.mapped_ram.blocks,
+                device_state_offset=reader.mapped_ram.device_state_offset,
+            )
     finally:
         reader.close()
 
@@ -328,7 +336,7 @@ async def _restore_kind(
         if kind == "stream":
             return await decode(source, sink, progress, secrets)
         size = os.fstat(file.fd).st_size
-        return await restore_libvirt(source, size, sink, progress, kind == "qemu")
+        return await restore_libvirt(source, size, sink, progress, kind == "qemu", file.fd, name)
 
 
 async def save_libvirt(
@@ -346,9 +354,13 @@ async def save_libvirt(
     totals = Totals()
 
     def run() -> None:
-        direct = isinstance(file, DirectFile)
         with contextlib.ExitStack() as stack:
-            sink = stack.enter_context(DirectWriter(file)) if direct else FdChannel(file.fd)
+            if target.image_format == "sparse":  # written by offset, not in order
+                sink: Sink | int = file.fd
+            elif isinstance(file, DirectFile):
+                sink = stack.enter_context(DirectWriter(file))
+            else:
+                sink = FdChannel(file.fd)
             writer = LibvirtImageWriter(
                 sink, target.xml, was_running=target.was_running, image_format=target.image_format
             )
@@ -358,7 +370,7 @@ async def save_libvirt(
             except BaseException:
                 writer.close()
                 raise
-            if direct:
+            if isinstance(sink, DirectWriter):
                 sink.finish()
         if published:
             publish(file)
@@ -369,10 +381,17 @@ async def save_libvirt(
 
 
 async def restore_libvirt(
-    source: Source, size: int, sink: Sink, progress: Progress | None, raw: bool = False
+    source: Source,
+    size: int,
+    sink: Sink,
+    progress: Progress | None,
+    raw: bool = False,
+    fd: int | None = None,
+    name: Path | str = "the image",
 ) -> Totals:
     """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file) of `size`
-    bytes, checked as it goes; its end only once the whole body was read without an error."""
+    bytes, checked as it goes; its end only once the whole body was read without an error.
+    A sparse image is read through `fd`, the file's (None: a pipe, which cannot carry one)."""
     from migpipe.save.libvirtimage import LibvirtImageReader
 
     totals = Totals()
@@ -385,7 +404,7 @@ async def restore_libvirt(
 
     def run() -> None:
         counted = Reading(read_file)
-        reader = counted if raw else LibvirtImageReader(counted)
+        reader = counted if raw else LibvirtImageReader(counted, fd, str(name))
         try:
             copy_checked(reader.read, sink, totals)
         finally:
