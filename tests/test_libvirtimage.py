@@ -12,6 +12,7 @@ from pathlib import Path
 
 import oracle
 import pytest
+from support import migpipe
 
 from migpipe.errors import (
     EXIT_CORRUPT,
@@ -521,3 +522,14 @@ def test_truncated_sparse_image_names_the_offset(tmp_path: Path, stream: bytes) 
     assert caught.value.status == EXIT_TRUNCATED
     assert caught.value.offset == last["pages_offset"]
     assert "vm.save" in caught.value.message
+
+
+def test_sparse_with_direct_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    xml = tmp_path / "dom.xml"
+    xml.write_text(XML)
+    image = tmp_path / "vm.save"
+    args = ["--libvirt-xml", str(xml), "--image-format", "sparse", "--direct"]
+    result = migpipe("save", str(image), *args)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.decode().count("\n") == 1 and b"--direct" in result.stderr
+    assert list(tmp_path.iterdir()) == [xml]

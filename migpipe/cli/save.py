@@ -83,7 +83,8 @@ def register(command: Command) -> None:
     save.add_argument(
         "--image-format",
         choices=LIBVIRT_FORMATS,
-        help="with --libvirt-xml: how libvirt compresses the body (raw)",
+        help="with --libvirt-xml: how libvirt compresses the body (raw), or sparse: QEMU's "
+        "mapped-ram file (libvirt 11.2+)",
     )
     save.add_argument(
         "--paused",
@@ -230,6 +231,10 @@ def libvirt_target(args: argparse.Namespace, chain: list):
             "it takes no migpipe filters and no --layout"
         )
         raise UsageError(message)
+    if args.image_format == "sparse" and args.direct:  # refused before QEMU is driven
+        from migpipe.save.libvirtimage import SPARSE_DIRECT
+
+        raise UsageError(SPARSE_DIRECT)
     try:
         xml = Path(args.libvirt_xml).read_text()
     except (OSError, UnicodeDecodeError) as e:

@@ -59,6 +59,10 @@ MAX_DATA_LEN = 64 << 20  # read whole into memory, as libvirt does; real images 
 
 FORMAT_CODES = LIBVIRT_FORMATS  # on-disk codes, by position; libvirt never renumbers them
 SPARSE = "sparse"
+SPARSE_DIRECT = (
+    "--direct: a sparse libvirt image is written page by page at each page's place, "
+    "through the page cache"
+)
 # What libvirt's `PROG -c` gives (libvirt passes -3 to xz only); zstd also uses every core.
 DEFAULT_LEVELS = {"gzip": 6, "bzip2": 9, "xz": 3, "lzop": 3, "zstd": 3}
 
@@ -682,10 +686,7 @@ def _check_sparse_target(target: Sink | int) -> None:
     if not (isinstance(target, int) and stat.S_ISREG(os.fstat(target).st_mode)):
         raise UsageError("a sparse libvirt image is written by offset: it needs a file, not a pipe")
     if fcntl.fcntl(target, fcntl.F_GETFL) & os.O_DIRECT:
-        raise UsageError(
-            "--direct: a sparse libvirt image is written page by page at each page's place, "
-            "through the page cache"
-        )
+        raise UsageError(SPARSE_DIRECT)
 
 
 def _write_all_at(fd: int, data: bytes, offset: int) -> None:
