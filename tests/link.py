@@ -229,7 +229,14 @@ def _socket(spec: str, *, listening: bool) -> socket.socket:
         sock.listen(64)
     else:
         sock.connect(address)
+        _no_delay(sock)
     return sock
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """No Nagle delay on TCP: the link must not hold back a return path's small messages."""
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _shown(sock: socket.socket, spec: str) -> str:
@@ -260,6 +267,7 @@ class Relay:
                 near, _ = self.listener.accept()
             except OSError:
                 return  # closed: close's doing
+            _no_delay(near)
             try:
                 far = _socket(self.target, listening=False)
             except OSError as exc:

@@ -65,6 +65,13 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (chunk := sock.recv(size - len(data))):
+        data += chunk
+    return data
+
+
 def connect(spec: str) -> socket.socket:
     if spec.startswith("unix:"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -161,28 +168,36 @@ def test_cut_breaks_every_connection_and_accepts_new_ones(tmp_path: Path) -> Non
 
     def held(conn: socket.socket, index: int) -> None:
         conn.sendall(b"hello")
-        assert recv_all(conn) == b"before"  # the first two: the cut, not the client, ends it
+        assert recv_exact(conn, 6) == b"before"
+        conn.sendall(b"ok")
+        assert recv_all(conn) == b""  # the first two: the cut, not the client, ends them
         if index < 2:
             ended.wait()
+
+    def exchange(client: socket.socket) -> None:
+        """Both directions relayed, end to end: the connection is up, nothing in flight."""
+        assert recv_exact(client, 5) == b"hello"
+        client.sendall(b"before")
+        assert recv_exact(client, 2) == b"ok"
 
     target = Target(tmp_path / "t.sock", held)
     with Link(f"unix:{tmp_path}/l.sock", target.spec, record=tmp_path / "rec") as link:
         clients = [connect(link.address) for _ in range(2)]
         for client in clients:
-            assert client.recv(5) == b"hello"  # relayed: both connections are up
-            client.sendall(b"before")
+            exchange(client)
         assert link.cut() == 2
         ended.wait()  # both target sides saw the end
         for client in clients:
             assert recv_all(client) == b""
         assert link.cut() == 0
         again = connect(link.address)
-        assert again.recv(5) == b"hello"
-        again.sendall(b"before")
+        exchange(again)
         again.shutdown(socket.SHUT_WR)
+        assert recv_all(again) == b""
         relayed = link.close()
+    target.join(3)
     target.close()
-    assert [(r.forward, r.back) for r in relayed] == [(6, 5)] * 3
+    assert [(r.forward, r.back) for r in relayed] == [(6, 7)] * 3
 
 
 def test_tcp_listener_reports_its_port(tmp_path: Path) -> None:

@@ -366,6 +366,8 @@ def test_qemu_multifd_channels_parse_rewrite_and_sync(
     for _, data in captured[1:]:
         records = parse_channel(data)
         assert write_channel(records) == data
+        odd = 65521  # a prime: packets start anywhere in the chunks
+        assert parsed_in([data[i : i + odd] for i in range(0, len(data), odd)]) == records
         hello, packets = records[0], records[1:]
         assert type(hello) is ChannelHello
         hellos.append(hello)
