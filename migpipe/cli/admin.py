@@ -5,6 +5,7 @@ from pathlib import Path
 
 from migpipe.cli.command import Command
 from migpipe.cli.options import size_argument
+from migpipe.errors import UsageError
 from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.running import run_trio
 from migpipe.service import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_JOBS
@@ -43,7 +44,10 @@ def register(command: Command) -> None:
         "serve", cmd_serve, "Run encode and decode jobs on fds that daemons pass over a socket."
     )
     serve.add_argument(
-        "--socket", required=True, metavar="PATH", help="the UNIX socket to listen on (mode 0600)"
+        "--socket",
+        metavar="PATH",
+        help="the UNIX socket to listen on (mode 0600); "
+        "under systemd socket activation, the one it passed",
     )
     serve.add_argument(
         "--allow-uid",
@@ -114,15 +118,28 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from migpipe.service.activation import inherited_socket, socket_path
     from migpipe.service.server import Service, run
 
+    inherited = inherited_socket()
+    path, whence = args.socket, ""
+    if inherited is not None:
+        path, whence = socket_path(inherited), " (from systemd)"
+        if args.socket is not None and Path(args.socket) != Path(path):
+            raise UsageError(
+                f"--socket {args.socket} is not the socket systemd passed ({path}): "
+                "make the .socket unit's ListenStream= and --socket name one path"
+            )
+    elif path is None:
+        raise UsageError("serve needs --socket PATH, or a socket from systemd (LISTEN_FDS)")
+
     def ready() -> None:  # after the socket is in place: a supervisor may connect now
-        print(f"migpipe serve: listening on {args.socket}", flush=True)
+        print(f"migpipe serve: listening on {path}{whence}", flush=True)
 
     limits = ("max_jobs", "max_connections", "max_jobs_per_uid", "max_connections_per_uid")
     given = {name: getattr(args, name) for name in limits if getattr(args, name) is not None}
     service = Service(allow_uids=args.allow_uid, **given)
-    run_trio(run, Path(args.socket), service, ready)
+    run_trio(run, Path(path), service, ready, inherited)
     return 0
 
 

@@ -458,14 +458,24 @@ class Service:
         self._job_numbers = itertools.count(1)
         self._changed = trio.Event()
 
-    async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on `path` until cancelled, then remove the socket (if it is still ours)."""
+    async def serve(
+        self,
+        path: Path,
+        inherited: socket.socket | None = None,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on `path` until cancelled, then remove the socket (if it is still ours);
+        on `inherited` instead, when systemd bound it (service.activation), left to it."""
         limiter = trio.to_thread.current_default_thread_limiter()
         # A stalled job keeps a thread of this limiter waiting for its peer (a loop source or
         # sink: the wire's header or trailer; a pipeline's own threads have a limiter of their own):
         # enough tokens that max_jobs stalled jobs never starve a running one of threads.
         limiter.total_tokens = max(limiter.total_tokens, self.max_jobs + 1)
-        sock, identity = bind_private(path, self.socket_mode)
+        if inherited is None:
+            sock, identity = bind_private(path, self.socket_mode)
+        else:
+            sock, identity = inherited, None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:
             async with trio.open_nursery() as nursery:
@@ -483,10 +493,11 @@ class Service:
                     nursery.start_soon(self._serve_connection, stream)
         finally:
             listener.socket.close()
-            with contextlib.suppress(OSError):
-                here = os.lstat(path)
-                if (here.st_dev, here.st_ino) == identity:
-                    os.unlink(path)
+            if identity is not None:  # systemd's socket stays, for the service's next start
+                with contextlib.suppress(OSError):
+                    here = os.lstat(path)
+                    if (here.st_dev, here.st_ino) == identity:
+                        os.unlink(path)
 
     async def wait_idle(self) -> None:
         """Until no connection is open and no job runs (for tests, and embedders draining)."""
@@ -885,11 +896,17 @@ def _check_free(path: Path) -> None:
     raise MigpipeError(f"another service is listening on {path}")
 
 
-async def run(path: Path, service: Service, on_ready: Callable[[], None]) -> None:
-    """Serve until SIGTERM or SIGINT; then cancel every job and remove the socket."""
+async def run(
+    path: Path,
+    service: Service,
+    on_ready: Callable[[], None],
+    inherited: socket.socket | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT; then cancel every job and remove the socket (bound
+    here: not an `inherited` one)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(service.serve, path)
+            await nursery.start(service.serve, path, inherited)
             on_ready()
             async for _ in signals:
                 nursery.cancel_scope.cancel()
