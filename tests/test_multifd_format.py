@@ -8,11 +8,13 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import qemuvm
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from link import Link
@@ -296,13 +298,16 @@ def test_mutated_channels_parse_or_fail_cleanly(data: st.DataObject) -> None:
 CHANNELS = 2
 
 
-def migrate_multifd(guest_elf: Path, workdir: Path, qemu: qemuvm.QemuBuild) -> Path:
-    """Live-migrate the dirtying guest with multifd (CHANNELS channels) from a source to a
-    destination QEMU through the link, recording; returns the recordings' directory."""
+def migrate_multifd(
+    guest_elf: Path, workdir: Path, qemu: qemuvm.QemuBuild, compression: str
+) -> Path:
+    """Live-migrate the dirtying guest with multifd (CHANNELS channels, QEMU's
+    multifd-compression `compression`) from a source to a destination QEMU through the link,
+    recording; returns the recordings' directory."""
     record = workdir / "record"
     dest_sock = workdir / "dest.sock"
     multifd_on = {"capability": "multifd", "state": True}
-    channels = {"multifd-channels": CHANNELS}
+    channels = {"multifd-channels": CHANNELS, "multifd-compression": compression}
     pacing = qemuvm.PACINGS["dirty"]
     args = ["-S", "-incoming", "defer"]
     with qemuvm.Vm(workdir, "dest", args, qemu=qemu) as dest:
@@ -346,13 +351,22 @@ def recordings(record: Path) -> Iterator[tuple[ChannelKind, bytes]]:
         yield classify(data[:4]), data
 
 
+# Each channel's compressor is one stream, flushed at the end of every packet.
+INFLATERS: dict[str, Callable[[], Callable[[bytes], bytes]]] = {
+    "zlib": lambda: zlib.decompressobj().decompress,
+    "zstd": lambda: zstandard.ZstdDecompressor().decompressobj().decompress,
+}
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_qemu_multifd_channels_parse_rewrite_and_sync(
-    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, compression: str
 ) -> None:
     """QEMU migrating with 2 multifd channels: both channels parse to their end and rewrite
     byte-exactly, they are channels 0 and 1 of one migration, and each carries one SYNC
     packet per sync point of the main stream (MULTIFD_FLUSH from 8.1, EOS on 7.2)."""
-    captured = list(recordings(migrate_multifd(guest_elf, tmp_path, qemu_build)))
+    record = migrate_multifd(guest_elf, tmp_path, qemu_build, compression)
+    captured = list(recordings(record))
     kinds = [kind for kind, _ in captured]
     assert kinds == [ChannelKind.MAIN] + [ChannelKind.MULTIFD] * CHANNELS  # main first
     main = StreamParser(pages=False)
@@ -377,6 +391,11 @@ def test_qemu_multifd_channels_parse_rewrite_and_sync(
         numbers += [p.packet_num for p in packets]
         assert [p.packet_num for p in packets] == sorted(p.packet_num for p in packets)
         pages += sum(len(p.normal) + len(p.zero) for p in packets)
+        inflate = INFLATERS[compression]() if compression in INFLATERS else bytes
+        for packet in packets:
+            if packet.normal:  # its chunk inflates, in channel order, to its pages exactly
+                assert packet.compression == compression
+                assert len(inflate(packet.payload)) == PAGE * len(packet.normal)
     assert sorted(h.channel for h in hellos) == list(range(CHANNELS))
     assert len({h.uuid for h in hellos}) == 1
     if qemu_build is not qemuvm.QEMU_7_2:  # 7.2 can send a packet's number twice (a race)
