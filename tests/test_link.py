@@ -212,3 +212,14 @@ def test_tcp_listener_reports_its_port(tmp_path: Path) -> None:
         assert recv_all(client) == b"cba"
         link.close()
     target.close()
+
+
+def test_a_refusing_target_closes_the_connection(tmp_path: Path) -> None:
+    """With nothing listening at the target, an accepted connection is closed at once (its
+    client sees the end) and the link goes on accepting."""
+    with Link(f"unix:{tmp_path}/l.sock", f"unix:{tmp_path}/nobody.sock") as link:
+        for _ in range(2):
+            client = connect(link.address)
+            assert recv_all(client) == b""
+            client.close()
+        assert link.close() == []
