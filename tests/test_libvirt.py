@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -106,6 +106,7 @@ LIBVIRT_11_3 = unpacked_libvirt(
 )
 LIBVIRTS = (LIBVIRT_9_0, LIBVIRT_11_3)
 COMMAND_TIMEOUT = 120.0  # a failsafe: `virsh save` of this guest takes 1.5 s raw, 4 s gzip
+DIRTY = qemuvm.GUEST_APPEND["dirty"]  # the guest these tests run
 MARK = "<< end >>"  # what `echo "<<" end ">>"` prints; the command line itself does not hold it
 #: QEMU's module directory, the same path in Debian's 7.2 and in bookworm-backports' 10.0.
 SYSTEM_QEMU_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
@@ -297,19 +298,27 @@ def start_shells(build: LibvirtBuild, directory: Path) -> dict[str, Virsh]:
 
 
 def domain_xml(
-    name: str, guest_elf: Path, kind: str, qemu: str, console: Path | None = None
+    name: str,
+    guest_elf: Path,
+    cmdline: str,
+    qemu: str,
+    console: Path | None = None,
+    args: Sequence[str] = (),
 ) -> str:
-    """The test guest as a libvirt domain whose QEMU (`qemu`, an <emulator>) matches qemuvm's
-    (`-machine pc`, 128 MiB; libvirt adds -no-acpi unless told otherwise). `console`: a socket
-    for its isa-debugcon."""
-    extra = ""
+    """The test guest (its command line `cmdline`, as qemuvm.GUEST_APPEND's) as a libvirt
+    domain whose QEMU (`qemu`, an <emulator>) matches qemuvm's (`-machine pc`, 128 MiB; libvirt
+    adds -no-acpi unless told otherwise). `console`: a socket for its isa-debugcon; `args`:
+    more QEMU arguments."""
     if console is not None:
         args = [
+            *args,
             "-chardev",
             f"socket,id=dbg,path={console}",
             "-device",
             "isa-debugcon,chardev=dbg,iobase=0xe9",
         ]
+    extra = ""
+    if args:
         extra = "<qemu:commandline>{}</qemu:commandline>".format(
             "".join(f"<qemu:arg value={quoteattr(arg)}/>" for arg in args)
         )
@@ -321,7 +330,7 @@ def domain_xml(
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{guest_elf}</kernel>
-    <cmdline>{qemuvm.GUEST_APPEND[kind]}</cmdline>
+    <cmdline>{cmdline}</cmdline>
   </os>
   <features><acpi/></features>
   <devices>
@@ -336,12 +345,14 @@ def domain_xml(
 
 
 @contextlib.contextmanager
-def running_domain(virsh: Virsh, name: str, guest_elf: Path, kind: str) -> Iterator[None]:
-    """A transient domain whose guest has filled its memory (it printed READY); destroyed at
-    the end if it still runs."""
+def running_domain(
+    virsh: Virsh, name: str, guest_elf: Path, cmdline: str, args: Sequence[str] = ()
+) -> Iterator[None]:
+    """A transient domain whose guest (`cmdline`) has filled its memory (it printed READY);
+    destroyed at the end if it still runs. `args`: more QEMU arguments."""
     console = virsh.root / f"{name}.con"
     xml = virsh.root / f"{name}.xml"
-    xml.write_text(domain_xml(name, guest_elf, kind, virsh.emulator, console))
+    xml.write_text(domain_xml(name, guest_elf, cmdline, virsh.emulator, console, args))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(console))
         listener.listen(1)
@@ -408,7 +419,7 @@ def test_virsh_save_restores_through_migpipe(
     name = f"save-{image_format}"
     image = tmp_path / "vm.img"
     options = SAVE_OPTIONS.get(image_format, "")
-    with running_domain(virsh, name, guest_elf, "dirty"):
+    with running_domain(virsh, name, guest_elf, DIRTY):
         virsh.run(f"suspend {name}")
         saved = memory_of(virsh, name)  # what the image must hold: the guest stays paused
         virsh.run(f"save {name} {image} --running{options}")  # --running: run once restored
@@ -466,7 +477,7 @@ def test_migpipe_image_restores_with_virsh(
     replay = oracle.replay(capture.path)
     assert replay.pages_resent > 0  # a live stream: pages sent in several passes
     xml = tmp_path / "dom.xml"
-    xml.write_text(domain_xml(name, guest_elf, "dirty", virsh.emulator))
+    xml.write_text(domain_xml(name, guest_elf, DIRTY, virsh.emulator))
     image = tmp_path / "vm.img"
     with open(capture.path, "rb") as stream:
         saved = migpipe(
@@ -526,7 +537,7 @@ def test_interrupted_migpipe_image_is_refused(
 ) -> None:
     virsh, name = shells(libvirt, "raw"), "partial"
     xml = tmp_path / "dom.xml"
-    xml.write_text(domain_xml(name, guest_elf, "dirty", virsh.emulator))
+    xml.write_text(domain_xml(name, guest_elf, DIRTY, virsh.emulator))
     out = tmp_path / "out"
     out.mkdir()
     image = out / "vm.img"

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""libvirt 11.3's `virsh save` and `virsh restore` next to `migpipe save` and `migpipe restore` of
+the same guest: time and size, in one table.
+
+The guest is tests/guest (built here) under the libvirt 11.3 that setup.sh unpacks, driving QEMU
+10.0, as tests/test_libvirt.py runs them (virsh's embedded driver, no daemon): 128 MiB, idle
+after filling --pages pages with qemuvm's mix (about a quarter each zero, text, patterned and
+random pages). Each round boots three guests and saves one with each row, the rows taking turns
+(every other round in reverse order), then restores each image:
+
+  virsh save --image-format sparse --parallel-channels 2   QEMU's mapped-ram file, 2 channels
+  virsh save --image-format zstd                           the stream through `zstd -c`
+  migpipe save --qmp --compress zstd:1 --direct            in-process zstd, around the cache
+
+virsh restore starts the domain's QEMU and loads the image into it (sparse with
+--parallel-channels 2); migpipe's restore starts the same QEMU 10.0 with -incoming defer and runs
+`migpipe restore --qmp --direct` into it, timed from QEMU's start too. migpipe drives the guest
+libvirt started through a second QMP monitor, as `migpipe save --qmp` needs one to itself. Save
+times end when the command returns (virsh: the header finalized; migpipe: the file synced and
+named); size is the file's length and what the disk holds of it (sparse leaves holes). Before
+each timed step the box is given up to --idle-wait seconds to fall idle (others share it).
+
+    python bench/bench_libvirt_save.py               # 3 rounds, 16384 pages (64 MiB) filled
+    python bench/bench_libvirt_save.py --quick       # 1 round: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for entry in (str(REPO), str(BENCH), str(REPO / "tests")):
+    if entry not in sys.path:  # run as a script from a checkout, migpipe not installed
+        sys.path.insert(0, entry)
+
+import qemuvm  # noqa: E402
+from bench_tunnel import wait_for_idle  # noqa: E402
+from support import MIGPIPE  # noqa: E402
+from test_libvirt import LIBVIRT_11_3, Virsh, domain_xml, emulator, running_domain  # noqa: E402
+
+MB = 1_000_000
+
+
+@dataclass
+class Row:
+    """One way to save and restore, and what it measured."""
+
+    name: str
+    save: Callable[[Virsh, str, Path, Path], None]  # shell, domain, image, workdir
+    restore: Callable[[Virsh, str, Path, Path], None]
+    save_seconds: list[float] = field(default_factory=list)
+    restore_seconds: list[float] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # length, on disk
+
+
+def virsh_save(options: str) -> Callable[[Virsh, str, Path, Path], None]:
+    def save(virsh: Virsh, name: str, image: Path, _workdir: Path) -> None:
+        virsh.run(f"save {name} {image} {options}")
+
+    return save
+
+
+def virsh_restore(options: str) -> Callable[[Virsh, str, Path, Path], None]:
+    """virsh restore with the domain's XML but for its console and second monitor (the image's
+    XML would connect to the save's console socket, gone)."""
+
+    def restore(virsh: Virsh, name: str, image: Path, workdir: Path) -> None:
+        xml = workdir / "restore.xml"
+        virsh.run(f"restore {image} --xml {xml} {options}")
+        virsh.destroy(name)
+
+    return restore
+
+
+def migpipe_save(virsh: Virsh, name: str, image: Path, workdir: Path) -> None:
+    command = ["save", "--qmp", str(monitor(workdir)), str(image), "--compress", "zstd:1"]
+    run_migpipe([*command, "--direct"])
+
+
+def migpipe_restore(virsh: Virsh, name: str, image: Path, workdir: Path) -> None:
+    sock = workdir / "restore.qmp"
+    args = [*qemuvm.qmp_socket_args(sock), "-incoming", "defer"]
+    with qemuvm.Vm(workdir, f"restore-{image.stem}", args, qemu=LIBVIRT_11_3.qemu):
+        run_migpipe(["restore", "--qmp", str(sock), str(image), "--direct"])
+
+
+def monitor(workdir: Path) -> Path:
+    return workdir / "save.qmp"
+
+
+def run_migpipe(args: list[str]) -> None:
+    done = subprocess.run([*MIGPIPE, "-q", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"migpipe {shlex.join(args)}: {done.stderr.strip()}")
+
+
+ROWS = (
+    (
+        "virsh save sparse --parallel-channels 2",
+        virsh_save("--image-format sparse --parallel-channels 2"),
+        virsh_restore("--parallel-channels 2"),
+    ),
+    ("virsh save zstd (zstd -c)", virsh_save("--image-format zstd"), virsh_restore("")),
+    ("migpipe save zstd:1 --direct", migpipe_save, migpipe_restore),
+)
+
+
+def timed(step: Callable[[], None], idle_wait: float) -> float:
+    wait_for_idle(idle_wait)
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def one_round(
+    rows: list[Row], virsh: Virsh, guest: Path, cmdline: str, directory: Path, idle_wait: float
+) -> None:
+    """Save a fresh guest with each row, then restore each image."""
+    for index, row in enumerate(rows):
+        name = f"bench{index}"
+        workdir = directory / name
+        workdir.mkdir(exist_ok=True)
+        image = directory / f"{name}.img"
+        image.unlink(missing_ok=True)
+        extra = qemuvm.qmp_socket_args(monitor(workdir))  # unused by virsh's rows
+        with running_domain(virsh, name, guest, cmdline, extra):
+            uuid = virsh.run(f"domuuid {name}").strip()  # what virsh restore --xml must keep
+            restored = domain_xml(name, guest, cmdline, virsh.emulator)
+            restored = restored.replace("</name>", f"</name><uuid>{uuid}</uuid>", 1)
+            (workdir / "restore.xml").write_text(restored)
+            step = partial(row.save, virsh, name, image, workdir)
+            row.save_seconds.append(timed(step, idle_wait))
+        stat = image.stat()
+        row.sizes.append((stat.st_size, stat.st_blocks * 512))
+    for index, row in enumerate(rows):
+        name, workdir = f"bench{index}", directory / f"bench{index}"
+        image = directory / f"{name}.img"
+        step = partial(row.restore, virsh, name, image, workdir)
+        row.restore_seconds.append(timed(step, idle_wait))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="rounds (3)")
+    parser.add_argument("--pages", type=int, default=16384, help="guest pages filled (16384)")
+    parser.add_argument("--dir", default="/var/tmp", help="where the images go (/var/tmp)")
+    parser.add_argument("--idle-wait", type=float, default=5.0, help="seconds (5)")
+    parser.add_argument("--quick", action="store_true", help="one round")
+    args = parser.parse_args(argv)
+    runs = 1 if args.quick else args.runs
+    cmdline = f"mode=idle pages={args.pages}"
+    root = Path(tempfile.mkdtemp(prefix="lvb", dir="/tmp"))  # short: libvirt's sockets are in it
+    directory = Path(tempfile.mkdtemp(prefix="bench-libvirt-", dir=args.dir))
+    virsh = None
+    try:
+        guest = qemuvm.build_guest(directory)
+        virsh = Virsh(LIBVIRT_11_3, root / "raw", "raw", emulator(LIBVIRT_11_3.qemu, root))
+        virsh.run(f"domcapabilities --virttype qemu --emulatorbin {virsh.emulator} --machine pc")
+        rows = [Row(name, save, restore) for name, save, restore in ROWS]
+        for round_ in range(runs):
+            order = rows if round_ % 2 == 0 else rows[::-1]
+            one_round(order, virsh, guest, cmdline, directory, args.idle_wait)
+        print_table(rows, args.pages, runs)
+    finally:
+        if virsh is not None:
+            virsh.close()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+def print_table(rows: list[Row], pages: int, runs: int) -> None:
+    print(
+        f"libvirt {LIBVIRT_11_3.version}, QEMU {LIBVIRT_11_3.qemu.reported_version()}: "
+        f"a {qemuvm.RAM_SIZE >> 20} MiB guest, {pages} pages filled; median of {runs} "
+        "(save: command to its return; restore: QEMU's start to the load's end)"
+    )
+    header = f"{'row':<42} {'save s':>8} {'size MB':>9} {'disk MB':>9} {'restore s':>10}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        size = statistics.median(length for length, _ in row.sizes) / MB
+        disk = statistics.median(used for _, used in row.sizes) / MB
+        print(
+            f"{row.name:<42} {statistics.median(row.save_seconds):>8.2f} {size:>9.1f} "
+            f"{disk:>9.1f} {statistics.median(row.restore_seconds):>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
