@@ -90,6 +90,26 @@ def test_sample_roundtrips_at_every_split() -> None:
     assert write_channel(parsed_in([SAMPLE[i : i + 1] for i in range(len(SAMPLE))])) == SAMPLE
 
 
+def test_a_cut_anywhere_inside_a_record_is_truncation_however_fed() -> None:
+    """Every prefix of the sample that ends inside a record, fed whole or in two pieces split
+    anywhere before its end, raises a truncation at the start of that record."""
+    writer = MultifdWriter()
+    starts = list(itertools.accumulate(len(writer.encode(r)) for r in sample_records()))
+    starts = [0, *starts[:-1]]
+    for cut in range(len(SAMPLE)):
+        if cut in starts[1:]:
+            continue
+        record_start = max(s for s in starts if s <= cut)
+        for split in {0, cut // 2, max(cut - 1, 0), record_start}:
+            parser = MultifdParser()
+            parser.feed(SAMPLE[:split])
+            parser.next_records()
+            parser.feed(SAMPLE[split:cut])
+            with pytest.raises(MigpipeError) as caught:
+                parser.finish()
+            assert (caught.value.status, caught.value.offset) == (EXIT_TRUNCATED, record_start)
+
+
 def test_pages_are_views_of_the_fed_bytes() -> None:
     """A packet's pages are not copied: its payload is a memoryview of the bytes fed."""
     records = parse_channel(SAMPLE)

@@ -19,6 +19,7 @@ fields it does not fill: 7.2 reuses one buffer per channel, so a packet's unused
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -171,10 +172,10 @@ class MultifdParser:
         self._page_size = page_size
         self._slots = PACKET_BYTES // page_size
         self._ram_size = RAM_FIXED_SIZE + 8 * self._slots
-        self._buf: bytes = b""  # immutable: records hold memoryview slices of it
+        self._buf = memoryview(b"")  # of immutable bytes: records hold slices of it
         self._pos = 0
         self._base = 0  # channel offset of _buf[0]
-        self._pending: list[bytes] = []
+        self._pending: deque[memoryview] = deque()  # fed, after _buf
         self._pending_size = 0
         self._need = INIT_SIZE  # bytes from _pos the next step needs
         self._step = self._step_hello
@@ -188,7 +189,7 @@ class MultifdParser:
         if self._closed:
             raise MigpipeError("data fed to the multifd parser after the input was closed")
         if data:
-            chunk = data if type(data) is bytes else bytes(data)
+            chunk = memoryview(data if type(data) is bytes else bytes(data)).cast("B")
             self._pending.append(chunk)
             self._pending_size += len(chunk)
 
@@ -204,28 +205,41 @@ class MultifdParser:
     def next_records(self) -> list[ChannelRecord]:
         """Every record the bytes fed so far complete (an empty list means: feed more)."""
         out: list[ChannelRecord] = []
-        while len(self._buf) - self._pos + self._pending_size >= self._need:
-            self._join()
-            while len(self._buf) - self._pos >= self._need:
-                self._step(out)
-        if self._closed and (self._step != self._step_header or self._pos < len(self._buf)):
+        while True:
+            if len(self._buf) - self._pos < self._need:
+                if len(self._buf) - self._pos + self._pending_size < self._need:
+                    break
+                self._join()
+            self._step(out)
+        held = len(self._buf) - self._pos + self._pending_size
+        if self._closed and (held or self._step != self._step_header):
             what = "its initial message" if self._step == self._step_hello else "a packet"
             raise TruncatedError(f"{self.name} ended in {what}", self._base + self._at)
         return out
 
     def _join(self) -> None:
-        """Append the fed chunks to the unparsed rest: one copy of each byte at most, none for
-        a chunk fed when nothing was left over."""
-        rest = self._buf[self._pos :] if self._pos < len(self._buf) else b""
-        if not rest and len(self._pending) == 1:
-            self._buf = self._pending[0]
-        else:
-            self._buf = b"".join([rest, *self._pending])
+        """Make _buf start at the first unparsed byte and hold the _need bytes the next step
+        reads (they have been fed). A fed chunk that holds them becomes _buf as it is; only a
+        record cut by the end of a chunk is copied, with just enough of the chunks after it."""
+        rest, need, pending = self._buf[self._pos :], self._need, self._pending
         self._base += self._pos
         self._at -= self._pos
         self._pos = 0
-        self._pending.clear()
-        self._pending_size = 0
+        if not rest:
+            rest = pending.popleft()
+            self._pending_size -= len(rest)
+        parts, have = [rest], len(rest)
+        while have < need:
+            chunk = pending[0]
+            take = min(len(chunk), need - have)
+            parts.append(chunk[:take])
+            have += take
+            if take == len(chunk):
+                pending.popleft()
+            else:
+                pending[0] = chunk[take:]
+            self._pending_size -= take
+        self._buf = rest if len(parts) == 1 else memoryview(b"".join(parts))
 
     def _fail(self, error: type[MigpipeError], message: str, at: int) -> None:
         raise error(f"{self.name}: {message}", self._base + at)
@@ -339,7 +353,7 @@ class MultifdParser:
 
     def _step_payload(self, out: list[ChannelRecord]) -> None:
         pos, end = self._pos, self._pos + self._need
-        payload = memoryview(self._buf)[pos:end] if end > pos else b""
+        payload = self._buf[pos:end] if end > pos else b""
         out.append(self._packet._replace(payload=payload))
         self._packet = None
         self._pos = self._at = end
