@@ -8,9 +8,9 @@ packets (a device's idstr and instance id, then an opaque buffer). The layout is
 7.2 to 10.x: 7.2's reserved words hold zero where 9.0 put `zero_pages`.
 
 Feed the parser bytes split anywhere and ask it for the records they complete; pages come out as
-memoryview slices of the fed bytes, not copied. A channel has no end marker of its own (QEMU
-closes the connection): finish() only says the input did not stop inside a record, and the main
-stream's sync points say whether every packet arrived.
+memoryview slices of the fed bytes, copied only when a packet straddles two chunks. A channel
+has no end marker of its own (QEMU closes the connection): finish() only says the input did not
+stop inside a record, and the main stream's sync points say whether every packet arrived.
 
 The writer gives back every byte a record was parsed from, including what QEMU leaves in the
 fields it does not fill: 7.2 reuses one buffer per channel, so a packet's unused offset slots
