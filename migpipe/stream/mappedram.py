@@ -15,6 +15,7 @@ QEMU loads with `migrate-incoming file:`. Both take the file offset where the st
 (`file:PATH,offset=N`; libvirt's "sparse" image puts it after its header).
 """
 
+import ctypes
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -250,6 +251,18 @@ class MappedRamReader:
         )
 
 
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the file system back a page that became zero (fallocate(2)); where holes cannot
+    be punched, zeros are written: the file reads the same either way."""
+    flags = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, flags, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        os.pwrite(fd, bytes(length), offset)
+
+
 class MappedRamSource:
     """A mapped-ram file as a Source of the ordinary stream (save, restore)."""
 
@@ -320,8 +333,7 @@ class MappedRamWriter:
         if kind is NormalPage:
             self._page(record)
         elif kind is ZeroPage and record.fill == 0:
-            area = self._areas[record.block]
-            area.mark(record.offset // self._page_size, False)
+            self._zero(record)
         elif kind is MemSize:
             self._mem_size(record)
         elif kind is Configuration:
@@ -362,6 +374,15 @@ class MappedRamWriter:
         if not run:
             self._run_at = at
         run.append(record.data)
+
+    def _zero(self, record: ZeroPage) -> None:
+        """A zero page is a hole: its bit cleared, and the page it had punched out."""
+        area = self._areas[record.block]
+        page_number = record.offset // self._page_size
+        if area.has(page_number):
+            self._flush_run()
+            punch_hole(self._fd, area.header.pages_offset + record.offset, self._page_size)
+            area.mark(page_number, False)
 
     def _rebuilt_page(self, record: Record) -> None:
         """A page made from the one before (XBZRLE), or inflated, or filled: read back."""

@@ -1,0 +1,272 @@
+"""QEMU's mapped-ram layout without QEMU: migpipe writes a stream as one and reads it back, and
+every way a file can be cut or corrupted is one line naming the offset.
+
+The files QEMU 10.0 itself writes and loads are tests/test_qemu_mappedram.py's."""
+
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from support import migpipe, synthetic_stream
+
+from migpipe.errors import (
+    EXIT_ERROR,
+    EXIT_INCOMPATIBLE,
+    EXIT_TRUNCATED,
+    MigpipeError,
+)
+from migpipe.stream import format as fmt
+from migpipe.stream.mappedram import Header, MappedRamReader, MappedRamWriter
+from migpipe.stream.parser import MAPPED_RAM_REFUSED, StreamParser, parse_bytes
+from migpipe.stream.ramimage import RamImages, in_memory
+from migpipe.stream.records import (
+    Configuration,
+    EndOfSection,
+    Eof,
+    FileHeader,
+    MemSize,
+    NormalPage,
+    RamBlock,
+    SectionFooter,
+    SectionStart,
+    XbzrlePage,
+    ZeroPage,
+)
+from migpipe.stream.writer import write_records
+from migpipe.stream.xbzrle import encode_delta
+
+PAGE = fmt.DEFAULT_PAGE_SIZE
+STREAM = synthetic_stream(4 << 20, iterations=3)  # 60% zero pages, later passes re-send some
+
+
+def written(stream: bytes, path: Path, chunk: int = 65536) -> Path:
+    """`stream` written as a mapped-ram file at `path`, fed in `chunk`-byte pieces."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        writer = MappedRamWriter(fd)
+        for at in range(0, len(stream), chunk):
+            writer.write([stream[at : at + chunk]])
+        writer.finish()
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_back(path: Path) -> list:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return list(MappedRamReader(fd, name=str(path)).records())
+    finally:
+        os.close(fd)
+
+
+def memory(records) -> dict[str, bytes]:
+    images = RamImages(in_memory)
+    for record in records:
+        images.apply(record)
+    return {name: bytes(image) for name, image in images.images.items()}
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return written(STREAM, tmp_path_factory.mktemp("mapped") / "vm.mapped")
+
+
+def headers(path: Path) -> list[tuple[RamBlock, Header, int]]:
+    """Each block, its header and the header's file offset, as the parser reads them."""
+    data = path.read_bytes()
+    parser = StreamParser(mapped_ram=True)
+    parser.feed(data)
+    parser.close()
+    size = next(r for r in parser.next_records() if type(r) is MemSize)
+    out = []
+    for block in size.blocks:
+        header = Header.of(block)
+        out.append((block, header, header.bitmap_offset - fmt.MAPPED_RAM_HEADER.size))
+    return out
+
+
+def test_a_stream_reads_back_as_its_final_memory_each_page_once(mapped: Path) -> None:
+    records = read_back(mapped)
+    assert memory(records) == memory(parse_bytes(STREAM))
+    pages = Counter((r.block, r.offset) for r in records if type(r) in (NormalPage, ZeroPage))
+    (size,) = [r for r in records if type(r) is MemSize]
+    assert len(pages) == sum(b.used_length for b in size.blocks) // PAGE
+    assert set(pages.values()) == {1}
+    assert all(block.mapped_ram is None for block in size.blocks)  # an ordinary stream
+    assert Eof() in parse_bytes(write_records(records))  # whole, for any ordinary parser
+
+
+def test_zero_pages_are_holes_and_blocks_sit_where_qemu_puts_them(mapped: Path) -> None:
+    (block, header, at), *_ = headers(mapped)
+    assert header.bitmap_offset == at + 28
+    assert header.pages_offset % (1 << 20) == 0
+    assert header.pages_offset >= header.bitmap_offset + (block.used_length // PAGE + 63) // 64 * 8
+    records = read_back(mapped)
+    present = sum(type(r) is NormalPage for r in records)
+    assert 0 < present < block.used_length // PAGE  # the rest are zero pages, in the stream...
+    assert mapped.stat().st_blocks * 512 <= present * PAGE + (64 << 10)  # ...and holes here
+
+
+def test_the_writer_is_the_readers_mirror(mapped: Path, tmp_path: Path) -> None:
+    """Read as an ordinary stream and written again, a file comes back byte for byte."""
+    again = written(write_records(read_back(mapped)), tmp_path / "again", chunk=1 << 20)
+    assert again.read_bytes() == mapped.read_bytes()
+
+
+def test_xbzrle_and_zero_pages_land_as_a_destination_applies_them(tmp_path: Path) -> None:
+    old = bytes(range(256)) * 16
+    new = old[:100] + b"changed" + old[107:]
+    sparse = bytes(200) + b"written" + bytes(PAGE - 207)
+    records = [
+        FileHeader(3),
+        Configuration("pc-i440fx-10.0"),
+        SectionStart(2, "ram", 0, 4),
+        MemSize(3 * PAGE, (RamBlock("pc.ram", 3 * PAGE),)),
+        NormalPage("pc.ram", 0, old),
+        NormalPage("pc.ram", PAGE, old),
+        XbzrlePage("pc.ram", 0, encode_delta(old, new)),
+        ZeroPage("pc.ram", PAGE),
+        XbzrlePage("pc.ram", 2 * PAGE, encode_delta(bytes(PAGE), sparse)),
+        EndOfSection(),
+        SectionFooter(2),
+        Eof(),
+    ]
+    back = read_back(written(write_records(records), tmp_path / "f"))
+    assert memory(back) == {"pc.ram": new + bytes(PAGE) + sparse}
+    assert [type(r) for r in back if r.__class__ in (NormalPage, ZeroPage)] == [
+        NormalPage,
+        ZeroPage,
+        NormalPage,
+    ]
+
+
+def test_an_ordinary_parser_refuses_mapped_ram_in_one_line(mapped: Path) -> None:
+    with pytest.raises(MigpipeError) as caught:
+        parse_bytes(mapped.read_bytes())
+    assert caught.value.message == MAPPED_RAM_REFUSED
+    assert caught.value.status == EXIT_INCOMPATIBLE
+
+
+def test_a_pipe_is_refused_saying_why(mapped: Path) -> None:
+    with open(mapped, "rb") as f:
+        cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
+        done = migpipe("restore", "-", stdin=cat.stdout)
+        cat.stdout.close()  # cat then dies of SIGPIPE
+        cat.wait()
+    assert done.returncode == EXIT_INCOMPATIBLE
+    (line,) = done.stderr.decode().splitlines()
+    assert "mapped-ram" in line and "not from a pipe" in line
+    assert done.stdout == b"MGP!"  # a QEMU reading the output fails at once (stream_sink)
+
+
+def corrupt(path: Path, at: int, data: bytes) -> Path:
+    raw = bytearray(path.read_bytes())
+    raw[at : at + len(data)] = data
+    path.write_bytes(raw)
+    return path
+
+
+def damaged(mapped: Path, tmp_path: Path, how: str) -> tuple[Path, int | None, int, str]:
+    """A copy of `mapped` damaged `how`: the copy, the offset (None: where the record the cut
+    ends in starts) and status expected, and words the message must have."""
+    copy = tmp_path / "damaged"
+    copy.write_bytes(mapped.read_bytes())
+    blocks = headers(mapped)
+    block, header, at = blocks[-1]
+    if how == "version 2":
+        return corrupt(copy, at, fmt.BE32.pack(2)), at, EXIT_INCOMPATIBLE, "version 2"
+    if how == "bitmap moved":
+        moved = fmt.BE64.pack(header.bitmap_offset + 8)
+        return corrupt(copy, at + 12, moved), at + 12, EXIT_ERROR, "bitmap"
+    if how == "pages unaligned":
+        moved = fmt.BE64.pack(header.pages_offset + 1)
+        return corrupt(copy, at + 20, moved), at + 20, EXIT_ERROR, "page-aligned"
+    if how == "page size":
+        return corrupt(copy, at + 4, fmt.BE64.pack(65536)), at + 4, EXIT_INCOMPATIBLE, "65536"
+    if how == "bitmap past the end":
+        os.truncate(copy, header.bitmap_offset + 1)
+        return copy, header.bitmap_offset, EXIT_TRUNCATED, "bitmap"
+    if how == "pages outside the file":
+        os.truncate(copy, header.pages_offset + 1)
+        return copy, header.pages_offset, EXIT_TRUNCATED, "outside the file"
+    # the device state after the last block's area
+    end = header.pages_offset + block.used_length
+    os.truncate(copy, end + 100)
+    return copy, None, EXIT_TRUNCATED, "truncated"
+
+
+DAMAGE = (
+    "version 2",
+    "bitmap moved",
+    "pages unaligned",
+    "page size",
+    "bitmap past the end",
+    "pages outside the file",
+    "device state cut",
+)
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_file_is_one_error_naming_its_offset(
+    mapped: Path, tmp_path: Path, how: str
+) -> None:
+    copy, offset, status, words = damaged(mapped, tmp_path, how)
+    with pytest.raises(MigpipeError) as caught:
+        read_back(copy)
+    if offset is None:
+        offset = caught.value.offset
+        assert offset is not None and offset < copy.stat().st_size
+    assert (caught.value.offset, caught.value.status) == (offset, status)
+    assert words in caught.value.message and str(copy) in caught.value.message
+
+
+@pytest.mark.parametrize("how", ["version 2", "pages outside the file", "device state cut"])
+def test_restore_of_a_damaged_file_never_gives_a_stream_its_end(
+    mapped: Path, tmp_path: Path, how: str
+) -> None:
+    copy, offset, status, _ = damaged(mapped, tmp_path, how)
+    done = migpipe("restore", str(copy))
+    assert done.returncode == status
+    (line,) = done.stderr.decode().splitlines()
+    assert f"at byte offset {'' if offset is None else offset}" in line
+    with pytest.raises(MigpipeError):
+        parse_bytes(done.stdout)  # whatever went out ends before its EOF item
+
+
+def test_restore_to_mapped_ram_publishes_nothing_from_a_truncated_stream(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.qemu"
+    cut.write_bytes(STREAM[: len(STREAM) - 50])
+    out = tmp_path / "out.mapped"
+    done = migpipe("restore", str(cut), "--to", "mapped-ram", str(out))
+    assert done.returncode == EXIT_TRUNCATED
+    assert len(done.stderr.decode().splitlines()) == 1
+    assert not out.exists() and os.listdir(tmp_path) == ["cut.qemu"]
+
+
+def test_restore_to_takes_only_mapped_ram_and_no_existing_file(mapped: Path, tmp_path: Path):
+    source = tmp_path / "vm.qemu"
+    source.write_bytes(STREAM)
+    done = migpipe("restore", str(source), "--to", "raw", str(tmp_path / "x"))
+    assert done.returncode == 2 and b"mapped-ram" in done.stderr
+    done = migpipe("restore", str(source), "--to", "mapped-ram", str(mapped))
+    assert done.returncode != 0 and len(done.stderr.splitlines()) == 1
+    done = migpipe("restore", str(source), "--to", "mapped-ram", str(tmp_path / "y"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "y").read_bytes() == mapped.read_bytes()
+
+
+def test_inspect_shows_the_layout(mapped: Path) -> None:
+    done = migpipe("inspect", str(mapped))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    block, header, _ = headers(mapped)[0]
+    present = sum(type(r) is NormalPage and r.block == block.name for r in read_back(mapped))
+    assert "QEMU mapped-ram file" in text
+    assert f"pages at {header.pages_offset:,}: {present:,} of {block.used_length // PAGE:,}" in text
+    report = json.loads(migpipe("inspect", "--json", str(mapped)).stdout)
+    assert report["file"]["layout"] == "mapped-ram"
+    assert report["file"]["mapped_ram"][0]["present"] == present
