@@ -5,11 +5,12 @@ the same guest: time and size, in one table.
 The guest is tests/guest (built here) under the libvirt 11.3 that setup.sh unpacks, driving QEMU
 10.0, as tests/test_libvirt.py runs them (virsh's embedded driver, no daemon): 128 MiB, idle
 after filling --pages pages with qemuvm's mix (about a quarter each zero, text, patterned and
-random pages). Each round boots three guests and saves one with each row, the rows taking turns
-(every other round in reverse order), then restores each image:
+random pages). Each round boots a guest for each row and saves it that way, the rows taking
+turns (every other round in reverse order), then restores each image:
 
   virsh save --image-format sparse --parallel-channels 2   QEMU's mapped-ram file, 2 channels
   virsh save --image-format zstd                           the stream through `zstd -c`
+  virsh save --image-format raw                            the stream as is: libvirt's cost
   migpipe save --qmp --compress zstd:1 --direct            in-process zstd, around the cache
 
 virsh restore starts the domain's QEMU and loads the image into it (sparse with
@@ -113,6 +114,7 @@ ROWS = (
         virsh_restore("--parallel-channels 2"),
     ),
     ("virsh save zstd (zstd -c)", virsh_save("--image-format zstd"), virsh_restore("")),
+    ("virsh save raw (libvirt's own cost)", virsh_save("--image-format raw"), virsh_restore("")),
     ("migpipe save zstd:1 --direct", migpipe_save, migpipe_restore),
 )
 

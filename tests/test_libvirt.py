@@ -369,6 +369,7 @@ def running_domain(
                 yield
         finally:
             virsh.destroy(name)
+            console.unlink()  # the name is free for the domain's next run
 
 
 def image_body(image: Path, image_format: str) -> bytes:
