@@ -8,32 +8,66 @@ be known: a source paused before the migration holds exactly what the destinatio
 """
 
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 import qemuvm
+from link import Link
 from support import MIGPIPE
 
 pytestmark = pytest.mark.qemu
 
 
-def start_tunnel(tmp_path: Path, filters: list[str], reader: list[str] = ()) -> tuple:
-    """encode listening for the source QEMU, decode for encode's wire, both running."""
-    wire, src, dst = tmp_path / "wire.sock", tmp_path / "src.sock", tmp_path / "dst.sock"
-    decode = subprocess.Popen(
-        [*MIGPIPE, "decode", "--listen", f"unix:{wire}", "--qemu", f"unix:{dst}", *reader],
-        stderr=subprocess.PIPE,
-    )
-    encode = subprocess.Popen(
-        [*MIGPIPE, "encode", "--connect", f"unix:{wire}", "--qemu", f"unix:{src}", *filters],
-        stderr=subprocess.PIPE,
-    )
-    return encode, decode, src, dst
+class Tunnel:
+    """encode listening for the source QEMU (-v says when), decode for encode's wire."""
 
+    def __init__(
+        self, tmp_path: Path, filters: list[str], reader: list[str] = (), rate: float | None = None
+    ) -> None:
+        wire = f"unix:{tmp_path / 'wire.sock'}"
+        self.src, self.dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+        self.decode = subprocess.Popen(
+            [*MIGPIPE, "-v", "decode", "--listen", wire, "--qemu", f"unix:{self.dst}", *reader],
+            stderr=subprocess.PIPE,
+        )
+        self.errors = {"encode": b"", "decode": self._until_listening(self.decode)}
+        self.link = None
+        if rate is not None:  # encode reaches decode through a link of that rate
+            self.link = Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=rate).start()
+            wire = self.link.address
+        self.encode = subprocess.Popen(
+            [*MIGPIPE, "-v", "encode", "--connect", wire, "--qemu", f"unix:{self.src}", *filters],
+            stderr=subprocess.PIPE,
+        )
+        self._until_listening(self.encode)
+        self._readers = [
+            threading.Thread(target=self._drain, args=(name, process))
+            for name, process in (("encode", self.encode), ("decode", self.decode))
+        ]
+        for reader_thread in self._readers:
+            reader_thread.start()
 
-def finish(process: subprocess.Popen) -> tuple[int, str]:
-    _, err = process.communicate(timeout=60)
-    return process.returncode, err.decode()
+    @staticmethod
+    def _until_listening(process: subprocess.Popen) -> bytes:
+        """What `process` said until it said it listens (-v), which it must."""
+        lines = []
+        while b"listening on unix:" not in (line := process.stderr.readline()):
+            assert line, b"".join(lines).decode()  # it ended before it listened
+            lines.append(line)
+        return b"".join(lines)
+
+    def _drain(self, name: str, process: subprocess.Popen) -> None:
+        self.errors[name] += process.stderr.read()
+
+    def statuses(self) -> tuple[int, int]:
+        """encode's and decode's exit statuses, once both ended."""
+        codes = self.encode.wait(timeout=60), self.decode.wait(timeout=60)
+        for reader_thread in self._readers:
+            reader_thread.join()
+        if self.link is not None:
+            self.link.close()
+        return codes
 
 
 def capabilities(vm: qemuvm.Vm, *names: str) -> None:
@@ -50,17 +84,58 @@ def test_a_paused_guest_with_the_return_path(
     caps: tuple[str, ...],
     filters: list[str],
 ) -> None:
-    encode, decode, src_sock, dst_sock = start_tunnel(tmp_path, filters)
+    tunnel = Tunnel(tmp_path, filters)
     with (
         qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemu_build) as src,
         qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
     ):
         capabilities(dest, *caps)
-        dest.qmp.execute("migrate-incoming", uri=f"unix:{dst_sock}")
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
         capabilities(src, *caps)
-        src.qmp.execute("migrate", uri=f"unix:{src_sock}")
+        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
         src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
         qemuvm.wait_incoming(dest)
-        assert finish(encode)[0] == 0
-        assert finish(decode)[0] == 0
+        assert tunnel.statuses() == (0, 0), tunnel.errors
         assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+
+
+LINK_RATE = 30e6  # bytes/s: the link of the measurements in issues 17 and 21
+
+
+def postcopy(src: qemuvm.Vm, dest: qemuvm.Vm, src_uri: str, dest_uri: str) -> dict:
+    """A postcopy migration as libvirt runs one: precopy first, migrate-start-postcopy once the
+    second pass began; the source's query-migrate once both QEMUs completed."""
+    capabilities(dest, "postcopy-ram")
+    dest.qmp.execute("migrate-incoming", uri=dest_uri)
+    capabilities(src, "postcopy-ram")
+    src.qmp.execute("migrate", uri=src_uri)
+    src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=60)
+    src.qmp.execute("migrate-start-postcopy")
+    src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=120)
+    qemuvm.wait_incoming(dest)
+    return src.qmp.execute("query-migrate")
+
+
+def test_postcopy_of_a_busy_guest_over_a_slow_link(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """The destination runs the guest while its pages still cross a 30 MB/s link, so each page
+    it touches first is requested over the return path (through the answer direction) and
+    comes forward in the stream; QEMU's own postcopy over the same link does the same."""
+    own_dst = f"unix:{tmp_path / 'own-dst.sock'}"
+    with (
+        Link(f"unix:{tmp_path / 'own.sock'}", own_dst, rate=LINK_RATE) as own,
+        qemuvm.source_vm(guest_elf, "busy", tmp_path, qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "own-dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        alone = postcopy(src, dest, own.address, own_dst)
+    tunnel = Tunnel(tmp_path, ["--xbzrle", "--compress", "zstd:1"], rate=LINK_RATE)
+    with (
+        qemuvm.source_vm(guest_elf, "busy", tmp_path, name="src2", qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        through = postcopy(src, dest, f"unix:{tunnel.src}", f"unix:{tunnel.dst}")
+        assert dest.qmp.execute("query-status")["status"] == "running"
+    assert tunnel.statuses() == (0, 0), tunnel.errors
+    assert alone["ram"]["postcopy-requests"] > 0  # the guest faulted pages in over the link
+    assert through["ram"]["postcopy-requests"] > 0  # and through migpipe's answer direction
