@@ -11,9 +11,9 @@ changed"), so the tests share one long-lived virsh shell per save format (the fo
 qemu.conf's, read once when the driver loads), and a version's shells probe at the same time.
 
 The unpacked 11.3 runs as installed but for two environment variables: LD_LIBRARY_PATH for its
-libvirt.so, LIBVIRT_DRIVER_DIR for its QEMU driver module. What it finds by compiled-in paths is
-Debian 9.0's: libvirt_iohelper (the same `PATH FD` contract) and the CPU map; neither changes
-what these tests look at.
+libvirt.so, LIBVIRT_DRIVER_DIR for its QEMU driver module. libvirt_iohelper, which it finds by a
+compiled-in path, is Debian 9.0's: the same `PATH FD` contract, started with an environment
+of libvirt's own (no LD_LIBRARY_PATH), so it runs against the system's 9.0 libvirt.so.
 
 The domain is the qemuvm guest on the machine qemuvm's destinations have (pc, 128 MiB, ACPI, no
 USB or balloon), so a stream from either side loads into the other; the guest's isa-debugcon is
