@@ -160,21 +160,22 @@ class MappedRamReader:
                 at = origin + parser.skip_to
                 parser.skip()
 
-    def chunks(self) -> Iterator[bytes]:
-        """The ordinary stream's bytes, about READ_CHUNK at a time."""
+    def chunks(self) -> Iterator[bytearray]:
+        """The ordinary stream's bytes, about READ_CHUNK at a time (each chunk is new: the
+        consumer may keep it)."""
         writer, out = StreamWriter(), bytearray()
         batch: list[Record] = []
         for record in self.records():
             batch.append(record)
-            if len(batch) >= 256:
+            if len(batch) >= 1024:
                 writer.write_all(out, batch)
                 batch.clear()
                 if len(out) >= READ_CHUNK:
-                    yield bytes(out)
-                    out.clear()
+                    chunk, out = out, bytearray()
+                    yield chunk
         writer.write_all(out, batch)
         if out:
-            yield bytes(out)
+            yield out
 
     def _in_file(self, error: MigpipeError) -> MigpipeError:
         """The parser's error with its offset in the file, not in the bytes fed."""
@@ -269,7 +270,7 @@ class MappedRamSource:
     def __init__(self, fd: int, origin: int = 0, name: str = "the file") -> None:
         self._chunks = MappedRamReader(fd, origin, name).chunks()
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | bytearray:
         return next(self._chunks, b"")
 
     def interrupt(self) -> None:
