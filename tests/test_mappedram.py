@@ -75,15 +75,18 @@ def mapped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return written(STREAM, tmp_path_factory.mktemp("mapped") / "vm.mapped")
 
 
+def mapped_blocks(path: Path, origin: int = 0) -> tuple[RamBlock, ...]:
+    """The block list of the mapped-ram stream at `origin` in `path`, headers included."""
+    parser = StreamParser(mapped_ram=True, origin=origin)
+    parser.feed(path.read_bytes()[origin:])
+    parser.close()
+    return next(r for r in parser.next_records() if type(r) is MemSize).blocks
+
+
 def headers(path: Path) -> list[tuple[RamBlock, Header, int]]:
     """Each block, its header and the header's file offset, as the parser reads them."""
-    data = path.read_bytes()
-    parser = StreamParser(mapped_ram=True)
-    parser.feed(data)
-    parser.close()
-    size = next(r for r in parser.next_records() if type(r) is MemSize)
     out = []
-    for block in size.blocks:
+    for block in mapped_blocks(path):
         header = Header.of(block)
         out.append((block, header, header.bitmap_offset - fmt.MAPPED_RAM_HEADER.size))
     return out
@@ -270,3 +273,35 @@ def test_inspect_shows_the_layout(mapped: Path) -> None:
     report = json.loads(migpipe("inspect", "--json", str(mapped)).stdout)
     assert report["file"]["layout"] == "mapped-ram"
     assert report["file"]["mapped_ram"][0]["present"] == present
+
+
+def test_a_stream_after_a_header_of_another_format_keeps_absolute_offsets(
+    tmp_path: Path,
+) -> None:
+    """libvirt's sparse image: its own header first, QEMU's stream at `origin` (file:,offset=)."""
+    prefix = b"a header of 4133 bytes".ljust(4133, b"\0")
+    path = tmp_path / "image"
+    path.write_bytes(prefix)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        writer = MappedRamWriter(fd, origin=len(prefix))
+        writer.write([STREAM])
+        writer.finish()
+        records = list(MappedRamReader(fd, len(prefix), "image").records())
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[: len(prefix)] == prefix
+    assert memory(records) == memory(parse_bytes(STREAM))
+    pages_offsets = [Header.of(block).pages_offset for block in mapped_blocks(path, len(prefix))]
+    assert all(offset % (1 << 20) == 0 for offset in pages_offsets)  # of the file, not the stream
+
+
+def test_extract_takes_the_memory_out_of_one(mapped: Path, tmp_path: Path) -> None:
+    done = migpipe("extract", str(mapped), str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    images = {
+        block["name"]: (tmp_path / "out" / block["file"]).read_bytes()
+        for block in manifest["blocks"]
+    }
+    assert images == memory(parse_bytes(STREAM))
