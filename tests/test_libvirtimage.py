@@ -510,6 +510,22 @@ def test_sparse_needs_a_file(tmp_path: Path, stream: bytes) -> None:
         os.close(direct)
 
 
+def test_unfinished_sparse_image_is_refused(tmp_path: Path, stream: bytes) -> None:
+    """Every page placed and the bitmaps written, but the magic never made complete."""
+    path = tmp_path / "vm.save"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        writer = LibvirtImageWriter(fd, XML, was_running=True, image_format="sparse")
+        writer.write([stream])
+        writer.finish()
+    finally:
+        os.close(fd)
+    with pytest.raises(MigpipeError) as caught:
+        read_sparse(path)
+    assert "incomplete" in caught.value.message
+    assert (caught.value.offset, caught.value.status) == (0, EXIT_TRUNCATED)
+
+
 def test_truncated_sparse_image_names_the_offset(tmp_path: Path, stream: bytes) -> None:
     path = tmp_path / "vm.save"
     write_sparse(path, stream)
