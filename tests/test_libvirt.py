@@ -404,8 +404,9 @@ VIRSH_SAVES = [
     pytest.param(LIBVIRT_11_3, "sparse", id="libvirt11.3-sparse"),
 ]
 #: How `virsh save` is asked for a format its qemu.conf does not name: sparse is QEMU's
-#: mapped-ram file, written by QEMU's multifd channels in parallel (libvirt 11.2+).
-SAVE_OPTIONS = {"sparse": " --image-format sparse --parallel-channels 2"}
+#: mapped-ram file, written by QEMU's multifd channels in parallel (libvirt 11.2+), here
+#: around the page cache too (QEMU's direct-io: the pages through an O_DIRECT descriptor).
+SAVE_OPTIONS = {"sparse": " --image-format sparse --parallel-channels 2 --bypass-cache"}
 #: And how it reads one back: QEMU loads the pages of a mapped-ram file on 2 threads too.
 RESTORE_OPTIONS = {"sparse": " --parallel-channels 2"}
 
