@@ -14,6 +14,10 @@ The unpacked 11.3 runs as installed but for two environment variables: LD_LIBRAR
 libvirt.so, LIBVIRT_DRIVER_DIR for its QEMU driver module. libvirt_iohelper, which it finds by a
 compiled-in path, is Debian 9.0's: the same `PATH FD` contract, started with an environment
 of libvirt's own (no LD_LIBRARY_PATH), so it runs against the system's 9.0 libvirt.so.
+Its libvirtd runs unpacked too, but only in a mount namespace of its own: as root it keeps
+its state in compiled-in system directories (/etc/libvirt, /run/libvirt, /var/lib/libvirt,
+/var/cache/libvirt; libvirtd.conf moves only its sockets), which Debian's 9.0 shares; the
+embedded driver is the same QEMU driver code with all of that under DIR.
 
 The domain is the qemuvm guest on the machine qemuvm's destinations have (pc, 128 MiB, ACPI, no
 USB or balloon), so a stream from either side loads into the other; the guest's isa-debugcon is
