@@ -330,7 +330,7 @@ def test_mapped_ram_is_refused_clearly() -> None:
     """Unless the consumer reads a file by offset (migpipe.stream.mappedram; its tests are
     tests/test_mappedram.py)."""
     data = write_records(ram_stream([], capabilities=("mapped-ram",)))
-    assert expect_error(data, "not from a pipe or socket").status == EXIT_INCOMPATIBLE
+    assert expect_error(data, "not in order from a pipe").status == EXIT_INCOMPATIBLE
 
 
 def test_continue_after_a_repeated_block_list_round_trips() -> None:

@@ -92,8 +92,8 @@ _EXACT_MEM_SIZE_WAIT = 4096
 
 MAPPED_RAM_REFUSED = (
     "a QEMU mapped-ram stream, whose RAM lies in its file outside the stream, each block's "
-    "pages before the next block is named: migpipe reads it from a regular file (its path, "
-    "or < FILE), in which it can seek, not from a pipe or socket"
+    "pages before the next block is named: migpipe reads it by offset from the file itself "
+    "(its path; save also takes < FILE), not in order from a pipe, a socket or -"
 )
 
 _CONFIG_PAYLOAD_SIZES = {fmt.CONFIG_TARGET_PAGE_BITS: 4, fmt.CONFIG_UUID: 16}
