@@ -12,11 +12,14 @@ turns (every other round in reverse order), then restores each image:
   virsh save --image-format zstd                           the stream through `zstd -c`
   virsh save --image-format raw                            the stream as is: libvirt's cost
   migpipe save --qmp --compress zstd:1 --direct            in-process zstd, around the cache
+  migpipe save --qmp --libvirt-xml --image-format sparse   libvirt's sparse image, one stream
+  migpipe save --qmp --libvirt-xml --image-format zstd     libvirt's zstd image, zstd's threads
 
 virsh restore starts the domain's QEMU and loads the image into it (sparse with
---parallel-channels 2); migpipe's restore starts the same QEMU 10.0 with -incoming defer and runs
-`migpipe restore --qmp --direct` into it, timed from QEMU's start too. migpipe drives the guest
-libvirt started through a second QMP monitor, as `migpipe save --qmp` needs one to itself. Save
+--parallel-channels 2), migpipe's libvirt images too; for migpipe's own file, the same QEMU
+10.0 starts with -incoming defer and `migpipe restore --qmp --direct` loads it, timed from
+QEMU's start too. migpipe drives the guest libvirt started through a second QMP monitor, as
+`migpipe save --qmp` needs one to itself (libvirt holds its own). Save
 times end when the command returns (virsh: the header finalized; migpipe: the file synced and
 named); size is the file's length and what the disk holds of it (sparse leaves holes). Before
 each timed step the box is given up to --idle-wait seconds to fall idle (others share it).
@@ -90,6 +93,16 @@ def migpipe_save(virsh: Virsh, name: str, image: Path, workdir: Path) -> None:
     run_migpipe([*command, "--direct"])
 
 
+def migpipe_libvirt_save(image_format: str) -> Callable[[Virsh, str, Path, Path], None]:
+    """migpipe save writing libvirt's image, for virsh restore (the domain's XML in it)."""
+
+    def save(virsh: Virsh, name: str, image: Path, workdir: Path) -> None:
+        xml = ["--libvirt-xml", str(workdir / "restore.xml"), "--image-format", image_format]
+        run_migpipe(["save", "--qmp", str(monitor(workdir)), str(image), *xml])
+
+    return save
+
+
 def migpipe_restore(virsh: Virsh, name: str, image: Path, workdir: Path) -> None:
     sock = workdir / "restore.qmp"
     args = [*qemuvm.qmp_socket_args(sock), "-incoming", "defer"]
@@ -116,6 +129,12 @@ ROWS = (
     ("virsh save zstd (zstd -c)", virsh_save("--image-format zstd"), virsh_restore("")),
     ("virsh save raw (libvirt's own cost)", virsh_save("--image-format raw"), virsh_restore("")),
     ("migpipe save zstd:1 --direct", migpipe_save, migpipe_restore),
+    (
+        "migpipe save --libvirt-xml sparse",
+        migpipe_libvirt_save("sparse"),
+        virsh_restore("--parallel-channels 2"),
+    ),
+    ("migpipe save --libvirt-xml zstd", migpipe_libvirt_save("zstd"), virsh_restore("")),
 )
 
 
