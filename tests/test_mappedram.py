@@ -19,7 +19,7 @@ from migpipe.errors import (
     MigpipeError,
 )
 from migpipe.stream import format as fmt
-from migpipe.stream.mappedram import Header, MappedRamReader, MappedRamWriter
+from migpipe.stream.mappedram import BITMAP_PIECE, Header, MappedRamReader, MappedRamWriter
 from migpipe.stream.parser import MAPPED_RAM_REFUSED, StreamParser, parse_bytes
 from migpipe.stream.ramimage import RamImages, in_memory
 from migpipe.stream.records import (
@@ -305,3 +305,25 @@ def test_extract_takes_the_memory_out_of_one(mapped: Path, tmp_path: Path) -> No
         for block in manifest["blocks"]
     }
     assert images == memory(parse_bytes(STREAM))
+
+
+def test_a_block_whose_bitmap_is_read_in_pieces(tmp_path: Path) -> None:
+    """A block of more than 2 GiB has a bitmap of more than one BITMAP_PIECE: a page on each
+    side of the seam is read from its place, and the file holds little more than them."""
+    size = BITMAP_PIECE * 8 * PAGE + (1 << 20)
+    last, seam = size - PAGE, BITMAP_PIECE * 8 * PAGE
+    pages = {0: b"a" * PAGE, seam - PAGE: b"b" * PAGE, seam: b"c" * PAGE, last: b"d" * PAGE}
+    records = [
+        FileHeader(3),
+        Configuration("pc-i440fx-10.0"),
+        SectionStart(2, "ram", 0, 4),
+        MemSize(size, (RamBlock("pc.ram", size),)),
+        *(NormalPage("pc.ram", offset, data) for offset, data in pages.items()),
+        EndOfSection(),
+        SectionFooter(2),
+        Eof(),
+    ]
+    path = written(write_records(records), tmp_path / "big")
+    back = {r.offset: r.data for r in read_back(path) if type(r) is NormalPage}
+    assert back == pages
+    assert path.stat().st_blocks * 512 < (1 << 20)

@@ -41,6 +41,7 @@ from migpipe.stream.records import (
 from migpipe.stream.writer import StreamWriter
 
 READ_CHUNK = 1 << 20  # the stream's bytes read at a time, and the pages read at a time
+BITMAP_PIECE = 1 << 16  # bitmap bytes read at a time: 2 GiB of 4 KiB pages
 HEAD = 4096  # enough of a file to see its configuration (a machine name is 256 bytes at most)
 _new_normal = partial(tuple.__new__, NormalPage)
 _new_zero = partial(tuple.__new__, ZeroPage)
@@ -215,31 +216,36 @@ class MappedRamReader:
             yield record
 
     def _pages(self, block: RamBlock) -> Iterator[Record]:
-        """Every page of `block`, once: present ones read from its area, in runs."""
+        """Every page of `block`, once: present ones read from its area, in runs. The bitmap
+        is read a piece at a time: a huge sparse file must not make one huge read."""
         header, page_size, name = Header.of(block), self._page_size, block.name
         pages = block.used_length // page_size
-        bitmap = os.pread(self._fd, header.bitmap_size(block.used_length), header.bitmap_offset)
         window = READ_CHUNK // page_size  # a multiple of 8: whole bitmap bytes
+        piece_pages = BITMAP_PIECE * 8  # a multiple of window
         present = 0
-        for first in range(0, pages, window):
-            count = min(window, pages - first)
-            bits = bitmap[first // 8 : (first + count + 7) // 8]
-            if not any(bits):
-                for k in range(first, first + count):
-                    yield _new_zero((name, k * page_size, 0, False))
-                continue
-            start = header.pages_offset + first * page_size
-            data = os.pread(self._fd, count * page_size, start)
-            if len(data) != count * page_size:  # the file shrank since it was checked
-                raise TruncatedError(f"{self._name}: pages of RAM block {quoted(name)}", start)
-            for i in range(count):
-                offset = (first + i) * page_size
-                if bits[i >> 3] >> (i & 7) & 1:
-                    present += 1
-                    page = data[i * page_size : (i + 1) * page_size]
-                    yield _new_normal((name, offset, page, False))
-                else:
-                    yield _new_zero((name, offset, 0, False))
+        for base in range(0, pages, piece_pages):
+            end = min(base + piece_pages, pages)
+            piece = os.pread(self._fd, (end - base + 7) // 8, header.bitmap_offset + base // 8)
+            for first in range(base, end, window):
+                count = min(window, end - first)
+                bits = piece[(first - base) // 8 : (first - base + count + 7) // 8]
+                if not any(bits):
+                    for k in range(first, first + count):
+                        yield _new_zero((name, k * page_size, 0, False))
+                    continue
+                start = header.pages_offset + first * page_size
+                data = os.pread(self._fd, count * page_size, start)
+                if len(data) != count * page_size:  # the file shrank since it was checked
+                    where = f"{self._name}: pages of RAM block {quoted(name)}"
+                    raise TruncatedError(where, start)
+                for i in range(count):
+                    offset = (first + i) * page_size
+                    if bits[i >> 3] >> (i & 7) & 1:
+                        present += 1
+                        page = data[i * page_size : (i + 1) * page_size]
+                        yield _new_normal((name, offset, page, False))
+                    else:
+                        yield _new_zero((name, offset, 0, False))
         self.blocks.append(
             {
                 "name": name,
