@@ -218,7 +218,8 @@ class MappedRamReader:
     def _pages(self, block: RamBlock) -> Iterator[Record]:
         """Every page of `block`, once: present ones read from its area, in runs. The bitmap
         is read a piece at a time: a huge sparse file must not make one huge read."""
-        header, page_size, name = Header.of(block), self._page_size, block.name
+        header, name = Header.of(block), block.name
+        page_size = header.page_size  # the stream's, as the parser checked
         pages = block.used_length // page_size
         window = READ_CHUNK // page_size  # a multiple of 8: whole bitmap bytes
         piece_pages = BITMAP_PIECE * 8  # a multiple of window
