@@ -327,3 +327,10 @@ def test_a_block_whose_bitmap_is_read_in_pieces(tmp_path: Path) -> None:
     back = {r.offset: r.data for r in read_back(path) if type(r) is NormalPage}
     assert back == pages
     assert path.stat().st_blocks * 512 < (1 << 20)
+
+
+def test_restore_direct_reads_one_as_without(mapped: Path) -> None:
+    """--direct opens the file O_DIRECT, which the reader's unaligned reads would fail on."""
+    plain, direct = migpipe("restore", str(mapped)), migpipe("restore", str(mapped), "--direct")
+    assert (plain.returncode, direct.returncode) == (0, 0), direct.stderr
+    assert direct.stdout == plain.stdout and Eof() in parse_bytes(plain.stdout)
