@@ -44,9 +44,11 @@ def mapped_ram(vm: qemuvm.Vm, mode: str) -> None:
         vm.qmp.execute("migrate-set-parameters", **parameters)
 
 
-def saved_by_qemu(guest_elf: Path, workdir: Path, path: Path, mode: str) -> bytes:
+def saved_by_qemu(
+    guest_elf: Path, workdir: Path, path: Path, mode: str, args: tuple[str, ...] = ()
+) -> bytes:
     """QEMU 10.0 saves the stopped guest with `migrate file:PATH`; its memory is returned."""
-    with qemuvm.source_vm(guest_elf, "idle", workdir, qemu=QEMU) as src:
+    with qemuvm.source_vm(guest_elf, "idle", workdir, qemu=QEMU, args=args) as src:
         mapped_ram(src, mode)
         src.qmp.execute("migrate", uri=f"file:{path}")
         done = src.qmp.wait_event(
@@ -56,9 +58,15 @@ def saved_by_qemu(guest_elf: Path, workdir: Path, path: Path, mode: str) -> byte
         return src.pmemsave(workdir / "source.mem")
 
 
-def loaded(workdir: Path, uri: str, mode: str | None = None) -> bytes:
-    """A fresh QEMU 10.0 loads `uri` (with mapped-ram and `mode` when given); its memory."""
-    with qemuvm.Vm(workdir, "dest", ["-S", "-incoming", "defer"], qemu=QEMU) as dest:
+def loaded(
+    workdir: Path,
+    uri: str,
+    mode: str | None = None,
+    qemu: qemuvm.QemuBuild = QEMU,
+    args: tuple[str, ...] = (),
+) -> bytes:
+    """A fresh QEMU (10.0) loads `uri` (with mapped-ram and `mode` when given); its memory."""
+    with qemuvm.Vm(workdir, "dest", ["-S", "-incoming", "defer", *args], qemu=qemu) as dest:
         dest.qmp.execute(
             "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
         )
@@ -119,3 +127,33 @@ def test_a_sealed_migpipe_save_restores_as_mapped_ram_qemu_loads(
     assert done.returncode == 0, done.stderr
     assert out.stat().st_blocks * 512 < out.stat().st_size / 2  # the zero pages are holes
     assert oracle.first_difference(loaded(tmp_path, f"file:{out}", mode), source) is None
+
+
+# QEMU 10.0 running the machine type of 7.2 writes what 7.2 loads, and loads what 7.2 wrote.
+MACHINE_7_2 = ("-machine", qemuvm.QEMU_7_2.machine)
+
+
+def test_qemu_10_0s_mapped_ram_file_restores_into_qemu_7_2(
+    qemu10: qemuvm.QemuBuild, guest_elf: Path, tmp_path: Path
+) -> None:
+    """7.2 has no mapped-ram: the ordinary stream migpipe gives is all it needs."""
+    file = tmp_path / "vm.mapped"
+    source = saved_by_qemu(guest_elf, tmp_path, file, "plain", MACHINE_7_2)
+    uri = f"exec:{MIGPIPE} restore {shlex.quote(str(file))}"
+    assert oracle.first_difference(loaded(tmp_path, uri, qemu=qemuvm.QEMU_7_2), source) is None
+
+
+def test_a_qemu_7_2_save_restores_as_mapped_ram_qemu_10_0_loads(
+    qemu10: qemuvm.QemuBuild, guest_elf: Path, tmp_path: Path
+) -> None:
+    """7.2's stream lists no capability: the file gets the subsection QEMU 10.0 checks."""
+    saved, out = tmp_path / "vm.mig", tmp_path / "vm.mapped"
+    with qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemuvm.QEMU_7_2) as src:
+        command = f"{MIGPIPE} save {shlex.quote(str(saved))} --compress lz4"
+        _, status = qemuvm.run_migration(src, command, qemuvm.PACINGS["idle"])
+        assert status == 0
+        source = src.pmemsave(tmp_path / "source.mem")
+    done = migpipe("restore", str(saved), "--to", "mapped-ram", str(out))
+    assert done.returncode == 0, done.stderr
+    memory = loaded(tmp_path, f"file:{out}", "multifd", args=MACHINE_7_2)
+    assert oracle.first_difference(memory, source) is None
