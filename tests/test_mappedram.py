@@ -128,23 +128,25 @@ def test_xbzrle_and_zero_pages_land_as_a_destination_applies_them(tmp_path: Path
         FileHeader(3),
         Configuration("pc-i440fx-10.0"),
         SectionStart(2, "ram", 0, 4),
-        MemSize(3 * PAGE, (RamBlock("pc.ram", 3 * PAGE),)),
+        MemSize(5 * PAGE, (RamBlock("pc.ram", 5 * PAGE),)),
         NormalPage("pc.ram", 0, old),
         NormalPage("pc.ram", PAGE, old),
         XbzrlePage("pc.ram", 0, encode_delta(old, new)),
         ZeroPage("pc.ram", PAGE),
         XbzrlePage("pc.ram", 2 * PAGE, encode_delta(bytes(PAGE), sparse)),
+        NormalPage("pc.ram", 3 * PAGE, sparse),
+        XbzrlePage("pc.ram", 3 * PAGE, encode_delta(sparse, bytes(PAGE))),
+        NormalPage("pc.ram", 4 * PAGE, bytes(PAGE)),
         EndOfSection(),
         SectionFooter(2),
         Eof(),
     ]
-    back = read_back(written(write_records(records), tmp_path / "f"))
-    assert memory(back) == {"pc.ram": new + bytes(PAGE) + sparse}
-    assert [type(r) for r in back if r.__class__ in (NormalPage, ZeroPage)] == [
-        NormalPage,
-        ZeroPage,
-        NormalPage,
-    ]
+    path = written(write_records(records), tmp_path / "f")
+    back = read_back(path)
+    assert memory(back) == {"pc.ram": new + bytes(PAGE) + sparse + bytes(2 * PAGE)}
+    kinds = [type(r) for r in back if r.__class__ in (NormalPage, ZeroPage)]
+    assert kinds == [NormalPage, ZeroPage, NormalPage, ZeroPage, ZeroPage]  # zeros: holes
+    assert path.stat().st_blocks * 512 <= 2 * PAGE + 8192  # two pages and the stream
 
 
 def test_an_ordinary_parser_refuses_mapped_ram_in_one_line(mapped: Path) -> None:

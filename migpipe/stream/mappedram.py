@@ -316,6 +316,7 @@ class MappedRamWriter:
         self._areas: dict[str, _Area] = {}
         self._run: list[bytes] = []  # consecutive pages of one block, not yet written
         self._run_at = 0  # the file offset of the run's first page
+        self._zeros = bytes(page_size)
         self.pages_written = 0
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
@@ -338,9 +339,9 @@ class MappedRamWriter:
 
     def _place(self, record: Record) -> None:
         kind = type(record)
-        if kind is NormalPage:
+        if kind is NormalPage and record.data != self._zeros:
             self._page(record)
-        elif kind is ZeroPage and record.fill == 0:
+        elif kind is NormalPage or (kind is ZeroPage and record.fill == 0):
             self._zero(record)
         elif kind is MemSize:
             self._mem_size(record)
@@ -383,8 +384,9 @@ class MappedRamWriter:
             self._run_at = at
         run.append(record.data)
 
-    def _zero(self, record: ZeroPage) -> None:
-        """A zero page is a hole: its bit cleared, and the page it had punched out."""
+    def _zero(self, record: ZeroPage | NormalPage) -> None:
+        """A zero page (or a page of zeros, however sent) is a hole: its bit cleared, and the
+        page it had punched out."""
         area = self._areas[record.block]
         page_number = record.offset // self._page_size
         if area.has(page_number):
@@ -402,6 +404,9 @@ class MappedRamWriter:
         if area.has(page_number):
             page[:] = os.pread(self._fd, self._page_size, at)
         apply_page(record, memoryview(page))
+        if page == self._zeros:
+            self._zero(record)
+            return
         area.mark(page_number, True)
         os.pwrite(self._fd, page, at)
         self.pages_written += 1
