@@ -336,3 +336,64 @@ def test_restore_direct_reads_one_as_without(mapped: Path) -> None:
     plain, direct = migpipe("restore", str(mapped)), migpipe("restore", str(mapped), "--direct")
     assert (plain.returncode, direct.returncode) == (0, 0), direct.stderr
     assert direct.stdout == plain.stdout and Eof() in parse_bytes(plain.stdout)
+
+
+def tiny_records(*ram: object) -> list:
+    """A stream of one 2-page block, `ram` records after its block list."""
+    return [
+        FileHeader(3),
+        Configuration("pc-i440fx-10.0"),
+        SectionStart(2, "ram", 0, 4),
+        MemSize(2 * PAGE, (RamBlock("pc.ram", 2 * PAGE),)),
+        NormalPage("pc.ram", 0, b"x" * PAGE),
+        *ram,
+        EndOfSection(),
+        SectionFooter(2),
+        Eof(),
+    ]
+
+
+def test_a_block_list_sent_again_but_other_is_refused(tmp_path: Path) -> None:
+    other = MemSize(2 * PAGE, (RamBlock("pc.ram", PAGE), RamBlock("vga", PAGE)))
+    with pytest.raises(MigpipeError) as caught:
+        written(write_records(tiny_records(other)), tmp_path / "f")
+    assert "not the first" in caught.value.message
+
+
+def test_a_block_list_sent_again_is_laid_out_once(tmp_path: Path) -> None:
+    again = MemSize(2 * PAGE, (RamBlock("pc.ram", 2 * PAGE),))
+    stream = write_records(tiny_records(again, NormalPage("pc.ram", PAGE, b"y" * PAGE)))
+    path = written(stream, tmp_path / "f")
+    assert memory(read_back(path)) == {"pc.ram": b"x" * PAGE + b"y" * PAGE}
+
+
+def test_a_block_of_part_of_a_page_is_refused(tmp_path: Path) -> None:
+    records = tiny_records()
+    blocks = (RamBlock("pc.ram", PAGE + 512), RamBlock("vga", PAGE - 512))
+    records[3:5] = [MemSize(2 * PAGE, blocks)]
+    with pytest.raises(MigpipeError) as caught:
+        written(write_records(records), tmp_path / "f")
+    assert "not whole pages" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        (fmt.BE64.pack(fmt.RAM_ZERO) + b"\x06pc.ram\x00", "zero page record in a mapped-ram"),
+        (fmt.BE64.pack(fmt.RAM_PAGE) + b"\x06pc.ram" + bytes(PAGE), "normal page record in a"),
+        (fmt.BE64.pack(fmt.RAM_MULTIFD_FLUSH), "multifd flush record in a mapped-ram"),
+    ],
+    ids=["zero", "page", "multifd flush"],
+)
+def test_a_record_qemus_loader_refuses_in_mapped_ram_is_refused(
+    tmp_path: Path, record: bytes, words: str
+) -> None:
+    """The stream after the last block's area starts with RAM's EOS: the record goes first."""
+    path = written(write_records(tiny_records()), tmp_path / "f")
+    ((block, header, _),) = headers(path)
+    at = header.pages_offset + block.used_length
+    data = path.read_bytes()
+    path.write_bytes(data[:at] + record + data[at:])
+    with pytest.raises(MigpipeError) as caught:
+        read_back(path)
+    assert words in caught.value.message and caught.value.offset == at

@@ -314,6 +314,7 @@ class MappedRamWriter:
         self._main = bytearray()  # stream bytes not yet written, from _cursor
         self._cursor = origin
         self._areas: dict[str, _Area] = {}
+        self._laid_out: list[tuple[str, int]] = []  # the block list, as laid out
         self._run: list[bytes] = []  # consecutive pages of one block, not yet written
         self._run_at = 0  # the file offset of the run's first page
         self._zeros = bytes(page_size)
@@ -359,8 +360,11 @@ class MappedRamWriter:
     def _mem_size(self, record: MemSize) -> None:
         """The block list, each entry followed by its header, then the stream going on after
         the block's area, as QEMU writes it."""
-        if self._areas:
-            raise MigpipeError("a second MEM_SIZE block list: the RAM is laid out already")
+        if self._areas:  # a list sent again (QEMU's loader takes it): the same, or refused
+            if [(b.name, b.used_length) for b in record.blocks] != self._laid_out:
+                raise MigpipeError("a second MEM_SIZE block list, not the first's")
+            return
+        self._laid_out = [(block.name, block.used_length) for block in record.blocks]
         page_size = self._page_size
         self._main += fmt.BE64.pack(record.total | fmt.RAM_MEM_SIZE)
         for block in record.blocks:
