@@ -16,6 +16,8 @@ import qemuvm
 from link import Link
 from support import MIGPIPE
 
+from migpipe.keys import keygen
+
 pytestmark = pytest.mark.qemu
 
 
@@ -97,6 +99,34 @@ def test_a_paused_guest_with_the_return_path(
         qemuvm.wait_incoming(dest)
         assert tunnel.statuses() == (0, 0), tunnel.errors
         assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+
+
+@pytest.mark.parametrize("channels,sealed", [(2, False), (4, True)])
+def test_multifd_channels_each_a_lane(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, channels: int, sealed: bool
+) -> None:
+    """QEMU's multifd connections each cross as a lane of their own, through zstd (and encrypt),
+    opened at the destination in QEMU's order; the destination holds the paused source's
+    memory."""
+    key = tmp_path / "key"
+    keygen(key)
+    filters = ["--filters", "zstd:1,encrypt", "--key-file", str(key)] if sealed else []
+    tunnel = Tunnel(tmp_path, filters, ["--key-file", str(key)] if sealed else [])
+    with (
+        qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        for vm in (dest, src):
+            capabilities(vm, "multifd")
+            vm.qmp.execute("migrate-set-parameters", **{"multifd-channels": channels})
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
+        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
+        qemuvm.wait_incoming(dest)
+        assert tunnel.statuses() == (0, 0), tunnel.errors
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    # decode -v: one connection to the destination per lane, the main one and each channel's
+    assert tunnel.errors["decode"].count(b"connected to unix:") == 1 + channels
 
 
 LINK_RATE = 30e6  # bytes/s: the link of the measurements in issues 17 and 21

@@ -20,6 +20,7 @@ import os
 import socket
 import stat
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
@@ -45,6 +46,8 @@ from migpipe.wire import (
     lane_position,
 )
 
+OUTLET_BYTES = 16 << 20  # what may wait for one connection (a multifd packet is 0.5 MiB)
+
 
 class Relay:
     """One end's connections to its QEMU, and the wire between the ends.
@@ -67,8 +70,9 @@ class Relay:
         self._tallies: dict[int, LaneTally] = {}  # what came in for each connection
         self._stopping = False
         self._start: Callable[[Callable[[], None]], None] | None = None
-        self._pumped: list[int] = []  # connections read by a thread of their own
-        self._pumps = 0  # of them, still being read
+        self._jobs: list[Callable[[], None]] = []  # threads for run() to start
+        self._outlets: dict[int, Outlet] = {}
+        self._pumps = 0  # connections still being read by a thread of their own
         self._changed = threading.Condition(self.lock)
         self._header_sent = back  # the answer direction has no header of its own
 
@@ -92,35 +96,47 @@ class Relay:
             self.wire.write([make(), *payload])
 
     def deliver(self, frame: Frame) -> None:
-        """A frame for one of our connections (a lane's, or an answer to one): its bytes
-        written there, or at its END, the connection's writing direction ended."""
-        conn = self.conns.get(frame.lane)
-        if conn is None:
+        """A frame for one of our connections (a lane's, or an answer to one), from the wire's
+        reader: its bytes queued for the connection's outlet, or at its END, the outlet told
+        to end the connection's writing direction once it wrote the rest."""
+        outlet = self._outlets.get(frame.lane)
+        if outlet is None:
             message = f"frame for connection {frame.lane}, which is not open"
             raise CorruptError(message, frame.offset)
         tally = self._tallies.setdefault(frame.lane, LaneTally(frame.lane))
         if frame.kind == FRAME_END:
             tally.check(frame)
-            conn.finish()
+            outlet.put(None)
             return
         frame.checked_crc()
         position = lane_position(frame.lane, frame.sequence, back=not self.back)
         data = self.chain.open(frame.payload, MAX_FRAME, position)
         tally.add(data)
-        conn.write([data])
+        outlet.put(data)
 
     # -- connections ------------------------------------------------------------------------
 
-    def add(self, lane: int, sock: socket.socket, name: str, pump: bool = True) -> FdChannel:
-        """A connection to our QEMU as `lane`; with `pump`, read by a thread of its own."""
+    def add(
+        self, lane: int, sock: socket.socket, name: str, pump: bool = True, outlet: bool = True
+    ) -> FdChannel:
+        """A connection to our QEMU as `lane`: with `outlet`, what the wire brings for it is
+        written by a thread of its own (see Outlet; else the pipeline writes it); with `pump`,
+        what QEMU writes on it is read by a thread of its own (else the pipeline reads it)."""
         self._sockets.append(sock)
         conn = self.conns[lane] = FdChannel(sock.fileno(), name)
+        jobs = []
+        if outlet:
+            self._outlets[lane] = Outlet(conn)
+            jobs.append(self._outlets[lane].run)
         if pump:
             with self.lock:
                 self._pumps += 1
-            self._pumped.append(lane)
-            if self._start is not None:  # else run() starts it
-                self._start(partial(self._pump, lane))
+            jobs.append(partial(self._pump, lane))
+        for job in jobs:
+            if self._start is None:  # run() starts it
+                self._jobs.append(job)
+            else:
+                self._start(job)
         return conn
 
     def _pump(self, lane: int) -> None:
@@ -158,6 +174,8 @@ class Relay:
             self._changed.notify_all()
         for conn in self.conns.values():
             conn.interrupt()
+        for outlet in self._outlets.values():
+            outlet.stop()
         self.wire.interrupt()
 
     def close(self) -> None:
@@ -186,7 +204,7 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 self._start = partial(trio.from_thread.run_sync, nursery.start_soon, thread)
-                for job in [*jobs, *(partial(self._pump, lane) for lane in self._pumped)]:
+                for job in [*jobs, *self._jobs]:
                     nursery.start_soon(thread, job)
                 try:
                     return await body()
@@ -199,6 +217,53 @@ class Relay:
     async def until_pumped(self) -> None:
         """wait_pumps(), from trio (a cancel abandons the wait, and stop() ends it)."""
         await trio.to_thread.run_sync(self.wait_pumps, abandon_on_cancel=True)
+
+
+class Outlet:
+    """What is written to one connection, queued, and the thread that writes it: the wire's one
+    reader never waits for a QEMU that reads one connection only once another has delivered
+    (the destination reads each multifd channel's first packet, and peeks at each new
+    connection, in its main thread). Bounded in bytes: a connection whose QEMU stops reading
+    holds the wire's reader (and so every lane) once OUTLET_BYTES wait for it."""
+
+    def __init__(self, conn: FdChannel) -> None:
+        self.conn = conn
+        self._queue: deque[Buffer | None] = deque()  # None: end the writing direction
+        self._bytes = 0
+        self._stopping = False
+        self._changed = threading.Condition()
+
+    def put(self, data: Buffer | None) -> None:
+        with self._changed:
+            while self._bytes >= OUTLET_BYTES and not self._stopping:
+                self._changed.wait()
+            if self._stopping:
+                raise Stopped
+            self._queue.append(data)
+            self._bytes += len(data or b"")
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+
+    def run(self) -> None:
+        """Write what comes until the END (or, for a connection never ended, a stop)."""
+        while True:
+            with self._changed:
+                while not (self._queue or self._stopping):
+                    self._changed.wait()
+                if self._stopping:
+                    raise Stopped
+                data = self._queue.popleft()
+            if data is None:
+                self.conn.finish()
+                return
+            self.conn.write([data])
+            with self._changed:
+                self._bytes -= len(data)
+                self._changed.notify_all()
 
 
 class SourceRelay(Relay):
@@ -261,9 +326,11 @@ class DestinationRelay(Relay):
         self._timeout = timeout
 
     def connect(self, lane: int) -> FdChannel:
-        """A connection to the destination QEMU for `lane` (connected now, so in lane order)."""
+        """A connection to the destination QEMU for `lane` (connected now, so in lane order);
+        lane 0's stream is the pipeline's to write."""
         sock = transport.connect_socket(self._spec, self._timeout)
-        return self.add(lane, sock, f"the destination QEMU's connection {lane} on {self._spec}")
+        name = f"the destination QEMU's connection {lane} on {self._spec}"
+        return self.add(lane, sock, name, outlet=lane != 0)
 
     def take(self, frame: Frame) -> None:
         """A frame of a lane above 0, from the wire's reader."""

@@ -170,7 +170,8 @@ class WireReader:
     its trailer; a lane above it starts with an OPEN frame (lanes open in order) and ends with
     an END frame; the wire ends once lane 0's trailer came and every lane opened has ended.
     `back` reads the answer direction instead: no header, version 2 frames, DATA and END
-    only, lane 0 and the lanes the forward direction opened (the caller checks which).
+    only, for lane 0 and the lanes the forward direction opened (the caller checks which),
+    read up to the connection's end, by which every lane that answered, and lane 0, ended.
     """
 
     def __init__(self, back: bool = False) -> None:
@@ -193,8 +194,8 @@ class WireReader:
     @property
     def ended(self) -> bool:
         """Whether the wire has said all it will: every lane ended, and lane 0's trailer came."""
-        if self._back:
-            return not self._open
+        if self._back:  # answers may come for a lane opened after lane 0 ended: read to EOF
+            return self._closed and not self._open
         return self.trailer is not None and self._open <= {0}
 
     def _fail(self, message: str, at: int = 0, status: int = EXIT_CORRUPT) -> None:
@@ -293,8 +294,8 @@ class WireReader:
     def _check_lane(self, kind: int, lane: int, sequence: int, pos: int) -> None:
         """Frames of a lane come in order, of the kinds its place allows."""
         due = self._sequences.get(lane)
-        if due is None:  # a new lane: forward, the next one, opened by its first frame
-            if self._back or lane != len(self._sequences) or kind != FRAME_OPEN:
+        if due is None:  # forward: the next lane, opened by its first frame; back: any answer
+            if not self._back and (lane != len(self._sequences) or kind != FRAME_OPEN):
                 self._fail(f"frame for lane {lane}, which was never opened", pos)
             if lane >= MAX_LANES:
                 self._fail(f"lane {lane} is past the {MAX_LANES}-lane limit", pos)
