@@ -219,6 +219,7 @@ class StreamParser:
         self._mapped_total = 0
         self._mapped_left = 0
         self._skip_to: int | None = None  # the end of the block area being discarded
+        self.postcopy = False  # a package came: the destination runs, no VM description follows
         self._opaque_left = 0
         self._scan_from = 0
         self.done = False
