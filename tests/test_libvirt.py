@@ -78,7 +78,9 @@ class LibvirtBuild:
         return [self.virsh]
 
 
-def unpacked_libvirt(version: str, qemu: qemuvm.QemuBuild, formats: tuple[str, ...]):
+def unpacked_libvirt(
+    version: str, qemu: qemuvm.QemuBuild, formats: tuple[str, ...]
+) -> LibvirtBuild:
     """The libvirt that setup.sh unpacked into .libvirt/VERSION: its virsh, run with its own
     libvirt.so and QEMU driver module (the system's are Debian's 9.0)."""
     usr = qemuvm.REPO / ".libvirt" / version / "usr"
@@ -403,6 +405,7 @@ def memory_of(virsh: Virsh, name: str) -> bytes:
 
 
 def dirtied_pages(memory: bytes) -> int:
+    """The pages of `memory` that are not all zero: what the guest wrote before the save."""
     return sum(1 for at in range(0, len(memory), PAGE) if memory[at : at + PAGE].count(0) != PAGE)
 
 
