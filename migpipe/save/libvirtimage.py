@@ -14,7 +14,8 @@ libvirt writes the magic "LibvirtQemudPart" first and rewrites it to "LibvirtQem
 after the whole image is on disk; a reader refuses the first, so a crashed save never restores.
 
 The header codec is plain code over bytes. The body codecs wrap I/O: LibvirtImageReader gives
-the QEMU stream of an image it reads from an Input, LibvirtImageWriter writes one to a Sink.
+the QEMU stream of an image it reads from an Input, LibvirtImageWriter writes one to a Sink
+(both through the file's descriptor for sparse).
 gzip, bzip2, xz and zstd run in-process (zlib, bz2, lzma and zstandard release the GIL); lzop
 has no Python module, so it runs the `lzop` program, as libvirt does.
 """
@@ -690,6 +691,7 @@ def _check_sparse_target(target: Sink | int) -> None:
 
 
 def _write_all_at(fd: int, data: bytes, offset: int) -> None:
+    """pwrite() all of `data`: it may write less than asked, as write() may."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
