@@ -1,0 +1,112 @@
+"""Postcopy through migpipe against QEMU's own postcopy, over the same 30 MB/s link.
+
+The busy guest of tests/guest (single-byte writes across 64 MiB) migrates in postcopy as libvirt
+runs it: precopy until the second pass, then migrate-start-postcopy, the destination running the
+guest at once and fetching the pages it touches over the return path. The link is tests/link.py
+(one token bucket for every connection of the migration, ~1 ms granularity). For each QEMU build
+and path, it prints the total time (migrate to the source's completion), the guest's real pause
+(the source's STOP event to the destination's RESUME event, QMP timestamps, one host) and the
+page requests the destination made, medians of --runs.
+
+    .venv/bin/python bench/bench_postcopy.py [--runs N] [--rate BYTES_PER_S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import qemuvm
+from link import Link
+from support import MIGPIPE
+
+PATHS = {
+    "QEMU's own": None,
+    "migpipe": [],
+    "migpipe --xbzrle --compress zstd:1": ["--xbzrle", "--compress", "zstd:1"],
+}
+
+
+def caps(vm: qemuvm.Vm) -> None:
+    on = [{"capability": name, "state": True} for name in ("events", "postcopy-ram")]
+    vm.qmp.execute("migrate-set-capabilities", capabilities=on)
+
+
+def until_listening(process: subprocess.Popen) -> None:
+    while b"listening on" not in process.stderr.readline():
+        if process.poll() is not None:
+            raise RuntimeError("migpipe ended before it listened")
+
+
+def one_run(guest: Path, build: qemuvm.QemuBuild, filters: list[str] | None, rate: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        dst, processes = f"unix:{work / 'dst.sock'}", []
+        if filters is None:
+            link = Link(f"unix:{work / 'link.sock'}", dst, rate=rate).start()
+            uri = link.address
+        else:
+            wire = f"unix:{work / 'wire.sock'}"
+            decode = subprocess.Popen(
+                [*MIGPIPE, "-v", "decode", "--listen", wire, "--qemu", dst],
+                stderr=subprocess.PIPE,
+            )
+            until_listening(decode)
+            link = Link(f"unix:{work / 'link.sock'}", wire, rate=rate).start()
+            uri = f"unix:{work / 'src.sock'}"
+            encode = subprocess.Popen(
+                [*MIGPIPE, "-v", "encode", "--connect", link.address, "--qemu", uri, *filters],
+                stderr=subprocess.PIPE,
+            )
+            until_listening(encode)
+            processes = [encode, decode]
+        with (
+            qemuvm.source_vm(guest, "busy", work, qemu=build) as src,
+            qemuvm.Vm(work, "dest", ["-incoming", "defer"], qemu=build) as dest,
+        ):
+            caps(dest)
+            dest.qmp.execute("migrate-incoming", uri=dst)
+            caps(src)
+            started = time.monotonic()
+            src.qmp.execute("migrate", uri=uri)
+            src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=60)
+            src.qmp.execute("migrate-start-postcopy")
+            src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed")
+            total = time.monotonic() - started
+            stop = src.qmp.wait_event("STOP", timeout=5)
+            resume = dest.qmp.wait_event("RESUME", timeout=60)
+            requests = src.qmp.execute("query-migrate")["ram"]["postcopy-requests"]
+        for process in processes:
+            if process.wait(timeout=60):
+                raise RuntimeError(process.stderr.read().decode())
+        link.close()
+        pause = qemuvm.event_time(resume) - qemuvm.event_time(stop)
+        return {"total": total, "pause_ms": pause * 1000, "requests": requests}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=30e6)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        guest = qemuvm.build_guest(Path(tmp))
+        print(f"{'QEMU':6} {'path':36} {'total s':>8} {'pause ms':>9} {'requests':>9}")
+        for build in qemuvm.BUILDS:
+            for name, filters in PATHS.items():
+                runs = [one_run(guest, build, filters, args.rate) for _ in range(args.runs)]
+                total = statistics.median(r["total"] for r in runs)
+                pause = statistics.median(r["pause_ms"] for r in runs)
+                requests = statistics.median(r["requests"] for r in runs)
+                print(f"{build.version:6} {name:36} {total:8.2f} {pause:9.1f} {requests:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
