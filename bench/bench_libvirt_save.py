@@ -21,8 +21,8 @@ virsh restore starts the domain's QEMU and loads the image into it (sparse with
 QEMU's start too. migpipe drives the guest libvirt started through a second QMP monitor, as
 `migpipe save --qmp` needs one to itself (libvirt holds its own). Save
 times end when the command returns (virsh: the header finalized; migpipe: the file synced and
-named; virsh save also waits for the QEMU it kills to be gone, which the bench reaps at
-once: see reap_orphans); size is the file's length and what the disk holds of it (sparse
+named; virsh save also waits for the QEMU it kills to be gone, which test_libvirt's virsh
+reaps at once: see its REAPER); size is the file's length and what the disk holds of it (sparse
 leaves holes). Before each timed step the box is given up to --idle-wait seconds to fall idle
 (others share it).
 
@@ -33,16 +33,12 @@ leaves holes). Before each timed step the box is given up to --idle-wait seconds
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import os
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,8 +57,6 @@ from support import MIGPIPE  # noqa: E402
 from test_libvirt import LIBVIRT_11_3, Virsh, domain_xml, emulator, running_domain  # noqa: E402
 
 MB = 1_000_000
-PR_SET_CHILD_SUBREAPER = 36
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -145,40 +139,6 @@ ROWS = (
 )
 
 
-def reap_orphans() -> None:
-    """Adopt what virsh daemonizes (QEMU) and reap it as soon as it exits. libvirt waits for a
-    QEMU it killed (virsh save does, after the migration) to be gone, and an orphan's zombie
-    is gone once init reaps it: this machine's init does so only every second or so (1.4 s
-    measured), which would time init, not libvirt. Other children are subprocess's to reap."""
-    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-    def reap() -> None:
-        waiting: dict[int, float] = {}  # exited children left to subprocess, since when
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-            except ChildProcessError:  # no child at all: wait for one
-                time.sleep(0.05)
-                continue
-            if info is None:
-                continue
-            pid = info.si_pid
-            try:
-                qemu = Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system")
-            except OSError:
-                continue
-            since = waiting.setdefault(pid, time.monotonic())
-            if qemu or time.monotonic() - since > 1.0:  # QEMU, or an orphan nobody reaps
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-                waiting.pop(pid, None)
-            else:
-                time.sleep(0.001)
-
-    threading.Thread(target=reap, name="reaper", daemon=True).start()
-
-
 def timed(step: Callable[[], None], idle_wait: float) -> float:
     wait_for_idle(idle_wait)
     start = time.perf_counter()
@@ -223,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one round")
     args = parser.parse_args(argv)
     runs = 1 if args.quick else args.runs
-    reap_orphans()
     cmdline = f"mode=idle pages={args.pages}"
     root = Path(tempfile.mkdtemp(prefix="lvb", dir="/tmp"))  # short: libvirt's sockets are in it
     directory = Path(tempfile.mkdtemp(prefix="bench-libvirt-", dir=args.dir))
