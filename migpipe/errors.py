@@ -17,6 +17,7 @@ EXIT_INCOMPATIBLE = 6  # newer wire version, unknown filter
 EXIT_KEY = 7  # no key, or a key that does not open the stream
 EXIT_TLS = 8  # a TLS handshake failed: certificate, CA, host name, or no TLS peer
 EXIT_UNCONFIRMED = 9  # migrate: QEMU completed, but whether the destination did is unknown
+EXIT_IDLE = 10  # a connected peer sent or took nothing for --idle-timeout
 
 
 def leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -92,6 +93,12 @@ class PeerGoneError(MigpipeError):
     """The other end of a pipe or connection went away, or never came (5)."""
 
     default_status = EXIT_PEER_GONE
+
+
+class IdleError(PeerGoneError):
+    """A peer still connected that sent (or took) nothing for --idle-timeout (10)."""
+
+    default_status = EXIT_IDLE
 
 
 class IncompatibleError(MigpipeError):

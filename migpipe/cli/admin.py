@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from migpipe.cli.command import Command
-from migpipe.cli.options import size_argument
+from migpipe.cli.options import idle_option, size_argument
 from migpipe.errors import UsageError
 from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.running import run_trio
@@ -84,6 +84,7 @@ def register(command: Command) -> None:
         help="clients of one uid served at once (half of --max-connections "
         "with --allow-uid, else all)",
     )
+    idle_option(serve)
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
     )
@@ -138,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = ("max_jobs", "max_connections", "max_jobs_per_uid", "max_connections_per_uid")
     given = {name: getattr(args, name) for name in limits if getattr(args, name) is not None}
-    service = Service(allow_uids=args.allow_uid, **given)
+    service = Service(allow_uids=args.allow_uid, idle_timeout=args.idle_timeout, **given)
     run_trio(run, Path(path), service, ready, inherited)
     return 0
 

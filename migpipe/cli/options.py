@@ -173,6 +173,20 @@ def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
     sub.add_argument("--tls12", action="store_true", help="also accept TLS 1.2")
 
 
+def idle_option(sub: argparse.ArgumentParser) -> None:
+    """--idle-timeout: how long a peer on a socket may stay connected and silent (io.idle)."""
+    from migpipe.io.idle import IDLE_TIMEOUT
+
+    sub.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on a peer on a socket that sent (or took) nothing this long; "
+        f"0: never ({IDLE_TIMEOUT:g})",
+    )
+
+
 def filter_options(sub: argparse.ArgumentParser) -> None:
     """The filter chain's options (encode, save, migrate), and where the key comes from."""
     sub.add_argument(
@@ -371,19 +385,32 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
             log = functools.partial(print, f"migpipe {args.command}:", file=sys.stderr, flush=True)
             link = transport.listen(args.listen, gate, timeout=args.accept_timeout, log=log)
         with link as sock, contextlib.ExitStack() as stack:
+            fd = sock.fileno()  # TLS's wrap takes the socket over, on the same descriptor
             if wrap is None:
                 connection: Channel = FdChannel(sock.fileno())
                 end: int | Channel = sock.fileno()
             else:
                 connection = end = stack.enter_context(wrap(sock))
+            watch_idle(args, fd, role)  # after the handshake, which has its own deadline
             yield end
             connection.finish()  # close_notify or shutdown(SHUT_WR), before either is closed
     elif role == "input":
         with open_input(args.input) as f:
+            watch_idle(args, f.fileno(), role)  # stdin may be a socket (inetd, systemd)
             yield f.fileno()
     else:
         with open_output(args.output, force=args.force) as f:
+            watch_idle(args, f.fileno(), role)
             yield f.fileno()
+
+
+def watch_idle(args: argparse.Namespace, fd: int, role: str) -> None:
+    """--idle-timeout on the wire's socket, for what this end waits on: the reader's reads,
+    the writer's writes (never its reads of answers, which may rightly take long)."""
+    from migpipe.io import idle
+
+    reading = role == "input"
+    idle.watch(fd, getattr(args, "idle_timeout", 0), reading=reading, writing=not reading)
 
 
 def tls_ends(args: argparse.Namespace) -> tuple[Callable | None, Callable | None]:

@@ -15,6 +15,7 @@ from migpipe.cli.options import (
     direct_option,
     filter_chain,
     filter_options,
+    idle_option,
     input_fd,
     output_fd,
     progress,
@@ -24,6 +25,7 @@ from migpipe.cli.options import (
     secrets_of,
     size_argument,
     size_text,
+    watch_idle,
 )
 from migpipe.errors import (
     MigpipeError,
@@ -31,6 +33,7 @@ from migpipe.errors import (
     UsageError,
     quoted,
 )
+from migpipe.io import idle
 from migpipe.io.channel import stream_sink
 from migpipe.io.files import atomic_fd, open_input, open_output
 from migpipe.running import run_trio
@@ -133,6 +136,7 @@ def register(command: Command) -> None:
     reporting_options(restore)
     direct_option(restore)
     reader_key_options(restore)
+    idle_option(restore)
 
     iohelper = command(
         "iohelper",
@@ -365,8 +369,11 @@ def piped_kind(
     from migpipe.save.savefile import kind_of
 
     head = b""
-    while len(head) < HEAD and (more := os.read(fd, HEAD - len(head))):
-        head += more
+    try:
+        while len(head) < HEAD and (more := os.read(fd, HEAD - len(head))):
+            head += more
+    except BlockingIOError:  # restore's socket: its --idle-timeout ran out
+        raise idle.silent(fd) from None
     try:
         kind = kind_of(head, name, secrets)
     except SecretError:
@@ -393,6 +400,7 @@ def piped_load(fd: int, args: argparse.Namespace, shown: "Progress | None") -> C
     if args.direct:
         raise UsageError("--direct reads a file around the page cache: a pipe has none")
     name, secrets = "standard input" if args.file == "-" else args.file, secrets_of(args)
+    watch_idle(args, fd, "input")  # a socket's sender, silent mid-stream, is given up on
     kind, pipe = piped_kind(fd, name, secrets, "restored")
 
     async def load(sink: "int | Sink") -> "Totals":

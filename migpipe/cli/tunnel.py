@@ -14,6 +14,7 @@ from migpipe.cli.command import Command
 from migpipe.cli.options import (
     filter_chain,
     filter_options,
+    idle_option,
     progress,
     reader_key_options,
     report,
@@ -39,6 +40,7 @@ def register(command: Command) -> None:
         "encode", cmd_encode, "Turn a QEMU migration stream into migpipe's wire format, filtered."
     )
     wire_options(encode)
+    idle_option(encode)
     qemu_option(encode, "listen here for the source QEMU (migrate to unix:PATH or tcp:HOST:PORT)")
     filter_options(encode)
 
@@ -46,6 +48,7 @@ def register(command: Command) -> None:
         "decode", cmd_decode, "Turn migpipe's wire format back into the QEMU stream, byte for byte."
     )
     wire_options(decode)
+    idle_option(decode)
     qemu_option(decode, "connect to the destination QEMU there (its -incoming unix:PATH or tcp:)")
     reader_key_options(decode)
 

@@ -23,6 +23,7 @@ from migpipe.errors import (
     PeerGoneError,
     Stopped,
 )
+from migpipe.io import idle
 
 CHUNK = 1 << 20
 _INT = bytes(4)  # FIONREAD's out-parameter
@@ -107,6 +108,7 @@ class Readable:
         self._ready.register(fd, select.POLLIN)
         self._wake: int | None = None
         self._may_wait: bool | None = None  # known at the first wait
+        self._idle: int | None = None  # ms a wait may last, known then too; None: for ever
         self._stopping = False
 
     def interrupt(self) -> None:
@@ -117,6 +119,7 @@ class Readable:
     def wait(self) -> None:
         if self._may_wait is None:
             self._may_wait = _may_wait(self.fd)
+            self._idle = idle.read_deadline(self.fd)  # a socket's --idle-timeout, set by now
             if self._may_wait:
                 wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 weakref.finalize(self, os.close, wake)
@@ -126,7 +129,8 @@ class Readable:
             raise Stopped
         if not self._may_wait:  # a file or disk: always readable, a poll would only say so
             return
-        self._ready.poll()
+        if not self._ready.poll(self._idle):
+            raise idle.silent(self.fd)
         if self._stopping:
             raise Stopped
 
@@ -183,6 +187,8 @@ class FdChannel:
         except (BrokenPipeError, ConnectionResetError):
             message = f"{self.name} closed by the reader (broken pipe)"
             raise PeerGoneError(message) from None
+        except BlockingIOError:  # a socket's --idle-timeout (SO_SNDTIMEO) ran out
+            raise idle.stalled(self.fd, self.name) from None
 
     def finish(self) -> None:
         """A socket's shutdown(SHUT_WR): its peer reads the end, and can still answer. A pipe's

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import math
 import os
 import signal
 import socket
@@ -47,6 +48,7 @@ from migpipe.errors import (
     leaves,
     quoted,
 )
+from migpipe.io import idle
 from migpipe.io.channel import FdChannel, read_waiting
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
@@ -151,10 +153,11 @@ class _LoopFd:
     owned by the job.
     """
 
-    def __init__(self, fd: int, what: str) -> None:
+    def __init__(self, fd: int, what: str, idle_timeout: float = 0) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
         self._what = what
+        self._idle = idle_timeout or math.inf  # a socket peer's silence allowed (io.idle)
 
 
 class LoopSource(_LoopFd):
@@ -171,6 +174,19 @@ class LoopSource(_LoopFd):
         always has bytes ready would never wait, and so never see the cancel."""
         self._stopping = True
 
+    def quiet(self, seconds: float) -> bool:
+        """Whether nothing (no byte, no end) arrives within `seconds`: encode's cue to send
+        what it holds, or a keepalive (io.channel.FdChannel.quiet)."""
+        return trio.from_thread.run(self._quiet, seconds)
+
+    async def _quiet(self, seconds: float) -> bool:
+        if self._stopping:
+            raise Stopped
+        with trio.move_on_after(seconds):
+            await trio.lowlevel.wait_readable(self._fd)
+            return False
+        return True
+
     async def _read(self) -> bytes:
         if self._stopping:  # on the loop, where the job's stop has run before this read
             raise Stopped
@@ -178,7 +194,10 @@ class LoopSource(_LoopFd):
             try:
                 return read_waiting(self._fd)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
+                with trio.move_on_after(self._idle) as waiting:
+                    await trio.lowlevel.wait_readable(self._fd)
+                if waiting.cancelled_caught:
+                    raise idle.silent(self._fd, self._idle, self._what) from None
             except ConnectionResetError:
                 message = f"{self._what}: connection reset by the peer"
                 raise PeerGoneError(message) from None
@@ -197,7 +216,10 @@ class LoopSink(_LoopFd):
                 try:
                     view = view[os.write(self._fd, view) :]
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self._fd)
+                    with trio.move_on_after(self._idle) as waiting:
+                        await trio.lowlevel.wait_writable(self._fd)
+                    if waiting.cancelled_caught:
+                        raise idle.stalled(self._fd, self._what, self._idle) from None
                 except (BrokenPipeError, ConnectionResetError):
                     message = f"{self._what} was closed by its reader"
                     raise PeerGoneError(message) from None
@@ -232,6 +254,7 @@ class JobSetup:
 
     arguments: dict[str, Any]
     fds: dict[str, TakenFd]  # by argument ("input", "output", "key", ...)
+    idle_timeout: float = idle.IDLE_TIMEOUT  # serve --idle-timeout, for socket fds
 
     def source(self, argument: str) -> FdChannel | LoopSource:
         """The fd of `argument`, read by the job's pipeline."""
@@ -246,7 +269,8 @@ class JobSetup:
         if taken.info.type in ("file", "block device"):
             return FdChannel(taken.number)  # never stalls for long, and epoll refuses them
         enlarge_pipe(taken.number)
-        return kind(taken.number, f"{argument} fd '{taken.name}'")
+        silence = self.idle_timeout if taken.info.type == "socket" else 0  # a pipe's is local
+        return kind(taken.number, f"{argument} fd '{taken.name}'", silence)
 
     def file(self, argument: str, saving: bool = False) -> PlainFile:
         """A saved file, read (and, `saving`, written) at offsets; refused unless every byte
@@ -424,8 +448,10 @@ class Service:
         max_jobs_per_uid: int | None = None,
         max_connections_per_uid: int | None = None,
         refusal_interval: float = REFUSAL_INTERVAL,
+        idle_timeout: float = idle.IDLE_TIMEOUT,
     ) -> None:
         allow_uids = set(allow_uids)
+        self.idle_timeout = idle_timeout  # a job's socket peer may be silent this long
         # Root could reach the service anyway (it passes file modes, and can ptrace it), so
         # refusing it would protect nothing and only break root-run daemons like libvirtd.
         self.allowed = {0, os.geteuid(), *allow_uids}
@@ -774,7 +800,8 @@ class Connection:
         # passphrase) and so runs in a thread, while other clients are served and start jobs.
         self.service.count(self.uid, jobs=1)
         try:
-            run = await trio.to_thread.run_sync(spec.prepare, JobSetup(arguments, taken))
+            setup = JobSetup(arguments, taken, self.service.idle_timeout)
+            run = await trio.to_thread.run_sync(spec.prepare, setup)
         except BaseException:
             self.service.count(self.uid, jobs=-1)
             raise

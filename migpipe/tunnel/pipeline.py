@@ -32,6 +32,7 @@ from migpipe.errors import (
     CorruptError,
     MigpipeError,
 )
+from migpipe.io import idle
 from migpipe.io.channel import FdChannel, Sink, Source, as_sink, as_source, stream_sink
 from migpipe.io.latency import PipeBuffer
 from migpipe.keys import Secrets
@@ -207,11 +208,14 @@ class Encoder:
         """Whether whole records wait for their frame to fill (flush() would send them)."""
         return self._parser.eof_offset is None and self._parser.offset > self._pieces_start
 
-    def flush(self) -> list[Outgoing]:
+    def flush(self, keepalive: bool = False) -> list[Outgoing]:
         """The whole records read so far as a frame now, when the input went quiet (QEMU
         between two passes, throttled, or stopped for its last pass): holding them until a
-        frame fills would hold them until QEMU writes again."""
-        return [self._frame(False, self._parser.offset)] if self.holding else []
+        frame fills would hold them until QEMU writes again. With `keepalive`, an empty frame
+        when none are held, so that decode's --idle-timeout hears from us (io.idle)."""
+        if self.holding or (keepalive and self._parser.eof_offset is None):
+            return [self._frame(False, self._parser.offset)]
+        return []
 
     def finish(self) -> list[Outgoing]:
         self._take(self._parser.finish())
@@ -463,7 +467,8 @@ async def encode(
     encoder.frame_size = smallest  # until the rate is known
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
     inbound, outbound = PipeBuffer(source), PipeBuffer(wire)
-    quiet = source.quiet if isinstance(source, FdChannel) else None
+    quiet = getattr(source, "quiet", None)  # FdChannel's, serve's LoopSource's
+    keepalive = idle.keepalive(wire)
 
     def frame(out: Outgoing) -> tuple[Position, list, int, tuple[int, int]]:
         qemu_crc = out.qemu_crc
@@ -487,6 +492,9 @@ async def encode(
         while not ended():
             if quiet is not None and encoder.holding and quiet(QUIET):
                 for out in encoder.flush():
+                    submit(out)
+            while quiet is not None and quiet(keepalive):  # QEMU silent: the peer hears us
+                for out in encoder.flush(keepalive=True):
                     submit(out)
             chunk = source.read()
             if not chunk:
