@@ -101,9 +101,12 @@ def test_restore_gives_up_on_a_socket_that_stops_mid_file(wire: bytes) -> None:
 
 
 def test_serve_fails_a_job_whose_socket_peer_stops(tmp_path: Path, wire: bytes) -> None:
+    """The deadline from the config file's section for every command."""
+    config = tmp_path / "migpipe.conf"
+    config.write_text("[migpipe]\nidle-timeout = 1\n")
     path = tmp_path / "serve.sock"
     server = subprocess.Popen(
-        [*MIGPIPE, "serve", "--socket", str(path), "--idle-timeout", "1"],
+        [*MIGPIPE, "serve", "--socket", str(path), "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from migpipe.cli.command import Command
-from migpipe.cli.options import idle_option, size_argument
+from migpipe.cli.options import config_option, idle_option, size_argument
 from migpipe.errors import UsageError
 from migpipe.io import DEFAULT_CERT_DAYS
 from migpipe.running import run_trio
@@ -85,6 +85,7 @@ def register(command: Command) -> None:
         "with --allow-uid, else all)",
     )
     idle_option(serve)
+    config_option(serve)  # its idle-timeout, from [serve] or [migpipe]
     demo = command(
         "demo", cmd_demo, "Run the built-in example: a synthetic guest through migpipe, checked."
     )
