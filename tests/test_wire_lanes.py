@@ -30,7 +30,8 @@ def forward_wire(lanes: dict[int, list[bytes]], ended: bool = True) -> bytes:
         wire += others.open(lane)
         for chunk in chunks:
             others.position(lane)
-            wire += others.data(lane, chunk, chunk) + chunk
+            others.carried(lane, chunk)
+            wire += others.data(lane, chunk) + chunk
         if ended:
             wire += others.end(lane)
     for final, data in ((False, b"QEVM"), (True, b"\x00")):
@@ -74,7 +75,7 @@ def test_lanes_open_in_order_and_only_by_an_open_frame() -> None:
         read_all(skipped)
     assert caught.value.status == EXIT_CORRUPT
     others.position(1)  # numbers the lane without opening it
-    unopened = header + others.data(1, b"x", b"x") + b"x"
+    unopened = header + others.data(1, b"x") + b"x"
     with pytest.raises(MigpipeError, match="lane 1, which was never opened"):
         read_all(unopened)
 
@@ -84,7 +85,8 @@ def test_answers_need_no_open_but_must_end() -> None:
     wire = bytearray()
     for lane in (0, 3):
         answers.position(lane)
-        wire += answers.data(lane, b"SHUT", b"SHUT") + b"SHUT"
+        answers.carried(lane, b"SHUT")
+        wire += answers.data(lane, b"SHUT") + b"SHUT"
     wire += answers.end(3)
     with pytest.raises(MigpipeError, match=r"answer direction truncated \(lanes 0 never ended"):
         read_all(bytes(wire), back=True)

@@ -604,7 +604,12 @@ async def _decode(
     run = partial(run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt)
     await with_progress(progress, totals, run)
     final = decoder.finish()  # raises unless every check passed
-    await trio.to_thread.run_sync(sink.write, [final])
-    if decoder.wire.lanes:
-        await run_interruptible(partial(produce, None), wire.interrupt)
+    if not decoder.wire.lanes:
+        await trio.to_thread.run_sync(sink.write, [final])
+        return totals
+    # The other lanes are read on while the end goes out: QEMU may read it only once they
+    # delivered (its main thread waits for every multifd channel's last SYNC packet).
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_interruptible, partial(produce, None), wire.interrupt)
+        await trio.to_thread.run_sync(sink.write, [final])
     return totals

@@ -32,6 +32,7 @@ from migpipe.errors import CorruptError, MigpipeError, Stopped
 from migpipe.io import transport
 from migpipe.io.channel import Channel, FdChannel, Readable
 from migpipe.keys import Secrets
+from migpipe.tunnel.lanecodec import FIRST, LaneCodec, Verbatim, codec_for
 from migpipe.tunnel.pipeline import Totals, decode, encode
 from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
@@ -72,6 +73,7 @@ class Relay:
         self._start: Callable[[Callable[[], None]], None] | None = None
         self._jobs: list[Callable[[], None]] = []  # threads for run() to start
         self._outlets: dict[int, Outlet] = {}
+        self._codecs: dict[int, LaneCodec] = {}  # the lanes' whose payloads we decode
         self._pumps = 0  # connections still being read by a thread of their own
         self._changed = threading.Condition(self.lock)
         self._header_sent = back  # the answer direction has no header of its own
@@ -110,7 +112,12 @@ class Relay:
             return
         frame.checked_crc()
         position = lane_position(frame.lane, frame.sequence, back=not self.back)
-        data = self.chain.open(frame.payload, MAX_FRAME, position)
+        payload = self.chain.open(frame.payload, MAX_FRAME, position)
+        codec = self._codecs.get(frame.lane)
+        if codec is None:  # the lane's first payload: the forward lanes' chooses their codec
+            codec = Verbatim() if not self.back else codec_for(payload[:FIRST], self.chain)
+            self._codecs[frame.lane] = codec
+        data = codec.decode(payload)
         tally.add(data)
         outlet.put(data)
 
@@ -142,6 +149,7 @@ class Relay:
     def _pump(self, lane: int) -> None:
         """A connection's bytes to the other end until our QEMU ends it."""
         conn = self.conns[lane]
+        codec: LaneCodec | None = None
         try:
             while data := conn.read():
                 if not self.two_way:
@@ -149,15 +157,24 @@ class Relay:
                         f"{conn.name} answers (QEMU's return path), but the wire is one way: "
                         "carry it over --listen/--connect"
                     )
-                position = self.frames.position(lane)  # only this thread numbers the lane's
-                payload = self.chain.seal(data, position)
-                self._write_frame(partial(self.frames.data, lane, payload, data), payload)
+                if codec is None:  # answers travel as they are; the forward lanes' may not
+                    codec = codec_for(data[:FIRST], self.chain) if not self.back else Verbatim()
+                self.frames.carried(lane, data)
+                self._send(lane, codec.encode(data))
             if self.two_way:
+                self._send(lane, codec.finish() if codec is not None else [])
                 self._write_frame(partial(self.frames.end, lane))
         finally:
             with self.lock:
                 self._pumps -= 1
                 self._changed.notify_all()
+
+    def _send(self, lane: int, payloads: list[Buffer]) -> None:
+        """Payloads of the lane through the byte filters, each a DATA frame; only the lane's
+        own thread calls it, so its positions are its own."""
+        for payload in payloads:
+            sealed = self.chain.seal(payload, self.frames.position(lane))
+            self._write_frame(partial(self.frames.data, lane, sealed), sealed)
 
     def wait_pumps(self) -> None:
         """Until every pumped connection ended (our QEMU closed them all)."""

@@ -402,19 +402,25 @@ class LaneWriter:
 
     def position(self, lane: int) -> Position:
         """Where the lane's next frame sits, for the byte filters (see lane_position)."""
-        if lane not in self._sequences:  # the answer direction's lanes need no OPEN
-            self._sequences[lane], self._tallies[lane] = 0, LaneTally(lane)
+        self._begun(lane)
         return lane_position(lane, self._sequences[lane], self.back)
 
-    def data(self, lane: int, payload: Buffer, qemu: Buffer) -> bytes:
-        """The header of a DATA frame carrying `payload`, made by the byte filters from `qemu`
-        at position(lane)."""
+    def carried(self, lane: int, qemu: Buffer) -> None:
+        """Count QEMU's next bytes on the lane (what its END frame vouches for)."""
+        self._begun(lane)
         self._tallies[lane].add(qemu)
+
+    def _begun(self, lane: int) -> None:
+        if lane not in self._sequences:  # the answer direction's lanes need no OPEN
+            self._sequences[lane], self._tallies[lane] = 0, LaneTally(lane)
+
+    def data(self, lane: int, payload: Buffer) -> bytes:
+        """The header of a DATA frame carrying `payload` (made at position(lane))."""
         return self._header(FRAME_DATA, lane, payload)
 
     def end(self, lane: int) -> bytes:
         """The END frame of a lane: how many bytes it carried, and their digest."""
-        self.position(lane)
+        self._begun(lane)
         payload = self._tallies.pop(lane).summary()
         return self._header(FRAME_END, lane, payload) + payload
 
