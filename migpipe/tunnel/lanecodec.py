@@ -10,7 +10,10 @@ the wire, and a lane whose first read brought fewer than four bytes is carried v
 
 from typing import Protocol
 
+from filters.xbzrle import Xbzrle
 from migpipe.chain import Buffer, FilterChain
+from migpipe.stream.multifd import ChannelKind, classify
+from migpipe.tunnel.multifdcodec import MultifdXbzrle
 
 FIRST = 4  # the bytes a codec is chosen by: QEMU's stream magic, multifd's, or neither
 
@@ -48,4 +51,7 @@ class Verbatim:
 
 def codec_for(first: Buffer, chain: FilterChain) -> LaneCodec:
     """The codec for a lane whose first payload (or QEMU's first read) begins with `first`."""
+    xbzrle = [f for f in chain.page_filters if isinstance(f, Xbzrle)]
+    if xbzrle and len(first) == FIRST and classify(first) == ChannelKind.MULTIFD:
+        return MultifdXbzrle(xbzrle[0])
     return Verbatim()
