@@ -4,11 +4,13 @@ The destination must hold exactly what the source sent (tests/oracle.py replays 
 own stream, tee'd before migpipe saw it), in either layout, compressed and encrypted.
 """
 
+import subprocess
 from pathlib import Path
 
 import oracle
 import pytest
 import qemuvm
+from support import MIGPIPE as MIGPIPE_ARGV
 from support import MIGPIPE_SHELL as MIGPIPE
 
 from migpipe.keys import keygen
@@ -44,3 +46,24 @@ def test_save_and_restore_a_dirtying_guest(
         ram = sum(replay.blocks.values())
         assert saved.stat().st_size <= ram * 1.02 + (1 << 20)  # each page stored once
         assert saved.stat().st_blocks * 512 < migration.source_stream.stat().st_size
+
+
+def test_restore_gives_the_stream_to_a_qemu_listening_on_a_socket(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """restore --qemu unix:PATH connects to a destination started with -incoming unix:PATH, as
+    decode --qemu does, so no socat sits between them."""
+    saved, listening = tmp_path / "vm.mig", tmp_path / "in.sock"
+    with qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemu_build) as src:
+        command = f"{MIGPIPE} save {saved} --compress zstd:1"
+        _, status = qemuvm.run_migration(src, command, qemuvm.PACINGS["idle"])
+        assert status == 0
+        with qemuvm.destination_vm(tmp_path, f"unix:{listening}", qemu=qemu_build) as dest:
+            restored = subprocess.run(
+                [*MIGPIPE_ARGV, "restore", str(saved), "--qemu", f"unix:{listening}"],
+                capture_output=True,
+                check=False,
+            )
+            assert restored.returncode == 0, restored.stderr
+            qemuvm.wait_incoming(dest)
+            assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")

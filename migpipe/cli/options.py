@@ -105,7 +105,7 @@ def config_option(sub: argparse.ArgumentParser) -> None:
 
 def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
     """The wire's options; `wire` ("input", "output") when the other side is QEMU's."""
-    from migpipe.io.transport import ACCEPT_TIMEOUT
+    from migpipe.io.transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT
 
     if wire != "output":
         sub.add_argument(
@@ -141,7 +141,7 @@ def wire_options(sub: argparse.ArgumentParser, wire: str | None = None) -> None:
     sub.add_argument(
         "--connect-timeout",
         type=float,
-        default=30.0,
+        default=CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="keep retrying --connect this long while nobody listens (%(default)g)",
     )
@@ -448,8 +448,14 @@ def input_fd(args: argparse.Namespace) -> Iterator[int]:
 
 @contextlib.contextmanager
 def output_fd(args: argparse.Namespace) -> Iterator[int]:
+    """Where restore writes the stream: --fd, a connection to --qemu's QEMU, or stdout."""
     if args.fd is not None:
         yield args.fd
+    elif getattr(args, "qemu", None):
+        from migpipe.io import transport
+
+        with transport.connect(args.qemu, transport.CONNECT_TIMEOUT) as sock:
+            yield sock.fileno()
     else:
         with open_output(None) as f:
             yield f.fileno()

@@ -110,6 +110,11 @@ def register(command: Command) -> None:
         "--qmp", metavar="SOCKET", help="load it into the QEMU behind this QMP socket"
     )
     taker.add_argument(
+        "--qemu",
+        metavar="ADDR",
+        help="give the stream to the QEMU listening on unix:PATH or HOST:PORT (-incoming)",
+    )
+    taker.add_argument(
         "--to",
         nargs=2,
         metavar=("FORMAT", "OUT"),

@@ -33,6 +33,7 @@ from migpipe.errors import (
 UNSENT = 128 << 10  # bytes a TCP socket may hold not yet sent (TCP_NOTSENT_LOWAT)
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
 ACCEPT_TIMEOUT = 120.0  # --accept-timeout's default: see migpipe(1)
+CONNECT_TIMEOUT = 30.0  # --connect-timeout's default, and restore --qemu's
 PATIENCE = 30.0  # what one connection is given to prove itself the peer
 MAX_PENDING = 16  # connections being checked at once; a new one pushes out the oldest
 LOG_BURST, LOG_EVERY = 10, 6.0  # refusal lines: 10 at once, then one per 6 s (10 a minute)
