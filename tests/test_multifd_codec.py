@@ -4,8 +4,8 @@ synthetic channels, byte for byte however QEMU's bytes were split, and the paylo
 import struct
 
 import pytest
+from migpipe_filters.xbzrle import Xbzrle
 
-from filters.xbzrle import Xbzrle
 from migpipe.chain import FilterChain
 from migpipe.errors import CorruptError, MigpipeError, TruncatedError
 from migpipe.stream.multifd import (
@@ -15,7 +15,7 @@ from migpipe.stream.multifd import (
     write_channel,
 )
 from migpipe.tunnel.lanecodec import Verbatim, codec_for
-from migpipe.tunnel.multifdcodec import AS_IS, PAGES, MultifdXbzrle
+from migpipe.tunnel.multifdcodec import AS_IS, PAGES, MultifdXbzrle, lane_counters
 
 PAGE = 4096
 CHAIN = FilterChain([Xbzrle(1 << 20)])
@@ -163,3 +163,11 @@ def test_a_payload_that_is_not_the_next_record_is_refused() -> None:
         decoded_until(payloads[:1], bytes([AS_IS]) + CHANNEL[:64])  # a second initial message
     with pytest.raises(MigpipeError, match="not a multifd channel"):
         decoded_until([], payloads[1])  # no initial message first
+
+
+def test_encode_reports_the_lanes_counters_summed() -> None:
+    one, other = carried([CHANNEL])[1], carried([CHANNEL])[1]
+    figures = lane_counters([Verbatim(), one, other])["multifd-xbzrle"]
+    assert figures["lanes"] == 2
+    assert (figures["hits"], figures["misses"]) == (6, 8)
+    assert lane_counters([Verbatim()]) == {}

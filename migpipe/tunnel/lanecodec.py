@@ -10,7 +10,8 @@ the wire, and a lane whose first read brought fewer than four bytes is carried v
 
 from typing import Protocol
 
-from filters.xbzrle import Xbzrle
+from migpipe_filters.xbzrle import Xbzrle
+
 from migpipe.chain import Buffer, FilterChain
 from migpipe.stream.multifd import ChannelKind, classify
 from migpipe.tunnel.multifdcodec import MultifdXbzrle

@@ -12,7 +12,10 @@ chooses this codec from its first four bytes), then one packet each. Both ends p
 bytes with the same MultifdParser, so decode's parser vouches for what it rebuilt.
 """
 
-from filters.xbzrle import DELTA_LIMIT, PAGE, WIRE_ENCODING, Xbzrle, new_cache
+from collections.abc import Iterable
+
+from migpipe_filters.xbzrle import DELTA_LIMIT, PAGE, WIRE_ENCODING, Xbzrle, new_cache
+
 from migpipe.chain import Buffer
 from migpipe.errors import CorruptError
 from migpipe.stream import format as fmt
@@ -130,3 +133,13 @@ class MultifdXbzrle:
             "evictions": cache.evictions,
             "deltas": cache.deltas,
         }
+
+
+def lane_counters(codecs: Iterable[object]) -> dict[str, dict[str, int]]:
+    """encode's figures for --stats-json: the multifd lanes' xbzrle counters summed, apart from
+    the main stream's "xbzrle" (with multifd, its pages cross on the lanes); none without."""
+    lanes = [codec.counters() for codec in codecs if type(codec) is MultifdXbzrle]
+    if not lanes:
+        return {}
+    summed = {name: sum(lane[name] for lane in lanes) for name in lanes[0]}
+    return {"multifd-xbzrle": {"lanes": len(lanes), **summed}}

@@ -33,6 +33,7 @@ from migpipe.io import transport
 from migpipe.io.channel import Channel, FdChannel, Readable
 from migpipe.keys import Secrets
 from migpipe.tunnel.lanecodec import FIRST, LaneCodec, Verbatim, codec_for
+from migpipe.tunnel.multifdcodec import lane_counters
 from migpipe.tunnel.pipeline import Totals, decode, encode
 from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
@@ -74,6 +75,7 @@ class Relay:
         self._jobs: list[Callable[[], None]] = []  # threads for run() to start
         self._outlets: dict[int, Outlet] = {}
         self._codecs: dict[int, LaneCodec] = {}  # the lanes' whose payloads we decode
+        self.encoders: list[LaneCodec] = []  # the lanes' whose QEMU bytes we encode
         self._pumps = 0  # connections still being read by a thread of their own
         self._changed = threading.Condition(self.lock)
         self._header_sent = back  # the answer direction has no header of its own
@@ -159,6 +161,7 @@ class Relay:
                     )
                 if codec is None:  # answers travel as they are; the forward lanes' may not
                     codec = codec_for(data[:FIRST], self.chain) if not self.back else Verbatim()
+                    self.encoders.append(codec)
                 self.frames.carried(lane, data)
                 self._send(lane, codec.encode(data))
             if self.two_way:
@@ -386,6 +389,7 @@ async def encode_two_way(
             relay.stop_accepting()
             await relay.until_pumped()
             await trio.to_thread.run_sync(channel.finish)
+            totals.filter_counters.update(lane_counters(relay.encoders))
             return totals
 
         jobs = [relay.accept, *([relay.answers] if two_way else [])]
