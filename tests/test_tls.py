@@ -8,7 +8,9 @@ nothing may reach the reading end.
 
 import contextlib
 import datetime
+import itertools
 import os
+import random
 import select
 import shutil
 import socket
@@ -275,6 +277,51 @@ def test_the_real_pipeline_over_tls(creds: Path, tmp_path: Path) -> None:
     assert client.error is None and server.error is None
     assert sink.read_bytes() == stream
     assert server.result.digest == client.result.digest
+
+
+def test_one_channel_read_and_written_by_two_threads_at_once(creds: Path) -> None:
+    """The two-way tunnel reads a wire's answers in one thread while another writes frames, on
+    both ends. Here each end writes 48 MiB (frame-sized parts and small ones) in one thread
+    while another reads the other end's 48 MiB, both directions at once, byte for byte. It
+    failed when a read made the socket non-blocking under a blocking sendall (SSLWantWrite)."""
+    size = 48 << 20
+
+    def both_ways(channel: tls.TlsChannel, mine: bytes, theirs: int) -> bytes:
+        writer = End(lambda _: write_in_parts(channel, mine), socket.socket())
+        writer.start()
+        received = bytearray()
+        while len(received) < theirs and (chunk := channel.read()):
+            received += chunk
+        writer.join(JOIN)
+        assert not writer.is_alive(), "the writing thread hung"
+        if writer.error is not None:
+            raise writer.error
+        channel.finish()  # once both threads are done: finish() keeps what came for a read
+        return bytes(received)
+
+    sent = {"server": random.Random(1).randbytes(size), "client": random.Random(2).randbytes(size)}
+
+    def server_end(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)) as channel:
+            return both_ways(channel, sent["server"], size)
+
+    def client_end(sock: socket.socket) -> object:
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost") as channel:
+            return both_ways(channel, sent["client"], size)
+
+    server, client = connected(server_end, client_end)
+    assert server.error is None and client.error is None
+    assert server.result == sent["client"]
+    assert client.result == sent["server"]
+
+
+def write_in_parts(channel: tls.TlsChannel, data: bytes) -> None:
+    """`data` as frames go out: a 17-byte header and up to 1 MiB of payload, or a short one."""
+    view, sizes = memoryview(data), itertools.cycle([CHUNK, 300, 70 << 10, 40, CHUNK // 2])
+    while view:
+        size = next(sizes)
+        channel.write([view[:17], view[17:size]])
+        view = view[size:]
 
 
 @watches_syscalls

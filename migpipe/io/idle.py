@@ -55,7 +55,17 @@ def keepalive(wire: object) -> float:
 def read_deadline(fd: int) -> int | None:
     """How long (ms) a read of `fd` may wait for its peer, for poll(): the socket's
     SO_RCVTIMEO; None (for ever) when it has none, or is no socket."""
-    seconds = _deadline(fd, socket.SO_RCVTIMEO)
+    return _poll_ms(_deadline(fd, socket.SO_RCVTIMEO))
+
+
+def write_deadline(fd: int) -> int | None:
+    """How long (ms) a write of `fd` may wait for its peer to take bytes, for poll(): the
+    socket's SO_SNDTIMEO, for a non-blocking socket's writer (TLS's), whose sends ignore it;
+    None (for ever) when it has none, or is no socket."""
+    return _poll_ms(_deadline(fd, socket.SO_SNDTIMEO))
+
+
+def _poll_ms(seconds: float | None) -> int | None:
     return None if seconds is None else max(1, round(seconds * 1000))
 
 

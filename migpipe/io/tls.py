@@ -28,7 +28,8 @@ import ipaddress
 import select
 import socket
 import ssl
-from collections.abc import Generator, Sequence
+import threading
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from migpipe.errors import (
     TlsError,
     UsageError,
 )
+from migpipe.io import idle
 from migpipe.io.channel import CHUNK, Readable
 from migpipe.io.files import read_private_file
 from migpipe.io.transport import parse_endpoint
@@ -414,10 +416,18 @@ def _explain_verify(e: ssl.SSLCertVerificationError, d: Path, other: Role, host:
 
 class TlsChannel:
     """The wire's connection over TLS, a Channel (see migpipe.io.channel): a Source, and a
-    Sink that can finish.
+    Sink that can finish; one thread may read while another writes (the two-way tunnel's answer
+    direction is read while frames go out).
+
+    OpenSSL's SSL object must not see two calls at once (QEMU's #1937 was that bug with
+    GnuTLS), and a blocking call would hold it while it waits for the peer. So the socket stays
+    non-blocking, one lock is held around each SSL call only, and the waiting for the socket
+    is done outside it by poll: a read's by Readable (interrupt() ends it, the read deadline
+    bounds it), a write's for POLLOUT within the write deadline. A call that OpenSSL says wants
+    to read or write is retried, after that wait, with the same buffer.
 
     One SSL_read returns at most one 16 KiB record, so read() gathers every record already
-    there into up to CHUNK bytes and blocks only for the first: the pipeline then hands a
+    there into up to CHUNK bytes and waits only for the first: the pipeline then hands a
     thread one call per MiB rather than one per record, and gets a buffer nobody else holds.
     write() joins runs of small parts (a frame's QEMU bytes may come in many short pieces) so
     that they travel as full records, as FdChannel's writev sends them in one call.
@@ -431,7 +441,11 @@ class TlsChannel:
     def __init__(self, ssl_sock: ssl.SSLSocket, early: bytes = b"") -> None:
         self.socket = ssl_sock
         self._early = early  # application data read while waiting for the handshake to settle
-        self._readable = Readable(ssl_sock.fileno())
+        self._fd = ssl_sock.fileno()
+        self._readable = Readable(self._fd)
+        self._lock = threading.Lock()  # held around each SSL call, never across a wait
+        self._both_ended = False  # both close_notify crossed: the socket is no longer TLS's
+        ssl_sock.setblocking(False)
 
     def __enter__(self) -> "TlsChannel":
         return self
@@ -440,21 +454,20 @@ class TlsChannel:
         self.close()
 
     def interrupt(self) -> None:
-        """End a read that waits for the peer's next record, without touching the TLS state
-        (a read that saw its own socket shut would make OpenSSL send the peer an alert). A
-        record that has begun to arrive is read to its end first."""
+        """End a read that waits for the peer's next record, or for the rest of one, without
+        touching the TLS state (a read that saw its own socket shut would make OpenSSL send
+        the peer an alert)."""
         self._readable.interrupt()
 
     def read(self) -> bytes | bytearray:
-        if self._early:
+        with self._lock:
             early, self._early = self._early, b""
+        if early or self._both_ended:
             return early
-        if not self.socket.pending():  # decrypted bytes already in OpenSSL need no wait
-            self._readable.wait()
         buffer = bytearray(CHUNK)
         view = memoryview(buffer)
         try:
-            length = self.socket.recv_into(view)  # waits only for the rest of a record
+            length = self._ssl(self.socket.recv_into, view)
             if length:
                 length += self._gather(view[length:])
         except ssl.SSLZeroReturnError:
@@ -472,17 +485,15 @@ class TlsChannel:
     def _gather(self, view: memoryview) -> int:
         """Read the records already there into `view`, without waiting for more."""
         length = 0
-        self.socket.setblocking(False)
         try:
             while len(view) - length >= RECORD:
-                got = self.socket.recv_into(view[length:])
+                with self._lock:
+                    got = self.socket.recv_into(view[length:])
                 if not got:
                     break
                 length += got
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
             pass  # nothing more has arrived yet, or the end: the next read() tells
-        finally:
-            self.socket.setblocking(True)
         return length
 
     def write(self, parts: Sequence[bytes | memoryview]) -> None:
@@ -493,16 +504,48 @@ class TlsChannel:
                     small += part
                     continue
                 if small:
-                    self.socket.sendall(small)
-                    small.clear()
-                self.socket.sendall(part)
+                    self._send(small)
+                    small = bytearray()  # not clear(): a view of it may linger in a traceback
+                self._send(part)
             if small:
-                self.socket.sendall(small)
+                self._send(small)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
             message = "TLS connection closed by the reader (broken pipe)"
             raise PeerGoneError(message) from None
         except ssl.SSLError as e:
             raise _data_error(e, "writing") from None
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        """All of `data`, in as many SSL_write calls as OpenSSL needs."""
+        view = memoryview(data)
+        while view:
+            view = view[self._ssl(self.socket.send, view) :]
+
+    def _ssl(self, call: Callable[[memoryview], int], view: memoryview) -> int:
+        """One SSL call under the lock, repeated with the same buffer (as OpenSSL requires)
+        once the socket is readable or writable, as the call said it wants, waiting outside
+        the lock so that the other direction's calls go on meanwhile."""
+        while True:
+            with self._lock:
+                try:
+                    return call(view)
+                except ssl.SSLWantReadError:
+                    wait = self._readable.wait
+                except ssl.SSLWantWriteError:
+                    wait = self._await_writable
+            wait()
+
+    def _await_writable(self) -> None:
+        """Wait until the socket takes bytes, no longer than its --idle-timeout (SO_SNDTIMEO,
+        which a non-blocking socket's sends ignore), as FdChannel's blocking writev does."""
+        if not self._writable(idle.write_deadline(self._fd)):
+            raise idle.stalled(self._fd, idle.peer(self._fd))
+
+    def _writable(self, timeout: int | None) -> bool:
+        """Whether the socket takes bytes within `timeout` ms (None: for ever)."""
+        poller = select.poll()  # one per wait: a reader that must write may wait at once
+        poller.register(self._fd, select.POLLOUT)
+        return bool(poller.poll(timeout))
 
     def finish(self) -> None:
         """Send close_notify and end our direction (the peer's read then ends cleanly).
@@ -524,24 +567,22 @@ class TlsChannel:
         buffer = bytearray(CHUNK)
         with memoryview(buffer) as view:
             length = self._gather(view)
-        self._early += bytes(buffer[:length])
+        with self._lock:
+            self._early += bytes(buffer[:length])
 
     def _send_close_notify(self) -> None:
-        self.socket.setblocking(False)  # else unwrap() would wait for the peer's close_notify
-        poller = select.poll()
-        poller.register(self.socket, select.POLLOUT)
-        try:
-            while True:
+        while True:
+            with self._lock:
                 try:
                     self.socket.unwrap()  # sends close_notify, then wants the peer's
+                    self._both_ended = True  # the peer's came already: reads end here
                     return
                 except ssl.SSLWantReadError:
                     return  # ours is sent; the peer's is not awaited
                 except ssl.SSLWantWriteError:
-                    if not poller.poll(HANDSHAKE_TIMEOUT * 1000):
-                        return  # the reader stopped reading: the trailer was sent anyway
-        finally:
-            self.socket.setblocking(True)
+                    pass
+            if not self._writable(round(HANDSHAKE_TIMEOUT * 1000)):
+                return  # the reader stopped reading: the trailer was sent anyway
 
     def close(self) -> None:
         self.socket.close()
