@@ -128,10 +128,6 @@ def test_positions_never_repeat_across_lanes_and_directions() -> None:
     [
         (["encode", "--qemu", "unix:/nonexistent/q", "--in", "x"], "--in and --qemu"),
         (["decode", "--qemu", "unix:/nonexistent/q", "--out", "x"], "--out and --qemu"),
-        (
-            ["encode", "--qemu", "unix:/x", "--connect", "h:1", "--tls-creds", "/nonexistent"],
-            "--qemu cannot run over --tls-creds",
-        ),
     ],
 )
 def test_qemu_option_mistakes_are_one_line(args: list[str], message: str) -> None:

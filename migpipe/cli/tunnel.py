@@ -86,16 +86,10 @@ def qemu_option(sub: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def check_qemu_option(args: argparse.Namespace, other: str, given: bool) -> None:
-    """--qemu names QEMU's end, which `other` (--in, --out) would name too; it carries both
-    ways, which TLS's channel cannot yet (it reads and writes from one thread at a time)."""
+def check_qemu_option(other: str, given: bool) -> None:
+    """--qemu names QEMU's end, which `other` (--in, --out) would name too."""
     if given:
         raise UsageError(f"{other} and --qemu both name QEMU's end", None)
-    if args.tls_creds is not None:
-        raise UsageError(
-            "--qemu cannot run over --tls-creds yet (TLS here reads and writes one way at a "
-            "time): carry the wire over a plain --connect/--listen inside ssh -L or a VPN"
-        )
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -104,7 +98,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     chain = filter_chain(args)
     shown = progress(args, "encode")
     if args.qemu:
-        check_qemu_option(args, "--in", args.input != "-")
+        check_qemu_option("--in", args.input != "-")
         from migpipe.tunnel.twoway import encode_two_way
 
         with wire_end(args, "output") as wire:
@@ -125,7 +119,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from migpipe.tunnel.pipeline import decode
 
     if args.qemu:
-        check_qemu_option(args, "--out", args.output is not None)
+        check_qemu_option("--out", args.output is not None)
         from migpipe.tunnel.twoway import decode_two_way
 
         with wire_end(args, "input") as wire:
