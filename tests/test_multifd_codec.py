@@ -149,6 +149,7 @@ def decoded_until(payloads: list[bytes], bad: bytes) -> None:
         lambda p: bytes([7]) + p[1:],  # an unknown kind
         lambda p: p[:1345] + b"\x05" + p[1346:],  # an unknown page entry
         lambda p: p[:1345] + b"\x01\x00\x03" + p[1348:],  # a delta against a page not held
+        lambda p: p[:12] + b"\x04" + p[13:],  # pages of a packet its header says is zstd
     ],
 )
 def test_bad_payloads_are_refused(mangle) -> None:

@@ -14,9 +14,9 @@ bytes with the same MultifdParser, so decode's parser vouches for what it rebuil
 
 from collections.abc import Iterable
 
-from migpipe_filters.xbzrle import DELTA_LIMIT, PAGE, WIRE_ENCODING, Xbzrle, new_cache
+from migpipe_filters.xbzrle import PAGE, WIRE_ENCODING, Xbzrle
 
-from migpipe.chain import Buffer
+from migpipe.chain import Buffer, RecordTransform
 from migpipe.errors import CorruptError
 from migpipe.stream import format as fmt
 from migpipe.stream import multifd
@@ -35,7 +35,9 @@ class MultifdXbzrle:
     """The LaneCodec of one multifd channel with the xbzrle page filter (one end's, one lane's)."""
 
     def __init__(self, xbzrle: Xbzrle) -> None:
-        self.cache = new_cache(xbzrle.cache, xbzrle.index)
+        self._xbzrle = xbzrle
+        self._transform: RecordTransform | None = None  # the filter's, on first use: the
+        # codec is chosen alike on both ends, its first call says which end it is
         self._parser = MultifdParser(page_size=PAGE)
         self._writer = MultifdWriter(page_size=PAGE)
         self._header = multifd.RAM_FIXED_SIZE + 8 * (multifd.PACKET_BYTES // PAGE)
@@ -63,7 +65,8 @@ class MultifdXbzrle:
             NormalPage(record.block, o, body[i * PAGE : (i + 1) * PAGE], True)
             for i, o in enumerate(record.normal)
         ]
-        sent = self.cache.encode([*pages, *self._zeros(record)], WIRE_ENCODING, DELTA_LIMIT)
+        self._transform = self._transform or self._xbzrle.encoder()
+        sent = self._transform.transform([*pages, *self._zeros(record)])
         for page in sent[:size]:
             if type(page) is XbzrlePage:
                 out.append(ENTRY_DELTA)
@@ -95,6 +98,8 @@ class MultifdXbzrle:
         head = body[: self._header]
         (count,) = fmt.BE32.unpack_from(head, _NORMAL_AT)
         (packet,) = self._check([RamPacket], head, _ZEROS[: count * PAGE])
+        if packet.compression != "none":
+            raise CorruptError(f"multifd lane payload of pages for a {packet.compression} packet")
         records, at = [], self._header
         for offset in packet.normal:
             entry, at = body[at : at + 1], at + 1
@@ -110,7 +115,8 @@ class MultifdXbzrle:
                 raise CorruptError(f"multifd lane payload: bad page entry at byte {at}")
         if at != len(body) or any(len(r.data) != PAGE for r in records if type(r) is NormalPage):
             raise CorruptError(f"multifd lane payload of {len(body)} bytes, its pages {at}")
-        pages = self.cache.decode([*records, *self._zeros(packet)], WIRE_ENCODING)
+        self._transform = self._transform or self._xbzrle.decoder()
+        pages = self._transform.transform([*records, *self._zeros(packet)])
         return b"".join([head, *(page.data for page in pages[: len(packet.normal)])])
 
     def _check(self, kinds: list[type], *parts: Buffer) -> list[multifd.ChannelRecord]:
@@ -124,15 +130,9 @@ class MultifdXbzrle:
         return records
 
     def counters(self) -> dict[str, int]:
-        cache = self.cache
-        return {
-            "hits": cache.hits,
-            "misses": cache.misses,
-            "overflows": cache.overflows,
-            "unchanged": cache.unchanged,
-            "evictions": cache.evictions,
-            "deltas": cache.deltas,
-        }
+        """The xbzrle filter's counters of this end (encode's hits, misses...; decode's
+        deltas), none before the first packet of pages."""
+        return self._transform.counters() if self._transform is not None else {}
 
 
 def lane_counters(codecs: Iterable[object]) -> dict[str, dict[str, int]]:
@@ -141,5 +141,8 @@ def lane_counters(codecs: Iterable[object]) -> dict[str, dict[str, int]]:
     lanes = [codec.counters() for codec in codecs if type(codec) is MultifdXbzrle]
     if not lanes:
         return {}
-    summed = {name: sum(lane[name] for lane in lanes) for name in lanes[0]}
-    return {"multifd-xbzrle": {"lanes": len(lanes), **summed}}
+    summed: dict[str, int] = {"lanes": len(lanes)}
+    for figures in lanes:
+        for name, value in figures.items():
+            summed[name] = summed.get(name, 0) + value
+    return {"multifd-xbzrle": summed}
