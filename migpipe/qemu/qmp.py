@@ -124,10 +124,10 @@ class Qmp:
         """Give QEMU a duplicate of `fd` under `name` (QEMU's `fd:NAME`); ours stays open."""
         await self._call("getfd", {"fdname": name}, fd)
 
-    async def next_event(self, name: str) -> dict[str, Any]:
-        """The next event called `name`, in arrival order; other events are dropped."""
+    async def next_event(self, *names: str) -> dict[str, Any]:
+        """The next event called one of `names`, in arrival order; other events are dropped."""
         async for event in self._events:
-            if event.get("event") == name:
+            if event.get("event") in names:
                 return event
         raise self._lost()
 

@@ -373,10 +373,13 @@ async def encode_two_way(
     wire: int | Channel,
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> Totals:
-    """encode --qemu: the source QEMU's connections on `spec` through the wire, both ways."""
+    """encode --qemu: the source QEMU's connections on `spec` through the wire, both ways.
+    Started by nursery.start(), it returns to its starter once it listens: QEMU may migrate."""
     channel, two_way = _channel(wire)
     with transport.listening(spec) as server:
+        task_status.started()
         main = await trio.to_thread.run_sync(
             partial(transport.accept, server, spec, timeout=accept_timeout)
         )
