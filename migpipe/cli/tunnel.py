@@ -64,6 +64,18 @@ def register(command: Command) -> None:
         help="succeed without the destination's answer (the peer is not migpipe incoming)",
     )
     migrate.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to postcopy when precopy does not converge (incoming needs --postcopy "
+        "too; the wire must be a --connect/--listen connection)",
+    )
+    migrate.add_argument(
+        "--postcopy-after",
+        type=int,
+        metavar="N",
+        help="with --postcopy: switch once N passes are done (default: see migpipe(1))",
+    )
+    migrate.add_argument(
         "peer",
         nargs="*",
         metavar="-- COMMAND",
@@ -76,6 +88,23 @@ def register(command: Command) -> None:
     incoming.add_argument("--qmp", **QMP_SOCKET)
     wire_options(incoming, "input")
     reader_key_options(incoming)
+    incoming.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="let QEMU take postcopy (migrate --postcopy; needs a --connect/--listen wire)",
+    )
+
+
+def check_postcopy(args: argparse.Namespace, wire: str) -> None:
+    """--postcopy carries QEMU's return path back on the wire's connection, which must carry
+    both ways and take frames (not the answer lines of a command's stdout)."""
+    if not (args.connect or args.listen):
+        raise UsageError(
+            f"--postcopy needs the wire on a --connect/--listen connection, not {wire} "
+            "(QEMU's return path travels back on it)"
+        )
+    if args.tls_creds is not None:
+        raise UsageError("--postcopy cannot run over --tls-creds yet (see --qemu)")
 
 
 def qemu_option(sub: argparse.ArgumentParser, what: str) -> None:
@@ -157,14 +186,20 @@ def file_size(fd: int) -> int | None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from migpipe.qemu.migration import migrate, summary
+    from migpipe.qemu.migration import PostcopySwitch, migrate, summary
 
     if args.peer and (args.connect or args.listen or args.output is not None):
         raise UsageError("COMMAND and --out/--connect/--listen both name the wire", None)
+    if args.postcopy_after is not None and (not args.postcopy or args.postcopy_after < 1):
+        raise UsageError("--postcopy-after takes a number of passes from 1, with --postcopy")
+    switch = None
+    if args.postcopy:
+        check_postcopy(args, "COMMAND's stdin" if args.peer else "a file or pipe")
+        switch = PostcopySwitch(args.postcopy_after)
     chain = filter_chain(args)
     link = functools.partial(peer_link, args)
     outcome = run_trio(
-        migrate, args.qmp, link, chain, progress(args, "migrate"), not args.no_confirmation
+        migrate, args.qmp, link, chain, progress(args, "migrate"), not args.no_confirmation, switch
     )
     answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
@@ -200,8 +235,15 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             else:
                 yield wire, sys.stdout.fileno() if args.input == "-" else None
 
+    if args.postcopy:
+        check_postcopy(args, "stdin or a file")
     outcome = run_trio(
-        incoming, args.qmp, wire_and_answer, secrets_of(args), progress(args, "incoming")
+        incoming,
+        args.qmp,
+        wire_and_answer,
+        secrets_of(args),
+        progress(args, "incoming"),
+        args.postcopy,
     )
     landing = outcome.landing
     real_pause = None if landing is None else landing.figures()

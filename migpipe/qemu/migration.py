@@ -23,13 +23,17 @@ What makes this safe is what happens on a failure:
 
 import base64
 import contextlib
+import functools
 import json
+import logging
+import math
 import os
 import select
 import socket
 import stat
 import struct
 import subprocess
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -62,8 +66,11 @@ from migpipe.wire.header import sealer_of
 if TYPE_CHECKING:
     from migpipe.io.tls import TlsChannel
 
+logger = logging.getLogger(__name__)  # what migpipe -v prints
+
 FINAL = ("completed", "failed", "cancelled")
 EVENTS = [{"capability": "events", "state": True}]  # MIGRATION events, as libvirt asks too
+POSTCOPY = [{"capability": "postcopy-ram", "state": True}]  # set on both QEMUs, as libvirt does
 RECOVERY_TIMEOUT = 60.0  # a failsafe for QEMU ending a cancelled migration
 COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before it is killed
 CONFIRMATION_LIMIT = 64 << 10
@@ -512,32 +519,97 @@ async def _through_pipe(
     except BaseException:
         os.close(ours)
         raise
+
+    async def on_ours(ending: Ending, task_status: trio.TaskStatus[None]) -> Totals:
+        task_status.started()
+        return await carry(ours, ending)
+
+    return await _following(monitor, source, on_ours, beside, release=lambda: os.close(ours))
+
+
+TwoWayCarry = Callable[[str, trio.TaskStatus[None]], Awaitable[Totals]]
+
+
+async def _through_socket(
+    monitor: qmp.Qmp,
+    command: str,
+    carry: TwoWayCarry,
+    beside: Callable[[qmp.Qmp], Awaitable[None]] | None = None,
+    passes: "trio.MemorySendChannel[int] | None" = None,
+) -> Finish:
+    """_through_pipe's way for a migration that needs answers back (the return path,
+    postcopy): `carry(spec, task_status)` runs the two-way tunnel on a UNIX socket in a private
+    directory (0700), QEMU is told `command` on it once carry started (encode listens; decode
+    connects only after QEMU listens), and a QEMU that ended otherwise than completed ends
+    carry too, which might wait on a connection QEMU never makes."""
+    source = command == "migrate"
+    with tempfile.TemporaryDirectory(prefix="migpipe-") as directory:
+        spec = f"unix:{directory}/qemu.sock"
+
+        async def on_socket(ending: Ending, task_status: trio.TaskStatus[None]) -> Totals:
+            if source:
+                return await carry(spec, task_status)
+            await monitor.execute(command, uri=spec)
+            task_status.started()
+            return await carry(spec, trio.TASK_STATUS_IGNORED)
+
+        begin = functools.partial(monitor.execute, command, uri=spec) if source else None
+        return await _following(monitor, source, on_socket, beside, begin, True, passes)
+
+
+async def _following(
+    monitor: qmp.Qmp,
+    source: bool,
+    carry: Callable[[Ending, trio.TaskStatus[None]], Awaitable[Totals]],
+    beside: Callable[[qmp.Qmp], Awaitable[None]] | None,
+    begin: Callable[[], Awaitable[object]] | None = None,
+    two_way: bool = False,
+    passes: "trio.MemorySendChannel[int] | None" = None,
+    release: Callable[[], None] | None = None,
+) -> Finish:
+    """carry beside QEMU's MIGRATION events to a final status (`begin` once carry started),
+    telling `passes` each MIGRATION_PASS's number; on the source, a carry that failed cancels
+    QEMU's migration, and only then is `release` called (our end of a pipe closed: before the
+    cancel, QEMU would fail on it instead). With `two_way` a QEMU that failed or was cancelled
+    ends carry at once (its own error is the outcome's)."""
     ending = Ending()
     order: list[str] = []
     carried: Totals | MigpipeError | None = None
+    carrying = trio.CancelScope()
 
-    async def run_carry() -> None:
+    async def run_carry(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal carried
-        try:
-            carried = await carry(ours, ending)
-        except* (MigpipeError, OSError) as group:
-            carried = _as_error(_first(group))
-            if source:
-                with contextlib.suppress(MigpipeError):  # if QEMU is gone, its status says so
-                    await monitor.execute("migrate_cancel")
-        finally:
-            os.close(ours)
+        with carrying:
+            try:
+                carried = await carry(ending, task_status)
+            except* (MigpipeError, OSError) as group:
+                carried = _as_error(_first(group))
+                if source:
+                    with contextlib.suppress(MigpipeError):  # if QEMU is gone, its status says
+                        await monitor.execute("migrate_cancel")
+            finally:
+                if release is not None:
+                    release()
+        if carried is None:  # cancelled: QEMU had ended, and said why
+            carried = MigpipeError(f"QEMU ended the migration ({ending.status})")
         order.append("carry")
 
     async def watch() -> None:
         status = ""
         try:
             while status not in FINAL:
-                status = (await monitor.next_event("MIGRATION"))["data"]["status"]
+                event = await monitor.next_event("MIGRATION", "MIGRATION_PASS")
+                if event["event"] == "MIGRATION_PASS":
+                    if passes is not None:
+                        passes.send_nowait(event["data"]["pass"])
+                else:
+                    status = event["data"]["status"]
         except MigpipeError:
             status = "exited"
         ending.set(status)
         order.append("qemu")
+        if two_way and status != "completed":
+            carrying.cancel()
 
     async with trio.open_nursery() as nursery:
         if beside is not None:
@@ -548,7 +620,9 @@ async def _through_pipe(
                     await beside(monitor)
 
             nursery.start_soon(run_beside)
-        nursery.start_soon(run_carry)
+        await nursery.start(run_carry)
+        if begin is not None:
+            await begin()
         await watch()
         if beside is not None:
             aside.cancel()
@@ -645,12 +719,53 @@ class SwitchoverRate:
             self.told = 0
 
 
+AUTO_FIRST_PASS = 3  # the first pass automatic postcopy compares with the one before
+AUTO_LAST_PASS = 4  # the pass automatic postcopy starts at, at the latest
+AUTO_SHRINK = 0.75  # what left of the pass before, at most, still counts as converging
+QEMU_CONNECT_TIMEOUT = 30.0  # for QEMU to connect to migrate's socket once told to migrate
+
+
+class PostcopySwitch:
+    """migrate --postcopy: precopy first, then migrate-start-postcopy when a pass begins.
+
+    With `after` N, when pass N + 1 begins. Without, when precopy is not converging: when a
+    pass from the third on begins with more than AUTO_SHRINK of what the pass before it began
+    with left to send (query-migrate's ram remaining; the first pass sends all memory, so the
+    second is never compared with it), and at the latest when pass AUTO_LAST_PASS begins."""
+
+    def __init__(self, after: int | None) -> None:
+        self.after = after
+        self.switched = False
+        self.passes, self._passed = trio.open_memory_channel[int](math.inf)
+
+    def _due(self, number: int, left: int, left_before: int | None) -> bool:
+        if self.after is not None:
+            return number > self.after
+        not_shrinking = left_before is not None and left > AUTO_SHRINK * left_before
+        return number >= AUTO_LAST_PASS or (number >= AUTO_FIRST_PASS and not_shrinking)
+
+    async def follow(self, monitor: qmp.Qmp) -> None:
+        """Switch at the pass due (a QEMU that completed first needs no switch)."""
+        left_before = None
+        async for number in self._passed:
+            ram = (await monitor.execute("query-migrate")).get("ram", {})
+            left = ram.get("remaining", 0)
+            logger.info("pass %d began with %s bytes left to send", number, f"{left:,}")
+            if self._due(number, left, left_before):
+                self.switched = True  # before QEMU has it: a failure from now keeps it paused
+                with contextlib.suppress(MigpipeError):  # completed meanwhile
+                    await monitor.execute("migrate-start-postcopy")
+                return
+            left_before = left
+
+
 async def migrate(
     qmp_path: str,
     open_link: Callable[[], AbstractContextManager[Link]],
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
     confirmed: bool = True,
+    postcopy: PostcopySwitch | None = None,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
@@ -661,17 +776,26 @@ async def migrate(
     encrypt: it holds the key), and success needs its word that the load completed (sealed
     too). A destination that answers before the end stops the stream there, so it cannot have
     completed, and the source runs on; without a trustworthy verdict after the end, the
-    outcome is unknown: the source stays paused and the error has status EXIT_UNCONFIRMED."""
+    outcome is unknown: the source stays paused and the error has status EXIT_UNCONFIRMED.
+
+    With `postcopy` the migration runs in postcopy (see PostcopySwitch) through the two-way
+    tunnel: the link's connection carries QEMU's return path back, and QEMU's own completion,
+    which waits for the destination QEMU's word (its SHUT) on that path, is the verdict."""
     sealer = sealer_of(chain)
     rate = SwitchoverRate()
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
-        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)  # not if busy
+        capabilities = EVENTS + (POSTCOPY if postcopy is not None else [])
+        await monitor.execute("migrate-set-capabilities", capabilities=capabilities)
         try:
             with contextlib.ExitStack() as stack:
                 link = await trio.to_thread.run_sync(
                     stack.enter_context, open_link(), abandon_on_cancel=True
                 )
+                if postcopy is not None:
+                    return await _migrate_postcopy(
+                        monitor, was_running, link, chain, progress, postcopy
+                    )
                 gate = EndGate(link.replies if confirmed else None, sealer)
                 async with _keeping_source(monitor, was_running):
                     finish = await _through_pipe(
@@ -704,6 +828,29 @@ async def migrate(
                 return Outcome(totals, await monitor.execute("query-migrate"), answer, pause=pause)
         finally:
             await rate.reset(monitor)  # after the verdict: see SwitchoverRate.reset
+
+
+async def _migrate_postcopy(
+    monitor: qmp.Qmp,
+    was_running: bool,
+    link: Link,
+    chain: Sequence[filters.Filter],
+    progress: Progress | None,
+    switch: PostcopySwitch,
+) -> Outcome:
+    """migrate's postcopy: QEMU migrates to encode_two_way's socket, which carries its
+    connections over the link's, both ways."""
+    from migpipe.tunnel.twoway import encode_two_way
+
+    async def carry(spec: str, task_status: trio.TaskStatus[None]) -> Totals:
+        return await encode_two_way(
+            spec, QEMU_CONNECT_TIMEOUT, link.wire, chain, progress, task_status=task_status
+        )
+
+    async with _keeping_source(monitor, was_running, switch):
+        finish = await _through_socket(monitor, "migrate", carry, switch.follow, switch.passes)
+        totals = await _source_result(monitor, finish)
+    return Outcome(totals, await monitor.execute("query-migrate"), Confirmation())
 
 
 async def _send(
@@ -841,14 +988,21 @@ async def save(
 
 
 @contextlib.asynccontextmanager
-async def _keeping_source(monitor: qmp.Qmp, was_running: bool) -> AsyncIterator[None]:
-    """On any failure inside: no migration left going and the VM running if it was; a
-    MigpipeError gets what became of the VM added to its line."""
+async def _keeping_source(
+    monitor: qmp.Qmp, was_running: bool, switch: "PostcopySwitch | None" = None
+) -> AsyncIterator[None]:
+    """On any failure inside: no migration left going and the VM running if it was, unless
+    `switch` went to postcopy (the guest has run on the destination since: its memory is split
+    between the hosts and the source's is stale); a MigpipeError gets what became of the VM
+    added to its line."""
     try:
         yield
     except BaseException as e:
         with trio.CancelScope(shield=True):
-            state = await _leave_source(monitor, was_running)
+            if switch is not None and switch.switched:
+                state = "postcopy had begun: the source VM stays paused (no recovery yet)"
+            else:
+                state = await _leave_source(monitor, was_running)
         if isinstance(e, MigpipeError):
             raise MigpipeError(f"{e.message}; {state}", e.offset, e.status) from None
         raise
@@ -914,18 +1068,26 @@ async def incoming(
     open_wire: Callable[[], AbstractContextManager[tuple[int | Source, int | Sink | None]]],
     secrets: Secrets | None = None,
     progress: Progress | None = None,
+    postcopy: bool = False,
 ) -> Outcome:
     """Load a migration into the QEMU behind `qmp_path` (started with `-incoming defer`).
 
     `open_wire` gives the wire's fd and the fd to answer the source on (or None); it is opened
     (a --listen accepts) only once QEMU is known to be waiting. MigpipeError unless QEMU
     completed the load.
+
+    With `postcopy` QEMU may take postcopy (its postcopy-ram capability set), and loads through
+    decode_two_way from its own socket: the wire's connection carries its return path back,
+    so no answer line goes there (the source QEMU's completion is the verdict). The guest runs
+    here before the load completes (RESUME, then MIGRATION completed).
     """
-    async with _waiting(qmp_path) as monitor:
+    async with _waiting(qmp_path, POSTCOPY if postcopy else []) as monitor:
         with contextlib.ExitStack() as stack:
             wire, answer = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
+            if postcopy:
+                return await _incoming_postcopy(monitor, wire, secrets, progress)
             source = Answerer(answer)
             timed = timed_end(wire)
 
@@ -948,6 +1110,19 @@ async def incoming(
             )
             source.tell(Confirmation("completed", landing=outcome.landing))
         return outcome
+
+
+async def _incoming_postcopy(
+    monitor: qmp.Qmp, wire: int | Source, secrets: Secrets | None, progress: Progress | None
+) -> Outcome:
+    """incoming's postcopy: decode_two_way into QEMU's migrate-incoming socket."""
+    from migpipe.tunnel.twoway import decode_two_way
+
+    async def carry(spec: str, _: trio.TaskStatus[None]) -> Totals:
+        return await decode_two_way(wire, spec, QEMU_CONNECT_TIMEOUT, progress, secrets)
+
+    finish = await _through_socket(monitor, "migrate-incoming", carry)
+    return await _loaded(monitor, finish)
 
 
 class TimedFd(FdChannel):
@@ -1026,13 +1201,16 @@ async def restore(
 
 
 @contextlib.asynccontextmanager
-async def _waiting(qmp_path: str) -> AsyncIterator[qmp.Qmp]:
-    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events on."""
+async def _waiting(
+    qmp_path: str, capabilities: Sequence[dict[str, Any]] = ()
+) -> AsyncIterator[qmp.Qmp]:
+    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events (and
+    `capabilities`) on."""
     async with qmp.connect(qmp_path) as monitor:
         state = (await monitor.execute("query-status"))["status"]
         if state != "inmigrate":
             raise MigpipeError(f"QEMU is {state}, not inmigrate: start it with -incoming defer")
-        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
+        await monitor.execute("migrate-set-capabilities", capabilities=[*EVENTS, *capabilities])
         yield monitor
 
 

@@ -1,0 +1,82 @@
+"""`migpipe migrate --qmp --postcopy` into `migpipe incoming --qmp --postcopy`, on QEMU 7.2 and
+10.0: the busy guest, which precopy cannot converge over a 30 MB/s link, switches to postcopy
+and runs on the destination while its pages still cross; each page it touches first is
+requested over QEMU's return path, which travels back through the wire's answer direction.
+
+migpipe holds each QEMU's second QMP monitor and hands it a private UNIX socket of the two-way
+tunnel; the harness keeps its own monitor to read the outcome. tests/link.py limits the wire
+between the two commands to the rate of the measurements in issue 17.
+"""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import qemuvm
+from link import Link
+from support import MIGPIPE
+
+pytestmark = pytest.mark.qemu
+
+LINK_RATE = 30e6  # bytes/s, as in tests/test_qemu_twoway.py
+TIMEOUT = 30.0  # a failsafe: each command ends when its QEMU completed (here in < 10 s)
+
+
+def migpipe(*args: str | Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*MIGPIPE, "-v", *map(str, args)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def until_listening(process: subprocess.Popen[bytes]) -> bytes:
+    """What `process` said until it said it listens (-v), which it must: the link connects to
+    it as soon as migrate connects to the link."""
+    lines = []
+    while b"listening on unix:" not in (line := process.stderr.readline()):
+        assert line, b"".join(lines).decode()  # it ended before it listened
+        lines.append(line)
+    return b"".join(lines)
+
+
+def finish(process: subprocess.Popen[bytes], said: bytes = b"") -> tuple[int, str]:
+    """Exit status and stderr (after what it `said` already), once it has exited (killed past
+    TIMEOUT)."""
+    try:
+        _, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, (said + err).decode()
+
+
+@pytest.mark.parametrize("switch", [[], ["--postcopy-after", "1"]], ids=["auto", "after-1"])
+def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, switch: list[str]
+) -> None:
+    """Both commands exit 0 with their summaries; the source QEMU completed after the guest
+    faulted pages in over the link, and the destination runs the guest."""
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    wire = f"unix:{tmp_path / 'wire.sock'}"
+    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    with (
+        qemuvm.source_vm(
+            guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
+        ) as src,
+        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build) as dest,
+        Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
+    ):
+        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
+        said = until_listening(incoming)
+        migrate = migpipe(
+            "migrate", "--qmp", src_qmp, "--connect", link.address, "--postcopy", *switch
+        )
+        out_status, out_err = finish(migrate)
+        in_status, in_err = finish(incoming, said)
+        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        info = src.qmp.execute("query-migrate")
+        assert info["status"] == "completed"
+        assert info["ram"]["postcopy-requests"] > 0  # the guest ran there before its pages came
+        assert dest.qmp.execute("query-status")["status"] == "running"
+    assert "migpipe migrate: completed" in out_err
+    assert "migpipe incoming: completed, the VM is running" in in_err
