@@ -80,3 +80,39 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
         assert dest.qmp.execute("query-status")["status"] == "running"
     assert "migpipe migrate: completed" in out_err
     assert "migpipe incoming: completed, the VM is running" in in_err
+
+
+def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_path: Path) -> None:
+    """Cut before the switch (--postcopy-after 3, cut once pass 2 began): migrate cancels the
+    migration and says in one line that the source VM runs, which it does; incoming fails."""
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    wire = f"unix:{tmp_path / 'wire.sock'}"
+    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    with (
+        qemuvm.source_vm(guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp)) as src,
+        qemuvm.Vm(tmp_path, "dest", dest_args),
+        Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
+    ):
+        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
+        said = until_listening(incoming)
+        migrate = migpipe(
+            "migrate",
+            "--qmp",
+            src_qmp,
+            "--connect",
+            link.address,
+            "--postcopy",
+            "--postcopy-after",
+            "3",
+        )
+        src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=TIMEOUT)
+        assert link.cut() == 1
+        out_status, out_err = finish(migrate)
+        in_status, in_err = finish(incoming, said)
+        assert src.qmp.execute("query-status")["status"] == "running"
+        assert src.qmp.execute("query-migrate")["status"] in ("cancelled", "failed")
+    assert out_status != 0 and in_status != 0
+    assert in_err.splitlines()[-1].startswith("migpipe incoming: error: "), in_err
+    error = out_err.splitlines()[-1]  # one line, however the break showed first
+    assert error.startswith("migpipe migrate: error: "), out_err
+    assert "the source VM is running" in error

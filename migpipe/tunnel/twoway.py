@@ -322,6 +322,12 @@ class SourceRelay(Relay):
         self._accepting = False
         self._waiting.interrupt()
 
+    def stop(self) -> None:
+        """The accepting thread's wait ends too: a failure (the wire broken) before the main
+        stream ended would otherwise leave run() waiting for it, and encode for ever."""
+        super().stop()
+        self._waiting.interrupt()
+
     def answers(self) -> None:
         """The answer direction of the wire, to the source QEMU's connections."""
         reader = WireReader(back=True)
