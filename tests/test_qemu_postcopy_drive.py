@@ -15,8 +15,9 @@ import pytest
 import qemuvm
 from link import Link
 from support import MIGPIPE
+from support import migpipe as migpipe_run
 
-pytestmark = pytest.mark.qemu
+from migpipe.errors import EXIT_USAGE
 
 LINK_RATE = 30e6  # bytes/s, as in tests/test_qemu_twoway.py
 TIMEOUT = 30.0  # a failsafe: each command ends when its QEMU completed (here in < 10 s)
@@ -50,6 +51,7 @@ def finish(process: subprocess.Popen[bytes], said: bytes = b"") -> tuple[int, st
     return process.returncode, (said + err).decode()
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("switch", [[], ["--postcopy-after", "1"]], ids=["auto", "after-1"])
 def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
     guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, switch: list[str]
@@ -82,6 +84,7 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
     assert "migpipe incoming: completed, the VM is running" in in_err
 
 
+@pytest.mark.qemu
 def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_path: Path) -> None:
     """Cut before the switch (--postcopy-after 3, cut once pass 2 began): migrate cancels the
     migration and says in one line that the source VM runs, which it does; incoming fails."""
@@ -116,3 +119,38 @@ def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_pa
     error = out_err.splitlines()[-1]  # one line, however the break showed first
     assert error.startswith("migpipe migrate: error: "), out_err
     assert "the source VM is running" in error
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["migrate", "--qmp", "q", "--postcopy", "--", "ssh", "dst"],
+            "--postcopy needs the wire on a --connect/--listen connection, not COMMAND's stdin "
+            "(QEMU's return path travels back on it)",
+        ),
+        (
+            ["migrate", "--qmp", "q", "--postcopy", "--out", "f"],
+            "--postcopy needs the wire on a --connect/--listen connection, not a file or pipe "
+            "(QEMU's return path travels back on it)",
+        ),
+        (
+            ["migrate", "--qmp", "q", "--postcopy-after", "2", "--connect", "unix:w"],
+            "--postcopy-after takes a number of passes from 1, with --postcopy",
+        ),
+        (
+            ["migrate", "--qmp", "q", "--postcopy", "--postcopy-after", "0", "--connect", "unix:w"],
+            "--postcopy-after takes a number of passes from 1, with --postcopy",
+        ),
+        (
+            ["incoming", "--qmp", "q", "--postcopy"],
+            "--postcopy needs the wire on a --connect/--listen connection, not stdin or a file "
+            "(QEMU's return path travels back on it)",
+        ),
+    ],
+)
+def test_postcopy_refuses_a_one_way_wire_in_one_line(args: list[str], line: str) -> None:
+    """Before QMP is touched (the socket `q` does not exist): a usage error, one line."""
+    result = migpipe_run(*args)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.decode() == f"migpipe {args[0]}: error: {line}\n"
