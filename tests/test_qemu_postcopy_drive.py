@@ -121,6 +121,50 @@ def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_pa
     assert "the source VM is running" in error
 
 
+@pytest.mark.qemu
+def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """Cut once QEMU is in postcopy: the guest has run on the destination, so the source's
+    memory is stale; migrate neither cancels nor resumes it, nor waits on a QEMU that holds
+    it paused (10.0: postcopy-paused), and says so in one line; incoming fails too."""
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    wire = f"unix:{tmp_path / 'wire.sock'}"
+    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    with (
+        qemuvm.source_vm(
+            guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
+        ) as src,
+        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build),
+        Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
+    ):
+        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
+        said = until_listening(incoming)
+        migrate = migpipe(
+            "migrate",
+            "--qmp",
+            src_qmp,
+            "--connect",
+            link.address,
+            "--postcopy-after",
+            "1",
+            "--postcopy",
+        )
+        active = src.qmp.wait_event(
+            "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
+        )
+        assert active and link.cut() == 1
+        out_status, out_err = finish(migrate)
+        in_status, in_err = finish(incoming, said)
+        assert src.qmp.execute("query-status")["running"] is False
+        assert src.qmp.execute("query-migrate")["status"] != "cancelled"
+    assert out_status != 0 and in_status != 0
+    assert in_err.splitlines()[-1].startswith("migpipe incoming: error: "), in_err
+    error = out_err.splitlines()[-1]
+    assert error.startswith("migpipe migrate: error: "), out_err
+    assert "postcopy had begun: the source VM stays paused" in error
+
+
 @pytest.mark.parametrize(
     "args,line",
     [

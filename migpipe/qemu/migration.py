@@ -91,6 +91,9 @@ LOAD_ENDED = {
     "exited": "QEMU exited during the load",
     "cancelled": "the load was cancelled in QEMU",
     "completed": "QEMU completed the load regardless",  # not seen: decode holds the EOF item
+    # the guest has run here, so its memory is on both hosts: QEMU waits for a recovery
+    "postcopy-active": "QEMU keeps the guest paused in postcopy (no recovery yet)",
+    "postcopy-paused": "QEMU keeps the guest paused in postcopy (no recovery yet)",
 }
 
 
@@ -536,6 +539,7 @@ async def _through_socket(
     carry: TwoWayCarry,
     beside: Callable[[qmp.Qmp], Awaitable[None]] | None = None,
     passes: "trio.MemorySendChannel[int] | None" = None,
+    switched: Callable[[], bool] = lambda: False,
 ) -> Finish:
     """_through_pipe's way for a migration that needs answers back (the return path,
     postcopy): `carry(spec, task_status)` runs the two-way tunnel on a UNIX socket in a private
@@ -554,7 +558,9 @@ async def _through_socket(
             return await carry(spec, trio.TASK_STATUS_IGNORED)
 
         begin = functools.partial(monitor.execute, command, uri=spec) if source else None
-        return await _following(monitor, source, on_socket, beside, begin, True, passes)
+        return await _following(
+            monitor, source, on_socket, beside, begin, True, passes, switched=switched
+        )
 
 
 async def _following(
@@ -566,16 +572,21 @@ async def _following(
     two_way: bool = False,
     passes: "trio.MemorySendChannel[int] | None" = None,
     release: Callable[[], None] | None = None,
+    switched: Callable[[], bool] = lambda: False,
 ) -> Finish:
     """carry beside QEMU's MIGRATION events to a final status (`begin` once carry started),
     telling `passes` each MIGRATION_PASS's number; on the source, a carry that failed cancels
     QEMU's migration, and only then is `release` called (our end of a pipe closed: before the
     cancel, QEMU would fail on it instead). With `two_way` a QEMU that failed or was cancelled
-    ends carry at once (its own error is the outcome's)."""
+    ends carry at once (its own error is the outcome's), and a carry that failed once postcopy
+    began (a postcopy status, or `switched`) leaves QEMU as it is, unwatched: a cancel would
+    lose the guest, whose newest memory is on both hosts, and QEMU waits in postcopy-paused
+    (for a recovery), never reaching a final status."""
     ending = Ending()
     order: list[str] = []
     carried: Totals | MigpipeError | None = None
-    carrying = trio.CancelScope()
+    carrying, watching = trio.CancelScope(), trio.CancelScope()
+    status = ""
 
     async def run_carry(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal carried
@@ -584,7 +595,9 @@ async def _following(
                 carried = await carry(ending, task_status)
             except* (MigpipeError, OSError) as group:
                 carried = _as_error(_first(group))
-                if source:
+                if two_way and (status.startswith("postcopy") or switched()):
+                    watching.cancel()
+                elif source:
                     with contextlib.suppress(MigpipeError):  # if QEMU is gone, its status says
                         await monitor.execute("migrate_cancel")
             finally:
@@ -595,17 +608,18 @@ async def _following(
         order.append("carry")
 
     async def watch() -> None:
-        status = ""
-        try:
-            while status not in FINAL:
-                event = await monitor.next_event("MIGRATION", "MIGRATION_PASS")
-                if event["event"] == "MIGRATION_PASS":
-                    if passes is not None:
-                        passes.send_nowait(event["data"]["pass"])
-                else:
-                    status = event["data"]["status"]
-        except MigpipeError:
-            status = "exited"
+        nonlocal status
+        with watching:
+            try:
+                while status not in FINAL:
+                    event = await monitor.next_event("MIGRATION", "MIGRATION_PASS")
+                    if event["event"] == "MIGRATION_PASS":
+                        if passes is not None:
+                            passes.send_nowait(event["data"]["pass"])
+                    else:
+                        status = event["data"]["status"]
+            except MigpipeError:
+                status = "exited"
         ending.set(status)
         order.append("qemu")
         if two_way and status != "completed":
@@ -848,7 +862,9 @@ async def _migrate_postcopy(
         )
 
     async with _keeping_source(monitor, was_running, switch):
-        finish = await _through_socket(monitor, "migrate", carry, switch.follow, switch.passes)
+        finish = await _through_socket(
+            monitor, "migrate", carry, switch.follow, switch.passes, lambda: switch.switched
+        )
         totals = await _source_result(monitor, finish)
     return Outcome(totals, await monitor.execute("query-migrate"), Confirmation())
 
