@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import qemuvm
 from link import Link
-from support import MIGPIPE
+from support import MIGPIPE, free_port
 from support import migpipe as migpipe_run
 
 from migpipe.errors import EXIT_USAGE
+from migpipe.io.tlsinit import tls_init
 
 LINK_RATE = 30e6  # bytes/s, as in tests/test_qemu_twoway.py
 TIMEOUT = 30.0  # a failsafe: each command ends when its QEMU completed (here in < 10 s)
@@ -33,7 +34,7 @@ def until_listening(process: subprocess.Popen[bytes]) -> bytes:
     """What `process` said until it said it listens (-v), which it must: the link connects to
     it as soon as migrate connects to the link."""
     lines = []
-    while b"listening on unix:" not in (line := process.stderr.readline()):
+    while b": listening on " not in (line := process.stderr.readline()):
         assert line, b"".join(lines).decode()  # it ended before it listened
         lines.append(line)
     return b"".join(lines)
@@ -51,15 +52,33 @@ def finish(process: subprocess.Popen[bytes], said: bytes = b"") -> tuple[int, st
     return process.returncode, (said + err).decode()
 
 
+def tls(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Mutual TLS: incoming's options, and migrate's (it reaches incoming through the link,
+    so it names the host it expects)."""
+    creds = tmp_path / "pki"
+    tls_init(creds, "migpipe test CA", ["localhost"], "source", 1)
+    return ["--tls-creds", str(creds)], ["--tls-creds", str(creds), "--tls-hostname", "localhost"]
+
+
 @pytest.mark.qemu
-@pytest.mark.parametrize("switch", [[], ["--postcopy-after", "1"]], ids=["auto", "after-1"])
+@pytest.mark.parametrize(
+    "switch,secure",
+    [([], False), (["--postcopy-after", "1"], False), (["--postcopy-after", "1"], True)],
+    ids=["auto", "after-1", "after-1-tls"],
+)
 def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
-    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, switch: list[str]
+    guest_elf: Path,
+    qemu_build: qemuvm.QemuBuild,
+    tmp_path: Path,
+    switch: list[str],
+    secure: bool,
 ) -> None:
     """Both commands exit 0 with their summaries; the source QEMU completed after the guest
-    faulted pages in over the link, and the destination runs the guest."""
+    faulted pages in over the link, and the destination runs the guest. Over TLS too, whose
+    channel carries both directions at once."""
     src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
-    wire = f"unix:{tmp_path / 'wire.sock'}"
+    wire = free_port() if secure else f"unix:{tmp_path / 'wire.sock'}"
+    incoming_tls, migrate_tls = tls(tmp_path) if secure else ([], [])
     dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
     with (
         qemuvm.source_vm(
@@ -68,10 +87,19 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
         qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build) as dest,
         Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
     ):
-        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
+        incoming = migpipe(
+            "incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy", *incoming_tls
+        )
         said = until_listening(incoming)
         migrate = migpipe(
-            "migrate", "--qmp", src_qmp, "--connect", link.address, "--postcopy", *switch
+            "migrate",
+            "--qmp",
+            src_qmp,
+            "--connect",
+            link.address,
+            "--postcopy",
+            *switch,
+            *migrate_tls,
         )
         out_status, out_err = finish(migrate)
         in_status, in_err = finish(incoming, said)

@@ -103,8 +103,6 @@ def check_postcopy(args: argparse.Namespace, wire: str) -> None:
             f"--postcopy needs the wire on a --connect/--listen connection, not {wire} "
             "(QEMU's return path travels back on it)"
         )
-    if args.tls_creds is not None:
-        raise UsageError("--postcopy cannot run over --tls-creds yet (see --qemu)")
 
 
 def qemu_option(sub: argparse.ArgumentParser, what: str) -> None:
