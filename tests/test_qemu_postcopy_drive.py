@@ -8,13 +8,14 @@ tunnel; the harness keeps its own monitor to read the outcome. tests/link.py lim
 between the two commands to the rate of the measurements in issue 17.
 """
 
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import qemuvm
 from link import Link
-from support import MIGPIPE, free_port
+from support import MIGPIPE, MIGPIPE_SHELL, free_port
 from support import migpipe as migpipe_run
 
 from migpipe.errors import EXIT_USAGE
@@ -113,6 +114,43 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
 
 
 @pytest.mark.qemu
+def test_postcopy_through_a_commands_stdin_and_stdout(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """`migrate -- COMMAND`, as with ssh: the wire goes down the command's stdin and QEMU's
+    return path comes back on its stdout (pv limits the way there to the link's rate)."""
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    incoming = f"{MIGPIPE_SHELL} incoming --qmp {shlex.quote(str(dst_qmp))} --postcopy"
+    with (
+        qemuvm.source_vm(
+            guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
+        ) as src,
+        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build) as dest,
+    ):
+        migrate = migpipe(
+            "migrate",
+            "--qmp",
+            src_qmp,
+            "--postcopy",
+            "--postcopy-after",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            f"pv -q -L {LINK_RATE:.0f} | {incoming}",
+        )
+        status, err = finish(migrate)
+        assert status == 0, err
+        info = src.qmp.execute("query-migrate")
+        assert info["status"] == "completed"
+        assert info["ram"]["postcopy-requests"] > 0
+        assert dest.qmp.execute("query-status")["status"] == "running"
+    assert "migpipe migrate: completed" in err
+    assert "migpipe incoming: completed, the VM is running" in err  # its stderr is ours
+
+
+@pytest.mark.qemu
 def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_path: Path) -> None:
     """Cut before the switch (--postcopy-after 3, cut once pass 2 began): migrate cancels the
     migration and says in one line that the source VM runs, which it does; incoming fails."""
@@ -193,19 +231,18 @@ def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
     assert "postcopy had begun: the source VM stays paused" in error
 
 
+ONE_WAY = (
+    "--postcopy needs a wire that carries both ways, not {} (QEMU's return path travels back "
+    "on it): --connect, --listen or COMMAND"
+)
+
+
 @pytest.mark.parametrize(
     "args,line",
     [
-        (
-            ["migrate", "--qmp", "q", "--postcopy", "--", "ssh", "dst"],
-            "--postcopy needs the wire on a --connect/--listen connection, not COMMAND's stdin "
-            "(QEMU's return path travels back on it)",
-        ),
-        (
-            ["migrate", "--qmp", "q", "--postcopy", "--out", "f"],
-            "--postcopy needs the wire on a --connect/--listen connection, not a file or pipe "
-            "(QEMU's return path travels back on it)",
-        ),
+        (["migrate", "--qmp", "q", "--postcopy", "--out", "f"], ONE_WAY.format("f")),
+        (["migrate", "--qmp", "q", "--postcopy"], ONE_WAY.format("standard output")),
+        (["incoming", "--qmp", "q", "--postcopy", "--in", "f"], ONE_WAY.format("f")),
         (
             ["migrate", "--qmp", "q", "--postcopy-after", "2", "--connect", "unix:w"],
             "--postcopy-after takes a number of passes from 1, with --postcopy",
@@ -214,15 +251,11 @@ def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
             ["migrate", "--qmp", "q", "--postcopy", "--postcopy-after", "0", "--connect", "unix:w"],
             "--postcopy-after takes a number of passes from 1, with --postcopy",
         ),
-        (
-            ["incoming", "--qmp", "q", "--postcopy"],
-            "--postcopy needs the wire on a --connect/--listen connection, not stdin or a file "
-            "(QEMU's return path travels back on it)",
-        ),
     ],
 )
 def test_postcopy_refuses_a_one_way_wire_in_one_line(args: list[str], line: str) -> None:
-    """Before QMP is touched (the socket `q` does not exist): a usage error, one line."""
+    """A file cannot carry QEMU's return path back: a usage error, one line, before QMP is
+    touched (the socket `q` does not exist)."""
     result = migpipe_run(*args)
     assert result.returncode == EXIT_USAGE
     assert result.stderr.decode() == f"migpipe {args[0]}: error: {line}\n"

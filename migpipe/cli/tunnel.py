@@ -67,7 +67,7 @@ def register(command: Command) -> None:
         "--postcopy",
         action="store_true",
         help="switch to postcopy when precopy does not converge (incoming needs --postcopy "
-        "too; the wire must be a --connect/--listen connection)",
+        "too; the wire must carry both ways: --connect, --listen or COMMAND)",
     )
     migrate.add_argument(
         "--postcopy-after",
@@ -91,17 +91,18 @@ def register(command: Command) -> None:
     incoming.add_argument(
         "--postcopy",
         action="store_true",
-        help="let QEMU take postcopy (migrate --postcopy; needs a --connect/--listen wire)",
+        help="let QEMU take postcopy (migrate --postcopy): its return path goes back on the "
+        "connection, or on stdout when the wire is stdin",
     )
 
 
-def check_postcopy(args: argparse.Namespace, wire: str) -> None:
-    """--postcopy carries QEMU's return path back on the wire's connection, which must carry
-    both ways and take frames (not the answer lines of a command's stdout)."""
-    if not (args.connect or args.listen):
+def check_postcopy(file: str | None) -> None:
+    """--postcopy carries QEMU's return path back on the wire (a connection, or a command's
+    stdin and stdout), which a file (`file`, not None) cannot."""
+    if file is not None:
         raise UsageError(
-            f"--postcopy needs the wire on a --connect/--listen connection, not {wire} "
-            "(QEMU's return path travels back on it)"
+            f"--postcopy needs a wire that carries both ways, not {file} "
+            "(QEMU's return path travels back on it): --connect, --listen or COMMAND"
         )
 
 
@@ -192,7 +193,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError("--postcopy-after takes a number of passes from 1, with --postcopy")
     switch = None
     if args.postcopy:
-        check_postcopy(args, "COMMAND's stdin" if args.peer else "a file or pipe")
+        one_way = not (args.peer or args.connect or args.listen)
+        check_postcopy(output_name(args.output) if one_way else None)
         switch = PostcopySwitch(args.postcopy_after)
     chain = filter_chain(args)
     link = functools.partial(peer_link, args)
@@ -234,7 +236,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                 yield wire, sys.stdout.fileno() if args.input == "-" else None
 
     if args.postcopy:
-        check_postcopy(args, "stdin or a file")
+        check_postcopy(None if args.input == "-" or args.connect or args.listen else args.input)
     outcome = run_trio(
         incoming,
         args.qmp,

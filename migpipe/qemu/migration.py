@@ -51,7 +51,7 @@ from migpipe.errors import (
     UnconfirmedError,
     printable,
 )
-from migpipe.io.channel import FdChannel, Sink, Source, as_sink, as_source
+from migpipe.io.channel import Channel, FdChannel, Sink, Source, as_sink, as_source
 from migpipe.io.direct import Direct
 from migpipe.io.files import enlarge_pipe
 from migpipe.keys import Secrets
@@ -268,6 +268,33 @@ class Link(Protocol):
         """The link's one-way time in seconds, where it can be measured on the wire."""
         ...
 
+    def both_ways(self) -> "int | Channel":
+        """The wire as one connection that carries answers back too, for the two-way tunnel
+        (a descriptor, which the tunnel checks is a socket, or a Channel)."""
+        ...
+
+
+class PairChannel:
+    """Two descriptors as one connection: a command's stdout to read (or our stdin) and its
+    stdin to write (or our stdout), as ssh carries them; the two-way tunnel's wire when it
+    runs under `migrate -- COMMAND`."""
+
+    def __init__(self, read: int, write: int, name: str) -> None:
+        self._in, self._out = FdChannel(read, name), FdChannel(write, name)
+
+    def read(self) -> bytes:
+        return self._in.read()
+
+    def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._out.write(parts)
+
+    def finish(self) -> None:
+        self._out.finish()
+
+    def interrupt(self) -> None:
+        self._in.interrupt()
+        self._out.interrupt()
+
 
 @dataclass
 class FdLink:
@@ -283,6 +310,9 @@ class FdLink:
     def end(self, at: float) -> None:
         self.ended = at
         FdChannel(self.wire).finish()  # a socket's shutdown: the answer can still come back
+
+    def both_ways(self) -> int:
+        return self.wire
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         return Confirmation() if self.replies is None else self.replies.verdict(sealer)
@@ -312,6 +342,9 @@ class ChannelLink:
     def end(self, at: float) -> None:
         self.ended = at
         self.wire.finish()  # the Sink's end (close_notify, our side shut): decode sees it
+
+    def both_ways(self) -> "TlsChannel":
+        return self.wire
 
     def confirm(self, sealer: filters.Filter | None) -> Confirmation:
         return self.replies.verdict(sealer)
@@ -350,6 +383,9 @@ class CommandLink:
 
     def one_way(self) -> None:
         return None
+
+    def both_ways(self) -> PairChannel:
+        return PairChannel(self._process.stdout.fileno(), self.wire, self._name)
 
     def close(self) -> None:
         """Stop feeding the command and reap it (after a failure it sees a cut wire)."""
@@ -858,8 +894,10 @@ async def _migrate_postcopy(
 
     async def carry(spec: str, task_status: trio.TaskStatus[None]) -> Totals:
         return await encode_two_way(
-            spec, QEMU_CONNECT_TIMEOUT, link.wire, chain, progress, task_status=task_status
+            spec, QEMU_CONNECT_TIMEOUT, wire, chain, progress, task_status=task_status
         )
+
+    wire = link.both_ways()
 
     async with _keeping_source(monitor, was_running, switch):
         finish = await _through_socket(
@@ -1103,6 +1141,8 @@ async def incoming(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
             if postcopy:
+                if isinstance(wire, int) and isinstance(answer, int) and answer != wire:
+                    wire = PairChannel(wire, answer, "standard input and output")
                 return await _incoming_postcopy(monitor, wire, secrets, progress)
             source = Answerer(answer)
             timed = timed_end(wire)
@@ -1129,7 +1169,7 @@ async def incoming(
 
 
 async def _incoming_postcopy(
-    monitor: qmp.Qmp, wire: int | Source, secrets: Secrets | None, progress: Progress | None
+    monitor: qmp.Qmp, wire: int | Channel, secrets: Secrets | None, progress: Progress | None
 ) -> Outcome:
     """incoming's postcopy: decode_two_way into QEMU's migrate-incoming socket."""
     from migpipe.tunnel.twoway import decode_two_way
