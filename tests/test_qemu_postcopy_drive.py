@@ -110,6 +110,8 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
         assert info["ram"]["postcopy-requests"] > 0  # the guest ran there before its pages came
         assert dest.qmp.execute("query-status")["status"] == "running"
     assert "migpipe migrate: completed" in out_err
+    requests = f"{info['ram']['postcopy-requests']:,} pages it requested in postcopy"
+    assert f"destination: loaded, as its QEMU said on the return path; {requests}" in out_err
     assert "migpipe incoming: completed, the VM is running" in in_err
 
 

@@ -499,6 +499,7 @@ class Outcome:
     runstate: str = ""  # the VM's run state at the end (destination side)
     pause: Pause | None = None  # the guest's real pause (source side; None: it was not running)
     landing: Landing | None = None  # this destination's part of it (destination side)
+    postcopy: bool = False  # through the two-way tunnel: QEMU's return path was the verdict
 
 
 # -- one side of a migration, through a pipe ----------------------------------------------------
@@ -904,7 +905,8 @@ async def _migrate_postcopy(
             monitor, "migrate", carry, switch.follow, switch.passes, lambda: switch.switched
         )
         totals = await _source_result(monitor, finish)
-    return Outcome(totals, await monitor.execute("query-migrate"), Confirmation())
+    info = await monitor.execute("query-migrate")
+    return Outcome(totals, info, Confirmation(), postcopy=True)
 
 
 async def _send(
@@ -1375,7 +1377,12 @@ def summary(command: str, outcome: Outcome) -> str:
         lines.append(f"  the VM is {outcome.runstate}")
     else:
         answer = outcome.confirmation
-        if answer is None or answer.status is None:
+        if outcome.postcopy:
+            confirmed = (
+                f"loaded, as its QEMU said on the return path; "
+                f"{ram.get('postcopy-requests', 0):,} pages it requested in postcopy"
+            )
+        elif answer is None or answer.status is None:
             confirmed = "no answer (none expected)"
         else:
             confirmed = answer.status + (" (sealed)" if answer.sealed else "")
