@@ -281,33 +281,31 @@ def test_the_real_pipeline_over_tls(creds: Path, tmp_path: Path) -> None:
 
 def test_one_channel_read_and_written_by_two_threads_at_once(creds: Path) -> None:
     """The two-way tunnel reads a wire's answers in one thread while another writes frames, on
-    both ends. Here each end writes 48 MiB (frame-sized parts and small ones) in one thread
-    while another reads the other end's 48 MiB, both directions at once, byte for byte. It
-    failed when a read made the socket non-blocking under a blocking sendall (SSLWantWrite)."""
+    both ends, and ends its direction (finish()) while answers still come. Here each end writes
+    48 MiB (frame-sized parts and small ones) and finishes in one thread while another reads
+    the other end's to its end, both directions at once, byte for byte. It hung when a read
+    made the socket non-blocking under a blocking sendall (SSLWantWrite)."""
     size = 48 << 20
 
-    def both_ways(channel: tls.TlsChannel, mine: bytes, theirs: int) -> bytes:
-        writer = End(lambda _: write_in_parts(channel, mine), socket.socket())
+    def both_ways(channel: tls.TlsChannel, mine: bytes) -> bytes:
+        writer = End(lambda _: write_and_finish(channel, mine), socket.socket())
         writer.start()
-        received = bytearray()
-        while len(received) < theirs and (chunk := channel.read()):
-            received += chunk
+        received = b"".join(read_all(channel))
         writer.join(JOIN)
         assert not writer.is_alive(), "the writing thread hung"
         if writer.error is not None:
             raise writer.error
-        channel.finish()  # once both threads are done: finish() keeps what came for a read
-        return bytes(received)
+        return received
 
     sent = {"server": random.Random(1).randbytes(size), "client": random.Random(2).randbytes(size)}
 
     def server_end(sock: socket.socket) -> object:
         with tls.wrap_server(sock, tls.server_context(creds)) as channel:
-            return both_ways(channel, sent["server"], size)
+            return both_ways(channel, sent["server"])
 
     def client_end(sock: socket.socket) -> object:
         with tls.wrap_client(sock, tls.client_context(creds), "localhost") as channel:
-            return both_ways(channel, sent["client"], size)
+            return both_ways(channel, sent["client"])
 
     server, client = connected(server_end, client_end)
     assert server.error is None and client.error is None
@@ -315,13 +313,15 @@ def test_one_channel_read_and_written_by_two_threads_at_once(creds: Path) -> Non
     assert client.result == sent["server"]
 
 
-def write_in_parts(channel: tls.TlsChannel, data: bytes) -> None:
-    """`data` as frames go out: a 17-byte header and up to 1 MiB of payload, or a short one."""
+def write_and_finish(channel: tls.TlsChannel, data: bytes) -> None:
+    """`data` as frames go out (a 17-byte header and up to 1 MiB of payload, or a short one),
+    then the end of this direction."""
     view, sizes = memoryview(data), itertools.cycle([CHUNK, 300, 70 << 10, 40, CHUNK // 2])
     while view:
         size = next(sizes)
         channel.write([view[:17], view[17:size]])
         view = view[size:]
+    channel.finish()
 
 
 @watches_syscalls

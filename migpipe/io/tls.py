@@ -103,6 +103,10 @@ def _context(directory: Path, role: Role, tls12: bool, peers: Sequence[str]) -> 
     context.verify_mode = ssl.CERT_REQUIRED  # on the server: mutual authentication
     context.minimum_version = ssl.TLSVersion.TLSv1_2 if tls12 else ssl.TLSVersion.TLSv1_3
     context.options |= ssl.OP_NO_RENEGOTIATION
+    # A direction that ends without close_notify (TlsChannel.finish while the other is being
+    # read) ends that direction only, as close_notify would: OpenSSL 3 would otherwise make it
+    # a fatal decode_error for both. The wire's own checks judge where the stream ended.
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if tls12:
         context.set_ciphers(TLS12_CIPHERS)
     if role is SERVER:
@@ -377,7 +381,7 @@ def _explain(e: BaseException, tls: TlsContext, host: str | None) -> str:
             f"no TLS handshake from the {other.end} within {HANDSHAKE_TIMEOUT:g} s; "
             "is it running without --tls-creds?"
         )
-    if isinstance(e, EOFError | ssl.SSLEOFError | ConnectionError):
+    if isinstance(e, EOFError | ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionError):
         return (
             f"the {other.end} closed the connection during the handshake: it runs without "
             "--tls-creds, or it refused our certificate (its own message says why)"
@@ -440,11 +444,12 @@ class TlsChannel:
 
     def __init__(self, ssl_sock: ssl.SSLSocket, early: bytes = b"") -> None:
         self.socket = ssl_sock
-        self._early = early  # application data read while waiting for the handshake to settle
+        self._early = bytearray(early)  # data read in the handshake's wait, or by finish()
         self._fd = ssl_sock.fileno()
         self._readable = Readable(self._fd)
         self._lock = threading.Lock()  # held around each SSL call, never across a wait
         self._both_ended = False  # both close_notify crossed: the socket is no longer TLS's
+        self._reading = False  # read() was called and has not returned the end yet
         ssl_sock.setblocking(False)
 
     def __enter__(self) -> "TlsChannel":
@@ -460,16 +465,13 @@ class TlsChannel:
         self._readable.interrupt()
 
     def read(self) -> bytes | bytearray:
-        with self._lock:
-            early, self._early = self._early, b""
-        if early or self._both_ended:
-            return early
         buffer = bytearray(CHUNK)
         view = memoryview(buffer)
+        self._reading = True
         try:
-            length = self._ssl(self.socket.recv_into, view)
+            length = self._ssl(self._recv, view)
             if length:
-                length += self._gather(view[length:])
+                length += self._gather(view[length:], self._lock)
         except ssl.SSLZeroReturnError:
             length = 0  # close_notify, after we sent ours (else recv_into returns 0 itself)
         except ssl.SSLError as e:
@@ -479,16 +481,30 @@ class TlsChannel:
             raise PeerGoneError(message) from None
         finally:
             view.release()
+        self._reading = length > 0
         del buffer[length:]
         return buffer  # nobody else holds it: as good as bytes, without a 1 MiB copy
 
-    def _gather(self, view: memoryview) -> int:
-        """Read the records already there into `view`, without waiting for more."""
+    def _recv(self, view: memoryview) -> int:
+        """Under the lock: into `view`, what finish() kept first, else OpenSSL's next record;
+        0 at the end."""
+        if self._early:
+            length = min(len(self._early), len(view))
+            view[:length] = self._early[:length]
+            del self._early[:length]
+            return length
+        if self._both_ended:
+            return 0
+        return self.socket.recv_into(view)
+
+    def _gather(self, view: memoryview, lock: contextlib.AbstractContextManager) -> int:
+        """Read the records already there into `view`, without waiting for more, taking
+        `lock` around each (the channel's, or none when the caller holds it)."""
         length = 0
         try:
             while len(view) - length >= RECORD:
-                with self._lock:
-                    got = self.socket.recv_into(view[length:])
+                with lock:
+                    got = self._recv(view[length:])
                 if not got:
                     break
                 length += got
@@ -553,26 +569,34 @@ class TlsChannel:
         Only close_notify is sent: waiting for the peer's would hang on a reader that, like
         migpipe's, just closes. The other direction stays open, so an answer can still be
         read. Errors are ignored, as the peer may be gone already.
+
+        While the other direction is being read (the two-way tunnel's answers, in another
+        thread: read() was called and has not returned the end), ours ends without
+        close_notify: records that arrive while Python's ssl sends it would be discarded (see
+        _keep_what_came), and there they may come at any time. The peer reads a plain end,
+        which the wire's own checks judge, as the reader of a connection cut short does.
         """
         with contextlib.suppress(OSError):
-            self._keep_what_came()
             self._send_close_notify()
         with contextlib.suppress(OSError):  # not SSLSocket.shutdown, which ends reading TLS too
             socket.socket.shutdown(self.socket, socket.SHUT_WR)
 
     def _keep_what_came(self) -> None:
-        """Take the records the peer already sent (the destination's verdict, if it answered
-        quickly) before close_notify goes out: Python's ssl sends it by running SSL_shutdown
-        twice, and the second run reads the peer's records and discards their data."""
+        """Under the lock, just before close_notify goes out: take the records the peer
+        already sent (the destination's verdict, if it answered quickly) for the next read():
+        Python's ssl sends close_notify by running SSL_shutdown twice, and the second run
+        reads the peer's records and discards their data."""
         buffer = bytearray(CHUNK)
         with memoryview(buffer) as view:
-            length = self._gather(view)
-        with self._lock:
-            self._early += bytes(buffer[:length])
+            length = self._gather(view, contextlib.nullcontext())
+        self._early += buffer[:length]
 
     def _send_close_notify(self) -> None:
         while True:
             with self._lock:
+                if self._both_ended or self._reading:  # a second finish(), or see finish()
+                    return
+                self._keep_what_came()
                 try:
                     self.socket.unwrap()  # sends close_notify, then wants the peer's
                     self._both_ended = True  # the peer's came already: reads end here
