@@ -16,6 +16,7 @@ import qemuvm
 from link import Link
 from support import MIGPIPE
 
+from migpipe.io.tlsinit import tls_init
 from migpipe.keys import keygen
 
 pytestmark = pytest.mark.qemu
@@ -169,3 +170,26 @@ def test_postcopy_of_a_busy_guest_over_a_slow_link(
     assert tunnel.statuses() == (0, 0), tunnel.errors
     assert alone["ram"]["postcopy-requests"] > 0  # the guest faulted pages in over the link
     assert through["ram"]["postcopy-requests"] > 0  # and through migpipe's answer direction
+
+
+def test_a_paused_guest_with_the_return_path_over_tls(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """--qemu over --tls-creds: the wire's answers (the destination's return-path messages) are
+    read in one thread of each end while others write frames, through one TLS channel."""
+    creds = tmp_path / "creds"
+    tls_init(creds, "Test CA", ["localhost"], "source")
+    tls = ["--tls-creds", str(creds)]
+    tunnel = Tunnel(tmp_path, [*tls, "--tls-hostname", "localhost"], tls)  # a UNIX socket wire
+    with (
+        qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        capabilities(dest, "postcopy-ram")
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
+        capabilities(src, "postcopy-ram")
+        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
+        qemuvm.wait_incoming(dest)
+        assert tunnel.statuses() == (0, 0), tunnel.errors
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
