@@ -29,8 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migpipe.errors import EXIT_TLS, EXIT_USAGE, MigpipeError, Stopped
-from migpipe.io import tls, tlsinit, transport
+from migpipe.errors import EXIT_TLS, EXIT_USAGE, IdleError, MigpipeError, Stopped
+from migpipe.io import idle, tls, tlsinit, transport
 from migpipe.io.channel import CHUNK
 from migpipe.stream.writer import write_records
 from migpipe.tools.synthetic import GuestModel, SyntheticGuest
@@ -322,6 +322,31 @@ def write_and_finish(channel: tls.TlsChannel, data: bytes) -> None:
         channel.write([view[:17], view[17:size]])
         view = view[size:]
     channel.finish()
+
+
+def test_a_write_the_peer_does_not_take_ends_at_the_idle_deadline(creds: Path) -> None:
+    """--idle-timeout on a TLS wire: the channel's socket is non-blocking, so its sends ignore
+    SO_SNDTIMEO; a write whose peer takes nothing still gives up once that deadline passed."""
+    done = threading.Event()
+
+    def still(sock: socket.socket) -> object:
+        with tls.wrap_server(sock, tls.server_context(creds)):
+            return done.wait(JOIN)  # connected, reading nothing
+
+    def writer(sock: socket.socket) -> object:
+        with tls.wrap_client(sock, tls.client_context(creds), "localhost") as channel:
+            idle.watch(channel.socket.fileno(), 0.5, writing=True)
+            try:
+                with pytest.raises(IdleError) as raised:
+                    while True:
+                        channel.write([payload(1 << 20)])
+            finally:
+                done.set()
+            return str(raised.value)
+
+    server, client = connected(still, writer)
+    assert server.error is None and client.error is None
+    assert "the peer took nothing for 0.5 s; it is connected but not reading" in client.result
 
 
 @watches_syscalls

@@ -436,10 +436,10 @@ class TlsChannel:
     write() joins runs of small parts (a frame's QEMU bytes may come in many short pieces) so
     that they travel as full records, as FdChannel's writev sends them in one call.
 
-    finish(), the Sink's, ends the writing direction with close_notify. The wire's own
-    trailer already catches a connection cut short, so a reader accepts an end without
-    close_notify and leaves the verdict to the trailer; close_notify only makes a clean end
-    explicit.
+    finish(), the Sink's, ends the writing direction with close_notify (not while the other
+    direction is being read: see finish). The wire's own trailer already catches a connection
+    cut short, so a reader accepts an end without close_notify and leaves the verdict to the
+    trailer; close_notify only makes a clean end explicit.
     """
 
     def __init__(self, ssl_sock: ssl.SSLSocket, early: bytes = b"") -> None:
@@ -473,7 +473,7 @@ class TlsChannel:
             if length:
                 length += self._gather(view[length:], self._lock)
         except ssl.SSLZeroReturnError:
-            length = 0  # close_notify, after we sent ours (else recv_into returns 0 itself)
+            length = 0  # close_notify, or a plain end (OP_IGNORE_UNEXPECTED_EOF)
         except ssl.SSLError as e:
             raise _data_error(e, "reading") from None
         except ConnectionResetError as e:
