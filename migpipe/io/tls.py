@@ -24,6 +24,7 @@ trio's SSLStream (one task doing everything) measured three to four times slower
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import select
 import socket
@@ -554,8 +555,14 @@ class TlsChannel:
     def _await_writable(self) -> None:
         """Wait until the socket takes bytes, no longer than its --idle-timeout (SO_SNDTIMEO,
         which a non-blocking socket's sends ignore), as FdChannel's blocking writev does."""
-        if not self._writable(idle.write_deadline(self._fd)):
+        if not self._writable(self._write_deadline):
             raise idle.stalled(self._fd, idle.peer(self._fd))
+
+    @functools.cached_property
+    def _write_deadline(self) -> int | None:
+        """The socket's write deadline in ms, looked up at the first wait (the wire's owner
+        sets it after the handshake) rather than at each, a few system calls apiece."""
+        return idle.write_deadline(self._fd)
 
     def _writable(self, timeout: int | None) -> bool:
         """Whether the socket takes bytes within `timeout` ms (None: for ever)."""
