@@ -24,6 +24,7 @@ class Target:
         self._listener.listen(16)
         self._handler = handler
         self._threads: list[threading.Thread] = []
+        self._accepted = threading.Condition()
         self.errors: list[BaseException] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -33,10 +34,12 @@ class Target:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
-            index = len(self._threads)
-            thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            with self._accepted:
+                index = len(self._threads)
+                thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+                self._accepted.notify_all()
 
     def _serve(self, conn: socket.socket, index: int) -> None:
         with conn:
@@ -47,6 +50,8 @@ class Target:
 
     def join(self, count: int) -> None:
         """Wait until `count` connections have been served; raise what a handler raised."""
+        with self._accepted:  # the link connects to us as it accepts, maybe not yet
+            self._accepted.wait_for(lambda: len(self._threads) >= count, 30)
         for thread in self._threads[:count]:
             thread.join(30)
         assert len(self._threads) >= count

@@ -112,7 +112,7 @@ def test_serve_fails_a_job_whose_socket_peer_stops(tmp_path: Path, wire: bytes) 
         text=True,
     )
     ours, theirs = socket.socketpair()
-    read_end, write_end = os.pipe()
+    write_end = os.open(os.devnull, os.O_WRONLY)  # a QEMU that takes what comes
     try:
         assert server.stdout.readline() == f"migpipe serve: listening on {path}\n"
         with service_client.connect(str(path), TIMEOUT, TIMEOUT) as session:
@@ -130,7 +130,6 @@ def test_serve_fails_a_job_whose_socket_peer_stops(tmp_path: Path, wire: bytes) 
         )
     finally:
         ours.close()
-        os.close(read_end)
         server.terminate()
         server.communicate(timeout=TIMEOUT)
 

@@ -40,7 +40,7 @@ from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
-from migpipe.tunnel.dataplane import run_interruptible, run_ordered
+from migpipe.tunnel.dataplane import IN_FLIGHT, run_interruptible, run_ordered
 from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_FINAL,
@@ -175,7 +175,9 @@ class Encoder:
         self._records = bytearray()  # page-filter mode: serialised records of the next frame
         self._final_records = bytearray()
 
-    def feed(self, chunk: bytes) -> list[Outgoing]:
+    def feed(self, chunk: Buffer) -> list[Outgoing]:
+        """The frame the stream's bytes so far complete, if any: at most one per call, so the
+        caller feeds a long read in slices of frame_size."""
         self.totals.qemu_bytes += len(chunk)
         self._pieces.append(memoryview(chunk))
         self._parser.feed(chunk)
@@ -500,9 +502,13 @@ async def encode(
             if not chunk:
                 break
             if inbound.moved(len(chunk)):
-                encoder.frame_size = inbound.rate.budget(smallest, FRAME_TARGET)
-            for out in encoder.feed(chunk):
-                submit(out)
+                # the frames in flight together hold a buffer's time, not each of them
+                in_flight = inbound.rate.budget(smallest * IN_FLIGHT, FRAME_TARGET * IN_FLIGHT)
+                encoder.frame_size = in_flight // IN_FLIGHT
+            view, size = memoryview(chunk), encoder.frame_size
+            for at in range(0, len(chunk), size):  # a read of a slow link's QEMU: frames
+                for out in encoder.feed(view[at : at + size]):
+                    submit(out)
         for out in encoder.finish():
             submit(out)
 
