@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import qemuvm
-from test_qemu_twoway import Tunnel, capabilities
+from test_qemu_twoway import Tunnel, migrate_multifd
 
 pytestmark = pytest.mark.qemu
 
@@ -27,22 +27,7 @@ def migrate(
     source is paused at the third pass, an "idle" one before it starts."""
     stats = tmp_path / "encode.json"
     tunnel = Tunnel(tmp_path, ["--xbzrle", "--stats-json", str(stats)])
-    with (
-        qemuvm.source_vm(guest_elf, kind, tmp_path, qemu=qemu_build) as src,
-        qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
-    ):
-        for vm in (dest, src):
-            capabilities(vm, "multifd")
-            vm.qmp.execute("migrate-set-parameters", **{"multifd-channels": CHANNELS})
-        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
-        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
-        if kind == "dirty":
-            src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 3, timeout=60)
-            src.qmp.execute("stop")
-        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
-        qemuvm.wait_incoming(dest)
-        assert tunnel.statuses() == (0, 0), tunnel.errors
-        memory = src.pmemsave(tmp_path / "s.mem"), dest.pmemsave(tmp_path / "d.mem")
+    memory = migrate_multifd(guest_elf, qemu_build, tmp_path, tunnel, CHANNELS, kind)
     figures = json.loads(stats.read_text())["filters"]["multifd-xbzrle"]
     assert figures["lanes"] == CHANNELS
     return *memory, figures

@@ -102,6 +102,35 @@ def test_a_paused_guest_with_the_return_path(
         assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
 
 
+def migrate_multifd(
+    guest_elf: Path,
+    qemu_build: qemuvm.QemuBuild,
+    tmp_path: Path,
+    tunnel: Tunnel,
+    channels: int,
+    kind: str = "idle",
+) -> tuple[bytes, bytes]:
+    """A multifd migration of `channels` channels through `tunnel` into a paused destination:
+    the source's and the destination's memory once it completed. An "idle" source is paused
+    before it starts; a "dirty" one at its third pass, so its memory is what must arrive."""
+    with (
+        qemuvm.source_vm(guest_elf, kind, tmp_path, qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        for vm in (dest, src):
+            capabilities(vm, "multifd")
+            vm.qmp.execute("migrate-set-parameters", **{"multifd-channels": channels})
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
+        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
+        if kind == "dirty":
+            src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 3, timeout=60)
+            src.qmp.execute("stop")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
+        qemuvm.wait_incoming(dest)
+        assert tunnel.statuses() == (0, 0), tunnel.errors
+        return src.pmemsave(tmp_path / "s.mem"), dest.pmemsave(tmp_path / "d.mem")
+
+
 @pytest.mark.parametrize("channels,sealed", [(2, False), (4, True)])
 def test_multifd_channels_each_a_lane(
     guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, channels: int, sealed: bool
@@ -113,19 +142,8 @@ def test_multifd_channels_each_a_lane(
     keygen(key)
     filters = ["--filters", "zstd:1,encrypt", "--key-file", str(key)] if sealed else []
     tunnel = Tunnel(tmp_path, filters, ["--key-file", str(key)] if sealed else [])
-    with (
-        qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemu_build) as src,
-        qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
-    ):
-        for vm in (dest, src):
-            capabilities(vm, "multifd")
-            vm.qmp.execute("migrate-set-parameters", **{"multifd-channels": channels})
-        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
-        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
-        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
-        qemuvm.wait_incoming(dest)
-        assert tunnel.statuses() == (0, 0), tunnel.errors
-        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    source, destination = migrate_multifd(guest_elf, qemu_build, tmp_path, tunnel, channels)
+    assert destination == source
     # decode -v: one connection to the destination per lane, the main one and each channel's
     assert tunnel.errors["decode"].count(b"connected to unix:") == 1 + channels
 
