@@ -72,6 +72,8 @@ def test_inspect_agrees_with_the_oracle(capture: qemuvm.Capture, replayed: oracl
     report = json.loads(result.stdout)
     assert report["bytes"] == stream.stat().st_size
     assert report["machine"] == capture.qemu.machine
+    # QEMU's globalstate: what the guest was doing when it was saved (a paused one stays paused)
+    assert report["runstate"] == ("paused" if capture.kind == "idle" else "running")
     # 10.0 announces the switch-over (for devices that prepare for it) before RAM's END.
     switchover = {"SWITCHOVER_START": 1} if capture.qemu.version != "7.2" else {}
     assert report["commands"] == switchover

@@ -15,6 +15,7 @@ from migpipe.stream.records import (
     Command,
     Configuration,
     MemSize,
+    OpaqueData,
     Record,
     SectionEnd,
     SectionFooter,
@@ -26,6 +27,8 @@ from migpipe.stream.records import (
 )
 from migpipe.stream.writer import StreamWriter
 
+GLOBALSTATE = "globalstate"  # QEMU's section holding the run state a stream was saved in
+GLOBALSTATE_SIZE = 104  # be32 length, then a 100-byte buffer for the run state's name
 _CHUNK_PAGES = 256  # re-send counters are kept per 1 MiB of guest RAM actually seen
 
 
@@ -47,6 +50,7 @@ class StreamStats:
         self._page_size = page_size
         self.total_bytes = 0
         self.machine: str | None = None
+        self._globalstate = bytearray()  # its body: the run state the guest was saved in
         self.capabilities: list[str] = []
         self.sections: dict[int, SectionStats] = {}
         self.blocks: dict[str, int] = {}
@@ -90,6 +94,8 @@ class StreamStats:
         elif kind is VmDescription:
             self.vmdesc_bytes = size
         section = self._section
+        if kind is OpaqueData and section is not None and section.idstr == GLOBALSTATE:
+            self._globalstate += record.data[: GLOBALSTATE_SIZE - len(self._globalstate)]
         if section is None:
             self.other_bytes += size
             return
@@ -131,10 +137,22 @@ class StreamStats:
             self.pages_resent += 1
         self.max_sends = max(self.max_sends, sends)
 
+    @property
+    def runstate(self) -> str | None:
+        """What QEMU's globalstate section says the guest was doing when it was saved
+        ("running", "paused", ...): be32 length with its NUL, then the name, in 100 bytes."""
+        body = bytes(self._globalstate)
+        if len(body) < 5:
+            return None
+        length = min(int.from_bytes(body[:4], "big"), len(body) - 4)
+        name = body[4 : 4 + length].split(b"\0")[0].decode("latin-1")
+        return name if name.isascii() and name.isprintable() and name else None
+
     def as_dict(self) -> dict:
         return {
             "bytes": self.total_bytes,
             "machine": self.machine,
+            "runstate": self.runstate,
             "capabilities": self.capabilities,
             "ram_blocks": [{"name": n, "used_length": s} for n, s in self.blocks.items()],
             "pages": self.pages,
@@ -173,7 +191,10 @@ class StreamStats:
             )
         lines.append("")
         capabilities = ", ".join(self.capabilities) or "-"
-        lines.append(f"machine: {self.machine or 'not given'}   capabilities: {capabilities}")
+        lines.append(
+            f"machine: {self.machine or 'not given'}   run state: {self.runstate or 'not given'}"
+            f"   capabilities: {capabilities}"
+        )
         for name, size in self.blocks.items():
             pages = size // self._page_size
             lines.append(f"RAM block {name:<32} {size:>14,} bytes ({pages:,} pages)")
