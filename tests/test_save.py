@@ -299,6 +299,9 @@ def test_inspect_reads_saved_files(tmp_path: Path, stream: bytes, key: Path, lay
         assert sum(report["pages"].values()) == ram_pages
     text = migpipe("inspect", str(saved), "--key-file", str(key)).stdout.decode()
     assert text.startswith(f"file: {layout} layout, zstd, encrypt; ")
+    os.utime(saved, (0, 1_700_000_000))  # when the file says it was written: its mtime
+    written = json.loads(migpipe("inspect", str(saved), "--json", "--key-file", str(key)).stdout)
+    assert written["file"]["written"] == "2023-11-14T22:13:20+00:00"
     locked = migpipe("inspect", str(saved))
     assert locked.returncode == 7 and b"needs a key" in locked.stderr
 

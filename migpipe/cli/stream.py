@@ -136,7 +136,7 @@ def describe_file(about: dict) -> str:
     kind = "libvirt save image" if about["layout"] == "libvirt" else f"{about['layout']} layout"
     line = f"file: {kind}, {chain}; {about['file_bytes']:,} bytes"
     if "disk_bytes" in about:  # not for a pipe
-        line += f" ({about['disk_bytes']:,} on disk)"
+        line += f" ({about['disk_bytes']:,} on disk), written {about['written']}"
     if "slots" in about:
         line += (
             f"; {about['slots_written']:,} of {about['slots']:,} extent slots written, "

@@ -19,6 +19,7 @@ import fcntl
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,9 +102,9 @@ def saved_stream(path: Path, secrets: Secrets | None, about: dict) -> Iterator[b
     `about` receives what the file itself says (layout, filters, sizes). A file of a kind
     `secrets` refuse is refused now, before anything is read or reported."""
     kind = file_kind(path, secrets)
-    about.update(
-        layout=kind, file_bytes=path.stat().st_size, disk_bytes=path.stat().st_blocks * 512
-    )
+    st = path.stat()
+    written = datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds")
+    about.update(layout=kind, file_bytes=st.st_size, disk_bytes=st.st_blocks * 512, written=written)
     return _saved_chunks(path, kind, secrets, about)
 
 
