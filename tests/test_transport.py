@@ -46,14 +46,14 @@ def test_wire_over_a_connection(kind: str, stream: bytes, tmp_path: Path) -> Non
     decoder = subprocess.Popen(
         [*MIGPIPE, "decode", "--listen", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    encoder = subprocess.run(  # started right away: --connect retries until decode listens
-        [*MIGPIPE, "encode", "--compress", "zstd:1", "--connect", address],
-        input=stream,
-        capture_output=True,
-        check=False,
+    source = tmp_path / "stream"
+    source.write_bytes(stream)
+    encoder = subprocess.Popen(  # started right away: --connect retries until decode listens
+        [*MIGPIPE, "encode", "--compress", "zstd:1", "--connect", address, "--in", str(source)],
+        stderr=subprocess.PIPE,
     )
-    out, err = decoder.communicate(timeout=60)
-    assert encoder.returncode == 0, encoder.stderr
+    out, err = decoder.communicate(timeout=60)  # read as it comes: migpipe holds little
+    assert encoder.wait(timeout=60) == 0, encoder.stderr.read()
     assert decoder.returncode == 0, err
     assert out == stream
     assert not (tmp_path / "wire.sock").exists()  # the listener cleans up its socket

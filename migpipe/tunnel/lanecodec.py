@@ -10,12 +10,11 @@ the wire, and a lane whose first read brought fewer than four bytes is carried v
 
 from typing import Protocol
 
-from migpipe_filters.xbzrle import Xbzrle
-
 from migpipe.chain import Buffer, FilterChain
 from migpipe.stream.multifd import ChannelKind, classify
 from migpipe.tunnel.multifdcodec import MultifdXbzrle
 
+XBZRLE = "xbzrle"  # the page filter whose cache a multifd lane's pages go through
 FIRST = 4  # the bytes a codec is chosen by: QEMU's stream magic, multifd's, or neither
 
 
@@ -52,7 +51,7 @@ class Verbatim:
 
 def codec_for(first: Buffer, chain: FilterChain) -> LaneCodec:
     """The codec for a lane whose first payload (or QEMU's first read) begins with `first`."""
-    xbzrle = [f for f in chain.page_filters if isinstance(f, Xbzrle)]
+    xbzrle = [f for f in chain.page_filters if f.name == XBZRLE]  # the plug-in, by its name
     if xbzrle and len(first) == FIRST and classify(first) == ChannelKind.MULTIFD:
         return MultifdXbzrle(xbzrle[0])
     return Verbatim()

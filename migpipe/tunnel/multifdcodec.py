@@ -14,9 +14,7 @@ bytes with the same MultifdParser, so decode's parser vouches for what it rebuil
 
 from collections.abc import Iterable
 
-from migpipe_filters.xbzrle import PAGE, WIRE_ENCODING, Xbzrle
-
-from migpipe.chain import Buffer, RecordTransform
+from migpipe.chain import Buffer, PageFilter, RecordTransform
 from migpipe.errors import CorruptError
 from migpipe.stream import format as fmt
 from migpipe.stream import multifd
@@ -24,6 +22,7 @@ from migpipe.stream.multifd import ChannelHello, MultifdParser, MultifdWriter, R
 from migpipe.stream.records import NormalPage, Record, XbzrlePage, ZeroPage
 
 AS_IS = 0x00  # a payload of the packet's bytes as QEMU wrote them
+PAGE = fmt.DEFAULT_PAGE_SIZE  # the only page size xbzrle's cache keeps
 PAGES = 0x01  # a payload of the packet's header, then each page as ENTRY_PAGE or ENTRY_DELTA
 ENTRY_PAGE = 0x00  # the page's bytes follow
 ENTRY_DELTA = 0x01  # be16 length, then an XBZRLE delta against the lane's cached copy
@@ -34,8 +33,9 @@ _ZEROS = memoryview(bytes(multifd.PACKET_BYTES))  # stand-in pages for decode's 
 class MultifdXbzrle:
     """The LaneCodec of one multifd channel with the xbzrle page filter (one end's, one lane's)."""
 
-    def __init__(self, xbzrle: Xbzrle) -> None:
+    def __init__(self, xbzrle: PageFilter) -> None:
         self._xbzrle = xbzrle
+        (self._encoding,) = xbzrle.wire_encodings  # its deltas' encoding byte
         self._transform: RecordTransform | None = None  # the filter's, on first use: the
         # codec is chosen alike on both ends, its first call says which end it is
         self._parser = MultifdParser(page_size=PAGE)
@@ -106,7 +106,7 @@ class MultifdXbzrle:
             if entry == bytes([ENTRY_DELTA]) and at + 2 <= len(body):
                 (size,) = fmt.BE16.unpack_from(body, at)
                 delta = body[at + 2 : at + 2 + size]
-                records.append(XbzrlePage(packet.block, offset, delta, True, WIRE_ENCODING))
+                records.append(XbzrlePage(packet.block, offset, delta, True, self._encoding))
                 at += 2 + size
             elif entry == bytes([ENTRY_PAGE]):
                 records.append(NormalPage(packet.block, offset, body[at : at + PAGE], True))
