@@ -8,8 +8,10 @@ tunnel; the harness keeps its own monitor to read the outcome. tests/link.py lim
 between the two commands to the rate of the measurements in issue 17.
 """
 
+import contextlib
 import shlex
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -152,50 +154,13 @@ def test_postcopy_through_a_commands_stdin_and_stdout(
     assert "migpipe incoming: completed, the VM is running" in err  # its stderr is ours
 
 
-@pytest.mark.qemu
-def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_path: Path) -> None:
-    """Cut before the switch (--postcopy-after 3, cut once pass 2 began): migrate cancels the
-    migration and says in one line that the source VM runs, which it does; incoming fails."""
-    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
-    wire = f"unix:{tmp_path / 'wire.sock'}"
-    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
-    with (
-        qemuvm.source_vm(guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp)) as src,
-        qemuvm.Vm(tmp_path, "dest", dest_args),
-        Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
-    ):
-        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
-        said = until_listening(incoming)
-        migrate = migpipe(
-            "migrate",
-            "--qmp",
-            src_qmp,
-            "--connect",
-            link.address,
-            "--postcopy",
-            "--postcopy-after",
-            "3",
-        )
-        src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=TIMEOUT)
-        assert link.cut() == 1
-        out_status, out_err = finish(migrate)
-        in_status, in_err = finish(incoming, said)
-        assert src.qmp.execute("query-status")["status"] == "running"
-        assert src.qmp.execute("query-migrate")["status"] in ("cancelled", "failed")
-    assert out_status != 0 and in_status != 0
-    assert in_err.splitlines()[-1].startswith("migpipe incoming: error: "), in_err
-    error = out_err.splitlines()[-1]  # one line, however the break showed first
-    assert error.startswith("migpipe migrate: error: "), out_err
-    assert "the source VM is running" in error
-
-
-@pytest.mark.qemu
-def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
-    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
-) -> None:
-    """Cut once QEMU is in postcopy: the guest has run on the destination, so the source's
-    memory is stale; migrate neither cancels nor resumes it, nor waits on a QEMU that holds
-    it paused (10.0: postcopy-paused), and says so in one line; incoming fails too."""
+@contextlib.contextmanager
+def cut_link(
+    guest_elf: Path, tmp_path: Path, qemu_build: qemuvm.QemuBuild, *switch: str
+) -> Iterator[tuple[qemuvm.Vm, Link, Callable[[], tuple[int, str, int, str]]]]:
+    """The busy guest migrating with `migrate --postcopy SWITCH...` into `incoming --postcopy`
+    over the link the test cuts: the source, the link, and what ends both commands (their
+    statuses and stderr)."""
     src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
     wire = f"unix:{tmp_path / 'wire.sock'}"
     dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
@@ -208,29 +173,50 @@ def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
     ):
         incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
         said = until_listening(incoming)
-        migrate = migpipe(
-            "migrate",
-            "--qmp",
-            src_qmp,
-            "--connect",
-            link.address,
-            "--postcopy-after",
-            "1",
-            "--postcopy",
-        )
+        migrate = migpipe("migrate", "--qmp", src_qmp, "--connect", link.address, *switch)
+        yield src, link, lambda: (*finish(migrate), *finish(incoming, said))
+
+
+def one_line_each(out_status: int, out_err: str, in_status: int, in_err: str) -> str:
+    """Both commands failed, each with one line last; migrate's line."""
+    assert out_status != 0 and in_status != 0
+    assert in_err.splitlines()[-1].startswith("migpipe incoming: error: "), in_err
+    error = out_err.splitlines()[-1]  # one line, however the break showed first
+    assert error.startswith("migpipe migrate: error: "), out_err
+    return error
+
+
+@pytest.mark.qemu
+def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_path: Path) -> None:
+    """Cut before the switch (--postcopy-after 3, cut once pass 2 began): migrate cancels the
+    migration and says in one line that the source VM runs, which it does; incoming fails."""
+    switch = ("--postcopy", "--postcopy-after", "3")
+    with cut_link(guest_elf, tmp_path, qemuvm.QEMU_7_2, *switch) as (src, link, ends):
+        src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=TIMEOUT)
+        assert link.cut() == 1
+        ended = ends()
+        assert src.qmp.execute("query-status")["status"] == "running"
+        assert src.qmp.execute("query-migrate")["status"] in ("cancelled", "failed")
+    assert "the source VM is running" in one_line_each(*ended)
+
+
+@pytest.mark.qemu
+def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """Cut once QEMU is in postcopy: the guest has run on the destination, so the source's
+    memory is stale; migrate neither cancels nor resumes it, nor waits on a QEMU that holds
+    it paused (10.0: postcopy-paused), and says so in one line; incoming fails too."""
+    switch = ("--postcopy-after", "1", "--postcopy")
+    with cut_link(guest_elf, tmp_path, qemu_build, *switch) as (src, link, ends):
         active = src.qmp.wait_event(
             "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
         )
         assert active and link.cut() == 1
-        out_status, out_err = finish(migrate)
-        in_status, in_err = finish(incoming, said)
+        ended = ends()
         assert src.qmp.execute("query-status")["running"] is False
         assert src.qmp.execute("query-migrate")["status"] != "cancelled"
-    assert out_status != 0 and in_status != 0
-    assert in_err.splitlines()[-1].startswith("migpipe incoming: error: "), in_err
-    error = out_err.splitlines()[-1]
-    assert error.startswith("migpipe migrate: error: "), out_err
-    assert "postcopy had begun: the source VM stays paused" in error
+    assert "postcopy had begun: the source VM stays paused" in one_line_each(*ended)
 
 
 ONE_WAY = (
