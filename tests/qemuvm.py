@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from support import MIGPIPE
+
 QEMU = shutil.which("qemu-system-x86_64")
 CC = shutil.which("gcc")
 REPO = Path(__file__).resolve().parent.parent
@@ -802,7 +804,7 @@ def capture_stream(
 class Migration:
     """The outcome of `migrate_through`."""
 
-    source_stream: Path  # what the source sent, tee'd before the pipeline: the oracle's input
+    source_stream: Path  # what the source sent (see migrate_through): the oracle's input
     dest_memory: bytes = field(repr=False)  # the paused destination's RAM from 1 MiB
     source_info: dict[str, Any] = field(repr=False)  # query-migrate on the source afterwards
     sender_status: int  # exit status of the sender (last stage of the source pipeline)
@@ -836,6 +838,10 @@ def migrate_through(
     the default is a plain `cat` link; a tunnel test passes e.g.
     `sender="migpipe encode | migpipe decode > {fifo}"`, or a sender that connects to a port the
     destination's `incoming` (`tcp:127.0.0.1:PORT`, `exec:migpipe receive ...`) listens on.
+    A sender that names `{wire}` keeps migpipe's wire there itself (`encode | tee {wire} | ...`)
+    and the source runs it without the tee: source.stream is then that wire decoded afterwards,
+    which a test of the guest's pause uses so that copying every QEMU byte once more does not
+    compete with the tunnel for the CPU (decode checks it against encode's digest of its input).
     A failure on either side raises MigrationFailed with the destination's and source's errors.
     Both VMs run `qemu`.
     """
@@ -853,7 +859,11 @@ def migrate_through(
 
     name = _unique(workdir, "source")
     source_stream = workdir / f"{name}.stream"
-    command = f"tee {shlex.quote(str(source_stream))} | {fill(sender)}"
+    wire = workdir / f"{name}.wire"
+    if "{wire}" in sender:
+        command = fill(sender.replace("{wire}", shlex.quote(str(wire))))
+    else:
+        command = f"tee {shlex.quote(str(source_stream))} | {fill(sender)}"
     with (
         destination_vm(workdir, fill(incoming), qemu=qemu) as dest,
         source_vm(guest_elf, kind, workdir, pacing=pacing, name=name, qemu=qemu) as src,
@@ -873,6 +883,9 @@ def migrate_through(
         seconds = time.monotonic() - start
         stop = src.qmp.wait_event("STOP", timeout=5)  # queued while the migration ran
         memory = dest.pmemsave(workdir / "dest.mem")
+    if "{wire}" in sender:
+        decode = [*MIGPIPE, "decode", "--in", str(wire), "--out", str(source_stream)]
+        subprocess.run(decode, check=True)
     return Migration(
         source_stream=source_stream,
         dest_memory=memory,
