@@ -24,6 +24,8 @@ thread (time, offset) after each 32 KiB read from its stdout; from those, per ru
 
 pv forwards in bursts, sleeping between them, so the peer's latency p99 and max and its tail
 are pv's (up to ~0.2 s): the peer row is what the link alone costs, the floor for the others.
+`--link paced` puts the tests' link there instead (tests/link.py, paced every ~1 ms, as a real
+link of that rate is): what is left above the peer's figures is migpipe's.
 
 Each stream is sized to --seconds at its link's rate. Before each run the bench waits until both
 ends have finished starting (asleep, their CPU time no longer growing) and only then starts pv,
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -252,11 +255,18 @@ class Row:
         return statistics.median(getattr(run, name) for run in self.runs)
 
 
-def build_rows() -> list[Row]:
+def link_stage(kind: str, rate: float) -> list[str]:
+    """The link's command: pv, or the tests' link (tests/link.py), paced every ~1 ms."""
+    if kind == "pv":
+        return ["pv", "-q", "-L", str(rate)]
+    return [sys.executable, str(REPO / "tests" / "link.py"), "--rate", str(rate)]
+
+
+def build_rows(kind: str) -> list[Row]:
     migpipe = [sys.executable, "-m", "migpipe"]
     rows = []
     for index, (link, rate) in enumerate(LINKS):
-        pv = ["pv", "-q", "-L", str(rate)]
+        pv = link_stage(kind, rate)
         for what, options in FILTERS:
             if options is None:
                 stages = [["cat"], pv, ["cat"]]
@@ -307,13 +317,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="before each run, wait up to this long for the box to be idle (5, --quick 0)",
     )
+    parser.add_argument(
+        "--link",
+        choices=("pv", "paced"),
+        default="pv",
+        help="pv -L (100 ms slots), or tests/link.py's ~1 ms pacing, which no slot delays",
+    )
     args = parser.parse_args(argv)
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     runs = args.runs or (1 if args.quick else 3)
     idle_wait = args.idle_wait if args.idle_wait is not None else (0.0 if args.quick else 5.0)
     if seconds <= 0 or runs < 1:
         parser.error("--seconds and --runs must be positive")
-    if shutil.which("pv") is None:
+    if args.link == "pv" and shutil.which("pv") is None:
         raise SystemExit("pv is not installed (setup.sh installs it)")
 
     begun = time.perf_counter()
@@ -335,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print()
 
-    rows = build_rows()
+    rows = build_rows(args.link)
     for _ in range(runs):  # rows take turns, so bursts of load elsewhere spread out
         for row in rows:
             stream, crc = streams[row.stream]
@@ -348,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         "in flight: written - received (median over a 1 ms grid while writing, max, and at the "
         "last write); latency: the write of offset X to its read;\ntail: last write to last "
         f"byte; bg: the most CPU other processes used in a run, as a share of its wall time (! "
-        f"above {BG_WARN:.0%}).\npass-through = `migpipe encode | pv -q -L RATE | migpipe decode`, "
+        f"above {BG_WARN:.0%}).\npass-through = `migpipe encode | LINK | migpipe decode`, "
         "xbzrle,zstd:1 the same with `encode --xbzrle --compress zstd:1`, cat (peer) = `cat | "
-        "pv -q -L RATE | cat`.\n"
+        f"LINK | cat`; LINK = {shlex.join(link_stage(args.link, 0)[:-1])} RATE.\n"
         f"It took {time.perf_counter() - begun:.0f} s."
     )
     return 0

@@ -8,6 +8,11 @@ granularity (rate=None: unlimited). It can record each connection's bytes per di
 files (RECORD/N.fwd, RECORD/N.back, N counting accepted connections from 0), and cut() breaks
 every connection at once, as a failed link would (postcopy recovery), and goes on accepting.
 
+Run as a command with --rate alone (`python tests/link.py --rate BYTES`), it is the same link as
+one stage of a shell pipeline: stdin to stdout at that rate, paced every ~1 ms. `pv -L` paces
+in 100 ms slots, so a last write that finds its slot spent waits up to 100 ms, which no real
+link of that rate adds to a guest's pause.
+
 The relay runs in a child process, not in threads of the test: copying hundreds of MB/s and
 waking every millisecond to pace them would hold the test's GIL, and a test that parses a
 capture or waits on QMP would in turn delay the pacing. The child has an interpreter of its
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import select
 import socket
 import subprocess
@@ -307,13 +313,31 @@ class Relay:
         return sorted(self.done, key=lambda c: c.index)
 
 
+def _pipe(rate: float) -> None:
+    """stdin to stdout at RATE, as a pipeline stage."""
+    bucket = TokenBucket(rate)
+    src, dst = sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno()
+    while data := os.read(src, bucket.chunk):
+        bucket.take(len(data))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view) :]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", required=True)
-    parser.add_argument("--target", required=True)
+    parser.add_argument("--listen", help="without it: relay stdin to stdout at --rate")
+    parser.add_argument("--target")
     parser.add_argument("--rate", type=float, help="bytes a second, forward, all connections")
     parser.add_argument("--record", help="directory for each connection's bytes")
     args = parser.parse_args()
+    if args.listen is None:
+        if args.rate is None or args.target or args.record:
+            parser.error("a pipeline stage takes --rate alone")
+        _pipe(args.rate)
+        return
+    if args.target is None:
+        parser.error("--listen needs --target")
     listener = _socket(args.listen, listening=True)
     relay = Relay(listener, args)
     print("listening", _shown(listener, args.listen), flush=True)
