@@ -111,6 +111,11 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
         assert info["status"] == "completed"
         assert info["ram"]["postcopy-requests"] > 0  # the guest ran there before its pages came
         assert dest.qmp.execute("query-status")["status"] == "running"
+        for vm in (src, dest):  # as libvirt 10+ sets them: requested pages on a connection
+            caps = {
+                c["capability"]: c["state"] for c in vm.qmp.execute("query-migrate-capabilities")
+            }
+            assert caps["postcopy-ram"] and caps["postcopy-preempt"], caps
     assert "migpipe migrate: completed" in out_err
     requests = f"{info['ram']['postcopy-requests']:,} pages it requested in postcopy"
     assert f"destination: loaded, as its QEMU said on the return path; {requests}" in out_err

@@ -151,12 +151,14 @@ def test_multifd_channels_each_a_lane(
 LINK_RATE = 30e6  # bytes/s: the link of the measurements in issues 17 and 21
 
 
-def postcopy(src: qemuvm.Vm, dest: qemuvm.Vm, src_uri: str, dest_uri: str) -> dict:
+def postcopy(
+    src: qemuvm.Vm, dest: qemuvm.Vm, src_uri: str, dest_uri: str, caps: tuple[str, ...] = ()
+) -> dict:
     """A postcopy migration as libvirt runs one: precopy first, migrate-start-postcopy once the
     second pass began; the source's query-migrate once both QEMUs completed."""
-    capabilities(dest, "postcopy-ram")
+    capabilities(dest, "postcopy-ram", *caps)
     dest.qmp.execute("migrate-incoming", uri=dest_uri)
-    capabilities(src, "postcopy-ram")
+    capabilities(src, "postcopy-ram", *caps)
     src.qmp.execute("migrate", uri=src_uri)
     src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=60)
     src.qmp.execute("migrate-start-postcopy")
@@ -188,6 +190,28 @@ def test_postcopy_of_a_busy_guest_over_a_slow_link(
     assert tunnel.statuses() == (0, 0), tunnel.errors
     assert alone["ram"]["postcopy-requests"] > 0  # the guest faulted pages in over the link
     assert through["ram"]["postcopy-requests"] > 0  # and through migpipe's answer direction
+
+
+def test_postcopy_preempt_over_a_slow_link(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+) -> None:
+    """postcopy-preempt, which libvirt 10+ turns on with postcopy: QEMU opens a second
+    connection without a magic number, for the pages the destination asked for, and the
+    destination knows it only as the one after the main stream. It crosses as a lane of its
+    own, opened at the destination in that order, while the guest runs there."""
+    tunnel = Tunnel(tmp_path, [], rate=LINK_RATE)
+    with (
+        qemuvm.source_vm(guest_elf, "busy", tmp_path, qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        info = postcopy(
+            src, dest, f"unix:{tunnel.src}", f"unix:{tunnel.dst}", ("postcopy-preempt",)
+        )
+        assert dest.qmp.execute("query-status")["status"] == "running"
+    assert tunnel.statuses() == (0, 0), tunnel.errors
+    assert info["ram"]["postcopy-requests"] > 0
+    # decode -v: the main stream's connection and the preempt channel's
+    assert tunnel.errors["decode"].count(b"connected to unix:") == 2, tunnel.errors
 
 
 def test_a_paused_guest_with_the_return_path_over_tls(

@@ -70,7 +70,12 @@ logger = logging.getLogger(__name__)  # what migpipe -v prints
 
 FINAL = ("completed", "failed", "cancelled")
 EVENTS = [{"capability": "events", "state": True}]  # MIGRATION events, as libvirt asks too
-POSTCOPY = [{"capability": "postcopy-ram", "state": True}]  # set on both QEMUs, as libvirt does
+# Set on both QEMUs, as libvirt (10.0+) does: postcopy-preempt (QEMU 7.1+) sends the pages the
+# destination asked for on a connection of their own, not queued behind the background pages.
+POSTCOPY = [
+    {"capability": "postcopy-ram", "state": True},
+    {"capability": "postcopy-preempt", "state": True},
+]
 RECOVERY_TIMEOUT = 60.0  # a failsafe for QEMU ending a cancelled migration
 COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before it is killed
 CONFIRMATION_LIMIT = 64 << 10
