@@ -159,6 +159,45 @@ def test_postcopy_through_a_commands_stdin_and_stdout(
     assert "migpipe incoming: completed, the VM is running" in err  # its stderr is ours
 
 
+@pytest.mark.qemu
+@pytest.mark.parametrize("filters", [[], ["--xbzrle", "--compress", "zstd:1"]])
+def test_multifd_through_migrate_and_incoming(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, filters: list[str]
+) -> None:
+    """`migrate --multifd 3` into `incoming --multifd 3`: QEMU's main connection and its three
+    channels each cross as a lane of the one wire connection (through xbzrle and zstd too),
+    and the source QEMU completes only once the destination said on the return path that it
+    loaded everything; the destination holds the paused source's memory."""
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    wire = f"unix:{tmp_path / 'wire.sock'}"
+    dest_args = ["-S", "-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    with (
+        qemuvm.source_vm(
+            guest_elf, "dirty", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
+        ) as src,
+        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build) as dest,
+    ):
+        src.qmp.execute("stop")  # what it holds now is what the destination must hold
+        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--multifd", "3")
+        said = until_listening(incoming)
+        migrate = migpipe(
+            "migrate", "--qmp", src_qmp, "--connect", wire, "--multifd", "3", *filters
+        )
+        out_status, out_err = finish(migrate)
+        in_status, in_err = finish(incoming, said)
+        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        assert src.qmp.execute("query-migrate")["status"] == "completed"
+        for vm in (src, dest):
+            caps = {
+                c["capability"]: c["state"] for c in vm.qmp.execute("query-migrate-capabilities")
+            }
+            assert caps["multifd"] and caps["return-path"], caps
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    assert in_err.count("connected to unix:") == 1 + 3, in_err  # the main stream, 3 channels
+    assert "destination: loaded, as its QEMU said on the return path\n" in out_err
+    assert "migpipe incoming: completed" in in_err
+
+
 @contextlib.contextmanager
 def cut_link(
     guest_elf: Path, tmp_path: Path, qemu_build: qemuvm.QemuBuild, *switch: str
@@ -236,6 +275,14 @@ ONE_WAY = (
         (["migrate", "--qmp", "q", "--postcopy", "--out", "f"], ONE_WAY.format("f")),
         (["migrate", "--qmp", "q", "--postcopy"], ONE_WAY.format("standard output")),
         (["incoming", "--qmp", "q", "--postcopy", "--in", "f"], ONE_WAY.format("f")),
+        (
+            ["migrate", "--qmp", "q", "--multifd", "2", "--out", "f"],
+            ONE_WAY.replace("--postcopy", "--multifd").format("f"),
+        ),
+        (
+            ["incoming", "--qmp", "q", "--multifd", "0", "--connect", "unix:w"],
+            "--multifd takes a number of channels from 1 to 255",
+        ),
         (
             ["migrate", "--qmp", "q", "--postcopy-after", "2", "--connect", "unix:w"],
             "--postcopy-after takes a number of passes from 1, with --postcopy",

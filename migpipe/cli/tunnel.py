@@ -75,6 +75,7 @@ def register(command: Command) -> None:
         metavar="N",
         help="with --postcopy: switch once N passes are done (default: see migpipe(1))",
     )
+    multifd_option(migrate)
     migrate.add_argument(
         "peer",
         nargs="*",
@@ -94,14 +95,31 @@ def register(command: Command) -> None:
         help="let QEMU take postcopy (migrate --postcopy): its return path goes back on the "
         "connection, or on stdout when the wire is stdin",
     )
+    multifd_option(incoming)
 
 
-def check_postcopy(file: str | None) -> None:
-    """--postcopy carries QEMU's return path back on the wire (a connection, or a command's
-    stdin and stdout), which a file (`file`, not None) cannot."""
-    if file is not None:
+MULTIFD_MAX = 255  # QEMU's own bound on multifd-channels
+
+
+def multifd_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--multifd",
+        type=int,
+        metavar="N",
+        help="QEMU's multifd with N channels, each a lane of the wire (both sides the same N; "
+        "the wire must carry both ways)",
+    )
+
+
+def check_two_way(args: argparse.Namespace, file: str | None) -> None:
+    """--postcopy and --multifd carry QEMU's return path back on the wire (a connection, or a
+    command's stdin and stdout), which a file (`file`, not None) cannot."""
+    if args.multifd is not None and not 1 <= args.multifd <= MULTIFD_MAX:
+        raise UsageError(f"--multifd takes a number of channels from 1 to {MULTIFD_MAX}")
+    option = "--postcopy" if args.postcopy else "--multifd"
+    if file is not None and (args.postcopy or args.multifd is not None):
         raise UsageError(
-            f"--postcopy needs a wire that carries both ways, not {file} "
+            f"{option} needs a wire that carries both ways, not {file} "
             "(QEMU's return path travels back on it): --connect, --listen or COMMAND"
         )
 
@@ -191,15 +209,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError("COMMAND and --out/--connect/--listen both name the wire", None)
     if args.postcopy_after is not None and (not args.postcopy or args.postcopy_after < 1):
         raise UsageError("--postcopy-after takes a number of passes from 1, with --postcopy")
-    switch = None
-    if args.postcopy:
-        one_way = not (args.peer or args.connect or args.listen)
-        check_postcopy(output_name(args.output) if one_way else None)
-        switch = PostcopySwitch(args.postcopy_after)
+    one_way = not (args.peer or args.connect or args.listen)
+    check_two_way(args, output_name(args.output) if one_way else None)
+    switch = PostcopySwitch(args.postcopy_after) if args.postcopy else None
     chain = filter_chain(args)
     link = functools.partial(peer_link, args)
+    confirmed = not args.no_confirmation
     outcome = run_trio(
-        migrate, args.qmp, link, chain, progress(args, "migrate"), not args.no_confirmation, switch
+        migrate, args.qmp, link, chain, progress(args, "migrate"), confirmed, switch, args.multifd
     )
     answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
@@ -235,8 +252,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             else:
                 yield wire, sys.stdout.fileno() if args.input == "-" else None
 
-    if args.postcopy:
-        check_postcopy(None if args.input == "-" or args.connect or args.listen else args.input)
+    check_two_way(args, None if args.input == "-" or args.connect or args.listen else args.input)
     outcome = run_trio(
         incoming,
         args.qmp,
@@ -244,6 +260,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         secrets_of(args),
         progress(args, "incoming"),
         args.postcopy,
+        args.multifd,
     )
     landing = outcome.landing
     real_pause = None if landing is None else landing.figures()

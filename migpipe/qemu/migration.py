@@ -76,6 +76,9 @@ POSTCOPY = [
     {"capability": "postcopy-ram", "state": True},
     {"capability": "postcopy-preempt", "state": True},
 ]
+# --multifd: QEMU's channels, each a lane of the two-way tunnel; the return path makes the
+# source QEMU complete only once the destination QEMU said it loaded everything (its SHUT).
+MULTIFD = [{"capability": "multifd", "state": True}, {"capability": "return-path", "state": True}]
 RECOVERY_TIMEOUT = 60.0  # a failsafe for QEMU ending a cancelled migration
 COMMAND_EXIT_TIMEOUT = 30.0  # for a command whose wire was cut to exit before it is killed
 CONFIRMATION_LIMIT = 64 << 10
@@ -504,7 +507,7 @@ class Outcome:
     runstate: str = ""  # the VM's run state at the end (destination side)
     pause: Pause | None = None  # the guest's real pause (source side; None: it was not running)
     landing: Landing | None = None  # this destination's part of it (destination side)
-    postcopy: bool = False  # through the two-way tunnel: QEMU's return path was the verdict
+    two_way: bool = False  # through the two-way tunnel: QEMU's return path was the verdict
 
 
 # -- one side of a migration, through a pipe ----------------------------------------------------
@@ -822,6 +825,7 @@ async def migrate(
     progress: Progress | None = None,
     confirmed: bool = True,
     postcopy: PostcopySwitch | None = None,
+    multifd: int | None = None,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
@@ -834,22 +838,22 @@ async def migrate(
     completed, and the source runs on; without a trustworthy verdict after the end, the
     outcome is unknown: the source stays paused and the error has status EXIT_UNCONFIRMED.
 
-    With `postcopy` the migration runs in postcopy (see PostcopySwitch) through the two-way
-    tunnel: the link's connection carries QEMU's return path back, and QEMU's own completion,
-    which waits for the destination QEMU's word (its SHUT) on that path, is the verdict."""
+    With `postcopy` the migration runs in postcopy (see PostcopySwitch), and with `multifd`
+    over that many multifd channels, through the two-way tunnel: the link's connection carries
+    QEMU's return path back, and QEMU's own completion, which waits for the destination QEMU's
+    word (its SHUT) on that path, is the verdict."""
     sealer = sealer_of(chain)
     rate = SwitchoverRate()
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
-        capabilities = EVENTS + (POSTCOPY if postcopy is not None else [])
-        await monitor.execute("migrate-set-capabilities", capabilities=capabilities)
+        await _two_way_capabilities(monitor, postcopy is not None, multifd)
         try:
             with contextlib.ExitStack() as stack:
                 link = await trio.to_thread.run_sync(
                     stack.enter_context, open_link(), abandon_on_cancel=True
                 )
-                if postcopy is not None:
-                    return await _migrate_postcopy(
+                if postcopy is not None or multifd is not None:
+                    return await _migrate_two_way(
                         monitor, was_running, link, chain, progress, postcopy
                     )
                 gate = EndGate(link.replies if confirmed else None, sealer)
@@ -886,16 +890,24 @@ async def migrate(
             await rate.reset(monitor)  # after the verdict: see SwitchoverRate.reset
 
 
-async def _migrate_postcopy(
+async def _two_way_capabilities(monitor: qmp.Qmp, postcopy: bool, multifd: int | None) -> None:
+    """Events, and what postcopy and multifd need, on one side's QEMU (both sides the same)."""
+    capabilities = EVENTS + (POSTCOPY if postcopy else []) + (MULTIFD if multifd else [])
+    await monitor.execute("migrate-set-capabilities", capabilities=capabilities)
+    if multifd is not None:
+        await monitor.execute("migrate-set-parameters", **{"multifd-channels": multifd})
+
+
+async def _migrate_two_way(
     monitor: qmp.Qmp,
     was_running: bool,
     link: Link,
     chain: Sequence[filters.Filter],
     progress: Progress | None,
-    switch: PostcopySwitch,
+    switch: PostcopySwitch | None,
 ) -> Outcome:
-    """migrate's postcopy: QEMU migrates to encode_two_way's socket, which carries its
-    connections over the link's, both ways."""
+    """migrate's postcopy or multifd: QEMU migrates to encode_two_way's socket, which carries
+    its connections over the link's, both ways."""
     from migpipe.tunnel.twoway import encode_two_way
 
     async def carry(spec: str, task_status: trio.TaskStatus[None]) -> Totals:
@@ -906,12 +918,15 @@ async def _migrate_postcopy(
     wire = link.both_ways()
 
     async with _keeping_source(monitor, was_running, switch):
-        finish = await _through_socket(
-            monitor, "migrate", carry, switch.follow, switch.passes, lambda: switch.switched
-        )
+        if switch is None:
+            finish = await _through_socket(monitor, "migrate", carry)
+        else:
+            finish = await _through_socket(
+                monitor, "migrate", carry, switch.follow, switch.passes, lambda: switch.switched
+            )
         totals = await _source_result(monitor, finish)
     info = await monitor.execute("query-migrate")
-    return Outcome(totals, info, Confirmation(), postcopy=True)
+    return Outcome(totals, info, Confirmation(), two_way=True)
 
 
 async def _send(
@@ -1130,6 +1145,7 @@ async def incoming(
     secrets: Secrets | None = None,
     progress: Progress | None = None,
     postcopy: bool = False,
+    multifd: int | None = None,
 ) -> Outcome:
     """Load a migration into the QEMU behind `qmp_path` (started with `-incoming defer`).
 
@@ -1137,20 +1153,23 @@ async def incoming(
     (a --listen accepts) only once QEMU is known to be waiting. MigpipeError unless QEMU
     completed the load.
 
-    With `postcopy` QEMU may take postcopy (its postcopy-ram capability set), and loads through
-    decode_two_way from its own socket: the wire's connection carries its return path back,
-    so no answer line goes there (the source QEMU's completion is the verdict). The guest runs
+    With `postcopy` QEMU may take postcopy (its postcopy-ram capability set), and with
+    `multifd` it takes that many multifd channels; either way it loads through decode_two_way
+    from its own socket: the wire's connection carries its return path back, so no answer
+    line goes there (the source QEMU's completion is the verdict). In postcopy the guest runs
     here before the load completes (RESUME, then MIGRATION completed).
     """
-    async with _waiting(qmp_path, POSTCOPY if postcopy else []) as monitor:
+    async with _waiting(qmp_path) as monitor:
+        if postcopy or multifd is not None:
+            await _two_way_capabilities(monitor, postcopy, multifd)
         with contextlib.ExitStack() as stack:
             wire, answer = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
-            if postcopy:
+            if postcopy or multifd is not None:
                 if isinstance(wire, int) and isinstance(answer, int) and answer != wire:
                     wire = PairChannel(wire, answer, "standard input and output")
-                return await _incoming_postcopy(monitor, wire, secrets, progress)
+                return await _incoming_two_way(monitor, wire, secrets, progress)
             source = Answerer(answer)
             timed = timed_end(wire)
 
@@ -1175,10 +1194,10 @@ async def incoming(
         return outcome
 
 
-async def _incoming_postcopy(
+async def _incoming_two_way(
     monitor: qmp.Qmp, wire: int | Channel, secrets: Secrets | None, progress: Progress | None
 ) -> Outcome:
-    """incoming's postcopy: decode_two_way into QEMU's migrate-incoming socket."""
+    """incoming's postcopy or multifd: decode_two_way into QEMU's migrate-incoming socket."""
     from migpipe.tunnel.twoway import decode_two_way
 
     async def carry(spec: str, _: trio.TaskStatus[None]) -> Totals:
@@ -1264,16 +1283,13 @@ async def restore(
 
 
 @contextlib.asynccontextmanager
-async def _waiting(
-    qmp_path: str, capabilities: Sequence[dict[str, Any]] = ()
-) -> AsyncIterator[qmp.Qmp]:
-    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events (and
-    `capabilities`) on."""
+async def _waiting(qmp_path: str) -> AsyncIterator[qmp.Qmp]:
+    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events on."""
     async with qmp.connect(qmp_path) as monitor:
         state = (await monitor.execute("query-status"))["status"]
         if state != "inmigrate":
             raise MigpipeError(f"QEMU is {state}, not inmigrate: start it with -incoming defer")
-        await monitor.execute("migrate-set-capabilities", capabilities=[*EVENTS, *capabilities])
+        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
         yield monitor
 
 
@@ -1382,11 +1398,10 @@ def summary(command: str, outcome: Outcome) -> str:
         lines.append(f"  the VM is {outcome.runstate}")
     else:
         answer = outcome.confirmation
-        if outcome.postcopy:
-            confirmed = (
-                f"loaded, as its QEMU said on the return path; "
-                f"{ram.get('postcopy-requests', 0):,} pages it requested in postcopy"
-            )
+        if outcome.two_way:
+            confirmed = "loaded, as its QEMU said on the return path"
+            if requests := ram.get("postcopy-requests", 0):
+                confirmed += f"; {requests:,} pages it requested in postcopy"
         elif answer is None or answer.status is None:
             confirmed = "no answer (none expected)"
         else:
