@@ -598,7 +598,8 @@ class FixedReader:
             end = offset + length
         if end > at:
             raise ValueError("the index overlaps what precedes it")
-        words = array("I", self.entries)  # be32 words, four a slot: write (2), length, CRC
+        words = array("I")  # be32 words, four a slot: write (2), length, CRC
+        words.frombytes(self.entries)  # array("I", view) would make a word of each byte
         if sys.byteorder == "little":
             words.byteswap()
         stored = sum(words[2::4]) + sum(length for _, length, _, _ in self.chunks)
