@@ -13,12 +13,16 @@ headers, and right after it every page once, present ones as pages, the others a
 MappedRamWriter is its mirror: a Sink taking an ordinary stream, which it places in a file
 QEMU loads with `migrate-incoming file:`. Both take the file offset where the stream starts
 (`file:PATH,offset=N`; libvirt's "sparse" image puts it after its header).
+
+What a reader reads of a file is its data: the stream, the bitmaps and the pages present,
+never the holes of absent pages nor the padding before a page area (hole_size(), for
+progress and --stats-json).
 """
 
 import ctypes
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -73,6 +77,36 @@ def place(used_length: int, header_offset: int, page_size: int) -> Header:
     return Header(fmt.MAPPED_RAM_VERSION, page_size, bitmap_offset, pages_offset)
 
 
+def present_pages(bitmap: bytes | bytearray, pages: int) -> int:
+    """How many of the first `pages` bits of a mapped-ram bitmap (or of a piece of one,
+    starting at a byte) are set: the pages of them the file holds."""
+    whole, rest = divmod(pages, 8)
+    count = int.from_bytes(bitmap[:whole], "little").bit_count()
+    if rest:
+        count += (bitmap[whole] & ((1 << rest) - 1)).bit_count()
+    return count
+
+
+def hole_size(areas: Iterable[tuple[Header, int, int]]) -> int:
+    """The bytes of blocks' areas in a mapped-ram file that hold no data, which a reader never
+    reads: in each, the padding between its bitmap and its pages, and the pages absent
+    (holes). `areas`: each block's header, used length and pages present. The rest of the
+    file from where its stream starts, the stream, the bitmaps and the pages present, is
+    its data."""
+    holes = 0
+    for header, used_length, present in areas:
+        bitmap_end = header.bitmap_offset + header.bitmap_size(used_length)
+        holes += header.pages_offset - bitmap_end + used_length - present * header.page_size
+    return holes
+
+
+def stream_size(origin: int, end: int, areas: Iterable[tuple[int, int]]) -> int:
+    """The bytes of a mapped-ram file's stream from `origin` to `end`: all but those of the
+    blocks' areas (`areas`: where each starts and ends, its bitmap, padding and pages)."""
+    inside = sum(max(0, min(end, stop) - start) for start, stop in areas)
+    return end - origin - inside
+
+
 def with_capability(config: Configuration, present: bool) -> Configuration:
     """The configuration with the mapped-ram capability listed or not. QEMU sends the
     capabilities subsection only when it lists one, after target-page-bits, before uuid."""
@@ -121,7 +155,13 @@ def is_mapped_ram_file(fd: int) -> bool:
 
 class MappedRamReader:
     """A mapped-ram file read through `fd` (a regular file: it is read by offset, never
-    moved), its QEMU stream starting at `origin`; `name` is what messages call it."""
+    moved), its QEMU stream starting at `origin`; `name` is what messages call it.
+
+    `data_bytes` is what it will read of the file from `origin`, its data (all but the
+    hole_size() of its blocks' areas), known once the block list is read, before the first
+    page; `read_bytes` what it has read of that so far, counted as the stream goes out (the
+    stream's own bytes once parsed, a block's bitmap and each page present as its records are
+    given), so it never passes `data_bytes` and ends equal to it."""
 
     def __init__(
         self,
@@ -135,12 +175,17 @@ class MappedRamReader:
         self._size = os.fstat(fd).st_size
         self.blocks: list[dict] = []  # what inspect shows of each block
         self.device_state_offset: int | None = None  # where the stream goes on after RAM
+        self.data_bytes: int | None = None
+        self.read_bytes = 0
+        self._holes = 0
 
     def records(self) -> Iterator[Record]:
         """The ordinary stream's records; MigpipeError (with the file offset) on bad input."""
         origin = self._origin
         parser = StreamParser(page_size=self._page_size, mapped_ram=True, origin=origin)
         at = origin
+        areas: dict[int, int] = {}  # each block's bitmap offset: where its area ends
+        counted = 0  # of the stream's own bytes read, those in read_bytes
         while True:
             chunk = os.pread(self._fd, READ_CHUNK, at)
             if chunk:
@@ -152,6 +197,12 @@ class MappedRamReader:
                 records = parser.next_records()
             except MigpipeError as e:
                 raise self._in_file(e) from None
+            for block in parser.mapped_blocks:  # the areas in what was read are known now
+                header = Header.of(block)
+                areas[header.bitmap_offset] = header.pages_offset + block.used_length
+            stream = stream_size(origin, at, areas.items())
+            self.read_bytes += stream - counted
+            counted = stream
             for record in records:
                 yield from self._ordinary(record)
             if not chunk:
@@ -208,6 +259,10 @@ class MappedRamReader:
             if record.blocks:
                 last = record.blocks[-1]
                 self.device_state_offset = Header.of(last).pages_offset + last.used_length
+            # Each list has areas of its own (QEMU sends one; a second is read as it is).
+            areas = [(Header.of(b), b.used_length, self._present(b)) for b in record.blocks]
+            self._holes += hole_size(areas)
+            self.data_bytes = self._size - self._origin - self._holes
             blocks = tuple(block._replace(mapped_ram=None) for block in record.blocks)
             yield MemSize(record.total, blocks)
             for block in record.blocks:
@@ -215,18 +270,35 @@ class MappedRamReader:
         else:
             yield record
 
+    def _bitmap_pieces(self, header: Header, pages: int) -> Iterator[tuple[int, int, bytes]]:
+        """A block's bitmap a piece at a time (a huge sparse file must not make one huge
+        read): each piece's first and end page, and its bytes."""
+        for base in range(0, pages, BITMAP_PIECE * 8):
+            end = min(base + BITMAP_PIECE * 8, pages)
+            yield (
+                base,
+                end,
+                os.pread(self._fd, (end - base + 7) // 8, header.bitmap_offset + base // 8),
+            )
+
+    def _present(self, block: RamBlock) -> int:
+        """How many of `block`'s pages the file holds, from its bitmap."""
+        header = Header.of(block)
+        pages = block.used_length // header.page_size
+        return sum(
+            present_pages(piece, end - base)
+            for base, end, piece in self._bitmap_pieces(header, pages)
+        )
+
     def _pages(self, block: RamBlock) -> Iterator[Record]:
-        """Every page of `block`, once: present ones read from its area, in runs. The bitmap
-        is read a piece at a time: a huge sparse file must not make one huge read."""
+        """Every page of `block`, once: present ones read from its area, in runs."""
         header, name = Header.of(block), block.name
         page_size = header.page_size  # the stream's, as the parser checked
         pages = block.used_length // page_size
-        window = READ_CHUNK // page_size  # a multiple of 8: whole bitmap bytes
-        piece_pages = BITMAP_PIECE * 8  # a multiple of window
+        window = READ_CHUNK // page_size  # a multiple of 8: whole bitmap bytes; BITMAP_PIECE's
         present = 0
-        for base in range(0, pages, piece_pages):
-            end = min(base + piece_pages, pages)
-            piece = os.pread(self._fd, (end - base + 7) // 8, header.bitmap_offset + base // 8)
+        self.read_bytes += header.bitmap_size(block.used_length)
+        for base, end, piece in self._bitmap_pieces(header, pages):
             for first in range(base, end, window):
                 count = min(window, end - first)
                 bits = piece[(first - base) // 8 : (first - base + count + 7) // 8]
@@ -239,6 +311,7 @@ class MappedRamReader:
                 if len(data) != count * page_size:  # the file shrank since it was checked
                     where = f"{self._name}: pages of RAM block {quoted(name)}"
                     raise TruncatedError(where, start)
+                self.read_bytes += present_pages(bits, count) * page_size
                 for i in range(count):
                     offset = (first + i) * page_size
                     if bits[i >> 3] >> (i & 7) & 1:
@@ -275,7 +348,8 @@ class MappedRamSource:
     """A mapped-ram file as a Source of the ordinary stream (save, restore)."""
 
     def __init__(self, fd: int, origin: int = 0, name: str = "the file") -> None:
-        self._chunks = MappedRamReader(fd, origin, name).chunks()
+        self.reader = MappedRamReader(fd, origin, name)  # what it read of the file (progress)
+        self._chunks = self.reader.chunks()
 
     def read(self) -> bytes | bytearray:
         return next(self._chunks, b"")
