@@ -278,8 +278,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
     shown = progress(args, "restore")
     with piped(args.file) as pipe:
         load = None if pipe is None else piped_load(pipe, args, shown)
-        if pipe is None:
-            sized(shown, args.file)
         if args.to is not None:
             totals = restore_to(args, shown, load)
             report(args, totals)
@@ -412,7 +410,7 @@ def piped_load(fd: int, args: argparse.Namespace, shown: "Progress | None") -> C
         with stream_sink(sink) as qemu:
             if kind == "stream":
                 return await decode(pipe, qemu, shown, secrets)
-            return await restore_libvirt(pipe, 0, qemu, shown, kind == "qemu", name=name)
+            return await restore_libvirt(pipe, None, qemu, shown, kind == "qemu", name=name)
 
     return load
 
@@ -439,12 +437,6 @@ def piped_chunks(fd: int, name: str, secrets: "Secrets", about: dict) -> Iterato
         yield from chunks
     else:
         yield from libvirt_chunks(Reading(read), about, name=name)
-
-
-def sized(shown: "Progress | None", path: str) -> None:
-    """Give restore's progress the file's size: its share read so far makes an ETA."""
-    if shown is not None:
-        shown.size = Path(path).stat().st_size
 
 
 def cmd_iohelper(args: argparse.Namespace) -> int:

@@ -324,10 +324,10 @@ async def _restore_kind(
 
         return await restore_fixed(file, sink, secrets, progress)
     if kind == "mapped-ram":  # read by offset, its pages in runs: no O_DIRECT ring
-        size = os.fstat(file.fd).st_size
         fcntl.fcntl(file.fd, fcntl.F_SETFL, fcntl.fcntl(file.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         source = mappedram.MappedRamSource(file.fd, 0, str(name))
-        return await restore_libvirt(source, size, sink, progress, raw=True)
+        return await restore_libvirt(source, None, sink, progress, raw=True)
+    size = os.fstat(file.fd).st_size
     with contextlib.ExitStack() as stack:
         if isinstance(file, DirectFile):
             source: Source = stack.enter_context(DirectReader(file))
@@ -335,8 +335,9 @@ async def _restore_kind(
             os.lseek(file.fd, 0, os.SEEK_SET)
             source = FdChannel(file.fd)
         if kind == "stream":
+            if progress is not None:  # decode reads all of it, in order
+                progress.size = size
             return await decode(source, sink, progress, secrets)
-        size = os.fstat(file.fd).st_size
         return await restore_libvirt(source, size, sink, progress, kind == "qemu", file.fd, name)
 
 
@@ -383,20 +384,26 @@ async def save_libvirt(
 
 async def restore_libvirt(
     source: Source,
-    size: int,
+    size: int | None,
     sink: Sink,
     progress: Progress | None,
     raw: bool = False,
     fd: int | None = None,
     name: Path | str = "the image",
 ) -> Totals:
-    """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file) of `size`
-    bytes, checked as it goes; its end only once the whole body was read without an error.
-    A sparse image is read through `fd`, the file's (None: a pipe, which cannot carry one)."""
+    """The QEMU stream in a libvirt save image (or, `raw`, a bare stream in a file, or the
+    ordinary stream of a mapped-ram file, a MappedRamSource) of `size` bytes (None: not
+    known, a pipe's), checked as it goes; its end only once the whole body was read without
+    an error. A sparse image is read through `fd`, the file's (None: a pipe, which cannot
+    carry one).
+
+    What the totals say was read (wire_bytes), and will be (wire_expected, which progress
+    shows the share done of), is the file as read in order, every byte of it; of a mapped-ram
+    file, alone or in a sparse image after the header, what MappedRamReader reads of it by
+    offset: its data, not its holes (the stream given out is qemu_bytes)."""
     from migpipe.save.libvirtimage import LibvirtImageReader
 
     totals = Totals()
-    totals.wire_expected = size
 
     def read_file() -> bytes:
         chunk = source.read()
@@ -404,12 +411,31 @@ async def restore_libvirt(
         return chunk
 
     def run() -> None:
-        counted = Reading(read_file)
-        reader = counted if raw else LibvirtImageReader(counted, fd, str(name))
+        reader: Reading | mappedram.MappedRamSource | LibvirtImageReader
+        if isinstance(source, mappedram.MappedRamSource):
+            reader, mapped, start = source, source.reader, 0
+        elif raw:
+            reader, mapped, start = Reading(read_file), None, 0
+        else:  # the header and XML are read in order, whatever the format
+            reader = LibvirtImageReader(Reading(read_file), fd, str(name))
+            mapped, start = reader.mapped_ram, reader.image.stream_offset
+        if mapped is None:
+            totals.wire_expected = size
+            read = reader.read
+        else:
+            totals.wire_bytes = start  # not what read_prefix read past the header
+
+            def read() -> bytes:
+                chunk = reader.read()
+                if mapped.data_bytes is not None:  # known from the block list on
+                    totals.wire_expected = start + mapped.data_bytes
+                totals.wire_bytes = start + mapped.read_bytes
+                return chunk
+
         try:
-            copy_checked(reader.read, sink, totals)
+            copy_checked(read, sink, totals)
         finally:
-            if not raw:
+            if isinstance(reader, LibvirtImageReader):
                 reader.close()
 
     await with_progress(progress, totals, partial(run_interruptible, run, source.interrupt))

@@ -91,7 +91,7 @@ class Progress:
         if self.stream_size:
             done, size, speed = totals.qemu_bytes, self.stream_size, rate
         else:
-            done, size, speed = totals.wire_bytes, totals.wire_expected or self.size, wire_rate
+            done, size, speed = totals.wire_bytes, self.wire_expected(totals), wire_rate
         if size and not final:
             shown.append(f"{min(done / size, 1.0):.0%}")
             if speed > 0:
@@ -105,6 +105,11 @@ class Progress:
         if pages:
             shown.append(f"pages: {pages}")
         return shown
+
+    def wire_expected(self, totals) -> int | None:
+        """What the wire will be once done: what its reader knows (restore's, of the file it
+        reads), else the size the caller gave; None when unknown."""
+        return totals.wire_expected or self.size
 
     def line(self, totals, width: int | None, final: bool = False) -> str:
         """`label: fields`, as many whole fields as fit in `width` - 1 columns (the last
@@ -157,7 +162,7 @@ class JsonProgress(Progress):
         span = last[0] - first[0]
         if final:
             span, first = time.monotonic() - self._flowing, (self._flowing, 0, 0)
-        size = totals.wire_expected or self.size
+        size = self.wire_expected(totals)
         return {
             "command": self._label,
             "done": final,
