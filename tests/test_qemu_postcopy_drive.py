@@ -200,25 +200,31 @@ def test_multifd_through_migrate_and_incoming(
 
 @contextlib.contextmanager
 def cut_link(
-    guest_elf: Path, tmp_path: Path, qemu_build: qemuvm.QemuBuild, *switch: str
-) -> Iterator[tuple[qemuvm.Vm, Link, Callable[[], tuple[int, str, int, str]]]]:
+    guest_elf: Path,
+    tmp_path: Path,
+    qemu_build: qemuvm.QemuBuild,
+    *switch: str,
+    recover: tuple[str, ...] = (),
+    dest_args: tuple[str, ...] = (),
+) -> Iterator[tuple[qemuvm.Vm, qemuvm.Vm, Link, Callable[[], tuple[int, str, int, str]]]]:
     """The busy guest migrating with `migrate --postcopy SWITCH...` into `incoming --postcopy`
-    over the link the test cuts: the source, the link, and what ends both commands (their
-    statuses and stderr)."""
+    (both with `recover`, their --recover-timeout) over the link the test cuts: the source,
+    the destination (started with `dest_args` too), the link, and what ends both commands
+    (their statuses and stderr)."""
     src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
     wire = f"unix:{tmp_path / 'wire.sock'}"
-    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    dest_args = (*dest_args, "-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp))
     with (
         qemuvm.source_vm(
             guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
         ) as src,
-        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemu_build),
+        qemuvm.Vm(tmp_path, "dest", list(dest_args), qemu=qemu_build) as dest,
         Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
     ):
-        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
+        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy", *recover)
         said = until_listening(incoming)
-        migrate = migpipe("migrate", "--qmp", src_qmp, "--connect", link.address, *switch)
-        yield src, link, lambda: (*finish(migrate), *finish(incoming, said))
+        migrate = migpipe("migrate", "--qmp", src_qmp, "--connect", link.address, *switch, *recover)
+        yield src, dest, link, lambda: (*finish(migrate), *finish(incoming, said))
 
 
 def one_line_each(out_status: int, out_err: str, in_status: int, in_err: str) -> str:
@@ -235,7 +241,7 @@ def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_pa
     """Cut before the switch (--postcopy-after 3, cut once pass 2 began): migrate cancels the
     migration and says in one line that the source VM runs, which it does; incoming fails."""
     switch = ("--postcopy", "--postcopy-after", "3")
-    with cut_link(guest_elf, tmp_path, qemuvm.QEMU_7_2, *switch) as (src, link, ends):
+    with cut_link(guest_elf, tmp_path, qemuvm.QEMU_7_2, *switch) as (src, _, link, ends):
         src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=TIMEOUT)
         assert link.cut() == 1
         ended = ends()
@@ -248,11 +254,18 @@ def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_pa
 def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
     guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
 ) -> None:
-    """Cut once QEMU is in postcopy: the guest has run on the destination, so the source's
-    memory is stale; migrate neither cancels nor resumes it, nor waits on a QEMU that holds
-    it paused (10.0: postcopy-paused), and says so in one line; incoming fails too."""
+    """Cut once QEMU is in postcopy, with recovery off (--recover-timeout 0): the guest may
+    have run on the destination, so the source's memory is stale; migrate neither cancels
+    nor resumes it, nor waits on a QEMU that holds it paused (10.0: postcopy-paused), and
+    says so in one line; incoming fails too."""
     switch = ("--postcopy-after", "1", "--postcopy")
-    with cut_link(guest_elf, tmp_path, qemu_build, *switch) as (src, link, ends):
+    recover = ("--recover-timeout", "0")
+    with cut_link(guest_elf, tmp_path, qemu_build, *switch, recover=recover) as (
+        src,
+        _,
+        link,
+        ends,
+    ):
         active = src.qmp.wait_event(
             "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
         )
@@ -261,6 +274,42 @@ def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
         assert src.qmp.execute("query-status")["running"] is False
         assert src.qmp.execute("query-migrate")["status"] != "cancelled"
     assert "postcopy had begun: the source VM stays paused" in one_line_each(*ended)
+
+
+RESUME_AFTER = 8 << 20  # postcopy bytes sent before the cut: the destination runs by then
+
+
+@pytest.mark.qemu
+def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> None:
+    """QEMU 10.0 holds a postcopy migration whose connection broke paused on both hosts
+    (postcopy-paused); migrate opens the link again and resumes it (`migrate` with resume)
+    while incoming takes the new connection and hands it to QEMU's migrate-recover. The
+    destination is started paused (-S), so the guest runs nowhere after the switch and its
+    memory must end exactly as the source stopped it: everything the broken connection had
+    not delivered came on the new one."""
+    switch = ("--postcopy-after", "1", "--postcopy")
+    build = qemuvm.QEMU_10_0
+    with cut_link(guest_elf, tmp_path, build, *switch, dest_args=("-S",)) as (
+        src,
+        dest,
+        link,
+        ends,
+    ):
+        src.qmp.wait_event(
+            "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
+        )
+        while src.qmp.execute("query-migrate")["ram"]["postcopy-bytes"] < RESUME_AFTER:
+            pass  # each query is a round trip to QEMU: the pages flow meanwhile
+        assert link.cut() == 1
+        out_status, out_err, in_status, in_err = ends()
+        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        assert src.qmp.execute("query-migrate")["status"] == "completed"
+        assert dest.qmp.execute("query-migrate")["status"] == "completed"
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    assert "resumed after the wire broke, " in out_err
+    assert "resumed after the wire broke, 1x" in in_err  # one new wire, whatever migrate tried
+    assert "QEMU paused the migration: waiting for the source to resume it" in in_err
+    assert "QMP migrate-recover" in in_err
 
 
 ONE_WAY = (

@@ -1,14 +1,28 @@
 """Version 2 of the wire, sans I/O: lanes in both directions (migpipe-wire(5), VERSION 2)."""
 
+import os
+from functools import partial
+from pathlib import Path
+
 import pytest
 from support import migpipe
 
 from migpipe.chain import FilterChain
-from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, EXIT_USAGE, CorruptError, MigpipeError
+from migpipe.errors import (
+    EXIT_CORRUPT,
+    EXIT_TRUNCATED,
+    EXIT_USAGE,
+    CorruptError,
+    IncompatibleError,
+    MigpipeError,
+)
+from migpipe.running import run_trio
+from migpipe.tunnel.pipeline import decode, encode
 from migpipe.wire import (
     BACK,
     FRAME_DATA,
     FRAME_END,
+    FRAME_FINAL,
     FRAME_OPEN,
     Frame,
     LaneTally,
@@ -135,3 +149,43 @@ def test_qemu_option_mistakes_are_one_line(args: list[str], message: str) -> Non
     assert result.returncode == EXIT_USAGE
     assert message in result.stderr.decode()
     assert len(result.stderr.splitlines()) == 1
+
+
+def resumed_round_trip(tmp_path: Path, stream: bytes, resumed: bool) -> tuple[bytes, bytes]:
+    """`stream` through encode as the two-way tunnel sends lane 0 (resumed or not), and the
+    wire back through decode expecting a resumed one: the wire and what decode wrote."""
+    source, wire, out = tmp_path / "in", tmp_path / "wire", tmp_path / "out"
+    source.write_bytes(stream)
+    sent = bytearray()
+    with open(source, "rb") as i, open(os.devnull, "wb") as nowhere:
+
+        def send(parts: list) -> None:
+            sent.extend(b"".join(parts))
+
+        run_trio(partial(encode, i.fileno(), nowhere.fileno(), [], send=send, resumed=resumed))
+    wire.write_bytes(sent)
+    with open(wire, "rb") as i, open(out, "wb") as o:
+        run_trio(partial(decode, i.fileno(), o.fileno(), resumed=True))
+    return bytes(sent), out.read_bytes()
+
+
+def test_a_resumed_stream_crosses_unparsed_and_only_to_a_recovery(tmp_path: Path) -> None:
+    """A resumed postcopy stream starts mid-stream (no QEVM header, sections begun on the
+    broken connection): encode frames it unparsed, its FINAL frame is empty (QEMU's closing
+    the connection ends it), and decode gives it only to a recovery (migrate-recover)."""
+    stream = bytes(range(256)) * 1000  # no QEMU stream could start like this
+    wire, out = resumed_round_trip(tmp_path, stream, resumed=True)
+    assert out == stream
+    events = read_all(wire, step=4096)
+    assert events[0].fields["resumed"] is True  # the header says so, authenticated if sealed
+    final = [e for e in events if isinstance(e, Frame) and e.kind == FRAME_FINAL]
+    assert [f.payload for f in final] == [b""]
+    refused = pytest.raises(IncompatibleError, match="the wire resumes a postcopy migration, where")
+    with refused, open(tmp_path / "wire", "rb") as i, open(os.devnull, "wb") as o:
+        run_trio(partial(decode, i.fileno(), o.fileno()))
+
+
+def test_a_recovery_refuses_a_stream_from_its_start(tmp_path: Path) -> None:
+    qemu = b"QEVM\x00\x00\x00\x03\x00"  # a file header and QEMU's EOF item
+    with pytest.raises(IncompatibleError, match="the wire starts a migration, where a recovery"):
+        resumed_round_trip(tmp_path, qemu, resumed=False)

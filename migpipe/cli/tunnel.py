@@ -76,6 +76,7 @@ def register(command: Command) -> None:
         help="with --postcopy: switch once N passes are done (default: see migpipe(1))",
     )
     multifd_option(migrate)
+    recover_option(migrate, "open the link again and resume QEMU's migration")
     migrate.add_argument(
         "peer",
         nargs="*",
@@ -96,9 +97,24 @@ def register(command: Command) -> None:
         "connection, or on stdout when the wire is stdin",
     )
     multifd_option(incoming)
+    recover_option(incoming, "take a new wire (--listen, --connect) for the source to resume on")
 
 
 MULTIFD_MAX = 255  # QEMU's own bound on multifd-channels
+
+
+RECOVER_TIMEOUT = 60.0  # seconds from a break in postcopy to resume within
+
+
+def recover_option(sub: argparse.ArgumentParser, what: str) -> None:
+    sub.add_argument(
+        "--recover-timeout",
+        type=float,
+        default=RECOVER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"with --postcopy, when the wire breaks after the switch: {what}, for up to "
+        f"this long (default {RECOVER_TIMEOUT:g}; 0: never)",
+    )
 
 
 def multifd_option(sub: argparse.ArgumentParser) -> None:
@@ -114,6 +130,8 @@ def multifd_option(sub: argparse.ArgumentParser) -> None:
 def check_two_way(args: argparse.Namespace, file: str | None) -> None:
     """--postcopy and --multifd carry QEMU's return path back on the wire (a connection, or a
     command's stdin and stdout), which a file (`file`, not None) cannot."""
+    if args.recover_timeout < 0:
+        raise UsageError("--recover-timeout takes seconds, 0 or more")
     if args.multifd is not None and not 1 <= args.multifd <= MULTIFD_MAX:
         raise UsageError(f"--multifd takes a number of channels from 1 to {MULTIFD_MAX}")
     option = "--postcopy" if args.postcopy else "--multifd"
@@ -216,7 +234,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     link = functools.partial(peer_link, args)
     confirmed = not args.no_confirmation
     outcome = run_trio(
-        migrate, args.qmp, link, chain, progress(args, "migrate"), confirmed, switch, args.multifd
+        migrate,
+        args.qmp,
+        link,
+        chain,
+        progress(args, "migrate"),
+        confirmed,
+        switch,
+        args.multifd,
+        args.recover_timeout,
     )
     answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
@@ -261,6 +287,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         progress(args, "incoming"),
         args.postcopy,
         args.multifd,
+        bool(args.connect or args.listen),
+        args.recover_timeout,
     )
     landing = outcome.landing
     real_pause = None if landing is None else landing.figures()

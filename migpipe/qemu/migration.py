@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -508,6 +508,7 @@ class Outcome:
     pause: Pause | None = None  # the guest's real pause (source side; None: it was not running)
     landing: Landing | None = None  # this destination's part of it (destination side)
     two_way: bool = False  # through the two-way tunnel: QEMU's return path was the verdict
+    recoveries: int = 0  # times postcopy was resumed after the link broke
 
 
 # -- one side of a migration, through a pipe ----------------------------------------------------
@@ -585,12 +586,13 @@ async def _through_socket(
     beside: Callable[[qmp.Qmp], Awaitable[None]] | None = None,
     passes: "trio.MemorySendChannel[int] | None" = None,
     switched: Callable[[], bool] = lambda: False,
+    **arguments: object,
 ) -> Finish:
     """_through_pipe's way for a migration that needs answers back (the return path,
     postcopy): `carry(spec, task_status)` runs the two-way tunnel on a UNIX socket in a private
-    directory (0700), QEMU is told `command` on it once carry started (encode listens; decode
-    connects only after QEMU listens), and a QEMU that ended otherwise than completed ends
-    carry too, which might wait on a connection QEMU never makes."""
+    directory (0700), QEMU is told `command` (with `arguments`) on it once carry started
+    (encode listens; decode connects only after QEMU listens), and a QEMU that ended otherwise
+    than completed ends carry too, which might wait on a connection QEMU never makes."""
     source = command == "migrate"
     with tempfile.TemporaryDirectory(prefix="migpipe-") as directory:
         spec = f"unix:{directory}/qemu.sock"
@@ -598,11 +600,13 @@ async def _through_socket(
         async def on_socket(ending: Ending, task_status: trio.TaskStatus[None]) -> Totals:
             if source:
                 return await carry(spec, task_status)
-            await monitor.execute(command, uri=spec)
+            await monitor.execute(command, uri=spec, **arguments)
             task_status.started()
             return await carry(spec, trio.TASK_STATUS_IGNORED)
 
-        begin = functools.partial(monitor.execute, command, uri=spec) if source else None
+        begin = (
+            functools.partial(monitor.execute, command, uri=spec, **arguments) if source else None
+        )
         return await _following(
             monitor, source, on_socket, beside, begin, True, passes, switched=switched
         )
@@ -782,6 +786,7 @@ AUTO_FIRST_PASS = 3  # the first pass automatic postcopy compares with the one b
 AUTO_LAST_PASS = 4  # the pass automatic postcopy starts at, at the latest
 AUTO_SHRINK = 0.75  # what left of the pass before, at most, still counts as converging
 QEMU_CONNECT_TIMEOUT = 30.0  # for QEMU to connect to migrate's socket once told to migrate
+PAUSE_TIMEOUT = 10.0  # for QEMU to pause a postcopy migration whose connection broke
 
 
 class PostcopySwitch:
@@ -826,6 +831,7 @@ async def migrate(
     confirmed: bool = True,
     postcopy: PostcopySwitch | None = None,
     multifd: int | None = None,
+    recover_timeout: float = 0.0,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
@@ -849,13 +855,14 @@ async def migrate(
         await _two_way_capabilities(monitor, postcopy is not None, multifd)
         try:
             with contextlib.ExitStack() as stack:
+                if postcopy is not None or multifd is not None:
+                    links = Reopener(open_link, stack)
+                    return await _migrate_two_way(
+                        monitor, was_running, links, chain, progress, postcopy, recover_timeout
+                    )
                 link = await trio.to_thread.run_sync(
                     stack.enter_context, open_link(), abandon_on_cancel=True
                 )
-                if postcopy is not None or multifd is not None:
-                    return await _migrate_two_way(
-                        monitor, was_running, link, chain, progress, postcopy
-                    )
                 gate = EndGate(link.replies if confirmed else None, sealer)
                 async with _keeping_source(monitor, was_running):
                     finish = await _through_pipe(
@@ -901,32 +908,115 @@ async def _two_way_capabilities(monitor: qmp.Qmp, postcopy: bool, multifd: int |
 async def _migrate_two_way(
     monitor: qmp.Qmp,
     was_running: bool,
-    link: Link,
+    links: "Reopener[Link]",
     chain: Sequence[filters.Filter],
     progress: Progress | None,
     switch: PostcopySwitch | None,
+    recover_timeout: float,
 ) -> Outcome:
     """migrate's postcopy or multifd: QEMU migrates to encode_two_way's socket, which carries
-    its connections over the link's, both ways."""
+    its connections over the link's, both ways. A link that breaks once postcopy began is
+    opened anew and QEMU resumes the migration through it (`migrate` with resume), for as
+    long as QEMU holds it paused, within `recover_timeout` seconds of the first break."""
     from migpipe.tunnel.twoway import encode_two_way
 
-    async def carry(spec: str, task_status: trio.TaskStatus[None]) -> Totals:
-        return await encode_two_way(
-            spec, QEMU_CONNECT_TIMEOUT, wire, chain, progress, task_status=task_status
-        )
+    def carry_over(wire: "int | Channel", resumed: bool) -> TwoWayCarry:
+        async def carry(spec: str, task_status: trio.TaskStatus[None]) -> Totals:
+            return await encode_two_way(
+                spec, QEMU_CONNECT_TIMEOUT, wire, chain, progress, task_status, resumed
+            )
 
-    wire = link.both_ways()
+        return carry
 
+    recoveries, recovering = 0, Recovery(recover_timeout)
     async with _keeping_source(monitor, was_running, switch):
+        carry = carry_over((await links.open()).both_ways(), False)
         if switch is None:
             finish = await _through_socket(monitor, "migrate", carry)
         else:
             finish = await _through_socket(
                 monitor, "migrate", carry, switch.follow, switch.passes, lambda: switch.switched
             )
+        while (
+            switch is not None
+            and switch.switched
+            and await _postcopy_paused(monitor, finish)
+            and recovering.allows()
+        ):
+            recoveries += 1
+            logger.warning("%s; QEMU paused the migration: resuming it", finish.carried)
+            link = await recovering.within(links.open())
+            if link is None:
+                break
+            carry = carry_over(link.both_ways(), True)
+            finish = await _through_socket(
+                monitor, "migrate", carry, switched=lambda: True, resume=True
+            )
         totals = await _source_result(monitor, finish)
     info = await monitor.execute("query-migrate")
-    return Outcome(totals, info, Confirmation(), two_way=True)
+    return Outcome(totals, info, Confirmation(), two_way=True, recoveries=recoveries)
+
+
+Opened = TypeVar("Opened")
+
+
+class Reopener(Generic[Opened]):
+    """A link or wire that is opened again after it broke (postcopy recovery): each open()
+    closes the one before it, the last is closed with `stack`."""
+
+    def __init__(
+        self, opener: Callable[[], AbstractContextManager[Opened]], stack: contextlib.ExitStack
+    ) -> None:
+        self._opener, self._stack = opener, stack
+        self._current: contextlib.ExitStack | None = None
+
+    async def open(self) -> Opened:
+        if self._current is not None:
+            self._current.close()
+        self._current = self._stack.enter_context(contextlib.ExitStack())
+        return await trio.to_thread.run_sync(
+            self._current.enter_context, self._opener(), abandon_on_cancel=True
+        )
+
+
+async def _postcopy_paused(monitor: qmp.Qmp, finish: Finish) -> bool:
+    """Whether QEMU paused a migration whose tunnel failed (postcopy-paused: QEMU 8.0 and later,
+    in postcopy, where the connection broke) rather than failing it: it can be resumed."""
+    if not isinstance(finish.carried, MigpipeError) or finish.status in FINAL:
+        return False
+    with trio.move_on_after(PAUSE_TIMEOUT):
+        while True:
+            status = (await monitor.execute("query-migrate")).get("status", "")
+            if status == "postcopy-paused":
+                return True
+            if status in FINAL:
+                return False
+            await monitor.next_event("MIGRATION")
+    return False
+
+
+class Recovery:
+    """How long to try to resume a paused postcopy migration: `timeout` seconds from the first
+    break (0: never)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._deadline: float | None = None
+
+    def allows(self) -> bool:
+        """Whether to try (again) now; the first call starts the clock."""
+        if not self.timeout:
+            return False
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self.timeout
+        return trio.current_time() < self._deadline
+
+    async def within(self, opening: Awaitable[Opened]) -> Opened | None:
+        """`opening` (a link or wire opened anew), None if the time ran out first."""
+        assert self._deadline is not None
+        with trio.move_on_at(self._deadline):
+            return await opening
+        return None
 
 
 async def _send(
@@ -1076,7 +1166,7 @@ async def _keeping_source(
     except BaseException as e:
         with trio.CancelScope(shield=True):
             if switch is not None and switch.switched:
-                state = "postcopy had begun: the source VM stays paused (no recovery yet)"
+                state = "postcopy had begun: the source VM stays paused"
             else:
                 state = await _leave_source(monitor, was_running)
         if isinstance(e, MigpipeError):
@@ -1146,6 +1236,8 @@ async def incoming(
     progress: Progress | None = None,
     postcopy: bool = False,
     multifd: int | None = None,
+    reopenable: bool = False,
+    recover_timeout: float = 0.0,
 ) -> Outcome:
     """Load a migration into the QEMU behind `qmp_path` (started with `-incoming defer`).
 
@@ -1157,19 +1249,26 @@ async def incoming(
     `multifd` it takes that many multifd channels; either way it loads through decode_two_way
     from its own socket: the wire's connection carries its return path back, so no answer
     line goes there (the source QEMU's completion is the verdict). In postcopy the guest runs
-    here before the load completes (RESUME, then MIGRATION completed).
+    here before the load completes (RESUME, then MIGRATION completed). A wire that breaks in
+    postcopy, with the guest running here, leaves QEMU postcopy-paused: a `reopenable` wire
+    (--listen, --connect) is opened again for the source's `migrate` to resume it through
+    (QEMU's migrate-recover), within `recover_timeout` seconds of the break, and an incoming
+    --postcopy started on a QEMU that is postcopy-paused does that from its start (under
+    `migrate -- ssh ...`, a new command).
     """
-    async with _waiting(qmp_path) as monitor:
-        if postcopy or multifd is not None:
+    async with _waiting(qmp_path, postcopy) as (monitor, paused):
+        if not paused and (postcopy or multifd is not None):
             await _two_way_capabilities(monitor, postcopy, multifd)
         with contextlib.ExitStack() as stack:
+            if postcopy or multifd is not None:
+                wires = Reopener(open_wire, stack)
+                recovering = Recovery(recover_timeout if reopenable else 0)
+                return await _incoming_two_way(
+                    monitor, wires, secrets, progress, paused, recovering
+                )
             wire, answer = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
-            if postcopy or multifd is not None:
-                if isinstance(wire, int) and isinstance(answer, int) and answer != wire:
-                    wire = PairChannel(wire, answer, "standard input and output")
-                return await _incoming_two_way(monitor, wire, secrets, progress)
             source = Answerer(answer)
             timed = timed_end(wire)
 
@@ -1195,16 +1294,50 @@ async def incoming(
 
 
 async def _incoming_two_way(
-    monitor: qmp.Qmp, wire: int | Channel, secrets: Secrets | None, progress: Progress | None
+    monitor: qmp.Qmp,
+    wires: "Reopener[tuple[int | Source, int | Sink | None]]",
+    secrets: Secrets | None,
+    progress: Progress | None,
+    resumed: bool,
+    recovering: Recovery,
 ) -> Outcome:
-    """incoming's postcopy or multifd: decode_two_way into QEMU's migrate-incoming socket."""
+    """incoming's postcopy or multifd: decode_two_way into QEMU's migrate-incoming socket, or,
+    `resumed`, into its migrate-recover socket; again for as long as QEMU holds the migration
+    postcopy-paused after the wire broke, when the wire can be opened again."""
     from migpipe.tunnel.twoway import decode_two_way
 
-    async def carry(spec: str, _: trio.TaskStatus[None]) -> Totals:
-        return await decode_two_way(wire, spec, QEMU_CONNECT_TIMEOUT, progress, secrets)
+    def carry_over(wire: "int | Channel", resumed: bool) -> TwoWayCarry:
+        async def carry(spec: str, _: trio.TaskStatus[None]) -> Totals:
+            return await decode_two_way(
+                wire, spec, QEMU_CONNECT_TIMEOUT, progress, secrets, resumed=resumed
+            )
 
-    finish = await _through_socket(monitor, "migrate-incoming", carry)
-    return await _loaded(monitor, finish)
+        return carry
+
+    recoveries, opening = 0, wires.open()
+    while True:
+        if (opened := await opening) is None:
+            raise MigpipeError(
+                "the source did not resume the migration in time; QEMU holds it postcopy-paused"
+            )
+        wire, answer = opened
+        if isinstance(wire, int) and isinstance(answer, int) and answer != wire:
+            wire = PairChannel(wire, answer, "standard input and output")
+        command = "migrate-recover" if resumed else "migrate-incoming"
+        finish = await _through_socket(monitor, command, carry_over(wire, resumed))
+        if not await _postcopy_paused(monitor, finish):
+            outcome = await _loaded(monitor, finish)
+            outcome.recoveries = recoveries
+            return outcome
+        if not recovering.allows():
+            raise MigpipeError(
+                f"{finish.carried}; QEMU holds the migration postcopy-paused, the guest running "
+                "here: run migpipe incoming --postcopy again for the source to resume it"
+            )
+        logger.warning(
+            "%s; QEMU paused the migration: waiting for the source to resume it", finish.carried
+        )
+        resumed, recoveries, opening = True, recoveries + 1, recovering.within(wires.open())
 
 
 class TimedFd(FdChannel):
@@ -1265,7 +1398,7 @@ async def restore(
     whose kind the caller checked."""
     if load is None:
         savefile.file_kind(path, secrets)
-    async with _waiting(qmp_path) as monitor:
+    async with _waiting(qmp_path) as (monitor, _):
         if running is False:
             await monitor.execute("stop")
         finish = await _through_pipe(
@@ -1283,14 +1416,20 @@ async def restore(
 
 
 @contextlib.asynccontextmanager
-async def _waiting(qmp_path: str) -> AsyncIterator[qmp.Qmp]:
-    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events on."""
+async def _waiting(qmp_path: str, postcopy: bool = False) -> AsyncIterator[tuple[qmp.Qmp, bool]]:
+    """The QEMU behind `qmp_path`, checked to be waiting for a migration, with events on, and
+    whether it waits for one to resume: with `postcopy`, a QEMU that holds a broken postcopy
+    migration paused (postcopy-paused) waits for migrate-recover."""
     async with qmp.connect(qmp_path) as monitor:
         state = (await monitor.execute("query-status"))["status"]
-        if state != "inmigrate":
+        if state == "inmigrate":
+            await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
+            yield monitor, False
+            return
+        migration = (await monitor.execute("query-migrate")).get("status")
+        if not (postcopy and migration == "postcopy-paused"):
             raise MigpipeError(f"QEMU is {state}, not inmigrate: start it with -incoming defer")
-        await monitor.execute("migrate-set-capabilities", capabilities=EVENTS)
-        yield monitor
+        yield monitor, True
 
 
 async def _loaded(monitor: qmp.Qmp, finish: Finish) -> Outcome:
@@ -1304,6 +1443,7 @@ async def _loaded(monitor: qmp.Qmp, finish: Finish) -> Outcome:
         message = f"{carried.message}; {LOAD_ENDED[status]}"
         raise MigpipeError(message, carried.offset, carried.status)
     desc = "see its log"
+    logger.info("QEMU %s; migpipe's side then: %s", status, carried)
     if status == "failed":
         with contextlib.suppress(MigpipeError):  # QEMU 7.2 exits right after a failed load
             desc = (await monitor.execute("query-migrate")).get("error-desc", desc)
@@ -1360,6 +1500,8 @@ def summary(command: str, outcome: Outcome) -> str:
         f"migpipe: {t.qemu_bytes:,} stream bytes, {t.wire_bytes:,} {medium} bytes "
         f"(ratio {ratio:.2f})" + (f"; pages: {pages}" if pages else "")
     )
+    if outcome.recoveries:  # the broken wires' figures went with their errors
+        ours += f" (the last wire's: resumed after the wire broke, {outcome.recoveries}x)"
     if command in ("incoming", "restore"):
         lines = [f"migpipe {command}: completed, the VM is {outcome.runstate}"]
         if outcome.landing is not None:

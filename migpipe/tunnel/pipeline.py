@@ -30,6 +30,7 @@ from migpipe import chain as filters
 from migpipe.chain import Buffer, FilterChain, Position
 from migpipe.errors import (
     CorruptError,
+    IncompatibleError,
     MigpipeError,
 )
 from migpipe.io import idle
@@ -122,7 +123,7 @@ class Totals:
             "wall_seconds": round(seconds, 4),
         }
 
-    def count_parsed(self, parser: StreamParser) -> None:
+    def count_parsed(self, parser: "StreamParser | ResumedStream") -> None:
         """Take the page counts of a parser that only counts its pages (pages=False)."""
         self.pages.update(parser.page_counts)
         self.page_records = sum(self.pages.values())
@@ -144,6 +145,33 @@ class Outgoing:
     qemu_crc: int | None  # None: the workers compute it from `qemu`
 
 
+class ResumedStream:
+    """What encode knows of a resumed postcopy stream, in the StreamParser's place: nothing.
+
+    QEMU resumes a broken postcopy migration on a new connection from where the old one left
+    off, without the stream's header and in sections whose starts crossed on the old one, so
+    its bytes cannot be parsed: they are framed as they come, and the stream ends when QEMU
+    closes the connection, which it does once the destination said it loaded everything (its
+    SHUT), so nothing needs to be held back for the trailer."""
+
+    page_counts: dict[str, int] = {}  # noqa: RUF012 (never written: no pages are seen)
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.eof_offset: int | None = None
+        self.done = False
+
+    def feed(self, data: Buffer) -> None:
+        self.offset += len(data)
+
+    def next_records(self) -> list[Record]:
+        return []
+
+    def finish(self) -> list[Record]:
+        self.eof_offset = self.offset
+        return []
+
+
 class Encoder:
     """QEMU stream bytes in, frames out; everything from the EOF item on goes in the FINAL frame.
 
@@ -163,12 +191,19 @@ class Encoder:
         page_size: int = 4096,
         totals: Totals | None = None,
         lanes: bool = False,
+        resumed: bool = False,
     ) -> None:
         self.totals = totals or Totals()
         self.chain = FilterChain(chain, self.totals)
-        self.wire = WireWriter(self.chain, page_size, lanes)
+        self.wire = WireWriter(self.chain, page_size, lanes, resumed)
         self._transforms = self.totals.running = self.chain.encoders()
-        self._parser = StreamParser(page_size=page_size, pages=bool(self._transforms))
+        self._parser: StreamParser | ResumedStream
+        if resumed:
+            if self._transforms:
+                raise ValueError("a resumed stream cannot be parsed for page filters")
+            self._parser = ResumedStream()
+        else:
+            self._parser = StreamParser(page_size=page_size, pages=bool(self._transforms))
         self._writer = StreamWriter()
         self._pieces: Pieces = []  # QEMU bytes read, not yet in a frame
         self._pieces_start = 0  # stream offset of the first of them
@@ -345,7 +380,10 @@ class Decoder:
         final = frame.kind == FRAME_FINAL
         self.wire.rebuilt(len(data), crc, final)
         if final:
-            if not data.startswith(b"\x00"):
+            if self.wire.resumed:  # its end is QEMU's closing the connection: nothing is held
+                if data:
+                    raise CorruptError("final frame of a resumed stream is not empty")
+            elif not data.startswith(b"\x00"):
                 raise CorruptError("final frame does not start with QEMU's EOF item")
             self._held = data
             return b""
@@ -453,6 +491,7 @@ async def encode(
     progress: Progress | None = None,
     before_frame: Callable[[bool], None] | None = None,
     send: Callable[[Sequence[Buffer]], None] | None = None,
+    resumed: bool = False,
 ) -> Totals:
     """The wire of the QEMU stream from `source`. `before_frame(final)` is called in the writer
     thread before each data or FINAL frame goes out, and may stop the stream by raising:
@@ -460,11 +499,12 @@ async def encode(
 
     With `send`, the two-way tunnel's (see tunnel.twoway): the wire is version 2, its frames
     go out through `send` beside other lanes', the stream ends by its structure (QEMU keeps
-    its connection open), and the wire's writing direction is the caller's to end."""
+    its connection open), and the wire's writing direction is the caller's to end; `resumed`:
+    the stream is QEMU's resumed postcopy stream (see ResumedStream), which ends at its end."""
     source, wire = as_source(source), as_sink(wire)
     lanes = send is not None
     send = send or wire.write
-    encoder = Encoder(chain, lanes=lanes)
+    encoder = Encoder(chain, lanes=lanes, resumed=resumed)
     smallest = min(MIN_FRAME, FRAME_TARGET)
     encoder.frame_size = smallest  # until the rate is known
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
@@ -542,6 +582,7 @@ async def decode(
     secrets: Secrets | None = None,
     opened: Callable[[Sequence[filters.Filter]], None] | None = None,
     take: Callable[[Frame], None] | None = None,
+    resumed: bool = False,
 ) -> Totals:
     """The QEMU stream from the wire; its end only once every check passed. `opened` is
     called with the filter chain once the header was read (and authenticated, if sealed).
@@ -549,11 +590,14 @@ async def decode(
     A version 2 wire may carry QEMU's other connections (lanes above 0): their frames go to
     `take`, the two-way tunnel's (see tunnel.twoway), in the reading thread. The stream's end
     is released once lane 0's trailer vouched for it, and the other lanes are read on
-    until the wire ends."""
+    until the wire ends. The wire must resume a postcopy migration if and only if `resumed`:
+    a resumed stream given to a QEMU that expects a whole one fails it in obscure ways."""
     sink = as_sink(sink)
     outbound = PipeBuffer(sink)
     with stream_sink(sink) as qemu:
-        return await _decode(as_source(wire), qemu, outbound, progress, secrets, opened, take)
+        return await _decode(
+            as_source(wire), qemu, outbound, progress, secrets, opened, take, resumed
+        )
 
 
 def _no_lanes(frame: Frame) -> None:
@@ -572,10 +616,15 @@ async def _decode(
     secrets: Secrets | None,
     opened: Callable[[Sequence[filters.Filter]], None] | None,
     take: Callable[[Frame], None] | None,
+    resumed: bool,
 ) -> Totals:
     totals = Totals()
 
     def opening(header: Header, chain: FilterChain) -> None:
+        if decoder.wire.resumed != resumed:
+            said = "resumes a postcopy migration" if decoder.wire.resumed else "starts a migration"
+            wanted = "a recovery" if resumed else "a migration from its start"
+            raise IncompatibleError(f"the wire {said}, where {wanted} was expected", 0)
         if opened is not None:
             opened(chain.filters)
 

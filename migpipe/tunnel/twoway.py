@@ -380,10 +380,16 @@ async def encode_two_way(
     chain: Sequence[filters.Filter],
     progress: Progress | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    resumed: bool = False,
 ) -> Totals:
     """encode --qemu: the source QEMU's connections on `spec` through the wire, both ways.
-    Started by nursery.start(), it returns to its starter once it listens: QEMU may migrate."""
+    Started by nursery.start(), it returns to its starter once it listens: QEMU may migrate.
+    `resumed`: QEMU resumes a broken postcopy migration (`migrate` with resume), whose main
+    stream cannot be parsed, so it crosses through the byte filters only (pipeline's
+    ResumedStream); postcopy sends no page that the page filters could have shortened."""
     channel, two_way = _channel(wire)
+    if resumed:
+        chain = [f for f in chain if not isinstance(f, filters.PageFilter)]
     with transport.listening(spec) as server:
         task_status.started()
         main = await trio.to_thread.run_sync(
@@ -394,7 +400,9 @@ async def encode_two_way(
         source = relay.add(0, main, f"the source QEMU's connection on {spec}", pump=False)
 
         async def body() -> Totals:
-            totals = await encode(source, channel, chain, progress, send=relay.write)
+            totals = await encode(
+                source, channel, chain, progress, send=relay.write, resumed=resumed
+            )
             relay.stop_accepting()
             await relay.until_pumped()
             await trio.to_thread.run_sync(channel.finish)
@@ -411,8 +419,11 @@ async def decode_two_way(
     connect_timeout: float,
     progress: Progress | None = None,
     secrets: Secrets | None = None,
+    resumed: bool = False,
 ) -> Totals:
-    """decode --qemu: the wire into the destination QEMU's connections on `spec`, both ways."""
+    """decode --qemu: the wire into the destination QEMU's connections on `spec`, both ways;
+    with `resumed`, a resumed postcopy migration's (see encode_two_way), as QEMU's
+    migrate-recover waits for it there, and nothing else."""
     channel, two_way = _channel(wire)
     relay = DestinationRelay(channel, two_way, spec, connect_timeout)
     sink = relay.connect(0)
@@ -421,7 +432,9 @@ async def decode_two_way(
         relay.chain = FilterChain(chain)
 
     async def body() -> Totals:
-        totals = await decode(channel, sink, progress, secrets, opened, take=relay.take)
+        totals = await decode(
+            channel, sink, progress, secrets, opened, take=relay.take, resumed=resumed
+        )
         await relay.until_pumped()
         if two_way:
             await trio.to_thread.run_sync(channel.finish)

@@ -103,13 +103,19 @@ class Trailer:
 
 
 def encode_header(
-    chain: Sequence[Filter] | FilterChain, page_size: int = 4096, version: int = VERSION
+    chain: Sequence[Filter] | FilterChain,
+    page_size: int = 4096,
+    version: int = VERSION,
+    resumed: bool = False,
 ) -> bytes:
     """The wire header naming `chain`, which is bound to it (sealed when it ends in encrypt;
-    see migpipe.wire.header)."""
+    see migpipe.wire.header). `resumed` (version 2): lane 0 is a resumed postcopy stream."""
     if not isinstance(chain, FilterChain):
         chain = FilterChain(chain)
-    return header_for(MAGIC, version, chain, {"page_size": page_size})
+    fields: dict[str, object] = {"page_size": page_size}
+    if resumed:
+        fields["resumed"] = True
+    return header_for(MAGIC, version, chain, fields)
 
 
 def lane_position(lane: int, sequence: int, back: bool = False) -> Position:
@@ -328,10 +334,13 @@ class WireWriter:
     trailer() last. It keeps no buffer: the payload stays the caller's.
     """
 
-    def __init__(self, chain: FilterChain, page_size: int = 4096, lanes: bool = False) -> None:
+    def __init__(
+        self, chain: FilterChain, page_size: int = 4096, lanes: bool = False, resumed: bool = False
+    ) -> None:
         self.chain = chain
         self.page_size = page_size
         self.version = VERSION_LANES if lanes else VERSION
+        self.resumed = resumed
         self._lane = 0 if lanes else None  # the lane byte of version 2's frame headers
         self._cut = 0  # positions handed out: the cutting thread's
         self.frames = 0  # data and final frames made, the next one's number: the writing thread's
@@ -339,7 +348,7 @@ class WireWriter:
 
     def header(self) -> bytes:
         """The wire header, which binds the chain: call it before sealing any payload."""
-        return encode_header(self.chain, self.page_size, self.version)
+        return encode_header(self.chain, self.page_size, self.version, self.resumed)
 
     def position(self, final: bool) -> Position:
         """The next frame's place in the wire, which the byte filters bind its payload to."""
@@ -488,6 +497,12 @@ class WireDecoder:
     def lanes(self) -> bool:
         """Whether the wire is version 2, which may carry lanes besides lane 0."""
         return self._reader.version == VERSION_LANES
+
+    @property
+    def resumed(self) -> bool:
+        """Whether lane 0 resumes a postcopy migration (the header says so): QEMU's stream
+        from where a broken connection left it, without the stream's own header."""
+        return self.header is not None and self.header.fields.get("resumed") is True
 
     @property
     def trailer_came(self) -> bool:
