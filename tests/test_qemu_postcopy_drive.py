@@ -9,8 +9,11 @@ between the two commands to the rate of the measurements in issue 17.
 """
 
 import contextlib
+import os
 import shlex
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -279,6 +282,15 @@ def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
 RESUME_AFTER = 8 << 20  # postcopy bytes sent before the cut: the destination runs by then
 
 
+def into_postcopy(src: qemuvm.Vm) -> None:
+    """Wait until the source is RESUME_AFTER bytes into postcopy."""
+    src.qmp.wait_event(
+        "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
+    )
+    while src.qmp.execute("query-migrate")["ram"]["postcopy-bytes"] < RESUME_AFTER:
+        pass  # each query is a round trip to QEMU: the pages flow meanwhile
+
+
 @pytest.mark.qemu
 def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> None:
     """QEMU 10.0 holds a postcopy migration whose connection broke paused on both hosts
@@ -295,11 +307,7 @@ def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> N
         link,
         ends,
     ):
-        src.qmp.wait_event(
-            "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
-        )
-        while src.qmp.execute("query-migrate")["ram"]["postcopy-bytes"] < RESUME_AFTER:
-            pass  # each query is a round trip to QEMU: the pages flow meanwhile
+        into_postcopy(src)
         assert link.cut() == 1
         out_status, out_err, in_status, in_err = ends()
         assert (out_status, in_status) == (0, 0), (out_err, in_err)
@@ -310,6 +318,58 @@ def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> N
     assert "resumed after the wire broke, 1x" in in_err  # one new wire, whatever migrate tried
     assert "QEMU paused the migration: waiting for the source to resume it" in in_err
     assert "QMP migrate-recover" in in_err
+
+
+def kill_processes(*words: str) -> int:
+    """SIGKILL every process whose command line holds all of `words`; how many there were."""
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if entry.name.isdigit() and all(w.encode() in argv for w in words):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+@pytest.mark.qemu
+def test_postcopy_through_a_command_is_resumed_by_running_it_again(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """`migrate -- COMMAND`, as with ssh: the command's incoming dies in postcopy (killed), so
+    both QEMUs hold the migration paused; migrate runs COMMAND again, and the new incoming
+    finds its QEMU postcopy-paused and takes the resumed migration from its start. The
+    destination is paused (-S): it must end with exactly the source's memory."""
+    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    dest_args = ["-S", "-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
+    incoming = f"{MIGPIPE_SHELL} -v incoming --qmp {shlex.quote(str(dst_qmp))} --postcopy"
+    link = shlex.join([sys.executable, str(Path(__file__).parent / "link.py")])
+    command = f"{link} --rate {LINK_RATE:.0f} | {incoming}"
+    with (
+        qemuvm.source_vm(
+            guest_elf,
+            "busy",
+            tmp_path,
+            args=qemuvm.qmp_socket_args(src_qmp),
+            qemu=qemuvm.QEMU_10_0,
+        ) as src,
+        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=qemuvm.QEMU_10_0) as dest,
+    ):
+        switch = ("--postcopy", "--postcopy-after", "1")
+        migrate = migpipe("migrate", "--qmp", src_qmp, *switch, "--", "sh", "-c", command)
+        into_postcopy(src)
+        assert kill_processes("incoming", str(dst_qmp)) == 1
+        status, err = finish(migrate)
+        assert status == 0, err
+        assert src.qmp.execute("query-migrate")["status"] == "completed"
+        assert dest.qmp.execute("query-migrate")["status"] == "completed"
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    assert "resumed after the wire broke, " in err
+    assert err.count("migpipe incoming: completed") == 1  # the second command's incoming
+    assert "QMP migrate-recover" in err
 
 
 ONE_WAY = (
