@@ -102,6 +102,29 @@ def test_a_paused_guest_with_the_return_path(
         assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
 
 
+def test_switchover_ack_passes_through(guest_elf: Path, tmp_path: Path) -> None:
+    """switchover-ack (QEMU 8.1+, so 10.0 here): the source switches over only once the
+    destination said on the return path (SWITCHOVER_ACK) that its devices are ready, which
+    it says through the wire's answer direction; the destination holds the paused source's
+    memory."""
+    build = qemuvm.QEMU_10_0
+    tunnel = Tunnel(tmp_path, [])
+    with (
+        qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=build) as dest,
+    ):
+        for vm in (dest, src):
+            capabilities(vm, "return-path", "switchover-ack")
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
+        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=60)
+        qemuvm.wait_incoming(dest)
+        caps = {c["capability"]: c["state"] for c in src.qmp.execute("query-migrate-capabilities")}
+        assert caps["switchover-ack"], caps
+        assert tunnel.statuses() == (0, 0), tunnel.errors
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+
+
 def migrate_multifd(
     guest_elf: Path,
     qemu_build: qemuvm.QemuBuild,
