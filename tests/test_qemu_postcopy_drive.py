@@ -320,6 +320,63 @@ def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> N
     assert "QMP migrate-recover" in in_err
 
 
+@pytest.mark.qemu
+def test_a_broken_postcopy_is_resumed_by_migrate_and_incoming_resume(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """When the commands that ran it are gone (here: recovery off, so both gave up), the
+    migration QEMU 10.0 holds postcopy-paused is resumed by `migrate --resume` and
+    `incoming --resume`, as the operator runs them; the paused (-S) destination ends with
+    exactly the source's memory."""
+    switch = ("--postcopy-after", "1", "--postcopy")
+    recover = ("--recover-timeout", "0")
+    with cut_link(
+        guest_elf, tmp_path, qemuvm.QEMU_10_0, *switch, recover=recover, dest_args=("-S",)
+    ) as (src, dest, link, ends):
+        into_postcopy(src)
+        assert link.cut() == 1
+        out_status, out_err, in_status, in_err = ends()
+        assert "QEMU holds the migration postcopy-paused" in in_err, in_err
+        assert "postcopy had begun: the source VM stays paused" in one_line_each(
+            out_status, out_err, in_status, in_err
+        )
+        wire = f"unix:{tmp_path / 'wire.sock'}"
+        incoming = migpipe("incoming", "--qmp", tmp_path / "dst.qmp", "--listen", wire, "--resume")
+        said = until_listening(incoming)
+        migrate = migpipe(
+            "migrate", "--qmp", tmp_path / "src.qmp", "--connect", link.address, "--resume"
+        )
+        out_status, out_err = finish(migrate)
+        in_status, in_err = finish(incoming, said)
+        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        assert src.qmp.execute("query-migrate")["status"] == "completed"
+        assert dest.qmp.execute("query-migrate")["status"] == "completed"
+        assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    assert 'QMP migrate {"uri"' in out_err and '"resume": true}' in out_err
+    assert "QMP migrate-recover" in in_err
+
+
+@pytest.mark.parametrize(
+    "command,line",
+    [
+        ("migrate", "QEMU's migration is {}, not postcopy-paused: nothing to resume"),
+        ("incoming", "QEMU waits for a migration from its start: nothing to resume"),
+    ],
+)
+@pytest.mark.qemu
+def test_resume_without_a_paused_migration_is_one_line(
+    tmp_path: Path, command: str, line: str
+) -> None:
+    qmp = tmp_path / "vm.qmp"
+    args = ["-incoming", "defer"] if command == "incoming" else []
+    with qemuvm.Vm(tmp_path, "vm", [*args, *qemuvm.qmp_socket_args(qmp)], qemu=qemuvm.QEMU_10_0):
+        result = migpipe_run(command, "--qmp", str(qmp), "--resume", "--connect", "unix:nowhere")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"migpipe {command}: error: " + line.format("none")
+    )
+
+
 def kill_processes(*words: str) -> int:
     """SIGKILL every process whose command line holds all of `words`; how many there were."""
     killed = 0

@@ -78,6 +78,12 @@ def register(command: Command) -> None:
     multifd_option(migrate)
     recover_option(migrate, "open the link again and resume QEMU's migration")
     migrate.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume QEMU's postcopy migration that a broken wire left paused, when the "
+        "migrate that ran it is gone (incoming needs --postcopy)",
+    )
+    migrate.add_argument(
         "peer",
         nargs="*",
         metavar="-- COMMAND",
@@ -98,6 +104,12 @@ def register(command: Command) -> None:
     )
     multifd_option(incoming)
     recover_option(incoming, "take a new wire (--listen, --connect) for the source to resume on")
+    incoming.add_argument(
+        "--resume",
+        action="store_true",
+        help="only resume QEMU's postcopy migration that a broken wire left paused (migrate "
+        "--resume); without it, --postcopy resumes one too",
+    )
 
 
 MULTIFD_MAX = 255  # QEMU's own bound on multifd-channels
@@ -134,6 +146,8 @@ def check_two_way(args: argparse.Namespace, file: str | None) -> None:
         raise UsageError("--recover-timeout takes seconds, 0 or more")
     if args.multifd is not None and not 1 <= args.multifd <= MULTIFD_MAX:
         raise UsageError(f"--multifd takes a number of channels from 1 to {MULTIFD_MAX}")
+    if args.resume:
+        args.postcopy = True  # a resumed migration is a postcopy one
     option = "--postcopy" if args.postcopy else "--multifd"
     if file is not None and (args.postcopy or args.multifd is not None):
         raise UsageError(
@@ -229,7 +243,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError("--postcopy-after takes a number of passes from 1, with --postcopy")
     one_way = not (args.peer or args.connect or args.listen)
     check_two_way(args, output_name(args.output) if one_way else None)
-    switch = PostcopySwitch(args.postcopy_after) if args.postcopy else None
+    switch = PostcopySwitch(args.postcopy_after, args.resume) if args.postcopy else None
     chain = filter_chain(args)
     link = functools.partial(peer_link, args)
     confirmed = not args.no_confirmation
@@ -243,6 +257,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         switch,
         args.multifd,
         args.recover_timeout,
+        args.resume,
     )
     answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
@@ -289,6 +304,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         args.multifd,
         bool(args.connect or args.listen),
         args.recover_timeout,
+        args.resume,
     )
     landing = outcome.landing
     real_pause = None if landing is None else landing.figures()

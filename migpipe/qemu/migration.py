@@ -797,9 +797,9 @@ class PostcopySwitch:
     with left to send (query-migrate's ram remaining; the first pass sends all memory, so the
     second is never compared with it), and at the latest when pass AUTO_LAST_PASS begins."""
 
-    def __init__(self, after: int | None) -> None:
+    def __init__(self, after: int | None, switched: bool = False) -> None:
         self.after = after
-        self.switched = False
+        self.switched = switched  # True: already in postcopy (migrate --resume)
         self.passes, self._passed = trio.open_memory_channel[int](math.inf)
 
     def _due(self, number: int, left: int, left_before: int | None) -> bool:
@@ -832,6 +832,7 @@ async def migrate(
     postcopy: PostcopySwitch | None = None,
     multifd: int | None = None,
     recover_timeout: float = 0.0,
+    resume: bool = False,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
@@ -847,18 +848,34 @@ async def migrate(
     With `postcopy` the migration runs in postcopy (see PostcopySwitch), and with `multifd`
     over that many multifd channels, through the two-way tunnel: the link's connection carries
     QEMU's return path back, and QEMU's own completion, which waits for the destination QEMU's
-    word (its SHUT) on that path, is the verdict."""
+    word (its SHUT) on that path, is the verdict. With `resume` (and `postcopy`), QEMU's
+    migration is one in postcopy that it holds paused after its connection broke, and this
+    resumes it (a migrate whose process is gone: its recovery could not run)."""
     sealer = sealer_of(chain)
     rate = SwitchoverRate()
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
-        await _two_way_capabilities(monitor, postcopy is not None, multifd)
+        if resume:
+            status = (await monitor.execute("query-migrate")).get("status", "none")
+            if status != "postcopy-paused":
+                raise MigpipeError(
+                    f"QEMU's migration is {status}, not postcopy-paused: nothing to resume"
+                )
+        else:
+            await _two_way_capabilities(monitor, postcopy is not None, multifd)
         try:
             with contextlib.ExitStack() as stack:
                 if postcopy is not None or multifd is not None:
                     links = Reopener(open_link, stack)
                     return await _migrate_two_way(
-                        monitor, was_running, links, chain, progress, postcopy, recover_timeout
+                        monitor,
+                        was_running,
+                        links,
+                        chain,
+                        progress,
+                        postcopy,
+                        recover_timeout,
+                        resume,
                     )
                 link = await trio.to_thread.run_sync(
                     stack.enter_context, open_link(), abandon_on_cancel=True
@@ -913,11 +930,13 @@ async def _migrate_two_way(
     progress: Progress | None,
     switch: PostcopySwitch | None,
     recover_timeout: float,
+    resume: bool,
 ) -> Outcome:
     """migrate's postcopy or multifd: QEMU migrates to encode_two_way's socket, which carries
     its connections over the link's, both ways. A link that breaks once postcopy began is
     opened anew and QEMU resumes the migration through it (`migrate` with resume), for as
-    long as QEMU holds it paused, within `recover_timeout` seconds of the first break."""
+    long as QEMU holds it paused, within `recover_timeout` seconds of the first break; with
+    `resume` from the start (QEMU holds it paused already)."""
     from migpipe.tunnel.twoway import encode_two_way
 
     def carry_over(wire: "int | Channel", resumed: bool) -> TwoWayCarry:
@@ -930,8 +949,12 @@ async def _migrate_two_way(
 
     recoveries, recovering = 0, Recovery(recover_timeout)
     async with _keeping_source(monitor, was_running, switch):
-        carry = carry_over((await links.open()).both_ways(), False)
-        if switch is None:
+        carry = carry_over((await links.open()).both_ways(), resume)
+        if resume:
+            finish = await _through_socket(
+                monitor, "migrate", carry, switched=lambda: True, resume=True
+            )
+        elif switch is None:
             finish = await _through_socket(monitor, "migrate", carry)
         else:
             finish = await _through_socket(
@@ -1238,6 +1261,7 @@ async def incoming(
     multifd: int | None = None,
     reopenable: bool = False,
     recover_timeout: float = 0.0,
+    resume: bool = False,
 ) -> Outcome:
     """Load a migration into the QEMU behind `qmp_path` (started with `-incoming defer`).
 
@@ -1254,9 +1278,11 @@ async def incoming(
     (--listen, --connect) is opened again for the source's `migrate` to resume it through
     (QEMU's migrate-recover), within `recover_timeout` seconds of the break, and an incoming
     --postcopy started on a QEMU that is postcopy-paused does that from its start (under
-    `migrate -- ssh ...`, a new command).
+    `migrate -- ssh ...`, a new command); with `resume`, only that.
     """
     async with _waiting(qmp_path, postcopy) as (monitor, paused):
+        if resume and not paused:
+            raise MigpipeError("QEMU waits for a migration from its start: nothing to resume")
         if not paused and (postcopy or multifd is not None):
             await _two_way_capabilities(monitor, postcopy, multifd)
         with contextlib.ExitStack() as stack:
