@@ -2,13 +2,16 @@
 
 The busy guest of tests/guest (single-byte writes across 64 MiB) migrates in postcopy as libvirt
 runs it: precopy until the second pass, then migrate-start-postcopy, the destination running the
-guest at once and fetching the pages it touches over the return path. The link is tests/link.py
-(one token bucket for every connection of the migration, ~1 ms granularity). For each QEMU build
-and path, it prints the total time (migrate to the source's completion), the guest's real pause
-(the source's STOP event to the destination's RESUME event, QMP timestamps, one host) and the
-page requests the destination made, medians of --runs.
+guest at once and fetching the pages it touches over the return path, with postcopy-preempt (the
+requested pages on a connection of their own) as libvirt 10.0+ sets it (--no-preempt: without).
+The link is tests/link.py (one token bucket for every connection of the migration, ~1 ms
+granularity). For each QEMU build and path, it prints the total time (migrate to the source's
+completion), the guest's real pause (the source's STOP event to the destination's RESUME event,
+QMP timestamps, one host), the page requests the destination made, how long its vCPUs waited
+for pages in all (QEMU's postcopy-blocktime) and that per request: the request-to-page
+latency the guest feels. Medians of --runs.
 
-    .venv/bin/python bench/bench_postcopy.py [--runs N] [--rate BYTES_PER_S]
+    .venv/bin/python bench/bench_postcopy.py [--runs N] [--rate BYTES_PER_S] [--no-preempt]
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ PATHS = {
 }
 
 
-def caps(vm: qemuvm.Vm) -> None:
-    on = [{"capability": name, "state": True} for name in ("events", "postcopy-ram")]
+def caps(vm: qemuvm.Vm, *names: str) -> None:
+    on = [{"capability": name, "state": True} for name in ("events", "postcopy-ram", *names)]
     vm.qmp.execute("migrate-set-capabilities", capabilities=on)
 
 
@@ -45,7 +48,9 @@ def until_listening(process: subprocess.Popen) -> None:
             raise RuntimeError("migpipe ended before it listened")
 
 
-def one_run(guest: Path, build: qemuvm.QemuBuild, filters: list[str] | None, rate: float) -> dict:
+def one_run(
+    guest: Path, build: qemuvm.QemuBuild, filters: list[str] | None, rate: float, preempt: bool
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         dst, processes = f"unix:{work / 'dst.sock'}", []
@@ -71,9 +76,10 @@ def one_run(guest: Path, build: qemuvm.QemuBuild, filters: list[str] | None, rat
             qemuvm.source_vm(guest, "busy", work, qemu=build) as src,
             qemuvm.Vm(work, "dest", ["-incoming", "defer"], qemu=build) as dest,
         ):
-            caps(dest)
+            both = ("postcopy-preempt",) if preempt else ()
+            caps(dest, *both, "postcopy-blocktime")
             dest.qmp.execute("migrate-incoming", uri=dst)
-            caps(src)
+            caps(src, *both)
             started = time.monotonic()
             src.qmp.execute("migrate", uri=uri)
             src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=60)
@@ -83,29 +89,43 @@ def one_run(guest: Path, build: qemuvm.QemuBuild, filters: list[str] | None, rat
             stop = src.qmp.wait_event("STOP", timeout=5)
             resume = dest.qmp.wait_event("RESUME", timeout=60)
             requests = src.qmp.execute("query-migrate")["ram"]["postcopy-requests"]
+            qemuvm.wait_incoming(dest)
+            blocked = dest.qmp.execute("query-migrate")["postcopy-blocktime"]
         for process in processes:
             if process.wait(timeout=60):
                 raise RuntimeError(process.stderr.read().decode())
         link.close()
         pause = qemuvm.event_time(resume) - qemuvm.event_time(stop)
-        return {"total": total, "pause_ms": pause * 1000, "requests": requests}
+        return {"total": total, "pause_ms": pause * 1000, "requests": requests, "blocked": blocked}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=30e6)
+    parser.add_argument("--no-preempt", action="store_true", help="without postcopy-preempt")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         guest = qemuvm.build_guest(Path(tmp))
-        print(f"{'QEMU':6} {'path':36} {'total s':>8} {'pause ms':>9} {'requests':>9}")
+        print(
+            f"{'QEMU':6} {'path':36} {'total s':>8} {'pause ms':>9} {'requests':>9} "
+            f"{'vCPU wait ms':>12} {'ms/request':>10}"
+        )
         for build in qemuvm.BUILDS:
             for name, filters in PATHS.items():
-                runs = [one_run(guest, build, filters, args.rate) for _ in range(args.runs)]
+                runs = [
+                    one_run(guest, build, filters, args.rate, not args.no_preempt)
+                    for _ in range(args.runs)
+                ]
                 total = statistics.median(r["total"] for r in runs)
                 pause = statistics.median(r["pause_ms"] for r in runs)
                 requests = statistics.median(r["requests"] for r in runs)
-                print(f"{build.version:6} {name:36} {total:8.2f} {pause:9.1f} {requests:9.0f}")
+                blocked = statistics.median(r["blocked"] for r in runs)
+                per = statistics.median(r["blocked"] / max(1, r["requests"]) for r in runs)
+                print(
+                    f"{build.version:6} {name:36} {total:8.2f} {pause:9.1f} {requests:9.0f} "
+                    f"{blocked:12.0f} {per:10.1f}"
+                )
 
 
 if __name__ == "__main__":

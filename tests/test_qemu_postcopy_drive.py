@@ -10,6 +10,7 @@ between the two commands to the rate of the measurements in issue 17.
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -123,6 +124,9 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
     requests = f"{info['ram']['postcopy-requests']:,} pages it requested in postcopy"
     assert f"destination: loaded, as its QEMU said on the return path; {requests}" in out_err
     assert "migpipe incoming: completed, the VM is running" in in_err
+    # postcopy-blocktime: the destination's vCPUs waited for the pages they requested
+    waited = re.search(r"postcopy: the guest's vCPUs waited ([\d,]+) ms for pages", in_err)
+    assert waited and int(waited[1].replace(",", "")) > 0, in_err
 
 
 @pytest.mark.qemu

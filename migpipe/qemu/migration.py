@@ -76,6 +76,8 @@ POSTCOPY = [
     {"capability": "postcopy-ram", "state": True},
     {"capability": "postcopy-preempt", "state": True},
 ]
+# The destination's count of the time its vCPUs waited for pages in postcopy (QEMU 3.0+).
+BLOCKTIME = [{"capability": "postcopy-blocktime", "state": True}]
 # --multifd: QEMU's channels, each a lane of the two-way tunnel; the return path makes the
 # source QEMU complete only once the destination QEMU said it loaded everything (its SHUT).
 MULTIFD = [{"capability": "multifd", "state": True}, {"capability": "return-path", "state": True}]
@@ -914,9 +916,14 @@ async def migrate(
             await rate.reset(monitor)  # after the verdict: see SwitchoverRate.reset
 
 
-async def _two_way_capabilities(monitor: qmp.Qmp, postcopy: bool, multifd: int | None) -> None:
-    """Events, and what postcopy and multifd need, on one side's QEMU (both sides the same)."""
+async def _two_way_capabilities(
+    monitor: qmp.Qmp, postcopy: bool, multifd: int | None, destination: bool = False
+) -> None:
+    """Events, and what postcopy and multifd need, on one side's QEMU (both sides the same);
+    on the destination, postcopy-blocktime too: how long its vCPUs waited for pages."""
     capabilities = EVENTS + (POSTCOPY if postcopy else []) + (MULTIFD if multifd else [])
+    if postcopy and destination:
+        capabilities += BLOCKTIME
     await monitor.execute("migrate-set-capabilities", capabilities=capabilities)
     if multifd is not None:
         await monitor.execute("migrate-set-parameters", **{"multifd-channels": multifd})
@@ -1284,7 +1291,7 @@ async def incoming(
         if resume and not paused:
             raise MigpipeError("QEMU waits for a migration from its start: nothing to resume")
         if not paused and (postcopy or multifd is not None):
-            await _two_way_capabilities(monitor, postcopy, multifd)
+            await _two_way_capabilities(monitor, postcopy, multifd, destination=True)
         with contextlib.ExitStack() as stack:
             if postcopy or multifd is not None:
                 wires = Reopener(open_wire, stack)
@@ -1354,6 +1361,7 @@ async def _incoming_two_way(
         if not await _postcopy_paused(monitor, finish):
             outcome = await _loaded(monitor, finish)
             outcome.recoveries = recoveries
+            outcome.qemu = await monitor.execute("query-migrate")  # postcopy-blocktime
             return outcome
         if not recovering.allows():
             raise MigpipeError(
@@ -1530,6 +1538,8 @@ def summary(command: str, outcome: Outcome) -> str:
         ours += f" (the last wire's: resumed after the wire broke, {outcome.recoveries}x)"
     if command in ("incoming", "restore"):
         lines = [f"migpipe {command}: completed, the VM is {outcome.runstate}"]
+        if (blocked := outcome.qemu.get("postcopy-blocktime")) is not None:
+            lines.append(f"  postcopy: the guest's vCPUs waited {blocked:,} ms for pages")
         if outcome.landing is not None:
             landing = outcome.landing
             lines.append(
