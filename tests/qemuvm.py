@@ -27,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections import deque
@@ -86,7 +87,10 @@ GUEST_APPEND = {
     "dirty": f"mode=dirty delay={DIRTY_DELAY} hot=256",
     "xbzrle": f"mode=dirty delay={DIRTY_DELAY} hot=256",
     "busy": f"mode=dirty delay={BUSY_DELAY} hot=0 pages={BUSY_PAGES}",
+    # as busy, writing so that its memory proves itself (check_image): for a running destination
+    "check": f"mode=check delay={BUSY_DELAY} pages={BUSY_PAGES}",
 }
+CHECK_TABLE = 0x04800000  # tests/guest's table of mode=check: writes, page in flight, counters
 
 QMP_TIMEOUT = 30.0
 MIGRATION_TIMEOUT = 120.0
@@ -550,6 +554,26 @@ PACINGS: dict[str, Pacing] = {
     # ~4.4 s) ends a migration that does not converge with NotConverged, not a timeout.
     "busy": Pacing(max_bandwidth=1 << 30, give_up_pass=1, give_up_seconds=60.0),
 }
+PACINGS["check"] = PACINGS["busy"]
+
+
+def check_image(memory: bytes, pages: int = BUSY_PAGES) -> int:
+    """The writes a mode=check guest made, from its memory (pmemsave from IMAGE_START), once
+    every page's first word was found equal to its counter in the guest's table (but the page
+    in flight, which may be one behind): a page lost or stale on the way breaks that."""
+    table = CHECK_TABLE - IMAGE_START
+    writes, in_flight = struct.unpack_from("<2I", memory, table)
+    counters = struct.unpack_from(f"<{pages}I", memory, table + 8)
+    region = (8 << 20) - IMAGE_START  # the guest's REGION_START
+    for page, count in enumerate(counters):
+        (first,) = struct.unpack_from("<I", memory, region + page * 4096)
+        if first != count and not (page == in_flight and first == count + 1):
+            raise AssertionError(
+                f"page {page} (guest address {hex(region + IMAGE_START + page * 4096)}) "
+                f"holds count {first}, its counter says {count}: it arrived stale or not at all"
+            )
+    assert sum(counters) in (writes, writes + 1), (sum(counters), writes)  # all writes counted
+    return writes
 
 
 def qmp_socket_args(path: Path) -> list[str]:

@@ -188,3 +188,22 @@ def test_xbzrle_decoder_applies_runs_over_the_page() -> None:
 def test_xbzrle_decoder_rejects_what_qemu_rejects(delta: bytes) -> None:
     with pytest.raises(oracle.StreamError):
         oracle.apply_xbzrle(bytearray(oracle.PAGE_SIZE), delta)
+
+
+def test_check_image_finds_a_stale_or_missing_page() -> None:
+    """What check_image proves with: a mode=check guest's image whose pages hold their counts
+    passes; one page a count behind (stale) or zeroed (never sent) does not."""
+    pages = 64
+    memory = bytearray(qemuvm.IMAGE_SIZE)
+    table, region = qemuvm.CHECK_TABLE - qemuvm.IMAGE_START, (8 << 20) - qemuvm.IMAGE_START
+    counts = [(page * 7) % 5 + 1 for page in range(pages)]
+    struct.pack_into(f"<2I{pages}I", memory, table, sum(counts), 3, *counts)
+    for page, count in enumerate(counts):
+        struct.pack_into("<I", memory, region + page * 4096, count)
+    assert qemuvm.check_image(bytes(memory), pages) == sum(counts)
+    struct.pack_into("<I", memory, region + 3 * 4096, counts[3] + 1)  # the write in flight
+    assert qemuvm.check_image(bytes(memory), pages) == sum(counts)
+    for broken in (counts[9] - 1, 0):  # stale, or never arrived
+        struct.pack_into("<I", memory, region + 9 * 4096, broken)
+        with pytest.raises(AssertionError, match=r"page 9 .* arrived stale or not at all"):
+            qemuvm.check_image(bytes(memory), pages)

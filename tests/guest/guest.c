@@ -14,8 +14,15 @@
  *    well); half of them hit a small hot set so the same pages are dirtied in every pass; one
  *    write in 256 rewrites a whole page with random bytes (an XBZRLE overflow, sent as a page).
  *    Between writes it busy-waits `delay` iterations, which sets the dirty rate.
+ *    mode=check: a guest that checks a migration by its own memory, for a destination that runs
+ *    it (postcopy): each write picks a random page, notes it as in flight, bumps the page's
+ *    counter in a table at CHECK_TABLE and stores the new count in the page's first word, then
+ *    counts the write; so in any memory image every page's first word equals its counter
+ *    (but the one in flight), and a page that arrived stale or never breaks that (see
+ *    tests/qemuvm.py check_image). The table: word 0 the writes so far, word 1 the page in
+ *    flight, then one counter per page. Between writes it busy-waits `delay` iterations.
  *
- * Command line words (any order, unknown words ignored): mode=idle|dirty, delay=N, hot=N
+ * Command line words (any order, unknown words ignored): mode=idle|dirty|check, delay=N, hot=N
  * (pages in the hot set, at most the region's), pages=N (the region's size, at most
  * MAX_REGION_PAGES; default REGION_PAGES), seed=N.
  */
@@ -30,6 +37,7 @@
 #define REGION_START 0x00800000u /* 8 MiB */
 #define REGION_PAGES 8192u       /* 32 MiB by default, so the region ends at 40 MiB */
 #define MAX_REGION_PAGES 16384u  /* 64 MiB: up to 72 MiB of the 128 MiB guest */
+#define CHECK_TABLE 0x04800000u /* 72 MiB: right after the largest region */
 #define DEBUGCON_PORT 0xe9
 
 __attribute__((section(".multiboot"), used, aligned(4)))
@@ -220,6 +228,26 @@ static __attribute__((noreturn)) void dirty_forever(uint32_t seed, uint32_t dela
     }
 }
 
+static __attribute__((noreturn)) void check_forever(uint32_t seed, uint32_t delay)
+{
+    volatile uint32_t *table = (volatile uint32_t *)CHECK_TABLE;
+    uint32_t rng = seed;
+    for (uint32_t page = 0; page < region_pages; page++) {
+        ((volatile uint32_t *)region_page(page))[0] = 0; /* every counter starts at 0 */
+    }
+    for (;;) {
+        uint32_t page = xorshift32(&rng) % region_pages;
+        table[1] = page;
+        uint32_t count = table[2 + page] + 1;
+        ((volatile uint32_t *)region_page(page))[0] = count;
+        table[2 + page] = count;
+        table[0] = table[0] + 1;
+        for (uint32_t i = delay; i; i--) {
+            __asm__ volatile("");
+        }
+    }
+}
+
 void guest_main(uint32_t boot_magic, const uint32_t *info)
 {
     const char *cmdline = "";
@@ -244,6 +272,9 @@ void guest_main(uint32_t boot_magic, const uint32_t *info)
     debug_print("READY\n");
     if (option_is(cmdline, "mode", "idle")) {
         halt_forever();
+    }
+    if (option_is(cmdline, "mode", "check")) {
+        check_forever(seed ^ 0x5A5A5A5Au, delay);
     }
     dirty_forever(seed ^ 0xA5A5A5A5u, delay, hot);
 }
