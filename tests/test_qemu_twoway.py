@@ -78,7 +78,11 @@ def capabilities(vm: qemuvm.Vm, *names: str) -> None:
     vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
 
 
-@pytest.mark.parametrize("filters", [[], ["--xbzrle", "--compress", "zstd:1"]])
+@pytest.mark.parametrize(
+    "filters",
+    [[], ["--xbzrle", "--compress", "zstd:1"], ["--xbzrle", "--filters", "zstd:1,encrypt"]],
+    ids=["plain", "xbzrle-zstd", "xbzrle-zstd-encrypt"],
+)
 @pytest.mark.parametrize("caps", [("return-path",), ("postcopy-ram",)])
 def test_a_paused_guest_with_the_return_path(
     guest_elf: Path,
@@ -87,7 +91,11 @@ def test_a_paused_guest_with_the_return_path(
     caps: tuple[str, ...],
     filters: list[str],
 ) -> None:
-    tunnel = Tunnel(tmp_path, filters)
+    """Sealed too: the return path's messages cross the answer direction encrypted."""
+    key = tmp_path / "key"
+    keygen(key)
+    sealed = ["--key-file", str(key)] if "zstd:1,encrypt" in filters else []
+    tunnel = Tunnel(tmp_path, [*filters, *sealed], sealed)
     with (
         qemuvm.source_vm(guest_elf, "idle", tmp_path, qemu=qemu_build) as src,
         qemuvm.Vm(tmp_path, "dest", ["-S", "-incoming", "defer"], qemu=qemu_build) as dest,
