@@ -162,17 +162,25 @@ def migrate_multifd(
         return src.pmemsave(tmp_path / "s.mem"), dest.pmemsave(tmp_path / "d.mem")
 
 
-@pytest.mark.parametrize("channels,sealed", [(2, False), (4, True)])
+@pytest.mark.parametrize("channels,wire", [(2, "plain"), (4, "sealed"), (2, "tls")])
 def test_multifd_channels_each_a_lane(
-    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, channels: int, sealed: bool
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, channels: int, wire: str
 ) -> None:
-    """QEMU's multifd connections each cross as a lane of their own, through zstd (and encrypt),
-    opened at the destination in QEMU's order; the destination holds the paused source's
-    memory."""
-    key = tmp_path / "key"
+    """QEMU's multifd connections each cross as a lane of their own, through zstd and encrypt,
+    or over TLS, opened at the destination in QEMU's order; the destination holds the paused
+    source's memory."""
+    key, creds = tmp_path / "key", tmp_path / "creds"
     keygen(key)
-    filters = ["--filters", "zstd:1,encrypt", "--key-file", str(key)] if sealed else []
-    tunnel = Tunnel(tmp_path, filters, ["--key-file", str(key)] if sealed else [])
+    if wire == "sealed":
+        filters = ["--filters", "zstd:1,encrypt", "--key-file", str(key)]
+        reader = ["--key-file", str(key)]
+    elif wire == "tls":
+        tls_init(creds, "Test CA", ["localhost"], "source")
+        reader = ["--tls-creds", str(creds)]
+        filters = [*reader, "--tls-hostname", "localhost"]
+    else:
+        filters = reader = []
+    tunnel = Tunnel(tmp_path, filters, reader)
     source, destination = migrate_multifd(guest_elf, qemu_build, tmp_path, tunnel, channels)
     assert destination == source
     # decode -v: one connection to the destination per lane, the main one and each channel's
