@@ -3,10 +3,13 @@
 the same guest: time and size, in one table.
 
 The guest is tests/guest (built here) under the libvirt 11.3 that setup.sh unpacks, driving QEMU
-10.0, as tests/test_libvirt.py runs them (virsh's embedded driver, no daemon): 128 MiB, idle
-after filling --pages pages with qemuvm's mix (about a quarter each zero, text, patterned and
-random pages). Each round boots a guest for each row and saves it that way, the rows taking
-turns (every other round in reverse order), then restores each image:
+10.0, as tests/test_libvirt.py runs them (virsh's embedded driver, no daemon): --ram MiB (128, the
+tests' guest), idle after filling --pages 4 KiB pages from 8 MiB on with qemuvm's mix (about a
+quarter each zero, text, patterned and random pages), so 8 MiB + 4 KiB x pages must fit in
+--ram. It is built from tests/guest with its region's limit (64 MiB, 16384 pages) raised to
+what --ram holds; pc's 32-bit guest, paging off, reaches at most 3072 MiB. Each round boots a
+guest for each row and saves it that way, the rows taking turns (every other round in reverse
+order), then restores each image:
 
   virsh save --image-format sparse --parallel-channels 2   QEMU's mapped-ram file, 2 channels
   virsh save --image-format zstd                           the stream through `zstd -c`
@@ -28,11 +31,17 @@ leaves holes). Before each timed step the box is given up to --idle-wait seconds
 
     python bench/bench_libvirt_save.py               # 3 rounds, 16384 pages (64 MiB) filled
     python bench/bench_libvirt_save.py --quick       # 1 round: a smoke test
+    python bench/bench_libvirt_save.py --ram 2048 --pages 393216   # 1.5 GiB of 2 GiB filled
+
+The last is where multifd channels and direct I/O count: its 3 rounds take ~5 minutes here (2
+cores), the guest filling 1.5 GiB in a few seconds at each boot; a round's 6 images (up to 2.2
+GB long, 1.2 GB on disk each) hold ~6 GB of --dir at once: check its free space first.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import statistics
@@ -57,6 +66,9 @@ from support import MIGPIPE  # noqa: E402
 from test_libvirt import LIBVIRT_11_3, Virsh, domain_xml, emulator, running_domain  # noqa: E402
 
 MB = 1_000_000
+PAGE = 4096
+REGION_START = 8 << 20  # tests/guest/guest.c's REGION_START: where the filled pages begin
+MAX_RAM = 3072  # MiB: pc keeps RAM below 4 GiB up to 3.5 GiB; the guest addresses 32 bits
 
 
 @dataclass
@@ -139,6 +151,26 @@ ROWS = (
 )
 
 
+def build_guest(directory: Path, ram: int) -> Path:
+    """tests/guest built as qemuvm.build_guest does, its region's limit (MAX_REGION_PAGES,
+    64 MiB) raised to the pages `ram` MiB holds above REGION_START; pages=N within that fills N."""
+    source = (qemuvm.GUEST_DIR / "guest.c").read_text()
+    limit = ((ram << 20) - REGION_START) // PAGE
+    patched, count = re.subn(
+        r"^#define MAX_REGION_PAGES \d+u", f"#define MAX_REGION_PAGES {limit}u", source, flags=re.M
+    )
+    if count != 1:
+        raise SystemExit("tests/guest/guest.c: no MAX_REGION_PAGES to raise")
+    (directory / "guest.c").write_text(patched)
+    out = directory / "guest.elf"
+    ld = qemuvm.GUEST_DIR / "guest.ld"
+    cmd = [str(qemuvm.CC), *qemuvm.GUEST_CFLAGS, "-T", str(ld), "-o", str(out), "guest.c"]
+    done = subprocess.run(cmd, cwd=directory, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"building the guest failed: {shlex.join(cmd)}\n{done.stderr}")
+    return out
+
+
 def timed(step: Callable[[], None], idle_wait: float) -> float:
     wait_for_idle(idle_wait)
     start = time.perf_counter()
@@ -177,18 +209,28 @@ def one_round(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds (3)")
+    parser.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM (128)")
     parser.add_argument("--pages", type=int, default=16384, help="guest pages filled (16384)")
     parser.add_argument("--dir", default="/var/tmp", help="where the images go (/var/tmp)")
     parser.add_argument("--idle-wait", type=float, default=5.0, help="seconds (5)")
     parser.add_argument("--quick", action="store_true", help="one round")
     args = parser.parse_args(argv)
     runs = 1 if args.quick else args.runs
+    fits = ((args.ram << 20) - REGION_START) // PAGE
+    if not 0 < args.ram <= MAX_RAM or not 0 < args.pages <= fits:
+        parser.error(
+            f"--pages {args.pages} of 4 KiB from 8 MiB on must fit in --ram {args.ram} MiB "
+            f"(at most {max(fits, 0)} pages; --ram at most {MAX_RAM})"
+        )
+    # The tests' guest size, read at each use: the domains' XML (test_libvirt.domain_xml) and
+    # the QEMU migpipe restores into (qemuvm.Vm's -m) get --ram, as the table's heading does.
+    qemuvm.RAM_SIZE = args.ram << 20
     cmdline = f"mode=idle pages={args.pages}"
     root = Path(tempfile.mkdtemp(prefix="lvb", dir="/tmp"))  # short: libvirt's sockets are in it
     directory = Path(tempfile.mkdtemp(prefix="bench-libvirt-", dir=args.dir))
     virsh = None
     try:
-        guest = qemuvm.build_guest(directory)
+        guest = build_guest(directory, args.ram)
         virsh = Virsh(LIBVIRT_11_3, root / "raw", "raw", emulator(LIBVIRT_11_3.qemu, root))
         virsh.run(f"domcapabilities --virttype qemu --emulatorbin {virsh.emulator} --machine pc")
         rows = [Row(name, save, restore) for name, save, restore in ROWS]
