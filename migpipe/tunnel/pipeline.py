@@ -55,7 +55,7 @@ from migpipe.wire import (
 from migpipe.wire.header import Header
 
 FRAME_TARGET = 1 << 20  # the most QEMU bytes in one frame: fewer is slower on a fast link
-MIN_FRAME = 64 << 10  # the least, unless the input goes quiet
+MIN_FRAME = 16 << 10  # the least, unless the input goes quiet: 4 ms below 4 MB/s
 QUIET = 0.002  # seconds without input after which encode sends what it has (see Encoder.flush)
 END_QUIET = 0.05  # after an EOF item, how long a VM description may take to follow (two-way)
 
