@@ -102,8 +102,10 @@ LOAD_ENDED = {
     "cancelled": "the load was cancelled in QEMU",
     "completed": "QEMU completed the load regardless",  # not seen: decode holds the EOF item
     # the guest has run here, so its memory is on both hosts: QEMU waits for a recovery
-    "postcopy-active": "QEMU keeps the guest paused in postcopy (no recovery yet)",
-    "postcopy-paused": "QEMU keeps the guest paused in postcopy (no recovery yet)",
+    "postcopy-active": "QEMU keeps the guest in postcopy (once it is postcopy-paused, "
+    "migrate --resume and incoming --resume resume it)",
+    "postcopy-paused": "QEMU keeps the guest paused in postcopy (migrate --resume and "
+    "incoming --resume resume it)",
 }
 
 
