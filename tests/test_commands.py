@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -368,8 +369,10 @@ def test_verbose_says_what_it_does_at_each_step(stream: bytes) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    encode = migpipe("encode", "-v", "--compress", "lz4", "--connect", address, stdin=stream)
-    out, err = decode.communicate(timeout=60)
+    with ThreadPoolExecutor(1) as reader:  # decode's output read as it comes: it holds little
+        decoded = reader.submit(decode.communicate, timeout=60)
+        encode = migpipe("encode", "-v", "--compress", "lz4", "--connect", address, stdin=stream)
+        out, err = decoded.result()
     assert (encode.returncode, decode.returncode, out) == (0, 0, stream), err
     said = encode.stderr.decode().splitlines()
     assert said[0] == f"migpipe encode: migpipe {__version__}, --in -, --connect {address}, " + (

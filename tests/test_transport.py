@@ -139,7 +139,7 @@ def refused(address: str, send: bytes = b"", *, hang_up: bool = True) -> int:
         return port
 
 
-def test_strays_do_not_end_a_decoding_listener(stream: bytes) -> None:
+def test_strays_do_not_end_a_decoding_listener(stream: bytes, tmp_path: Path) -> None:
     """Without TLS, a stray shows in its first bytes: they are not the wire's magic. The stray
     is refused and logged, the listener goes on, and the source after it gets through, past
     one that connected and says nothing."""
@@ -150,15 +150,15 @@ def test_strays_do_not_end_a_decoding_listener(stream: bytes) -> None:
     http = refused(address, b"GET / HTTP/1.0\r\n\r\n")
     empty = refused(address)
     short = refused(address, MAGIC[:3])
+    source = tmp_path / "stream"
+    source.write_bytes(stream)
     with transport.connect(address, 30.0):  # silent, open while the source comes and goes
-        encoder = subprocess.run(
-            [*MIGPIPE, "encode", "--connect", address],
-            input=stream,
-            capture_output=True,
-            check=False,
+        encoder = subprocess.Popen(
+            [*MIGPIPE, "encode", "--connect", address, "--in", str(source)],
+            stderr=subprocess.PIPE,
         )
-    out, err = decoder.communicate(timeout=60)
-    assert encoder.returncode == 0, encoder.stderr
+        out, err = decoder.communicate(timeout=60)  # read as it comes: migpipe holds little
+        assert encoder.wait(timeout=60) == 0, encoder.stderr.read()
     assert decoder.returncode == 0, err
     assert out == stream
     assert err.decode().splitlines() == [
