@@ -57,6 +57,32 @@ def test_the_producer_waits_while_in_flight_items_are_ahead_of_the_writer():
     worker.join(30)
 
 
+def test_slack_lets_more_items_wait_within_its_bytes():
+    """The two-way decode's lane 0: beyond `in_flight` items, more are taken while they hold
+    no more than the slack's bytes, so the producer reads on for the other lanes."""
+    plane = Plane(in_flight=2, slack=(10, len))
+    for item in ("aaaa", "bbbb", "cc"):  # 10 bytes: the third fits the slack
+        submit = threading.Thread(target=plane.submit, args=(item,))
+        submit.start()
+        submit.join(30)
+        assert not submit.is_alive()
+    fourth = threading.Thread(target=plane.submit, args=("d",))
+    fourth.start()
+    fourth.join(0.5)
+    assert fourth.is_alive()  # 11 bytes would be over it: it waits for the writer
+    worker = threading.Thread(target=plane.work, args=(str.upper,))
+    worker.start()
+    written = []
+    writer = threading.Thread(target=plane.write, args=(written.append,))
+    writer.start()
+    fourth.join(30)
+    assert not fourth.is_alive()
+    plane.close()
+    writer.join(30)
+    worker.join(30)
+    assert written == ["AAAA", "BBBB", "CC", "D"]
+
+
 @pytest.mark.parametrize("stage", ["produce", "work", "write"])
 def test_the_first_stage_to_fail_stops_the_others_and_its_error_is_the_one_raised(stage):
     submitted = []

@@ -37,20 +37,27 @@ def _nothing() -> None:
 
 
 class _Slot:
-    __slots__ = ("done", "item", "result")
+    __slots__ = ("done", "item", "result", "size")
 
     def __init__(self, item: object) -> None:
         self.item = item
         self.result: object = None
         self.done = False
+        self.size = 0
 
 
 class Plane(Generic[Item, Result]):
     """The queue between the stages: items in submission order, each worked on once."""
 
     def __init__(
-        self, in_flight: int = IN_FLIGHT, interrupt: Callable[[], None] = _nothing
+        self,
+        in_flight: int = IN_FLIGHT,
+        interrupt: Callable[[], None] = _nothing,
+        slack: tuple[int, Callable[[Item], int]] | None = None,
     ) -> None:
+        """`slack` (bytes, the size of an item): beyond `in_flight` items, more may wait while
+        they hold fewer bytes than that (the two-way decode's lane 0, whose QEMU may stop
+        reading it until other lanes delivered: the producer must read on for them)."""
         # One lock; a condition per kind of waiter, so that each change wakes only the thread
         # that can act on it (waking all four per frame cost more futex calls than frames).
         lock = threading.Lock()
@@ -60,15 +67,26 @@ class Plane(Generic[Item, Result]):
         self._order: deque[_Slot] = deque()  # submitted and not yet written, in order
         self._todo: deque[_Slot] = deque()  # submitted and not yet taken by a worker
         self._in_flight = in_flight
+        self._slack, self._size = slack if slack is not None else (0, lambda item: 0)
+        self._held = 0  # bytes of the items submitted and not yet written (with slack)
         self._closed = False  # the producer is done
         self._stopped = False
         self._interrupt = interrupt
 
     def submit(self, item: Item) -> None:
         """Queue `item`, waiting while `in_flight` items are ahead of the writer."""
+        size = self._size(item)
         with self._room:
-            self._wait(self._room, lambda: len(self._order) < self._in_flight)
+            self._wait(
+                self._room,
+                lambda: (
+                    len(self._order) < self._in_flight
+                    or (self._slack > 0 and self._held + size <= self._slack)
+                ),
+            )
+            self._held += size
             slot = _Slot(item)
+            slot.size = size
             self._order.append(slot)
             self._todo.append(slot)
             self._work_to_do.notify()
@@ -109,6 +127,7 @@ class Plane(Generic[Item, Result]):
                 if not self._order:
                     return
                 slot = self._order.popleft()
+                self._held -= slot.size
                 self._room.notify()
             function(slot.result)
 
@@ -135,12 +154,14 @@ async def run_ordered(
     workers: int = WORKERS,
     in_flight: int = IN_FLIGHT,
     interrupt: Callable[[], None] = _nothing,
+    slack: tuple[int, Callable[[Item], int]] | None = None,
 ) -> None:
     """`produce(submit)` in one thread, `work` on each submitted item in `workers` threads,
     `write` on the results in submission order in one thread; returns when all is written.
-    `interrupt` is called once the threads must stop, to end a wait in `produce`'s reads.
+    `interrupt` is called once the threads must stop, to end a wait in `produce`'s reads;
+    `slack` lets more than `in_flight` items wait, within a number of bytes (see Plane).
     """
-    plane: Plane = Plane(in_flight, interrupt)
+    plane: Plane = Plane(in_flight, interrupt, slack)
 
     def producer() -> None:
         produce(plane.submit)

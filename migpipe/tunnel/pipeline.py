@@ -583,6 +583,7 @@ async def decode(
     opened: Callable[[Sequence[filters.Filter]], None] | None = None,
     take: Callable[[Frame], None] | None = None,
     resumed: bool = False,
+    hold: int = 0,
 ) -> Totals:
     """The QEMU stream from the wire; its end only once every check passed. `opened` is
     called with the filter chain once the header was read (and authenticated, if sealed).
@@ -590,13 +591,16 @@ async def decode(
     A version 2 wire may carry QEMU's other connections (lanes above 0): their frames go to
     `take`, the two-way tunnel's (see tunnel.twoway), in the reading thread. The stream's end
     is released once lane 0's trailer vouched for it, and the other lanes are read on
-    until the wire ends. The wire must resume a postcopy migration if and only if `resumed`:
-    a resumed stream given to a QEMU that expects a whole one fails it in obscure ways."""
+    until the wire ends; up to `hold` bytes of lane 0 may wait for QEMU meanwhile (QEMU 7.2's
+    destination reads its main stream on only once every multifd channel reached a sync
+    point, and those channels' frames may be behind lane 0's on the wire). The wire must
+    resume a postcopy migration if and only if `resumed`: a resumed stream given to a QEMU
+    that expects a whole one fails it in obscure ways."""
     sink = as_sink(sink)
     outbound = PipeBuffer(sink)
     with stream_sink(sink) as qemu:
         return await _decode(
-            as_source(wire), qemu, outbound, progress, secrets, opened, take, resumed
+            as_source(wire), qemu, outbound, progress, secrets, opened, take, resumed, hold
         )
 
 
@@ -617,6 +621,7 @@ async def _decode(
     opened: Callable[[Sequence[filters.Filter]], None] | None,
     take: Callable[[Frame], None] | None,
     resumed: bool,
+    hold: int,
 ) -> Totals:
     totals = Totals()
 
@@ -656,7 +661,10 @@ async def _decode(
             sink.write([data])
             outbound.moved(len(data))
 
-    run = partial(run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt)
+    slack = (hold, lambda frame: len(frame.payload))
+    run = partial(
+        run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt, slack=slack
+    )
     await with_progress(progress, totals, run)
     final = decoder.finish()  # raises unless every check passed
     if not decoder.wire.lanes:

@@ -48,7 +48,9 @@ from migpipe.wire import (
     lane_position,
 )
 
-OUTLET_BYTES = 16 << 20  # what may wait for one connection (a multifd packet is 0.5 MiB)
+# What may wait for one connection of a QEMU that is not reading it (a multifd packet is 0.5
+# MiB): in its Outlet, or for lane 0 in decode's pipeline (pipeline.decode's `hold`).
+OUTLET_BYTES = 16 << 20
 
 
 class Relay:
@@ -433,7 +435,14 @@ async def decode_two_way(
 
     async def body() -> Totals:
         totals = await decode(
-            channel, sink, progress, secrets, opened, take=relay.take, resumed=resumed
+            channel,
+            sink,
+            progress,
+            secrets,
+            opened,
+            take=relay.take,
+            resumed=resumed,
+            hold=OUTLET_BYTES,
         )
         await relay.until_pumped()
         if two_way:
