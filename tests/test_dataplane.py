@@ -35,6 +35,24 @@ def test_results_are_written_in_submission_order_whatever_order_the_workers_fini
     assert written == [n * n for n in range(20)]
 
 
+class Drain:
+    """A worker (str.upper) and the writer, started on `plane`; result() once it closed."""
+
+    def __init__(self, plane: Plane) -> None:
+        self.written: list = []
+        self.threads = [
+            threading.Thread(target=plane.work, args=(str.upper,)),
+            threading.Thread(target=plane.write, args=(self.written.append,)),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def result(self) -> list:
+        for thread in self.threads:
+            thread.join(30)
+        return self.written
+
+
 def test_the_producer_waits_while_in_flight_items_are_ahead_of_the_writer():
     plane = Plane(in_flight=2)
     plane.submit("a")
@@ -44,17 +62,11 @@ def test_the_producer_waits_while_in_flight_items_are_ahead_of_the_writer():
     third.join(0.5)
     assert third.is_alive()  # two items in flight: the third waits for the writer
 
-    worker = threading.Thread(target=plane.work, args=(str.upper,))
-    worker.start()
-    written = []
-    writer = threading.Thread(target=plane.write, args=(written.append,))
-    writer.start()
+    written = Drain(plane)
     third.join(30)
     assert not third.is_alive()
     plane.close()
-    writer.join(30)
-    assert written == ["A", "B", "C"]
-    worker.join(30)
+    assert written.result() == ["A", "B", "C"]
 
 
 def test_slack_lets_more_items_wait_within_its_bytes():
@@ -70,17 +82,11 @@ def test_slack_lets_more_items_wait_within_its_bytes():
     fourth.start()
     fourth.join(0.5)
     assert fourth.is_alive()  # 11 bytes would be over it: it waits for the writer
-    worker = threading.Thread(target=plane.work, args=(str.upper,))
-    worker.start()
-    written = []
-    writer = threading.Thread(target=plane.write, args=(written.append,))
-    writer.start()
+    written = Drain(plane)
     fourth.join(30)
     assert not fourth.is_alive()
     plane.close()
-    writer.join(30)
-    worker.join(30)
-    assert written == ["AAAA", "BBBB", "CC", "D"]
+    assert written.result() == ["AAAA", "BBBB", "CC", "D"]
 
 
 @pytest.mark.parametrize("stage", ["produce", "work", "write"])

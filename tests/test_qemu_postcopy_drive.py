@@ -136,26 +136,17 @@ def test_the_guest_running_on_the_destination_finds_its_memory_whole(
     """The destination runs the guest from the switch on, so its memory cannot be compared with
     the source's; the self-checking guest (mode=check) proves it instead: paused on the
     destination after the migration, every page it wrote holds the count its table says, and
-    it went on writing there. Through migrate/incoming --postcopy with zstd, QEMU 10.0 (7.2's
-    TCG can leave a page of a live guest stale by itself)."""
-    src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
-    wire = f"unix:{tmp_path / 'wire.sock'}"
-    dest_args = ["-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
-    build = qemuvm.QEMU_10_0
-    with (
-        qemuvm.source_vm(
-            guest_elf, "check", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=build
-        ) as src,
-        qemuvm.Vm(tmp_path, "dest", dest_args, qemu=build) as dest,
-        Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
+    it went on writing there. Through migrate/incoming --postcopy with zstd (with xbzrle it may
+    end before the guest faults), QEMU 10.0 (7.2's TCG can leave a page of a live guest stale
+    by itself)."""
+    switch = ("--postcopy", "--postcopy-after", "1", "--compress", "zstd:1")
+    with cut_link(guest_elf, tmp_path, qemuvm.QEMU_10_0, *switch, kind="check") as (
+        src,
+        dest,
+        _,
+        ends,
     ):
-        incoming = migpipe("incoming", "--qmp", dst_qmp, "--listen", wire, "--postcopy")
-        said = until_listening(incoming)
-        filters = ("--compress", "zstd:1")  # with xbzrle it may end before the guest faults
-        switch = ("--postcopy", "--postcopy-after", "1")
-        migrate = migpipe("migrate", "--qmp", src_qmp, "--connect", link.address, *switch, *filters)
-        out_status, out_err = finish(migrate)
-        in_status, in_err = finish(incoming, said)
+        out_status, out_err, in_status, in_err = ends()
         assert (out_status, in_status) == (0, 0), (out_err, in_err)
         assert src.qmp.execute("query-migrate")["ram"]["postcopy-requests"] > 0
         at_switch = qemuvm.check_image(src.pmemsave(tmp_path / "s.mem"))  # stopped since
@@ -248,17 +239,18 @@ def cut_link(
     *switch: str,
     recover: tuple[str, ...] = (),
     dest_args: tuple[str, ...] = (),
+    kind: str = "busy",
 ) -> Iterator[tuple[qemuvm.Vm, qemuvm.Vm, Link, Callable[[], tuple[int, str, int, str]]]]:
-    """The busy guest migrating with `migrate --postcopy SWITCH...` into `incoming --postcopy`
-    (both with `recover`, their --recover-timeout) over the link the test cuts: the source,
-    the destination (started with `dest_args` too), the link, and what ends both commands
-    (their statuses and stderr)."""
+    """The `kind` guest migrating with `migrate --postcopy SWITCH...` into `incoming
+    --postcopy` (both with `recover`, their --recover-timeout) over the link the test may cut:
+    the source, the destination (started with `dest_args` too), the link, and what ends both
+    commands (their statuses and stderr)."""
     src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
     wire = f"unix:{tmp_path / 'wire.sock'}"
     dest_args = (*dest_args, "-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp))
     with (
         qemuvm.source_vm(
-            guest_elf, "busy", tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
+            guest_elf, kind, tmp_path, args=qemuvm.qmp_socket_args(src_qmp), qemu=qemu_build
         ) as src,
         qemuvm.Vm(tmp_path, "dest", list(dest_args), qemu=qemu_build) as dest,
         Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=LINK_RATE) as link,
