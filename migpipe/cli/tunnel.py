@@ -113,8 +113,6 @@ def register(command: Command) -> None:
 
 
 MULTIFD_MAX = 255  # QEMU's own bound on multifd-channels
-
-
 RECOVER_TIMEOUT = 60.0  # seconds from a break in postcopy to resume within
 
 
@@ -141,13 +139,14 @@ def multifd_option(sub: argparse.ArgumentParser) -> None:
 
 def check_two_way(args: argparse.Namespace, file: str | None) -> None:
     """--postcopy and --multifd carry QEMU's return path back on the wire (a connection, or a
-    command's stdin and stdout), which a file (`file`, not None) cannot."""
+    command's stdin and stdout), which a file (`file`, not None) cannot. --resume is taken as
+    --postcopy from here on: a resumed migration is a postcopy one."""
     if args.recover_timeout < 0:
         raise UsageError("--recover-timeout takes seconds, 0 or more")
     if args.multifd is not None and not 1 <= args.multifd <= MULTIFD_MAX:
         raise UsageError(f"--multifd takes a number of channels from 1 to {MULTIFD_MAX}")
     if args.resume:
-        args.postcopy = True  # a resumed migration is a postcopy one
+        args.postcopy = True
     option = "--postcopy" if args.postcopy else "--multifd"
     if file is not None and (args.postcopy or args.multifd is not None):
         raise UsageError(
@@ -257,7 +256,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         switch,
         args.multifd,
         args.recover_timeout,
-        args.resume,
     )
     answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}

@@ -836,7 +836,6 @@ async def migrate(
     postcopy: PostcopySwitch | None = None,
     multifd: int | None = None,
     recover_timeout: float = 0.0,
-    resume: bool = False,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
@@ -852,11 +851,12 @@ async def migrate(
     With `postcopy` the migration runs in postcopy (see PostcopySwitch), and with `multifd`
     over that many multifd channels, through the two-way tunnel: the link's connection carries
     QEMU's return path back, and QEMU's own completion, which waits for the destination QEMU's
-    word (its SHUT) on that path, is the verdict. With `resume` (and `postcopy`), QEMU's
-    migration is one in postcopy that it holds paused after its connection broke, and this
-    resumes it (a migrate whose process is gone: its recovery could not run)."""
+    word (its SHUT) on that path, is the verdict. A `postcopy` that has switched already
+    (migrate --resume) resumes the migration QEMU holds paused after its connection broke (a
+    migrate whose process is gone: its recovery could not run)."""
     sealer = sealer_of(chain)
     rate = SwitchoverRate()
+    resume = postcopy is not None and postcopy.switched
     async with qmp.connect(qmp_path) as monitor:
         was_running = (await monitor.execute("query-status"))["running"]
         if resume:
@@ -872,14 +872,7 @@ async def migrate(
                 if postcopy is not None or multifd is not None:
                     links = Reopener(open_link, stack)
                     return await _migrate_two_way(
-                        monitor,
-                        was_running,
-                        links,
-                        chain,
-                        progress,
-                        postcopy,
-                        recover_timeout,
-                        resume,
+                        monitor, was_running, links, chain, progress, postcopy, recover_timeout
                     )
                 link = await trio.to_thread.run_sync(
                     stack.enter_context, open_link(), abandon_on_cancel=True
@@ -939,13 +932,12 @@ async def _migrate_two_way(
     progress: Progress | None,
     switch: PostcopySwitch | None,
     recover_timeout: float,
-    resume: bool,
 ) -> Outcome:
     """migrate's postcopy or multifd: QEMU migrates to encode_two_way's socket, which carries
     its connections over the link's, both ways. A link that breaks once postcopy began is
     opened anew and QEMU resumes the migration through it (`migrate` with resume), for as
-    long as QEMU holds it paused, within `recover_timeout` seconds of the first break; with
-    `resume` from the start (QEMU holds it paused already)."""
+    long as QEMU holds it paused, within `recover_timeout` seconds of the first break; from
+    the start when `switch` has switched already (migrate --resume: QEMU holds it paused)."""
     from migpipe.tunnel.twoway import encode_two_way
 
     def carry_over(wire: "int | Channel", resumed: bool) -> TwoWayCarry:
@@ -956,15 +948,18 @@ async def _migrate_two_way(
 
         return carry
 
+    async def resuming(link: Link) -> Finish:
+        carry = carry_over(link.both_ways(), True)
+        return await _through_socket(monitor, "migrate", carry, switched=lambda: True, resume=True)
+
     recoveries, recovering = 0, Recovery(recover_timeout)
     async with _keeping_source(monitor, was_running, switch):
-        carry = carry_over((await links.open()).both_ways(), resume)
-        if resume:
-            finish = await _through_socket(
-                monitor, "migrate", carry, switched=lambda: True, resume=True
-            )
-        elif switch is None:
+        link = await links.open()
+        carry = carry_over(link.both_ways(), False)
+        if switch is None:
             finish = await _through_socket(monitor, "migrate", carry)
+        elif switch.switched:  # migrate --resume
+            finish = await resuming(link)
         else:
             finish = await _through_socket(
                 monitor, "migrate", carry, switch.follow, switch.passes, lambda: switch.switched
@@ -977,13 +972,10 @@ async def _migrate_two_way(
         ):
             recoveries += 1
             logger.warning("%s; QEMU paused the migration: resuming it", finish.carried)
-            link = await recovering.within(links.open())
-            if link is None:
+            reopened = await recovering.within(links.open())
+            if reopened is None:
                 break
-            carry = carry_over(link.both_ways(), True)
-            finish = await _through_socket(
-                monitor, "migrate", carry, switched=lambda: True, resume=True
-            )
+            finish = await resuming(reopened)
         totals = await _source_result(monitor, finish)
     info = await monitor.execute("query-migrate")
     return Outcome(totals, info, Confirmation(), two_way=True, recoveries=recoveries)
