@@ -352,6 +352,33 @@ def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.qemu
+def test_a_link_cut_with_the_guest_running_on_the_destination_is_resumed(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """The case users meet: the guest runs on the destination (no -S) when the link breaks,
+    its vCPUs wait on missing pages while both QEMUs are paused, and the resumed migration
+    (QEMU 10.0) brings the rest; the self-checking guest, paused at the end, finds every page
+    at its counter and went on writing there."""
+    switch = ("--postcopy-after", "1", "--postcopy")
+    with cut_link(guest_elf, tmp_path, qemuvm.QEMU_10_0, *switch, kind="check") as (
+        src,
+        dest,
+        link,
+        ends,
+    ):
+        into_postcopy(src)
+        assert link.cut() == 1
+        out_status, out_err, in_status, in_err = ends()
+        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        assert dest.qmp.execute("query-migrate")["status"] == "completed"
+        at_switch = qemuvm.check_image(src.pmemsave(tmp_path / "s.mem"))  # stopped since
+        dest.qmp.execute("stop")
+        on_destination = qemuvm.check_image(dest.pmemsave(tmp_path / "d.mem"))
+    assert on_destination > at_switch > 0
+    assert "resumed after the wire broke, 1x" in in_err
+
+
+@pytest.mark.qemu
 def test_a_broken_postcopy_is_resumed_by_migrate_and_incoming_resume(
     guest_elf: Path, tmp_path: Path
 ) -> None:
