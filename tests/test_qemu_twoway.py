@@ -23,33 +23,52 @@ pytestmark = pytest.mark.qemu
 
 
 class Tunnel:
-    """encode listening for the source QEMU (-v says when), decode for encode's wire."""
+    """encode listening for the source QEMU (-v says when), decode for encode's wire; or with
+    `reverse`, encode listening for decode's. `connections`: encode --connections."""
 
     def __init__(
-        self, tmp_path: Path, filters: list[str], reader: list[str] = (), rate: float | None = None
+        self,
+        tmp_path: Path,
+        filters: list[str],
+        reader: list[str] = (),
+        rate: float | None = None,
+        connections: int = 1,
+        reverse: bool = False,
     ) -> None:
-        wire = f"unix:{tmp_path / 'wire.sock'}"
+        self.wire = wire = f"unix:{tmp_path / 'wire.sock'}"
         self.src, self.dst = tmp_path / "src.sock", tmp_path / "dst.sock"
-        self.decode = subprocess.Popen(
-            [*MIGPIPE, "-v", "decode", "--listen", wire, "--qemu", f"unix:{self.dst}", *reader],
-            stderr=subprocess.PIPE,
-        )
-        self.errors = {"encode": b"", "decode": self._until_listening(self.decode)}
+        spread = ["--connections", str(connections)] if connections > 1 else []
+        encode = [*MIGPIPE, "-v", "encode", "--qemu", f"unix:{self.src}", *spread, *filters]
+        decode = [*MIGPIPE, "-v", "decode", "--qemu", f"unix:{self.dst}", *reader]
         self.link = None
-        if rate is not None:  # encode reaches decode through a link of that rate
-            self.link = Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=rate).start()
-            wire = self.link.address
-        self.encode = subprocess.Popen(
-            [*MIGPIPE, "-v", "encode", "--connect", wire, "--qemu", f"unix:{self.src}", *filters],
-            stderr=subprocess.PIPE,
-        )
-        self._until_listening(self.encode)
+        if reverse:  # encode listens for the wire, then for QEMU once decode connected
+            self.encode = subprocess.Popen([*encode, "--listen", wire], stderr=subprocess.PIPE)
+            said = self._until_listening(self.encode)
+            self.decode = subprocess.Popen([*decode, "--connect", wire], stderr=subprocess.PIPE)
+            said += self._until_listening(self.encode)
+            self.errors = {"encode": said, "decode": b""}
+        else:
+            self.decode = subprocess.Popen([*decode, "--listen", wire], stderr=subprocess.PIPE)
+            self.errors = {"encode": b"", "decode": self._until_listening(self.decode)}
+            if rate is not None:  # encode reaches decode through a link of that rate
+                self.link = Link(f"unix:{tmp_path / 'link.sock'}", wire, rate=rate).start()
+                wire = self.link.address
+            self.encode = subprocess.Popen([*encode, "--connect", wire], stderr=subprocess.PIPE)
+            self._until_listening(self.encode)
+        self.relayed: list = []  # what each of the link's connections carried, once closed
         self._readers = [
             threading.Thread(target=self._drain, args=(name, process))
             for name, process in (("encode", self.encode), ("decode", self.decode))
         ]
         for reader_thread in self._readers:
             reader_thread.start()
+
+    def wire_connections(self) -> int:
+        """How many connections the wire had (decode -v: accepted, or connected to the wire)."""
+        said = self.errors["decode"]
+        return said.count(b"accepted a connection on") + said.count(
+            f"connected to {self.wire}".encode()
+        )
 
     @staticmethod
     def _until_listening(process: subprocess.Popen) -> bytes:
@@ -69,7 +88,7 @@ class Tunnel:
         for reader_thread in self._readers:
             reader_thread.join()
         if self.link is not None:
-            self.link.close()
+            self.relayed = self.link.close()
         return codes
 
 
@@ -162,13 +181,31 @@ def migrate_multifd(
         return src.pmemsave(tmp_path / "s.mem"), dest.pmemsave(tmp_path / "d.mem")
 
 
-@pytest.mark.parametrize("channels,wire", [(2, "plain"), (4, "sealed"), (2, "tls")])
+@pytest.mark.parametrize(
+    "channels,wire,connections,reverse",
+    [
+        (2, "plain", 1, False),
+        (4, "sealed", 1, False),
+        (2, "tls", 1, False),
+        (4, "sealed", 3, True),
+        (2, "tls", 3, False),
+    ],
+    ids=["2-plain", "4-sealed", "2-tls", "4-sealed-3-connections-reverse", "2-tls-3-connections"],
+)
 def test_multifd_channels_each_a_lane(
-    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, channels: int, wire: str
+    guest_elf: Path,
+    qemu_build: qemuvm.QemuBuild,
+    tmp_path: Path,
+    channels: int,
+    wire: str,
+    connections: int,
+    reverse: bool,
 ) -> None:
     """QEMU's multifd connections each cross as a lane of their own, through zstd and encrypt,
     or over TLS, opened at the destination in QEMU's order; the destination holds the paused
-    source's memory."""
+    source's memory. Spread over several connections of the wire (encode --connections), each
+    TLS too, whichever end opens them: 4 channels on 2 further connections share them (lanes
+    1 and 3, 2 and 4), 2 on 2 have one each."""
     key, creds = tmp_path / "key", tmp_path / "creds"
     keygen(key)
     if wire == "sealed":
@@ -180,11 +217,12 @@ def test_multifd_channels_each_a_lane(
         filters = [*reader, "--tls-hostname", "localhost"]
     else:
         filters = reader = []
-    tunnel = Tunnel(tmp_path, filters, reader)
+    tunnel = Tunnel(tmp_path, filters, reader, connections=connections, reverse=reverse)
     source, destination = migrate_multifd(guest_elf, qemu_build, tmp_path, tunnel, channels)
     assert destination == source
     # decode -v: one connection to the destination per lane, the main one and each channel's
-    assert tunnel.errors["decode"].count(b"connected to unix:") == 1 + channels
+    assert tunnel.errors["decode"].count(f"connected to unix:{tunnel.dst}".encode()) == 1 + channels
+    assert tunnel.wire_connections() == connections
 
 
 LINK_RATE = 30e6  # bytes/s: the link of the measurements in issues 17 and 21
@@ -231,26 +269,41 @@ def test_postcopy_of_a_busy_guest_over_a_slow_link(
     assert through["ram"]["postcopy-requests"] > 0  # and through migpipe's answer direction
 
 
+@pytest.mark.parametrize("connections", [1, 2])
 def test_postcopy_preempt_over_a_slow_link(
-    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, connections: int
 ) -> None:
     """postcopy-preempt, which libvirt 10+ turns on with postcopy: QEMU opens a second
     connection without a magic number, for the pages the destination asked for, and the
     destination knows it only as the one after the main stream. It crosses as a lane of its
-    own, opened at the destination in that order, while the guest runs there."""
-    tunnel = Tunnel(tmp_path, [], rate=LINK_RATE)
+    own, opened at the destination in that order, while the guest runs there. With
+    --connections 2 that lane has the wire's second connection to itself, as QEMU's own
+    preempt channel has a connection of its own: the link carries both, and the requested
+    pages cross the second. On 10.0 the self-checking guest, paused on the destination
+    afterwards, finds every page it wrote at its count (7.2's TCG can leave a page of a live
+    guest stale by itself, so there the busy guest runs)."""
+    kind = "check" if qemu_build is qemuvm.QEMU_10_0 else "busy"
+    tunnel = Tunnel(tmp_path, [], rate=LINK_RATE, connections=connections)
     with (
-        qemuvm.source_vm(guest_elf, "busy", tmp_path, qemu=qemu_build) as src,
+        qemuvm.source_vm(guest_elf, kind, tmp_path, qemu=qemu_build) as src,
         qemuvm.Vm(tmp_path, "dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
     ):
         info = postcopy(
             src, dest, f"unix:{tunnel.src}", f"unix:{tunnel.dst}", ("postcopy-preempt",)
         )
         assert dest.qmp.execute("query-status")["status"] == "running"
+        if kind == "check":
+            dest.qmp.execute("stop")
+            assert qemuvm.check_image(dest.pmemsave(tmp_path / "d.mem")) > 0
     assert tunnel.statuses() == (0, 0), tunnel.errors
     assert info["ram"]["postcopy-requests"] > 0
     # decode -v: the main stream's connection and the preempt channel's
-    assert tunnel.errors["decode"].count(b"connected to unix:") == 2, tunnel.errors
+    assert tunnel.errors["decode"].count(f"connected to unix:{tunnel.dst}".encode()) == 2, (
+        tunnel.errors
+    )
+    assert len(tunnel.relayed) == connections
+    if connections == 2:  # the preempt channel's pages (4 KiB each) went on the second
+        assert tunnel.relayed[1].forward >= info["ram"]["postcopy-requests"] * 4096 // 2
 
 
 def test_a_paused_guest_with_the_return_path_over_tls(

@@ -263,3 +263,49 @@ def test_a_flood_of_silent_connections_pushes_out_the_oldest_not_the_source() ->
         f"refused a connection on {address} from 127.0.0.1:{ports[0]}: "
         "pushed out by newer connections"
     ]
+
+
+def test_further_connections_arriving_together_are_each_admitted_and_strays_refused() -> None:
+    """A wire spread over several connections (encode --connections): the listener takes the
+    further ones on the socket it kept, checking each one's first bytes. Connections that
+    arrive at once are all kept while one is handed over; a stray, or one of another wire,
+    is refused in a line and the wait goes on, as for the first connection."""
+    from migpipe.wire import JOIN_SIZE, Join, parse_join
+
+    session = bytes(range(16))
+
+    def ours(first: bytes) -> None:
+        join = parse_join(first)
+        if join.session != session:
+            raise MigpipeError("a connection joined from another session")
+
+    spec = f"127.0.0.1:{free_port()}"
+    refused: list[str] = []
+    with transport.listening(spec) as server:
+        acceptor = transport.Acceptor(server, spec, None, None, 10.0, refused.append)
+        try:
+            peers = [socket.create_connection(("127.0.0.1", int(spec.split(":")[1])))]
+            peers[0].sendall(Join(bytes(16), 1, 3).encode())  # another wire's
+            for index in (1, 2):
+                peers.append(socket.create_connection(("127.0.0.1", int(spec.split(":")[1]))))
+                peers[-1].sendall(Join(session, index, 3).encode() + b"frames")
+            channels = [acceptor.open((JOIN_SIZE, ours)) for _ in range(2)]
+            firsts = {bytes(c.read()) for c in channels}
+            assert firsts == {Join(session, i, 3).encode() + b"frames" for i in (1, 2)}
+            assert len(refused) == 1 and "another session" in refused[0], refused
+            acceptor.interrupt()  # a failure elsewhere: the next wait ends at once
+            with pytest.raises(transport.Stopped):
+                acceptor.open((JOIN_SIZE, ours))
+        finally:
+            acceptor.close()
+            for peer in peers:
+                peer.close()
+
+
+def test_a_further_connection_that_never_comes_is_one_line_in_time() -> None:
+    spec = f"127.0.0.1:{free_port()}"
+    with transport.listening(spec) as server:
+        acceptor = transport.Acceptor(server, spec, None, None, 0.3)
+        with pytest.raises(MigpipeError, match=r"^no further connection on .* within 0.3 s$"):
+            acceptor.open()
+        acceptor.close()

@@ -142,6 +142,9 @@ def test_positions_never_repeat_across_lanes_and_directions() -> None:
     [
         (["encode", "--qemu", "unix:/nonexistent/q", "--in", "x"], "--in and --qemu"),
         (["decode", "--qemu", "unix:/nonexistent/q", "--out", "x"], "--out and --qemu"),
+        (["encode", "--connections", "2"], "--connections needs --qemu, and --connect"),
+        (["encode", "--qemu", "unix:/nonexistent/q", "--connections", "2"], "needs --qemu, and"),
+        (["encode", "--qemu", "unix:/x", "--listen", ":0", "--connections", "0"], "from 1 to 64"),
     ],
 )
 def test_qemu_option_mistakes_are_one_line(args: list[str], message: str) -> None:

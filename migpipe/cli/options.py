@@ -23,6 +23,7 @@ from migpipe.units import UNITS, parse_size
 
 if TYPE_CHECKING:
     from migpipe.io.channel import Channel
+    from migpipe.io.transport import Acceptor, Dialer
     from migpipe.keys import Secrets
     from migpipe.tunnel.progress import Progress  # imported when used: start-up time
 
@@ -366,6 +367,17 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
     A plain connection is yielded as its descriptor, as a file is (migrate answers it as an
     FdLink); after the caller is done, the connection's writing direction ends through its
     Sink, TLS or not, so that the peer's read sees the end of the wire."""
+    with wire_ends(args, role, spread=False) as (end, _):
+        yield end
+
+
+@contextlib.contextmanager
+def wire_ends(
+    args: argparse.Namespace, role: str, spread: bool = True
+) -> Iterator[tuple["int | Channel", "Dialer | Acceptor | None"]]:
+    """wire_end's, and where the wire's further connections come from when it is spread over
+    several (encode --connections): opened to --connect's address, or accepted on --listen's
+    socket, which then stays open (`spread`); None for a file or a pipe."""
     from migpipe.io import transport
     from migpipe.io.channel import FdChannel
 
@@ -374,34 +386,49 @@ def wire_end(args: argparse.Namespace, role: str) -> Iterator["int | Channel"]:
         option = "--in" if role == "input" else "--out"
         raise UsageError(f"{option} and --connect/--listen both name the wire", None)
     wrap, gate = tls_ends(args)  # bad credentials fail before the network is touched
-    if args.connect or args.listen:
+    if not (args.connect or args.listen):
+        if role == "input":
+            file = open_input(args.input)
+        else:
+            file = open_output(args.output, force=args.force)
+        with file as f:
+            watch_idle(args, f.fileno(), role)  # stdin may be a socket (inetd, systemd)
+            yield f.fileno(), None
+        return
+    watch = functools.partial(watch_idle, args, role=role)
+    with contextlib.ExitStack() as stack:
+        further: Dialer | Acceptor | None = None
         if args.connect:
-            link = transport.connect(args.connect, args.connect_timeout)
+            sock = stack.enter_context(transport.connect(args.connect, args.connect_timeout))
+            if spread:
+                further = transport.Dialer(args.connect, args.connect_timeout, wrap)
         else:
             if gate is None and role == "input":  # a stray connection shows in its first bytes
                 from migpipe.wire import MAGIC
 
                 gate = transport.first_bytes(MAGIC)
             log = functools.partial(print, f"migpipe {args.command}:", file=sys.stderr, flush=True)
-            link = transport.listen(args.listen, gate, timeout=args.accept_timeout, log=log)
-        with link as sock, contextlib.ExitStack() as stack:
-            fd = sock.fileno()  # TLS's wrap takes the socket over, on the same descriptor
-            if wrap is None:
-                connection: Channel = FdChannel(sock.fileno())
-                end: int | Channel = sock.fileno()
+            timeout = args.accept_timeout
+            if spread:
+                server = stack.enter_context(transport.listening(args.listen))
+                sock = transport.accept(server, args.listen, gate, timeout=timeout, log=log)
+                stack.enter_context(sock)
+                further = transport.Acceptor(server, args.listen, gate, wrap, timeout, log)
             else:
-                connection = end = stack.enter_context(wrap(sock))
-            watch_idle(args, fd, role)  # after the handshake, which has its own deadline
-            yield end
-            connection.finish()  # close_notify or shutdown(SHUT_WR), before either is closed
-    elif role == "input":
-        with open_input(args.input) as f:
-            watch_idle(args, f.fileno(), role)  # stdin may be a socket (inetd, systemd)
-            yield f.fileno()
-    else:
-        with open_output(args.output, force=args.force) as f:
-            watch_idle(args, f.fileno(), role)
-            yield f.fileno()
+                sock = stack.enter_context(
+                    transport.listen(args.listen, gate, timeout=timeout, log=log)
+                )
+        if further is not None:
+            stack.callback(further.close)
+        fd = sock.fileno()  # TLS's wrap takes the socket over, on the same descriptor
+        if wrap is None:
+            connection: Channel = FdChannel(sock.fileno())
+            end: int | Channel = sock.fileno()
+        else:
+            connection = end = stack.enter_context(wrap(sock))
+        watch(fd)  # after the handshake, which has its own deadline
+        yield end, further
+        connection.finish()  # close_notify or shutdown(SHUT_WR), before either is closed
 
 
 def watch_idle(args: argparse.Namespace, fd: int, role: str) -> None:

@@ -20,6 +20,7 @@ from migpipe.cli.options import (
     report,
     secrets_of,
     wire_end,
+    wire_ends,
     wire_options,
 )
 from migpipe.errors import (
@@ -42,6 +43,15 @@ def register(command: Command) -> None:
     wire_options(encode)
     idle_option(encode)
     qemu_option(encode, "listen here for the source QEMU (migrate to unix:PATH or tcp:HOST:PORT)")
+    encode.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --qemu: spread QEMU's connections over N connections of the wire, "
+        "--connect or --listen (the main stream on the first, postcopy-preempt's or each "
+        "multifd channel's on one of the others); decode follows",
+    )
     filter_options(encode)
 
     decode = command(
@@ -163,6 +173,17 @@ def qemu_option(sub: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def check_connections(args: argparse.Namespace) -> None:
+    """--connections spreads the two-way tunnel's lanes over connections encode opens or
+    accepts itself."""
+    from migpipe.wire import MAX_CONNECTIONS
+
+    if not 1 <= args.connections <= MAX_CONNECTIONS:
+        raise UsageError(f"--connections takes a number from 1 to {MAX_CONNECTIONS}")
+    if args.connections > 1 and not (args.qemu and (args.connect or args.listen)):
+        raise UsageError("--connections needs --qemu, and --connect or --listen")
+
+
 def check_qemu_option(other: str, given: bool) -> None:
     """--qemu names QEMU's end, which `other` (--in, --out) would name too."""
     if given:
@@ -174,12 +195,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     chain = filter_chain(args)
     shown = progress(args, "encode")
+    check_connections(args)
     if args.qemu:
         check_qemu_option("--in", args.input != "-")
         from migpipe.tunnel.twoway import encode_two_way
 
-        with wire_end(args, "output") as wire:
-            totals = run_trio(encode_two_way, args.qemu, args.accept_timeout, wire, chain, shown)
+        with wire_ends(args, "output", spread=args.connections > 1) as (wire, further):
+            run = functools.partial(encode_two_way, connections=args.connections, further=further)
+            totals = run_trio(run, args.qemu, args.accept_timeout, wire, chain, shown)
         report(args, totals)
         return 0
     with open_input(args.input) as source, wire_end(args, "output") as wire:
@@ -199,11 +222,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
         check_qemu_option("--out", args.output is not None)
         from migpipe.tunnel.twoway import decode_two_way
 
-        with wire_end(args, "input") as wire:
+        with wire_ends(args, "input") as (wire, further):
             shown = progress(args, "decode")
-            totals = run_trio(
-                decode_two_way, wire, args.qemu, args.connect_timeout, shown, secrets_of(args)
-            )
+            run = functools.partial(decode_two_way, further=further)
+            totals = run_trio(run, wire, args.qemu, args.connect_timeout, shown, secrets_of(args))
         report(args, totals)
         return 0
 

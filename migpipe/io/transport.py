@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from migpipe.errors import (
     MigpipeError,
     PeerGoneError,
+    Stopped,
     printable,
 )
+from migpipe.io.channel import Channel, FdChannel
 
 UNSENT = 128 << 10  # bytes a TCP socket may hold not yet sent (TCP_NOTSENT_LOWAT)
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
@@ -167,28 +169,39 @@ def listening(spec: str) -> Iterator[socket.socket]:
 
 def first_bytes(expected: bytes) -> Gate:
     """A gate for a listener that reads the wire: the peer's first bytes must be `expected`
-    (the wire's magic). They are peeked, not read, so the wire reaches its parser whole, and
-    SO_RCVLOWAT makes the poll wait for all of them, not wake on the first."""
+    (the wire's magic)."""
 
-    def check(conn: socket.socket) -> Generator[int, None, socket.socket]:
-        if conn.family == socket.AF_UNIX:  # 0600: only our own user can connect
+    def check(first: bytes) -> None:
+        if first != expected:
+            raise MigpipeError(f"not a migpipe wire (it began with {printable(first[:8])})")
+
+    return peeking(len(expected), check)
+
+
+def peeking(size: int, check: Callable[[bytes], None]) -> Gate:
+    """A gate that admits a peer whose first `size` bytes `check` accepts (it raises
+    MigpipeError saying why not). They are peeked, not read, so the wire reaches its parser
+    whole, and SO_RCVLOWAT makes the poll wait for all of them, not wake on the first.
+    A UNIX socket's peer is admitted unchecked: 0600, only our own user can connect."""
+
+    def gate(conn: socket.socket) -> Generator[int, None, socket.socket]:
+        if conn.family == socket.AF_UNIX:
             return conn
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(expected))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
         try:
             yield select.POLLIN
         except TimeoutError:
-            raise MigpipeError(f"no {len(expected)} bytes of a wire in time") from None
-        first = conn.recv(len(expected), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            raise MigpipeError(f"no {size} bytes of a wire in time") from None
+        first = conn.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         if not first:
             raise MigpipeError("closed without sending anything")
-        if len(first) < len(expected):  # the poll woke for the end, not for the bytes
+        if len(first) < size:  # the poll woke for the end, not for the bytes
             raise MigpipeError(f"closed after {len(first)} bytes")
-        if first != expected:
-            raise MigpipeError(f"not a migpipe wire (it began with {printable(first[:8])})")
+        check(first)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return conn
 
-    return check
+    return gate
 
 
 @dataclass
@@ -202,7 +215,9 @@ class _Checking:
 
 
 class _Admission:
-    """The accept loop of listen(): connections are checked side by side, by poll."""
+    """The accept loop of listen(): connections are checked side by side, by poll. Run once,
+    the connections still being checked are dropped when it returns; run again and again
+    (Acceptor's), they stay until close(), and `wake`, an eventfd, ends a run with Stopped."""
 
     def __init__(
         self,
@@ -211,15 +226,19 @@ class _Admission:
         gate: Gate | None,
         patience: float,
         log: Callable[[str], None],
+        wake: int | None = None,
     ) -> None:
         self.server, self.spec, self.gate, self.patience = server, spec, gate, patience
         self.log = _RateLimited(log)
         self.checking: dict[int, _Checking] = {}
         self.poller = select.poll()
         self.poller.register(server, select.POLLIN)
+        self.wake = wake
+        if wake is not None:
+            self.poller.register(wake, select.POLLIN)
         self.refused = 0
 
-    def run(self, timeout: float) -> socket.socket:
+    def run(self, timeout: float, again: bool = False) -> socket.socket:
         deadline = time.monotonic() + timeout if timeout else None
         try:
             while True:
@@ -238,6 +257,8 @@ class _Admission:
                 ready = self.poller.poll(wait)
                 polled = dict(self.checking)  # an fd dropped, or reused, since has no event
                 for fd, _ in ready:
+                    if fd == self.wake:
+                        raise Stopped
                     if fd == self.server.fileno():
                         admitted = self._accept()
                     elif fd in polled and self.checking.get(fd) is polled[fd]:
@@ -247,9 +268,13 @@ class _Admission:
                     if admitted:
                         return admitted
         finally:
-            for fd in list(self.checking):
-                self._drop(fd)
-            self.log.flush()
+            if not again:
+                self.close()
+
+    def close(self) -> None:
+        for fd in list(self.checking):
+            self._drop(fd)
+        self.log.flush()
 
     def _accept(self) -> socket.socket | None:
         try:
@@ -335,3 +360,81 @@ def _address(address: object) -> str:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+class Dialer:
+    """The connecting side's further connections of a wire spread over several (encode
+    --connections): each opened when asked, to the address the first went to, through the
+    same TLS wrapping. They are closed together by close(). No --idle-timeout watches them:
+    a lane may rightly be silent for long (postcopy-preempt's between requests), and the
+    first connection, which encode keeps alive, is watched."""
+
+    def __init__(
+        self,
+        spec: str,
+        timeout: float,
+        wrap: Callable[[socket.socket], Channel] | None,
+    ) -> None:
+        self.spec, self.timeout, self.wrap = spec, timeout, wrap
+        self._owned = contextlib.ExitStack()
+
+    def open(self) -> Channel:
+        sock = self._owned.enter_context(connect_socket(self.spec, self.timeout))
+        if self.wrap is None:
+            return FdChannel(sock.fileno(), f"a connection to {self.spec}")
+        return self._owned.enter_context(self.wrap(sock))
+
+    def interrupt(self) -> None:
+        """Nothing to end: a connect is bounded by its timeout, a handshake by its own."""
+
+    def close(self) -> None:
+        self._owned.close()
+
+
+class Acceptor:
+    """The listening side's further connections, on the socket that took the first, which
+    stays open for them: each waited for when asked, within `timeout` seconds of the ask, and
+    interruptibly, and admitted by a TLS handshake (`gate`, with `wrap`) or else by its first
+    bytes (open's `peek`: a stray connection, or one of another wire, is refused and the wait
+    goes on, as for the first). Connections being checked are kept from one ask to the next,
+    as several may arrive at once. They, and the socket, are closed together by close()."""
+
+    def __init__(
+        self,
+        server: socket.socket,
+        spec: str,
+        gate: Gate | None,
+        wrap: Callable[[socket.socket], Channel] | None,
+        timeout: float,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec, self.gate, self.wrap, self.timeout = spec, gate, wrap, timeout
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._owned = contextlib.ExitStack()
+        self._owned.callback(os.close, self._wake)
+        self._admission = _Admission(server, spec, gate, PATIENCE, log or _stderr, self._wake)
+        self._owned.callback(self._admission.close)
+
+    def open(self, peek: tuple[int, Callable[[bytes], None]] | None = None) -> Channel:
+        if self.wrap is None and peek is not None:
+            self._admission.gate = peeking(*peek)
+        logger.info(
+            "listening on %s for %s", self.spec, f"{self.timeout:g} s" if self.timeout else "ever"
+        )
+        try:
+            sock = self._admission.run(self.timeout, again=True)
+        except PeerGoneError:
+            raise PeerGoneError(
+                f"no further connection on {self.spec} within {self.timeout:g} s"
+            ) from None
+        tune(sock)
+        sock = self._owned.enter_context(sock)
+        if self.wrap is None:
+            return FdChannel(sock.fileno(), f"a connection on {self.spec}")
+        return self._owned.enter_context(self.wrap(sock))
+
+    def interrupt(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        self._owned.close()

@@ -46,6 +46,8 @@ from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_FINAL,
     FRAME_HEADER_SIZE,
+    ONE_CONNECTION,
+    Connections,
     Frame,
     Trailer,
     WireDecoder,
@@ -192,10 +194,11 @@ class Encoder:
         totals: Totals | None = None,
         lanes: bool = False,
         resumed: bool = False,
+        connections: Connections = ONE_CONNECTION,
     ) -> None:
         self.totals = totals or Totals()
         self.chain = FilterChain(chain, self.totals)
-        self.wire = WireWriter(self.chain, page_size, lanes, resumed)
+        self.wire = WireWriter(self.chain, page_size, lanes, resumed, connections)
         self._transforms = self.totals.running = self.chain.encoders()
         self._parser: StreamParser | ResumedStream
         if resumed:
@@ -492,6 +495,7 @@ async def encode(
     before_frame: Callable[[bool], None] | None = None,
     send: Callable[[Sequence[Buffer]], None] | None = None,
     resumed: bool = False,
+    connections: Connections = ONE_CONNECTION,
 ) -> Totals:
     """The wire of the QEMU stream from `source`. `before_frame(final)` is called in the writer
     thread before each data or FINAL frame goes out, and may stop the stream by raising:
@@ -500,11 +504,12 @@ async def encode(
     With `send`, the two-way tunnel's (see tunnel.twoway): the wire is version 2, its frames
     go out through `send` beside other lanes', the stream ends by its structure (QEMU keeps
     its connection open), and the wire's writing direction is the caller's to end; `resumed`:
-    the stream is QEMU's resumed postcopy stream (see ResumedStream), which ends at its end."""
+    the stream is QEMU's resumed postcopy stream (see ResumedStream), which ends at its end;
+    `connections`, what the header says of the wire's connections (the caller's to open)."""
     source, wire = as_source(source), as_sink(wire)
     lanes = send is not None
     send = send or wire.write
-    encoder = Encoder(chain, lanes=lanes, resumed=resumed)
+    encoder = Encoder(chain, lanes=lanes, resumed=resumed, connections=connections)
     smallest = min(MIN_FRAME, FRAME_TARGET)
     encoder.frame_size = smallest  # until the rate is known
     totals, writer, sealing = encoder.totals, encoder.wire, encoder.chain
@@ -580,13 +585,14 @@ async def decode(
     sink: int | Sink,
     progress: Progress | None = None,
     secrets: Secrets | None = None,
-    opened: Callable[[Sequence[filters.Filter]], None] | None = None,
+    opened: Callable[[Sequence[filters.Filter], Connections], None] | None = None,
     take: Callable[[Frame], None] | None = None,
     resumed: bool = False,
     hold: int = 0,
 ) -> Totals:
     """The QEMU stream from the wire; its end only once every check passed. `opened` is
-    called with the filter chain once the header was read (and authenticated, if sealed).
+    called with the filter chain and the wire's connections once the header was read (and
+    authenticated, if sealed).
 
     A version 2 wire may carry QEMU's other connections (lanes above 0): their frames go to
     `take`, the two-way tunnel's (see tunnel.twoway), in the reading thread. The stream's end
@@ -618,7 +624,7 @@ async def _decode(
     outbound: PipeBuffer,
     progress: Progress | None,
     secrets: Secrets | None,
-    opened: Callable[[Sequence[filters.Filter]], None] | None,
+    opened: Callable[[Sequence[filters.Filter], Connections], None] | None,
     take: Callable[[Frame], None] | None,
     resumed: bool,
     hold: int,
@@ -631,7 +637,7 @@ async def _decode(
             wanted = "a recovery" if resumed else "a migration from its start"
             raise IncompatibleError(f"the wire {said}, where {wanted} was expected", 0)
         if opened is not None:
-            opened(chain.filters)
+            opened(chain.filters, decoder.wire.connections)
 
     decoder = Decoder(totals, secrets, opening)
     inbound = PipeBuffer(wire)

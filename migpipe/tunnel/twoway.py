@@ -31,6 +31,7 @@ from migpipe.chain import Buffer, FilterChain
 from migpipe.errors import CorruptError, MigpipeError, Stopped
 from migpipe.io import transport
 from migpipe.io.channel import Channel, FdChannel, Readable
+from migpipe.io.transport import Acceptor, Dialer
 from migpipe.keys import Secrets
 from migpipe.tunnel.lanecodec import FIRST, LaneCodec, Verbatim, codec_for
 from migpipe.tunnel.multifdcodec import lane_counters
@@ -39,13 +40,20 @@ from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_END,
     FRAME_OPEN,
+    JOIN_SIZE,
     MAX_FRAME,
     MAX_LANES,
+    ONE_CONNECTION,
+    SESSION_SIZE,
+    Connections,
     Frame,
+    Join,
     LaneTally,
     LaneWriter,
     WireReader,
+    lane_connection,
     lane_position,
+    parse_join,
 )
 
 # What may wait for one connection of a QEMU that is not reading it (a multifd packet is 0.5
@@ -62,12 +70,18 @@ class Relay:
     QEMU that waits for answers (its return path) waits in vain (migpipe(1) says so).
     """
 
-    def __init__(self, wire: Channel, two_way: bool, back: bool) -> None:
+    def __init__(
+        self, wire: Channel, two_way: bool, back: bool, further: Dialer | Acceptor | None = None
+    ) -> None:
         self.wire = wire
         self.two_way = two_way
         self.back = back
         self.chain: FilterChain | None = None  # decode's comes with the wire's header
+        self.connections = ONE_CONNECTION  # decode's comes with the wire's header too
+        self.further = further  # where the wire's further connections come from
         self.lock = threading.Lock()
+        self.wires: dict[int, Channel] = {0: wire}  # the wire's connections, as they join
+        self._writing = {0: threading.Lock()}  # each held while a frame goes out on its wire
         self.frames = LaneWriter(back=back)
         self.conns: dict[int, FdChannel] = {}
         self._sockets: list[socket.socket] = []
@@ -85,21 +99,103 @@ class Relay:
     # -- the wire ---------------------------------------------------------------------------
 
     def write(self, parts: Sequence[Buffer]) -> None:
-        """Frames onto the wire, whole, one at a time: the lane 0 pipeline's writer sends
-        through this too, its header first."""
-        with self.lock:
+        """Frames onto the wire's first connection, whole, one at a time: the lane 0
+        pipeline's writer sends through this, its header first."""
+        with self._writing[0]:
             self.wire.write(parts)
+        with self.lock:
             self._header_sent = True
             self._changed.notify_all()
 
-    def _write_frame(self, make: Callable[[], bytes], *payload: Buffer) -> None:
-        """A frame whose header `make` numbers under the lock, once the wire's header is out."""
+    def _write_frame(self, lane: int, make: Callable[[], bytes], *payload: Buffer) -> None:
+        """A frame of `lane`, on the connection that carries it, whose header `make` numbers
+        under that connection's lock, once the wire's header is out and the connection there."""
+        index = lane_connection(lane, self.connections.count)
         with self.lock:
-            while not (self._header_sent or self._stopping):
+            while not ((self._header_sent and index in self.wires) or self._stopping):
                 self._changed.wait()
             if self._stopping:
                 raise Stopped
-            self.wire.write([make(), *payload])
+            wire = self.wires[index]
+        with self._writing[index]:
+            wire.write([make(), *payload])
+
+    def _job(self, job: Callable[[], None]) -> None:
+        """A thread for `job`, now or once run() starts."""
+        if self._start is None:
+            self._jobs.append(job)
+        else:
+            self._start(job)
+
+    # -- the wire's further connections -----------------------------------------------------
+
+    def spread(self) -> None:
+        """The wire's further connections (migpipe-wire(5) "Connections"), a thread's job once
+        their count is known: opened here, each starting with its JOIN, or accepted, each
+        telling in its JOIN which it is; every one then read by a thread of its own."""
+        count = self.connections.count
+        for index in range(1, count):
+            if isinstance(self.further, Dialer):
+                channel = self.further.open()
+                place = Join(self.connections.session, index, count)
+                channel.write([place.encode()])
+                self._attach(index, channel)
+                self._job(partial(self._read, channel, WireReader(not self.back, place=place)))
+            else:
+                channel = self.further.open((JOIN_SIZE, self._joining))
+                self._job(partial(self._read, channel, WireReader(not self.back, joined=True)))
+
+    def _joining(self, first: bytes) -> None:
+        """A further connection's JOIN, peeked before it is accepted (without TLS, whose
+        handshake admits only the peer): one of another wire is refused, as a stray is."""
+        join = parse_join(first)
+        join.check(self.connections)
+        with self.lock:
+            if join.index in self.wires:
+                raise CorruptError(f"a second connection joined as {join.index}")
+
+    def _attach(self, index: int, channel: Channel) -> None:
+        with self.lock:
+            self.wires[index] = channel
+            self._writing[index] = threading.Lock()
+            self._changed.notify_all()
+
+    def spread_out(self) -> None:
+        """Until every further connection joined: the wire is whole only then."""
+        with self.lock:
+            while len(self.wires) < self.connections.count and not self._stopping:
+                self._changed.wait()
+        if self._stopping:
+            raise Stopped
+
+    def finish_wires(self) -> None:
+        """End the writing direction of every connection of the wire."""
+        for wire in list(self.wires.values()):
+            wire.finish()
+
+    def _read(self, channel: Channel, reader: WireReader) -> None:
+        """A connection of the wire to its end: what the other side sends on it (answers on
+        encode's side, lanes on decode's) handed on, a JOIN first where it comes."""
+        while True:
+            chunk = channel.read()
+            if chunk:
+                reader.feed(chunk)
+            else:
+                reader.close()
+            for event in reader.next_events():
+                if isinstance(event, Join):
+                    event.check(self.connections)
+                    if event.index in self.wires:
+                        raise CorruptError(f"a second connection joined as {event.index}")
+                    self._attach(event.index, channel)
+                else:
+                    self.take(event)
+            if not chunk:
+                return
+
+    def take(self, frame: Frame) -> None:
+        """A frame for one of our connections, from a reader of the wire."""
+        self.deliver(frame)
 
     def deliver(self, frame: Frame) -> None:
         """A frame for one of our connections (a lane's, or an answer to one), from the wire's
@@ -134,7 +230,10 @@ class Relay:
         written by a thread of its own (see Outlet; else the pipeline writes it); with `pump`,
         what QEMU writes on it is read by a thread of its own (else the pipeline reads it)."""
         self._sockets.append(sock)
-        conn = self.conns[lane] = FdChannel(sock.fileno(), name)
+        conn = FdChannel(sock.fileno(), name)
+        with self.lock:
+            self.conns[lane] = conn
+            self._changed.notify_all()
         jobs = []
         if outlet:
             self._outlets[lane] = Outlet(conn)
@@ -144,10 +243,7 @@ class Relay:
                 self._pumps += 1
             jobs.append(partial(self._pump, lane))
         for job in jobs:
-            if self._start is None:  # run() starts it
-                self._jobs.append(job)
-            else:
-                self._start(job)
+            self._job(job)
         return conn
 
     def _pump(self, lane: int) -> None:
@@ -168,7 +264,7 @@ class Relay:
                 self._send(lane, codec.encode(data))
             if self.two_way:
                 self._send(lane, codec.finish() if codec is not None else [])
-                self._write_frame(partial(self.frames.end, lane))
+                self._write_frame(lane, partial(self.frames.end, lane))
         finally:
             with self.lock:
                 self._pumps -= 1
@@ -179,7 +275,7 @@ class Relay:
         own thread calls it, so its positions are its own."""
         for payload in payloads:
             sealed = self.chain.seal(payload, self.frames.position(lane))
-            self._write_frame(partial(self.frames.data, lane, sealed), sealed)
+            self._write_frame(lane, partial(self.frames.data, lane, sealed), sealed)
 
     def wait_pumps(self) -> None:
         """Until every pumped connection ended (our QEMU closed them all)."""
@@ -194,11 +290,14 @@ class Relay:
         self._stopping = True
         with self.lock:
             self._changed.notify_all()
-        for conn in self.conns.values():
+        for conn in list(self.conns.values()):
             conn.interrupt()
-        for outlet in self._outlets.values():
+        for outlet in list(self._outlets.values()):
             outlet.stop()
-        self.wire.interrupt()
+        for wire in list(self.wires.values()):
+            wire.interrupt()
+        if self.further is not None:
+            self.further.interrupt()
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -291,8 +390,15 @@ class Outlet:
 class SourceRelay(Relay):
     """encode's side: the source QEMU's connections in, its answers out."""
 
-    def __init__(self, wire: Channel, two_way: bool, server: socket.socket, spec: str) -> None:
-        super().__init__(wire, two_way, back=False)
+    def __init__(
+        self,
+        wire: Channel,
+        two_way: bool,
+        server: socket.socket,
+        spec: str,
+        further: Dialer | Acceptor | None = None,
+    ) -> None:
+        super().__init__(wire, two_way, back=False, further=further)
         self._server = server
         self._spec = spec
         self._waiting = Readable(server.fileno())
@@ -316,7 +422,7 @@ class SourceRelay(Relay):
                 sock.close()
                 raise MigpipeError(f"QEMU opened more than {MAX_LANES} connections on {self._spec}")
             transport.tune(sock)
-            self._write_frame(partial(self.frames.open, lane))  # before the lane's first DATA
+            self._write_frame(lane, partial(self.frames.open, lane))  # before its first DATA
             self.add(lane, sock, f"the source QEMU's connection {lane} on {self._spec}")
 
     def stop_accepting(self) -> None:
@@ -331,41 +437,57 @@ class SourceRelay(Relay):
         self._waiting.interrupt()
 
     def answers(self) -> None:
-        """The answer direction of the wire, to the source QEMU's connections."""
-        reader = WireReader(back=True)
-        while True:
-            chunk = self.wire.read()
-            if chunk:
-                reader.feed(chunk)
-            else:
-                reader.close()
-            for event in reader.next_events():
-                self.deliver(event)
-            if not chunk:
-                return
+        """The answer direction of the wire's first connection, to the source QEMU's."""
+        self._read(self.wire, WireReader(back=True))
 
 
 class DestinationRelay(Relay):
     """decode's side: lanes out to the destination QEMU's connections, its answers back."""
 
-    def __init__(self, wire: Channel, two_way: bool, spec: str, timeout: float) -> None:
-        super().__init__(wire, two_way, back=True)
+    def __init__(
+        self,
+        wire: Channel,
+        two_way: bool,
+        spec: str,
+        timeout: float,
+        further: Dialer | Acceptor | None = None,
+    ) -> None:
+        super().__init__(wire, two_way, back=True, further=further)
         self._spec = spec
         self._timeout = timeout
 
     def connect(self, lane: int) -> FdChannel:
-        """A connection to the destination QEMU for `lane` (connected now, so in lane order);
+        """A connection to the destination QEMU for `lane`, once every lane before it has
+        one (so in lane order, though lanes may come on different connections of the wire);
         lane 0's stream is the pipeline's to write."""
+        with self.lock:
+            while lane and lane - 1 not in self.conns and not self._stopping:
+                self._changed.wait()
+        if self._stopping:
+            raise Stopped
         sock = transport.connect_socket(self._spec, self._timeout)
         name = f"the destination QEMU's connection {lane} on {self._spec}"
         return self.add(lane, sock, name, outlet=lane != 0)
 
     def take(self, frame: Frame) -> None:
-        """A frame of a lane above 0, from the wire's reader."""
+        """A frame of a lane above 0, from a reader of the wire."""
         if frame.kind == FRAME_OPEN:
             self.connect(frame.lane)
         else:
             self.deliver(frame)
+
+    def opened(self, chain: Sequence[filters.Filter], connections: Connections) -> None:
+        """The wire's header came (decode's reading thread): its chain opens the lanes'
+        payloads, and its further connections, if any, are taken."""
+        with self.lock:
+            self.chain, self.connections = FilterChain(chain), connections
+        if connections.count > 1:
+            if self.further is None:
+                raise MigpipeError(
+                    f"the wire is spread over {connections.count} connections: decode takes "
+                    "them with --listen or --connect"
+                )
+            self._job(self.spread)
 
 
 def _channel(wire: int | Channel) -> tuple[Channel, bool]:
@@ -383,13 +505,18 @@ async def encode_two_way(
     progress: Progress | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     resumed: bool = False,
+    connections: int = 1,
+    further: Dialer | Acceptor | None = None,
 ) -> Totals:
     """encode --qemu: the source QEMU's connections on `spec` through the wire, both ways.
     Started by nursery.start(), it returns to its starter once it listens: QEMU may migrate.
     `resumed`: QEMU resumes a broken postcopy migration (`migrate` with resume), whose main
     stream cannot be parsed, so it crosses through the byte filters only (pipeline's
-    ResumedStream); postcopy sends no page that the page filters could have shortened."""
+    ResumedStream); postcopy sends no page that the page filters could have shortened.
+    `connections`: the wire is spread over that many, the first `wire`, the others from
+    `further` (migpipe-wire(5) "Connections")."""
     channel, two_way = _channel(wire)
+    spread = Connections(connections, os.urandom(SESSION_SIZE)) if connections > 1 else None
     if resumed:
         chain = [f for f in chain if not isinstance(f, filters.PageFilter)]
     with transport.listening(spec) as server:
@@ -397,21 +524,31 @@ async def encode_two_way(
         main = await trio.to_thread.run_sync(
             partial(transport.accept, server, spec, timeout=accept_timeout)
         )
-        relay = SourceRelay(channel, two_way, server, spec)
+        relay = SourceRelay(channel, two_way, server, spec, further)
         relay.chain = FilterChain(chain)  # bound to the wire's header once encode wrote it
+        relay.connections = spread or ONE_CONNECTION
         source = relay.add(0, main, f"the source QEMU's connection on {spec}", pump=False)
 
         async def body() -> Totals:
             totals = await encode(
-                source, channel, chain, progress, send=relay.write, resumed=resumed
+                source,
+                channel,
+                chain,
+                progress,
+                send=relay.write,
+                resumed=resumed,
+                connections=relay.connections,
             )
             relay.stop_accepting()
             await relay.until_pumped()
-            await trio.to_thread.run_sync(channel.finish)
+            await trio.to_thread.run_sync(relay.spread_out)
+            await trio.to_thread.run_sync(relay.finish_wires)
             totals.filter_counters.update(lane_counters(relay.encoders))
             return totals
 
         jobs = [relay.accept, *([relay.answers] if two_way else [])]
+        if spread is not None:
+            jobs.append(relay.spread)
         return await relay.run(body, jobs)
 
 
@@ -422,16 +559,15 @@ async def decode_two_way(
     progress: Progress | None = None,
     secrets: Secrets | None = None,
     resumed: bool = False,
+    further: Dialer | Acceptor | None = None,
 ) -> Totals:
     """decode --qemu: the wire into the destination QEMU's connections on `spec`, both ways;
     with `resumed`, a resumed postcopy migration's (see encode_two_way), as QEMU's
-    migrate-recover waits for it there, and nothing else."""
+    migrate-recover waits for it there, and nothing else. A wire spread over several
+    connections has the others from `further`."""
     channel, two_way = _channel(wire)
-    relay = DestinationRelay(channel, two_way, spec, connect_timeout)
+    relay = DestinationRelay(channel, two_way, spec, connect_timeout, further)
     sink = relay.connect(0)
-
-    def opened(chain: Sequence[filters.Filter]) -> None:
-        relay.chain = FilterChain(chain)
 
     async def body() -> Totals:
         totals = await decode(
@@ -439,14 +575,15 @@ async def decode_two_way(
             sink,
             progress,
             secrets,
-            opened,
+            relay.opened,
             take=relay.take,
             resumed=resumed,
             hold=OUTLET_BYTES,
         )
         await relay.until_pumped()
+        await trio.to_thread.run_sync(relay.spread_out)
         if two_way:
-            await trio.to_thread.run_sync(channel.finish)
+            await trio.to_thread.run_sync(relay.finish_wires)
         return totals
 
     return await relay.run(body)

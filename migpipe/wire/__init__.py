@@ -18,11 +18,17 @@ main stream forward, as version 1 carries it; further lanes are QEMU's other con
 direction (decode to encode, no header) carries each connection's bytes back (QEMU's return
 path) in frames of the same form. Sequence numbers count each lane's frames in each direction.
 
+Version 2 may spread the lanes over several connections (migpipe-wire(5) "Connections"): the
+header says how many and names the session; each further connection starts with a JOIN
+preamble from the side that opened it, and carries a fixed share of the lanes (lane_connection)
+in both directions, so that a lane is never queued behind another connection's bytes.
+
 A FINAL frame carries the end of the QEMU stream (its EOF item and what follows), so a decoder
 can withhold it until the trailer has confirmed everything: a destination never sees a complete
 stream unless the whole stream arrived intact.
 """
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +43,7 @@ from migpipe.errors import (
     TruncatedError,
 )
 from migpipe.keys import Secrets
-from migpipe.stream.format import BE32, BE64
+from migpipe.stream.format import BE16, BE32, BE64
 from migpipe.wire.header import Header, header_for, open_chain, parse_header
 
 MAGIC = b"\x89MGP\r\n\x1a\n"  # high bit and CR/LF/^Z catch 7-bit and text-mode mangling
@@ -58,11 +64,107 @@ FRAME_TYPES = {
 }
 FRAME_HEADER_SIZE = 17  # version 1's; version 2's has a lane byte more
 FRAME_HEADER_SIZES = {VERSION: FRAME_HEADER_SIZE, VERSION_LANES: FRAME_HEADER_SIZE + 1}
+FRAME_JOIN = 0x4A  # 'J': version 2, the preamble of a further connection (see Join)
 MAX_LANES = 64  # QEMU opens at most 1 + multifd's 255 channels + 1; 64 bounds what a peer costs
 LANE_END_SIZE = 12  # an END frame's payload: be64 bytes, be32 digest of the lane's bytes
 BACK = 1 << 80  # the answer direction's positions, apart from the forward ones (see lane_position)
 MAX_FRAME = 65 << 20  # the largest VM description the parser accepts (64 MiB) fits one frame
 TRAILER_SIZE = 28
+SESSION_SIZE = 16
+JOIN_SIZE = 8 + 2 + SESSION_SIZE + 2 + 2 + 4
+MAX_CONNECTIONS = MAX_LANES  # more connections than lanes would carry nothing
+
+
+@dataclass(frozen=True)
+class Connections:
+    """How many connections a version 2 wire spreads its lanes over, and the session that ties
+    them together (random, chosen by encode; its header names it, each JOIN repeats it)."""
+
+    count: int = 1
+    session: bytes = bytes(SESSION_SIZE)
+
+    def fields(self) -> dict[str, object]:
+        """The header fields that say so (none for one connection, the wire as it always was)."""
+        if self.count == 1:
+            return {}
+        return {"connections": self.count, "session": self.session.hex()}
+
+    @classmethod
+    def of(cls, header: Header) -> "Connections":
+        """A header's connections; raises CorruptError on fields that make no sense."""
+        count = header.fields.get("connections", 1)
+        if count == 1:
+            return ONE_CONNECTION
+        session = header.fields.get("session")
+        if type(count) is not int or not 2 <= count <= MAX_CONNECTIONS:
+            raise CorruptError(f"malformed wire header (connections {json.dumps(count)})", 12)
+        try:
+            key = bytes.fromhex(session) if type(session) is str else b""
+        except ValueError:
+            key = b""
+        if len(key) != SESSION_SIZE:
+            raise CorruptError(f"malformed wire header (session {json.dumps(session)})", 12)
+        return cls(count, key)
+
+
+ONE_CONNECTION = Connections()  # the wire as version 1 always was, and most are
+
+
+def lane_connection(lane: int, count: int) -> int:
+    """Which of `count` connections carries `lane`, both ways: lane 0 (QEMU's main stream and
+    its return path) the first; every other lane one of the rest, in turn, so that
+    postcopy-preempt's lane, or each multifd channel's, has a connection of its own when there
+    are enough."""
+    if lane == 0 or count == 1:
+        return 0
+    return 1 + (lane - 1) % (count - 1)
+
+
+@dataclass(frozen=True)
+class Join:
+    """The preamble of a further connection: whose session, which connection of how many."""
+
+    session: bytes
+    index: int
+    count: int
+
+    def encode(self) -> bytes:
+        head = (
+            MAGIC
+            + bytes([VERSION_LANES, FRAME_JOIN])
+            + self.session
+            + BE16.pack(self.index)
+            + BE16.pack(self.count)
+        )
+        return head + BE32.pack(crc32(head))
+
+    def check(self, connections: Connections, offset: int = 0) -> None:
+        """Raise unless it joins the wire whose header said `connections`."""
+        if self.session != connections.session:
+            raise CorruptError("a connection joined from another session", offset + 10)
+        if self.count != connections.count:
+            said = connections.count
+            message = f"a connection joined {self.count} connections, the header says {said}"
+            raise CorruptError(message, offset + 26)
+
+
+def parse_join(buf: Buffer, base: int = 0) -> Join | None:
+    """The JOIN preamble at the start of `buf`, or None while it holds less of it."""
+    if len(buf) < JOIN_SIZE:
+        if not (MAGIC + bytes([VERSION_LANES, FRAME_JOIN])).startswith(bytes(buf[:10])):
+            raise CorruptError("not a migpipe connection joining a wire (bad preamble)", base)
+        return None
+    head = bytes(buf[: JOIN_SIZE - 4])
+    if head[:10] != MAGIC + bytes([VERSION_LANES, FRAME_JOIN]):
+        raise CorruptError("not a migpipe connection joining a wire (bad preamble)", base)
+    if crc32(head) != BE32.unpack_from(buf, JOIN_SIZE - 4)[0]:
+        raise CorruptError("checksum mismatch in a connection's preamble", base)
+    session = head[10 : 10 + SESSION_SIZE]
+    (index,) = BE16.unpack_from(head, 10 + SESSION_SIZE)
+    (count,) = BE16.unpack_from(head, 12 + SESSION_SIZE)
+    if not 1 <= index < count <= MAX_CONNECTIONS:
+        raise CorruptError(f"a connection joined as {index} of {count}", base + 10 + SESSION_SIZE)
+    return Join(session, index, count)
 
 
 @dataclass(frozen=True)
@@ -107,12 +209,14 @@ def encode_header(
     page_size: int = 4096,
     version: int = VERSION,
     resumed: bool = False,
+    connections: Connections = ONE_CONNECTION,
 ) -> bytes:
     """The wire header naming `chain`, which is bound to it (sealed when it ends in encrypt;
-    see migpipe.wire.header). `resumed` (version 2): lane 0 is a resumed postcopy stream."""
+    see migpipe.wire.header). Version 2's: `resumed`, lane 0 is a resumed postcopy stream;
+    `connections`, the lanes are spread over several."""
     if not isinstance(chain, FilterChain):
         chain = FilterChain(chain)
-    fields: dict[str, object] = {"page_size": page_size}
+    fields: dict[str, object] = {"page_size": page_size, **connections.fields()}
     if resumed:
         fields["resumed"] = True
     return header_for(MAGIC, version, chain, fields)
@@ -178,18 +282,41 @@ class WireReader:
     `back` reads the answer direction instead: no header, version 2 frames, DATA and END
     only, for lane 0 and the lanes the forward direction opened (the caller checks which),
     read up to the connection's end, by which every lane that answered, and lane 0, ended.
+
+    A further connection of a wire spread over several (see Connections) has no header and no
+    lane 0: `joined`, it starts with a JOIN preamble (an event) that says which connection it
+    is, else `place` says so; forward, it carries its own lanes (lane_connection) and ends,
+    like the answer direction, at the connection's end, every lane it opened ended.
     """
 
-    def __init__(self, back: bool = False) -> None:
+    def __init__(self, back: bool = False, joined: bool = False, place: Join | None = None) -> None:
         self._buf = bytearray()
         self._base = 0
         self._closed = False
         self._back = back
-        self._sequences: dict[int, int] = {0: 0}  # each lane's next frame number
-        self._open = {0}  # lanes not ended yet
-        self.version = VERSION_LANES if back else None
+        self._joining = joined  # a JOIN preamble comes first, and says `place`
+        self.place = place  # a further connection's: which lanes it carries
+        self._sequences: dict[int, int] = {}  # each lane's next frame number
+        self._open: set[int] = set()  # lanes not ended yet
+        self._next_lane = 1  # forward: the lane the next OPEN must name
+        if place is None and not joined:
+            self._sequences, self._open = {0: 0}, {0}
+        else:
+            self._join(place)
+        self.version = VERSION_LANES if back or self._further else None
         self.header: Header | None = None
+        self.connections = ONE_CONNECTION
         self.trailer: Trailer | None = None
+
+    @property
+    def _further(self) -> bool:
+        """Whether this reads a further connection (no header, no lane 0)."""
+        return self._joining or self.place is not None
+
+    def _join(self, place: Join | None) -> None:
+        self.place = place
+        if place is not None:
+            self._next_lane = place.index
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
@@ -200,8 +327,8 @@ class WireReader:
     @property
     def ended(self) -> bool:
         """Whether the wire has said all it will: every lane ended, and lane 0's trailer came."""
-        if self._back:  # answers may come for a lane opened after lane 0 ended: read to EOF
-            return self._closed and not self._open
+        if self._back or self._further:  # answers may come after lane 0's end: read to EOF
+            return self._closed and not (self._open or self._joining)
         return self.trailer is not None and self._open <= {0}
 
     def _fail(self, message: str, at: int = 0, status: int = EXIT_CORRUPT) -> None:
@@ -213,7 +340,9 @@ class WireReader:
         pos = 0
         try:
             while True:
-                if self.version is None:
+                if self._joining:
+                    parsed = self._parse_join()  # the preamble starts the connection: pos is 0
+                elif self.version is None:
                     parsed = self._parse_header()  # the header starts the wire: pos is 0
                 elif not self.ended:
                     parsed = self._parse_frame(pos)
@@ -233,11 +362,14 @@ class WireReader:
         return events
 
     def _truncation(self) -> str:
+        if self._joining:
+            return "connection truncated in its preamble"
         if self.version is None:
             return "wire stream truncated in header (no trailer: the encoder did not finish)"
-        if self._back:
+        if self._back or self._further:
             lanes = ", ".join(map(str, sorted(self._open)))
-            return f"answer direction truncated (lanes {lanes} never ended)"
+            what = "answer direction" if self._back else f"connection {self.place.index}"
+            return f"{what} truncated (lanes {lanes} never ended)"
         if self.trailer is None:
             what = f"frame {self._sequences[0]}"
             return f"wire stream truncated in {what} (no trailer: the encoder did not finish)"
@@ -249,7 +381,16 @@ class WireReader:
         if header is None:
             return None
         self.header, self.version = header, self._buf[8]
+        self.connections = Connections.of(header)
         return header, size
+
+    def _parse_join(self) -> tuple[Join, int] | None:
+        join = parse_join(self._buf, self._base)
+        if join is None:
+            return None
+        self._joining = False
+        self._join(join)
+        return join, JOIN_SIZE
 
     def _parse_frame(self, pos: int) -> tuple[Frame | Trailer, int] | None:
         buf = self._buf
@@ -301,8 +442,8 @@ class WireReader:
         """Frames of a lane come in order, of the kinds its place allows."""
         due = self._sequences.get(lane)
         if due is None:  # forward: the next lane, opened by its first frame; back: any answer
-            if not self._back and (lane != len(self._sequences) or kind != FRAME_OPEN):
-                self._fail(f"frame for lane {lane}, which was never opened", pos)
+            if not self._back:
+                self._check_opening(kind, lane, pos)
             if lane >= MAX_LANES:
                 self._fail(f"lane {lane} is past the {MAX_LANES}-lane limit", pos)
             self._sequences[lane], self._open, due = 0, self._open | {lane}, 0
@@ -313,12 +454,24 @@ class WireReader:
             self._fail(f"frame {sequence}{where} where frame {due} was due", pos)
         if self._back:
             allowed = (FRAME_DATA, FRAME_END)
-        elif lane == 0:
+        elif lane == 0 and not self._further:
             allowed = (FRAME_DATA, FRAME_FINAL, FRAME_TRAILER)
         else:
             allowed = (FRAME_OPEN,) if sequence == 0 else (FRAME_DATA, FRAME_END)
         if kind not in allowed:
             self._fail(f"{FRAME_TYPES[kind]} frame in lane {lane}", pos)
+
+    def _check_opening(self, kind: int, lane: int, pos: int) -> None:
+        """A forward lane's first frame: an OPEN, for the next lane this connection carries
+        (every lane on one connection; else see lane_connection)."""
+        count = self.place.count if self.place is not None else self.connections.count
+        here = self.place.index if self.place is not None else 0
+        if lane < MAX_LANES and lane_connection(lane, count) != here:
+            where = lane_connection(lane, count)
+            self._fail(f"frame for lane {lane} on connection {here}, not on {where}", pos)
+        if lane != self._next_lane or kind != FRAME_OPEN:
+            self._fail(f"frame for lane {lane}, which was never opened", pos)
+        self._next_lane += 1 if count == 1 else count - 1
 
 
 class WireWriter:
@@ -335,12 +488,18 @@ class WireWriter:
     """
 
     def __init__(
-        self, chain: FilterChain, page_size: int = 4096, lanes: bool = False, resumed: bool = False
+        self,
+        chain: FilterChain,
+        page_size: int = 4096,
+        lanes: bool = False,
+        resumed: bool = False,
+        connections: Connections = ONE_CONNECTION,
     ) -> None:
         self.chain = chain
         self.page_size = page_size
         self.version = VERSION_LANES if lanes else VERSION
         self.resumed = resumed
+        self.connections = connections
         self._lane = 0 if lanes else None  # the lane byte of version 2's frame headers
         self._cut = 0  # positions handed out: the cutting thread's
         self.frames = 0  # data and final frames made, the next one's number: the writing thread's
@@ -348,7 +507,9 @@ class WireWriter:
 
     def header(self) -> bytes:
         """The wire header, which binds the chain: call it before sealing any payload."""
-        return encode_header(self.chain, self.page_size, self.version, self.resumed)
+        return encode_header(
+            self.chain, self.page_size, self.version, self.resumed, self.connections
+        )
 
     def position(self, final: bool) -> Position:
         """The next frame's place in the wire, which the byte filters bind its payload to."""
@@ -503,6 +664,11 @@ class WireDecoder:
         """Whether lane 0 resumes a postcopy migration (the header says so): QEMU's stream
         from where a broken connection left it, without the stream's own header."""
         return self.header is not None and self.header.fields.get("resumed") is True
+
+    @property
+    def connections(self) -> Connections:
+        """What the header says of the wire's connections."""
+        return self._reader.connections
 
     @property
     def trailer_came(self) -> bool:
