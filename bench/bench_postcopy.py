@@ -5,8 +5,9 @@ runs it: precopy until the second pass, then migrate-start-postcopy, the destina
 guest at once and fetching the pages it touches over the return path, with postcopy-preempt (the
 requested pages on a connection of their own) as libvirt 10.0+ sets it (--no-preempt: without).
 The link is tests/link.py (one token bucket for every connection of the migration, ~1 ms
-granularity). For each QEMU build and path, it prints the total time (migrate to the source's
-completion), the guest's real pause (the source's STOP event to the destination's RESUME event,
+granularity), so migpipe's --connections 2 (the preempt lane on a wire connection of its own)
+shares it as QEMU's own two connections do. For each QEMU build and path, it prints the total
+time (migrate to the source's completion), the guest's real pause (the source's STOP event to the destination's RESUME event,
 QMP timestamps, one host), the page requests the destination made, how long its vCPUs waited
 for pages in all (QEMU's postcopy-blocktime) and that per request: the request-to-page
 latency the guest feels. Medians of --runs.
@@ -33,7 +34,15 @@ from support import MIGPIPE
 PATHS = {
     "QEMU's own": None,
     "migpipe": [],
+    "migpipe --connections 2": ["--connections", "2"],
     "migpipe --xbzrle --compress zstd:1": ["--xbzrle", "--compress", "zstd:1"],
+    "migpipe --connections 2 --xbzrle --compress zstd:1": [
+        "--connections",
+        "2",
+        "--xbzrle",
+        "--compress",
+        "zstd:1",
+    ],
 }
 
 
@@ -108,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         guest = qemuvm.build_guest(Path(tmp))
         print(
-            f"{'QEMU':6} {'path':36} {'total s':>8} {'pause ms':>9} {'requests':>9} "
+            f"{'QEMU':6} {'path':50} {'total s':>8} {'pause ms':>9} {'requests':>9} "
             f"{'vCPU wait ms':>12} {'ms/request':>10}"
         )
         for build in qemuvm.BUILDS:
@@ -123,7 +132,7 @@ def main() -> None:
                 blocked = statistics.median(r["blocked"] for r in runs)
                 per = statistics.median(r["blocked"] / max(1, r["requests"]) for r in runs)
                 print(
-                    f"{build.version:6} {name:36} {total:8.2f} {pause:9.1f} {requests:9.0f} "
+                    f"{build.version:6} {name:50} {total:8.2f} {pause:9.1f} {requests:9.0f} "
                     f"{blocked:12.0f} {per:10.1f}"
                 )
 
