@@ -7,10 +7,10 @@ requested pages on a connection of their own) as libvirt 10.0+ sets it (--no-pre
 The link is tests/link.py (one token bucket for every connection of the migration, ~1 ms
 granularity), so migpipe's --connections 2 (the preempt lane on a wire connection of its own)
 shares it as QEMU's own two connections do. For each QEMU build and path, it prints the total
-time (migrate to the source's completion), the guest's real pause (the source's STOP event to the destination's RESUME event,
-QMP timestamps, one host), the page requests the destination made, how long its vCPUs waited
-for pages in all (QEMU's postcopy-blocktime) and that per request: the request-to-page
-latency the guest feels. Medians of --runs.
+time (migrate to the source's completion), the guest's real pause (the source's STOP event to
+the destination's RESUME event, QMP timestamps, one host), the page requests the destination
+made, how long its vCPUs waited for pages in all (QEMU's postcopy-blocktime) and that per
+request: the request-to-page latency the guest feels. Medians of --runs.
 
     .venv/bin/python bench/bench_postcopy.py [--runs N] [--rate BYTES_PER_S] [--no-preempt]
 """
