@@ -28,6 +28,7 @@ from migpipe.errors import EXIT_USAGE
 from migpipe.io.tlsinit import tls_init
 
 LINK_RATE = 30e6  # bytes/s, as in tests/test_qemu_twoway.py
+POSTCOPY_CONNECTIONS = 2  # migrate --postcopy's wire over --connect: main stream, preempt
 TIMEOUT = 30.0  # a failsafe: each command ends when its QEMU completed (here in < 10 s)
 
 
@@ -277,7 +278,7 @@ def test_a_link_cut_in_precopy_leaves_the_source_running(guest_elf: Path, tmp_pa
     switch = ("--postcopy", "--postcopy-after", "3")
     with cut_link(guest_elf, tmp_path, qemuvm.QEMU_7_2, *switch) as (src, _, link, ends):
         src.qmp.wait_event("MIGRATION_PASS", lambda e: e["data"]["pass"] >= 2, timeout=TIMEOUT)
-        assert link.cut() == 1
+        assert link.cut() == POSTCOPY_CONNECTIONS
         ended = ends()
         assert src.qmp.execute("query-status")["status"] == "running"
         assert src.qmp.execute("query-migrate")["status"] in ("cancelled", "failed")
@@ -303,7 +304,7 @@ def test_a_link_cut_in_postcopy_never_resumes_the_stale_source(
         active = src.qmp.wait_event(
             "MIGRATION", lambda e: e["data"]["status"] == "postcopy-active", timeout=TIMEOUT
         )
-        assert active and link.cut() == 1
+        assert active and link.cut() == POSTCOPY_CONNECTIONS
         ended = ends()
         assert src.qmp.execute("query-status")["running"] is False
         assert src.qmp.execute("query-migrate")["status"] != "cancelled"
@@ -339,7 +340,7 @@ def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> N
         ends,
     ):
         into_postcopy(src)
-        assert link.cut() == 1
+        assert link.cut() == POSTCOPY_CONNECTIONS
         out_status, out_err, in_status, in_err = ends()
         assert (out_status, in_status) == (0, 0), (out_err, in_err)
         assert src.qmp.execute("query-migrate")["status"] == "completed"
@@ -367,7 +368,7 @@ def test_a_link_cut_with_the_guest_running_on_the_destination_is_resumed(
         ends,
     ):
         into_postcopy(src)
-        assert link.cut() == 1
+        assert link.cut() == POSTCOPY_CONNECTIONS
         out_status, out_err, in_status, in_err = ends()
         assert (out_status, in_status) == (0, 0), (out_err, in_err)
         assert dest.qmp.execute("query-migrate")["status"] == "completed"
@@ -392,7 +393,7 @@ def test_a_broken_postcopy_is_resumed_by_migrate_and_incoming_resume(
         guest_elf, tmp_path, qemuvm.QEMU_10_0, *switch, recover=recover, dest_args=("-S",)
     ) as (src, dest, link, ends):
         into_postcopy(src)
-        assert link.cut() == 1
+        assert link.cut() == POSTCOPY_CONNECTIONS
         out_status, out_err, in_status, in_err = ends()
         assert "QEMU holds the migration postcopy-paused" in in_err, in_err
         assert "postcopy had begun: the source VM stays paused" in one_line_each(

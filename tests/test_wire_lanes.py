@@ -145,6 +145,10 @@ def test_positions_never_repeat_across_lanes_and_directions() -> None:
         (["encode", "--connections", "2"], "--connections needs --qemu, and --connect"),
         (["encode", "--qemu", "unix:/nonexistent/q", "--connections", "2"], "needs --qemu, and"),
         (["encode", "--qemu", "unix:/x", "--listen", ":0", "--connections", "0"], "from 1 to 64"),
+        (
+            ["migrate", "--qmp", "/nonexistent", "--postcopy", "--connections", "2", "--", "true"],
+            "--connections needs --postcopy or --multifd, and --connect or --listen",
+        ),
     ],
 )
 def test_qemu_option_mistakes_are_one_line(args: list[str], message: str) -> None:

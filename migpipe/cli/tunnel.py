@@ -86,6 +86,14 @@ def register(command: Command) -> None:
         help="with --postcopy: switch once N passes are done (default: see migpipe(1))",
     )
     multifd_option(migrate)
+    migrate.add_argument(
+        "--connections",
+        type=int,
+        metavar="N",
+        help="with --postcopy or --multifd over --connect or --listen: spread the wire over N "
+        "connections (default: 2 with --postcopy, one per multifd channel and one more with "
+        "--multifd; see encode --connections)",
+    )
     recover_option(migrate, "open the link again and resume QEMU's migration")
     migrate.add_argument(
         "--resume",
@@ -266,7 +274,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     check_two_way(args, output_name(args.output) if one_way else None)
     switch = PostcopySwitch(args.postcopy_after, args.resume) if args.postcopy else None
     chain = filter_chain(args)
-    link = functools.partial(peer_link, args)
+    connections = migrate_connections(args)
+    link = functools.partial(peer_link, args, connections > 1)
     confirmed = not args.no_confirmation
     outcome = run_trio(
         migrate,
@@ -278,6 +287,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         switch,
         args.multifd,
         args.recover_timeout,
+        connections,
     )
     answer, pause = outcome.confirmation, outcome.pause
     destination = {"status": answer.status, "error": answer.error, "sealed": answer.sealed}
@@ -287,31 +297,60 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate_connections(args: argparse.Namespace) -> int:
+    """How many connections migrate spreads the two-way tunnel's wire over: --connections, or
+    as many as give postcopy-preempt's pages, or each multifd channel, one of their own, where
+    migrate opens or accepts its connections (--connect, --listen); one through COMMAND."""
+    from migpipe.wire import MAX_CONNECTIONS
+
+    two_way = args.postcopy or args.multifd is not None
+    connecting = bool(args.connect or args.listen)
+    if args.connections is not None:
+        if not 1 <= args.connections <= MAX_CONNECTIONS:
+            raise UsageError(f"--connections takes a number from 1 to {MAX_CONNECTIONS}")
+        if args.connections > 1 and not (two_way and connecting):
+            raise UsageError(
+                "--connections needs --postcopy or --multifd, and --connect or --listen"
+            )
+        return args.connections
+    if not connecting:
+        return 1
+    if args.multifd is not None:
+        return min(MAX_CONNECTIONS, 1 + args.multifd)
+    return 2 if args.postcopy else 1
+
+
 @contextlib.contextmanager
-def peer_link(args: argparse.Namespace) -> Iterator:
-    """migrate's way to the destination: COMMAND's stdin, or wire_end's connection or file."""
+def peer_link(args: argparse.Namespace, spread: bool) -> Iterator:
+    """migrate's way to the destination: COMMAND's stdin, or wire_end's connection or file,
+    with the wire's further connections when `spread`."""
     from migpipe.qemu import migration as drive
 
     if args.peer:
         with drive.command_link(args.peer) as link:
             yield link
     else:
-        with wire_end(args, "output") as wire:
-            yield drive.FdLink(wire) if isinstance(wire, int) else drive.ChannelLink(wire)
+        with wire_ends(args, "output", spread=spread) as (wire, further):
+            if isinstance(wire, int):
+                yield drive.FdLink(wire, further=further)
+            else:
+                yield drive.ChannelLink(wire, further=further)
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
     from migpipe.qemu.migration import incoming, summary
 
     @contextlib.contextmanager
-    def wire_and_answer() -> Iterator[tuple["int | Channel", "int | Channel | None"]]:
-        """The wire, and where the source hears how the load went: back on the connection,
-        or on stdout when the wire is stdin (under `migrate -- ssh dst migpipe incoming`)."""
-        with wire_end(args, "input") as wire:
+    def wire_and_answer() -> Iterator[tuple["int | Channel", "int | Channel | None", object]]:
+        """The wire, where the source hears how the load went (back on the connection, or on
+        stdout when the wire is stdin, under `migrate -- ssh dst migpipe incoming`), and
+        where the wire's further connections come from (the two-way tunnel's)."""
+        spread = args.postcopy or args.multifd is not None
+        with wire_ends(args, "input", spread=spread) as (wire, further):
             if args.connect or args.listen:
-                yield wire, wire
+                yield wire, wire, further
             else:
-                yield wire, sys.stdout.fileno() if args.input == "-" else None
+                yield wire, sys.stdout.fileno() if args.input == "-" else None, None
 
     check_two_way(args, None if args.input == "-" or args.connect or args.listen else args.input)
     outcome = run_trio(

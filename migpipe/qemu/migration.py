@@ -65,6 +65,8 @@ from migpipe.wire.header import sealer_of
 
 if TYPE_CHECKING:
     from migpipe.io.tls import TlsChannel
+    from migpipe.io.transport import Acceptor, Dialer
+    from migpipe.wire import Connections
 
 logger = logging.getLogger(__name__)  # what migpipe -v prints
 
@@ -265,6 +267,7 @@ class Link(Protocol):
     wire: int | Sink
     replies: Replies | None  # None: no peer can answer (a file, a pipe)
     ended: float  # when the trailer went out (time.monotonic), as end() was told
+    further: "Dialer | Acceptor | None"  # the wire's further connections (None: only this)
 
     def end(self, at: float) -> None:
         """End the wire, whose trailer went out `at`, so that decode releases the stream's end
@@ -314,6 +317,7 @@ class FdLink:
 
     wire: int
     ended: float = 0.0
+    further: "Dialer | Acceptor | None" = None
 
     def __post_init__(self) -> None:
         socket_ = stat.S_ISSOCK(os.fstat(self.wire).st_mode)
@@ -342,6 +346,7 @@ class ChannelLink:
 
     wire: "TlsChannel"
     ended: float = 0.0
+    further: "Dialer | Acceptor | None" = None
 
     def __post_init__(self) -> None:
         tls = self.wire
@@ -368,7 +373,10 @@ class ChannelLink:
 class CommandLink:
     """A command (`ssh dst migpipe incoming ...`) that takes the wire on stdin and answers on
     stdout; its exit status stands in for an answer it did not give. What lies beyond the
-    command (ssh's connection) is not migpipe's to measure: it has no one-way time."""
+    command (ssh's connection) is not migpipe's to measure: it has no one-way time, and the
+    wire is its stdin and stdout alone."""
+
+    further = None
 
     def __init__(self, argv: Sequence[str]) -> None:
         try:
@@ -581,6 +589,8 @@ async def _through_pipe(
 
 
 TwoWayCarry = Callable[[str, trio.TaskStatus[None]], Awaitable[Totals]]
+# incoming's wire: what it reads, where it answers (None: nowhere), its further connections
+Wire = tuple["int | Source", "int | Sink | None", "Dialer | Acceptor | None"]
 
 
 async def _through_socket(
@@ -836,6 +846,7 @@ async def migrate(
     postcopy: PostcopySwitch | None = None,
     multifd: int | None = None,
     recover_timeout: float = 0.0,
+    connections: int = 1,
 ) -> Outcome:
     """Migrate the QEMU behind `qmp_path` through encode to the link `open_link` gives, which
     is opened (a --connect connects, a command starts) only once QEMU has agreed to migrate.
@@ -851,7 +862,8 @@ async def migrate(
     With `postcopy` the migration runs in postcopy (see PostcopySwitch), and with `multifd`
     over that many multifd channels, through the two-way tunnel: the link's connection carries
     QEMU's return path back, and QEMU's own completion, which waits for the destination QEMU's
-    word (its SHUT) on that path, is the verdict. A `postcopy` that has switched already
+    word (its SHUT) on that path, is the verdict; the tunnel's wire is spread over
+    `connections` where the link has further ones. A `postcopy` that has switched already
     (migrate --resume) resumes the migration QEMU holds paused after its connection broke (a
     migrate whose process is gone: its recovery could not run)."""
     sealer = sealer_of(chain)
@@ -872,7 +884,14 @@ async def migrate(
                 if postcopy is not None or multifd is not None:
                     links = Reopener(open_link, stack)
                     return await _migrate_two_way(
-                        monitor, was_running, links, chain, progress, postcopy, recover_timeout
+                        monitor,
+                        was_running,
+                        links,
+                        chain,
+                        progress,
+                        postcopy,
+                        recover_timeout,
+                        connections,
                     )
                 link = await trio.to_thread.run_sync(
                     stack.enter_context, open_link(), abandon_on_cancel=True
@@ -932,30 +951,42 @@ async def _migrate_two_way(
     progress: Progress | None,
     switch: PostcopySwitch | None,
     recover_timeout: float,
+    connections: int,
 ) -> Outcome:
     """migrate's postcopy or multifd: QEMU migrates to encode_two_way's socket, which carries
-    its connections over the link's, both ways. A link that breaks once postcopy began is
+    its connections over the link's, both ways (over `connections` of them where the link
+    opens further ones). A link that breaks once postcopy began is
     opened anew and QEMU resumes the migration through it (`migrate` with resume), for as
     long as QEMU holds it paused, within `recover_timeout` seconds of the first break; from
     the start when `switch` has switched already (migrate --resume: QEMU holds it paused)."""
     from migpipe.tunnel.twoway import encode_two_way
 
-    def carry_over(wire: "int | Channel", resumed: bool) -> TwoWayCarry:
+    def carry_over(link: Link, resumed: bool) -> TwoWayCarry:
+        wire, spread = link.both_ways(), connections if link.further is not None else 1
+
         async def carry(spec: str, task_status: trio.TaskStatus[None]) -> Totals:
             return await encode_two_way(
-                spec, QEMU_CONNECT_TIMEOUT, wire, chain, progress, task_status, resumed
+                spec,
+                QEMU_CONNECT_TIMEOUT,
+                wire,
+                chain,
+                progress,
+                task_status,
+                resumed,
+                connections=spread,
+                further=link.further,
             )
 
         return carry
 
     async def resuming(link: Link) -> Finish:
-        carry = carry_over(link.both_ways(), True)
+        carry = carry_over(link, True)
         return await _through_socket(monitor, "migrate", carry, switched=lambda: True, resume=True)
 
     recoveries, recovering = 0, Recovery(recover_timeout)
     async with _keeping_source(monitor, was_running, switch):
         link = await links.open()
-        carry = carry_over(link.both_ways(), False)
+        carry = carry_over(link, False)
         if switch is None:
             finish = await _through_socket(monitor, "migrate", carry)
         elif switch.switched:  # migrate --resume
@@ -1255,7 +1286,7 @@ async def _leave_source(monitor: qmp.Qmp, was_running: bool) -> str:
 
 async def incoming(
     qmp_path: str,
-    open_wire: Callable[[], AbstractContextManager[tuple[int | Source, int | Sink | None]]],
+    open_wire: Callable[[], AbstractContextManager[Wire]],
     secrets: Secrets | None = None,
     progress: Progress | None = None,
     postcopy: bool = False,
@@ -1266,8 +1297,9 @@ async def incoming(
 ) -> Outcome:
     """Load a migration into the QEMU behind `qmp_path` (started with `-incoming defer`).
 
-    `open_wire` gives the wire's fd and the fd to answer the source on (or None); it is opened
-    (a --listen accepts) only once QEMU is known to be waiting. MigpipeError unless QEMU
+    `open_wire` gives the wire's fd, the fd to answer the source on (or None), and where the
+    wire's further connections come from (or None); it is opened (a --listen accepts) only
+    once QEMU is known to be waiting. MigpipeError unless QEMU
     completed the load.
 
     With `postcopy` QEMU may take postcopy (its postcopy-ram capability set), and with
@@ -1293,7 +1325,7 @@ async def incoming(
                 return await _incoming_two_way(
                     monitor, wires, secrets, progress, paused, recovering
                 )
-            wire, answer = await trio.to_thread.run_sync(
+            wire, answer, _ = await trio.to_thread.run_sync(
                 stack.enter_context, open_wire(), abandon_on_cancel=True
             )
             source = Answerer(answer)
@@ -1322,7 +1354,7 @@ async def incoming(
 
 async def _incoming_two_way(
     monitor: qmp.Qmp,
-    wires: "Reopener[tuple[int | Source, int | Sink | None]]",
+    wires: "Reopener[Wire]",
     secrets: Secrets | None,
     progress: Progress | None,
     resumed: bool,
@@ -1333,10 +1365,18 @@ async def _incoming_two_way(
     postcopy-paused after the wire broke, when the wire can be opened again."""
     from migpipe.tunnel.twoway import decode_two_way
 
-    def carry_over(wire: "int | Channel", resumed: bool) -> TwoWayCarry:
+    def carry_over(
+        wire: "int | Channel", resumed: bool, further: "Dialer | Acceptor | None"
+    ) -> TwoWayCarry:
         async def carry(spec: str, _: trio.TaskStatus[None]) -> Totals:
             return await decode_two_way(
-                wire, spec, QEMU_CONNECT_TIMEOUT, progress, secrets, resumed=resumed
+                wire,
+                spec,
+                QEMU_CONNECT_TIMEOUT,
+                progress,
+                secrets,
+                resumed=resumed,
+                further=further,
             )
 
         return carry
@@ -1347,11 +1387,11 @@ async def _incoming_two_way(
             raise MigpipeError(
                 "the source did not resume the migration in time; QEMU holds it postcopy-paused"
             )
-        wire, answer = opened
+        wire, answer, further = opened
         if isinstance(wire, int) and isinstance(answer, int) and answer != wire:
             wire = PairChannel(wire, answer, "standard input and output")
         command = "migrate-recover" if resumed else "migrate-incoming"
-        finish = await _through_socket(monitor, command, carry_over(wire, resumed))
+        finish = await _through_socket(monitor, command, carry_over(wire, resumed, further))
         if not await _postcopy_paused(monitor, finish):
             outcome = await _loaded(monitor, finish)
             outcome.recoveries = recoveries
@@ -1488,8 +1528,9 @@ class Answerer:
         self._sealer: filters.Filter | None = None
         self._index = 0
 
-    def opened(self, chain: Sequence[filters.Filter]) -> None:
-        """decode's callback, in its reading thread: the only one using the connection then."""
+    def opened(self, chain: Sequence[filters.Filter], _: "Connections") -> None:
+        """decode's callback, in its reading thread: the only one using the connection then
+        (a one-way wire: one connection)."""
         self._sealer = sealer_of(chain)
         self.tell(Confirmation("opened"))
 
