@@ -128,6 +128,9 @@ def test_a_busy_guest_in_postcopy_through_migrate_and_incoming(
     # postcopy-blocktime: the destination's vCPUs waited for the pages they requested
     waited = re.search(r"postcopy: the guest's vCPUs waited ([\d,]+) ms for pages", in_err)
     assert waited and int(waited[1].replace(",", "")) > 0, in_err
+    # and decode timed each request to its page on the preempt connection
+    timed = re.search(r"postcopy: ([\d,]+) page requests, each page back in [\d.,]+ ms", in_err)
+    assert timed and int(timed[1].replace(",", "")) == info["ram"]["postcopy-requests"], in_err
 
 
 @pytest.mark.qemu

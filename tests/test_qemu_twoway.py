@@ -7,6 +7,7 @@ The source migrates to `unix:` where encode listens; decode connects to the dest
 be known: a source paused before the migration holds exactly what the destination must hold.
 """
 
+import json
 import subprocess
 import threading
 from pathlib import Path
@@ -269,6 +270,50 @@ def test_postcopy_of_a_busy_guest_over_a_slow_link(
     assert through["ram"]["postcopy-requests"] > 0  # and through migpipe's answer direction
 
 
+@pytest.mark.parametrize("path", ["xbzrle-zstd", "zstd-encrypt", "tls"])
+def test_postcopy_of_a_busy_guest_filtered_sealed_and_over_tls(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, path: str
+) -> None:
+    """The busy guest in postcopy over the 30 MB/s link through xbzrle and zstd, through zstd
+    and encrypt (the return path's requests cross sealed), and over TLS, with preempt on its
+    own connection as migrate sets it: both QEMUs complete, the guest runs on the
+    destination, and (but with xbzrle, whose precopy can leave no page to ask for) the
+    destination's requests crossed back, as many as the source answered."""
+    key, creds = tmp_path / "key", tmp_path / "creds"
+    if path == "xbzrle-zstd":
+        filters, reader = ["--xbzrle", "--compress", "zstd:1"], []
+    elif path == "zstd-encrypt":
+        keygen(key)
+        reader = ["--key-file", str(key)]
+        filters = ["--filters", "zstd:1,encrypt", *reader]
+    else:
+        tls_init(creds, "Test CA", ["localhost"], "source")
+        reader = ["--tls-creds", str(creds)]
+        filters = [*reader, "--tls-hostname", "localhost"]
+    stats = tmp_path / "decode.json"
+    tunnel = Tunnel(
+        tmp_path,
+        filters,
+        [*reader, "--stats-json", str(stats)],
+        rate=LINK_RATE,
+        connections=2,
+    )
+    with (
+        qemuvm.source_vm(guest_elf, "busy", tmp_path, qemu=qemu_build) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
+    ):
+        info = postcopy(
+            src, dest, f"unix:{tunnel.src}", f"unix:{tunnel.dst}", ("postcopy-preempt",)
+        )
+        assert info["status"] == "completed"
+        assert dest.qmp.execute("query-status")["status"] == "running"
+    assert tunnel.statuses() == (0, 0), tunnel.errors
+    requests = info["ram"]["postcopy-requests"]
+    assert path == "xbzrle-zstd" or requests > 0
+    timed = json.loads(stats.read_text()).get("postcopy_requests")
+    assert (timed or {"requests": 0})["requests"] == requests, timed
+
+
 @pytest.mark.parametrize("connections", [1, 2])
 def test_postcopy_preempt_over_a_slow_link(
     guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, connections: int
@@ -283,7 +328,10 @@ def test_postcopy_preempt_over_a_slow_link(
     afterwards, finds every page it wrote at its count (7.2's TCG can leave a page of a live
     guest stale by itself, so there the busy guest runs)."""
     kind = "check" if qemu_build is qemuvm.QEMU_10_0 else "busy"
-    tunnel = Tunnel(tmp_path, [], rate=LINK_RATE, connections=connections)
+    stats = tmp_path / "decode.json"
+    tunnel = Tunnel(
+        tmp_path, [], ["--stats-json", str(stats)], rate=LINK_RATE, connections=connections
+    )
     with (
         qemuvm.source_vm(guest_elf, kind, tmp_path, qemu=qemu_build) as src,
         qemuvm.Vm(tmp_path, "dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
@@ -302,6 +350,11 @@ def test_postcopy_preempt_over_a_slow_link(
         tunnel.errors
     )
     assert len(tunnel.relayed) == connections
+    # decode saw each of the destination's requests go back, and timed its page's arrival
+    timed = json.loads(stats.read_text())["postcopy_requests"]
+    assert timed["requests"] == info["ram"]["postcopy-requests"], timed
+    assert 0 < timed["answered"] <= timed["requests"], timed
+    assert 0 < timed["median_ms"] <= timed["p90_ms"] <= timed["max_ms"], timed
     if connections == 2:  # the preempt channel's pages (4 KiB each) went on the second
         assert tunnel.relayed[1].forward >= info["ram"]["postcopy-requests"] * 4096 // 2
 

@@ -309,3 +309,40 @@ def test_a_further_connection_that_never_comes_is_one_line_in_time() -> None:
         with pytest.raises(MigpipeError, match=r"^no further connection on .* within 0.3 s$"):
             acceptor.open()
         acceptor.close()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_a_further_connection_that_overtakes_the_first_is_kept_for_later(
+    tmp_path: Path, family: str
+) -> None:
+    """A relay that lost a wire's first connection on its way, or was slower with it, can
+    deliver a further connection first: the listener keeps it (it is not the first, nor a
+    stray) and takes the first when it comes; open() then hands the early one over."""
+    from migpipe.chain import FilterChain
+    from migpipe.wire import FIRST_SIZE, Join, WireWriter, starts_wire
+
+    spec = f"127.0.0.1:{free_port()}" if family == "tcp" else f"unix:{tmp_path / 'w.sock'}"
+    header = WireWriter(FilterChain([]), lanes=True).header()
+    join = Join(bytes(16), 1, 2).encode()
+
+    def connect() -> socket.socket:
+        if family == "unix":
+            peer = socket.socket(socket.AF_UNIX)
+            peer.connect(spec[5:])
+            return peer
+        return socket.create_connection(("127.0.0.1", int(spec.rsplit(":", 1)[1])))
+
+    with transport.listening(spec) as server:
+        acceptor = transport.Acceptor(server, spec, None, None, 10.0)
+        try:
+            further, first = connect(), connect()
+            further.sendall(join)
+            first.sendall(header)
+            taken = acceptor.first((FIRST_SIZE, starts_wire))
+            assert taken.recv(len(header)) == header
+            taken.close()
+            assert bytes(acceptor.open().read()) == join
+        finally:
+            acceptor.close()
+            further.close()
+            first.close()

@@ -198,3 +198,13 @@ def test_a_header_with_nonsense_connections_is_refused(fields: dict) -> None:
     header = encode_header(MAGIC, VERSION_LANES, {"filters": [], "page_size": 4096, **fields})
     with pytest.raises(CorruptError, match="malformed wire header"):
         read_all(header, WireReader())
+
+
+def test_a_listener_tells_a_wires_first_connection_from_the_others() -> None:
+    from migpipe.wire import FIRST_SIZE, starts_wire
+
+    header = WireWriter(FilterChain([]), lanes=True, connections=THREE).header()
+    assert starts_wire(header[:FIRST_SIZE])
+    assert not starts_wire(Join(SESSION, 1, 3).encode()[:FIRST_SIZE])
+    with pytest.raises(MigpipeError, match="not a migpipe wire"):
+        starts_wire(b"GET / HTTP")

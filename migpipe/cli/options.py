@@ -403,22 +403,25 @@ def wire_ends(
             if spread:
                 further = transport.Dialer(args.connect, args.connect_timeout, wrap)
         else:
-            if gate is None and role == "input":  # a stray connection shows in its first bytes
-                from migpipe.wire import MAGIC
-
-                gate = transport.first_bytes(MAGIC)
             log = functools.partial(print, f"migpipe {args.command}:", file=sys.stderr, flush=True)
             timeout = args.accept_timeout
-            if spread:
+            if spread:  # the first connection, told from the others (which may overtake it)
+                from migpipe import wire
+
                 server = stack.enter_context(transport.listening(args.listen))
-                sock = transport.accept(server, args.listen, gate, timeout=timeout, log=log)
-                stack.enter_context(sock)
                 further = transport.Acceptor(server, args.listen, gate, wrap, timeout, log)
+                stack.callback(further.close)
+                starts = (wire.FIRST_SIZE, wire.starts_wire) if role == "input" else None
+                sock = stack.enter_context(further.first(starts))
             else:
+                if gate is None and role == "input":  # a stray shows in its first bytes
+                    from migpipe.wire import MAGIC
+
+                    gate = transport.first_bytes(MAGIC)
                 sock = stack.enter_context(
                     transport.listen(args.listen, gate, timeout=timeout, log=log)
                 )
-        if further is not None:
+        if isinstance(further, transport.Dialer):
             stack.callback(further.close)
         fd = sock.fileno()  # TLS's wrap takes the socket over, on the same descriptor
         if wrap is None:

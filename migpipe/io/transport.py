@@ -178,14 +178,15 @@ def first_bytes(expected: bytes) -> Gate:
     return peeking(len(expected), check)
 
 
-def peeking(size: int, check: Callable[[bytes], None]) -> Gate:
+def peeking(size: int, check: Callable[[bytes], None], local: bool = False) -> Gate:
     """A gate that admits a peer whose first `size` bytes `check` accepts (it raises
     MigpipeError saying why not). They are peeked, not read, so the wire reaches its parser
     whole, and SO_RCVLOWAT makes the poll wait for all of them, not wake on the first.
-    A UNIX socket's peer is admitted unchecked: 0600, only our own user can connect."""
+    A UNIX socket's peer is admitted unchecked (0600: only our own user can connect) unless
+    `local`: the check is then not against strangers (see wire.first_connection)."""
 
     def gate(conn: socket.socket) -> Generator[int, None, socket.socket]:
-        if conn.family == socket.AF_UNIX:
+        if conn.family == socket.AF_UNIX and not local:
             return conn
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
         try:
@@ -392,12 +393,13 @@ class Dialer:
 
 
 class Acceptor:
-    """The listening side's further connections, on the socket that took the first, which
-    stays open for them: each waited for when asked, within `timeout` seconds of the ask, and
-    interruptibly, and admitted by a TLS handshake (`gate`, with `wrap`) or else by its first
-    bytes (open's `peek`: a stray connection, or one of another wire, is refused and the wait
-    goes on, as for the first). Connections being checked are kept from one ask to the next,
-    as several may arrive at once. They, and the socket, are closed together by close()."""
+    """The listening side's connections of a wire spread over several, on one listening socket
+    that stays open for them: the first (first()), then each further one when asked (open()),
+    within `timeout` seconds of the ask, interruptibly, admitted by a TLS handshake (`gate`,
+    with `wrap`) or else by their first bytes, so that a stray connection, or one of another
+    wire, is refused and the wait goes on. Connections being checked are kept from one ask to
+    the next, as several may arrive at once. They, and the socket, are closed together by
+    close(); first()'s is the caller's."""
 
     def __init__(
         self,
@@ -414,24 +416,57 @@ class Acceptor:
         self._owned.callback(os.close, self._wake)
         self._admission = _Admission(server, spec, gate, PATIENCE, log or _stderr, self._wake)
         self._owned.callback(self._admission.close)
+        self._early: list[socket.socket] = []  # further connections that came before the first
+
+    def first(self, starts: tuple[int, Callable[[bytes], bool]] | None = None) -> socket.socket:
+        """The wire's first connection. With `starts` (size, starts: a listener that reads
+        the wire, not over TLS) it is the first admitted whose first `size` bytes `starts`
+        says begin a wire; it raises MigpipeError for a stray's, and says False for a further
+        connection's, which is kept for open(): a further connection may overtake the first
+        on its way (a relay that lost the first one). Else the first admitted."""
+        if starts is not None and self.wrap is None:
+            size, begins = starts
+            self._admission.gate = peeking(size, begins, local=True)
+        while True:
+            sock = self._wait("connection")
+            if starts is None or self.wrap is not None:
+                return sock
+            if starts[1](sock.recv(starts[0], socket.MSG_PEEK)):
+                return sock
+            self._early.append(self._owned.enter_context(sock))
 
     def open(self, peek: tuple[int, Callable[[bytes], None]] | None = None) -> Channel:
-        if self.wrap is None and peek is not None:
-            self._admission.gate = peeking(*peek)
+        """A further connection: one that came early, or the next admitted, by `peek` (size,
+        check: the JOIN, checked before it is taken, UNIX too, so that a late connection of
+        an earlier try at the same wire is refused, not taken; not over TLS)."""
+        sock = None
+        while self._early and sock is None:  # those of another wire (an earlier try) go
+            sock = self._early.pop(0)
+            try:
+                if peek is not None:
+                    peek[1](sock.recv(peek[0], socket.MSG_PEEK))
+            except MigpipeError as e:
+                self._admission.log(f"refused a connection on {self.spec}: {e.message}")
+                sock.close()
+                sock = None
+        if sock is None:
+            if self.wrap is None and peek is not None:
+                self._admission.gate = peeking(*peek, local=True)
+            sock = self._owned.enter_context(self._wait("further connection"))
+        if self.wrap is None:
+            return FdChannel(sock.fileno(), f"a connection on {self.spec}")
+        return self._owned.enter_context(self.wrap(sock))
+
+    def _wait(self, what: str) -> socket.socket:
         logger.info(
             "listening on %s for %s", self.spec, f"{self.timeout:g} s" if self.timeout else "ever"
         )
         try:
             sock = self._admission.run(self.timeout, again=True)
         except PeerGoneError:
-            raise PeerGoneError(
-                f"no further connection on {self.spec} within {self.timeout:g} s"
-            ) from None
+            raise PeerGoneError(f"no {what} on {self.spec} within {self.timeout:g} s") from None
         tune(sock)
-        sock = self._owned.enter_context(sock)
-        if self.wrap is None:
-            return FdChannel(sock.fileno(), f"a connection on {self.spec}")
-        return self._owned.enter_context(self.wrap(sock))
+        return sock
 
     def interrupt(self) -> None:
         os.eventfd_write(self._wake, 1)

@@ -1575,6 +1575,12 @@ def summary(command: str, outcome: Outcome) -> str:
         lines = [f"migpipe {command}: completed, the VM is {outcome.runstate}"]
         if (blocked := outcome.qemu.get("postcopy-blocktime")) is not None:
             lines.append(f"  postcopy: the guest's vCPUs waited {blocked:,} ms for pages")
+        if (asked := t.postcopy) is not None and asked["median_ms"] is not None:
+            lines.append(
+                f"  postcopy: {asked['requests']:,} page requests, each page back in "
+                f"{asked['median_ms']:,.1f} ms (median; 90% within {asked['p90_ms']:,.1f} ms) "
+                "through the tunnel and the source"
+            )
         if outcome.landing is not None:
             landing = outcome.landing
             lines.append(

@@ -85,6 +85,7 @@ class Totals:
     filter_seconds: dict[str, float] = field(default_factory=dict)
     filter_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     running: Sequence[filters.RecordTransform] = ()  # page filters whose counters progress shows
+    postcopy: dict | None = None  # decode --qemu: page requests timed (see twoway.PageTimer)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_pages(self, records: list[Record]) -> None:
@@ -123,6 +124,7 @@ class Totals:
             "filter_seconds": {k: round(v, 4) for k, v in self.filter_seconds.items()},
             "filters": self.filter_counters,
             "wall_seconds": round(seconds, 4),
+            **({"postcopy_requests": self.postcopy} if self.postcopy else {}),
         }
 
     def count_parsed(self, parser: "StreamParser | ResumedStream") -> None:

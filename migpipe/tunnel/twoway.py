@@ -20,6 +20,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -33,6 +34,8 @@ from migpipe.io import transport
 from migpipe.io.channel import Channel, FdChannel, Readable
 from migpipe.io.transport import Acceptor, Dialer
 from migpipe.keys import Secrets
+from migpipe.stream.multifd import ChannelKind, classify
+from migpipe.stream.postcopy import PreemptReader, RequestTimes, ReturnPathReader
 from migpipe.tunnel.lanecodec import FIRST, LaneCodec, Verbatim, codec_for
 from migpipe.tunnel.multifdcodec import lane_counters
 from migpipe.tunnel.pipeline import Totals, decode, encode
@@ -134,6 +137,9 @@ class Relay:
         their count is known: opened here, each starting with its JOIN, or accepted, each
         telling in its JOIN which it is; every one then read by a thread of its own."""
         count = self.connections.count
+        with self.lock:  # encode's first connection carries the header before the others open
+            while not (self._header_sent or self._stopping):
+                self._changed.wait()
         for index in range(1, count):
             if isinstance(self.further, Dialer):
                 channel = self.further.open()
@@ -219,7 +225,14 @@ class Relay:
             self._codecs[frame.lane] = codec
         data = codec.decode(payload)
         tally.add(data)
+        self._arrived(frame.lane, data)
         outlet.put(data)
+
+    def _arrived(self, lane: int, data: Buffer) -> None:
+        """What the wire brought for one of our connections, as it came (see PageTimer)."""
+
+    def _answered(self, lane: int, data: Buffer) -> None:
+        """What our QEMU wrote on one of its connections, as it was read (see PageTimer)."""
 
     # -- connections ------------------------------------------------------------------------
 
@@ -260,6 +273,7 @@ class Relay:
                 if codec is None:  # answers travel as they are; the forward lanes' may not
                     codec = codec_for(data[:FIRST], self.chain) if not self.back else Verbatim()
                     self.encoders.append(codec)
+                self._answered(lane, data)
                 self.frames.carried(lane, data)
                 self._send(lane, codec.encode(data))
             if self.two_way:
@@ -441,6 +455,52 @@ class SourceRelay(Relay):
         self._read(self.wire, WireReader(back=True))
 
 
+class PageTimer:
+    """Postcopy's page requests timed where decode sees them: from the destination QEMU's
+    request on its return path (lane 0's answers) to the page's arrival from the wire on the
+    postcopy-preempt lane (one whose bytes are not multifd's): the tunnel's and the source's
+    part of what a guest's vCPU waits for a page, without the destination QEMU's own. Without
+    preempt the pages come in lane 0's stream and are not timed; a reader that cannot follow
+    its bytes stops timing them, never the migration. Threads: lane 0's pump calls
+    requested(), the wire's readers arrived()."""
+
+    def __init__(self) -> None:
+        self.times = RequestTimes()
+        self._requests: ReturnPathReader | None = ReturnPathReader()
+        self._pages: dict[int, PreemptReader | None] = {}
+        self._lock = threading.Lock()
+
+    def requested(self, data: Buffer) -> None:
+        if self._requests is None:
+            return
+        now = time.monotonic()
+        try:
+            asked = self._requests.feed(data)
+        except CorruptError:
+            self._requests = None
+            return
+        with self._lock:
+            for request in asked:
+                self.times.requested(request, now)
+
+    def arrived(self, lane: int, data: Buffer) -> None:
+        if lane not in self._pages:  # the lane's first bytes: a multifd channel's are not timed
+            multifd = len(data) >= 4 and classify(bytes(data[:4])) == ChannelKind.MULTIFD
+            self._pages[lane] = None if multifd else PreemptReader()
+        reader = self._pages[lane]
+        if reader is None:
+            return
+        now = time.monotonic()
+        try:
+            pages = reader.feed(data)
+        except CorruptError:
+            self._pages[lane] = None
+            return
+        with self._lock:
+            for block, offset in pages:
+                self.times.arrived(block, offset, now)
+
+
 class DestinationRelay(Relay):
     """decode's side: lanes out to the destination QEMU's connections, its answers back."""
 
@@ -455,6 +515,15 @@ class DestinationRelay(Relay):
         super().__init__(wire, two_way, back=True, further=further)
         self._spec = spec
         self._timeout = timeout
+        self.pages = PageTimer()
+
+    def _answered(self, lane: int, data: Buffer) -> None:
+        if lane == 0:
+            self.pages.requested(data)
+
+    def _arrived(self, lane: int, data: Buffer) -> None:
+        if lane:
+            self.pages.arrived(lane, data)
 
     def connect(self, lane: int) -> FdChannel:
         """A connection to the destination QEMU for `lane`, once every lane before it has
@@ -584,6 +653,7 @@ async def decode_two_way(
         await trio.to_thread.run_sync(relay.spread_out)
         if two_way:
             await trio.to_thread.run_sync(relay.finish_wires)
+        totals.postcopy = relay.pages.times.figures()
         return totals
 
     return await relay.run(body)

@@ -41,6 +41,7 @@ from migpipe.errors import (
     CorruptError,
     MigpipeError,
     TruncatedError,
+    printable,
 )
 from migpipe.keys import Secrets
 from migpipe.stream.format import BE16, BE32, BE64
@@ -146,6 +147,17 @@ class Join:
             said = connections.count
             message = f"a connection joined {self.count} connections, the header says {said}"
             raise CorruptError(message, offset + 26)
+
+
+FIRST_SIZE = 10  # what a listener peeks to tell a wire's first connection from the others
+
+
+def starts_wire(first: bytes) -> bool:
+    """Whether the FIRST_SIZE bytes `first` start a wire (its header) rather than a further
+    connection (its JOIN); MigpipeError for a stray's bytes."""
+    if first[:8] != MAGIC:
+        raise MigpipeError(f"not a migpipe wire (it began with {printable(first[:8])})")
+    return not (first[8] == VERSION_LANES and first[9] == FRAME_JOIN)
 
 
 def parse_join(buf: Buffer, base: int = 0) -> Join | None:
