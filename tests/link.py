@@ -322,6 +322,7 @@ def _pipe(rate: float) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(dst, view) :]
+    os.close(dst)  # the end passes on now, as a link passes a connection's end, not at exit
 
 
 def main() -> None:
