@@ -7,6 +7,7 @@ QEMU 10.0 to another with N multifd channels (--channels, 2 and 4 by default):
 
   QEMU's own                    the destination's UNIX socket, straight
   migpipe                       encode --qemu | UNIX socket | decode --qemu: every channel a lane
+  migpipe --connections N+1     the same, each lane on a wire connection of its own
   migpipe --compress zstd:1     the same through zstd
   migpipe --xbzrle              the same, each channel's pages against its lane's cache
 
@@ -36,11 +37,13 @@ sys.path.insert(0, str(REPO / "tests"))
 import qemuvm  # noqa: E402
 from test_qemu_twoway import Tunnel, capabilities  # noqa: E402
 
-PATHS: dict[str, list[str] | None] = {
-    "QEMU's own": None,
-    "migpipe": [],
-    "migpipe --compress zstd:1": ["--compress", "zstd:1"],
-    "migpipe --xbzrle": ["--xbzrle"],
+# name: encode's filters (None: no migpipe), and whether the wire has a connection per channel
+PATHS: dict[str, tuple[list[str] | None, bool]] = {
+    "QEMU's own": (None, False),
+    "migpipe": ([], False),
+    "migpipe --connections N+1": ([], True),
+    "migpipe --compress zstd:1": (["--compress", "zstd:1"], False),
+    "migpipe --xbzrle": (["--xbzrle"], False),
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -54,15 +57,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def one_run(guest: Path, filters: list[str] | None, channels: int) -> tuple[float, int, float]:
-    """Seconds, QEMU's bytes and CPU seconds of one migration."""
+def one_run(
+    guest: Path, filters: list[str] | None, channels: int, spread: bool = False
+) -> tuple[float, int, float]:
+    """Seconds, QEMU's bytes and CPU seconds of one migration (`spread`: the wire over a
+    connection per channel and one for the main stream)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tunnel = None
         if filters is None:
             src_uri = dst_uri = f"unix:{work / 'dst.sock'}"
         else:
-            tunnel = Tunnel(work, filters)
+            tunnel = Tunnel(work, filters, connections=channels + 1 if spread else 1)
             src_uri, dst_uri = f"unix:{tunnel.src}", f"unix:{tunnel.dst}"
         build = qemuvm.QEMU_10_0
         with (
@@ -101,8 +107,8 @@ def main() -> None:
         print(f"QEMU 10.0, paused 128 MiB guest (64 MiB filled), median of {args.runs} runs")
         print(f"{'channels':>8} {'path':28} {'seconds':>8} {'MB/s':>8} {'CPU s/GB':>9}")
         for channels in args.channels:
-            for name, filters in PATHS.items():
-                runs = [one_run(guest, filters, channels) for _ in range(args.runs)]
+            for name, (filters, spread) in PATHS.items():
+                runs = [one_run(guest, filters, channels, spread) for _ in range(args.runs)]
                 seconds = statistics.median(r[0] for r in runs)
                 rate = statistics.median(r[1] / r[0] / 1e6 for r in runs)
                 per_gb = statistics.median(r[2] / (r[1] / 1e9) for r in runs)
