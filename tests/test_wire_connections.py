@@ -3,6 +3,8 @@
 lanes each connection may carry."""
 
 import pytest
+from test_wire_lanes import forward_wire, lane_frames
+from test_wire_lanes import read_all as lanes_read_all
 
 from migpipe.chain import FilterChain
 from migpipe.errors import EXIT_CORRUPT, EXIT_TRUNCATED, CorruptError, MigpipeError
@@ -15,11 +17,9 @@ from migpipe.wire import (
     SESSION_SIZE,
     Connections,
     Join,
-    LaneWriter,
     Trailer,
     WireReader,
     WireWriter,
-    crc_of,
     lane_connection,
     parse_join,
 )
@@ -28,38 +28,19 @@ SESSION = bytes(range(SESSION_SIZE))
 THREE = Connections(3, SESSION)
 
 
-def read_all(data: bytes, reader: WireReader, step: int = 5) -> list:
-    events = []
-    for at in range(0, len(data), step):  # split anywhere
-        reader.feed(data[at : at + step])
-        events += reader.next_events()
-    reader.close()
-    return events + reader.next_events()
+def read_all(data: bytes, reader: WireReader) -> list:
+    return lanes_read_all(data, step=5, reader=reader)
 
 
 def main_connection(connections: Connections, lanes: dict[int, list[bytes]] | None = None) -> bytes:
     """The first connection of a spread wire: the header, lane 0's frames, the trailer, and
     (wrongly, when given) other lanes."""
-    writer = WireWriter(FilterChain([]), lanes=True, connections=connections)
-    wire = bytearray(writer.header())
-    wire += further_connection(lanes or {}, join=None)
-    for final, data in ((False, b"QEVM"), (True, b"\x00")):
-        wire += b"".join(writer.frame(writer.position(final), [data], crc_of([data])))
-    return bytes(wire + writer.trailer(writer.summary(5, 0)))
+    return forward_wire(lanes or {}, connections=connections)
 
 
 def further_connection(lanes: dict[int, list[bytes]], join: Join | None) -> bytes:
     """A further connection: its JOIN (when given), then each lane opened, carried, ended."""
-    others = LaneWriter()
-    wire = bytearray(join.encode() if join else b"")
-    for lane, chunks in lanes.items():
-        wire += others.open(lane)
-        for chunk in chunks:
-            others.position(lane)
-            others.carried(lane, chunk)
-            wire += others.data(lane, chunk) + chunk
-        wire += others.end(lane)
-    return bytes(wire)
+    return (join.encode() if join else b"") + lane_frames(lanes)
 
 
 def test_lanes_spread_the_main_stream_alone_on_the_first() -> None:

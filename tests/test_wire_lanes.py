@@ -24,6 +24,8 @@ from migpipe.wire import (
     FRAME_END,
     FRAME_FINAL,
     FRAME_OPEN,
+    ONE_CONNECTION,
+    Connections,
     Frame,
     LaneTally,
     LaneWriter,
@@ -35,11 +37,10 @@ from migpipe.wire import (
 )
 
 
-def forward_wire(lanes: dict[int, list[bytes]], ended: bool = True) -> bytes:
-    """A version 2 wire: lane 0 with one data frame and its end, and `lanes` relayed."""
-    writer = WireWriter(FilterChain([]), lanes=True)
+def lane_frames(lanes: dict[int, list[bytes]], ended: bool = True) -> bytes:
+    """Each of `lanes` opened, its chunks carried in DATA frames, and ended (if `ended`)."""
     others = LaneWriter()
-    wire = bytearray(writer.header())
+    wire = bytearray()
     for lane, chunks in lanes.items():
         wire += others.open(lane)
         for chunk in chunks:
@@ -48,6 +49,15 @@ def forward_wire(lanes: dict[int, list[bytes]], ended: bool = True) -> bytes:
             wire += others.data(lane, chunk) + chunk
         if ended:
             wire += others.end(lane)
+    return bytes(wire)
+
+
+def forward_wire(
+    lanes: dict[int, list[bytes]], ended: bool = True, connections: Connections = ONE_CONNECTION
+) -> bytes:
+    """A version 2 wire: lane 0 with one data frame and its end, and `lanes` relayed."""
+    writer = WireWriter(FilterChain([]), lanes=True, connections=connections)
+    wire = bytearray(writer.header()) + lane_frames(lanes, ended)
     for final, data in ((False, b"QEVM"), (True, b"\x00")):
         parts = writer.frame(writer.position(final), [data], crc_of([data]))
         wire += b"".join(parts)
@@ -55,8 +65,11 @@ def forward_wire(lanes: dict[int, list[bytes]], ended: bool = True) -> bytes:
     return bytes(wire)
 
 
-def read_all(data: bytes, back: bool = False, step: int = 7) -> list:
-    reader = WireReader(back=back)
+def read_all(
+    data: bytes, back: bool = False, step: int = 7, reader: WireReader | None = None
+) -> list:
+    """The events of `data` fed to `reader` (a forward or `back` one) in pieces of `step`."""
+    reader = reader or WireReader(back=back)
     events = []
     for at in range(0, len(data), step):  # split anywhere
         reader.feed(data[at : at + step])
