@@ -10,7 +10,9 @@ shares it as QEMU's own two connections do. For each QEMU build and path, it pri
 time (migrate to the source's completion), the guest's real pause (the source's STOP event to
 the destination's RESUME event, QMP timestamps, one host), the page requests the destination
 made, how long its vCPUs waited for pages in all (QEMU's postcopy-blocktime) and that per
-request: the request-to-page latency the guest feels. Medians of --runs.
+request: the request-to-page latency the guest feels; through migpipe also decode's own median
+(--stats-json postcopy_requests: from the request read to its page off the wire, without the
+destination QEMU's part). Medians of --runs.
 
     .venv/bin/python bench/bench_postcopy.py [--runs N] [--rate BYTES_PER_S] [--no-preempt]
 """
@@ -18,6 +20,7 @@ request: the request-to-page latency the guest feels. Medians of --runs.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -68,8 +71,9 @@ def one_run(
             uri = link.address
         else:
             wire = f"unix:{work / 'wire.sock'}"
+            stats = ["--stats-json", str(work / "decode.json")]
             decode = subprocess.Popen(
-                [*MIGPIPE, "-v", "decode", "--listen", wire, "--qemu", dst],
+                [*MIGPIPE, "-v", "decode", "--listen", wire, "--qemu", dst, *stats],
                 stderr=subprocess.PIPE,
             )
             until_listening(decode)
@@ -105,7 +109,17 @@ def one_run(
                 raise RuntimeError(process.stderr.read().decode())
         link.close()
         pause = qemuvm.event_time(resume) - qemuvm.event_time(stop)
-        return {"total": total, "pause_ms": pause * 1000, "requests": requests, "blocked": blocked}
+        timed = None  # decode's own figure: a request read to its page off the wire
+        if filters is not None:
+            figures = json.loads((work / "decode.json").read_text()).get("postcopy_requests")
+            timed = (figures or {}).get("median_ms")
+        return {
+            "total": total,
+            "pause_ms": pause * 1000,
+            "requests": requests,
+            "blocked": blocked,
+            "timed": timed,
+        }
 
 
 def main() -> None:
@@ -118,7 +132,7 @@ def main() -> None:
         guest = qemuvm.build_guest(Path(tmp))
         print(
             f"{'QEMU':6} {'path':50} {'total s':>8} {'pause ms':>9} {'requests':>9} "
-            f"{'vCPU wait ms':>12} {'ms/request':>10}"
+            f"{'vCPU wait ms':>12} {'ms/request':>10} {'decode ms':>9}"
         )
         for build in qemuvm.BUILDS:
             for name, filters in PATHS.items():
@@ -131,9 +145,11 @@ def main() -> None:
                 requests = statistics.median(r["requests"] for r in runs)
                 blocked = statistics.median(r["blocked"] for r in runs)
                 per = statistics.median(r["blocked"] / max(1, r["requests"]) for r in runs)
+                timed = [r["timed"] for r in runs if r["timed"] is not None]
+                decoded = f"{statistics.median(timed):9.1f}" if timed else f"{'-':>9}"
                 print(
                     f"{build.version:6} {name:50} {total:8.2f} {pause:9.1f} {requests:9.0f} "
-                    f"{blocked:12.0f} {per:10.1f}"
+                    f"{blocked:12.0f} {per:10.1f} {decoded}"
                 )
 
 
