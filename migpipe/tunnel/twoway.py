@@ -8,12 +8,15 @@ next lane, and decode opens one to the destination for it, in the same order (QE
 them apart by that order). A lane's bytes cross in frames of whatever one read brought, through
 the byte filters. Everything a QEMU writes back on a connection (the destination's return path:
 page requests, acknowledgements, its SHUT) comes back the other way in the answer direction of
-the wire, to the same connection on the source.
+the wire, to the same connection on the source. The wire may be spread over several
+connections (encode --connections; migpipe-wire(5) "Connections"), each carrying its share of the
+lanes both ways, so that a lane does not wait behind another's bytes in one connection's buffers.
 
-Threads: each connection's reading has a thread of its own, so a lane waits behind another only
-for the one frame being written: frames go out under one lock (Relay.write), the pipeline's
-lane 0 frames too. The threads start under trio and stop together: the first that fails
-interrupts every read of the others (Source.interrupt), which then end quietly.
+Threads: each connection's reading has a thread of its own, QEMU's and the wire's, so a lane
+waits behind another only for the one frame being written on its wire connection: frames go out
+under that connection's lock (Relay.write and _write_frame), the pipeline's lane 0 frames too.
+The threads start under trio and stop together: the first that fails interrupts every read of
+the others (Source.interrupt), which then end quietly.
 """
 
 import os
@@ -154,7 +157,10 @@ class Relay:
     def _joining(self, first: bytes) -> None:
         """A further connection's JOIN, peeked before it is accepted (without TLS, whose
         handshake admits only the peer): one of another wire is refused, as a stray is."""
-        join = parse_join(first)
+        self._admissible(parse_join(first))
+
+    def _admissible(self, join: Join) -> None:
+        """Raise CorruptError unless `join` is of this wire and its connection not there yet."""
         join.check(self.connections)
         with self.lock:
             if join.index in self.wires:
@@ -190,9 +196,7 @@ class Relay:
                 reader.close()
             for event in reader.next_events():
                 if isinstance(event, Join):
-                    event.check(self.connections)
-                    if event.index in self.wires:
-                        raise CorruptError(f"a second connection joined as {event.index}")
+                    self._admissible(event)
                     self._attach(event.index, channel)
                 else:
                     self.take(event)

@@ -568,8 +568,9 @@ class LaneWriter:
     """Version 2's frames of the lanes above 0 (forward) or of every lane (the answer direction):
     each lane's sequence numbers, and the END frame that vouches for the bytes it carried.
 
-    Sans-IO and not thread-safe: the caller makes and writes each frame under one lock, so that
-    the frames of every lane leave in the order they were numbered.
+    Sans-IO and not thread-safe for one lane: the caller makes and writes each lane's frames
+    under one lock (its wire connection's), so that they leave in the order they were numbered;
+    lanes under different locks touch different entries only.
     """
 
     def __init__(self, back: bool = False) -> None:
