@@ -410,7 +410,7 @@ class Acceptor:
         timeout: float,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        self.spec, self.gate, self.wrap, self.timeout = spec, gate, wrap, timeout
+        self.spec, self.wrap, self.timeout = spec, wrap, timeout
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._owned = contextlib.ExitStack()
         self._owned.callback(os.close, self._wake)
