@@ -189,3 +189,37 @@ def test_a_listener_tells_a_wires_first_connection_from_the_others() -> None:
     assert not starts_wire(Join(SESSION, 1, 3).encode()[:FIRST_SIZE])
     with pytest.raises(MigpipeError, match="not a migpipe wire"):
         starts_wire(b"GET / HTTP")
+
+
+def test_decode_refuses_a_spread_wire_it_cannot_take_in_one_line(tmp_path) -> None:
+    """A wire whose header says it is spread over connections, handed to decode --qemu on its
+    stdin (a pipe has no further connections): one line, and QEMU gets nothing of the stream
+    but what fails its load at once (NOT_A_STREAM)."""
+    import socket
+    import subprocess
+
+    from support import MIGPIPE
+
+    from migpipe.errors import EXIT_USAGE
+    from migpipe.io.channel import NOT_A_STREAM
+
+    qemu = tmp_path / "qemu.sock"
+    with socket.socket(socket.AF_UNIX) as listener:  # the destination QEMU, listening
+        listener.bind(str(qemu))
+        listener.listen(1)
+        result = subprocess.run(
+            [*MIGPIPE, "decode", "--qemu", f"unix:{qemu}"],
+            input=main_connection(THREE),
+            capture_output=True,
+            timeout=60,
+        )
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            assert conn.recv(1 << 16) == NOT_A_STREAM
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode not in (0, EXIT_USAGE), result
+    assert lines == [
+        "migpipe decode: error: the wire is spread over 3 connections: decode takes them "
+        "with --listen or --connect"
+    ], lines
