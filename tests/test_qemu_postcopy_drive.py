@@ -326,6 +326,18 @@ def into_postcopy(src: qemuvm.Vm) -> None:
         pass  # each query is a round trip to QEMU: the pages flow meanwhile
 
 
+def resumed_after_a_cut(
+    src: qemuvm.Vm, link: Link, ends: Callable[[], tuple[int, str, int, str]]
+) -> tuple[str, str]:
+    """Cut every connection of the wire RESUME_AFTER bytes into postcopy; both commands must
+    then resume the migration and exit 0: their stderr."""
+    into_postcopy(src)
+    assert link.cut() == POSTCOPY_CONNECTIONS
+    out_status, out_err, in_status, in_err = ends()
+    assert (out_status, in_status) == (0, 0), (out_err, in_err)
+    return out_err, in_err
+
+
 @pytest.mark.qemu
 def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> None:
     """QEMU 10.0 holds a postcopy migration whose connection broke paused on both hosts
@@ -342,10 +354,7 @@ def test_a_link_cut_in_postcopy_is_resumed(guest_elf: Path, tmp_path: Path) -> N
         link,
         ends,
     ):
-        into_postcopy(src)
-        assert link.cut() == POSTCOPY_CONNECTIONS
-        out_status, out_err, in_status, in_err = ends()
-        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        out_err, in_err = resumed_after_a_cut(src, link, ends)
         assert src.qmp.execute("query-migrate")["status"] == "completed"
         assert dest.qmp.execute("query-migrate")["status"] == "completed"
         assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
@@ -370,10 +379,7 @@ def test_a_link_cut_with_the_guest_running_on_the_destination_is_resumed(
         link,
         ends,
     ):
-        into_postcopy(src)
-        assert link.cut() == POSTCOPY_CONNECTIONS
-        out_status, out_err, in_status, in_err = ends()
-        assert (out_status, in_status) == (0, 0), (out_err, in_err)
+        _, in_err = resumed_after_a_cut(src, link, ends)
         assert dest.qmp.execute("query-migrate")["status"] == "completed"
         at_switch = qemuvm.check_image(src.pmemsave(tmp_path / "s.mem"))  # stopped since
         dest.qmp.execute("stop")
