@@ -380,3 +380,53 @@ def test_a_paused_guest_with_the_return_path_over_tls(
         qemuvm.wait_incoming(dest)
         assert tunnel.statuses() == (0, 0), tunnel.errors
         assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+
+
+@pytest.mark.parametrize("mode", ["return-path", "multifd", "postcopy-preempt"])
+def test_a_second_migration_into_encode_is_refused(
+    guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, mode: str
+) -> None:
+    """Another QEMU migrating to the address encode listens on while one migrates through it
+    (a retry, a second guest given the same socket) is refused in one line: its migration
+    fails and its guest runs on there, and the first completes, the destination holding what
+    its paused source holds (or, in postcopy, running the guest). The first is held at 1 MB/s
+    (QEMU's max-bandwidth) until then. With postcopy-preempt the intruder may be taken for the
+    preempt channel, which says nothing before a page is asked for: its lane then waits for
+    the real one (QEMU 10.0 opens it when postcopy starts, 7.2 at once)."""
+    caps = {"multifd": ("multifd",), "postcopy-preempt": ("postcopy-ram", "postcopy-preempt")}
+    caps = caps.get(mode, (mode,))
+    postcopy = mode == "postcopy-preempt"
+    tunnel = Tunnel(tmp_path, [], rate=LINK_RATE)
+    with (
+        qemuvm.source_vm(
+            guest_elf, "busy" if postcopy else "idle", tmp_path, qemu=qemu_build
+        ) as src,
+        qemuvm.Vm(tmp_path, "dest", ["-incoming", "defer"], qemu=qemu_build) as dest,
+        qemuvm.source_vm(guest_elf, "busy", tmp_path, name="second", qemu=qemu_build) as second,
+    ):
+        for vm in (dest, src):
+            capabilities(vm, *caps)
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{tunnel.dst}")
+        src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
+        src.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "active", timeout=60)
+        capabilities(second)
+        second.qmp.execute("migrate", uri=f"unix:{tunnel.src}")
+        second.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "failed", timeout=60)
+        assert second.qmp.execute("query-status")["status"] == "running"
+        assert src.qmp.execute("query-migrate")["status"] == "active"
+        src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+        if postcopy:
+            src.qmp.execute("migrate-start-postcopy")
+        src.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", timeout=120)
+        qemuvm.wait_incoming(dest)
+        if postcopy:
+            assert dest.qmp.execute("query-status")["status"] == "running"
+        else:
+            assert dest.pmemsave(tmp_path / "d.mem") == src.pmemsave(tmp_path / "s.mem")
+    assert tunnel.statuses() == (0, 0), tunnel.errors
+    refused = [line for line in tunnel.errors["encode"].splitlines() if b"refused" in line]
+    assert refused == [
+        f"migpipe encode: warning: refused a connection on unix:{tunnel.src}: it is another "
+        "migration stream (QEMU's header): one QEMU migrates per encode".encode()
+    ], tunnel.errors["encode"]

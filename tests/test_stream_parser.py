@@ -166,6 +166,29 @@ def test_qemu_10_switchover_start_round_trips() -> None:
     assert write_records(parse_in_chunks(data, [1])) == data
 
 
+@pytest.mark.parametrize(
+    ("commands", "advised"),
+    [
+        ([], False),  # precopy: the first section comes with nothing said
+        ([Command(1, b""), Command(2, fmt.BE32.pack(1))], False),  # a return path, no postcopy
+        ([Command(1, b""), Command(3, bytes(16))], True),  # postcopy-ram's ADVISE
+        ([Command(3, b"")], False),  # dirty bitmaps' postcopy: no postcopy-ram, no preempt
+    ],
+)
+def test_postcopy_advised_is_known_before_the_first_section(commands, advised) -> None:
+    records = ram_stream([ZeroPage("pc.ram", 0, 0, True)])
+    records[2:2] = commands
+    data = write_records(records)
+    parser = StreamParser()
+    start = data.index(b"\x01\x00\x00\x00\x02\x03ram")  # the RAM section's START
+    parser.feed(data[:start])
+    parser.next_records()
+    assert parser.postcopy_advised is (True if advised else None)
+    parser.feed(data[start:])
+    parser.next_records()
+    assert parser.postcopy_advised is advised
+
+
 def test_device_state_with_a_fake_footer_inside() -> None:
     """A footer pattern followed by bytes that cannot start an item is body, not footer."""
     body = b"\x7e\x00\x00\x00\x03" + b"\xee" * 20 + b"\x7e\x00\x00\x00\x03\x01\x00\x00\x00\x09\x00"

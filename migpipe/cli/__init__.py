@@ -10,6 +10,7 @@ import argparse
 import errno
 import gc
 import io
+import logging
 import os
 import signal
 import sys
@@ -210,22 +211,35 @@ class QuietStderr(io.TextIOBase):
         self._stream.flush()
 
 
+class LogLine(logging.Formatter):
+    """migpipe's log as its other lines: the command first, a warning said to be one."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        warning = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"migpipe {self.command}: {warning}{record.getMessage()}"
+
+
 def set_verbosity(args: argparse.Namespace) -> None:
-    """-q: no progress, stderr filtered; -v: migpipe's log (its `migpipe` logger) on stderr."""
+    """-q: no progress, stderr filtered; -v: migpipe's log (its `migpipe` logger) on stderr,
+    whose warnings are there without it."""
     verbosity = getattr(args, "verbosity", None)
     if verbosity == QUIET:
         if hasattr(args, "progress"):
             args.progress = "none"
         sys.stderr = QuietStderr(sys.stderr)
-    elif verbosity == VERBOSE:
-        import logging
-
-        handler = logging.StreamHandler()  # sys.stderr as it is when a line is written
-        handler.setFormatter(logging.Formatter(f"migpipe {args.command}: %(message)s"))
-        log = logging.getLogger("migpipe")
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.info("%s", describe(args))
+    log = logging.getLogger("migpipe")
+    for handler in list(log.handlers):  # one, whichever command ran before in this process
+        if isinstance(handler.formatter, LogLine):
+            log.removeHandler(handler)
+    handler = logging.StreamHandler()  # sys.stderr as it is when a line is written
+    handler.setFormatter(LogLine(args.command))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbosity == VERBOSE else logging.WARNING)
+    log.info("%s", describe(args))
 
 
 def describe(args: argparse.Namespace) -> str:

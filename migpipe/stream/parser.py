@@ -220,6 +220,10 @@ class StreamParser:
         self._mapped_left = 0
         self._skip_to: int | None = None  # the end of the block area being discarded
         self.postcopy = False  # a package came: the destination runs, no VM description follows
+        # Whether QEMU may switch to postcopy-ram: its ADVISE comes before the first section or
+        # never, so the answer is known early (None until then). encode's two-way tunnel asks,
+        # to tell postcopy-preempt's connection, which says nothing until a page is asked for.
+        self.postcopy_advised: bool | None = None
         self._opaque_left = 0
         self._scan_from = 0
         self.done = False
@@ -527,6 +531,8 @@ class StreamParser:
         if pos >= len(buf):
             return False
         kind = buf[pos]
+        if kind != fmt.ITEM_COMMAND and self.postcopy_advised is None:
+            self.postcopy_advised = False  # a section or the EOF item came first
         if kind in (fmt.ITEM_SECTION_START, fmt.ITEM_SECTION_FULL):
             return self._section_header(out, kind)
         if kind in (fmt.ITEM_SECTION_PART, fmt.ITEM_SECTION_END):
@@ -605,7 +611,9 @@ class StreamParser:
         data = bytes(buf[pos + 5 : pos + 5 + length])  # buf may be the caller's memory
         out.append(Command(cmd, data))
         self._pos = pos + 5 + length
-        if cmd == fmt.CMD_POSTCOPY_ADVISE and length == 16:
+        if cmd == fmt.CMD_POSTCOPY_ADVISE and length == 16:  # postcopy-ram's (16: its page sizes)
+            if self.postcopy_advised is None:
+                self.postcopy_advised = True
             summary, target = BE64.unpack_from(data, 0)[0], BE64.unpack_from(data, 8)[0]
             self._postcopy_huge_pages = summary != target
         if cmd == fmt.CMD_PACKAGED:

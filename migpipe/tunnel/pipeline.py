@@ -159,6 +159,7 @@ class ResumedStream:
     SHUT), so nothing needs to be held back for the trailer."""
 
     page_counts: dict[str, int] = {}  # noqa: RUF012 (never written: no pages are seen)
+    postcopy_advised = True  # only postcopy resumes
 
     def __init__(self) -> None:
         self.offset = 0
@@ -239,6 +240,11 @@ class Encoder:
         EOF item, came. QEMU on a socket keeps it open after that, waiting for its return path
         (the destination's SHUT), which only comes once the destination has the stream's end."""
         return self._parser.done
+
+    @property
+    def postcopy_advised(self) -> bool | None:
+        """Whether QEMU may switch to postcopy-ram (None: not known yet; see StreamParser)."""
+        return self._parser.postcopy_advised
 
     @property
     def at_eof_item(self) -> bool:
@@ -498,6 +504,7 @@ async def encode(
     send: Callable[[Sequence[Buffer]], None] | None = None,
     resumed: bool = False,
     connections: Connections = ONE_CONNECTION,
+    advised: Callable[[bool], None] | None = None,
 ) -> Totals:
     """The wire of the QEMU stream from `source`. `before_frame(final)` is called in the writer
     thread before each data or FINAL frame goes out, and may stop the stream by raising:
@@ -507,7 +514,9 @@ async def encode(
     go out through `send` beside other lanes', the stream ends by its structure (QEMU keeps
     its connection open), and the wire's writing direction is the caller's to end; `resumed`:
     the stream is QEMU's resumed postcopy stream (see ResumedStream), which ends at its end;
-    `connections`, what the header says of the wire's connections (the caller's to open)."""
+    `connections`, what the header says of the wire's connections (the caller's to open);
+    `advised(postcopy)`, called once in the reading thread as soon as the stream tells whether
+    QEMU may switch to postcopy-ram (see StreamParser.postcopy_advised)."""
     source, wire = as_source(source), as_sink(wire)
     lanes = send is not None
     send = send or wire.write
@@ -538,6 +547,7 @@ async def encode(
         return encoder.complete or (encoder.at_eof_item and quiet(END_QUIET))
 
     def produce(submit: Callable[[Outgoing], None]) -> None:
+        told = advised
         while not ended():
             if quiet is not None and encoder.holding and quiet(QUIET):
                 for out in encoder.flush():
@@ -556,6 +566,9 @@ async def encode(
             for at in range(0, len(chunk), size):  # a read of a slow link's QEMU: frames
                 for out in encoder.feed(view[at : at + size]):
                     submit(out)
+            if told is not None and encoder.postcopy_advised is not None:
+                told(encoder.postcopy_advised)
+                told = None
         for out in encoder.finish():
             submit(out)
 

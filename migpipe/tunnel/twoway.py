@@ -4,8 +4,9 @@ encode listens where the source QEMU migrates to (`--qemu ADDR`); decode connect
 destination QEMU listens (`-incoming unix:PATH`). QEMU's main connection is lane 0: its stream
 goes through the pipeline (parsed, filtered, framed, vouched for by the trailer) as it does over
 a pipe. Each further connection the source QEMU opens (postcopy-preempt's, multifd's) becomes the
-next lane, and decode opens one to the destination for it, in the same order (QEMU 7.2 tells
-them apart by that order). A lane's bytes cross in frames of whatever one read brought, through
+next lane once it is known to be one (another migration stream is refused: SourceRelay), and
+decode opens one to the destination for it, in the same order (QEMU 7.2 tells them apart by
+that order). A lane's bytes cross in frames of whatever one read brought, through
 the byte filters. Everything a QEMU writes back on a connection (the destination's return path:
 page requests, acknowledgements, its SHUT) comes back the other way in the answer direction of
 the wire, to the same connection on the source. The wire may be spread over several
@@ -19,13 +20,18 @@ The threads start under trio and stop together: the first that fails interrupts 
 the others (Source.interrupt), which then end quietly.
 """
 
+import contextlib
+import logging
+import math
 import os
+import select
 import socket
 import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -34,7 +40,7 @@ from migpipe import chain as filters
 from migpipe.chain import Buffer, FilterChain
 from migpipe.errors import CorruptError, MigpipeError, Stopped
 from migpipe.io import transport
-from migpipe.io.channel import Channel, FdChannel, Readable
+from migpipe.io.channel import Channel, FdChannel
 from migpipe.io.transport import Acceptor, Dialer
 from migpipe.keys import Secrets
 from migpipe.stream.multifd import ChannelKind, classify
@@ -61,6 +67,10 @@ from migpipe.wire import (
     lane_position,
     parse_join,
 )
+
+logger = logging.getLogger(__name__)  # what migpipe -v prints, and its warnings always
+SHORT_RETRY = 0.005  # s: how often a further connection that sent 1-3 bytes is looked at again
+ANOTHER_STREAM = "it is another migration stream (QEMU's header): one QEMU migrates per encode"
 
 # What may wait for one connection of a QEMU that is not reading it (a multifd packet is 0.5
 # MiB): in its Outlet, or for lane 0 in decode's pipeline (pipeline.decode's `hold`).
@@ -251,17 +261,18 @@ class Relay:
         with self.lock:
             self.conns[lane] = conn
             self._changed.notify_all()
-        jobs = []
         if outlet:
             self._outlets[lane] = Outlet(conn)
-            jobs.append(self._outlets[lane].run)
+            self._job(self._outlets[lane].run)
         if pump:
-            with self.lock:
-                self._pumps += 1
-            jobs.append(partial(self._pump, lane))
-        for job in jobs:
-            self._job(job)
+            self.pump(lane)
         return conn
+
+    def pump(self, lane: int) -> None:
+        """A thread of its own reads what our QEMU writes on the lane's connection."""
+        with self.lock:
+            self._pumps += 1
+        self._job(partial(self._pump, lane))
 
     def _pump(self, lane: int) -> None:
         """A connection's bytes to the other end until our QEMU ends it."""
@@ -405,8 +416,33 @@ class Outlet:
                 self._changed.notify_all()
 
 
+@dataclass(eq=False)
+class Arrival:
+    """A further connection of the source QEMU, accepted but not yet known to be a lane's
+    (`lane` None), or taken for postcopy-preempt's lane before it said anything."""
+
+    sock: socket.socket
+    lane: int | None = None
+    again: float = math.inf  # s until it must be looked at again if nothing new comes
+    watched: bool = False  # polled for its first bytes
+
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()  # kept: the socket may be closed before it is unpolled
+
+
 class SourceRelay(Relay):
-    """encode's side: the source QEMU's connections in, its answers out."""
+    """encode's side: the source QEMU's connections in, its answers out.
+
+    A further connection becomes the next lane only once it is known to be this migration's.
+    A multifd channel says so in its first 4 bytes. Postcopy-preempt's says nothing until the
+    destination asks for a page, yet the destination waits for it before it runs the guest:
+    once the main stream advised postcopy, the first connection that says nothing is taken
+    for it at once, its lane opened, and what it says is read only once its first bytes
+    showed it is no other migration stream. Another migration stream (a second QEMU, or this
+    one migrating again, to the same address) starts with QEMU's header: it is refused in one
+    line, as a connection that is neither is, and the migration goes on; if it was taken for
+    preempt's, the lane waits for the next connection that says nothing (see _refill).
+    """
 
     def __init__(
         self,
@@ -415,48 +451,189 @@ class SourceRelay(Relay):
         server: socket.socket,
         spec: str,
         further: Dialer | Acceptor | None = None,
+        resumed: bool = False,
     ) -> None:
         super().__init__(wire, two_way, back=False, further=further)
         self._server = server
         self._spec = spec
-        self._waiting = Readable(server.fileno())
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # see advised(), stop()
         self._accepting = True
+        self._postcopy: bool | None = True if resumed else None  # see advised()
+        self._poller = select.poll()
+        self._waiting: list[Arrival] = []  # in the order they came
+        self._preempt: int | None = None  # the lane taken for postcopy-preempt's connection
+        self._vacant: Arrival | None = None  # that lane, its connection refused
+
+    def advised(self, postcopy: bool) -> None:
+        """What the main stream told: whether QEMU may switch to postcopy (from its reader)."""
+        self._postcopy = postcopy
+        os.eventfd_write(self._wake, 1)
 
     def accept(self) -> None:
-        """The source QEMU's further connections, each the next lane, until stop_accepting()."""
-        while True:
-            try:
-                self._waiting.wait()
-            except Stopped:
-                if self._accepting:
-                    raise
-                return
-            try:
-                sock, _ = self._server.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                continue
-            lane = len(self.conns)
-            if lane >= MAX_LANES:
-                sock.close()
-                raise MigpipeError(f"QEMU opened more than {MAX_LANES} connections on {self._spec}")
-            transport.tune(sock)
-            self._write_frame(lane, partial(self.frames.open, lane))  # before its first DATA
-            self.add(lane, sock, f"the source QEMU's connection {lane} on {self._spec}")
+        """The source QEMU's further connections, each the next lane once it is known to be
+        one (see the class), until stop_accepting(); then those still waiting are sorted as
+        they stand: QEMU opens no more."""
+        server = self._server.fileno()
+        self._poller.register(server, select.POLLIN)
+        self._poller.register(self._wake, select.POLLIN)
+        timeout: int | None = None  # ms until one of them must be looked at again
+        with self.lock:  # wait_pumps() waits for the lanes this may still open
+            self._pumps += 1
+        try:
+            while True:
+                last = not self._accepting
+                for fd, _ in self._poller.poll(0 if last else timeout):
+                    if fd == self._wake:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(self._wake)
+                    elif fd == server:
+                        with contextlib.suppress(BlockingIOError, ConnectionAbortedError):
+                            self._waiting.append(Arrival(self._server.accept()[0]))
+                if self._stopping:
+                    raise Stopped
+                timeout = self._sort_all(last)
+                if last:
+                    if self._vacant is not None:  # its END: QEMU left it without a connection
+                        self.pump(self._vacant.lane)
+                    return
+        finally:
+            for arrival in self._waiting:
+                if arrival.lane is None:
+                    arrival.sock.close()
+            with self.lock:
+                self._pumps -= 1
+                self._changed.notify_all()
+
+    def _sort_all(self, last: bool) -> int | None:
+        """Sort each connection that waits (see _sort); the ms until one of them must be looked
+        at again if nothing happens (None: not before something does)."""
+        for arrival in list(self._waiting):
+            head, ended = _first_bytes(arrival.sock)
+            self._keep(arrival, self._sort(arrival, head, ended, last), bool(head) or ended)
+        soonest = min((arrival.again for arrival in self._waiting), default=math.inf)
+        return None if soonest == math.inf else max(1, math.ceil(soonest * 1000))
+
+    def _keep(self, arrival: Arrival, again: float | None, spoke: bool) -> None:
+        """`arrival` out of the waiting list (`again` None), or in it; polled while it says
+        nothing (one with a few bytes would wake every poll: it is looked at again in time)."""
+        watch = again == math.inf and not spoke
+        if watch != arrival.watched:
+            if watch:
+                self._poller.register(arrival.fd, select.POLLIN)
+            else:
+                self._poller.unregister(arrival.fd)
+            arrival.watched = watch
+        if again is None:
+            if arrival in self._waiting:
+                self._waiting.remove(arrival)
+        else:
+            arrival.again = again
+            if arrival not in self._waiting:
+                self._waiting.append(arrival)
+
+    def _sort(self, arrival: Arrival, head: bytes, ended: bool, last: bool) -> float | None:
+        """Open a lane for a further connection, or refuse it, once its first bytes (`head`, at
+        most 4; `ended`: it closed before any) or the main stream tell which it is (see the
+        class), or the main stream ended (`last`); None then, else how long until it must be
+        looked at again if nothing new comes (math.inf: not before something does)."""
+        kind = classify(head) if len(head) == 4 else None
+        if arrival.lane is not None:  # taken for preempt's: its lane is open
+            if kind is ChannelKind.MAIN:
+                self._refuse(arrival.sock, ANOTHER_STREAM, keep=True)
+                self._vacant = arrival
+            elif kind is None and not (ended or last):
+                return SHORT_RETRY if head else math.inf
+            else:
+                if kind is ChannelKind.MULTIFD:
+                    self._preempt = None  # a channel of 10.1's multifd with postcopy: not it
+                self.pump(arrival.lane)
+            return None
+        preempt = self._postcopy is True and (self._preempt is None or self._vacant is not None)
+        if kind is ChannelKind.MULTIFD:
+            self._open(arrival.sock, "a multifd channel")
+        elif kind is ChannelKind.MAIN:
+            self._refuse(arrival.sock, ANOTHER_STREAM)
+        elif head and kind is None and not last:
+            return SHORT_RETRY  # 1-3 bytes: more will tell
+        elif not (head or ended or preempt or last):
+            return math.inf  # a multifd channel's magic will tell, or the main stream
+        elif preempt and self._vacant is not None:
+            self._refill(arrival, head, ended, last)
+        elif preempt:
+            spoke = kind is not None or ended or last
+            self._preempt = self._open(arrival.sock, "postcopy-preempt's", pump=spoke)
+            if not spoke:
+                arrival.lane = self._preempt
+                return math.inf
+        elif self._postcopy is None and not last:
+            return math.inf  # a page, or silence, means something once the main stream told
+        else:
+            what = f"its first bytes are {head.hex()}" if head else "it said nothing"
+            self._refuse(arrival.sock, f"it is no connection of this migration ({what})")
+        return None
+
+    def _refill(self, arrival: Arrival, head: bytes, ended: bool, last: bool) -> None:
+        """The preempt lane whose connection was refused takes `arrival`'s: onto the refused
+        one's descriptor, which the lane's channels (its outlet, its pump to come) hold."""
+        vacant, self._vacant = self._vacant, None
+        logger.info("postcopy-preempt's lane %d takes the next connection", vacant.lane)
+        self._keep(arrival, None, True)  # not polled: its descriptor is closed next
+        os.dup2(arrival.sock.fileno(), vacant.sock.fileno())
+        arrival.sock.close()
+        self._keep(vacant, self._sort(vacant, head, ended, last), bool(head) or ended)
+
+    def _open(self, sock: socket.socket, what: str, pump: bool = True) -> int:
+        """The connection as the next lane: its OPEN on the wire, before any of its DATA."""
+        lane = len(self.conns)
+        logger.info("the source QEMU's connection %d on %s: %s", lane, self._spec, what)
+        if lane >= MAX_LANES:
+            sock.close()
+            raise MigpipeError(f"QEMU opened more than {MAX_LANES} connections on {self._spec}")
+        transport.tune(sock)
+        self._write_frame(lane, partial(self.frames.open, lane))
+        self.add(lane, sock, f"the source QEMU's connection {lane} on {self._spec}", pump=pump)
+        return lane
+
+    def _refuse(self, sock: socket.socket, why: str, keep: bool = False) -> None:
+        """A connection that is not this migration's, ended: QEMU on the other end fails its
+        migration and keeps its guest; ours goes on. With `keep`, its descriptor stays open
+        (a lane holds it: see _refill)."""
+        logger.warning("refused a connection on %s: %s", self._spec, why)
+        if keep:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        else:
+            sock.close()
 
     def stop_accepting(self) -> None:
         """The main stream ended: QEMU opens no more connections."""
         self._accepting = False
-        self._waiting.interrupt()
+        os.eventfd_write(self._wake, 1)
 
     def stop(self) -> None:
         """The accepting thread's wait ends too: a failure (the wire broken) before the main
         stream ended would otherwise leave run() waiting for it, and encode for ever."""
         super().stop()
-        self._waiting.interrupt()
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        super().close()
+        os.close(self._wake)
 
     def answers(self) -> None:
         """The answer direction of the wire's first connection, to the source QEMU's."""
         self._read(self.wire, WireReader(back=True))
+
+
+def _first_bytes(sock: socket.socket) -> tuple[bytes, bool]:
+    """Up to a connection's first 4 bytes, left to be read, and whether it ended there."""
+    try:
+        head = sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b"", False
+    except OSError:
+        return b"", True
+    return head, not head
 
 
 class PageTimer:
@@ -597,7 +774,7 @@ async def encode_two_way(
         main = await trio.to_thread.run_sync(
             partial(transport.accept, server, spec, timeout=accept_timeout)
         )
-        relay = SourceRelay(channel, two_way, server, spec, further)
+        relay = SourceRelay(channel, two_way, server, spec, further, resumed)
         relay.chain = FilterChain(chain)  # bound to the wire's header once encode wrote it
         relay.connections = spread or ONE_CONNECTION
         source = relay.add(0, main, f"the source QEMU's connection on {spec}", pump=False)
@@ -611,6 +788,7 @@ async def encode_two_way(
                 send=relay.write,
                 resumed=resumed,
                 connections=relay.connections,
+                advised=relay.advised,
             )
             relay.stop_accepting()
             await relay.until_pumped()
