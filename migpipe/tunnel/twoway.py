@@ -488,7 +488,7 @@ class SourceRelay(Relay):
                             os.eventfd_read(self._wake)
                     elif fd == server:
                         with contextlib.suppress(BlockingIOError, ConnectionAbortedError):
-                            self._waiting.append(Arrival(self._server.accept()[0]))
+                            self._arrived(self._server.accept()[0])
                 if self._stopping:
                     raise Stopped
                 timeout = self._sort_all(last)
@@ -503,6 +503,13 @@ class SourceRelay(Relay):
             with self.lock:
                 self._pumps -= 1
                 self._changed.notify_all()
+
+    def _arrived(self, sock: socket.socket) -> None:
+        """A new connection waits to be sorted, unless too many already do (a flood)."""
+        if len(self._waiting) >= MAX_LANES:
+            self._refuse(sock, f"{MAX_LANES} connections already wait to say what they are")
+        else:
+            self._waiting.append(Arrival(sock))
 
     def _sort_all(self, last: bool) -> int | None:
         """Sort each connection that waits (see _sort); the ms until one of them must be looked
