@@ -488,7 +488,7 @@ class SourceRelay(Relay):
                             os.eventfd_read(self._wake)
                     elif fd == server:
                         with contextlib.suppress(BlockingIOError, ConnectionAbortedError):
-                            self._arrived(self._server.accept()[0])
+                            self._wait_for(self._server.accept()[0])
                 if self._stopping:
                     raise Stopped
                 timeout = self._sort_all(last)
@@ -504,7 +504,7 @@ class SourceRelay(Relay):
                 self._pumps -= 1
                 self._changed.notify_all()
 
-    def _arrived(self, sock: socket.socket) -> None:
+    def _wait_for(self, sock: socket.socket) -> None:
         """A new connection waits to be sorted, unless too many already do (a flood)."""
         if len(self._waiting) >= MAX_LANES:
             self._refuse(sock, f"{MAX_LANES} connections already wait to say what they are")
