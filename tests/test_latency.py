@@ -112,6 +112,26 @@ def test_a_full_pipe_keeps_its_size_until_it_can_shrink(clock: Clock) -> None:
         os.close(write_end)
 
 
+def test_a_pipe_whose_bytes_expand_holds_buffer_time_of_what_they_become(clock: Clock) -> None:
+    """decode's wire in: xbzrle deltas become pages many times their size, so the pipe holds
+    BUFFER_TIME of the rate the pages go on at, in wire bytes at the latest frames' expansion,
+    at once; not its own rate's, which lags while the expansion grows."""
+    read_end, write_end = os.pipe()
+    try:
+        buffer = PipeBuffer(FdChannel(read_end))
+        move(clock, buffer, 30e6)  # the link's rate: 4 ms is 128 KiB
+        assert pipe_size(read_end) == 128 << 10
+        pages = rate_of(clock, 1.5e9)  # rebuilt and loaded: 4 ms is 6 MB of pages
+        buffer.expands(4 << 10, 1 << 20, pages)  # 1 wire byte in 256: 23 KB of wire
+        assert pipe_size(read_end) == 32 << 10
+        for _ in range(8):  # frames of whole pages again: the link's rate bounds it
+            buffer.expands(1 << 20, 1 << 20, pages)
+        assert pipe_size(read_end) == 128 << 10
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 @pytest.mark.parametrize("per_second,expected", [(1e6, MIN_PIPE), (30e6, 128 << 10)])
 def test_a_unix_socket_holds_buffer_time_at_the_rate_through_it(
     clock: Clock, per_second: float, expected: int

@@ -61,10 +61,11 @@ FILTERS = "--xbzrle --compress zstd:1"
 # What the tunnel may add to QEMU's own downtime figure. Measured over the paced link: 5-58 ms
 # through exec: at 50 ms (24 runs, QEMU 10.0, stages timed), 11-47 ms through migrate (its link
 # is a command: tee | link | incoming), 61 once in CI. Over pv: up to 97 ms, pv's slots. Before
-# 4 ms buffers: 30-890 ms. Where it goes: this guest's pages cross as XBZRLE deltas of a few
-# bytes, so the ~100-350 KB of wire in the pipes when QEMU stops hold 10-30 MB of pages that
-# decode rebuilds and the destination QEMU loads at ~1.3 GB/s on these two cores, after the
-# last pass's own; QEMU's estimate sees none of it (issue 21 keeps that open).
+# 4 ms buffers: 30-890 ms. Where it went: this guest's pages cross as XBZRLE deltas of a few
+# bytes, so the ~100-350 KB of wire in the pipes when QEMU stopped held 10-30 MB of pages that
+# decode rebuilds and the destination QEMU loads at ~1.3 GB/s on these two cores. Since decode's
+# pipe in holds 4 ms of what its bytes become (io.latency PipeBuffer.expands): 3-52 ms in 14
+# runs (10.0 at 50 ms: 6-26 in 7, against 12-66 in 9 before). Kept at 80: one CI run decides.
 TAIL_MS = 80
 LINK_SHARE = 0.4  # of the control's bytes on the link, at most
 

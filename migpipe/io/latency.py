@@ -7,7 +7,11 @@ changes: at 30 MB/s 128 KiB, at 1 GB/s the 1 MiB that keeps wake-ups rare. A fix
 wrong at one end or the other: at 10 MB/s a megabyte is 100 ms of pause, and with xbzrle a
 megabyte of wire can be 30 of QEMU's. The rate is measured where the bytes move (the stage
 reading or writing that pipe), over windows of at least WINDOW, so it is the bottleneck's rate
-whenever the pipeline is backed up, which is when buffers fill.
+whenever the pipeline is backed up, which is when buffers fill. Where the bytes read expand
+(decode's wire in: xbzrle deltas become whole pages), that rate lags when pages start to
+compress far better, as they do in a busy guest's last passes; so such a buffer also holds no
+more than BUFFER_TIME of the rate the pages go on at, at the latest frames' expansion
+(PipeBuffer.expands).
 """
 
 import contextlib
@@ -16,6 +20,7 @@ import os
 import socket
 import stat
 import time
+from collections import deque
 
 from migpipe.io.channel import FdChannel, Sink, Source
 
@@ -23,6 +28,7 @@ BUFFER_TIME = 0.004  # seconds of the measured rate one buffer may hold
 WINDOW = 0.05  # a rate is measured over at least this long
 MIN_PIPE = 16 << 10
 MAX_PIPE = 1 << 20  # pipe-max-size on stock Linux
+RECENT = 8  # frames whose expansion sizes a buffer that expands (PipeBuffer.expands)
 
 
 class Rate:
@@ -72,6 +78,8 @@ class PipeBuffer:
         self._fd: int | None = None
         self._size = 0
         self._unix = False
+        self._recent: deque[tuple[int, int]] = deque(maxlen=RECENT)  # see expands()
+        self._expanded: int | None = None
         if isinstance(end, FdChannel):
             with contextlib.suppress(OSError):
                 mode = os.fstat(end.fd).st_mode
@@ -87,10 +95,30 @@ class PipeBuffer:
         of `rate`, after which the buffer holds BUFFER_TIME at the new rate."""
         if not self.rate.add(count):
             return False
-        if self._fd is not None:
-            wanted = self.rate.budget(MIN_PIPE, MAX_PIPE)
-            self._resize(1 << (wanted - 1).bit_length())  # the kernel's sizes: powers of two
+        self._fit()
         return True
+
+    def expands(self, carried: int, rebuilt: int, rate: Rate) -> None:
+        """What was read through it expanded: `carried` bytes became `rebuilt` (xbzrle's
+        deltas become whole pages), which the next stage takes at `rate`. Then the buffer
+        holds BUFFER_TIME of that rate in what it will become, at the latest frames'
+        expansion, at once: its own rate (its bytes per second, measured over a window) lags
+        when pages start to compress far better, and each byte held is then more of the pause."""
+        self._recent.append((carried, rebuilt))
+        if rate.per_second is None or not carried:
+            return
+        wire = sum(c for c, _ in self._recent)
+        qemu = sum(r for _, r in self._recent)
+        self._expanded = int(rate.per_second * BUFFER_TIME * wire / max(qemu, 1))
+        self._fit()
+
+    def _fit(self) -> None:
+        if self._fd is None:
+            return
+        wanted = self.rate.budget(MIN_PIPE, MAX_PIPE)
+        if self._expanded is not None:
+            wanted = max(MIN_PIPE, min(wanted, self._expanded))
+        self._resize(1 << (wanted - 1).bit_length())  # the kernel's sizes: powers of two
 
     def _resize(self, size: int) -> None:
         if size == self._size:

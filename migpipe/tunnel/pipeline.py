@@ -18,6 +18,7 @@ wrong is caught as surely as a flipped wire bit.
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -656,6 +657,7 @@ async def _decode(
 
     decoder = Decoder(totals, secrets, opening)
     inbound = PipeBuffer(wire)
+    carried: deque[int] = deque()  # each lane 0 frame's wire payload, from reader to writer
     take = take or _no_lanes
 
     def produce(submit: Callable[[Frame], None] | None) -> None:
@@ -675,12 +677,15 @@ async def _decode(
                 if frame.lane:
                     take(frame)
                 else:
+                    carried.append(len(frame.payload))
                     submit(frame)
 
     def write(item: tuple[Frame, int | None]) -> None:
+        wire_size = carried.popleft()
         if data := decoder.payload(*item):
             sink.write([data])
             outbound.moved(len(data))
+            inbound.expands(wire_size, len(data), outbound.rate)
 
     slack = (hold, lambda frame: len(frame.payload))
     run = partial(
