@@ -63,9 +63,9 @@ FILTERS = "--xbzrle --compress zstd:1"
 # is a command: tee | link | incoming), 61 once in CI. Over pv: up to 97 ms, pv's slots. Before
 # 4 ms buffers: 30-890 ms. Where it went: this guest's pages cross as XBZRLE deltas of a few
 # bytes, so the ~100-350 KB of wire in the pipes when QEMU stopped held 10-30 MB of pages that
-# decode rebuilds and the destination QEMU loads at ~1.3 GB/s on these two cores. Since decode's
-# pipe in holds 4 ms of what its bytes become (io.latency PipeBuffer.expands): 3-52 ms in 14
-# runs (10.0 at 50 ms: 6-26 in 7, against 12-66 in 9 before). Kept at 80: one CI run decides.
+# decode rebuilds and the destination QEMU loads at ~1.3 GB/s on these two cores. Since the
+# wire's pipes hold 4 ms of what their bytes become (io.latency PipeBuffer.expands): 4-40 ms in
+# 18 runs (10.0 at 50 ms, exec: 8-38 in 6, against 12-66 in 9 before). Kept at 80: CI decides.
 TAIL_MS = 80
 LINK_SHARE = 0.4  # of the control's bytes on the link, at most
 

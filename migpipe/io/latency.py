@@ -8,7 +8,7 @@ wrong at one end or the other: at 10 MB/s a megabyte is 100 ms of pause, and wit
 megabyte of wire can be 30 of QEMU's. The rate is measured where the bytes move (the stage
 reading or writing that pipe), over windows of at least WINDOW, so it is the bottleneck's rate
 whenever the pipeline is backed up, which is when buffers fill. Where the bytes read expand
-(decode's wire in: xbzrle deltas become whole pages), that rate lags when pages start to
+(the wire: xbzrle deltas become whole pages in decode), that rate lags when pages start to
 compress far better, as they do in a busy guest's last passes; so such a buffer also holds no
 more than BUFFER_TIME of the rate the pages go on at, at the latest frames' expansion
 (PipeBuffer.expands).
@@ -99,11 +99,13 @@ class PipeBuffer:
         return True
 
     def expands(self, carried: int, rebuilt: int, rate: Rate) -> None:
-        """What was read through it expanded: `carried` bytes became `rebuilt` (xbzrle's
-        deltas become whole pages), which the next stage takes at `rate`. Then the buffer
-        holds BUFFER_TIME of that rate in what it will become, at the latest frames'
-        expansion, at once: its own rate (its bytes per second, measured over a window) lags
-        when pages start to compress far better, and each byte held is then more of the pause."""
+        """Bytes through it stand for more: `carried` of them are `rebuilt` QEMU bytes (xbzrle's
+        deltas become whole pages in decode), which go on at `rate` (decode's output, or
+        encode's input: the pipeline's pace when it is backed up). Then the buffer holds
+        BUFFER_TIME of that rate in what its bytes become, at the latest frames' expansion, at
+        once: its own rate (its bytes per second, measured over a window) lags when pages
+        start to compress far better, and each byte held is then more of the pause. Both ends
+        of the wire report it: encode's pipe out and decode's pipe in."""
         self._recent.append((carried, rebuilt))
         if rate.per_second is None or not carried:
             return

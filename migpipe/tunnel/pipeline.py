@@ -582,6 +582,7 @@ async def encode(
         totals.wire_bytes += size
         send(parts)
         outbound.moved(size)
+        outbound.expands(size, qemu[0], inbound.rate)  # decode makes QEMU's bytes of it again
 
     head = writer.header()
     await trio.to_thread.run_sync(send, [head])
