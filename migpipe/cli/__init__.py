@@ -239,7 +239,8 @@ def set_verbosity(args: argparse.Namespace) -> None:
     handler.setFormatter(LogLine(args.command))
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbosity == VERBOSE else logging.WARNING)
-    log.info("%s", describe(args))
+    if verbosity == VERBOSE:  # describe() is work every command would pay for nothing
+        log.info("%s", describe(args))
 
 
 def describe(args: argparse.Namespace) -> str:

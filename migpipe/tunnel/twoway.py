@@ -592,10 +592,10 @@ class SourceRelay(Relay):
     def _open(self, sock: socket.socket, what: str, pump: bool = True) -> int:
         """The connection as the next lane: its OPEN on the wire, before any of its DATA."""
         lane = len(self.conns)
-        logger.info("the source QEMU's connection %d on %s: %s", lane, self._spec, what)
         if lane >= MAX_LANES:
             sock.close()
             raise MigpipeError(f"QEMU opened more than {MAX_LANES} connections on {self._spec}")
+        logger.info("the source QEMU's connection %d on %s: %s", lane, self._spec, what)
         transport.tune(sock)
         self._write_frame(lane, partial(self.frames.open, lane))
         self.add(lane, sock, f"the source QEMU's connection {lane} on {self._spec}", pump=pump)
