@@ -8,8 +8,11 @@ granularity (rate=None: unlimited). It can record each connection's bytes per di
 files (RECORD/N.fwd, RECORD/N.back, N counting accepted connections from 0), and cut() breaks
 every connection at once, as a failed link would (postcopy recovery), and goes on accepting.
 
-Run as a command with --rate alone (`python tests/link.py --rate BYTES`), it is the same link as
-one stage of a shell pipeline: stdin to stdout at that rate, paced every ~1 ms. `pv -L` paces
+Run as a command with --rate (`python tests/link.py --rate BYTES [--record FILE]`), it is the
+same link as one stage of a shell pipeline: stdin to stdout at that rate, paced every ~1 ms,
+recording what it relays into FILE. A test keeps the wire so rather than with `tee` before the
+link: tee's pipe out is 64 KiB that no user's pipeline has, which at xbzrle's expansion is tens
+of MB of QEMU's pages still to cross when QEMU stops the guest. `pv -L` paces
 in 100 ms slots, so a last write that finds its slot spent waits up to 100 ms, which no real
 link of that rate adds to a guest's pause.
 
@@ -313,15 +316,17 @@ class Relay:
         return sorted(self.done, key=lambda c: c.index)
 
 
-def _pipe(rate: float) -> None:
-    """stdin to stdout at RATE, as a pipeline stage."""
+def _pipe(rate: float, record: Path | None) -> None:
+    """stdin to stdout at RATE, as a pipeline stage, into RECORD too."""
     bucket = TokenBucket(rate)
     src, dst = sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno()
-    while data := os.read(src, bucket.chunk):
-        bucket.take(len(data))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view) :]
+    with open(record or os.devnull, "wb") as file:
+        while data := os.read(src, bucket.chunk):
+            bucket.take(len(data))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view) :]
+            file.write(data)
     os.close(dst)  # the end passes on now, as a link passes a connection's end, not at exit
 
 
@@ -330,12 +335,14 @@ def main() -> None:
     parser.add_argument("--listen", help="without it: relay stdin to stdout at --rate")
     parser.add_argument("--target")
     parser.add_argument("--rate", type=float, help="bytes a second, forward, all connections")
-    parser.add_argument("--record", help="directory for each connection's bytes")
+    parser.add_argument(
+        "--record", help="directory for each connection's bytes (a pipeline stage: a file)"
+    )
     args = parser.parse_args()
     if args.listen is None:
-        if args.rate is None or args.target or args.record:
-            parser.error("a pipeline stage takes --rate alone")
-        _pipe(args.rate)
+        if args.rate is None or args.target:
+            parser.error("a pipeline stage takes --rate and --record alone")
+        _pipe(args.rate, Path(args.record) if args.record else None)
         return
     if args.target is None:
         parser.error("--listen needs --target")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -228,3 +230,15 @@ def test_a_refusing_target_closes_the_connection(tmp_path: Path) -> None:
             assert recv_all(client) == b""
             client.close()
         assert link.close() == []
+
+
+def test_a_pipeline_stage_relays_stdin_to_stdout_and_records_it(tmp_path: Path) -> None:
+    """As one stage of a shell pipeline (the convergence tests' link): what comes in goes out
+    whole and in order, and --record keeps the same bytes (the wire, without a tee stage)."""
+    data = os.urandom(3 << 20)
+    record = tmp_path / "wire"
+    stage = [sys.executable, str(Path(__file__).parent / "link.py"), "--rate", "1e9"]
+    stage += ["--record", str(record)]
+    done = subprocess.run(stage, input=data, capture_output=True, check=True, timeout=30)
+    assert done.stdout == data
+    assert record.read_bytes() == data

@@ -245,11 +245,12 @@ def test_migpipe_xbzrle_converges_and_keeps_the_pause(
 ) -> None:
     control = _control(guest_elf, qemu_build, tmp_path / "control", limit)
     stats_path = tmp_path / "encode.json"
-    # The wire is kept after encode, at the link's rate, not QEMU's bytes before it (see
-    # qemuvm.migrate_through): a user runs no tee there, and on two cores its copy of every
-    # byte QEMU sends competes with the tunnel for the CPU the guest does not use.
+    # The link keeps the wire (see qemuvm.migrate_through), not a tee of QEMU's bytes: a user
+    # runs no tee, and on two cores its copy of every byte QEMU sends competes with the tunnel
+    # for the CPU the guest does not use; nor a tee stage after encode, whose 64 KiB pipe
+    # would hold tens of MB of pages when QEMU stops the guest.
     sender = f"{MIGPIPE} encode {FILTERS} --stats-json {shlex.quote(str(stats_path))}"
-    sender += f" | tee {{wire}} | {LINK}"
+    sender += f" | {LINK} --record {{wire}}"
     pacing = dataclasses.replace(BUSY, downtime_ms=limit)
     migration, _ = _converged(guest_elf, qemu_build, tmp_path, sender, pacing)
     stats = json.loads(stats_path.read_text())
@@ -284,13 +285,13 @@ def test_migrate_qmp_xbzrle_converges_and_keeps_the_pause(
     guest_elf: Path, qemu_build: qemuvm.QemuBuild, tmp_path: Path, record: Record, limit: int
 ) -> None:
     """The same through `migpipe migrate --qmp` and `incoming --qmp`, as a management daemon
-    drives them: the link is the command between them, and what crossed it is kept (tee) for
-    the oracle. migrate's own figure of the pause must be what the VMs' events say."""
+    drives them: the link is the command between them, and it keeps what crossed it for the
+    oracle. migrate's own figure of the pause must be what the VMs' events say."""
     control = _control(guest_elf, qemu_build, tmp_path / "control", limit)
     src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
     wire, stats_path = tmp_path / "wire", tmp_path / "migrate.json"
     incoming = shlex.join([*MIGPIPE_ARGS, "incoming", "--qmp", str(dst_qmp)])
-    link = f"tee {shlex.quote(str(wire))} | {LINK} | {incoming}"
+    link = f"{LINK} --record {shlex.quote(str(wire))} | {incoming}"
     pacing = dataclasses.replace(BUSY, downtime_ms=limit)
     dest_args = ["-S", "-incoming", "defer", *qemuvm.qmp_socket_args(dst_qmp)]
     with (
