@@ -1,9 +1,12 @@
 """encode | decode over real pipes: byte-identical, and never a complete stream from a bad wire."""
 
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
 from migpipe.io.channel import NOT_A_STREAM
 from migpipe.wire.header import encode_header
 
+FAILSAFE = 30.0  # seconds; never a wait, only a bound on a hang
 CHAINS = [[], ["--compress", "zstd:1"], ["--compress", "lz4"], ["--filters", "zstd:3"]]
 
 
@@ -86,6 +90,31 @@ def test_truncated_wire_never_completes(encoded: bytes, stream: bytes) -> None:
         assert_never_complete(result, stream)
         assert result.returncode in (EXIT_TRUNCATED, EXIT_CORRUPT)
     assert decode(encoded[: len(encoded) - 1]).returncode == EXIT_TRUNCATED
+
+
+def test_the_end_goes_out_at_the_trailer_and_bytes_after_it_are_refused(
+    encoded: bytes, stream: bytes
+) -> None:
+    """decode writes the stream's end as soon as the trailer vouched for it, before its input
+    ends: in a live migration the guest is paused until QEMU has it. Bytes after the trailer
+    still end decode with status 3 and one line (what QEMU got is whole)."""
+    proc = subprocess.Popen(
+        [*MIGPIPE, "decode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    feeding = threading.Thread(target=proc.stdin.write, args=(encoded,))
+    feeding.start()
+    out = bytearray()
+    while len(out) < len(stream) and select.select([proc.stdout], [], [], FAILSAFE)[0]:
+        out += os.read(proc.stdout.fileno(), 1 << 20)
+        assert proc.poll() is None  # the input has not ended
+    feeding.join()
+    assert out == stream
+    proc.stdin.write(b"junk")
+    proc.stdin.close()
+    assert proc.wait(FAILSAFE) == EXIT_CORRUPT
+    message = proc.stderr.read().decode().strip()
+    assert message.count("\n") == 0 and "trailing bytes after the end of the wire" in message
+    assert proc.stdout.read() == b""
 
 
 def test_frames_out_of_order_are_refused(stream: bytes) -> None:

@@ -42,7 +42,7 @@ from migpipe.stream.format import XBZRLE_ENCODING_FLAG
 from migpipe.stream.parser import StreamParser
 from migpipe.stream.records import PAGE_KIND_NAMES, Eof, Record
 from migpipe.stream.writer import StreamWriter
-from migpipe.tunnel.dataplane import IN_FLIGHT, run_interruptible, run_ordered
+from migpipe.tunnel.dataplane import IN_FLIGHT, run_ordered
 from migpipe.tunnel.progress import Progress
 from migpipe.wire import (
     FRAME_FINAL,
@@ -579,7 +579,11 @@ async def encode(
             before_frame(position.final)
         parts = writer.frame(position, payload, crc, qemu)
         size = sum(len(p) for p in parts)
-        totals.wire_bytes += size
+        if position.final:
+            # The trailer in the same write: the guest is paused until decode has it, and
+            # ending the threads first to send it from trio cost ~5 ms on a busy machine.
+            parts.append(writer.trailer(encoder.trailer()))
+        totals.wire_bytes += sum(len(p) for p in parts)
         send(parts)
         outbound.moved(size)
         outbound.expands(size, qemu[0], inbound.rate)  # decode makes QEMU's bytes of it again
@@ -589,9 +593,6 @@ async def encode(
     totals.wire_bytes += len(head)
     run = partial(run_ordered, produce, frame, write, interrupt=source.interrupt)
     await with_progress(progress, totals, run)
-    trailer = writer.trailer(encoder.trailer())
-    await trio.to_thread.run_sync(send, [trailer])
-    totals.wire_bytes += len(trailer)
     if isinstance(wire, FdChannel) and not lanes:
         wire.finish()  # decode may release the stream's end now (a socket, a pipe)
     return totals
@@ -661,45 +662,44 @@ async def _decode(
     carried: deque[int] = deque()  # each lane 0 frame's wire payload, from reader to writer
     take = take or _no_lanes
 
-    def produce(submit: Callable[[Frame], None] | None) -> None:
-        """Read the wire: lane 0's frames to `submit` until its trailer (None: after it),
-        the other lanes' to `take`, until the end."""
-        finished = False
-        while not (finished or (submit and decoder.wire.trailer_came and decoder.wire.lanes)):
-            chunk = wire.read()
+    def produce(submit: Callable[[Frame | None], None]) -> None:
+        """Read the wire to its end: lane 0's frames to `submit`, and None once its trailer
+        came, the other lanes' to `take`."""
+        trailer_came = False
+        while chunk := wire.read():
             totals.wire_bytes += len(chunk)
             inbound.moved(len(chunk))
-            if chunk:
-                decoder.feed(chunk)
-            else:
-                decoder.close()
-                finished = True
+            decoder.feed(chunk)
             for frame in decoder.next_frames():  # the chain is open before one reaches a worker
                 if frame.lane:
                     take(frame)
                 else:
                     carried.append(len(frame.payload))
                     submit(frame)
+            if decoder.wire.trailer_came and not trailer_came:
+                trailer_came = True
+                submit(None)
+        decoder.close()
+        decoder.next_frames()  # raises unless the wire ended where it may
 
-    def write(item: tuple[Frame, int | None]) -> None:
+    def unfilter(frame: Frame | None) -> tuple[Frame | None, int | None]:
+        return (None, None) if frame is None else decoder.unfilter(frame)
+
+    def write(item: tuple[Frame | None, int | None]) -> None:
+        if item[0] is None:
+            # The trailer: the stream's end goes to QEMU as soon as it vouched for every
+            # frame (finish raises unless every check passed), from this thread. The reader
+            # reads on to the wire's end meanwhile: other lanes' bytes QEMU may wait for
+            # first (its main thread waits for every multifd channel's last SYNC packet).
+            sink.write([decoder.finish()])
+            return
         wire_size = carried.popleft()
         if data := decoder.payload(*item):
             sink.write([data])
             outbound.moved(len(data))
             inbound.expands(wire_size, len(data), outbound.rate)
 
-    slack = (hold, lambda frame: len(frame.payload))
-    run = partial(
-        run_ordered, produce, decoder.unfilter, write, interrupt=wire.interrupt, slack=slack
-    )
+    slack = (hold, lambda frame: len(frame.payload) if frame else 0)
+    run = partial(run_ordered, produce, unfilter, write, interrupt=wire.interrupt, slack=slack)
     await with_progress(progress, totals, run)
-    final = decoder.finish()  # raises unless every check passed
-    if not decoder.wire.lanes:
-        await trio.to_thread.run_sync(sink.write, [final])
-        return totals
-    # The other lanes are read on while the end goes out: QEMU may read it only once they
-    # delivered (its main thread waits for every multifd channel's last SYNC packet).
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_interruptible, partial(produce, None), wire.interrupt)
-        await trio.to_thread.run_sync(sink.write, [final])
     return totals
