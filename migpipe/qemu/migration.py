@@ -114,7 +114,7 @@ LOAD_ENDED = {
 @dataclass(frozen=True)
 class Landing:
     """The destination's part of the guest's pause, which its "completed" verdict carries (as
-    "pause"): seconds from the wire's end, when decode read it, to the load's end (QEMU's
+    "pause"): seconds from the wire's end, when decode read its trailer, to the load's end (QEMU's
     MIGRATION completed, or its RESUME when the guest runs there: `end`), and from then to the
     verdict leaving, so that the source can take the destination's time out of its round trip."""
 
@@ -454,7 +454,7 @@ class Pause:
     the wire's end crossing behind whatever the link and the buffers on both ends still held,
     which a one-way time alone would miss."""
 
-    source: float  # STOP to the wire's end (the trailer out, the wire ended)
+    source: float  # STOP to the wire's end (the trailer sent)
     landing: Landing | None  # the destination's part; None when it reported none
     round_trip: float  # the wire's end to the verdict's arrival
     one_way: float | None  # None: not measured (not a TCP connection), counted as 0
@@ -1084,10 +1084,7 @@ async def _send(
     """encode from QEMU's pipe to the link, whose end goes out with the trailer: the sooner
     decode has it, the sooner the destination can complete."""
     totals = await encode(fd, link.wire, chain, progress, gate.before_frame)
-    # Timed before anything allocates (a garbage collection can take milliseconds), and ended
-    # at once (so can a thread's start): encode itself ends a socket's or a pipe's.
-    ended = time.monotonic()
-    link.end(ended)
+    link.end(totals.trailer_sent)  # encode itself ended a socket's or a pipe's
     return totals
 
 
@@ -1409,20 +1406,20 @@ async def _incoming_two_way(
 
 
 class TimedFd(FdChannel):
-    """The wire as a descriptor, noting when decode read its end (an FdChannel still, so that
-    the pipeline treats it as any other descriptor)."""
+    """The wire as a descriptor, noting when decode read its last bytes (an FdChannel still,
+    so that the pipeline treats it as any other descriptor)."""
 
     ended = 0.0
 
     def read(self) -> bytes:
         data = super().read()
-        if not data:
+        if data:
             self.ended = time.monotonic()
         return data
 
 
 class TimedSource:
-    """Any other wire (TLS), noting when decode read its end."""
+    """Any other wire (TLS), noting when decode read its last bytes."""
 
     def __init__(self, source: Source) -> None:
         self._source = source
@@ -1430,7 +1427,7 @@ class TimedSource:
 
     def read(self) -> bytes | bytearray:
         data = self._source.read()
-        if not data:
+        if data:
             self.ended = time.monotonic()
         return data
 
@@ -1439,8 +1436,9 @@ class TimedSource:
 
 
 def timed_end(wire: int | Source) -> TimedFd | TimedSource:
-    """The wire, noting when decode read its end: where the destination's part of the pause
-    starts."""
+    """The wire, noting when decode read its last bytes, the trailer: where the destination's
+    part of the pause starts. Not its end of file, which may come after QEMU loaded the stream
+    (decode releases the stream's end at the trailer)."""
     return TimedFd(wire) if isinstance(wire, int) else TimedSource(wire)
 
 

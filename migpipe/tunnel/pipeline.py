@@ -87,6 +87,7 @@ class Totals:
     filter_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     running: Sequence[filters.RecordTransform] = ()  # page filters whose counters progress shows
     postcopy: dict | None = None  # decode --qemu: page requests timed (see twoway.PageTimer)
+    trailer_sent: float = 0.0  # encode: when the trailer went out (time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_pages(self, records: list[Record]) -> None:
@@ -585,6 +586,8 @@ async def encode(
             parts.append(writer.trailer(encoder.trailer()))
         totals.wire_bytes += sum(len(p) for p in parts)
         send(parts)
+        if position.final:
+            totals.trailer_sent = time.monotonic()
         outbound.moved(size)
         outbound.expands(size, qemu[0], inbound.rate)  # decode makes QEMU's bytes of it again
 
