@@ -13,7 +13,7 @@ from support import MIGPIPE, decode_wire, synthetic_stream
 
 from migpipe.io import latency
 from migpipe.io.channel import FdChannel
-from migpipe.io.latency import MAX_PIPE, MIN_PIPE, PipeBuffer, Rate
+from migpipe.io.latency import MAX_PIPE, MIN_PIPE, MIN_WIRE_PIPE, PipeBuffer, Rate
 from migpipe.io.transport import UNSENT, connect, listen
 from migpipe.keys import Secrets
 from migpipe.wire import Frame, WireReader
@@ -112,18 +112,23 @@ def test_a_full_pipe_keeps_its_size_until_it_can_shrink(clock: Clock) -> None:
         os.close(write_end)
 
 
-def test_a_pipe_whose_bytes_expand_holds_buffer_time_of_what_they_become(clock: Clock) -> None:
+def test_a_pipe_whose_bytes_expand_holds_wire_time_of_what_they_become(clock: Clock) -> None:
     """decode's wire in: xbzrle deltas become pages many times their size, so the pipe holds
-    BUFFER_TIME of the rate the pages go on at, in wire bytes at the latest frames' expansion,
-    at once; not its own rate's, which lags while the expansion grows."""
+    no more than WIRE_TIME of the rate the pages go on at, in wire bytes at the latest frames'
+    expansion, at once (not its own rate's, which lags while the expansion grows), in a pipe
+    as small as a page."""
     read_end, write_end = os.pipe()
     try:
         buffer = PipeBuffer(FdChannel(read_end))
         move(clock, buffer, 30e6)  # the link's rate: 4 ms is 128 KiB
         assert pipe_size(read_end) == 128 << 10
-        pages = rate_of(clock, 1.5e9)  # rebuilt and loaded: 4 ms is 6 MB of pages
-        buffer.expands(4 << 10, 1 << 20, pages)  # 1 wire byte in 256: 23 KB of wire
-        assert pipe_size(read_end) == 32 << 10
+        pages = rate_of(clock, 100e6)  # rebuilt and loaded: 1 ms is 100 KB of pages
+        buffer.expands(4 << 10, 1 << 20, pages)  # 1 wire byte in 256: 390 bytes of wire
+        assert pipe_size(read_end) == MIN_WIRE_PIPE
+        pages = rate_of(clock, 1.5e9)  # 1 ms is 1.5 MB of pages
+        for _ in range(8):  # 1 in 16 now: 94 KB of wire, the largest power of two below
+            buffer.expands(64 << 10, 1 << 20, pages)
+        assert pipe_size(read_end) == 64 << 10
         for _ in range(8):  # frames of whole pages again: the link's rate bounds it
             buffer.expands(1 << 20, 1 << 20, pages)
         assert pipe_size(read_end) == 128 << 10

@@ -10,8 +10,12 @@ reading or writing that pipe), over windows of at least WINDOW, so it is the bot
 whenever the pipeline is backed up, which is when buffers fill. Where the bytes read expand
 (the wire: xbzrle deltas become whole pages in decode), that rate lags when pages start to
 compress far better, as they do in a busy guest's last passes; so such a buffer also holds no
-more than BUFFER_TIME of the rate the pages go on at, at the latest frames' expansion
-(PipeBuffer.expands).
+more than WIRE_TIME of the rate the pages go on at, at the latest frames' expansion
+(PipeBuffer.expands). That is shorter than BUFFER_TIME, in a pipe as small as a page: a wire
+byte there may be 300 bytes of pages for decode to rebuild and QEMU to load, and when QEMU
+loads slowly every stage behind it fills, so the wire's buffers were most of what crossed in
+the guest's pause (traced: 20-48 MB of pages in flight when QEMU wrote its last byte, in one
+run of three; 6 MB at most with 1 ms in a page).
 """
 
 import contextlib
@@ -25,8 +29,10 @@ from collections import deque
 from migpipe.io.channel import FdChannel, Sink, Source
 
 BUFFER_TIME = 0.004  # seconds of the measured rate one buffer may hold
+WIRE_TIME = 0.001  # seconds of what its bytes become a wire buffer may hold (expands())
 WINDOW = 0.05  # a rate is measured over at least this long
 MIN_PIPE = 16 << 10
+MIN_WIRE_PIPE = 4 << 10  # a page, the kernel's least
 MAX_PIPE = 1 << 20  # pipe-max-size on stock Linux
 RECENT = 8  # frames whose expansion sizes a buffer that expands (PipeBuffer.expands)
 
@@ -101,26 +107,27 @@ class PipeBuffer:
     def expands(self, carried: int, rebuilt: int, rate: Rate) -> None:
         """Bytes through it stand for more: `carried` of them are `rebuilt` QEMU bytes (xbzrle's
         deltas become whole pages in decode), which go on at `rate` (decode's output, or
-        encode's input: the pipeline's pace when it is backed up). Then the buffer holds
-        BUFFER_TIME of that rate in what its bytes become, at the latest frames' expansion, at
-        once: its own rate (its bytes per second, measured over a window) lags when pages
-        start to compress far better, and each byte held is then more of the pause. Both ends
-        of the wire report it: encode's pipe out and decode's pipe in."""
+        encode's input: the pipeline's pace when it is backed up). Then the buffer holds no
+        more than WIRE_TIME of that rate in what its bytes become, at the latest frames'
+        expansion, at once: its own rate (its bytes per second, measured over a window) lags
+        when pages start to compress far better, and each byte held is then more of the
+        pause. Both ends of the wire report it: encode's pipe out and decode's pipe in."""
         self._recent.append((carried, rebuilt))
         if rate.per_second is None or not carried:
             return
         wire = sum(c for c, _ in self._recent)
         qemu = sum(r for _, r in self._recent)
-        self._expanded = int(rate.per_second * BUFFER_TIME * wire / max(qemu, 1))
+        self._expanded = int(rate.per_second * WIRE_TIME * wire / max(qemu, 1))
         self._fit()
 
     def _fit(self) -> None:
         if self._fd is None:
             return
         wanted = self.rate.budget(MIN_PIPE, MAX_PIPE)
-        if self._expanded is not None:
-            wanted = max(MIN_PIPE, min(wanted, self._expanded))
-        self._resize(1 << (wanted - 1).bit_length())  # the kernel's sizes: powers of two
+        size = 1 << (wanted - 1).bit_length()  # the kernel's sizes: powers of two
+        if self._expanded is not None and self._expanded < size:  # no more than that
+            size = 1 << (max(self._expanded, MIN_WIRE_PIPE).bit_length() - 1)
+        self._resize(size)
 
     def _resize(self, size: int) -> None:
         if size == self._size:
