@@ -14,8 +14,8 @@ more than WIRE_TIME of the rate the pages go on at, at the latest frames' expans
 (PipeBuffer.expands). That is shorter than BUFFER_TIME, in a pipe as small as a page: a wire
 byte there may be 300 bytes of pages for decode to rebuild and QEMU to load, and when QEMU
 loads slowly every stage behind it fills, so the wire's buffers were most of what crossed in
-the guest's pause (traced: 20-48 MB of pages in flight when QEMU wrote its last byte, in one
-run of three; 6 MB at most with 1 ms in a page).
+the guest's pause (traced: 14-48 MB of pages in flight when QEMU wrote its last byte in 6 runs
+of 26; 6 MB at most in 8 runs with 1 ms in a page).
 """
 
 import contextlib
