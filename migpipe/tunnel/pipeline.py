@@ -580,11 +580,12 @@ async def encode(
             before_frame(position.final)
         parts = writer.frame(position, payload, crc, qemu)
         size = sum(len(p) for p in parts)
+        totals.wire_bytes += size
         if position.final:
             # The trailer in the same write: the guest is paused until decode has it, and
             # ending the threads first to send it from trio cost ~5 ms on a busy machine.
-            parts.append(writer.trailer(encoder.trailer()))
-        totals.wire_bytes += sum(len(p) for p in parts)
+            parts.append(trailer := writer.trailer(encoder.trailer()))
+            totals.wire_bytes += len(trailer)
         send(parts)
         if position.final:
             totals.trailer_sent = time.monotonic()
