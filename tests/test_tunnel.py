@@ -18,6 +18,7 @@ from migpipe import wire
 from migpipe.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from migpipe.errors import EXIT_CORRUPT, EXIT_INCOMPATIBLE, EXIT_TRUNCATED
 from migpipe.io.channel import NOT_A_STREAM
+from migpipe.io.idle import KEEPALIVE
 from migpipe.wire.header import encode_header
 
 FAILSAFE = 30.0  # seconds; never a wait, only a bound on a hang
@@ -265,7 +266,8 @@ def test_a_signal_ends_a_command_whose_input_is_silent(
         wait_until_blocked(proc.pid, frozenset({POLL}))  # its read waits on the open, idle pipe
         proc.send_signal(stop)
         try:
-            assert proc.wait(60) == status, proc.stderr.read()
+            # sooner than encode's keepalive: a poll the signal did not end would last as long
+            assert proc.wait(KEEPALIVE / 2) == status, proc.stderr.read()
         finally:
             proc.stdin.close()  # ends the read of a migpipe that ignored the signal
     assert list(tmp_path.iterdir()) == []

@@ -116,15 +116,19 @@ class Readable:
         if self._wake is not None:
             os.eventfd_write(self._wake, 1)
 
+    def _first_wait(self) -> None:
+        """What a wait needs, known only once the descriptor is in use (see the class)."""
+        self._may_wait = _may_wait(self.fd)
+        self._idle = idle.read_deadline(self.fd)  # a socket's --idle-timeout, set by now
+        if self._may_wait:
+            wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            weakref.finalize(self, os.close, wake)
+            self._ready.register(wake, select.POLLIN)
+            self._wake = wake  # an interrupt() from now on wakes the polls below
+
     def wait(self) -> None:
         if self._may_wait is None:
-            self._may_wait = _may_wait(self.fd)
-            self._idle = idle.read_deadline(self.fd)  # a socket's --idle-timeout, set by now
-            if self._may_wait:
-                wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                weakref.finalize(self, os.close, wake)
-                self._ready.register(wake, select.POLLIN)
-                self._wake = wake  # an interrupt() from now on wakes the poll below
+            self._first_wait()
         if self._stopping:  # an interrupt() that came before, or saw no eventfd yet
             raise Stopped
         if not self._may_wait:  # a file or disk: always readable, a poll would only say so
@@ -136,6 +140,8 @@ class Readable:
 
     def quiet(self, seconds: float) -> bool:
         """Whether nothing (no byte, no end) arrives within `seconds`; Stopped as wait()."""
+        if self._may_wait is None:  # a quiet() before the first read: interrupt() must end it
+            self._first_wait()
         if self._stopping:
             raise Stopped
         quiet = not self._ready.poll(seconds * 1000)  # an interrupt() ends it too
