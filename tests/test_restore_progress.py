@@ -78,8 +78,8 @@ def data_size(path: Path) -> int:
     for block in blocks:
         _, page_size, bitmap_offset, pages_offset = fmt.MAPPED_RAM_HEADER.unpack(block.mapped_ram)
         pages = block.used_length // page_size
-        bits = "".join(f"{byte:08b}"[::-1] for byte in data[bitmap_offset:])[:pages]
         bitmap_end = bitmap_offset + (pages + 63) // 64 * 8
+        bits = "".join(f"{byte:08b}"[::-1] for byte in data[bitmap_offset:bitmap_end])[:pages]
         holes += pages_offset - bitmap_end + bits.count("0") * page_size
     assert holes > 4 << 20  # the zero pages are holes: the file's size is not what is read
     return len(data) - holes
