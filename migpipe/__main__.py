@@ -1,3 +1,3 @@
-from migpipe.cli import main
+from migpipe.cli import run
 
-raise SystemExit(main())
+run()
