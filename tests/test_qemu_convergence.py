@@ -16,12 +16,17 @@ control's bytes on the link, and a real pause (the source's STOP to the destinat
 completion, QMP timestamps of one host) that QEMU's own downtime figure undercounts by at most
 TAIL_MS: what the tunnel still held when QEMU wrote its last byte. migrate's own figure of the
 pause must be what the events say. Issue 21 asks more: the pause within the limit plus 10 ms in
-every run. Of this box's last 76 runs at 50 ms it held in 73 (the others: 61, 70, 71 ms), and
-in all 60 at 300 ms, but it is not asserted, because it is not certain in every run: QEMU stops
-the guest when what is left fits its estimate of the rate (up to the whole limit), and what is
-then in flight in the tunnel, pages decode rebuilds and the destination QEMU loads, crosses
-after QEMU's last byte, slowly when the destination stalls; the table shows each run's pause
-beside the limit. Without XBZRLE (the bare link, plain `encode`) nothing converges.
+every run. That is asserted where QEMU's decision leaves room for the tail: at QEMU's default
+300 ms, where QEMU's own downtime has stayed far below the limit, and at 50 ms through `migrate
+--qmp` wherever QEMU takes the tunnel's rate as its avail-switchover-bandwidth (8.2+), which
+makes it stop the guest with less left. It is not asserted at 50 ms through exec: (no monitor to
+tell QEMU anything) nor on QEMU 7.2 (no such parameter): there QEMU's estimate of the rate is
+right, so it stops the guest with up to the whole limit left to send (downtime 44-53 ms at 50 in
+some runs), and the tail comes on top. Of this box's 64 runs after the link and migpipe stopped
+spending the pause's CPU on their own exits, all held (at 50 ms at most 59; at 300 ms at most
+131, QEMU's downtime at most 116); of 76 before that, 73 at 50 ms (the others: 61, 70, 71). The
+table shows each run's pause beside the limit. Without XBZRLE (the bare link, plain `encode`)
+nothing converges.
 
 "Must not converge" is: the harness gives up at pass GIVE_UP (NotConverged), or QEMU, misled
 about the link's speed, switches over with more left to send than the link carries within the
@@ -46,6 +51,8 @@ import qemuvm
 from support import MIGPIPE as MIGPIPE_ARGS
 from support import MIGPIPE_SHELL as MIGPIPE
 
+from migpipe.qemu.migration import SWITCHOVER_BANDWIDTH
+
 pytestmark = pytest.mark.qemu
 LINK_RATE = 30 << 20  # bytes per second (30 MiB/s, as issue 21's `pv -q -L 30m` was)
 # Not pv: it paces in 100 ms slots, so a final write that finds its slot spent waits up to
@@ -62,11 +69,13 @@ FILTERS = "--xbzrle --compress zstd:1"
 # 18 runs after (stop 26); then up to 40 in 76 runs of both paths and builds once the wire was kept
 # by the link instead of a tee stage (whose 64 KiB pipe held 20-40 MB of pages), the stream's
 # end went out at the trailer (not after both ends' threads ended: ~10 ms) and the wire's
-# buffers held 1 ms of what their bytes become. Where it goes: what is in flight when QEMU
-# writes its last byte, pages decode rebuilds and the destination QEMU loads at ~1.3 GB/s on
-# these two cores, and much slower when QEMU stalls; then QEMU's own completion. Kept at 80:
-# CI decides.
-TAIL_MS = 80
+# buffers held 1 ms of what their bytes become; then 1-21 (median 9) in 64 runs once the link's
+# pacing and exit, and migpipe's exit, stopped taking the CPU the destination needs then
+# (traced: the link's Python finalization alone ran 11 ms on one of the two cores). Where it
+# goes: what is in flight when QEMU writes its last byte, pages decode rebuilds and the
+# destination QEMU loads, slowly when it waits for a core; then QEMU's own completion.
+TAIL_MS = 40
+SLACK_MS = 10  # what the pause may pass the downtime limit by, where that is asserted
 LINK_SHARE = 0.4  # of the control's bytes on the link, at most
 
 
@@ -261,6 +270,8 @@ def test_migpipe_xbzrle_converges_and_keeps_the_pause(
     record(f"{qemu_build} {limit} ms: encode {FILTERS}", row)
     assert row.link_bytes <= LINK_SHARE * control.link_bytes, (row, control, counters)
     assert row.pause_ms - row.downtime_ms <= TAIL_MS, row
+    if limit == 300:  # exec: tells QEMU nothing: see the module's docstring
+        assert row.pause_ms <= limit + SLACK_MS, row
 
 
 def test_the_link_alone_is_too_slow_for_the_busy_guest(
@@ -322,6 +333,7 @@ def test_migrate_qmp_xbzrle_converges_and_keeps_the_pause(
         stop = src.qmp.wait_event("STOP")  # queued while the migration ran
         memory = dest.pmemsave(tmp_path / "dest.mem")
         info = src.qmp.execute("query-migrate")
+        told = SWITCHOVER_BANDWIDTH in src.qmp.execute("query-migrate-parameters")
     stream = tmp_path / "sent.stream"
     subprocess.run([*MIGPIPE_ARGS, "decode", "--in", str(wire), "--out", str(stream)], check=True)
     replay = oracle.replay(stream)
@@ -343,6 +355,8 @@ def test_migrate_qmp_xbzrle_converges_and_keeps_the_pause(
     assert abs(pause["ms"] - events_ms) <= 10, (pause, events_ms)  # migrate's figure is right
     assert row.link_bytes <= LINK_SHARE * control.link_bytes, (row, control)
     assert row.pause_ms - row.downtime_ms <= TAIL_MS, row
+    if limit == 300 or told:  # QEMU 8.2+ was told the tunnel's rate: see the module's docstring
+        assert row.pause_ms <= limit + SLACK_MS, row
 
 
 def _follow(src: qemuvm.Vm, give_up_seconds: float) -> str:
