@@ -98,8 +98,8 @@ class Readable:
 
     The descriptor stays blocking (it may be shared: stdin, a terminal), so the wait is a poll
     on it and on an eventfd of our own, which interrupt() makes readable. The eventfd is made
-    by the first wait that can last (not on a file or a disk), so channels that only write, or
-    read files, hold no descriptor of their own.
+    by the first wait or quiet() that can last (not on a file or a disk), so channels that only
+    write, or read files, hold no descriptor of their own.
     """
 
     def __init__(self, fd: int) -> None:
