@@ -81,8 +81,8 @@ def cpu_ns(pid: int) -> int | None:
     return total
 
 
-def one_run(argv: list[str], data: bytes) -> tuple[float, float, int]:
-    """(ms from the last output byte to exit, ms of CPU meanwhile, output bytes)."""
+def one_run(argv: list[str], data: bytes) -> tuple[float, float]:
+    """(ms from the last output byte to exit, ms of CPU meanwhile)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
     assert proc.stdin is not None and proc.stdout is not None
@@ -95,11 +95,10 @@ def one_run(argv: list[str], data: bytes) -> tuple[float, float, int]:
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    out, last, used = 0, 0.0, 0
-    while chunk := os.read(proc.stdout.fileno(), MIB):
+    last, used = 0.0, 0
+    while os.read(proc.stdout.fileno(), MIB):
         last = time.monotonic()
         used = cpu_ns(proc.pid) or used
-        out += len(chunk)
     status = proc.wait()
     exited = time.monotonic()
     feeder.join()
@@ -107,7 +106,7 @@ def one_run(argv: list[str], data: bytes) -> tuple[float, float, int]:
         raise SystemExit(f"{argv}: exit status {status}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return (exited - last) * 1000, total * 1000 - used / 1e6, out
+    return (exited - last) * 1000, total * 1000 - used / 1e6
 
 
 def main() -> None:
@@ -126,8 +125,7 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in table}
         for _ in range(args.runs):
             for label, argv, source in table:
-                exit_ms, cpu_ms, _ = one_run(argv, inputs[source])
-                results[label].append((exit_ms, cpu_ms))
+                results[label].append(one_run(argv, inputs[source]))
         for fact in machine_facts(Path(tmp)):
             print(fact)
     print(f"stream {args.mib} MiB, {args.runs} runs, medians (min-max)")
